@@ -1,0 +1,335 @@
+//! The recipe: one TOML file describing a DAG of stages.
+//!
+//! ```toml
+//! [recipe]
+//! name = "quickstart"
+//!
+//! [model]
+//! base = "../models/gemma-3-270m"
+//!
+//! [stages.data]
+//! kind = "fetch-dataset"
+//! source = "hf://datasets/shawhin/tool-use-finetuning"
+//!
+//! [stages.chat]
+//! kind = "format-chat"
+//! dataset = "data"          # a reference: the stage this one reads
+//! ```
+//!
+//! The Rust types here are the single source of truth: serde reads them
+//! (unknown keys are errors), schemars generates `schema/recipe.schema.json`
+//! from them, and the cache key hashes their canonical form with defaults
+//! filled in. Parsing ([`Recipe::parse`]) reports mistakes with file, line,
+//! column and key, and a "did you mean" where a typo is likely.
+
+mod locate;
+mod overrides;
+
+use std::path::{Path, PathBuf};
+
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Location, RecipeError, did_you_mean};
+use crate::stages::{fetch_dataset, format_chat, tokenize};
+
+pub use overrides::Override;
+
+/// A parsed and validated recipe.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "pipeline recipe")]
+pub struct Recipe {
+    /// Name, device and seed of this recipe.
+    pub recipe: RecipeMeta,
+    /// The base model every stage of this recipe works with.
+    pub model: ModelSpec,
+    /// The stages, by name. Each names the stages it reads; together they
+    /// form a DAG.
+    pub stages: IndexMap<String, StageSpec>,
+    /// Where the recipe was read from (relative paths in it resolve against
+    /// this file's directory). Not part of the TOML.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub path: PathBuf,
+}
+
+/// The `[recipe]` table.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeMeta {
+    /// A short name; used in logs and to remember which cache entry each
+    /// stage of this recipe last produced.
+    pub name: String,
+    /// Free text for people reading the recipe.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Where numeric stages run: `cpu`, `cuda`, `cuda:N`, `metal` or `auto`
+    /// (the first GPU found, else CPU).
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Seed for every random choice (sampling rows, data order, LoRA init,
+    /// dropout). Same seed, same inputs: same result.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_seed() -> u64 {
+    42
+}
+
+/// The `[model]` table.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// The base model: `hf://OWNER/NAME[@REV]`, a local directory in Hugging
+    /// Face layout (config.json, tokenizer.json, tokenizer_config.json,
+    /// *.safetensors or a *.gguf), or a local `.gguf` file. Relative paths
+    /// resolve against the recipe's directory.
+    pub base: String,
+    /// Where to take `tokenizer.json` (and `tokenizer_config.json`) from, when
+    /// not beside the weights: a directory or a `tokenizer.json` path.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    /// The chat template used in training *and* written into the served
+    /// model: `model` (default: the one in tokenizer_config.json), a built-in
+    /// (`gemma`, `chatml`, `alpaca`), or the path of a Jinja file.
+    #[serde(default)]
+    pub chat_template: Option<String>,
+}
+
+/// One `[stages.NAME]` table: a `kind` and that kind's parameters.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum StageSpec {
+    /// Read a dataset (hub or local files) into normalized rows per split.
+    FetchDataset(fetch_dataset::Params),
+    /// Render rows as conversations with the model's chat template.
+    FormatChat(format_chat::Params),
+    /// Tokenize conversations into ids and a loss mask.
+    Tokenize(tokenize::Params),
+}
+
+impl StageSpec {
+    /// The `kind` string as written in recipes.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StageSpec::FetchDataset(_) => "fetch-dataset",
+            StageSpec::FormatChat(_) => "format-chat",
+            StageSpec::Tokenize(_) => "tokenize",
+        }
+    }
+
+    /// The stages this one reads: (parameter name, stage name, kinds allowed).
+    pub fn inputs(&self) -> Vec<Input<'_>> {
+        match self {
+            StageSpec::FetchDataset(_) => vec![],
+            StageSpec::FormatChat(p) => {
+                vec![Input {
+                    role: "dataset",
+                    stage: &p.dataset,
+                    kinds: &["fetch-dataset"],
+                }]
+            }
+            StageSpec::Tokenize(p) => {
+                vec![Input {
+                    role: "conversations",
+                    stage: &p.conversations,
+                    kinds: &["format-chat"],
+                }]
+            }
+        }
+    }
+}
+
+/// A reference from one stage to another, by parameter ("role").
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    /// The parameter that holds the reference, e.g. `dataset`.
+    pub role: &'static str,
+    /// The referenced stage's name.
+    pub stage: &'a str,
+    /// Which kinds that stage may be.
+    pub kinds: &'static [&'static str],
+}
+
+/// All stage kinds, for "did you mean" on `kind`.
+pub const KINDS: &[&str] = &["fetch-dataset", "format-chat", "tokenize"];
+
+impl Recipe {
+    /// Reads and validates a recipe file, applying `--set` overrides.
+    pub fn load(path: &Path, overrides: &[Override]) -> Result<Recipe, RecipeError> {
+        let source = std::fs::read_to_string(path).map_err(|e| {
+            RecipeError::new(format!("cannot read the recipe: {e}"))
+                .in_file(path)
+                .help("check the path; recipes live in recipes/*.toml")
+        })?;
+        Recipe::parse(&source, path, overrides)
+    }
+
+    /// Parses recipe text. `path` is used for messages and to resolve
+    /// relative paths; it need not exist.
+    pub fn parse(source: &str, path: &Path, overrides: &[Override]) -> Result<Recipe, RecipeError> {
+        // First pass on the text itself, so errors carry line and column.
+        let mut recipe: Recipe =
+            toml::from_str(source).map_err(|e| locate::toml_error(&e, source, path))?;
+        if !overrides.is_empty() {
+            let mut table: toml::Table = toml::from_str(source).expect("parsed above");
+            for o in overrides {
+                o.apply(&mut table)?;
+            }
+            recipe = toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    let mut err = locate::toml_error(&e, "", path);
+                    err.location = None;
+                    err.message = format!("{} (after applying --set overrides)", err.message);
+                    err
+                })?;
+        }
+        recipe.path = path.to_path_buf();
+        recipe.validate(source)?;
+        Ok(recipe)
+    }
+
+    /// The directory relative paths in the recipe resolve against.
+    pub fn base_dir(&self) -> PathBuf {
+        match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
+    /// Resolves a path written in the recipe.
+    pub fn resolve_path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir().join(p)
+        }
+    }
+
+    /// Checks what serde cannot: names, references, devices, per-stage rules.
+    /// (Cycles are found when the executor builds the graph.)
+    fn validate(&self, source: &str) -> Result<(), RecipeError> {
+        let loc = |keys: &[&str]| locate::find(source, &self.path, keys);
+        let err = |keys: &[&str], msg: String| {
+            RecipeError::new(msg)
+                .at(loc(keys))
+                .in_file(&self.path)
+                .key(keys.join("."))
+        };
+
+        if !is_valid_device(&self.recipe.device) {
+            return Err(err(
+                &["recipe", "device"],
+                format!("unknown device `{}`", self.recipe.device),
+            )
+            .help("use one of: cpu, cuda, cuda:N, metal, auto"));
+        }
+        if self.stages.is_empty() {
+            return Err(RecipeError::new("the recipe has no stages")
+                .in_file(&self.path)
+                .help("add a [stages.NAME] table with a `kind`, e.g. kind = \"fetch-dataset\""));
+        }
+        for (name, stage) in &self.stages {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(
+                    err(&["stages", name], format!("invalid stage name `{name}`"))
+                        .help("stage names use letters, digits, `-` and `_`"),
+                );
+            }
+            for input in stage.inputs() {
+                if !self.stages.contains_key(input.stage) {
+                    let mut e = err(
+                        &["stages", name, input.role],
+                        format!(
+                            "stage `{name}` reads `{} = \"{}\"`, but no stage is named `{}`",
+                            input.role, input.stage, input.stage
+                        ),
+                    );
+                    e.help = Some(
+                        match did_you_mean(input.stage, self.stages.keys().map(|s| s.as_str())) {
+                            Some(s) => format!("did you mean `{s}`?"),
+                            None => format!(
+                                "name one of the stages: {}",
+                                self.stages
+                                    .keys()
+                                    .map(|s| s.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        },
+                    );
+                    return Err(e);
+                }
+            }
+            stage_rules(name, stage).map_err(|(key, msg, help)| {
+                let e = err(&["stages", name, key], msg);
+                if help.is_empty() { e } else { e.help(help) }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Checks that each reference names a stage of a kind it can read. Run
+    /// after cycle detection, so a cycle is reported as a cycle.
+    pub fn check_input_kinds(&self, source: Option<&str>) -> Result<(), RecipeError> {
+        for (name, stage) in &self.stages {
+            for input in stage.inputs() {
+                let target = &self.stages[input.stage];
+                if !input.kinds.contains(&target.kind()) {
+                    let keys = ["stages", name.as_str(), input.role];
+                    return Err(RecipeError::new(format!(
+                        "`{}` must name a stage of kind {}, but `{}` is a `{}` stage",
+                        input.role,
+                        input.kinds.join(" or "),
+                        input.stage,
+                        target.kind()
+                    ))
+                    .at(source.and_then(|s| locate::find(s, &self.path, &keys)))
+                    .in_file(&self.path)
+                    .key(keys.join(".")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Locates a key path in the recipe file, for messages that come later
+    /// (the executor's cycle errors).
+    pub fn locate(&self, keys: &[&str]) -> Option<Location> {
+        let source = std::fs::read_to_string(&self.path).ok()?;
+        locate::find(&source, &self.path, keys)
+    }
+}
+
+fn is_valid_device(d: &str) -> bool {
+    matches!(d, "cpu" | "cuda" | "metal" | "auto")
+        || d.strip_prefix("cuda:")
+            .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// Per-kind parameter rules serde cannot express: (key, message, help).
+fn stage_rules(_name: &str, stage: &StageSpec) -> Result<(), (&'static str, String, String)> {
+    match stage {
+        StageSpec::FetchDataset(p) => p.check(),
+        StageSpec::FormatChat(_) => Ok(()),
+        StageSpec::Tokenize(p) => p.check(),
+    }
+}
+
+/// The JSON schema of recipes, as written to `schema/recipe.schema.json`.
+pub fn json_schema() -> String {
+    let schema = schemars::schema_for!(Recipe);
+    serde_json::to_string_pretty(&schema).expect("schema serializes") + "\n"
+}
