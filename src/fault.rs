@@ -1,14 +1,21 @@
 //! Fault injection for crash-safety tests.
 //!
-//! `PIPELINE_FAULT=<point>` makes the process abort (no unwinding, no
-//! destructors: as abrupt as a kill) when it reaches the named point. Tests
-//! use it to show that a crash at that moment leaves the cache consistent.
-//! Points: `publish.before-rename`, and `<kind>.mid-write` inside stages.
+//! - `PIPELINE_FAULT=<point>` aborts the process (no unwinding, no
+//!   destructors: as abrupt as a kill) when it reaches the named point.
+//! - `PIPELINE_PAUSE=<point>` prints `paused at <point>` on stderr and sleeps,
+//!   so a test can kill the process (SIGKILL) at exactly that moment.
+//!
+//! Points: `publish.before-rename`, `tokenize.mid-write`.
 
-/// Aborts the process if `PIPELINE_FAULT` names this point.
+/// Aborts or pauses the process if `PIPELINE_FAULT` / `PIPELINE_PAUSE` names
+/// this point.
 pub fn point(name: &str) {
     if std::env::var("PIPELINE_FAULT").is_ok_and(|v| v == name) {
         eprintln!("pipeline: injected fault at `{name}`, aborting");
         std::process::abort();
+    }
+    if std::env::var("PIPELINE_PAUSE").is_ok_and(|v| v == name) {
+        eprintln!("paused at {name}");
+        std::thread::sleep(std::time::Duration::from_secs(120));
     }
 }

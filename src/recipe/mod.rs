@@ -328,6 +328,25 @@ fn stage_rules(_name: &str, stage: &StageSpec) -> Result<(), (&'static str, Stri
     }
 }
 
+/// Reads one stage table (in an otherwise blank document) as the parameters
+/// of `kind`, returning the error if it fails. See `locate::toml_error`.
+fn read_stage_params(kind: &str, doc: &str) -> Option<toml::de::Error> {
+    #[derive(Deserialize)]
+    #[allow(dead_code)] // read only for its errors
+    struct Only<P> {
+        stages: IndexMap<String, P>,
+    }
+    fn read<P: serde::de::DeserializeOwned>(doc: &str) -> Option<toml::de::Error> {
+        toml::from_str::<Only<P>>(doc).err()
+    }
+    match kind {
+        "fetch-dataset" => read::<fetch_dataset::Params>(doc),
+        "format-chat" => read::<format_chat::Params>(doc),
+        "tokenize" => read::<tokenize::Params>(doc),
+        _ => None,
+    }
+}
+
 /// The JSON schema of recipes, as written to `schema/recipe.schema.json`.
 pub fn json_schema() -> String {
     let schema = schemars::schema_for!(Recipe);

@@ -1,0 +1,169 @@
+//! Helpers shared by the integration tests: a scratch project directory, the
+//! `pipeline` binary with an offline environment, and the real artifacts
+//! (`../shared`, the provisioned `models/`).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// `../shared` beside the checkout (or `PIPELINE_SHARED_DIR`).
+pub fn shared_dir() -> PathBuf {
+    std::env::var_os("PIPELINE_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
+}
+
+/// The provisioned models (`scripts/fetch-models.sh`), or `None` when they
+/// are missing, in which case the calling test is skipped with a message.
+/// With `PIPELINE_REQUIRE_MODELS=1` (CI) a missing model fails instead.
+pub fn models_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("PIPELINE_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
+    if dir.join("gemma-3-270m/tokenizer.json").is_file()
+        && dir.join("qwen3-tokenizer/tokenizer.json").is_file()
+    {
+        return Some(dir.canonicalize().unwrap());
+    }
+    if std::env::var("PIPELINE_REQUIRE_MODELS").is_ok_and(|v| v == "1") {
+        panic!(
+            "models are required but missing in {}: run scripts/fetch-models.sh",
+            dir.display()
+        );
+    }
+    eprintln!(
+        "SKIPPED: real models not provisioned in {} (run scripts/fetch-models.sh)",
+        dir.display()
+    );
+    None
+}
+
+/// A scratch directory holding recipes, data and a cache.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    pub fn new() -> Project {
+        Project {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn write(&self, rel: &str, contents: &str) -> PathBuf {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, contents).unwrap();
+        p
+    }
+
+    /// `pipeline ARGS…` in this directory, offline, with `--cache-dir` set
+    /// through the environment.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pipeline"));
+        c.args(args)
+            .current_dir(self.dir.path())
+            .env("HF_HOME", shared_dir().join("hf"))
+            .env("HF_HUB_OFFLINE", "1")
+            .env("PIPELINE_CACHE_DIR", self.path(".pipeline"))
+            .env("PIPELINE_PROGRESS", "0")
+            .env("RUST_LOG", "warn")
+            .env_remove("PIPELINE_FAULT")
+            .env_remove("PIPELINE_PAUSE");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Runs and asserts success, returning stderr.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "pipeline {args:?} failed:\n{stderr}");
+        stderr
+    }
+
+    /// `plan --json` as (name, status, reason) triples.
+    pub fn plan(&self, args: &[&str]) -> Vec<(String, String, String)> {
+        let mut full = vec!["plan", "--json"];
+        full.extend_from_slice(args);
+        let out = self.run(&full);
+        assert!(
+            out.status.success(),
+            "plan failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap().to_string(),
+                    s["status"].as_str().unwrap().to_string(),
+                    s["reason"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// The entries in the cache's store.
+    pub fn store_entries(&self) -> Vec<String> {
+        match std::fs::read_dir(self.path(".pipeline/store")) {
+            Ok(rd) => rd
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => vec![],
+        }
+    }
+}
+
+/// A small tool-use-style jsonl dataset in the messages shape.
+pub fn chat_jsonl(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "messages": [
+                    {"role": "user", "content": format!("What is {i} plus {i}?")},
+                    {"role": "assistant", "content": format!("<tool_call>{{\"tool_name\": \"add\", \"args\": {{\"a\": {i}, \"b\": {i}}}}}</tool_call>")}
+                ],
+                "kind": if i % 2 == 0 { "even" } else { "odd" },
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
+/// A recipe over local data with the Qwen3 tokenizer (small, loads fast).
+pub fn local_recipe(models: &Path, data: &str, extra_tokenize: &str) -> String {
+    format!(
+        r#"[recipe]
+name = "local"
+
+[model]
+base = "{}"
+
+[stages.data]
+kind = "fetch-dataset"
+source = "{data}"
+
+[stages.chat]
+kind = "format-chat"
+dataset = "data"
+
+[stages.tokens]
+kind = "tokenize"
+conversations = "chat"
+{extra_tokenize}
+"#,
+        models.join("qwen3-tokenizer").display()
+    )
+}
