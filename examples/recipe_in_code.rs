@@ -46,9 +46,7 @@ fn main() -> anyhow::Result<()> {
     let plan = executor.plan(&recipe, None)?;
     let rows = executor.store().entry_dir(&plan.stages[0].key).join("rows");
     for split in ["train", "validation"] {
-        let n = std::fs::read_to_string(rows.join(format!("{split}.jsonl")))?
-            .lines()
-            .count();
+        let n = std::fs::read_to_string(rows.join(format!("{split}.jsonl")))?.lines().count();
         println!("{split}: {n} row(s) in {}", Path::new(&rows).display());
     }
     std::fs::remove_dir_all(&dir)?;

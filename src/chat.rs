@@ -34,13 +34,7 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Message {
-        Message {
-            role: role.into(),
-            content: content.into(),
-            tool_calls: None,
-            name: None,
-            tool_call_id: None,
-        }
+        Message { role: role.into(), content: content.into(), tool_calls: None, name: None, tool_call_id: None }
     }
 }
 
@@ -74,11 +68,9 @@ impl ChatTemplate {
         let token = |k: &str| -> String {
             match config.get(k) {
                 Some(serde_json::Value::String(s)) => s.clone(),
-                Some(serde_json::Value::Object(o)) => o
-                    .get("content")
-                    .and_then(|c| c.as_str())
-                    .unwrap_or_default()
-                    .to_string(),
+                Some(serde_json::Value::Object(o)) => {
+                    o.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_string()
+                }
                 _ => String::new(),
             }
         };
@@ -116,9 +108,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_function("strftime_now", |fmt: String| -> String {
-            strftime_now(&fmt)
-        });
+        env.add_function("strftime_now", |fmt: String| -> String { strftime_now(&fmt) });
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| anyhow::anyhow!("the chat template does not compile: {e}"))?;
@@ -161,28 +151,15 @@ impl ChatTemplate {
     /// whitespace: the end-of-turn marker. Falls back to the EOS token.
     fn probe_end_of_turn(&self) -> Result<String> {
         const PROBE: &str = "PIPELINE_PROBE_ANSWER";
-        let conv = [
-            Message::new("user", "PIPELINE_PROBE_QUESTION"),
-            Message::new("assistant", PROBE),
-        ];
+        let conv = [Message::new("user", "PIPELINE_PROBE_QUESTION"), Message::new("assistant", PROBE)];
         let marker = match self.render(&conv, None, false) {
             Ok(text) => text
                 .rfind(PROBE)
-                .map(|i| {
-                    text[i + PROBE.len()..]
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string()
-                })
+                .map(|i| text[i + PROBE.len()..].split_whitespace().next().unwrap_or_default().to_string())
                 .unwrap_or_default(),
             Err(_) => String::new(),
         };
-        let marker = if marker.is_empty() {
-            self.eos_token.clone()
-        } else {
-            marker
-        };
+        let marker = if marker.is_empty() { self.eos_token.clone() } else { marker };
         if marker.is_empty() {
             bail!(
                 "the chat template ends assistant turns with no marker and the tokenizer has no eos_token; \
@@ -203,11 +180,7 @@ impl ChatTemplate {
         let full = self.render(messages, tools, false)?;
         let mut spans = Vec::new();
         let mut cursor = 0;
-        for (i, m) in messages
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| m.role == "assistant")
-        {
+        for (i, m) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
             // The text before this turn, with the generation prompt: the turn's
             // content starts where that prefix ends.
             let prefix = self.render(&messages[..i], tools, true)?;
@@ -221,21 +194,12 @@ impl ChatTemplate {
             let end = full[start..]
                 .find(&self.end_of_turn)
                 .map(|p| start + p + self.end_of_turn.len())
-                .with_context(|| {
-                    format!(
-                        "message {i}: no `{}` after the assistant turn",
-                        self.end_of_turn
-                    )
-                })?;
+                .with_context(|| format!("message {i}: no `{}` after the assistant turn", self.end_of_turn))?;
             let content = m.content.trim();
             if !content.is_empty() && !full[start..end].contains(content) {
                 bail!("message {i}: the assistant text is not where the template put the turn");
             }
-            spans.push(TurnSpan {
-                message: i,
-                start,
-                end,
-            });
+            spans.push(TurnSpan { message: i, start, end });
             cursor = end;
         }
         Ok((full, spans))
@@ -279,8 +243,8 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     kwargs.assert_all_used()?;
-    let mut json: serde_json::Value = serde_json::to_value(&value)
-        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let mut json: serde_json::Value =
+        serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     if sort_keys == Some(true) {
         json = sort_json(json);
     }
@@ -292,16 +256,9 @@ fn sort_json(v: serde_json::Value) -> serde_json::Value {
         serde_json::Value::Object(m) => {
             let mut entries: Vec<_> = m.into_iter().collect();
             entries.sort_by(|a, b| a.0.cmp(&b.0));
-            serde_json::Value::Object(
-                entries
-                    .into_iter()
-                    .map(|(k, v)| (k, sort_json(v)))
-                    .collect(),
-            )
+            serde_json::Value::Object(entries.into_iter().map(|(k, v)| (k, sort_json(v))).collect())
         }
-        serde_json::Value::Array(a) => {
-            serde_json::Value::Array(a.into_iter().map(sort_json).collect())
-        }
+        serde_json::Value::Array(a) => serde_json::Value::Array(a.into_iter().map(sort_json).collect()),
         other => other,
     }
 }
@@ -360,9 +317,7 @@ fn write_py(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mu
 /// `strftime_now(fmt)` for templates that print today's date. Supports the
 /// directives those templates use (%d %m %Y %b %B).
 fn strftime_now(fmt: &str) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let days = (secs / 86_400) as i64;
     // Civil-from-days (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -407,10 +362,7 @@ mod tests {
             python_json(&v, None),
             r#"{"name": "get_weather", "arguments": {"location": "北京", "days": [1, 2]}, "e": {}}"#
         );
-        assert_eq!(
-            python_json(&serde_json::json!({"a": [1]}), Some(2)),
-            "{\n  \"a\": [\n    1\n  ]\n}"
-        );
+        assert_eq!(python_json(&serde_json::json!({"a": [1]}), Some(2)), "{\n  \"a\": [\n    1\n  ]\n}");
     }
 
     #[test]
@@ -431,11 +383,8 @@ mod tests {
 
     #[test]
     fn raise_exception_becomes_an_error() {
-        let t =
-            ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "", "</s>").unwrap();
-        let err = t
-            .render(&[Message::new("user", "x")], None, false)
-            .unwrap_err();
+        let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "", "</s>").unwrap();
+        let err = t.render(&[Message::new("user", "x")], None, false).unwrap_err();
         assert!(format!("{err}").contains("roles must alternate"), "{err}");
     }
 }

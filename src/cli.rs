@@ -117,10 +117,7 @@ fn render_error(e: &anyhow::Error) -> String {
     let parts: Vec<String> = e.chain().map(|c| c.to_string()).collect();
     let mut out: Vec<&str> = Vec::new();
     for (i, p) in parts.iter().enumerate() {
-        if parts[i + 1..]
-            .iter()
-            .any(|later| later.contains(p.as_str()))
-        {
+        if parts[i + 1..].iter().any(|later| later.contains(p.as_str())) {
             continue;
         }
         out.push(p);
@@ -137,11 +134,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Run { args, until } => {
             let recipe = load(&args)?;
             let exec = Executor::new(&args.cache_dir)?;
-            eprintln!(
-                "pipeline: {} ({})",
-                recipe.recipe.name,
-                args.recipe.display()
-            );
+            eprintln!("pipeline: {} ({})", recipe.recipe.name, args.recipe.display());
             let t0 = std::time::Instant::now();
             let outcomes = exec.run(&recipe, until.as_deref())?;
             let ran = outcomes.iter().filter(|o| o.ran).count();
@@ -164,17 +157,8 @@ fn dispatch(command: Command) -> Result<()> {
                         (Status::Cached, _) => "cached".into(),
                         (Status::Run, _) | (Status::Resume, None) => "run".into(),
                     };
-                    let reason = s
-                        .reason
-                        .as_deref()
-                        .map(|r| format!("  ({r})"))
-                        .unwrap_or_default();
-                    println!(
-                        "{:<16} {:<16} {}  {status}{reason}",
-                        s.name,
-                        s.kind,
-                        s.key.short()
-                    );
+                    let reason = s.reason.as_deref().map(|r| format!("  ({r})")).unwrap_or_default();
+                    println!("{:<16} {:<16} {}  {status}{reason}", s.name, s.kind, s.key.short());
                 }
             }
             Ok(())
@@ -182,15 +166,8 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Validate { recipes, set } => {
             let mut failed = 0;
             for path in &recipes {
-                match Recipe::load(path, &set)
-                    .and_then(|r| execution_order(&r, None).map(|o| (r, o)))
-                {
-                    Ok((r, order)) => println!(
-                        "ok: {} ({}: {} stages)",
-                        path.display(),
-                        r.recipe.name,
-                        order.len()
-                    ),
+                match Recipe::load(path, &set).and_then(|r| execution_order(&r, None).map(|o| (r, o))) {
+                    Ok((r, order)) => println!("ok: {} ({}: {} stages)", path.display(), r.recipe.name, order.len()),
                     Err(e) => {
                         eprintln!("error: {e}");
                         failed += 1;
@@ -198,11 +175,7 @@ fn dispatch(command: Command) -> Result<()> {
                 }
             }
             if failed > 0 {
-                return Err(RecipeError::new(format!(
-                    "{failed} of {} recipes are invalid",
-                    recipes.len()
-                ))
-                .into());
+                return Err(RecipeError::new(format!("{failed} of {} recipes are invalid", recipes.len())).into());
             }
             Ok(())
         }
@@ -210,12 +183,7 @@ fn dispatch(command: Command) -> Result<()> {
             print!("{}", crate::recipe::json_schema());
             Ok(())
         }
-        Command::Gc {
-            recipes,
-            all,
-            dry_run,
-            cache_dir,
-        } => gc(&recipes, all, dry_run, &cache_dir),
+        Command::Gc { recipes, all, dry_run, cache_dir } => gc(&recipes, all, dry_run, &cache_dir),
         Command::Show { args, stage } => {
             let recipe = load(&args)?;
             let exec = Executor::new(&args.cache_dir)?;
@@ -245,31 +213,21 @@ fn dispatch(command: Command) -> Result<()> {
 
 fn gc(recipes: &[PathBuf], all: bool, dry_run: bool, cache_dir: &Path) -> Result<()> {
     if recipes.is_empty() && !all {
-        return Err(
-            RecipeError::new("name the recipes whose cache entries to keep")
-                .help("pipeline gc recipes/*.toml (or --all to empty the cache)")
-                .into(),
-        );
+        return Err(RecipeError::new("name the recipes whose cache entries to keep")
+            .help("pipeline gc recipes/*.toml (or --all to empty the cache)")
+            .into());
     }
     let exec = Executor::new(cache_dir)?;
     let store = exec.store();
     let mut keep = std::collections::BTreeSet::new();
     for path in recipes {
         let recipe = Recipe::load(path, &[])?;
-        let plan = exec
-            .plan(&recipe, None)
-            .with_context(|| format!("cannot plan {}", path.display()))?;
+        let plan = exec.plan(&recipe, None).with_context(|| format!("cannot plan {}", path.display()))?;
         keep.extend(plan.stages.into_iter().map(|s| s.key));
     }
     let (mut removed, mut kept, mut busy) = (0, 0, 0);
-    let entries = store
-        .entries()?
-        .into_iter()
-        .map(|k| (store.entry_dir(&k), k));
-    let works = store
-        .work_entries()?
-        .into_iter()
-        .map(|k| (store.work_dir(&k), k));
+    let entries = store.entries()?.into_iter().map(|k| (store.entry_dir(&k), k));
+    let works = store.work_entries()?.into_iter().map(|k| (store.work_dir(&k), k));
     for (dir, key) in entries.chain(works) {
         if keep.contains(&key) {
             kept += 1;
@@ -291,11 +249,7 @@ fn gc(recipes: &[PathBuf], all: bool, dry_run: bool, cache_dir: &Path) -> Result
     eprintln!(
         "gc: {} {removed}, kept {kept}{}",
         if dry_run { "would remove" } else { "removed" },
-        if busy > 0 {
-            format!(", skipped {busy} in use")
-        } else {
-            String::new()
-        }
+        if busy > 0 { format!(", skipped {busy} in use") } else { String::new() }
     );
     Ok(())
 }

@@ -30,11 +30,7 @@ impl Location {
         let before = &source[..offset];
         let line = before.matches('\n').count() + 1;
         let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        Location {
-            file: file.into(),
-            line,
-            column,
-        }
+        Location { file: file.into(), line, column }
     }
 }
 
@@ -54,13 +50,7 @@ pub struct RecipeError {
 
 impl RecipeError {
     pub fn new(message: impl Into<String>) -> Self {
-        RecipeError {
-            location: None,
-            file: None,
-            key: None,
-            message: message.into(),
-            help: None,
-        }
+        RecipeError { location: None, file: None, key: None, message: message.into(), help: None }
     }
     pub fn at(mut self, location: Option<Location>) -> Self {
         self.location = location;
@@ -100,10 +90,7 @@ impl fmt::Display for RecipeError {
 
 /// The closest candidate to `word` by edit distance, if it is close enough to
 /// be a plausible typo.
-pub fn did_you_mean<'a>(
-    word: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> Option<&'a str> {
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (strsim::damerau_levenshtein(word, c), c))

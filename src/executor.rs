@@ -109,16 +109,11 @@ impl Executor {
                 inputs.insert(input.role.to_string(), keys[input.stage].clone());
                 input_names.push((input.role.to_string(), input.stage.to_string()));
             }
-            let outside = stage.outside_inputs(env).with_context(|| {
-                format!("stage `{name}` ({}): cannot read its inputs", spec.kind())
-            })?;
-            let fingerprint = Fingerprint {
-                kind: spec.kind().to_string(),
-                version: stage.version(),
-                params,
-                inputs,
-                outside,
-            };
+            let outside = stage
+                .outside_inputs(env)
+                .with_context(|| format!("stage `{name}` ({}): cannot read its inputs", spec.kind()))?;
+            let fingerprint =
+                Fingerprint { kind: spec.kind().to_string(), version: stage.version(), params, inputs, outside };
             let key = fingerprint.key();
             let (status, reason, step) = if self.store.is_finished(&key) {
                 (Status::Cached, None, None)
@@ -151,11 +146,7 @@ impl Executor {
             Some(old) if old != *key => match self.store.fingerprint(&old) {
                 Some(old_fp) => {
                     let diff = fp.diff(&old_fp);
-                    if diff.is_empty() {
-                        "no cache entry".into()
-                    } else {
-                        diff.join("; ")
-                    }
+                    if diff.is_empty() { "no cache entry".into() } else { diff.join("; ") }
                 }
                 None => "no cache entry".into(),
             },
@@ -185,32 +176,19 @@ impl Executor {
                 sp.key.short()
             ));
             dirs.insert(sp.name.clone(), self.store.entry_dir(&sp.key));
-            outcomes.push(StageOutcome {
-                name: sp.name.clone(),
-                key: sp.key.clone(),
-                ran,
-                seconds: elapsed,
-            });
+            outcomes.push(StageOutcome { name: sp.name.clone(), key: sp.key.clone(), ran, seconds: elapsed });
         }
         Ok(outcomes)
     }
 
     /// Runs one stage unless it is (or, after waiting for a lock, has become)
     /// cached. Returns whether it ran.
-    fn run_stage(
-        &self,
-        env: &Env,
-        sp: &StagePlan,
-        dirs: &BTreeMap<String, PathBuf>,
-    ) -> Result<bool> {
+    fn run_stage(&self, env: &Env, sp: &StagePlan, dirs: &BTreeMap<String, PathBuf>) -> Result<bool> {
         if self.store.is_finished(&sp.key) {
             return Ok(false);
         }
         let lock = self.store.lock(&sp.key, || {
-            crate::progress::println(&format!(
-                "  waiting for another pipeline process working on `{}`",
-                sp.name
-            ))
+            crate::progress::println(&format!("  waiting for another pipeline process working on `{}`", sp.name))
         })?;
         if self.store.is_finished(&sp.key) {
             return Ok(false);
@@ -227,21 +205,12 @@ impl Executor {
             key: &sp.key,
             out: work.join("out"),
             work: work.clone(),
-            inputs: sp
-                .inputs
-                .iter()
-                .map(|(role, stage)| (role.clone(), dirs[stage].clone()))
-                .collect(),
+            inputs: sp.inputs.iter().map(|(role, stage)| (role.clone(), dirs[stage].clone())).collect(),
             env,
         };
-        let started_at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let started_at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let t0 = Instant::now();
-        let metrics = spec
-            .stage()
-            .run(&ctx)
-            .with_context(|| format!("stage `{}` ({}) failed", sp.name, sp.kind))?;
+        let metrics = spec.stage().run(&ctx).with_context(|| format!("stage `{}` ({}) failed", sp.name, sp.kind))?;
         let manifest = Manifest {
             format: MANIFEST_FORMAT,
             key: sp.key.clone(),
@@ -273,11 +242,8 @@ pub struct StageOutcome {
 /// errors; so are references to a stage of the wrong kind.
 pub fn execution_order(recipe: &Recipe, until: Option<&str>) -> Result<Vec<String>, RecipeError> {
     let mut graph: DiGraph<&str, ()> = DiGraph::new();
-    let nodes: BTreeMap<&str, NodeIndex> = recipe
-        .stages
-        .keys()
-        .map(|name| (name.as_str(), graph.add_node(name.as_str())))
-        .collect();
+    let nodes: BTreeMap<&str, NodeIndex> =
+        recipe.stages.keys().map(|name| (name.as_str(), graph.add_node(name.as_str()))).collect();
     for (name, spec) in &recipe.stages {
         for input in spec.inputs() {
             graph.add_edge(nodes[input.stage], nodes[name.as_str()], ());
@@ -301,14 +267,10 @@ pub fn execution_order(recipe: &Recipe, until: Option<&str>) -> Result<Vec<Strin
         None => None,
         Some(u) => {
             let Some(&target) = nodes.get(u) else {
-                let mut e = RecipeError::new(format!("--until `{u}`: no stage has that name"))
-                    .in_file(&recipe.path);
+                let mut e = RecipeError::new(format!("--until `{u}`: no stage has that name")).in_file(&recipe.path);
                 e.help = Some(match did_you_mean(u, nodes.keys().copied()) {
                     Some(s) => format!("did you mean `{s}`?"),
-                    None => format!(
-                        "stages: {}",
-                        nodes.keys().copied().collect::<Vec<_>>().join(", ")
-                    ),
+                    None => format!("stages: {}", nodes.keys().copied().collect::<Vec<_>>().join(", ")),
                 });
                 return Err(e);
             };
@@ -334,11 +296,7 @@ fn cycle_path(recipe: &Recipe, start: &str) -> Vec<String> {
     let mut path = vec![start.to_string()];
     let mut cur = start.to_string();
     for _ in 0..recipe.stages.len() {
-        let Some(next) = recipe.stages[&cur]
-            .inputs()
-            .first()
-            .map(|i| i.stage.to_string())
-        else {
+        let Some(next) = recipe.stages[&cur].inputs().first().map(|i| i.stage.to_string()) else {
             break;
         };
         path.push(next.clone());

@@ -10,11 +10,15 @@
 //! - [`executor`]: the DAG of stages (petgraph), `plan` and `run`.
 //! - [`stages`]: one module per stage kind (`fetch-dataset`, `format-chat`,
 //!   `tokenize`, …), each a small [`stages::Stage`] implementation.
+//! - [`train`]: LoRA training pieces (AdamW, schedules, checkpoints, loss plot);
+//!   [`adapter`]: PEFT adapter files.
 //! - [`data`]: reading rows from hub datasets and local jsonl/json/csv/parquet.
 //! - [`chat`]: chat templates (minijinja, HF-compatible) and turn spans.
+//! - [`model`]: the architectures on candle (Gemma 3), LoRA layers, weight loading.
 //! - [`model_source`]: resolving `[model] base` to files on disk.
 //! - [`cli`]: the command line (`pipeline run|plan|validate|schema|gc|show`).
 
+pub mod adapter;
 pub mod cache;
 pub mod chat;
 pub mod cli;
@@ -22,10 +26,12 @@ pub mod data;
 pub mod error;
 pub mod executor;
 pub mod fault;
+pub mod model;
 pub mod model_source;
 pub mod progress;
 pub mod recipe;
 pub mod stages;
+pub mod train;
 
 pub use error::RecipeError;
 pub use executor::{Executor, Plan, StagePlan, Status};

@@ -48,12 +48,10 @@ impl ResolvedModel {
     pub fn resolve(recipe: &Recipe) -> Result<ResolvedModel> {
         let spec = &recipe.model;
         let mut model = if let Some(rest) = spec.base.strip_prefix("hf://") {
-            let repo = HubRepo::parse_model(rest)
-                .with_context(|| format!("[model] base = \"{}\"", spec.base))?;
-            let snapshot = hub::fetch_files(&repo, |name| {
-                MODEL_FILES.contains(&name) || name.ends_with(".safetensors")
-            })
-            .with_context(|| format!("cannot fetch the model `{}` ([model] base)", spec.base))?;
+            let repo = HubRepo::parse_model(rest).with_context(|| format!("[model] base = \"{}\"", spec.base))?;
+            let snapshot =
+                hub::fetch_files(&repo, |name| MODEL_FILES.contains(&name) || name.ends_with(".safetensors"))
+                    .with_context(|| format!("cannot fetch the model `{}` ([model] base)", spec.base))?;
             let mut m = ResolvedModel::from_dir(&spec.base, &snapshot.dir)?;
             m.revision = Some(snapshot.revision);
             m
@@ -140,10 +138,8 @@ impl ResolvedModel {
     pub fn tokenizer_config(&self) -> Result<serde_json::Value> {
         match &self.tokenizer_config {
             Some(p) => {
-                let bytes =
-                    std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
-                serde_json::from_slice(&bytes)
-                    .with_context(|| format!("{} is not valid JSON", p.display()))
+                let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+                serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid JSON", p.display()))
             }
             None => Ok(serde_json::json!({})),
         }

@@ -14,11 +14,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 fn multi() -> &'static MultiProgress {
     static MULTI: OnceLock<MultiProgress> = OnceLock::new();
     MULTI.get_or_init(|| {
-        let target = if enabled() {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        };
+        let target = if enabled() { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
         MultiProgress::with_draw_target(target)
     })
 }
@@ -36,11 +32,9 @@ pub fn enabled() -> bool {
 pub fn bar(len: u64, what: &str) -> ProgressBar {
     let pb = multi().add(ProgressBar::new(len));
     pb.set_style(
-        ProgressStyle::with_template(
-            "  {spinner} {msg:<14} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
+        ProgressStyle::with_template("  {spinner} {msg:<14} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
     pb.enable_steady_tick(Duration::from_millis(200));
@@ -58,8 +52,7 @@ pub fn println(line: &str) {
 /// Installs the tracing subscriber (stderr, `RUST_LOG`, bars suspended).
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,pipeline=info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,pipeline=info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

@@ -60,21 +60,13 @@ fn cases() -> Vec<Case> {
             "unknown top-level table",
             "#whole\n[recpie]\nname = \"x\"\n",
             2,
-            &[
-                "bad.toml:2:",
-                "unknown key `recpie`",
-                "did you mean `recipe`",
-            ],
+            &["bad.toml:2:", "unknown key `recpie`", "did you mean `recipe`"],
         ),
         case(
             "unknown stage key",
             &format!("{DATA}{CHAT}{TOKENS}max_lne = 5\n"),
             2,
-            &[
-                "bad.toml:14:",
-                "stages.tokens.max_lne",
-                "did you mean `max_len`",
-            ],
+            &["bad.toml:14:", "stages.tokens.max_lne", "did you mean `max_len`"],
         ),
         case(
             "wrong type",
@@ -92,24 +84,13 @@ fn cases() -> Vec<Case> {
             "missing kind",
             "[stages.data]\nsource = \"d.jsonl\"\n",
             2,
-            &[
-                "bad.toml:",
-                "missing field `kind`",
-                "every stage needs a `kind`",
-            ],
+            &["bad.toml:", "missing field `kind`", "every stage needs a `kind`"],
         ),
         case(
             "dangling reference",
-            &format!(
-                "{DATA}{CHAT}[stages.tokens]\nkind = \"tokenize\"\nconversations = \"chta\"\n"
-            ),
+            &format!("{DATA}{CHAT}[stages.tokens]\nkind = \"tokenize\"\nconversations = \"chta\"\n"),
             2,
-            &[
-                "bad.toml:13:",
-                "stages.tokens.conversations",
-                "no stage is named `chta`",
-                "did you mean `chat`",
-            ],
+            &["bad.toml:13:", "stages.tokens.conversations", "no stage is named `chta`", "did you mean `chat`"],
         ),
         case(
             "cycle",
@@ -121,11 +102,7 @@ fn cases() -> Vec<Case> {
             "reference to the wrong kind",
             &format!("{DATA}[stages.tokens]\nkind = \"tokenize\"\nconversations = \"data\"\n"),
             2,
-            &[
-                "bad.toml:10:",
-                "stages.tokens.conversations",
-                "must name a stage of kind format-chat",
-            ],
+            &["bad.toml:10:", "stages.tokens.conversations", "must name a stage of kind format-chat"],
         ),
         case(
             "unknown device",
@@ -144,11 +121,7 @@ fn cases() -> Vec<Case> {
             "fetch without a source",
             "[stages.data]\nkind = \"fetch-dataset\"\n",
             2,
-            &[
-                "bad.toml:5:",
-                "stages.data.source",
-                "needs `source` or `files`",
-            ],
+            &["bad.toml:5:", "stages.data.source", "needs `source` or `files`"],
         ),
         case(
             "fraction out of range",
@@ -160,11 +133,7 @@ fn cases() -> Vec<Case> {
             "wrong type in an array of tables",
             &format!("{DATA}[[stages.data.keep]]\nwhere = {{ a = 1 }}\nfraction = \"half\"\n"),
             2,
-            &[
-                "bad.toml:10:12",
-                "stages.data.keep.fraction",
-                "invalid type",
-            ],
+            &["bad.toml:10:12", "stages.data.keep.fraction", "invalid type"],
         ),
         case(
             "wrong type in an inline table",
@@ -172,12 +141,7 @@ fn cases() -> Vec<Case> {
             2,
             &["bad.toml:7:19", "stages.data.files.train", "invalid type"],
         ),
-        case(
-            "toml syntax error",
-            "[stages.data]\nkind = \n",
-            2,
-            &["bad.toml:6:"],
-        ),
+        case("toml syntax error", "[stages.data]\nkind = \n", 2, &["bad.toml:6:"]),
         case(
             "max_len too small",
             &format!("{all}max_len = 1\n"),
@@ -190,54 +154,17 @@ fn cases() -> Vec<Case> {
             2,
             &["bad.toml:", "invalid stage name `a b`"],
         ),
-        case(
-            "malformed --set",
-            DATA,
-            2,
-            &["--set `nonsense` is not KEY=VALUE"],
-        )
-        .args(&["--set", "nonsense"]),
-        case(
-            "--set through a value",
-            DATA,
-            2,
-            &["recipe.name` is not a table"],
-        )
-        .args(&["--set", "recipe.name.x=1"]),
-        case(
-            "--set of an unknown key",
-            DATA,
-            2,
-            &["bad.toml", "unknown key `sorce`", "did you mean `source`"],
-        )
-        .args(&["--set", "stages.data.sorce=x"]),
-        case(
-            "unknown --until stage",
-            &all,
-            2,
-            &["--until `tokns`", "did you mean `tokens`"],
-        )
-        .args(&["--until", "tokns"]),
-        case(
-            "missing data file",
-            DATA,
-            1,
-            &["bad.toml", "source = \"d.jsonl\"", "no such file"],
-        ),
-        case(
-            "malformed jsonl row",
-            DATA,
-            1,
-            &["d.jsonl:2:", "not valid JSON"],
-        )
-        .files(&[("d.jsonl", "{\"a\": 1}\n{\"a\": 2,,}\n")]),
-        case(
-            "jsonl row that is not an object",
-            DATA,
-            1,
-            &["d.jsonl:1:", "expected a JSON object, found an array"],
-        )
-        .files(&[("d.jsonl", "[1, 2]\n")]),
+        case("malformed --set", DATA, 2, &["--set `nonsense` is not KEY=VALUE"]).args(&["--set", "nonsense"]),
+        case("--set through a value", DATA, 2, &["recipe.name` is not a table"]).args(&["--set", "recipe.name.x=1"]),
+        case("--set of an unknown key", DATA, 2, &["bad.toml", "unknown key `sorce`", "did you mean `source`"])
+            .args(&["--set", "stages.data.sorce=x"]),
+        case("unknown --until stage", &all, 2, &["--until `tokns`", "did you mean `tokens`"])
+            .args(&["--until", "tokns"]),
+        case("missing data file", DATA, 1, &["bad.toml", "source = \"d.jsonl\"", "no such file"]),
+        case("malformed jsonl row", DATA, 1, &["d.jsonl:2:", "not valid JSON"])
+            .files(&[("d.jsonl", "{\"a\": 1}\n{\"a\": 2,,}\n")]),
+        case("jsonl row that is not an object", DATA, 1, &["d.jsonl:1:", "expected a JSON object, found an array"])
+            .files(&[("d.jsonl", "[1, 2]\n")]),
         case(
             "malformed csv row",
             "[stages.data]\nkind = \"fetch-dataset\"\nsource = \"d.csv\"\n",
@@ -258,12 +185,7 @@ fn cases() -> Vec<Case> {
                 "[stages.data]\nkind = \"fetch-dataset\"\nsource = \"{parquet}\"\ncolumns = [\"query\", \"answer\"]\n"
             ),
             1,
-            &[
-                "train-00000-of-00001.parquet",
-                "row 0",
-                "no column `answer`",
-                "query_type",
-            ],
+            &["train-00000-of-00001.parquet", "row 0", "no column `answer`", "query_type"],
         ),
         case(
             "split that does not exist",
@@ -283,25 +205,13 @@ fn cases() -> Vec<Case> {
             "template that raises",
             &format!("{DATA}{CHAT}"),
             1,
-            &[
-                "stage `chat`",
-                "split `train`, row 0",
-                "the chat template raised: no user turns allowed",
-            ],
+            &["stage `chat`", "split `train`, row 0", "the chat template raised: no user turns allowed"],
         )
-        .files(&[
-            ("d.jsonl", GOOD_ROWS),
-            ("t.jinja", "{{ raise_exception('no user turns allowed') }}"),
-        ])
+        .files(&[("d.jsonl", GOOD_ROWS), ("t.jinja", "{{ raise_exception('no user turns allowed') }}")])
         .args(&["--set", "model.chat_template=t.jinja"]),
-        case(
-            "template file missing",
-            &format!("{DATA}{CHAT}"),
-            1,
-            &["chat_template = \"nope.jinja\"", "built-in"],
-        )
-        .files(&[("d.jsonl", GOOD_ROWS)])
-        .args(&["--set", "model.chat_template=nope.jinja"]),
+        case("template file missing", &format!("{DATA}{CHAT}"), 1, &["chat_template = \"nope.jinja\"", "built-in"])
+            .files(&[("d.jsonl", GOOD_ROWS)])
+            .args(&["--set", "model.chat_template=nope.jinja"]),
         case(
             "messages column missing",
             &format!("{DATA}{CHAT}messages_column = \"trace\"\n"),
@@ -309,26 +219,10 @@ fn cases() -> Vec<Case> {
             &["split `train`, row 0", "no column `trace`"],
         )
         .files(&[("d.jsonl", GOOD_ROWS)]),
-        case(
-            "row without an assistant turn",
-            &format!("{DATA}{CHAT}"),
-            1,
-            &["row 0", "no assistant turn"],
-        )
-        .files(&[(
-            "d.jsonl",
-            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
-        )]),
-        case(
-            "unknown message role",
-            &format!("{DATA}{CHAT}"),
-            1,
-            &["row 0", "role `narrator`"],
-        )
-        .files(&[(
-            "d.jsonl",
-            "{\"messages\": [{\"role\": \"narrator\", \"content\": \"hi\"}]}\n",
-        )]),
+        case("row without an assistant turn", &format!("{DATA}{CHAT}"), 1, &["row 0", "no assistant turn"])
+            .files(&[("d.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n")]),
+        case("unknown message role", &format!("{DATA}{CHAT}"), 1, &["row 0", "role `narrator`"])
+            .files(&[("d.jsonl", "{\"messages\": [{\"role\": \"narrator\", \"content\": \"hi\"}]}\n")]),
         case(
             "model directory missing",
             &format!("{DATA}{CHAT}"),
@@ -350,10 +244,8 @@ fn cases() -> Vec<Case> {
 #[test]
 fn malformed_recipes_and_data_fail_clearly() {
     let Some(models) = models_dir() else { return };
-    let header = format!(
-        "[recipe]\nname = \"bad\"\n[model]\nbase = \"{}\"\n",
-        models.join("qwen3-tokenizer").display()
-    );
+    let header =
+        format!("[recipe]\nname = \"bad\"\n[model]\nbase = \"{}\"\n", models.join("qwen3-tokenizer").display());
     let cases = cases();
     assert!(cases.len() >= 20);
     let mut failures = Vec::new();
@@ -373,11 +265,7 @@ fn malformed_recipes_and_data_fail_clearly() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let mut problems = Vec::new();
         if out.status.code() != Some(c.code) {
-            problems.push(format!(
-                "exit code {:?}, expected {}",
-                out.status.code(),
-                c.code
-            ));
+            problems.push(format!("exit code {:?}, expected {}", out.status.code(), c.code));
         }
         if stderr.contains("panicked") {
             problems.push("panicked".into());
@@ -388,20 +276,10 @@ fn malformed_recipes_and_data_fail_clearly() {
             }
         }
         if !problems.is_empty() {
-            failures.push(format!(
-                "{}: {}\n--- stderr:\n{stderr}",
-                c.name,
-                problems.join(", ")
-            ));
+            failures.push(format!("{}: {}\n--- stderr:\n{stderr}", c.name, problems.join(", ")));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
 }
 
 #[test]
@@ -410,10 +288,7 @@ fn a_missing_recipe_file_is_a_usage_error() {
     let out = p.run(&["run", "nope.toml"]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("nope.toml") && stderr.contains("cannot read the recipe"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("nope.toml") && stderr.contains("cannot read the recipe"), "{stderr}");
     let out = p.run(&["frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
 }

@@ -29,11 +29,7 @@ fn rows(p: &Project, key_dir: &Path, split: &str) -> Vec<serde_json::Value> {
 
 fn show(p: &Project, recipe: &str, stage: &str) -> std::path::PathBuf {
     let out = p.run(&["show", recipe, stage]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().into()
 }
 
@@ -41,10 +37,7 @@ fn show(p: &Project, recipe: &str, stage: &str) -> std::path::PathBuf {
 fn local_jsonl_json_and_csv_give_the_same_rows() {
     let p = Project::new();
     p.write("d/a.jsonl", "{\"question\": \"q1\", \"answer\": \"a1\"}\n\n{\"question\": \"q2\", \"answer\": \"a2\"}\n");
-    p.write(
-        "d/b.json",
-        r#"[{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]"#,
-    );
+    p.write("d/b.json", r#"[{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]"#);
     p.write("d/c.csv", "question,answer\nq1,a1\n\"q2\",\"a2\"\n");
     let mut all = Vec::new();
     for f in ["d/a.jsonl", "d/b.json", "d/c.csv"] {
@@ -61,20 +54,15 @@ fn local_jsonl_json_and_csv_give_the_same_rows() {
 #[test]
 fn local_parquet_glob_and_explicit_split_files() {
     let p = Project::new();
-    let data = shared_dir().join("hf/hub/datasets--shawhin--tool-use-finetuning/snapshots/0000000000000000000000000000000000000001/data");
+    let data = shared_dir()
+        .join("hf/hub/datasets--shawhin--tool-use-finetuning/snapshots/0000000000000000000000000000000000000001/data");
     let glob = format!("{}/*.parquet", data.display());
-    p.write(
-        "g.toml",
-        &fetch_recipe(&glob, "columns = [\"query\", \"query_type\"]"),
-    );
+    p.write("g.toml", &fetch_recipe(&glob, "columns = [\"query\", \"query_type\"]"));
     p.ok(&["run", "g.toml"]);
     let dir = show(&p, "g.toml", "data");
     let train = rows(&p, &dir, "train");
     assert_eq!(train.len(), 477);
-    assert_eq!(
-        train[0].as_object().unwrap().keys().collect::<Vec<_>>(),
-        vec!["query", "query_type"]
-    );
+    assert_eq!(train[0].as_object().unwrap().keys().collect::<Vec<_>>(), vec!["query", "query_type"]);
     assert_eq!(rows(&p, &dir, "validation").len(), 60);
 
     let explicit = format!(
@@ -101,10 +89,7 @@ fn keep_rules_sample_a_seeded_fraction_and_validation_is_carved() {
         } else {
             "easy"
         };
-        text += &format!(
-            "{{\"i\": {i}, \"query_type\": \"{kind}\", \"tool_needed\": {}}}\n",
-            kind != "no_tool"
-        );
+        text += &format!("{{\"i\": {i}, \"query_type\": \"{kind}\", \"tool_needed\": {}}}\n", kind != "no_tool");
     }
     p.write("d.jsonl", &text);
     let rules = "validation_fraction = 0.1\n\
@@ -120,11 +105,7 @@ fn keep_rules_sample_a_seeded_fraction_and_validation_is_carved() {
     assert_eq!(count("no_tool"), 5, "20 % of 25");
     assert_eq!(count("hard"), 0);
     assert_eq!(val.len(), 6, "10 % of 55, rounded");
-    let ids = |rs: &[serde_json::Value]| {
-        rs.iter()
-            .map(|r| r["i"].as_i64().unwrap())
-            .collect::<BTreeSet<_>>()
-    };
+    let ids = |rs: &[serde_json::Value]| rs.iter().map(|r| r["i"].as_i64().unwrap()).collect::<BTreeSet<_>>();
     assert!(ids(&train).is_disjoint(&ids(&val)));
 
     // Same seed: same rows. Another seed: another sample.
@@ -132,10 +113,7 @@ fn keep_rules_sample_a_seeded_fraction_and_validation_is_carved() {
     again.write("d.jsonl", &text);
     again.write("r.toml", &fetch_recipe("d.jsonl", rules));
     again.ok(&["run", "r.toml"]);
-    assert_eq!(
-        rows(&again, &show(&again, "r.toml", "data"), "train"),
-        train
-    );
+    assert_eq!(rows(&again, &show(&again, "r.toml", "data"), "train"), train);
     again.ok(&["run", "r.toml", "--set", "recipe.seed=8"]);
     let other = again.run(&["show", "r.toml", "data", "--set", "recipe.seed=8"]);
     let other_dir = String::from_utf8_lossy(&other.stdout).trim().to_string();
@@ -146,51 +124,33 @@ fn keep_rules_sample_a_seeded_fraction_and_validation_is_carved() {
 fn row_shapes_instruction_qa_and_sharegpt_render_with_spans() {
     let Some(models) = models_dir() else { return };
     let p = Project::new();
-    p.write(
-        "alpaca.jsonl",
-        "{\"instruction\": \"Name a fish\", \"input\": \"\", \"output\": \"Goldfish\"}\n",
-    );
-    p.write(
-        "qa.jsonl",
-        "{\"question\": \"白点病怎么治？\", \"answer\": \"提高水温并用药。\"}\n",
-    );
+    p.write("alpaca.jsonl", "{\"instruction\": \"Name a fish\", \"input\": \"\", \"output\": \"Goldfish\"}\n");
+    p.write("qa.jsonl", "{\"question\": \"白点病怎么治？\", \"answer\": \"提高水温并用药。\"}\n");
     p.write(
         "sharegpt.jsonl",
         "{\"conversations\": [{\"from\": \"human\", \"value\": \"hi\"}, {\"from\": \"gpt\", \"value\": \"hello\"}]}\n",
     );
-    for (file, answer) in [
-        ("alpaca.jsonl", "Goldfish"),
-        ("qa.jsonl", "提高水温并用药。"),
-        ("sharegpt.jsonl", "hello"),
-    ] {
+    for (file, answer) in [("alpaca.jsonl", "Goldfish"), ("qa.jsonl", "提高水温并用药。"), ("sharegpt.jsonl", "hello")]
+    {
         let name = format!("{file}.toml");
         p.write(&name, &local_recipe(&models, file, ""));
         p.ok(&["run", &name]);
         let conv: Conversation = serde_json::from_str(
-            std::fs::read_to_string(show(&p, &name, "chat").join("conversations/train.jsonl"))
-                .unwrap()
-                .trim(),
+            std::fs::read_to_string(show(&p, &name, "chat").join("conversations/train.jsonl")).unwrap().trim(),
         )
         .unwrap();
         assert_eq!(conv.spans.len(), 1);
         let s = conv.spans[0];
         // Qwen3's template gives the final turn an empty think block.
-        assert_eq!(
-            &conv.text[s.start..s.end],
-            format!("<think>\n\n</think>\n\n{answer}<|im_end|>"),
-            "{file}"
-        );
+        assert_eq!(&conv.text[s.start..s.end], format!("<think>\n\n</think>\n\n{answer}<|im_end|>"), "{file}");
     }
 
     // The built-in alpaca template gives the LLaMA-Factory prompt.
-    let alpaca = local_recipe(&models, "qa.jsonl", "")
-        .replace("[model]\n", "[model]\nchat_template = \"alpaca\"\n");
+    let alpaca = local_recipe(&models, "qa.jsonl", "").replace("[model]\n", "[model]\nchat_template = \"alpaca\"\n");
     p.write("alp.toml", &alpaca);
     p.ok(&["run", "alp.toml"]);
     let conv: Conversation = serde_json::from_str(
-        std::fs::read_to_string(show(&p, "alp.toml", "chat").join("conversations/train.jsonl"))
-            .unwrap()
-            .trim(),
+        std::fs::read_to_string(show(&p, "alp.toml", "chat").join("conversations/train.jsonl")).unwrap().trim(),
     )
     .unwrap();
     assert_eq!(
@@ -219,13 +179,10 @@ fn masked_text(tok: &tokenizers::Tokenizer, ids: &[u32], mask: &[u8]) -> String 
 fn the_loss_mask_is_exactly_the_assistant_turns_on_the_real_gemma_tokenizer() {
     let Some(models) = models_dir() else { return };
     let p = Project::new();
-    let recipe = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/recipes/quickstart.toml"
-    ))
-    .unwrap()
-    .replace("../models", models.to_str().unwrap())
-    .replace("max_len = 1024", "max_len = 8192");
+    let recipe = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/quickstart.toml"))
+        .unwrap()
+        .replace("../models", models.to_str().unwrap())
+        .replace("max_len = 1024", "max_len = 8192");
     p.write("q.toml", &recipe);
     p.ok(&["run", "q.toml", "--until", "tokens"]);
     let tok = tokenizers::Tokenizer::from_file(models.join("gemma-3-270m/tokenizer.json")).unwrap();
@@ -235,9 +192,7 @@ fn the_loss_mask_is_exactly_the_assistant_turns_on_the_real_gemma_tokenizer() {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-    let split =
-        TokenizedSplit::load(&show(&p, "q.toml", "tokens").join("tokens/validation.safetensors"))
-            .unwrap();
+    let split = TokenizedSplit::load(&show(&p, "q.toml", "tokens").join("tokens/validation.safetensors")).unwrap();
     assert_eq!(split.len(), convs.len());
     for (i, conv) in convs.iter().enumerate() {
         let (ids, mask) = split.example(i);
@@ -249,10 +204,6 @@ fn the_loss_mask_is_exactly_the_assistant_turns_on_the_real_gemma_tokenizer() {
             .collect();
         assert_eq!(masked_text(&tok, ids, mask), want, "example {}", conv.id);
         assert_eq!(ids[0], 2, "starts with <bos>");
-        assert_eq!(
-            tok.decode(ids, false).unwrap(),
-            conv.text,
-            "ids decode to the rendered text"
-        );
+        assert_eq!(tok.decode(ids, false).unwrap(), conv.text, "ids decode to the rendered text");
     }
 }

@@ -32,51 +32,28 @@ pub struct HashMemo {
 impl HashMemo {
     /// A memo persisted at `path` (loaded now, saved by [`HashMemo::save`]).
     pub fn open(path: PathBuf) -> Self {
-        let entries = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        HashMemo {
-            path: Some(path),
-            entries: Mutex::new(entries),
-            dirty: Mutex::new(false),
-        }
+        let entries = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        HashMemo { path: Some(path), entries: Mutex::new(entries), dirty: Mutex::new(false) }
     }
 
     /// A memo that is never written (for tests and one-off use).
     pub fn in_memory() -> Self {
-        HashMemo {
-            path: None,
-            entries: Mutex::default(),
-            dirty: Mutex::new(false),
-        }
+        HashMemo { path: None, entries: Mutex::default(), dirty: Mutex::new(false) }
     }
 
     /// The blake3 hex digest of the file's content.
     pub fn file(&self, path: &Path) -> Result<String> {
-        let meta =
-            std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         let id = canon.to_string_lossy().into_owned();
-        let mtime_ns = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
+        let mtime_ns = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
         if let Some(e) = self.entries.lock().unwrap().get(&id) {
             if e.size == meta.len() && e.mtime_ns == mtime_ns && mtime_ns != 0 {
                 return Ok(e.blake3.clone());
             }
         }
         let digest = hash_file(path)?;
-        self.entries.lock().unwrap().insert(
-            id,
-            MemoEntry {
-                size: meta.len(),
-                mtime_ns,
-                blake3: digest.clone(),
-            },
-        );
+        self.entries.lock().unwrap().insert(id, MemoEntry { size: meta.len(), mtime_ns, blake3: digest.clone() });
         *self.dirty.lock().unwrap() = true;
         Ok(digest)
     }
@@ -96,14 +73,11 @@ impl HashMemo {
 
 /// blake3 of a file's content, streamed.
 pub fn hash_file(path: &Path) -> Result<String> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let n = f.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             break;
         }

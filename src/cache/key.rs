@@ -61,9 +61,7 @@ impl Fingerprint {
     pub fn key(&self) -> CacheKey {
         let mut hasher = blake3::Hasher::new();
         hasher.update(KEY_DOMAIN.as_bytes());
-        hasher.update(
-            canonical_json(&serde_json::to_value(self).expect("fingerprint serializes")).as_bytes(),
-        );
+        hasher.update(canonical_json(&serde_json::to_value(self).expect("fingerprint serializes")).as_bytes());
         CacheKey(hasher.finalize().to_hex().to_string())
     }
 
@@ -75,10 +73,7 @@ impl Fingerprint {
             why.push(format!("kind changed ({} → {})", old.kind, self.kind));
         }
         if self.version != old.version {
-            why.push(format!(
-                "implementation of {} changed (v{} → v{})",
-                self.kind, old.version, self.version
-            ));
+            why.push(format!("implementation of {} changed (v{} → v{})", self.kind, old.version, self.version));
         }
         diff_json("", &old.params, &self.params, &mut why);
         for (role, key) in &self.inputs {
@@ -94,11 +89,7 @@ impl Fingerprint {
                 None => why.push(format!("new {label}")),
             }
         }
-        for label in old
-            .outside
-            .keys()
-            .filter(|l| !self.outside.contains_key(*l))
-        {
+        for label in old.outside.keys().filter(|l| !self.outside.contains_key(*l)) {
             why.push(format!("{label} no longer used"));
         }
         why
@@ -111,11 +102,7 @@ fn diff_json(path: &str, old: &serde_json::Value, new: &serde_json::Value, out: 
         (Value::Object(a), Value::Object(b)) => {
             let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
             for k in keys {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
                 match (a.get(k), b.get(k)) {
                     (Some(x), Some(y)) => diff_json(&p, x, y, out),
                     (None, Some(y)) => out.push(format!("parameter `{p}` added ({y})")),
@@ -216,8 +203,7 @@ mod tests {
         let mut p = base.clone();
         p.params = serde_json::json!({"max_len": 513});
         let mut i = base.clone();
-        i.inputs
-            .insert("conversations".into(), CacheKey("ac".into()));
+        i.inputs.insert("conversations".into(), CacheKey("ac".into()));
         let mut o = base.clone();
         o.outside.insert("tokenizer.json".into(), "ce".into());
         let keys = [base.key(), v.key(), p.key(), i.key(), o.key()];
@@ -233,15 +219,8 @@ mod tests {
     fn diff_names_the_changed_parameter_and_input() {
         let old = fp(serde_json::json!({"max_len": 512}));
         let mut new = fp(serde_json::json!({"max_len": 1024}));
-        new.inputs
-            .insert("conversations".into(), CacheKey("zz".into()));
+        new.inputs.insert("conversations".into(), CacheKey("zz".into()));
         let why = new.diff(&old);
-        assert_eq!(
-            why,
-            vec![
-                "parameter `max_len` changed (512 → 1024)",
-                "input `conversations` changed"
-            ]
-        );
+        assert_eq!(why, vec!["parameter `max_len` changed (512 → 1024)", "input `conversations` changed"]);
     }
 }

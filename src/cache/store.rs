@@ -72,12 +72,8 @@ impl Store {
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
         for d in ["store", "work", "locks", "refs", "trash"] {
-            fs::create_dir_all(root.join(d)).with_context(|| {
-                format!(
-                    "cannot create the cache directory {}",
-                    root.join(d).display()
-                )
-            })?;
+            fs::create_dir_all(root.join(d))
+                .with_context(|| format!("cannot create the cache directory {}", root.join(d).display()))?;
         }
         Ok(Store { root })
     }
@@ -105,11 +101,9 @@ impl Store {
     pub fn manifest(&self, key: &CacheKey) -> Result<Option<Manifest>> {
         let path = self.entry_dir(key).join("manifest.json");
         match fs::read(&path) {
-            Ok(bytes) => {
-                Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
-                    format!("corrupt manifest {}", path.display())
-                })?))
-            }
+            Ok(bytes) => Ok(Some(
+                serde_json::from_slice(&bytes).with_context(|| format!("corrupt manifest {}", path.display()))?,
+            )),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
         }
@@ -128,10 +122,7 @@ impl Store {
     /// Takes the writer lock for `key`, waiting for another process that
     /// holds it. `on_wait` is called once if we have to wait.
     pub fn lock(&self, key: &CacheKey, on_wait: impl FnOnce()) -> Result<KeyLock> {
-        let path = self
-            .root
-            .join("locks")
-            .join(format!("{}.lock", key.as_str()));
+        let path = self.root.join("locks").join(format!("{}.lock", key.as_str()));
         let file = File::options()
             .create(true)
             .truncate(false)
@@ -142,8 +133,7 @@ impl Store {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
                 on_wait();
-                file.lock()
-                    .with_context(|| format!("cannot lock {}", path.display()))?;
+                file.lock().with_context(|| format!("cannot lock {}", path.display()))?;
             }
             Err(fs::TryLockError::Error(e)) => {
                 return Err(e).with_context(|| format!("cannot lock {}", path.display()));
@@ -154,15 +144,8 @@ impl Store {
 
     /// Like [`Store::lock`] but gives up at once if another process holds it.
     pub fn try_lock(&self, key: &CacheKey) -> Result<Option<KeyLock>> {
-        let path = self
-            .root
-            .join("locks")
-            .join(format!("{}.lock", key.as_str()));
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)?;
+        let path = self.root.join("locks").join(format!("{}.lock", key.as_str()));
+        let file = File::options().create(true).truncate(false).write(true).open(&path)?;
         match file.try_lock() {
             Ok(()) => Ok(Some(KeyLock { _file: file })),
             Err(fs::TryLockError::WouldBlock) => Ok(None),
@@ -173,22 +156,14 @@ impl Store {
     /// Prepares `work/<key>` for a run: records the fingerprint and gives an
     /// empty `out/` (a previous attempt's partial outputs are discarded; what
     /// a stage keeps to resume lives beside `out/` and is kept).
-    pub fn prepare_work(
-        &self,
-        key: &CacheKey,
-        fingerprint: &Fingerprint,
-        _lock: &KeyLock,
-    ) -> Result<PathBuf> {
+    pub fn prepare_work(&self, key: &CacheKey, fingerprint: &Fingerprint, _lock: &KeyLock) -> Result<PathBuf> {
         let work = self.work_dir(key);
         let out = work.join("out");
         if out.exists() {
             fs::remove_dir_all(&out).with_context(|| format!("cannot clear {}", out.display()))?;
         }
         fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-        write_atomic(
-            &work.join("fingerprint.json"),
-            &serde_json::to_vec_pretty(fingerprint)?,
-        )?;
+        write_atomic(&work.join("fingerprint.json"), &serde_json::to_vec_pretty(fingerprint)?)?;
         Ok(work)
     }
 
@@ -196,12 +171,7 @@ impl Store {
     /// `manifest.json` last, syncs, and renames the directory into place.
     /// Then removes the rest of the work dir (checkpoints are no longer
     /// needed once the result is final).
-    pub fn publish(
-        &self,
-        key: &CacheKey,
-        mut manifest: Manifest,
-        _lock: &KeyLock,
-    ) -> Result<PathBuf> {
+    pub fn publish(&self, key: &CacheKey, mut manifest: Manifest, _lock: &KeyLock) -> Result<PathBuf> {
         let work = self.work_dir(key);
         let out = work.join("out");
         manifest.files = list_files(&out)?
@@ -210,24 +180,14 @@ impl Store {
                 let p = out.join(&rel);
                 let size = fs::metadata(&p)?.len();
                 sync_file(&p)?;
-                Ok(FileEntry {
-                    path: rel,
-                    size,
-                    blake3: hash_file(&p)?,
-                })
+                Ok(FileEntry { path: rel, size, blake3: hash_file(&p)? })
             })
             .collect::<Result<_>>()?;
-        write_atomic(
-            &out.join("manifest.json"),
-            &serde_json::to_vec_pretty(&manifest)?,
-        )?;
+        write_atomic(&out.join("manifest.json"), &serde_json::to_vec_pretty(&manifest)?)?;
         crate::fault::point("publish.before-rename");
         let dest = self.entry_dir(key);
         if dest.exists() {
-            bail!(
-                "refusing to overwrite the finished entry {}",
-                dest.display()
-            );
+            bail!("refusing to overwrite the finished entry {}", dest.display());
         }
         fs::rename(&out, &dest).with_context(|| format!("cannot publish {}", dest.display()))?;
         sync_dir(&self.root.join("store"));
@@ -244,43 +204,25 @@ impl Store {
 
     /// The key `stage` of `recipe` last resolved to, if any.
     pub fn get_ref(&self, recipe: &str, stage: &str) -> Option<CacheKey> {
-        let s = fs::read_to_string(
-            self.root
-                .join("refs")
-                .join(sanitize(recipe))
-                .join(sanitize(stage)),
-        )
-        .ok()?;
+        let s = fs::read_to_string(self.root.join("refs").join(sanitize(recipe)).join(sanitize(stage))).ok()?;
         Some(CacheKey(s.trim().to_string()))
     }
 
     /// Keys of all finished entries.
     pub fn entries(&self) -> Result<Vec<CacheKey>> {
-        Ok(subdirs(&self.root.join("store"))?
-            .into_iter()
-            .map(CacheKey)
-            .collect())
+        Ok(subdirs(&self.root.join("store"))?.into_iter().map(CacheKey).collect())
     }
 
     /// Keys of all work dirs (stages in progress or interrupted).
     pub fn work_entries(&self) -> Result<Vec<CacheKey>> {
-        Ok(subdirs(&self.root.join("work"))?
-            .into_iter()
-            .map(CacheKey)
-            .collect())
+        Ok(subdirs(&self.root.join("work"))?.into_iter().map(CacheKey).collect())
     }
 
     /// Removes a finished entry or work dir: renamed into `trash/` first so
     /// the store never shows a half-deleted entry, then deleted.
     pub fn remove(&self, dir: &Path) -> Result<()> {
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let trash = self
-            .root
-            .join("trash")
-            .join(format!("{name}.{}", std::process::id()));
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let trash = self.root.join("trash").join(format!("{name}.{}", std::process::id()));
         fs::rename(dir, &trash).with_context(|| format!("cannot remove {}", dir.display()))?;
         fs::remove_dir_all(&trash).with_context(|| format!("cannot delete {}", trash.display()))
     }
@@ -302,15 +244,7 @@ pub struct KeyLock {
 }
 
 fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect()
 }
 
 fn subdirs(dir: &Path) -> Result<Vec<String>> {
@@ -335,12 +269,7 @@ pub fn list_files(dir: &Path) -> Result<Vec<String>> {
                 walk(base, &p, out)?;
             } else {
                 let rel = p.strip_prefix(base).expect("below base");
-                out.push(
-                    rel.components()
-                        .map(|c| c.as_os_str().to_string_lossy())
-                        .collect::<Vec<_>>()
-                        .join("/"),
-                );
+                out.push(rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/"));
             }
         }
         Ok(())
@@ -355,16 +284,12 @@ pub fn list_files(dir: &Path) -> Result<Vec<String>> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!(
         "{}.tmp-{}",
-        path.extension()
-            .map(|e| e.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        path.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default(),
         std::process::id()
     ));
     {
-        let mut f =
-            File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        let mut f = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
         f.sync_all().ok();
     }
     fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;

@@ -21,9 +21,9 @@ pub struct HubRepo {
 impl HubRepo {
     /// Parses `datasets/OWNER/NAME[@REV]` (the part after `hf://`).
     pub fn parse_dataset(rest: &str) -> Result<HubRepo> {
-        let id = rest.strip_prefix("datasets/").with_context(|| {
-            format!("`hf://{rest}` is not a dataset id; write hf://datasets/OWNER/NAME[@REVISION]")
-        })?;
+        let id = rest
+            .strip_prefix("datasets/")
+            .with_context(|| format!("`hf://{rest}` is not a dataset id; write hf://datasets/OWNER/NAME[@REVISION]"))?;
         Self::parse(id, RepoType::Dataset)
     }
 
@@ -42,11 +42,7 @@ impl HubRepo {
         if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
             bail!("`{s}` is not OWNER/NAME");
         }
-        Ok(HubRepo {
-            id: id.to_string(),
-            revision,
-            kind,
-        })
+        Ok(HubRepo { id: id.to_string(), revision, kind })
     }
 
     fn repo(&self) -> Repo {
@@ -57,11 +53,7 @@ impl HubRepo {
     }
 
     fn display(&self) -> String {
-        let prefix = if matches!(self.kind, RepoType::Dataset) {
-            "datasets/"
-        } else {
-            ""
-        };
+        let prefix = if matches!(self.kind, RepoType::Dataset) { "datasets/" } else { "" };
         match &self.revision {
             Some(r) => format!("hf://{prefix}{}@{r}", self.id),
             None => format!("hf://{prefix}{}", self.id),
@@ -82,12 +74,8 @@ pub struct Snapshot {
 
 /// Whether `HF_HUB_OFFLINE` asks for cache-only resolution.
 pub fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
-        matches!(
-            v.trim(),
-            "1" | "true" | "TRUE" | "True" | "yes" | "ON" | "on"
-        )
-    })
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "True" | "yes" | "ON" | "on"))
 }
 
 /// Resolves `repo` and makes the files accepted by `want` available locally.
@@ -96,10 +84,7 @@ pub fn fetch_files(repo: &HubRepo, want: impl Fn(&str) -> bool) -> Result<Snapsh
     if offline() {
         return from_cache(&cache, repo, &want);
     }
-    let token = std::env::var("HF_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-        .or_else(|| cache.token());
+    let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()).or_else(|| cache.token());
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_token(token)
         .with_progress(crate::progress::enabled())
@@ -111,45 +96,27 @@ pub fn fetch_files(repo: &HubRepo, want: impl Fn(&str) -> bool) -> Result<Snapsh
         Err(e) => {
             // No network: fall back to the cache when it has the revision.
             return from_cache(&cache, repo, &want).with_context(|| {
-                format!(
-                    "cannot reach the hub for {} ({e}), and the local cache does not have it",
-                    repo.display()
-                )
+                format!("cannot reach the hub for {} ({e}), and the local cache does not have it", repo.display())
             });
         }
     };
-    let mut files: Vec<String> = info
-        .siblings
-        .iter()
-        .map(|s| s.rfilename.clone())
-        .filter(|f| want(f))
-        .collect();
+    let mut files: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).filter(|f| want(f)).collect();
     files.sort();
     let mut dir = None;
     for f in &files {
         tracing::info!(repo = %repo.id, file = %f, "fetching");
-        let local = api_repo
-            .get(f)
-            .with_context(|| format!("cannot download {f} from {}", repo.display()))?;
+        let local = api_repo.get(f).with_context(|| format!("cannot download {f} from {}", repo.display()))?;
         if dir.is_none() {
             let depth = Path::new(f).components().count();
             dir = local.ancestors().nth(depth).map(Path::to_path_buf);
         }
     }
     let dir = dir.unwrap_or_else(|| snapshot_dir(&cache, repo, &info.sha));
-    Ok(Snapshot {
-        revision: info.sha,
-        dir,
-        files,
-    })
+    Ok(Snapshot { revision: info.sha, dir, files })
 }
 
 fn snapshot_dir(cache: &Cache, repo: &HubRepo, commit: &str) -> PathBuf {
-    cache
-        .path()
-        .join(repo.repo().folder_name())
-        .join("snapshots")
-        .join(commit)
+    cache.path().join(repo.repo().folder_name()).join("snapshots").join(commit)
 }
 
 fn from_cache(cache: &Cache, repo: &HubRepo, want: &dyn Fn(&str) -> bool) -> Result<Snapshot> {
@@ -159,36 +126,23 @@ fn from_cache(cache: &Cache, repo: &HubRepo, want: &dyn Fn(&str) -> bool) -> Res
         rev.clone()
     } else {
         let ref_path = repo_dir.join("refs").join(&rev);
-        std::fs::read_to_string(&ref_path)
-            .map(|s| s.trim().to_string())
-            .with_context(|| {
-                format!(
-                    "{} is not in the Hugging Face cache at {} (no {}); point HF_HOME at a cache that \
+        std::fs::read_to_string(&ref_path).map(|s| s.trim().to_string()).with_context(|| {
+            format!(
+                "{} is not in the Hugging Face cache at {} (no {}); point HF_HOME at a cache that \
                      holds it{}",
-                    repo.display(),
-                    cache.path().display(),
-                    ref_path.display(),
-                    if offline() { ", or unset HF_HUB_OFFLINE to download it" } else { "" }
-                )
-            })?
+                repo.display(),
+                cache.path().display(),
+                ref_path.display(),
+                if offline() { ", or unset HF_HUB_OFFLINE to download it" } else { "" }
+            )
+        })?
     };
     let dir = repo_dir.join("snapshots").join(&commit);
     if !dir.is_dir() {
-        bail!(
-            "{}: revision {commit} is not in the cache ({} is missing)",
-            repo.display(),
-            dir.display()
-        );
+        bail!("{}: revision {commit} is not in the cache ({} is missing)", repo.display(), dir.display());
     }
-    let files = crate::cache::store::list_files(&dir)?
-        .into_iter()
-        .filter(|f| want(f))
-        .collect();
-    Ok(Snapshot {
-        revision: commit,
-        dir,
-        files,
-    })
+    let files = crate::cache::store::list_files(&dir)?.into_iter().filter(|f| want(f)).collect();
+    Ok(Snapshot { revision: commit, dir, files })
 }
 
 #[cfg(test)]

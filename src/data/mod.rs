@@ -17,54 +17,36 @@ pub type Row = Map<String, Value>;
 
 /// Reads every row of a data file, choosing the reader by extension.
 pub fn read_file(path: &Path) -> Result<Vec<Row>> {
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().to_lowercase())
-        .unwrap_or_default();
+    let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
     match ext.as_str() {
         "jsonl" | "ndjson" => read_jsonl(path),
         "json" => read_json(path),
         "csv" => read_csv(path),
         "parquet" => read_parquet(path),
-        _ => bail!(
-            "{}: unsupported data file type `.{ext}`; use .jsonl, .json, .csv or .parquet",
-            path.display()
-        ),
+        _ => bail!("{}: unsupported data file type `.{ext}`; use .jsonl, .json, .csv or .parquet", path.display()),
     }
 }
 
 /// Whether a path has a data file extension this module reads.
 pub fn is_data_file(path: &str) -> bool {
     let lower = path.to_lowercase();
-    [".jsonl", ".ndjson", ".json", ".csv", ".parquet"]
-        .iter()
-        .any(|e| lower.ends_with(e))
+    [".jsonl", ".ndjson", ".json", ".csv", ".parquet"].iter().any(|e| lower.ends_with(e))
 }
 
 fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut rows = Vec::new();
     for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line =
-            line.with_context(|| format!("{}:{}: cannot read line", path.display(), i + 1))?;
+        let line = line.with_context(|| format!("{}:{}: cannot read line", path.display(), i + 1))?;
         if line.trim().is_empty() {
             continue;
         }
         let v: Value = serde_json::from_str(&line).with_context(|| {
-            format!(
-                "{}:{}: not valid JSON; each line must be one JSON object",
-                path.display(),
-                i + 1
-            )
+            format!("{}:{}: not valid JSON; each line must be one JSON object", path.display(), i + 1)
         })?;
         match v {
             Value::Object(m) => rows.push(m),
-            other => bail!(
-                "{}:{}: expected a JSON object, found {}",
-                path.display(),
-                i + 1,
-                type_name(&other)
-            ),
+            other => bail!("{}:{}: expected a JSON object, found {}", path.display(), i + 1, type_name(&other)),
         }
     }
     Ok(rows)
@@ -72,61 +54,37 @@ fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
 
 fn read_json(path: &Path) -> Result<Vec<Row>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "{}:{}:{}: not valid JSON: {e}",
-            path.display(),
-            e.line(),
-            e.column()
-        )
-    })?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}:{}:{}: not valid JSON: {e}", path.display(), e.line(), e.column()))?;
     let items = match v {
         Value::Array(items) => items,
         Value::Object(mut m) => match m.remove("data").or_else(|| m.remove("rows")) {
             Some(Value::Array(items)) => items,
-            _ => bail!(
-                "{}: expected a JSON array of objects (or {{\"data\": [...]}})",
-                path.display()
-            ),
+            _ => bail!("{}: expected a JSON array of objects (or {{\"data\": [...]}})", path.display()),
         },
-        other => bail!(
-            "{}: expected a JSON array of objects, found {}",
-            path.display(),
-            type_name(&other)
-        ),
+        other => bail!("{}: expected a JSON array of objects, found {}", path.display(), type_name(&other)),
     };
     items
         .into_iter()
         .enumerate()
         .map(|(i, v)| match v {
             Value::Object(m) => Ok(m),
-            other => bail!(
-                "{}: item {i}: expected a JSON object, found {}",
-                path.display(),
-                type_name(&other)
-            ),
+            other => bail!("{}: item {i}: expected a JSON object, found {}", path.display(), type_name(&other)),
         })
         .collect()
 }
 
 fn read_csv(path: &Path) -> Result<Vec<Row>> {
-    let mut reader =
-        csv::Reader::from_path(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let headers = reader
-        .headers()
-        .with_context(|| format!("{}: cannot read the header row", path.display()))?
-        .clone();
+    let mut reader = csv::Reader::from_path(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let headers = reader.headers().with_context(|| format!("{}: cannot read the header row", path.display()))?.clone();
     let mut rows = Vec::new();
     for (i, rec) in reader.records().enumerate() {
         let rec = rec.map_err(|e| {
             let line = e.position().map_or(i + 2, |p| p.line() as usize);
             anyhow::anyhow!("{}:{line}: malformed CSV row: {e}", path.display())
         })?;
-        let row: Row = headers
-            .iter()
-            .zip(rec.iter())
-            .map(|(h, v)| (h.to_string(), Value::String(v.to_string())))
-            .collect();
+        let row: Row =
+            headers.iter().zip(rec.iter()).map(|(h, v)| (h.to_string(), Value::String(v.to_string()))).collect();
         rows.push(row);
     }
     Ok(rows)
@@ -135,8 +93,8 @@ fn read_csv(path: &Path) -> Result<Vec<Row>> {
 fn read_parquet(path: &Path) -> Result<Vec<Row>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let reader = SerializedFileReader::new(f)
-        .with_context(|| format!("{}: not a readable parquet file", path.display()))?;
+    let reader =
+        SerializedFileReader::new(f).with_context(|| format!("{}: not a readable parquet file", path.display()))?;
     let mut rows = Vec::new();
     for (i, row) in reader.get_row_iter(None)?.enumerate() {
         let row = row.with_context(|| format!("{}: row {i}: cannot decode", path.display()))?;
@@ -149,12 +107,8 @@ fn read_parquet(path: &Path) -> Result<Vec<Row>> {
 }
 
 /// Writes rows as jsonl.
-pub fn write_jsonl<T: serde::Serialize>(
-    path: &Path,
-    rows: impl IntoIterator<Item = T>,
-) -> Result<usize> {
-    let f =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+pub fn write_jsonl<T: serde::Serialize>(path: &Path, rows: impl IntoIterator<Item = T>) -> Result<usize> {
+    let f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut w = BufWriter::new(f);
     let mut n = 0;
     for row in rows {
@@ -175,8 +129,7 @@ pub fn read_jsonl_as<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<
         .filter(|(_, l)| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
         .map(|(i, l)| {
             let l = l?;
-            serde_json::from_str(&l)
-                .with_context(|| format!("{}:{}: unexpected content", path.display(), i + 1))
+            serde_json::from_str(&l).with_context(|| format!("{}:{}: unexpected content", path.display(), i + 1))
         })
         .collect()
 }
@@ -185,21 +138,9 @@ pub fn read_jsonl_as<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<
 /// `data/train-00000-of-00001.parquet`, `validation.jsonl`, `test/0000.parquet`.
 /// Files that name no known split belong to `train`.
 pub fn split_of(rel_path: &str) -> String {
-    const KNOWN: &[&str] = &[
-        "train",
-        "validation",
-        "valid",
-        "val",
-        "dev",
-        "test",
-        "eval",
-        "evaluation",
-    ];
+    const KNOWN: &[&str] = &["train", "validation", "valid", "val", "dev", "test", "eval", "evaluation"];
     let path = Path::new(rel_path);
-    let stem = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let stem = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let stem = stem.split('.').next().unwrap_or_default();
     let head = stem.split(['-', '_']).next().unwrap_or_default();
     let canonical = |s: &str| match s {
@@ -237,10 +178,7 @@ mod tests {
     #[test]
     fn splits_follow_hub_conventions() {
         assert_eq!(split_of("data/train-00000-of-00001.parquet"), "train");
-        assert_eq!(
-            split_of("data/validation-00000-of-00001.parquet"),
-            "validation"
-        );
+        assert_eq!(split_of("data/validation-00000-of-00001.parquet"), "validation");
         assert_eq!(split_of("test/0000.parquet"), "test");
         assert_eq!(split_of("fish_qa.jsonl"), "train");
         assert_eq!(split_of("dev.csv"), "validation");

@@ -57,30 +57,20 @@ fn plain_toml_error(e: &toml::de::Error, source: &str, file: &Path) -> RecipeErr
         }
         err.key = Some(word.clone());
         err.message = format!("unknown key `{word}`");
-        err.help = Some(
-            match did_you_mean(&word, expected.iter().map(|s| s.as_str())) {
-                Some(s) => format!(
-                    "did you mean `{s}`? (valid keys here: {})",
-                    expected.join(", ")
-                ),
-                None => format!("valid keys here: {}", expected.join(", ")),
-            },
-        );
+        err.help = Some(match did_you_mean(&word, expected.iter().map(|s| s.as_str())) {
+            Some(s) => format!("did you mean `{s}`? (valid keys here: {})", expected.join(", ")),
+            None => format!("valid keys here: {}", expected.join(", ")),
+        });
     } else if let Some((word, expected)) = parse_unknown(&message, "unknown variant `") {
         if let Some(span) = e.span().and_then(|s| find_value_within(source, &word, s)) {
             offset = Some(span.start);
         }
-        err.help = Some(
-            match did_you_mean(&word, expected.iter().map(|s| s.as_str())) {
-                Some(s) => format!("did you mean `{s}`? (one of: {})", expected.join(", ")),
-                None => format!("use one of: {}", expected.join(", ")),
-            },
-        );
+        err.help = Some(match did_you_mean(&word, expected.iter().map(|s| s.as_str())) {
+            Some(s) => format!("did you mean `{s}`? (one of: {})", expected.join(", ")),
+            None => format!("use one of: {}", expected.join(", ")),
+        });
     } else if message.starts_with("missing field `kind`") {
-        err.help = Some(format!(
-            "every stage needs a `kind`: one of {}",
-            super::KINDS.join(", ")
-        ));
+        err.help = Some(format!("every stage needs a `kind`: one of {}", super::KINDS.join(", ")));
     }
     if let Some(off) = offset {
         if !source.is_empty() {
@@ -126,27 +116,16 @@ fn key_at(source: &str, offset: usize) -> Option<String> {
 /// table reads fine on its own.
 fn stage_error(source: &str, file: &Path, offset: usize) -> Option<RecipeError> {
     let doc = DeTable::parse(source).ok()?;
-    let (_, stages) = doc
-        .get_ref()
-        .iter()
-        .find(|(k, _)| k.get_ref().as_ref() == "stages")?;
+    let (_, stages) = doc.get_ref().iter().find(|(k, _)| k.get_ref().as_ref() == "stages")?;
     let DeValue::Table(stages) = stages.get_ref() else {
         return None;
     };
-    let (name, table) = stages
-        .iter()
-        .find(|(k, v)| k.span().start == offset || v.span().start == offset)?;
+    let (name, table) = stages.iter().find(|(k, v)| k.span().start == offset || v.span().start == offset)?;
     let name = name.get_ref().to_string();
     let DeValue::Table(table) = table.get_ref() else {
         return None;
     };
-    let kind = table
-        .iter()
-        .find(|(k, _)| k.get_ref().as_ref() == "kind")?
-        .1
-        .get_ref()
-        .as_str()?
-        .to_string();
+    let kind = table.iter().find(|(k, _)| k.get_ref().as_ref() == "kind")?.1.get_ref().as_str()?.to_string();
 
     // Keep the stage's header lines and its entries (but `kind`); blank the rest.
     let mut keep = vec![false; source.len()];
@@ -154,12 +133,9 @@ fn stage_error(source: &str, file: &Path, offset: usize) -> Option<RecipeError> 
     for line in source.split_inclusive('\n') {
         let t = line.trim_start().trim_start_matches('[').trim_start();
         if line.trim_start().starts_with('[')
-            && (t.starts_with(&format!("stages.{name}]"))
-                || t.starts_with(&format!("stages.{name}.")))
+            && (t.starts_with(&format!("stages.{name}]")) || t.starts_with(&format!("stages.{name}.")))
         {
-            keep[line_start..line_start + line.len()]
-                .iter_mut()
-                .for_each(|b| *b = true);
+            keep[line_start..line_start + line.len()].iter_mut().for_each(|b| *b = true);
         }
         line_start += line.len();
     }
@@ -169,15 +145,13 @@ fn stage_error(source: &str, file: &Path, offset: usize) -> Option<RecipeError> 
                 continue;
             }
             match v.get_ref() {
-                DeValue::Table(t) if v.span().start < k.span().start || t.is_empty() => {
-                    mark(t, keep, false)
-                }
+                DeValue::Table(t) if v.span().start < k.span().start || t.is_empty() => mark(t, keep, false),
                 DeValue::Array(a)
                     if a.iter().all(|i| matches!(i.get_ref(), DeValue::Table(_)))
                         && !a.is_empty()
-                        && a.iter().next().is_some_and(|i| {
-                            i.span().start < k.span().start || i.span().start > k.span().end + 3
-                        }) =>
+                        && a.iter()
+                            .next()
+                            .is_some_and(|i| i.span().start < k.span().start || i.span().start > k.span().end + 3) =>
                 {
                     for item in a.iter() {
                         if let DeValue::Table(t) = item.get_ref() {
@@ -185,9 +159,7 @@ fn stage_error(source: &str, file: &Path, offset: usize) -> Option<RecipeError> 
                         }
                     }
                 }
-                _ => keep[k.span().start..v.span().end]
-                    .iter_mut()
-                    .for_each(|b| *b = true),
+                _ => keep[k.span().start..v.span().end].iter_mut().for_each(|b| *b = true),
             }
         }
     }
@@ -203,13 +175,7 @@ fn stage_error(source: &str, file: &Path, offset: usize) -> Option<RecipeError> 
     }
     let err = super::read_stage_params(&kind, &blanked)?;
     let mut e = plain_toml_error(&err, source, file);
-    e.key = e.key.map(|k| {
-        if k.starts_with("stages.") {
-            k
-        } else {
-            format!("stages.{name}.{k}")
-        }
-    });
+    e.key = e.key.map(|k| if k.starts_with("stages.") { k } else { format!("stages.{name}.{k}") });
     Some(e)
 }
 
@@ -217,12 +183,7 @@ fn stage_error(source: &str, file: &Path, offset: usize) -> Option<RecipeError> 
 fn parse_unknown(message: &str, prefix: &str) -> Option<(String, Vec<String>)> {
     let rest = message.strip_prefix(prefix)?;
     let (word, rest) = rest.split_once('`')?;
-    let expected = rest
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .map(|s| s.to_string())
-        .collect();
+    let expected = rest.split('`').skip(1).step_by(2).map(|s| s.to_string()).collect();
     Some((word.to_string(), expected))
 }
 
@@ -250,21 +211,14 @@ fn find_value_within(source: &str, word: &str, within: Range<usize>) -> Option<R
     let mut found = None;
     walk(doc.get_ref(), &mut |_, v| {
         let s = v.span();
-        if found.is_none()
-            && v.get_ref().as_str() == Some(word)
-            && s.start >= within.start
-            && s.start <= within.end
-        {
+        if found.is_none() && v.get_ref().as_str() == Some(word) && s.start >= within.start && s.start <= within.end {
             found = Some(s);
         }
     });
     found
 }
 
-fn walk<'a>(
-    table: &'a DeTable<'a>,
-    f: &mut dyn FnMut(&'a Spanned<toml::de::DeString<'a>>, &'a Spanned<DeValue<'a>>),
-) {
+fn walk<'a>(table: &'a DeTable<'a>, f: &mut dyn FnMut(&'a Spanned<toml::de::DeString<'a>>, &'a Spanned<DeValue<'a>>)) {
     for (k, v) in table.iter() {
         f(k, v);
         match v.get_ref() {

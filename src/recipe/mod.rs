@@ -32,7 +32,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Location, RecipeError, did_you_mean};
-use crate::stages::{fetch_dataset, format_chat, tokenize};
+use crate::stages::{fetch_dataset, format_chat, lora_train, tokenize};
 
 pub use overrides::Override;
 
@@ -112,6 +112,8 @@ pub enum StageSpec {
     FormatChat(format_chat::Params),
     /// Tokenize conversations into ids and a loss mask.
     Tokenize(tokenize::Params),
+    /// Train a LoRA adapter on tokenized examples.
+    LoraTrain(lora_train::Params),
 }
 
 impl StageSpec {
@@ -121,6 +123,7 @@ impl StageSpec {
             StageSpec::FetchDataset(_) => "fetch-dataset",
             StageSpec::FormatChat(_) => "format-chat",
             StageSpec::Tokenize(_) => "tokenize",
+            StageSpec::LoraTrain(_) => "lora-train",
         }
     }
 
@@ -129,19 +132,12 @@ impl StageSpec {
         match self {
             StageSpec::FetchDataset(_) => vec![],
             StageSpec::FormatChat(p) => {
-                vec![Input {
-                    role: "dataset",
-                    stage: &p.dataset,
-                    kinds: &["fetch-dataset"],
-                }]
+                vec![Input { role: "dataset", stage: &p.dataset, kinds: &["fetch-dataset"] }]
             }
             StageSpec::Tokenize(p) => {
-                vec![Input {
-                    role: "conversations",
-                    stage: &p.conversations,
-                    kinds: &["format-chat"],
-                }]
+                vec![Input { role: "conversations", stage: &p.conversations, kinds: &["format-chat"] }]
             }
+            StageSpec::LoraTrain(p) => vec![Input { role: "tokens", stage: &p.tokens, kinds: &["tokenize"] }],
         }
     }
 }
@@ -158,7 +154,7 @@ pub struct Input<'a> {
 }
 
 /// All stage kinds, for "did you mean" on `kind`.
-pub const KINDS: &[&str] = &["fetch-dataset", "format-chat", "tokenize"];
+pub const KINDS: &[&str] = &["fetch-dataset", "format-chat", "tokenize", "lora-train"];
 
 impl Recipe {
     /// Reads and validates a recipe file, applying `--set` overrides.
@@ -175,21 +171,18 @@ impl Recipe {
     /// relative paths; it need not exist.
     pub fn parse(source: &str, path: &Path, overrides: &[Override]) -> Result<Recipe, RecipeError> {
         // First pass on the text itself, so errors carry line and column.
-        let mut recipe: Recipe =
-            toml::from_str(source).map_err(|e| locate::toml_error(&e, source, path))?;
+        let mut recipe: Recipe = toml::from_str(source).map_err(|e| locate::toml_error(&e, source, path))?;
         if !overrides.is_empty() {
             let mut table: toml::Table = toml::from_str(source).expect("parsed above");
             for o in overrides {
                 o.apply(&mut table)?;
             }
-            recipe = toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| {
-                    let mut err = locate::toml_error(&e, "", path);
-                    err.location = None;
-                    err.message = format!("{} (after applying --set overrides)", err.message);
-                    err
-                })?;
+            recipe = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+                let mut err = locate::toml_error(&e, "", path);
+                err.location = None;
+                err.message = format!("{} (after applying --set overrides)", err.message);
+                err
+            })?;
         }
         recipe.path = path.to_path_buf();
         recipe.validate(source)?;
@@ -207,30 +200,19 @@ impl Recipe {
     /// Resolves a path written in the recipe.
     pub fn resolve_path(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.base_dir().join(p)
-        }
+        if p.is_absolute() { p.to_path_buf() } else { self.base_dir().join(p) }
     }
 
     /// Checks what serde cannot: names, references, devices, per-stage rules.
     /// (Cycles are found when the executor builds the graph.)
     fn validate(&self, source: &str) -> Result<(), RecipeError> {
         let loc = |keys: &[&str]| locate::find(source, &self.path, keys);
-        let err = |keys: &[&str], msg: String| {
-            RecipeError::new(msg)
-                .at(loc(keys))
-                .in_file(&self.path)
-                .key(keys.join("."))
-        };
+        let err =
+            |keys: &[&str], msg: String| RecipeError::new(msg).at(loc(keys)).in_file(&self.path).key(keys.join("."));
 
         if !is_valid_device(&self.recipe.device) {
-            return Err(err(
-                &["recipe", "device"],
-                format!("unknown device `{}`", self.recipe.device),
-            )
-            .help("use one of: cpu, cuda, cuda:N, metal, auto"));
+            return Err(err(&["recipe", "device"], format!("unknown device `{}`", self.recipe.device))
+                .help("use one of: cpu, cuda, cuda:N, metal, auto"));
         }
         if self.stages.is_empty() {
             return Err(RecipeError::new("the recipe has no stages")
@@ -238,15 +220,9 @@ impl Recipe {
                 .help("add a [stages.NAME] table with a `kind`, e.g. kind = \"fetch-dataset\""));
         }
         for (name, stage) in &self.stages {
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(
-                    err(&["stages", name], format!("invalid stage name `{name}`"))
-                        .help("stage names use letters, digits, `-` and `_`"),
-                );
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(err(&["stages", name], format!("invalid stage name `{name}`"))
+                    .help("stage names use letters, digits, `-` and `_`"));
             }
             for input in stage.inputs() {
                 if !self.stages.contains_key(input.stage) {
@@ -257,19 +233,13 @@ impl Recipe {
                             input.role, input.stage, input.stage
                         ),
                     );
-                    e.help = Some(
-                        match did_you_mean(input.stage, self.stages.keys().map(|s| s.as_str())) {
-                            Some(s) => format!("did you mean `{s}`?"),
-                            None => format!(
-                                "name one of the stages: {}",
-                                self.stages
-                                    .keys()
-                                    .map(|s| s.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            ),
-                        },
-                    );
+                    e.help = Some(match did_you_mean(input.stage, self.stages.keys().map(|s| s.as_str())) {
+                        Some(s) => format!("did you mean `{s}`?"),
+                        None => format!(
+                            "name one of the stages: {}",
+                            self.stages.keys().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
+                    });
                     return Err(e);
                 }
             }
@@ -315,8 +285,7 @@ impl Recipe {
 
 fn is_valid_device(d: &str) -> bool {
     matches!(d, "cpu" | "cuda" | "metal" | "auto")
-        || d.strip_prefix("cuda:")
-            .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+        || d.strip_prefix("cuda:").is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// Per-kind parameter rules serde cannot express: (key, message, help).
@@ -325,6 +294,7 @@ fn stage_rules(_name: &str, stage: &StageSpec) -> Result<(), (&'static str, Stri
         StageSpec::FetchDataset(p) => p.check(),
         StageSpec::FormatChat(_) => Ok(()),
         StageSpec::Tokenize(p) => p.check(),
+        StageSpec::LoraTrain(p) => p.check(),
     }
 }
 
@@ -343,6 +313,7 @@ fn read_stage_params(kind: &str, doc: &str) -> Option<toml::de::Error> {
         "fetch-dataset" => read::<fetch_dataset::Params>(doc),
         "format-chat" => read::<format_chat::Params>(doc),
         "tokenize" => read::<tokenize::Params>(doc),
+        "lora-train" => read::<lora_train::Params>(doc),
         _ => None,
     }
 }

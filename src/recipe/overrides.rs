@@ -23,11 +23,7 @@ impl FromStr for Override {
                 .help("write e.g. --set stages.train.rank=8 or --set model.base=hf://google/gemma-3-1b-it")
         };
         let (key, value) = s.split_once('=').ok_or_else(usage)?;
-        let keys: Vec<String> = key
-            .trim()
-            .split('.')
-            .map(|k| k.trim().to_string())
-            .collect();
+        let keys: Vec<String> = key.trim().split('.').map(|k| k.trim().to_string()).collect();
         if keys.iter().any(|k| k.is_empty()) {
             return Err(usage());
         }
@@ -36,11 +32,7 @@ impl FromStr for Override {
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or_else(|| toml::Value::String(value.to_string()));
-        Ok(Override {
-            keys,
-            value: parsed,
-            raw: s.to_string(),
-        })
+        Ok(Override { keys, value: parsed, raw: s.to_string() })
     }
 }
 
@@ -50,9 +42,7 @@ impl Override {
         let (last, parents) = self.keys.split_last().expect("non-empty keys");
         let mut t = table;
         for (i, k) in parents.iter().enumerate() {
-            let entry = t
-                .entry(k.clone())
-                .or_insert_with(|| toml::Value::Table(Default::default()));
+            let entry = t.entry(k.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
             t = match entry {
                 toml::Value::Table(inner) => inner,
                 _ => {

@@ -85,34 +85,26 @@ impl Params {
     pub fn check(&self) -> Result<(), (&'static str, String, String)> {
         match (&self.source, self.files.is_empty()) {
             (None, true) => {
-                return Err(("source", "a fetch-dataset stage needs `source` or `files`".into(),
-                    "e.g. source = \"hf://datasets/shawhin/tool-use-finetuning\" or source = \"data/train.jsonl\"".into()));
+                return Err((
+                    "source",
+                    "a fetch-dataset stage needs `source` or `files`".into(),
+                    "e.g. source = \"hf://datasets/shawhin/tool-use-finetuning\" or source = \"data/train.jsonl\""
+                        .into(),
+                ));
             }
             (Some(_), false) => {
-                return Err((
-                    "files",
-                    "give either `source` or `files`, not both".into(),
-                    String::new(),
-                ));
+                return Err(("files", "give either `source` or `files`, not both".into(), String::new()));
             }
             _ => {}
         }
         for r in &self.keep {
             if !(r.fraction > 0.0 && r.fraction <= 1.0) {
-                return Err((
-                    "keep",
-                    format!("fraction {} is not in (0, 1]", r.fraction),
-                    String::new(),
-                ));
+                return Err(("keep", format!("fraction {} is not in (0, 1]", r.fraction), String::new()));
             }
         }
         if let Some(f) = self.validation_fraction {
             if !(f > 0.0 && f < 1.0) {
-                return Err((
-                    "validation_fraction",
-                    format!("{f} is not in (0, 1)"),
-                    String::new(),
-                ));
+                return Err(("validation_fraction", format!("{f} is not in (0, 1)"), String::new()));
             }
         }
         if self.limit == Some(0) {
@@ -132,15 +124,12 @@ impl Params {
         let mut revision = None;
         if let Some(source) = &self.source {
             if let Some(rest) = source.strip_prefix("hf://") {
-                let repo = hub::HubRepo::parse_dataset(rest)
-                    .with_context(|| format!("source = \"{source}\""))?;
+                let repo = hub::HubRepo::parse_dataset(rest).with_context(|| format!("source = \"{source}\""))?;
                 let config = self.config.clone();
                 let snapshot = hub::fetch_files(&repo, |f| {
                     data::is_data_file(f)
                         && f.ends_with(".parquet")
-                        && config
-                            .as_ref()
-                            .is_none_or(|c| f.starts_with(&format!("{c}/")))
+                        && config.as_ref().is_none_or(|c| f.starts_with(&format!("{c}/")))
                 })
                 .with_context(|| format!("cannot fetch the dataset {source}"))?;
                 if snapshot.files.is_empty() {
@@ -153,35 +142,22 @@ impl Params {
                     );
                 }
                 for f in &snapshot.files {
-                    files.push(DataFile {
-                        split: data::split_of(f),
-                        label: f.clone(),
-                        path: snapshot.dir.join(f),
-                    });
+                    files.push(DataFile { split: data::split_of(f), label: f.clone(), path: snapshot.dir.join(f) });
                 }
                 revision = Some(snapshot.revision);
             } else {
                 let matched = expand_local(&recipe.resolve_path(source))
                     .with_context(|| format!("{}: source = \"{source}\"", recipe.path.display()))?;
                 for (label, path) in matched {
-                    files.push(DataFile {
-                        split: data::split_of(&label),
-                        label,
-                        path,
-                    });
+                    files.push(DataFile { split: data::split_of(&label), label, path });
                 }
             }
         } else {
             for (split, pattern) in &self.files {
-                let matched = expand_local(&recipe.resolve_path(pattern)).with_context(|| {
-                    format!("{}: files.{split} = \"{pattern}\"", recipe.path.display())
-                })?;
+                let matched = expand_local(&recipe.resolve_path(pattern))
+                    .with_context(|| format!("{}: files.{split} = \"{pattern}\"", recipe.path.display()))?;
                 for (label, path) in matched {
-                    files.push(DataFile {
-                        split: split.clone(),
-                        label,
-                        path,
-                    });
+                    files.push(DataFile { split: split.clone(), label, path });
                 }
             }
         }
@@ -222,10 +198,7 @@ fn expand_local(path: &std::path::Path) -> Result<Vec<(String, PathBuf)>> {
             }
         }
         if out.is_empty() {
-            bail!(
-                "the directory {} holds no .jsonl, .json, .csv or .parquet file",
-                path.display()
-            );
+            bail!("the directory {} holds no .jsonl, .json, .csv or .parquet file", path.display());
         }
     } else if path.is_file() {
         out.push((file_label(path), path.to_path_buf()));
@@ -237,9 +210,7 @@ fn expand_local(path: &std::path::Path) -> Result<Vec<(String, PathBuf)>> {
 }
 
 fn file_label(p: &std::path::Path) -> String {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 impl Stage for Params {
@@ -262,10 +233,7 @@ impl Stage for Params {
             out.insert("hub revision".to_string(), rev.clone());
         }
         for f in &resolved.files {
-            out.insert(
-                format!("data file {} ({})", f.label, f.split),
-                env.hash_file(&f.path)?,
-            );
+            out.insert(format!("data file {} ({})", f.label, f.split), env.hash_file(&f.path)?);
         }
         Ok(out)
     }
@@ -282,8 +250,7 @@ impl Stage for Params {
             pb.inc(1);
         }
         pb.finish_and_clear();
-        let source_rows: BTreeMap<String, usize> =
-            splits.iter().map(|(s, r)| (s.clone(), r.len())).collect();
+        let source_rows: BTreeMap<String, usize> = splits.iter().map(|(s, r)| (s.clone(), r.len())).collect();
 
         let seed = ctx.env.recipe.recipe.seed;
         for (split, rows) in splits.iter_mut() {
@@ -291,9 +258,7 @@ impl Stage for Params {
         }
         if let Some(frac) = self.validation_fraction {
             if !splits.contains_key("validation") {
-                let train = splits
-                    .remove("train")
-                    .context("validation_fraction needs a `train` split")?;
+                let train = splits.remove("train").context("validation_fraction needs a `train` split")?;
                 let (train, val) = carve(train, frac, seed);
                 splits.insert("train".into(), train);
                 splits.insert("validation".into(), val);
@@ -319,9 +284,7 @@ impl Stage for Params {
                 rows.truncate(limit);
             }
             if rows.is_empty() {
-                bail!(
-                    "split `{split}` has no rows left after filtering; loosen `keep` or check the source"
-                );
+                bail!("split `{split}` has no rows left after filtering; loosen `keep` or check the source");
             }
             data::write_jsonl(&dir.join(format!("{split}.jsonl")), rows.iter())?;
             metrics.insert(
@@ -336,9 +299,7 @@ impl Stage for Params {
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        Ok(
-            serde_json::json!({"splits": metrics, "columns": columns, "revision": resolved.revision}),
-        )
+        Ok(serde_json::json!({"splits": metrics, "columns": columns, "revision": resolved.revision}))
     }
 }
 
@@ -349,11 +310,7 @@ impl Params {
         for (i, mut row) in rows.into_iter().enumerate() {
             for (new, old) in &self.rename {
                 let v = row.remove(old).with_context(|| {
-                    format!(
-                        "{}: row {i} has no column `{old}` (from rename.{new}); columns: {}",
-                        f.label,
-                        cols(&row)
-                    )
+                    format!("{}: row {i} has no column `{old}` (from rename.{new}); columns: {}", f.label, cols(&row))
                 })?;
                 row.insert(new.clone(), v);
             }
@@ -385,9 +342,7 @@ impl Params {
         let mut by_rule: Vec<Vec<usize>> = vec![Vec::new(); self.keep.len()];
         for (i, row) in rows.iter().enumerate() {
             for (r, rule) in self.keep.iter().enumerate() {
-                if rule_matches(rule, row)
-                    .with_context(|| format!("split `{split}`, row {i}: keep[{r}]"))?
-                {
+                if rule_matches(rule, row).with_context(|| format!("split `{split}`, row {i}: keep[{r}]"))? {
                     by_rule[r].push(i);
                     break;
                 }
@@ -397,9 +352,7 @@ impl Params {
         for (r, (rule, mut idx)) in self.keep.iter().zip(by_rule).enumerate() {
             let n = (rule.fraction * idx.len() as f64).round() as usize;
             if n < idx.len() {
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
-                    seed ^ stable_hash(&format!("{split}/{r}")),
-                );
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ stable_hash(&format!("{split}/{r}")));
                 idx.shuffle(&mut rng);
                 idx.truncate(n);
             }
@@ -407,19 +360,13 @@ impl Params {
                 kept[i] = true;
             }
         }
-        Ok(rows
-            .into_iter()
-            .zip(kept)
-            .filter_map(|(r, k)| k.then_some(r))
-            .collect())
+        Ok(rows.into_iter().zip(kept).filter_map(|(r, k)| k.then_some(r)).collect())
     }
 }
 
 fn rule_matches(rule: &KeepRule, row: &Row) -> Result<bool> {
     for (col, want) in &rule.conditions {
-        let got = row
-            .get(col)
-            .with_context(|| format!("no column `{col}` (columns: {})", cols(row)))?;
+        let got = row.get(col).with_context(|| format!("no column `{col}` (columns: {})", cols(row)))?;
         let equal = got == want
             || match (got, want) {
                 (Value::String(s), w) if !w.is_string() => *s == w.to_string(),
@@ -436,8 +383,7 @@ fn rule_matches(rule: &KeepRule, row: &Row) -> Result<bool> {
 /// Splits `rows` into (rest, validation) with a seeded shuffle; order within
 /// each part is the original order.
 fn carve(rows: Vec<Row>, frac: f64, seed: u64) -> (Vec<Row>, Vec<Row>) {
-    let n_val =
-        ((rows.len() as f64 * frac).round() as usize).clamp(1, rows.len().saturating_sub(1).max(1));
+    let n_val = ((rows.len() as f64 * frac).round() as usize).clamp(1, rows.len().saturating_sub(1).max(1));
     let mut idx: Vec<usize> = (0..rows.len()).collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ stable_hash("validation_fraction"));
     idx.shuffle(&mut rng);
@@ -458,8 +404,5 @@ fn stable_hash(s: &str) -> u64 {
 }
 
 fn cols(row: &Row) -> String {
-    row.keys()
-        .map(|k| k.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
+    row.keys().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
 }

@@ -123,19 +123,12 @@ impl Stage for Params {
             h.update(&(part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
         }
-        Ok(BTreeMap::from([(
-            "chat template".to_string(),
-            h.finalize().to_hex().to_string(),
-        )]))
+        Ok(BTreeMap::from([("chat template".to_string(), h.finalize().to_hex().to_string())]))
     }
 
     fn run(&self, ctx: &RunContext) -> Result<Value> {
         let template = template(ctx.env)?;
-        let splits = select_splits(
-            splits_in(&ctx.input("dataset").join("rows"), "jsonl")?,
-            &self.splits,
-            ctx.name,
-        )?;
+        let splits = select_splits(splits_in(&ctx.input("dataset").join("rows"), "jsonl")?, &self.splits, ctx.name)?;
         let dir = ctx.out.join("conversations");
         std::fs::create_dir_all(&dir)?;
         let mut metrics = serde_json::Map::new();
@@ -155,10 +148,7 @@ impl Stage for Params {
             }
             pb.finish_and_clear();
             data::write_jsonl(&dir.join(format!("{split}.jsonl")), &out)?;
-            metrics.insert(
-                split,
-                serde_json::json!({"conversations": out.len(), "trained_turns": turns}),
-            );
+            metrics.insert(split, serde_json::json!({"conversations": out.len(), "trained_turns": turns}));
         }
         std::fs::write(ctx.out.join("chat_template.jinja"), &template.source)?;
         std::fs::write(
@@ -175,20 +165,14 @@ impl Stage for Params {
 
 fn template(env: &Env) -> Result<ChatTemplate> {
     let model = env.model()?;
-    ChatTemplate::for_model(
-        model,
-        env.recipe.model.chat_template.as_deref(),
-        &env.recipe.base_dir(),
-    )
+    ChatTemplate::for_model(model, env.recipe.model.chat_template.as_deref(), &env.recipe.base_dir())
 }
 
 impl Params {
     fn messages_column<'a>(&'a self, row: &Row) -> &'a str {
         match &self.messages_column {
             Some(c) => c,
-            None if !row.contains_key("messages") && row.contains_key("conversations") => {
-                "conversations"
-            }
+            None if !row.contains_key("messages") && row.contains_key("conversations") => "conversations",
             None => "messages",
         }
     }
@@ -197,13 +181,8 @@ impl Params {
         if self.input != InputShape::Auto {
             return Ok(self.input);
         }
-        let Some(row) = first else {
-            bail!("split `{split}` is empty")
-        };
-        if self.messages_column.is_some()
-            || row.contains_key("messages")
-            || row.contains_key("conversations")
-        {
+        let Some(row) = first else { bail!("split `{split}` is empty") };
+        if self.messages_column.is_some() || row.contains_key("messages") || row.contains_key("conversations") {
             Ok(InputShape::Messages)
         } else if row.contains_key("instruction") && row.contains_key("output") {
             Ok(InputShape::Instruction)
@@ -213,10 +192,7 @@ impl Params {
             bail!(
                 "split `{split}`: cannot tell the row shape from its columns ({}); set `input` \
                  (messages, instruction, qa) and the column names (messages_column, prompt_column, response_column)",
-                row.keys()
-                    .map(String::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                row.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
             )
         }
     }
@@ -232,41 +208,26 @@ impl Params {
         let (mut messages, used): (Vec<Message>, Vec<String>) = match shape {
             InputShape::Messages | InputShape::Auto => {
                 let col = self.messages_column(row);
-                let v = row
-                    .get(col)
-                    .with_context(|| format!("no column `{col}` (set messages_column)"))?;
-                (
-                    parse_messages(v).with_context(|| format!("column `{col}`"))?,
-                    vec![col.to_string()],
-                )
+                let v = row.get(col).with_context(|| format!("no column `{col}` (set messages_column)"))?;
+                (parse_messages(v).with_context(|| format!("column `{col}`"))?, vec![col.to_string()])
             }
             InputShape::Instruction => {
                 let p = self.prompt_column.as_deref().unwrap_or("instruction");
                 let x = self.input_column.as_deref().unwrap_or("input");
                 let r = self.response_column.as_deref().unwrap_or("output");
                 let mut prompt = text_column(row, p)?;
-                let extra = row
-                    .get(x)
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string();
+                let extra = row.get(x).and_then(Value::as_str).unwrap_or_default().trim().to_string();
                 if !extra.is_empty() {
                     prompt = format!("{prompt}\n### Input:\n{extra}");
                 }
-                let msgs = vec![
-                    Message::new("user", &prompt),
-                    Message::new("assistant", &text_column(row, r)?),
-                ];
+                let msgs = vec![Message::new("user", &prompt), Message::new("assistant", &text_column(row, r)?)];
                 (msgs, vec![p.into(), x.into(), r.into()])
             }
             InputShape::Qa => {
                 let p = self.prompt_column.as_deref().unwrap_or("question");
                 let r = self.response_column.as_deref().unwrap_or("answer");
-                let msgs = vec![
-                    Message::new("user", &text_column(row, p)?),
-                    Message::new("assistant", &text_column(row, r)?),
-                ];
+                let msgs =
+                    vec![Message::new("user", &text_column(row, p)?), Message::new("assistant", &text_column(row, r)?)];
                 (msgs, vec![p.into(), r.into()])
             }
         };
@@ -283,10 +244,9 @@ impl Params {
         }
         let tools = match &self.tools_column {
             Some(c) => match row.get(c) {
-                Some(Value::String(s)) if !s.trim().is_empty() => Some(
-                    serde_json::from_str(s)
-                        .with_context(|| format!("column `{c}` is not valid JSON"))?,
-                ),
+                Some(Value::String(s)) if !s.trim().is_empty() => {
+                    Some(serde_json::from_str(s).with_context(|| format!("column `{c}` is not valid JSON"))?)
+                }
                 Some(Value::Null) | None => None,
                 Some(Value::String(_)) => None,
                 Some(v) => Some(v.clone()),
@@ -300,34 +260,20 @@ impl Params {
         let meta: Row = row
             .iter()
             .filter(|(k, v)| {
-                !used.contains(k)
-                    && self.tools_column.as_ref() != Some(*k)
-                    && !v.is_array()
-                    && !v.is_object()
+                !used.contains(k) && self.tools_column.as_ref() != Some(*k) && !v.is_array() && !v.is_object()
             })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        Ok(Conversation {
-            id: format!("{split}-{i}"),
-            text,
-            spans,
-            messages,
-            tools,
-            meta,
-        })
+        Ok(Conversation { id: format!("{split}-{i}"), text, spans, messages, tools, meta })
     }
 }
 
 fn text_column(row: &Row, col: &str) -> Result<String> {
     match row.get(col) {
         Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Null) | None => bail!(
-            "no column `{col}` (columns: {})",
-            row.keys()
-                .map(String::as_str)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        Some(Value::Null) | None => {
+            bail!("no column `{col}` (columns: {})", row.keys().map(String::as_str).collect::<Vec<_>>().join(", "))
+        }
         Some(other) => Ok(other.to_string()),
     }
 }
@@ -336,21 +282,15 @@ fn text_column(row: &Row, col: &str) -> Result<String> {
 /// or ShareGPT `{from, value}`. Content may be a string or a list of parts.
 pub fn parse_messages(v: &Value) -> Result<Vec<Message>> {
     let v = match v {
-        Value::String(s) => {
-            serde_json::from_str(s).context("a string that is not a JSON list of messages")?
-        }
+        Value::String(s) => serde_json::from_str(s).context("a string that is not a JSON list of messages")?,
         other => other.clone(),
     };
-    let Value::Array(items) = v else {
-        bail!("expected a list of messages")
-    };
+    let Value::Array(items) = v else { bail!("expected a list of messages") };
     items
         .iter()
         .enumerate()
         .map(|(j, m)| {
-            let obj = m
-                .as_object()
-                .with_context(|| format!("message {j} is not an object"))?;
+            let obj = m.as_object().with_context(|| format!("message {j} is not an object"))?;
             let role = obj
                 .get("role")
                 .or_else(|| obj.get("from"))
@@ -367,11 +307,9 @@ pub fn parse_messages(v: &Value) -> Result<Vec<Message>> {
             }
             let content = match obj.get("content").or_else(|| obj.get("value")) {
                 Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(parts)) => parts
-                    .iter()
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .collect::<Vec<_>>()
-                    .join(""),
+                Some(Value::Array(parts)) => {
+                    parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("")
+                }
                 Some(Value::Null) | None => String::new(),
                 Some(other) => bail!("message {j}: content is {other}, expected text"),
             };
@@ -380,10 +318,7 @@ pub fn parse_messages(v: &Value) -> Result<Vec<Message>> {
                 content,
                 tool_calls: obj.get("tool_calls").filter(|t| !t.is_null()).cloned(),
                 name: obj.get("name").and_then(Value::as_str).map(str::to_string),
-                tool_call_id: obj
-                    .get("tool_call_id")
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
+                tool_call_id: obj.get("tool_call_id").and_then(Value::as_str).map(str::to_string),
             })
         })
         .collect()

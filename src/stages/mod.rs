@@ -8,6 +8,7 @@
 
 pub mod fetch_dataset;
 pub mod format_chat;
+pub mod lora_train;
 pub mod tokenize;
 
 use std::cell::OnceCell;
@@ -51,6 +52,7 @@ impl StageSpec {
             StageSpec::FetchDataset(p) => p,
             StageSpec::FormatChat(p) => p,
             StageSpec::Tokenize(p) => p,
+            StageSpec::LoraTrain(p) => p,
         }
     }
 }
@@ -65,11 +67,7 @@ pub struct Env<'a> {
 
 impl<'a> Env<'a> {
     pub fn new(recipe: &'a Recipe, memo: &'a HashMemo) -> Self {
-        Env {
-            recipe,
-            memo,
-            model: OnceCell::new(),
-        }
+        Env { recipe, memo, model: OnceCell::new() }
     }
 
     /// The base model's files, resolved once per run.
@@ -103,10 +101,7 @@ pub struct RunContext<'a> {
 impl RunContext<'_> {
     /// The artifact directory of the input held by parameter `role`.
     pub fn input(&self, role: &str) -> &Path {
-        self.inputs
-            .get(role)
-            .map(|p| p.as_path())
-            .unwrap_or_else(|| panic!("no input `{role}`"))
+        self.inputs.get(role).map(|p| p.as_path()).unwrap_or_else(|| panic!("no input `{role}`"))
     }
 }
 
@@ -126,11 +121,7 @@ pub fn splits_in(dir: &Path, ext: &str) -> Result<Vec<(String, PathBuf)>> {
 
 /// Keeps the splits a stage was asked for (all when `wanted` is empty) and
 /// fails, naming what exists, when one is missing.
-pub fn select_splits(
-    found: Vec<(String, PathBuf)>,
-    wanted: &[String],
-    stage: &str,
-) -> Result<Vec<(String, PathBuf)>> {
+pub fn select_splits(found: Vec<(String, PathBuf)>, wanted: &[String], stage: &str) -> Result<Vec<(String, PathBuf)>> {
     if wanted.is_empty() {
         return Ok(found);
     }
@@ -140,11 +131,7 @@ pub fn select_splits(
             Some(f) => out.push(f.clone()),
             None => anyhow::bail!(
                 "stage `{stage}`: split `{w}` does not exist in its input (found: {}); fix `splits`",
-                found
-                    .iter()
-                    .map(|(s, _)| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                found.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>().join(", ")
             ),
         }
     }

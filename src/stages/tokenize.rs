@@ -61,11 +61,7 @@ pub enum Truncation {
 impl Params {
     pub fn check(&self) -> Result<(), (&'static str, String, String)> {
         if self.max_len < 2 {
-            return Err((
-                "max_len",
-                format!("max_len = {} is too small", self.max_len),
-                "use at least 2".into(),
-            ));
+            return Err(("max_len", format!("max_len = {} is too small", self.max_len), "use at least 2".into()));
         }
         Ok(())
     }
@@ -88,6 +84,17 @@ impl TokenizedSplit {
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }
+    /// Keeps the first `n` examples.
+    pub fn truncate(&mut self, n: usize) {
+        if n < self.len() {
+            self.ids.truncate(n);
+            self.offsets.truncate(n + 1);
+            let end = self.offsets[n] as usize;
+            self.input_ids.truncate(end);
+            self.loss_mask.truncate(end);
+        }
+    }
+
     /// Token ids and mask of example `i`.
     pub fn example(&self, i: usize) -> (&[u32], &[u8]) {
         let (a, b) = (self.offsets[i] as usize, self.offsets[i + 1] as usize);
@@ -95,23 +102,13 @@ impl TokenizedSplit {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let ids: Vec<u8> = self
-            .input_ids
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
+        let ids: Vec<u8> = self.input_ids.iter().flat_map(|x| x.to_le_bytes()).collect();
         let offs: Vec<u8> = self.offsets.iter().flat_map(|x| x.to_le_bytes()).collect();
         let n = self.input_ids.len();
         let tensors = [
             ("input_ids", TensorView::new(Dtype::U32, vec![n], &ids)?),
-            (
-                "loss_mask",
-                TensorView::new(Dtype::U8, vec![n], &self.loss_mask)?,
-            ),
-            (
-                "offsets",
-                TensorView::new(Dtype::I64, vec![self.offsets.len()], &offs)?,
-            ),
+            ("loss_mask", TensorView::new(Dtype::U8, vec![n], &self.loss_mask)?),
+            ("offsets", TensorView::new(Dtype::I64, vec![self.offsets.len()], &offs)?),
         ];
         let meta = HashMap::from([("ids".to_string(), serde_json::to_string(&self.ids)?)]);
         safetensors::serialize_to_file(tensors, Some(meta), path)
@@ -119,37 +116,18 @@ impl TokenizedSplit {
     }
 
     pub fn load(path: &Path) -> Result<TokenizedSplit> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
         let st = safetensors::SafeTensors::deserialize(&bytes)?;
-        let ids: Vec<String> = serde_json::from_str(
-            meta.metadata()
-                .as_ref()
-                .and_then(|m| m.get("ids"))
-                .context("no `ids` metadata")?,
-        )?;
-        let get = |name: &str| {
-            st.tensor(name)
-                .with_context(|| format!("{}: no tensor `{name}`", path.display()))
-        };
-        let input_ids = get("input_ids")?
-            .data()
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let ids: Vec<String> =
+            serde_json::from_str(meta.metadata().as_ref().and_then(|m| m.get("ids")).context("no `ids` metadata")?)?;
+        let get = |name: &str| st.tensor(name).with_context(|| format!("{}: no tensor `{name}`", path.display()));
+        let input_ids =
+            get("input_ids")?.data().chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
         let loss_mask = get("loss_mask")?.data().to_vec();
-        let offsets = get("offsets")?
-            .data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        Ok(TokenizedSplit {
-            ids,
-            input_ids,
-            loss_mask,
-            offsets,
-        })
+        let offsets =
+            get("offsets")?.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        Ok(TokenizedSplit { ids, input_ids, loss_mask, offsets })
     }
 }
 
@@ -164,10 +142,7 @@ impl Stage for Params {
 
     fn outside_inputs(&self, env: &Env) -> Result<BTreeMap<String, String>> {
         let path = env.model()?.tokenizer_json()?.to_path_buf();
-        Ok(BTreeMap::from([(
-            "tokenizer.json".to_string(),
-            env.hash_file(&path)?,
-        )]))
+        Ok(BTreeMap::from([("tokenizer.json".to_string(), env.hash_file(&path)?)]))
     }
 
     fn run(&self, ctx: &RunContext) -> Result<Value> {
@@ -200,14 +175,8 @@ impl Params {
         convs: &[Conversation],
         split: &str,
     ) -> Result<(TokenizedSplit, Value)> {
-        let mut out = TokenizedSplit {
-            ids: vec![],
-            input_ids: vec![],
-            loss_mask: vec![],
-            offsets: vec![0],
-        };
-        let (mut truncated, mut cut_tokens, mut dropped, mut mismatches) =
-            (0usize, 0usize, 0usize, 0usize);
+        let mut out = TokenizedSplit { ids: vec![], input_ids: vec![], loss_mask: vec![], offsets: vec![0] };
+        let (mut truncated, mut cut_tokens, mut dropped, mut mismatches) = (0usize, 0usize, 0usize, 0usize);
         let mut lengths = Vec::with_capacity(convs.len());
         let mut supervised = 0usize;
         let pb = crate::progress::bar(convs.len() as u64, &format!("tokenize {split}"));
@@ -228,10 +197,7 @@ impl Params {
                 truncated += 1;
                 cut_tokens += ids.len() - self.max_len;
                 match self.truncation {
-                    Truncation::KeepTail => (
-                        &ids[ids.len() - self.max_len..],
-                        &mask[mask.len() - self.max_len..],
-                    ),
+                    Truncation::KeepTail => (&ids[ids.len() - self.max_len..], &mask[mask.len() - self.max_len..]),
                     Truncation::KeepHead => (&ids[..self.max_len], &mask[..self.max_len]),
                     Truncation::Drop => {
                         dropped += 1;
@@ -284,11 +250,7 @@ fn mask_decodes_to_spans(
     mask: &[u8],
     conv: &Conversation,
 ) -> Result<bool> {
-    let want: String = conv
-        .spans
-        .iter()
-        .map(|s| &conv.text[s.start..s.end])
-        .collect();
+    let want: String = conv.spans.iter().map(|s| &conv.text[s.start..s.end]).collect();
     let mut got = String::new();
     // Decode each contiguous masked run on its own (decoding across a gap
     // would merge text that is not adjacent).
@@ -298,9 +260,7 @@ fn mask_decodes_to_spans(
             run.push(id);
         }
         if (m == 0 || i + 1 == ids.len()) && !run.is_empty() {
-            got += &tokenizer
-                .decode(&run, false)
-                .map_err(|e| anyhow::anyhow!("decode: {e}"))?;
+            got += &tokenizer.decode(&run, false).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
             run.clear();
         }
     }

@@ -20,21 +20,13 @@ pub fn models_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("PIPELINE_MODELS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
-    if dir.join("gemma-3-270m/tokenizer.json").is_file()
-        && dir.join("qwen3-tokenizer/tokenizer.json").is_file()
-    {
+    if dir.join("gemma-3-270m/tokenizer.json").is_file() && dir.join("qwen3-tokenizer/tokenizer.json").is_file() {
         return Some(dir.canonicalize().unwrap());
     }
     if std::env::var("PIPELINE_REQUIRE_MODELS").is_ok_and(|v| v == "1") {
-        panic!(
-            "models are required but missing in {}: run scripts/fetch-models.sh",
-            dir.display()
-        );
+        panic!("models are required but missing in {}: run scripts/fetch-models.sh", dir.display());
     }
-    eprintln!(
-        "SKIPPED: real models not provisioned in {} (run scripts/fetch-models.sh)",
-        dir.display()
-    );
+    eprintln!("SKIPPED: real models not provisioned in {} (run scripts/fetch-models.sh)", dir.display());
     None
 }
 
@@ -45,9 +37,7 @@ pub struct Project {
 
 impl Project {
     pub fn new() -> Project {
-        Project {
-            dir: tempfile::tempdir().unwrap(),
-        }
+        Project { dir: tempfile::tempdir().unwrap() }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -94,11 +84,7 @@ impl Project {
         let mut full = vec!["plan", "--json"];
         full.extend_from_slice(args);
         let out = self.run(&full);
-        assert!(
-            out.status.success(),
-            "plan failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "plan failed: {}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v["stages"]
             .as_array()
@@ -117,9 +103,7 @@ impl Project {
     /// The entries in the cache's store.
     pub fn store_entries(&self) -> Vec<String> {
         match std::fs::read_dir(self.path(".pipeline/store")) {
-            Ok(rd) => rd
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect(),
+            Ok(rd) => rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
             Err(_) => vec![],
         }
     }

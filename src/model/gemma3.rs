@@ -1,0 +1,255 @@
+//! Gemma 3 (text), differentiable, with LoRA-capable linear layers.
+//!
+//! Per layer (HF `Gemma3DecoderLayer`):
+//!
+//! ```text
+//! h = x + post_attn_norm(attn(input_norm(x)))
+//! y = h + post_ff_norm(down(gelu_tanh(gate(n)) * up(n)))     n = pre_ff_norm(h)
+//! ```
+//!
+//! Attention: grouped-query, per-head RMSNorm on q and k, rotary embeddings
+//! (base 10 000 on sliding layers, `rope_theta` on global ones), query scale
+//! `query_pre_attn_scalar^-½`, causal mask plus a sliding window on local
+//! layers (five local, then one global). Embeddings are scaled by
+//! `sqrt(hidden)`, tied to the LM head. Every RMSNorm multiplies by `1 + w`.
+
+use candle_core::{Device, Result, Tensor};
+use serde::Deserialize;
+
+use super::lora::{DropoutMask, LoraLinear};
+use super::ops::{Rope, attention_mask, rms_norm, softmax};
+use super::{TARGETS, Weights};
+
+/// The hyper-parameters of a Gemma 3 text model (HF `Gemma3TextConfig`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    #[serde(default = "eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "rope_local")]
+    pub rope_local_base_freq: f64,
+    #[serde(default = "window")]
+    pub sliding_window: usize,
+    #[serde(default = "pattern")]
+    pub sliding_window_pattern: usize,
+    /// Per-layer `sliding_attention` / `full_attention` (newer configs).
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    #[serde(default = "scalar")]
+    pub query_pre_attn_scalar: f64,
+    #[serde(default = "max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f64>,
+    /// Linear rope scaling (4B and larger).
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+}
+
+fn eps() -> f64 {
+    1e-6
+}
+fn rope_theta() -> f64 {
+    1_000_000.0
+}
+fn rope_local() -> f64 {
+    10_000.0
+}
+fn window() -> usize {
+    512
+}
+fn pattern() -> usize {
+    6
+}
+fn scalar() -> f64 {
+    256.0
+}
+fn max_pos() -> usize {
+    32_768
+}
+
+impl Config {
+    /// Whether layer `i` uses sliding-window attention.
+    pub fn is_sliding(&self, i: usize) -> bool {
+        match &self.layer_types {
+            Some(types) => types.get(i).is_some_and(|t| t == "sliding_attention"),
+            None => (i + 1) % self.sliding_window_pattern != 0,
+        }
+    }
+
+    fn rope_scale(&self) -> f64 {
+        self.rope_scaling.as_ref().and_then(|s| s.get("factor")).and_then(|f| f.as_f64()).unwrap_or(1.0)
+    }
+}
+
+struct Layer {
+    input_norm: Tensor,
+    q: LoraLinear,
+    k: LoraLinear,
+    v: LoraLinear,
+    o: LoraLinear,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    post_attn_norm: Tensor,
+    pre_ff_norm: Tensor,
+    gate: LoraLinear,
+    up: LoraLinear,
+    down: LoraLinear,
+    post_ff_norm: Tensor,
+    sliding: bool,
+}
+
+/// A Gemma 3 text model.
+pub struct Gemma3 {
+    pub cfg: Config,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    rope_local: Rope,
+    rope_global: Rope,
+    device: Device,
+}
+
+impl Gemma3 {
+    /// Builds the model from HF-named weights (`model.layers.N.…`).
+    pub fn new(cfg: Config, w: &mut Weights, max_positions: usize) -> anyhow::Result<Gemma3> {
+        let device = w.device().clone();
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Ok(Layer {
+                    input_norm: w.take(&format!("{p}.input_layernorm.weight"))?,
+                    q: LoraLinear::new(w.take(&format!("{p}.self_attn.q_proj.weight"))?),
+                    k: LoraLinear::new(w.take(&format!("{p}.self_attn.k_proj.weight"))?),
+                    v: LoraLinear::new(w.take(&format!("{p}.self_attn.v_proj.weight"))?),
+                    o: LoraLinear::new(w.take(&format!("{p}.self_attn.o_proj.weight"))?),
+                    q_norm: w.take(&format!("{p}.self_attn.q_norm.weight"))?,
+                    k_norm: w.take(&format!("{p}.self_attn.k_norm.weight"))?,
+                    post_attn_norm: w.take(&format!("{p}.post_attention_layernorm.weight"))?,
+                    pre_ff_norm: w.take(&format!("{p}.pre_feedforward_layernorm.weight"))?,
+                    gate: LoraLinear::new(w.take(&format!("{p}.mlp.gate_proj.weight"))?),
+                    up: LoraLinear::new(w.take(&format!("{p}.mlp.up_proj.weight"))?),
+                    down: LoraLinear::new(w.take(&format!("{p}.mlp.down_proj.weight"))?),
+                    post_ff_norm: w.take(&format!("{p}.post_feedforward_layernorm.weight"))?,
+                    sliding: cfg.is_sliding(i),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let embed = w.take("model.embed_tokens.weight")?;
+        let norm = w.take("model.norm.weight")?;
+        let rope_local = Rope::new(cfg.rope_local_base_freq, cfg.head_dim, max_positions, 1.0, &device)?;
+        let rope_global = Rope::new(cfg.rope_theta, cfg.head_dim, max_positions, cfg.rope_scale(), &device)?;
+        Ok(Gemma3 { cfg, embed, layers, norm, rope_local, rope_global, device })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The LoRA-capable linear layers, with their HF module paths
+    /// (`model.layers.3.self_attn.q_proj`).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut LoraLinear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let [q, k, v, o, g, u, d] = TARGETS;
+            out.push((format!("{p}.self_attn.{q}"), &mut l.q));
+            out.push((format!("{p}.self_attn.{k}"), &mut l.k));
+            out.push((format!("{p}.self_attn.{v}"), &mut l.v));
+            out.push((format!("{p}.self_attn.{o}"), &mut l.o));
+            out.push((format!("{p}.mlp.{g}"), &mut l.gate));
+            out.push((format!("{p}.mlp.{u}"), &mut l.up));
+            out.push((format!("{p}.mlp.{d}"), &mut l.down));
+        }
+        out
+    }
+
+    /// Final hidden states (after the last norm) for `ids`, `[T, hidden]`.
+    pub fn hidden(&self, ids: &[u32], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+        let t = ids.len();
+        let ids = Tensor::new(ids, &self.device)?;
+        let mut x = (self.embed.index_select(&ids, 0)? * (self.cfg.hidden_size as f64).sqrt())?;
+        let causal = attention_mask(t, 0, None, &self.device)?;
+        let local = if t > self.cfg.sliding_window {
+            attention_mask(t, 0, Some(self.cfg.sliding_window), &self.device)?
+        } else {
+            causal.clone()
+        };
+        for layer in &self.layers {
+            let mask = if layer.sliding { &local } else { &causal };
+            x = self.layer(layer, &x, mask, dropout)?;
+        }
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, 1.0)
+    }
+
+    fn layer(&self, l: &Layer, x: &Tensor, mask: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        let n = rms_norm(x, &l.input_norm, eps, 1.0)?;
+        let attn = self.attention(l, &n, mask, dropout)?;
+        let h = (x + rms_norm(&attn, &l.post_attn_norm, eps, 1.0)?)?;
+        let n = rms_norm(&h, &l.pre_ff_norm, eps, 1.0)?;
+        let ff = (l.gate.forward(&n, dropout)?.gelu()? * l.up.forward(&n, dropout)?)?;
+        let ff = l.down.forward(&ff, dropout)?;
+        h + rms_norm(&ff, &l.post_ff_norm, eps, 1.0)?
+    }
+
+    fn attention(&self, l: &Layer, x: &Tensor, mask: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (t, _) = x.dims2()?;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let eps = cfg.rms_norm_eps;
+        // [T, heads·hd] → [heads, T, hd]
+        let heads = |y: Tensor, n: usize| y.reshape((t, n, hd))?.transpose(0, 1)?.contiguous();
+        let q = rms_norm(&heads(l.q.forward(x, dropout)?, nh)?, &l.q_norm, eps, 1.0)?;
+        let k = rms_norm(&heads(l.k.forward(x, dropout)?, nkv)?, &l.k_norm, eps, 1.0)?;
+        let v = heads(l.v.forward(x, dropout)?, nkv)?;
+        let rope = if l.sliding { &self.rope_local } else { &self.rope_global };
+        let q = (rope.apply(&q, 0)? * cfg.query_pre_attn_scalar.powf(-0.5))?;
+        let k = rope.apply(&k, 0)?;
+        // Grouped-query attention without copying k/v: q heads of one kv
+        // group are stacked along the time axis.
+        let group = nh / nkv;
+        let q = q.reshape((nkv, group * t, hd))?;
+        let mut scores = q.matmul(&k.t()?)?; // [nkv, group·T, T]
+        if let Some(cap) = cfg.attn_logit_softcapping {
+            scores = ((scores / cap)?.tanh()? * cap)?;
+        }
+        let scores = scores.reshape((nh, t, t))?.broadcast_add(mask)?;
+        let probs = softmax(&scores)?.reshape((nkv, group * t, t))?;
+        let out = probs.matmul(&v)?; // [nkv, group·T, hd]
+        let out = out.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
+        l.o.forward(&out, dropout)
+    }
+
+    /// Logits for the given rows of `hidden` (`[N, hidden]` → `[N, vocab]`):
+    /// the LM head is the embedding matrix.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let logits = super::lora::frozen_linear(hidden, &self.embed)?;
+        match self.cfg.final_logit_softcapping {
+            Some(cap) => (logits / cap)?.tanh()? * cap,
+            None => Ok(logits),
+        }
+    }
+
+    /// Logits at the last position only.
+    pub fn last_logits(&self, ids: &[u32]) -> Result<Tensor> {
+        let h = self.hidden(ids, None)?;
+        let last = h.narrow(0, ids.len() - 1, 1)?;
+        self.logits(&last)?.squeeze(0)?.contiguous().and_then(|l| l.flatten_all())
+    }
+
+    /// The longest sequence the rotary tables were built for.
+    pub fn max_positions(&self) -> usize {
+        self.rope_global.cos.dim(0).unwrap_or(0)
+    }
+}

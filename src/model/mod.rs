@@ -1,0 +1,160 @@
+//! Language models on candle: loading base weights (HF safetensors or GGUF)
+//! and the architectures, one readable file each.
+//!
+//! Weights are kept under their Hugging Face names (`model.layers.3.mlp.
+//! up_proj.weight`) whatever file they come from, so adapters and merged
+//! models interoperate with transformers and PEFT.
+
+pub mod gemma3;
+pub mod gguf;
+pub mod lora;
+pub mod ops;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+
+use crate::model_source::ResolvedModel;
+
+pub use gemma3::Gemma3;
+
+/// The linear modules LoRA can target, by their HF names.
+pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// Named base weights, f32, on one device.
+pub struct Weights {
+    map: HashMap<String, Tensor>,
+    device: Device,
+    /// Where they came from, for messages.
+    pub source: String,
+}
+
+impl Weights {
+    pub fn new(map: HashMap<String, Tensor>, device: Device, source: String) -> Weights {
+        Weights { map, device, source }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Removes and returns a tensor, failing with the file's name if missing.
+    pub fn take(&mut self, name: &str) -> Result<Tensor> {
+        self.map
+            .remove(name)
+            .with_context(|| format!("{}: no tensor `{name}` (is this the architecture the config says?)", self.source))
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.map.keys()
+    }
+}
+
+/// The device a recipe's `device` names.
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => {
+            if candle_core::utils::cuda_is_available() {
+                Ok(Device::new_cuda(0)?)
+            } else if candle_core::utils::metal_is_available() {
+                Ok(Device::new_metal(0)?)
+            } else {
+                Ok(Device::Cpu)
+            }
+        }
+        "metal" => {
+            if !candle_core::utils::metal_is_available() {
+                bail!(
+                    "device = \"metal\", but this build has no Metal support: rebuild with `--features metal` on macOS"
+                );
+            }
+            Ok(Device::new_metal(0)?)
+        }
+        cuda => {
+            let ordinal = match cuda.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(n) => n.trim_start_matches(':').parse().with_context(|| format!("bad device `{cuda}`"))?,
+                None => bail!("unknown device `{cuda}`"),
+            };
+            if !candle_core::utils::cuda_is_available() {
+                bail!("device = \"{cuda}\", but this build has no CUDA support: rebuild with `--features cuda`");
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+    }
+}
+
+/// The architecture of a model, from its config or GGUF metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Gemma3,
+}
+
+/// Loads the base model of a recipe, ready for training or inference.
+/// `max_positions` bounds the rotary tables (the longest sequence used).
+pub fn load(model: &ResolvedModel, device: &Device, max_positions: usize) -> Result<Gemma3> {
+    let weights = model.weights.first().with_context(|| {
+        format!(
+            "the model `{}` has no weights (no *.safetensors or *.gguf in {}); run scripts/fetch-models.sh or fix \
+             [model] base",
+            model.source,
+            model.dir.display()
+        )
+    })?;
+    if weights.extension().is_some_and(|e| e == "gguf") {
+        let (arch, cfg, mut w) = gguf::load(weights, device)?;
+        match arch {
+            Arch::Gemma3 => Gemma3::new(cfg, &mut w, max_positions),
+        }
+    } else {
+        let config = model.config_json.as_ref().with_context(|| {
+            format!(
+                "the model `{}` has safetensors weights but no config.json in {}",
+                model.source,
+                model.dir.display()
+            )
+        })?;
+        let (arch, cfg) = read_config(config)?;
+        let mut w = load_safetensors(&model.weights, device)?;
+        match arch {
+            Arch::Gemma3 => Gemma3::new(cfg, &mut w, max_positions),
+        }
+    }
+}
+
+/// Reads an HF `config.json` (text config of multimodal checkpoints too).
+pub fn read_config(path: &Path) -> Result<(Arch, gemma3::Config)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    if let Some(text_cfg) = v.get("text_config").cloned() {
+        v = text_cfg;
+    }
+    let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or_default();
+    match model_type {
+        "gemma3_text" | "gemma3" => {
+            let cfg = serde_json::from_value(v).with_context(|| format!("{}: not a Gemma 3 config", path.display()))?;
+            Ok((Arch::Gemma3, cfg))
+        }
+        other => bail!("{}: model_type `{other}` is not supported (supported: gemma3_text)", path.display()),
+    }
+}
+
+/// Loads every tensor of the safetensors files as f32 on `device`.
+pub fn load_safetensors(files: &[std::path::PathBuf], device: &Device) -> Result<Weights> {
+    let mut map = HashMap::new();
+    for f in files {
+        // SAFETY: the file is not modified while mapped (it is an input).
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }
+            .with_context(|| format!("cannot read {}", f.display()))?;
+        for (name, _) in st.tensors() {
+            let t = st.load(&name, device)?.to_dtype(DType::F32)?;
+            map.insert(name, t);
+        }
+    }
+    let source = files.first().map(|f| f.display().to_string()).unwrap_or_default();
+    Ok(Weights::new(map, device.clone(), source))
+}

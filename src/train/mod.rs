@@ -1,0 +1,112 @@
+//! Pieces of LoRA training that the `lora-train` stage puts together:
+//! the optimizer and schedules ([`optim`]), checkpoints ([`checkpoint`]),
+//! deterministic data order and dropout, the loss, and the loss plot.
+//!
+//! Determinism is what makes resume exact: the data order of an epoch and
+//! every dropout mask are *derived* from (seed, epoch) and (seed, step,
+//! micro-batch), not drawn from a running generator, so a run resumed at step
+//! N computes exactly what an uninterrupted run computes from step N.
+
+pub mod checkpoint;
+pub mod optim;
+pub mod plot;
+
+use std::cell::RefCell;
+
+use candle_core::{Device, Result, Shape, Tensor};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::model::Gemma3;
+use crate::model::lora::DropoutMask;
+
+/// A generator for (seed, purpose, a, b), independent of any other.
+pub fn rng_for(seed: u64, purpose: &str, a: u64, b: u64) -> ChaCha8Rng {
+    let mut h = blake3::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    h.update(purpose.as_bytes());
+    h.update(&a.to_le_bytes());
+    h.update(&b.to_le_bytes());
+    ChaCha8Rng::from_seed(*h.finalize().as_bytes())
+}
+
+/// Which training example the `g`-th micro-batch (0-based, over all epochs)
+/// reads: a seeded shuffle per epoch.
+pub struct DataOrder {
+    seed: u64,
+    n: usize,
+    epoch: Option<(u64, Vec<usize>)>,
+}
+
+impl DataOrder {
+    pub fn new(seed: u64, n: usize) -> DataOrder {
+        DataOrder { seed, n, epoch: None }
+    }
+
+    /// (epoch, example index) of micro-batch `g`.
+    pub fn get(&mut self, g: u64) -> (u64, usize) {
+        let epoch = g / self.n as u64;
+        if self.epoch.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut order: Vec<usize> = (0..self.n).collect();
+            order.shuffle(&mut rng_for(self.seed, "data-order", epoch, 0));
+            self.epoch = Some((epoch, order));
+        }
+        (epoch, self.epoch.as_ref().unwrap().1[(g % self.n as u64) as usize])
+    }
+}
+
+/// Dropout masks from a generator seeded for one micro-batch.
+pub struct SeededDropout {
+    rng: RefCell<ChaCha8Rng>,
+}
+
+impl SeededDropout {
+    pub fn new(seed: u64, step: u64, micro: u64) -> SeededDropout {
+        SeededDropout { rng: RefCell::new(rng_for(seed, "dropout", step, micro)) }
+    }
+}
+
+impl DropoutMask for SeededDropout {
+    fn mask(&self, shape: &Shape, p: f32, device: &Device) -> Result<Option<Tensor>> {
+        if p <= 0.0 {
+            return Ok(None);
+        }
+        let keep = 1.0 / (1.0 - p);
+        // Compare 16-bit draws with the threshold: 4 elements per u64.
+        let threshold = (p * 65536.0) as u32;
+        let n = shape.elem_count();
+        let mut rng = self.rng.borrow_mut();
+        let mut data = Vec::with_capacity(n);
+        while data.len() < n {
+            let bits: u64 = rng.random();
+            for k in 0..4 {
+                if data.len() < n {
+                    let r = ((bits >> (16 * k)) & 0xffff) as u32;
+                    data.push(if r < threshold { 0.0 } else { keep });
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(data, shape.clone(), device)?))
+    }
+}
+
+/// The training loss of one example: mean cross-entropy over the tokens the
+/// mask marks, with logits computed only at those positions. Returns the
+/// loss and the number of scored tokens.
+pub fn example_loss(
+    model: &Gemma3,
+    ids: &[u32],
+    mask: &[u8],
+    dropout: Option<&dyn DropoutMask>,
+) -> Result<(Tensor, usize)> {
+    // Position p predicts token p+1; it is scored when token p+1 is supervised.
+    let positions: Vec<u32> = (0..ids.len() - 1).filter(|&p| mask[p + 1] == 1).map(|p| p as u32).collect();
+    let targets: Vec<u32> = positions.iter().map(|&p| ids[p as usize + 1]).collect();
+    let device = model.device();
+    let hidden = model.hidden(&ids[..ids.len() - 1], dropout)?;
+    let picked = hidden.index_select(&Tensor::new(positions.as_slice(), device)?, 0)?;
+    let logits = model.logits(&picked)?;
+    let loss = crate::model::ops::cross_entropy(&logits, &Tensor::new(targets.as_slice(), device)?)?;
+    Ok((loss, positions.len()))
+}

@@ -1,0 +1,63 @@
+//! The loss curve as an SVG: training loss per step, and validation loss
+//! where it was measured.
+
+use std::path::Path;
+
+use anyhow::Result;
+use plotters::prelude::*;
+
+use super::checkpoint::LogRow;
+
+/// Draws `log` (and the validation loss before training, at step 0).
+pub fn loss_curve(path: &Path, title: &str, log: &[LogRow], initial_eval: Option<f64>) -> Result<()> {
+    if log.is_empty() {
+        return Ok(());
+    }
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    let max_step = log.last().map_or(1, |r| r.step).max(1) as f64;
+    let losses = log
+        .iter()
+        .map(|r| r.loss)
+        .chain(log.iter().filter_map(|r| r.eval_loss))
+        .chain(initial_eval)
+        .filter(|l| l.is_finite());
+    let (lo, hi) = losses.fold((f64::MAX, f64::MIN), |(lo, hi), l| (lo.min(l), hi.max(l)));
+    let pad = ((hi - lo) * 0.05).max(1e-3);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(52)
+        .build_cartesian_2d(0f64..max_step, (lo - pad).max(0.0)..hi + pad)
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    chart.configure_mesh().x_desc("optimizer step").y_desc("loss").draw().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    chart
+        .draw_series(LineSeries::new(log.iter().map(|r| (r.step as f64, r.loss)), &BLUE))
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?
+        .label("train")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
+    let eval: Vec<(f64, f64)> = initial_eval
+        .map(|l| (0.0, l))
+        .into_iter()
+        .chain(log.iter().filter_map(|r| r.eval_loss.map(|l| (r.step as f64, l))))
+        .collect();
+    if !eval.is_empty() {
+        chart
+            .draw_series(LineSeries::new(eval.iter().copied(), RED.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?
+            .label("validation")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
+        chart
+            .draw_series(eval.iter().map(|&p| Circle::new(p, 3, RED.filled())))
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    Ok(())
+}
