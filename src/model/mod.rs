@@ -9,6 +9,7 @@ pub mod gemma3;
 pub mod gguf;
 pub mod lora;
 pub mod ops;
+pub mod testing;
 
 use std::collections::HashMap;
 use std::path::Path;

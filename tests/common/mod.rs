@@ -151,3 +151,44 @@ conversations = "chat"
         models.join("qwen3-tokenizer").display()
     )
 }
+
+/// A tiny random Gemma 3 in HF layout with the Qwen3 tokenizer, in `dir`.
+pub fn tiny_gemma3(models: &Path, dir: &Path, max_positions: usize) {
+    let mut tiny = pipeline::model::testing::TinyGemma3::new(151_936);
+    tiny.max_positions = max_positions;
+    tiny.write(dir, &models.join("qwen3-tokenizer"), 7).unwrap();
+}
+
+/// A recipe training a LoRA on the tiny model over `data/train.jsonl`.
+pub fn train_recipe(model_dir: &Path, train: &str) -> String {
+    format!(
+        r#"[recipe]
+name = "train"
+seed = 3
+
+[model]
+base = "{}"
+chat_template = "chatml"
+
+[stages.data]
+kind = "fetch-dataset"
+source = "data/train.jsonl"
+validation_fraction = 0.25
+
+[stages.chat]
+kind = "format-chat"
+dataset = "data"
+
+[stages.tokens]
+kind = "tokenize"
+conversations = "chat"
+max_len = 64
+
+[stages.train]
+kind = "lora-train"
+tokens = "tokens"
+{train}
+"#,
+        model_dir.display()
+    )
+}

@@ -1,0 +1,117 @@
+//! Small random checkpoints in real Hugging Face layout, for tests and for
+//! running recipes end to end where the real weights are not available.
+//!
+//! The files are exactly what a real checkpoint has (`config.json` with the
+//! real `model_type`, `model.safetensors` with the real tensor names, the
+//! tokenizer files), only with tiny dimensions and seeded random weights.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+/// Dimensions of a tiny Gemma 3.
+#[derive(Debug, Clone)]
+pub struct TinyGemma3 {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub sliding_window: usize,
+    pub max_positions: usize,
+}
+
+impl TinyGemma3 {
+    /// A two-layer model (one sliding, one global) with a window of 8.
+    pub fn new(vocab_size: usize) -> TinyGemma3 {
+        TinyGemma3 {
+            vocab_size,
+            hidden_size: 64,
+            intermediate_size: 128,
+            layers: 2,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 32,
+            sliding_window: 8,
+            max_positions: 4096,
+        }
+    }
+
+    /// Writes `config.json` and `model.safetensors` into `dir`, and copies
+    /// `tokenizer.json` / `tokenizer_config.json` from `tokenizer_dir`.
+    pub fn write(&self, dir: &Path, tokenizer_dir: &Path, seed: u64) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let config = serde_json::json!({
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1_000_000.0,
+            "rope_local_base_freq": 10_000.0,
+            "sliding_window": self.sliding_window,
+            "layer_types": (0..self.layers)
+                .map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" })
+                .collect::<Vec<_>>(),
+            "query_pre_attn_scalar": self.head_dim,
+            "max_position_embeddings": self.max_positions,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "tie_word_embeddings": true,
+            "torch_dtype": "float32",
+        });
+        std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let normal = Normal::new(0.0f32, 0.02).expect("valid normal");
+        let mut tensor = |shape: &[usize], std_scale: f32| -> Result<Tensor> {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng) * std_scale).collect();
+            Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+        };
+        let (h, i, nh, nkv, hd) = (self.hidden_size, self.intermediate_size, self.heads, self.kv_heads, self.head_dim);
+        let mut w: HashMap<String, Tensor> = HashMap::new();
+        w.insert("model.embed_tokens.weight".into(), tensor(&[self.vocab_size, h], 50.0)?);
+        w.insert("model.norm.weight".into(), tensor(&[h], 5.0)?);
+        for l in 0..self.layers {
+            let p = format!("model.layers.{l}");
+            for (name, shape) in [
+                ("self_attn.q_proj.weight", vec![nh * hd, h]),
+                ("self_attn.k_proj.weight", vec![nkv * hd, h]),
+                ("self_attn.v_proj.weight", vec![nkv * hd, h]),
+                ("self_attn.o_proj.weight", vec![h, nh * hd]),
+                ("mlp.gate_proj.weight", vec![i, h]),
+                ("mlp.up_proj.weight", vec![i, h]),
+                ("mlp.down_proj.weight", vec![h, i]),
+            ] {
+                w.insert(format!("{p}.{name}"), tensor(&shape, 5.0)?);
+            }
+            for (name, n) in [
+                ("input_layernorm.weight", h),
+                ("post_attention_layernorm.weight", h),
+                ("pre_feedforward_layernorm.weight", h),
+                ("post_feedforward_layernorm.weight", h),
+                ("self_attn.q_norm.weight", hd),
+                ("self_attn.k_norm.weight", hd),
+            ] {
+                w.insert(format!("{p}.{name}"), tensor(&[n], 5.0)?);
+            }
+        }
+        candle_core::safetensors::save(&w, dir.join("model.safetensors"))?;
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(tokenizer_dir.join(f), dir.join(f))
+                .with_context(|| format!("cannot copy {}", tokenizer_dir.join(f).display()))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,290 @@
+//! lora-train: exact resume after a kill, PEFT's adapter layout, gradients
+//! against finite differences, and training mistakes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor, Var};
+use common::{Project, chat_jsonl, models_dir, tiny_gemma3, train_recipe};
+use pipeline::model::lora::{Lora, LoraLinear, frozen_linear};
+
+const TRAIN: &str = "rank = 4\nalpha = 8\ndropout = 0.1\nlearning_rate = 5e-3\nmax_steps = 6\n\
+                     gradient_accumulation = 2\ncheckpoint_every = 2\neval_every = 3\nschedule = \"cosine\"\nwarmup_steps = 1\n";
+
+fn setup(models: &Path) -> Project {
+    let p = Project::new();
+    tiny_gemma3(models, &p.path("tiny"), 4096);
+    p.write("data/train.jsonl", &chat_jsonl(12));
+    p.write("r.toml", &train_recipe(&p.path("tiny"), TRAIN));
+    p
+}
+
+fn entry(p: &Project, stage: &str) -> std::path::PathBuf {
+    let out = p.run(&["show", "r.toml", stage]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().into()
+}
+
+#[test]
+fn a_killed_training_resumes_to_byte_identical_results() {
+    let Some(models) = models_dir() else { return };
+    let reference = setup(&models);
+    reference.ok(&["run", "r.toml"]);
+    let want = entry(&reference, "train");
+    let want_adapter = std::fs::read(want.join("adapter_model.safetensors")).unwrap();
+    let want_log = std::fs::read_to_string(want.join("loss.csv")).unwrap();
+    assert_eq!(want_log.lines().count(), 7, "{want_log}");
+
+    // Killed after step 3 (checkpoint at 2), and between checkpoint writes.
+    for (fault, resume_step) in [("lora-train.step-3", Some(2)), ("lora-train.mid-checkpoint", None)] {
+        let p = setup(&models);
+        let out = p.cmd(&["run", "r.toml"]).env("PIPELINE_FAULT", fault).output().unwrap();
+        assert!(!out.status.success(), "{fault}: the run should have been killed");
+        let plan = p.run(&["plan", "r.toml", "--json"]);
+        let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+        let train = &plan["stages"][3];
+        match resume_step {
+            Some(step) => {
+                assert_eq!(train["status"], "resume", "{fault}: {train}");
+                assert_eq!(train["step"], step);
+            }
+            None => assert_eq!(train["status"], "run", "{fault}: a partial checkpoint is not resumed from: {train}"),
+        }
+        let stderr = p.ok(&["run", "r.toml"]);
+        assert!(stderr.contains("ran     train"), "{stderr}");
+        let got = entry(&p, "train");
+        assert!(
+            std::fs::read(got.join("adapter_model.safetensors")).unwrap() == want_adapter,
+            "{fault}: adapter differs"
+        );
+        assert_eq!(std::fs::read_to_string(got.join("loss.csv")).unwrap(), want_log, "{fault}: loss log differs");
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(got.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(m["metrics"]["resumed_from_step"], serde_json::json!(resume_step), "{fault}");
+    }
+}
+
+#[test]
+fn the_adapter_follows_peft_conventions_for_gemma3() {
+    let Some(models) = models_dir() else { return };
+    let p = setup(&models);
+    p.ok(&[
+        "run",
+        "r.toml",
+        "--set",
+        "stages.train.max_steps=1",
+        "--set",
+        "stages.train.targets=[\"q_proj\", \"down_proj\"]",
+    ]);
+    let dir = p.run(&[
+        "show",
+        "r.toml",
+        "train",
+        "--set",
+        "stages.train.max_steps=1",
+        "--set",
+        "stages.train.targets=[\"q_proj\", \"down_proj\"]",
+    ]);
+    let dir = std::path::PathBuf::from(String::from_utf8_lossy(&dir.stdout).trim());
+    let tensors = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<(&String, Vec<usize>)> = tensors.iter().map(|(k, t)| (k, t.dims().to_vec())).collect();
+    names.sort();
+    let want = vec![
+        ("base_model.model.model.layers.0.mlp.down_proj.lora_A.weight", vec![4, 128]),
+        ("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight", vec![64, 4]),
+        ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", vec![4, 64]),
+        ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", vec![64, 4]),
+        ("base_model.model.model.layers.1.mlp.down_proj.lora_A.weight", vec![4, 128]),
+        ("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight", vec![64, 4]),
+        ("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight", vec![4, 64]),
+        ("base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight", vec![64, 4]),
+    ];
+    let got: Vec<(&str, Vec<usize>)> = names.iter().map(|(k, d)| (k.as_str(), d.clone())).collect();
+    assert_eq!(got, want);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["lora_alpha"], 8.0);
+    assert_eq!(cfg["lora_dropout"], 0.1);
+    assert_eq!(cfg["target_modules"], serde_json::json!(["down_proj", "q_proj"]));
+    assert_eq!(cfg["bias"], "none");
+    assert!(cfg["base_model_name_or_path"].as_str().unwrap().ends_with("tiny"));
+    for f in ["loss.csv", "loss.svg"] {
+        assert!(dir.join(f).is_file(), "{f}");
+    }
+    assert!(std::fs::read_to_string(dir.join("loss.svg")).unwrap().starts_with("<svg"));
+}
+
+/// Central differences of `f` at entry `i` of `var`.
+fn numeric_grad(var: &Var, i: usize, f: &dyn Fn() -> f64) -> f64 {
+    let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let shape = var.as_tensor().shape().clone();
+    let eps = 1e-2f32;
+    let at = |delta: f32| {
+        let mut v = base.clone();
+        v[i] += delta;
+        var.set(&Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap()).unwrap();
+        f()
+    };
+    let (plus, minus) = (at(eps), at(-eps));
+    var.set(&Tensor::from_vec(base, shape, &Device::Cpu).unwrap()).unwrap();
+    (plus - minus) / (2.0 * eps as f64)
+}
+
+fn assert_close(analytic: f64, numeric: f64, what: &str) {
+    let tol = 2e-2 * numeric.abs().max(analytic.abs()).max(1e-2);
+    assert!((analytic - numeric).abs() <= tol, "{what}: analytic {analytic} vs numeric {numeric}");
+}
+
+#[test]
+fn lora_linear_gradients_match_finite_differences() {
+    let dev = Device::Cpu;
+    let rand = |shape: &[usize], seed: u64| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| ((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 1000.0 - 0.5).collect();
+        Tensor::from_vec(v, shape, &dev).unwrap()
+    };
+    let x = Var::from_tensor(&rand(&[5, 6], 1)).unwrap();
+    let w = rand(&[4, 6], 2);
+    let a = Var::from_tensor(&rand(&[3, 6], 3)).unwrap();
+    let b = Var::from_tensor(&rand(&[4, 3], 4)).unwrap();
+    let r = rand(&[5, 4], 5);
+    let layer =
+        LoraLinear { weight: w.clone(), lora: Some(Lora { a: a.clone(), b: b.clone(), scale: 1.5, dropout: 0.0 }) };
+    let loss = || layer.forward(x.as_tensor(), None).unwrap().mul(&r).unwrap().sum_all().unwrap();
+    let grads = loss().backward().unwrap();
+    let f = || loss().to_scalar::<f32>().unwrap() as f64;
+    for (name, var) in [("x", &x), ("A", &a), ("B", &b)] {
+        let g = grads.get(var).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for i in [0, 3, g.len() - 1] {
+            assert_close(g[i] as f64, numeric_grad(var, i, &f), &format!("d loss / d {name}[{i}]"));
+        }
+    }
+    // The frozen-weight matmul gives x the same gradient as candle's matmul.
+    let plain = x.as_tensor().matmul(&w.t().unwrap()).unwrap().mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    let frozen = frozen_linear(x.as_tensor(), &w).unwrap().mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    let diff = (plain.get(&x).unwrap() - frozen.get(&x).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+}
+
+#[test]
+fn full_model_gradients_match_finite_differences() {
+    let Some(models) = models_dir() else { return };
+    let p = Project::new();
+    tiny_gemma3(&models, &p.path("tiny"), 64);
+    let resolved = pipeline::model_source::ResolvedModel {
+        source: "tiny".into(),
+        dir: p.path("tiny"),
+        tokenizer_json: None,
+        tokenizer_config: None,
+        config_json: Some(p.path("tiny/config.json")),
+        chat_template_file: None,
+        weights: vec![p.path("tiny/model.safetensors")],
+        revision: None,
+    };
+    let mut model = pipeline::model::load(&resolved, &Device::Cpu, 64).unwrap();
+    // LoRA on every module of both layers (one sliding, one global), with a
+    // non-zero B so that every A receives a gradient.
+    let mut vars: HashMap<String, (Var, Var)> = HashMap::new();
+    for (i, (name, lin)) in model.linears_mut().into_iter().enumerate() {
+        let mut rng = pipeline::train::rng_for(1, "t", i as u64, 0);
+        let a = Var::from_tensor(
+            &pipeline::model::lora::init_lora_a(2, lin.in_features(), &mut rng, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let b = Var::from_tensor(
+            &(pipeline::model::lora::init_lora_a(lin.out_features(), 2, &mut rng, &Device::Cpu).unwrap() * 0.5)
+                .unwrap(),
+        )
+        .unwrap();
+        lin.lora = Some(Lora { a: a.clone(), b: b.clone(), scale: 2.0, dropout: 0.0 });
+        vars.insert(name, (a, b));
+    }
+    // 12 tokens: longer than the sliding window (8) of layer 0.
+    let ids: Vec<u32> = (0..12).map(|i| (i * 7919 + 13) % 151_000).collect();
+    let mask: Vec<u8> = (0..12).map(|i| u8::from(i >= 4)).collect();
+    let loss = || pipeline::train::example_loss(&model, &ids, &mask, None).unwrap().0;
+    let grads = loss().backward().unwrap();
+    let f = || loss().to_scalar::<f32>().unwrap() as f64;
+    for module in [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.1.mlp.up_proj",
+        "model.layers.1.self_attn.o_proj",
+    ] {
+        let (a, b) = &vars[module];
+        for (which, var) in [("A", a), ("B", b)] {
+            let g = grads.get(var).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let i = g.iter().enumerate().max_by(|x, y| x.1.abs().total_cmp(&y.1.abs())).unwrap().0;
+            assert_close(g[i] as f64, numeric_grad(var, i, &f), &format!("{module}.lora_{which}[{i}]"));
+        }
+    }
+}
+
+#[test]
+fn training_mistakes_fail_clearly() {
+    let Some(models) = models_dir() else { return };
+    let p = setup(&models);
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::create_dir_all(p.path("tokenizer-only")).unwrap();
+        std::fs::copy(models.join("qwen3-tokenizer").join(f), p.path("tokenizer-only").join(f)).unwrap();
+    }
+    let cases: Vec<(Vec<&str>, i32, Vec<&str>)> = vec![
+        (vec!["--set", "stages.train.rank=0"], 2, vec!["r.toml:", "stages.train.rank", "at least 1"]),
+        (
+            vec!["--set", "stages.train.targets=[\"q_prj\"]"],
+            2,
+            vec!["stages.train.targets", "`q_prj` matches no linear module", "did you mean `q_proj`"],
+        ),
+        (vec!["--set", "stages.train.targets=\"everything\""], 2, vec!["stages.train.targets", "all-linear"]),
+        (
+            vec![
+                "--set",
+                "stages.train.learning_rate=1e30",
+                "--set",
+                "stages.train.checkpoint_every=1",
+                "--set",
+                "stages.train.max_grad_norm=0",
+            ],
+            1,
+            vec![
+                "stage `train`",
+                "the loss became",
+                "The last good checkpoint (step ",
+                "is kept and a rerun resumes from it",
+            ],
+        ),
+        (vec!["--set", "model.base=tokenizer-only"], 1, vec!["stage `train`", "has no weights", "fetch-models.sh"]),
+    ];
+    for (args, code, expect) in cases {
+        let mut full = vec!["run", "r.toml"];
+        full.extend(&args);
+        let out = p.run(&full);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        for e in expect {
+            assert!(stderr.contains(e), "{args:?}: missing `{e}` in:\n{stderr}");
+        }
+    }
+    // The NaN run kept its checkpoints in the work dir.
+    let kept = std::fs::read_dir(p.path(".pipeline/work"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_dir(e.unwrap().path().join("checkpoints")).ok())
+        .flatten()
+        .any(|c| c.unwrap().path().join("state.json").is_file());
+    assert!(kept, "no checkpoint kept after the NaN loss");
+
+    // Examples longer than the model's context.
+    let q = Project::new();
+    tiny_gemma3(&models, &q.path("tiny"), 16);
+    q.write("data/train.jsonl", &chat_jsonl(4));
+    q.write("r.toml", &train_recipe(&q.path("tiny"), "max_steps = 1\n"));
+    let out = q.run(&["run", "r.toml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the model's context is 16") && stderr.contains("max_len"), "{stderr}");
+}
