@@ -78,12 +78,41 @@ pub enum Command {
         #[arg(long, env = "PIPELINE_CACHE_DIR", default_value = ".pipeline")]
         cache_dir: PathBuf,
     },
+    /// Measure speed: tokens/s and peak memory.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Print the artifact directory of a finished stage.
     Show {
         #[command(flatten)]
         args: RecipeArgs,
         /// The stage's name in the recipe.
         stage: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// LoRA training steps (r=16 on all linear layers, batch 1) on tool-use examples.
+    Train {
+        /// A model directory (HF layout) or a .gguf file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Tokenize the examples at this maximum length.
+        #[arg(long, default_value_t = 512)]
+        max_len: usize,
+        /// Measured steps (after one warm-up step).
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// The dataset whose traces are trained on.
+        #[arg(long, default_value = "hf://datasets/shawhin/tool-use-finetuning")]
+        dataset: String,
+        /// Print {"tokens_per_s", "peak_rss_bytes", "max_len", "mean_tokens", …} as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, env = "PIPELINE_CACHE_DIR", default_value = ".pipeline")]
+        cache_dir: PathBuf,
     },
 }
 
@@ -184,6 +213,24 @@ fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Gc { recipes, all, dry_run, cache_dir } => gc(&recipes, all, dry_run, &cache_dir),
+        Command::Bench(BenchCommand::Train { model, max_len, steps, device, dataset, json, cache_dir }) => {
+            let opts = crate::bench::TrainOptions { model, max_len, steps: steps.max(1), device, dataset, cache_dir };
+            let r = crate::bench::train(&opts)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "bench train ({}, max_len {}): {:.1} tokens/s, {:.2} s/step, mean {:.0} tokens/step, peak RSS {:.2} GiB",
+                    r.device,
+                    r.max_len,
+                    r.tokens_per_s,
+                    r.seconds_per_step,
+                    r.mean_tokens,
+                    r.peak_rss_bytes as f64 / (1u64 << 30) as f64
+                );
+            }
+            Ok(())
+        }
         Command::Show { args, stage } => {
             let recipe = load(&args)?;
             let exec = Executor::new(&args.cache_dir)?;

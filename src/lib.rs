@@ -19,6 +19,7 @@
 //! - [`cli`]: the command line (`pipeline run|plan|validate|schema|gc|show`).
 
 pub mod adapter;
+pub mod bench;
 pub mod cache;
 pub mod chat;
 pub mod cli;

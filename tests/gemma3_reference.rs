@@ -5,10 +5,10 @@
 mod common;
 
 use candle_core::{D, Device, Tensor};
-use pipeline::model::{self, Gemma3};
+use pipeline::model::{self, CausalLm};
 use pipeline::model_source::ResolvedModel;
 
-fn load() -> Option<(Gemma3, tokenizers::Tokenizer)> {
+fn load() -> Option<(Box<dyn CausalLm>, tokenizers::Tokenizer)> {
     let models = common::models_dir()?;
     let dir = models.join("gemma-3-270m");
     let resolved = ResolvedModel {

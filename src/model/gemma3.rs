@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use super::lora::{DropoutMask, LoraLinear};
 use super::ops::{Rope, attention_mask, rms_norm, softmax};
-use super::{TARGETS, Weights};
+use super::{CausalLm, TARGETS, Weights};
 
 /// The hyper-parameters of a Gemma 3 text model (HF `Gemma3TextConfig`).
 #[derive(Debug, Clone, Deserialize)]
@@ -152,46 +152,6 @@ impl Gemma3 {
         Ok(Gemma3 { cfg, embed, layers, norm, rope_local, rope_global, device })
     }
 
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// The LoRA-capable linear layers, with their HF module paths
-    /// (`model.layers.3.self_attn.q_proj`).
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut LoraLinear)> {
-        let mut out = Vec::new();
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            let [q, k, v, o, g, u, d] = TARGETS;
-            out.push((format!("{p}.self_attn.{q}"), &mut l.q));
-            out.push((format!("{p}.self_attn.{k}"), &mut l.k));
-            out.push((format!("{p}.self_attn.{v}"), &mut l.v));
-            out.push((format!("{p}.self_attn.{o}"), &mut l.o));
-            out.push((format!("{p}.mlp.{g}"), &mut l.gate));
-            out.push((format!("{p}.mlp.{u}"), &mut l.up));
-            out.push((format!("{p}.mlp.{d}"), &mut l.down));
-        }
-        out
-    }
-
-    /// Final hidden states (after the last norm) for `ids`, `[T, hidden]`.
-    pub fn hidden(&self, ids: &[u32], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
-        let t = ids.len();
-        let ids = Tensor::new(ids, &self.device)?;
-        let mut x = (self.embed.index_select(&ids, 0)? * (self.cfg.hidden_size as f64).sqrt())?;
-        let causal = attention_mask(t, 0, None, &self.device)?;
-        let local = if t > self.cfg.sliding_window {
-            attention_mask(t, 0, Some(self.cfg.sliding_window), &self.device)?
-        } else {
-            causal.clone()
-        };
-        for layer in &self.layers {
-            let mask = if layer.sliding { &local } else { &causal };
-            x = self.layer(layer, &x, mask, dropout)?;
-        }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, 1.0)
-    }
-
     fn layer(&self, l: &Layer, x: &Tensor, mask: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
         let n = rms_norm(x, &l.input_norm, eps, 1.0)?;
@@ -231,25 +191,62 @@ impl Gemma3 {
         l.o.forward(&out, dropout)
     }
 
+    /// The longest sequence the rotary tables were built for.
+    pub fn max_positions(&self) -> usize {
+        self.rope_global.cos.dim(0).unwrap_or(0)
+    }
+}
+
+impl CausalLm for Gemma3 {
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn max_position_embeddings(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    fn linears_mut(&mut self) -> Vec<(String, &mut LoraLinear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let [q, k, v, o, g, u, d] = TARGETS;
+            out.push((format!("{p}.self_attn.{q}"), &mut l.q));
+            out.push((format!("{p}.self_attn.{k}"), &mut l.k));
+            out.push((format!("{p}.self_attn.{v}"), &mut l.v));
+            out.push((format!("{p}.self_attn.{o}"), &mut l.o));
+            out.push((format!("{p}.mlp.{g}"), &mut l.gate));
+            out.push((format!("{p}.mlp.{u}"), &mut l.up));
+            out.push((format!("{p}.mlp.{d}"), &mut l.down));
+        }
+        out
+    }
+
+    /// Final hidden states (after the last norm) for `ids`, `[T, hidden]`.
+    fn hidden(&self, ids: &[u32], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+        let t = ids.len();
+        let ids = Tensor::new(ids, &self.device)?;
+        let mut x = (self.embed.index_select(&ids, 0)? * (self.cfg.hidden_size as f64).sqrt())?;
+        let causal = attention_mask(t, 0, None, &self.device)?;
+        let local = if t > self.cfg.sliding_window {
+            attention_mask(t, 0, Some(self.cfg.sliding_window), &self.device)?
+        } else {
+            causal.clone()
+        };
+        for layer in &self.layers {
+            let mask = if layer.sliding { &local } else { &causal };
+            x = self.layer(layer, &x, mask, dropout)?;
+        }
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, 1.0)
+    }
+
     /// Logits for the given rows of `hidden` (`[N, hidden]` → `[N, vocab]`):
     /// the LM head is the embedding matrix.
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let logits = super::lora::frozen_linear(hidden, &self.embed)?;
         match self.cfg.final_logit_softcapping {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),
         }
-    }
-
-    /// Logits at the last position only.
-    pub fn last_logits(&self, ids: &[u32]) -> Result<Tensor> {
-        let h = self.hidden(ids, None)?;
-        let last = h.narrow(0, ids.len() - 1, 1)?;
-        self.logits(&last)?.squeeze(0)?.contiguous().and_then(|l| l.flatten_all())
-    }
-
-    /// The longest sequence the rotary tables were built for.
-    pub fn max_positions(&self) -> usize {
-        self.rope_global.cos.dim(0).unwrap_or(0)
     }
 }

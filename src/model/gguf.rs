@@ -48,7 +48,7 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
 }
 
 /// Loads a GGUF model: architecture, config from the metadata, and weights.
-pub fn load(path: &Path, device: &Device) -> Result<(Arch, gemma3::Config, Weights)> {
+pub fn load(path: &Path, device: &Device) -> Result<(Arch, Weights)> {
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let content =
         gguf_file::Content::read(&mut file).with_context(|| format!("{}: not a GGUF file", path.display()))?;
@@ -111,7 +111,7 @@ pub fn load(path: &Path, device: &Device) -> Result<(Arch, gemma3::Config, Weigh
         }
         map.insert(hf, t);
     }
-    Ok((Arch::Gemma3, cfg, Weights::new(map, device.clone(), path.display().to_string())))
+    Ok((Arch::Gemma3(cfg), Weights::new(map, device.clone(), path.display().to_string())))
 }
 
 #[cfg(test)]

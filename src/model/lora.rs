@@ -88,6 +88,8 @@ pub struct Lora {
 pub struct LoraLinear {
     /// Frozen base weight, `[out, in]`.
     pub weight: Tensor,
+    /// Frozen bias, `[out]` (Qwen2's q/k/v).
+    pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
 }
 
@@ -99,7 +101,7 @@ pub trait DropoutMask {
 
 impl LoraLinear {
     pub fn new(weight: Tensor) -> Self {
-        LoraLinear { weight, lora: None }
+        LoraLinear { weight, bias: None, lora: None }
     }
 
     pub fn in_features(&self) -> usize {
@@ -111,7 +113,10 @@ impl LoraLinear {
 
     /// `x: [..., in]` → `[..., out]`.
     pub fn forward(&self, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
-        let y = frozen_linear(x, &self.weight)?;
+        let mut y = frozen_linear(x, &self.weight)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
         let Some(lora) = &self.lora else { return Ok(y) };
         let x = match dropout.map(|d| d.mask(x.shape(), lora.dropout, x.device())).transpose()?.flatten() {
             Some(mask) if lora.dropout > 0.0 => x.mul(&mask)?,

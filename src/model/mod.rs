@@ -9,6 +9,7 @@ pub mod gemma3;
 pub mod gguf;
 pub mod lora;
 pub mod ops;
+pub mod qwen;
 pub mod testing;
 
 use std::collections::HashMap;
@@ -20,6 +21,33 @@ use candle_core::{DType, Device, Tensor};
 use crate::model_source::ResolvedModel;
 
 pub use gemma3::Gemma3;
+pub use qwen::Qwen;
+
+use lora::{DropoutMask, LoraLinear};
+
+/// What training, evaluation and generation need from an architecture.
+pub trait CausalLm {
+    fn device(&self) -> &Device;
+
+    /// The context length the model was trained for.
+    fn max_position_embeddings(&self) -> usize;
+
+    /// The linear layers LoRA can adapt, with their HF module paths
+    /// (`model.layers.3.self_attn.q_proj`).
+    fn linears_mut(&mut self) -> Vec<(String, &mut LoraLinear)>;
+
+    /// Final hidden states (after the last norm) for `ids`: `[T, hidden]`.
+    fn hidden(&self, ids: &[u32], dropout: Option<&dyn DropoutMask>) -> candle_core::Result<Tensor>;
+
+    /// Logits for rows of `hidden`: `[N, hidden]` → `[N, vocab]`.
+    fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// Logits at the last position only: `[vocab]`.
+    fn last_logits(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        let h = self.hidden(ids, None)?;
+        self.logits(&h.narrow(0, ids.len() - 1, 1)?)?.flatten_all()
+    }
+}
 
 /// The linear modules LoRA can target, by their HF names.
 pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -46,6 +74,15 @@ impl Weights {
         self.map
             .remove(name)
             .with_context(|| format!("{}: no tensor `{name}` (is this the architecture the config says?)", self.source))
+    }
+
+    /// The linear layer `<name>.weight` (and `<name>.bias` when `bias`).
+    pub fn linear(&mut self, name: &str, bias: bool) -> Result<LoraLinear> {
+        let mut l = LoraLinear::new(self.take(&format!("{name}.weight"))?);
+        if bias {
+            l.bias = Some(self.take(&format!("{name}.bias"))?);
+        }
+        Ok(l)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
@@ -89,14 +126,25 @@ pub fn device(name: &str) -> Result<Device> {
 }
 
 /// The architecture of a model, from its config or GGUF metadata.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Arch {
-    Gemma3,
+    Gemma3(gemma3::Config),
+    Qwen(qwen::Variant, qwen::Config),
+}
+
+impl Arch {
+    /// The architecture's model on `weights`.
+    pub fn build(self, weights: &mut Weights, max_positions: usize) -> Result<Box<dyn CausalLm>> {
+        Ok(match self {
+            Arch::Gemma3(cfg) => Box::new(Gemma3::new(cfg, weights, max_positions)?),
+            Arch::Qwen(variant, cfg) => Box::new(Qwen::new(variant, cfg, weights, max_positions)?),
+        })
+    }
 }
 
 /// Loads the base model of a recipe, ready for training or inference.
 /// `max_positions` bounds the rotary tables (the longest sequence used).
-pub fn load(model: &ResolvedModel, device: &Device, max_positions: usize) -> Result<Gemma3> {
+pub fn load(model: &ResolvedModel, device: &Device, max_positions: usize) -> Result<Box<dyn CausalLm>> {
     let weights = model.weights.first().with_context(|| {
         format!(
             "the model `{}` has no weights (no *.safetensors or *.gguf in {}); run scripts/fetch-models.sh or fix \
@@ -106,10 +154,8 @@ pub fn load(model: &ResolvedModel, device: &Device, max_positions: usize) -> Res
         )
     })?;
     if weights.extension().is_some_and(|e| e == "gguf") {
-        let (arch, cfg, mut w) = gguf::load(weights, device)?;
-        match arch {
-            Arch::Gemma3 => Gemma3::new(cfg, &mut w, max_positions),
-        }
+        let (arch, mut w) = gguf::load(weights, device)?;
+        arch.build(&mut w, max_positions)
     } else {
         let config = model.config_json.as_ref().with_context(|| {
             format!(
@@ -118,16 +164,14 @@ pub fn load(model: &ResolvedModel, device: &Device, max_positions: usize) -> Res
                 model.dir.display()
             )
         })?;
-        let (arch, cfg) = read_config(config)?;
+        let arch = read_config(config)?;
         let mut w = load_safetensors(&model.weights, device)?;
-        match arch {
-            Arch::Gemma3 => Gemma3::new(cfg, &mut w, max_positions),
-        }
+        arch.build(&mut w, max_positions)
     }
 }
 
 /// Reads an HF `config.json` (text config of multimodal checkpoints too).
-pub fn read_config(path: &Path) -> Result<(Arch, gemma3::Config)> {
+pub fn read_config(path: &Path) -> Result<Arch> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
@@ -135,12 +179,14 @@ pub fn read_config(path: &Path) -> Result<(Arch, gemma3::Config)> {
         v = text_cfg;
     }
     let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or_default();
+    let bad = |what: &str| format!("{}: not a valid {what} config", path.display());
     match model_type {
-        "gemma3_text" | "gemma3" => {
-            let cfg = serde_json::from_value(v).with_context(|| format!("{}: not a Gemma 3 config", path.display()))?;
-            Ok((Arch::Gemma3, cfg))
+        "gemma3_text" | "gemma3" => Ok(Arch::Gemma3(serde_json::from_value(v).with_context(|| bad("Gemma 3"))?)),
+        "qwen3" => Ok(Arch::Qwen(qwen::Variant::Qwen3, serde_json::from_value(v).with_context(|| bad("Qwen3"))?)),
+        "qwen2" => Ok(Arch::Qwen(qwen::Variant::Qwen2, serde_json::from_value(v).with_context(|| bad("Qwen2"))?)),
+        other => {
+            bail!("{}: model_type `{other}` is not supported (supported: gemma3_text, qwen3, qwen2)", path.display())
         }
-        other => bail!("{}: model_type `{other}` is not supported (supported: gemma3_text)", path.display()),
     }
 }
 

@@ -115,3 +115,108 @@ impl TinyGemma3 {
         Ok(())
     }
 }
+
+/// Dimensions of a tiny Qwen2 or Qwen3.
+#[derive(Debug, Clone)]
+pub struct TinyQwen {
+    pub variant: super::qwen::Variant,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl TinyQwen {
+    pub fn new(variant: super::qwen::Variant, vocab_size: usize) -> TinyQwen {
+        TinyQwen {
+            variant,
+            vocab_size,
+            hidden_size: 64,
+            intermediate_size: 128,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+        }
+    }
+
+    /// Writes `config.json` (every field transformers and candle-transformers
+    /// read) and `model.safetensors`, and copies the tokenizer files.
+    pub fn write(&self, dir: &Path, tokenizer_dir: &Path, seed: u64) -> Result<()> {
+        use super::qwen::Variant;
+        std::fs::create_dir_all(dir)?;
+        let qwen3 = self.variant == Variant::Qwen3;
+        let config = serde_json::json!({
+            "architectures": [if qwen3 { "Qwen3ForCausalLM" } else { "Qwen2ForCausalLM" }],
+            "model_type": if qwen3 { "qwen3" } else { "qwen2" },
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "attention_bias": false,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1_000_000.0,
+            "max_position_embeddings": 4096,
+            "max_window_layers": self.layers,
+            "sliding_window": null,
+            "use_sliding_window": false,
+            "tie_word_embeddings": true,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+        });
+        std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let normal = Normal::new(0.0f32, 0.02).expect("valid normal");
+        let mut tensor = |shape: &[usize], scale: f32, offset: f32| -> Result<Tensor> {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|_| offset + normal.sample(&mut rng) * scale).collect();
+            Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+        };
+        let (h, i, nh, nkv, hd) = (self.hidden_size, self.intermediate_size, self.heads, self.kv_heads, self.head_dim);
+        let mut w: HashMap<String, Tensor> = HashMap::new();
+        w.insert("model.embed_tokens.weight".into(), tensor(&[self.vocab_size, h], 50.0, 0.0)?);
+        w.insert("model.norm.weight".into(), tensor(&[h], 5.0, 1.0)?);
+        for l in 0..self.layers {
+            let p = format!("model.layers.{l}");
+            for (name, shape) in [
+                ("self_attn.q_proj.weight", vec![nh * hd, h]),
+                ("self_attn.k_proj.weight", vec![nkv * hd, h]),
+                ("self_attn.v_proj.weight", vec![nkv * hd, h]),
+                ("self_attn.o_proj.weight", vec![h, nh * hd]),
+                ("mlp.gate_proj.weight", vec![i, h]),
+                ("mlp.up_proj.weight", vec![i, h]),
+                ("mlp.down_proj.weight", vec![h, i]),
+            ] {
+                w.insert(format!("{p}.{name}"), tensor(&shape, 5.0, 0.0)?);
+            }
+            for name in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
+                w.insert(format!("{p}.{name}"), tensor(&[h], 5.0, 1.0)?);
+            }
+            if qwen3 {
+                for name in ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] {
+                    w.insert(format!("{p}.{name}"), tensor(&[hd], 5.0, 1.0)?);
+                }
+            } else {
+                for (name, n) in [
+                    ("self_attn.q_proj.bias", nh * hd),
+                    ("self_attn.k_proj.bias", nkv * hd),
+                    ("self_attn.v_proj.bias", nkv * hd),
+                ] {
+                    w.insert(format!("{p}.{name}"), tensor(&[n], 5.0, 0.0)?);
+                }
+            }
+        }
+        candle_core::safetensors::save(&w, dir.join("model.safetensors"))?;
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(tokenizer_dir.join(f), dir.join(f))
+                .with_context(|| format!("cannot copy {}", tokenizer_dir.join(f).display()))?;
+        }
+        Ok(())
+    }
+}

@@ -20,11 +20,10 @@ use serde_json::Value;
 use super::tokenize::TokenizedSplit;
 use super::{Env, RunContext, Stage};
 use crate::adapter::{self, AdapterConfig, LoraTensors};
-use crate::model::lora::{Lora, init_lora_a, init_lora_b};
-use crate::model::{self, Gemma3, TARGETS};
+use crate::model::{self, CausalLm, TARGETS};
 use crate::train::checkpoint::{self, LogRow, State};
 use crate::train::optim::{AdamW, Schedule, learning_rate};
-use crate::train::{DataOrder, SeededDropout, example_loss, rng_for};
+use crate::train::{DataOrder, SeededDropout, attach_lora, example_loss};
 
 /// Parameters of a `lora-train` stage. Defaults follow PEFT + TRL.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -255,7 +254,7 @@ impl Stage for Params {
 struct Trainer<'a> {
     p: &'a Params,
     ctx: &'a RunContext<'a>,
-    model: Gemma3,
+    model: Box<dyn CausalLm>,
     /// (PEFT-style name `<module>.lora_A` / `.lora_B`, variable).
     params: Vec<(String, Var)>,
     modules: Vec<String>,
@@ -293,31 +292,16 @@ impl<'a> Trainer<'a> {
         let device = model::device(&env.recipe.recipe.device)?;
         let resolved = env.model()?;
         let mut model = model::load(resolved, &device, longest)?;
-        if longest > model.cfg.max_position_embeddings {
+        if longest > model.max_position_embeddings() {
             bail!(
                 "examples are up to {longest} tokens but the model's context is {}; lower `max_len` of the tokenize stage",
-                model.cfg.max_position_embeddings
+                model.max_position_embeddings()
             );
         }
 
-        // Attach LoRA: A seeded per module, B zero.
         let wanted = p.targets.modules();
-        let cfg = AdapterConfig::lora("", p.rank, p.alpha, p.dropout, vec![], p.rslora);
-        let mut params = Vec::new();
-        let mut modules = Vec::new();
-        for (i, (name, linear)) in model.linears_mut().into_iter().enumerate() {
-            let short = name.rsplit('.').next().unwrap_or_default();
-            if !wanted.iter().any(|w| w == short) {
-                continue;
-            }
-            let mut rng = rng_for(seed, "lora-init", i as u64, 0);
-            let a = Var::from_tensor(&init_lora_a(p.rank, linear.in_features(), &mut rng, &device)?)?;
-            let b = Var::from_tensor(&init_lora_b(linear.out_features(), p.rank, &device)?)?;
-            params.push((format!("{name}.lora_A"), a.clone()));
-            params.push((format!("{name}.lora_B"), b.clone()));
-            linear.lora = Some(Lora { a, b, scale: cfg.scale(), dropout: p.dropout as f32 });
-            modules.push(name);
-        }
+        let scale = AdapterConfig::lora("", p.rank, p.alpha, p.dropout, vec![], p.rslora).scale();
+        let (params, modules) = attach_lora(model.as_mut(), &wanted, p.rank, scale, p.dropout as f32, seed)?;
         if modules.is_empty() {
             bail!("targets {:?} match no module of this model", wanted);
         }
@@ -418,7 +402,7 @@ impl<'a> Trainer<'a> {
             epoch = e;
             let (ids, mask) = self.train.example(idx);
             let dropout = SeededDropout::new(self.seed, step, micro);
-            let (loss, n) = example_loss(&self.model, ids, mask, Some(&dropout))?;
+            let (loss, n) = example_loss(self.model.as_ref(), ids, mask, Some(&dropout))?;
             let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
                 let kept = checkpoint::latest(&self.ctx.work).map_or("none".to_string(), |(s, _)| format!("step {s}"));
@@ -476,7 +460,7 @@ impl<'a> Trainer<'a> {
         let (mut total, mut count) = (0f64, 0usize);
         for i in 0..eval.len() {
             let (ids, mask) = eval.example(i);
-            let (loss, n) = example_loss(&self.model, ids, mask, None)?;
+            let (loss, n) = example_loss(self.model.as_ref(), ids, mask, None)?;
             total += loss.to_scalar::<f32>()? as f64 * n as f64;
             count += n;
         }

@@ -18,7 +18,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::model::Gemma3;
+use crate::model::CausalLm;
 use crate::model::lora::DropoutMask;
 
 /// A generator for (seed, purpose, a, b), independent of any other.
@@ -91,11 +91,42 @@ impl DropoutMask for SeededDropout {
     }
 }
 
+/// Attaches fresh LoRA matrices to the modules whose short name (`q_proj`)
+/// is in `targets`: `A` seeded per module, `B` zero. Returns the trainable
+/// variables as (`<module>.lora_A` / `.lora_B`, var) and the module paths.
+pub fn attach_lora(
+    model: &mut dyn CausalLm,
+    targets: &[String],
+    rank: usize,
+    scale: f64,
+    dropout: f32,
+    seed: u64,
+) -> Result<(Vec<(String, candle_core::Var)>, Vec<String>)> {
+    use crate::model::lora::{Lora, init_lora_a, init_lora_b};
+    let device = model.device().clone();
+    let mut params = Vec::new();
+    let mut modules = Vec::new();
+    for (i, (name, linear)) in model.linears_mut().into_iter().enumerate() {
+        let short = name.rsplit('.').next().unwrap_or_default();
+        if !targets.iter().any(|t| t == short) {
+            continue;
+        }
+        let mut rng = rng_for(seed, "lora-init", i as u64, 0);
+        let a = candle_core::Var::from_tensor(&init_lora_a(rank, linear.in_features(), &mut rng, &device)?)?;
+        let b = candle_core::Var::from_tensor(&init_lora_b(linear.out_features(), rank, &device)?)?;
+        params.push((format!("{name}.lora_A"), a.clone()));
+        params.push((format!("{name}.lora_B"), b.clone()));
+        linear.lora = Some(Lora { a, b, scale, dropout });
+        modules.push(name);
+    }
+    Ok((params, modules))
+}
+
 /// The training loss of one example: mean cross-entropy over the tokens the
 /// mask marks, with logits computed only at those positions. Returns the
 /// loss and the number of scored tokens.
 pub fn example_loss(
-    model: &Gemma3,
+    model: &dyn CausalLm,
     ids: &[u32],
     mask: &[u8],
     dropout: Option<&dyn DropoutMask>,
