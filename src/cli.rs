@@ -81,6 +81,9 @@ pub enum Command {
     /// Measure speed: tokens/s and peak memory.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Developer tools.
+    #[command(subcommand, hide = true)]
+    Dev(DevCommand),
     /// Print the artifact directory of a finished stage.
     Show {
         #[command(flatten)]
@@ -113,6 +116,27 @@ pub enum BenchCommand {
         json: bool,
         #[arg(long, env = "PIPELINE_CACHE_DIR", default_value = ".pipeline")]
         cache_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Write a random-weight checkpoint in real HF layout (for tests, CI and
+    /// speed measurements where the real weights are not available).
+    RandomModel {
+        /// gemma3, gemma3-270m (the real 270M shape), qwen3 or qwen2.
+        #[arg(long)]
+        arch: String,
+        /// A directory holding tokenizer.json and tokenizer_config.json to copy.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Vocabulary size (must cover the tokenizer's ids).
+        #[arg(long, default_value_t = 151_936)]
+        vocab: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output directory.
+        out: PathBuf,
     },
 }
 
@@ -213,6 +237,19 @@ fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Gc { recipes, all, dry_run, cache_dir } => gc(&recipes, all, dry_run, &cache_dir),
+        Command::Dev(DevCommand::RandomModel { arch, tokenizer, vocab, seed, out }) => {
+            use crate::model::qwen::Variant;
+            use crate::model::testing::{TinyGemma3, TinyQwen};
+            match arch.as_str() {
+                "gemma3" => TinyGemma3::new(vocab).write(&out, &tokenizer, seed)?,
+                "gemma3-270m" => TinyGemma3::gemma3_270m(vocab).write(&out, &tokenizer, seed)?,
+                "qwen3" => TinyQwen::new(Variant::Qwen3, vocab).write(&out, &tokenizer, seed)?,
+                "qwen2" => TinyQwen::new(Variant::Qwen2, vocab).write(&out, &tokenizer, seed)?,
+                other => bail!("unknown --arch `{other}`: use gemma3, gemma3-270m, qwen3 or qwen2"),
+            }
+            eprintln!("wrote {}", out.display());
+            Ok(())
+        }
         Command::Bench(BenchCommand::Train { model, max_len, steps, device, dataset, json, cache_dir }) => {
             let opts = crate::bench::TrainOptions { model, max_len, steps: steps.max(1), device, dataset, cache_dir };
             let r = crate::bench::train(&opts)?;

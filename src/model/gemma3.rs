@@ -17,7 +17,7 @@ use candle_core::{Device, Result, Tensor};
 use serde::Deserialize;
 
 use super::lora::{DropoutMask, LoraLinear};
-use super::ops::{Rope, attention_mask, rms_norm, softmax};
+use super::ops::{Rope, attention_mask, gelu_tanh, rms_norm, softmax};
 use super::{CausalLm, TARGETS, Weights};
 
 /// The hyper-parameters of a Gemma 3 text model (HF `Gemma3TextConfig`).
@@ -158,7 +158,7 @@ impl Gemma3 {
         let attn = self.attention(l, &n, mask, dropout)?;
         let h = (x + rms_norm(&attn, &l.post_attn_norm, eps, 1.0)?)?;
         let n = rms_norm(&h, &l.pre_ff_norm, eps, 1.0)?;
-        let ff = (l.gate.forward(&n, dropout)?.gelu()? * l.up.forward(&n, dropout)?)?;
+        let ff = (gelu_tanh(&l.gate.forward(&n, dropout)?)? * l.up.forward(&n, dropout)?)?;
         let ff = l.down.forward(&ff, dropout)?;
         h + rms_norm(&ff, &l.post_ff_norm, eps, 1.0)?
     }

@@ -5,6 +5,7 @@
 //! up_proj.weight`) whatever file they come from, so adapters and merged
 //! models interoperate with transformers and PEFT.
 
+pub mod fused;
 pub mod gemma3;
 pub mod gguf;
 pub mod lora;

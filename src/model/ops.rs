@@ -1,18 +1,56 @@
 //! Differentiable building blocks shared by the architectures.
 //!
 //! candle's fused `rms_norm`, `rope` and `softmax_last_dim` have no backward
-//! pass (gradients silently stop there), so these are composed from ops that
-//! do. Everything is f32.
+//! pass (gradients silently stop there). On the CPU these use our fused
+//! kernels with hand-written backward ([`super::fused`]); elsewhere, the
+//! versions in [`composed`], built from candle ops that do have a backward.
+//! Everything is f32.
 
 use candle_core::{D, DType, Device, Result, Tensor};
+
+fn fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * w`.
 /// Gemma stores `w - 1` and multiplies by `1 + w`: pass `offset = 1.0`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, offset: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
     let w = if offset != 0.0 { (weight + offset)? } else { weight.clone() };
-    normed.broadcast_mul(&w)
+    if fused(x) { super::fused::rms_norm(x, &w, eps) } else { composed::rms_norm(x, &w, eps) }
+}
+
+/// GELU, tanh approximation.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if fused(x) { super::fused::gelu_tanh(x) } else { x.gelu() }
+}
+
+/// The same operations composed from candle primitives (each with a
+/// backward pass): the fallback off the CPU, and the reference in tests.
+pub mod composed {
+    use candle_core::{D, Result, Tensor};
+
+    pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+    }
+
+    pub fn softmax(x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+
+    pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        log_probs.gather(&targets.unsqueeze(1)?, 1)?.neg()?.mean_all()
+    }
+
+    /// `x·cos + rotate_half(x)·sin` for `x: [heads, T, D]`, tables `[T, D]`.
+    pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let d = x.dim(D::Minus1)?;
+        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    }
 }
 
 /// Cos/sin tables for rotary embeddings (NEOX / HF "rotate_half" layout),
@@ -36,13 +74,10 @@ impl Rope {
 
     /// Rotates `x: [heads, T, head_dim]` for positions `0..T` (offset `start`).
     pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let (_, t, d) = x.dims3()?;
+        let (_, t, _) = x.dims3()?;
         let cos = self.cos.narrow(0, start, t)?;
         let sin = self.sin.narrow(0, start, t)?;
-        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+        if fused(x) { super::fused::rope(x, &cos, &sin) } else { composed::rope(x, &cos, &sin) }
     }
 }
 
@@ -67,12 +102,14 @@ pub fn attention_mask(t: usize, start: usize, window: Option<usize>, device: &De
 
 /// Softmax over the last dimension, composed (differentiable).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::softmax(x, D::Minus1)
+    if fused(x) { super::fused::softmax(x) } else { composed::softmax(x) }
 }
 
 /// Mean cross-entropy of `logits: [N, V]` against `targets: [N]` (u32).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?;
-    picked.neg()?.mean_all()
+    if fused(logits) {
+        super::fused::cross_entropy(logits, &targets.to_vec1::<u32>()?)
+    } else {
+        composed::cross_entropy(logits, targets)
+    }
 }

@@ -28,6 +28,23 @@ pub struct TinyGemma3 {
 }
 
 impl TinyGemma3 {
+    /// The shape of the real Gemma 3 270M (18 layers, 640 wide, 4 heads of
+    /// 256, one kv head, window 512), for speed measurements without the
+    /// real weights.
+    pub fn gemma3_270m(vocab_size: usize) -> TinyGemma3 {
+        TinyGemma3 {
+            vocab_size,
+            hidden_size: 640,
+            intermediate_size: 2048,
+            layers: 18,
+            heads: 4,
+            kv_heads: 1,
+            head_dim: 256,
+            sliding_window: 512,
+            max_positions: 32_768,
+        }
+    }
+
     /// A two-layer model (one sliding, one global) with a window of 8.
     pub fn new(vocab_size: usize) -> TinyGemma3 {
         TinyGemma3 {
@@ -61,8 +78,12 @@ impl TinyGemma3 {
             "rope_theta": 1_000_000.0,
             "rope_local_base_freq": 10_000.0,
             "sliding_window": self.sliding_window,
+            // Tiny models alternate; real-sized ones follow Gemma 3 (5 local, 1 global).
             "layer_types": (0..self.layers)
-                .map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" })
+                .map(|i| {
+                    let global = if self.layers <= 2 { i % 2 == 1 } else { i % 6 == 5 };
+                    if global { "full_attention" } else { "sliding_attention" }
+                })
                 .collect::<Vec<_>>(),
             "query_pre_attn_scalar": self.head_dim,
             "max_position_embeddings": self.max_positions,
