@@ -152,6 +152,61 @@ impl CustomOp2 for SoftmaxBwd {
     }
 }
 
+// ---------------------------------------------------------------- attention
+
+/// Attention probabilities `softmax(q·kᵀ + mask)` for `q: [G, R, D]` (R =
+/// heads-per-group × T query rows, position = row mod T) and `k: [G, T, D]`;
+/// the causal mask (and a sliding window, when given) is applied in the
+/// kernel. Neither the scores nor the masked scores are kept for backward:
+/// it needs only the probabilities, `q` and `k`.
+pub fn attention_probs(q: &Tensor, k: &Tensor, window: Option<usize>) -> Result<Tensor> {
+    q.contiguous()?.apply_op2(&k.contiguous()?, AttentionProbs { window })
+}
+
+struct AttentionProbs {
+    window: Option<usize>,
+}
+
+impl CustomOp2 for AttentionProbs {
+    fn name(&self) -> &'static str {
+        "fused-attention-probs"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (g, r, d) = l1.shape().dims3()?;
+        let t = l2.dims()[1];
+        let scores = s1.matmul(s2, (g, r, t, d), l1, &l2.transpose(1, 2)?)?;
+        let CpuStorage::F32(mut p) = scores else { candle_core::bail!("fused attention: f32 only") };
+        let window = self.window;
+        p.par_chunks_mut(t).enumerate().for_each(|(row, pr)| {
+            let pos = row % t;
+            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let visible = &pr[first..=pos];
+            let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for v in &mut pr[first..=pos] {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            pr[first..=pos].iter_mut().for_each(|v| *v *= inv);
+            pr[..first].iter_mut().for_each(|v| *v = 0.0);
+            pr[pos + 1..].iter_mut().for_each(|v| *v = 0.0);
+        });
+        Ok((CpuStorage::F32(p), Shape::from((g, r, t))))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, probs: &Tensor, dp: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Through the softmax (masked entries have p = 0, so no gradient),
+        // then through q·kᵀ.
+        let ds = probs.apply_op2_no_bwd(&dp.contiguous()?, &SoftmaxBwd)?;
+        let dq = ds.matmul(k)?;
+        let dk = ds.t()?.matmul(q)?;
+        Ok((Some(dq), Some(dk)))
+    }
+}
+
 // ---------------------------------------------------------------- RoPE
 
 /// Rotary embedding of `x: [heads, T, D]` (HF rotate-half layout) with
@@ -372,6 +427,31 @@ mod tests {
             |x| composed::rms_norm(x, &w, 1e-6).unwrap(),
         );
         check("softmax", &[3, 7, 11], |x| super::softmax(x).unwrap(), |x| composed::softmax(x).unwrap());
+        // Attention probabilities: 2 kv groups, 2 heads per group, T = 9, window 4.
+        let k = Var::from_tensor(&rand(&[2, 9, 8], 5)).unwrap();
+        for window in [None, Some(4)] {
+            check(
+                "attention_probs",
+                &[2, 18, 8],
+                |q| super::attention_probs(q, k.as_tensor(), window).unwrap(),
+                |q| composed::attention_probs(q, k.as_tensor(), window).unwrap(),
+            );
+            let q = rand(&[2, 18, 8], 6);
+            let r = rand(&[2, 18, 9], 7);
+            let gf = (super::attention_probs(&q, k.as_tensor(), window).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gr = (composed::attention_probs(&q, k.as_tensor(), window).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert!(max_diff(gf.get(&k).unwrap(), gr.get(&k).unwrap()) < 1e-4, "attention dk");
+        }
         check("gelu", &[9, 33], |x| super::gelu_tanh(x).unwrap(), |x| x.gelu().unwrap());
         let targets = [3u32, 0, 10, 7, 1];
         let t = Tensor::new(&targets, &Device::Cpu).unwrap();

@@ -17,7 +17,7 @@ use candle_core::{Device, Result, Tensor};
 use serde::Deserialize;
 
 use super::lora::{DropoutMask, LoraLinear};
-use super::ops::{Rope, attention_mask, gelu_tanh, rms_norm, softmax};
+use super::ops::{Rope, attention_probs, gelu_tanh, rms_norm, softmax};
 use super::{CausalLm, TARGETS, Weights};
 
 /// The hyper-parameters of a Gemma 3 text model (HF `Gemma3TextConfig`).
@@ -152,10 +152,10 @@ impl Gemma3 {
         Ok(Gemma3 { cfg, embed, layers, norm, rope_local, rope_global, device })
     }
 
-    fn layer(&self, l: &Layer, x: &Tensor, mask: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+    fn layer(&self, l: &Layer, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
         let n = rms_norm(x, &l.input_norm, eps, 1.0)?;
-        let attn = self.attention(l, &n, mask, dropout)?;
+        let attn = self.attention(l, &n, dropout)?;
         let h = (x + rms_norm(&attn, &l.post_attn_norm, eps, 1.0)?)?;
         let n = rms_norm(&h, &l.pre_ff_norm, eps, 1.0)?;
         let ff = (gelu_tanh(&l.gate.forward(&n, dropout)?)? * l.up.forward(&n, dropout)?)?;
@@ -163,7 +163,7 @@ impl Gemma3 {
         h + rms_norm(&ff, &l.post_ff_norm, eps, 1.0)?
     }
 
-    fn attention(&self, l: &Layer, x: &Tensor, mask: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+    fn attention(&self, l: &Layer, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
@@ -180,12 +180,15 @@ impl Gemma3 {
         // group are stacked along the time axis.
         let group = nh / nkv;
         let q = q.reshape((nkv, group * t, hd))?;
-        let mut scores = q.matmul(&k.t()?)?; // [nkv, group·T, T]
-        if let Some(cap) = cfg.attn_logit_softcapping {
-            scores = ((scores / cap)?.tanh()? * cap)?;
-        }
-        let scores = scores.reshape((nh, t, t))?.broadcast_add(mask)?;
-        let probs = softmax(&scores)?.reshape((nkv, group * t, t))?;
+        let window = l.sliding.then_some(cfg.sliding_window);
+        let probs = match cfg.attn_logit_softcapping {
+            None => attention_probs(&q, &k, window)?, // [nkv, group·T, T]
+            Some(cap) => {
+                let scores = ((q.matmul(&k.t()?)? / cap)?.tanh()? * cap)?;
+                let mask = super::ops::attention_mask(t, 0, window, &self.device)?;
+                softmax(&scores.reshape((nh, t, t))?.broadcast_add(&mask)?)?.reshape((nkv, group * t, t))?
+            }
+        };
         let out = probs.matmul(&v)?; // [nkv, group·T, hd]
         let out = out.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
         l.o.forward(&out, dropout)
@@ -224,18 +227,10 @@ impl CausalLm for Gemma3 {
 
     /// Final hidden states (after the last norm) for `ids`, `[T, hidden]`.
     fn hidden(&self, ids: &[u32], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
-        let t = ids.len();
         let ids = Tensor::new(ids, &self.device)?;
         let mut x = (self.embed.index_select(&ids, 0)? * (self.cfg.hidden_size as f64).sqrt())?;
-        let causal = attention_mask(t, 0, None, &self.device)?;
-        let local = if t > self.cfg.sliding_window {
-            attention_mask(t, 0, Some(self.cfg.sliding_window), &self.device)?
-        } else {
-            causal.clone()
-        };
         for layer in &self.layers {
-            let mask = if layer.sliding { &local } else { &causal };
-            x = self.layer(layer, &x, mask, dropout)?;
+            x = self.layer(layer, &x, dropout)?;
         }
         rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, 1.0)
     }

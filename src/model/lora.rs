@@ -6,72 +6,69 @@
 //! Kaiming-uniform, seeded).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, Var};
 
 /// `x·Wᵀ` for a frozen `W`: backward gives `x` its gradient and skips the
-/// (large, useless) gradient of `W` that candle's matmul would compute.
+/// (large, useless) gradient of `W` that candle's matmul would compute. The
+/// op computes the product itself, so the graph keeps only `x` alive.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return x.broadcast_matmul(&w.t()?);
     }
-    // The product of the detached input is not part of the graph; the op
-    // below puts it there with the backward we want.
-    let y = x.detach().broadcast_matmul(&w.t()?)?;
-    x.apply_op2(&y, FrozenGrad { w: w.clone() })
+    let dims = x.dims().to_vec();
+    let k = *dims.last().expect("at least 1-d");
+    let x2 = x.reshape(((), k))?.contiguous()?;
+    let y = x2.apply_op1(FrozenLinear { w: w.contiguous()? })?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("at least 1-d") = w.dim(0)?;
+    y.reshape(out_dims)
 }
 
-/// Forward: returns its second argument (the precomputed product).
-/// Backward: `∂x = grad·W`, nothing for the product.
-struct FrozenGrad {
+/// Forward: `x·Wᵀ` (2-d `x`). Backward: `∂x = grad·W`, nothing for `W`.
+struct FrozenLinear {
     w: Tensor,
 }
 
-impl CustomOp2 for FrozenGrad {
+/// `x·Wᵀ` on one backend's storage.
+fn matmul_wt<S: BackendStorage>(x: &S, lx: &Layout, w: &S, lw: &Layout) -> Result<(S, Shape)> {
+    let (m, k) = lx.shape().dims2()?;
+    let n = lw.dims()[0];
+    Ok((x.matmul(w, (1, m, n, k), lx, &lw.transpose(0, 1)?)?, Shape::from((m, n))))
+}
+
+impl CustomOp1 for FrozenLinear {
     fn name(&self) -> &'static str {
         "frozen-linear"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        contiguous(l2)?;
-        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (w, lw) = self.w.storage_and_layout();
+        match &*w {
+            Storage::Cpu(w) => matmul_wt(s, l, w, lw),
+            _ => candle_core::bail!("frozen-linear: input on the CPU, weight elsewhere"),
+        }
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        contiguous(l2)?;
-        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (w, lw) = self.w.storage_and_layout();
+        match &*w {
+            Storage::Cuda(w) => matmul_wt(s, l, w, lw),
+            _ => candle_core::bail!("frozen-linear: input on CUDA, weight elsewhere"),
+        }
     }
 
     #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        s2: &candle_core::MetalStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        contiguous(l2)?;
-        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    fn metal_fwd(&self, s: &candle_core::MetalStorage, l: &Layout) -> Result<(candle_core::MetalStorage, Shape)> {
+        let (w, lw) = self.w.storage_and_layout();
+        match &*w {
+            Storage::Metal(w) => matmul_wt(s, l, w, lw),
+            _ => candle_core::bail!("frozen-linear: input on Metal, weight elsewhere"),
+        }
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.broadcast_matmul(&self.w)?), None))
-    }
-}
-
-/// The product is a fresh matmul output: contiguous from offset 0, so a
-/// clone of its storage is exactly the result.
-fn contiguous(l: &Layout) -> Result<()> {
-    if l.is_contiguous() && l.start_offset() == 0 {
-        Ok(())
-    } else {
-        Err(candle_core::Error::Msg("frozen-linear: the product must be contiguous".into()))
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
     }
 }
 

@@ -6,7 +6,7 @@
 //! versions in [`composed`], built from candle ops that do have a backward.
 //! Everything is f32.
 
-use candle_core::{D, DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 fn fused(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
@@ -36,6 +36,14 @@ pub mod composed {
 
     pub fn softmax(x: &Tensor) -> Result<Tensor> {
         candle_nn::ops::softmax(x, D::Minus1)
+    }
+
+    pub fn attention_probs(q: &Tensor, k: &Tensor, window: Option<usize>) -> Result<Tensor> {
+        let (g, r, _) = q.dims3()?;
+        let t = k.dim(1)?;
+        let mask = super::attention_mask(t, 0, window, q.device())?;
+        let scores = q.matmul(&k.t()?)?.reshape((g, r / t, t, t))?.broadcast_add(&mask)?;
+        softmax(&scores)?.reshape((g, r, t))
     }
 
     pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -100,7 +108,14 @@ pub fn attention_mask(t: usize, start: usize, window: Option<usize>, device: &De
     Tensor::from_vec(data, (t, total), device)
 }
 
-/// Softmax over the last dimension, composed (differentiable).
+/// Causal attention probabilities `softmax(q·kᵀ + mask)` for `q: [G, R, D]`
+/// (rows are heads-per-group × T, position = row mod T) and `k: [G, T, D]`;
+/// `window` adds a sliding-window limit. `q` must already be scaled.
+pub fn attention_probs(q: &Tensor, k: &Tensor, window: Option<usize>) -> Result<Tensor> {
+    if fused(q) { super::fused::attention_probs(q, k, window) } else { composed::attention_probs(q, k, window) }
+}
+
+/// Softmax over the last dimension.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     if fused(x) { super::fused::softmax(x) } else { composed::softmax(x) }
 }

@@ -19,7 +19,7 @@ use candle_core::{Device, Result, Tensor};
 use serde::Deserialize;
 
 use super::lora::{DropoutMask, LoraLinear, frozen_linear};
-use super::ops::{Rope, attention_mask, rms_norm, softmax};
+use super::ops::{Rope, attention_probs, rms_norm};
 use super::{CausalLm, Weights};
 
 /// Which generation.
@@ -150,16 +150,16 @@ impl Qwen {
         Ok(Qwen { variant, cfg, embed, lm_head, layers, norm, rope, device })
     }
 
-    fn layer(&self, l: &Layer, x: &Tensor, mask: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+    fn layer(&self, l: &Layer, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
         let n = rms_norm(x, &l.input_norm, eps, 0.0)?;
-        let h = (x + self.attention(l, &n, mask, dropout)?)?;
+        let h = (x + self.attention(l, &n, dropout)?)?;
         let n = rms_norm(&h, &l.post_attn_norm, eps, 0.0)?;
         let ff = (l.gate.forward(&n, dropout)?.silu()? * l.up.forward(&n, dropout)?)?;
         h + l.down.forward(&ff, dropout)?
     }
 
-    fn attention(&self, l: &Layer, x: &Tensor, mask: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+    fn attention(&self, l: &Layer, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
@@ -175,9 +175,7 @@ impl Qwen {
         let k = self.rope.apply(&k, 0)?;
         // Grouped-query attention: the q heads of a kv group stacked in time.
         let group = nh / nkv;
-        let scores = q.reshape((nkv, group * t, hd))?.matmul(&k.t()?)?;
-        let scores = scores.reshape((nh, t, t))?.broadcast_add(mask)?;
-        let probs = softmax(&scores)?.reshape((nkv, group * t, t))?;
+        let probs = attention_probs(&q.reshape((nkv, group * t, hd))?, &k, None)?;
         let out = probs.matmul(&v)?.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
         l.o.forward(&out, dropout)
     }
@@ -210,9 +208,8 @@ impl CausalLm for Qwen {
     fn hidden(&self, ids: &[u32], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
         let ids = Tensor::new(ids, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        let mask = attention_mask(ids.dim(0)?, 0, None, &self.device)?;
         for layer in &self.layers {
-            x = self.layer(layer, &x, &mask, dropout)?;
+            x = self.layer(layer, &x, dropout)?;
         }
         rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, 0.0)
     }
