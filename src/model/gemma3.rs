@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use super::lora::{DropoutMask, LoraLinear};
 use super::ops::{Rope, attention_probs, gelu_tanh, rms_norm, softmax};
-use super::{CausalLm, TARGETS, Weights};
+use super::{CausalLm, Weights, layer_linears};
 
 /// The hyper-parameters of a Gemma 3 text model (HF `Gemma3TextConfig`).
 #[derive(Debug, Clone, Deserialize)]
@@ -210,22 +210,14 @@ impl CausalLm for Gemma3 {
     }
 
     fn linears_mut(&mut self) -> Vec<(String, &mut LoraLinear)> {
-        let mut out = Vec::new();
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            let [q, k, v, o, g, u, d] = TARGETS;
-            out.push((format!("{p}.self_attn.{q}"), &mut l.q));
-            out.push((format!("{p}.self_attn.{k}"), &mut l.k));
-            out.push((format!("{p}.self_attn.{v}"), &mut l.v));
-            out.push((format!("{p}.self_attn.{o}"), &mut l.o));
-            out.push((format!("{p}.mlp.{g}"), &mut l.gate));
-            out.push((format!("{p}.mlp.{u}"), &mut l.up));
-            out.push((format!("{p}.mlp.{d}"), &mut l.down));
-        }
-        out
+        let layers = self.layers.iter_mut().enumerate();
+        layers
+            .flat_map(|(i, l)| {
+                layer_linears(i, [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down])
+            })
+            .collect()
     }
 
-    /// Final hidden states (after the last norm) for `ids`, `[T, hidden]`.
     fn hidden(&self, ids: &[u32], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
         let ids = Tensor::new(ids, &self.device)?;
         let mut x = (self.embed.index_select(&ids, 0)? * (self.cfg.hidden_size as f64).sqrt())?;

@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 use super::lora::{DropoutMask, LoraLinear, frozen_linear};
 use super::ops::{Rope, attention_probs, rms_norm};
-use super::{CausalLm, Weights};
+use super::{CausalLm, Weights, layer_linears};
 
 /// Which generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,18 +191,12 @@ impl CausalLm for Qwen {
     }
 
     fn linears_mut(&mut self) -> Vec<(String, &mut LoraLinear)> {
-        let mut out = Vec::new();
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((format!("{p}.self_attn.q_proj"), &mut l.q));
-            out.push((format!("{p}.self_attn.k_proj"), &mut l.k));
-            out.push((format!("{p}.self_attn.v_proj"), &mut l.v));
-            out.push((format!("{p}.self_attn.o_proj"), &mut l.o));
-            out.push((format!("{p}.mlp.gate_proj"), &mut l.gate));
-            out.push((format!("{p}.mlp.up_proj"), &mut l.up));
-            out.push((format!("{p}.mlp.down_proj"), &mut l.down));
-        }
-        out
+        let layers = self.layers.iter_mut().enumerate();
+        layers
+            .flat_map(|(i, l)| {
+                layer_linears(i, [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down])
+            })
+            .collect()
     }
 
     fn hidden(&self, ids: &[u32], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {

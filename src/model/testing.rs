@@ -63,7 +63,6 @@ impl TinyGemma3 {
     /// Writes `config.json` and `model.safetensors` into `dir`, and copies
     /// `tokenizer.json` / `tokenizer_config.json` from `tokenizer_dir`.
     pub fn write(&self, dir: &Path, tokenizer_dir: &Path, seed: u64) -> Result<()> {
-        std::fs::create_dir_all(dir)?;
         let config = serde_json::json!({
             "architectures": ["Gemma3ForCausalLM"],
             "model_type": "gemma3_text",
@@ -91,32 +90,13 @@ impl TinyGemma3 {
             "tie_word_embeddings": true,
             "torch_dtype": "float32",
         });
-        std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
-
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let normal = Normal::new(0.0f32, 0.02).expect("valid normal");
-        let mut tensor = |shape: &[usize], std_scale: f32| -> Result<Tensor> {
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng) * std_scale).collect();
-            Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
-        };
+        let mut w = RandomWeights::new(seed);
         let (h, i, nh, nkv, hd) = (self.hidden_size, self.intermediate_size, self.heads, self.kv_heads, self.head_dim);
-        let mut w: HashMap<String, Tensor> = HashMap::new();
-        w.insert("model.embed_tokens.weight".into(), tensor(&[self.vocab_size, h], 50.0)?);
-        w.insert("model.norm.weight".into(), tensor(&[h], 5.0)?);
+        w.add("model.embed_tokens.weight".into(), &[self.vocab_size, h], 50.0, 0.0)?;
+        w.add("model.norm.weight".into(), &[h], 5.0, 0.0)?;
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
-            for (name, shape) in [
-                ("self_attn.q_proj.weight", vec![nh * hd, h]),
-                ("self_attn.k_proj.weight", vec![nkv * hd, h]),
-                ("self_attn.v_proj.weight", vec![nkv * hd, h]),
-                ("self_attn.o_proj.weight", vec![h, nh * hd]),
-                ("mlp.gate_proj.weight", vec![i, h]),
-                ("mlp.up_proj.weight", vec![i, h]),
-                ("mlp.down_proj.weight", vec![h, i]),
-            ] {
-                w.insert(format!("{p}.{name}"), tensor(&shape, 5.0)?);
-            }
+            w.projections(&p, h, i, nh * hd, nkv * hd)?;
             for (name, n) in [
                 ("input_layernorm.weight", h),
                 ("post_attention_layernorm.weight", h),
@@ -125,15 +105,10 @@ impl TinyGemma3 {
                 ("self_attn.q_norm.weight", hd),
                 ("self_attn.k_norm.weight", hd),
             ] {
-                w.insert(format!("{p}.{name}"), tensor(&[n], 5.0)?);
+                w.add(format!("{p}.{name}"), &[n], 5.0, 0.0)?;
             }
         }
-        candle_core::safetensors::save(&w, dir.join("model.safetensors"))?;
-        for f in ["tokenizer.json", "tokenizer_config.json"] {
-            std::fs::copy(tokenizer_dir.join(f), dir.join(f))
-                .with_context(|| format!("cannot copy {}", tokenizer_dir.join(f).display()))?;
-        }
-        Ok(())
+        w.save(dir, &config, tokenizer_dir)
     }
 }
 
@@ -168,7 +143,6 @@ impl TinyQwen {
     /// read) and `model.safetensors`, and copies the tokenizer files.
     pub fn write(&self, dir: &Path, tokenizer_dir: &Path, seed: u64) -> Result<()> {
         use super::qwen::Variant;
-        std::fs::create_dir_all(dir)?;
         let qwen3 = self.variant == Variant::Qwen3;
         let config = serde_json::json!({
             "architectures": [if qwen3 { "Qwen3ForCausalLM" } else { "Qwen2ForCausalLM" }],
@@ -191,49 +165,72 @@ impl TinyQwen {
             "hidden_act": "silu",
             "torch_dtype": "float32",
         });
-        std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let normal = Normal::new(0.0f32, 0.02).expect("valid normal");
-        let mut tensor = |shape: &[usize], scale: f32, offset: f32| -> Result<Tensor> {
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = (0..n).map(|_| offset + normal.sample(&mut rng) * scale).collect();
-            Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
-        };
+        let mut w = RandomWeights::new(seed);
         let (h, i, nh, nkv, hd) = (self.hidden_size, self.intermediate_size, self.heads, self.kv_heads, self.head_dim);
-        let mut w: HashMap<String, Tensor> = HashMap::new();
-        w.insert("model.embed_tokens.weight".into(), tensor(&[self.vocab_size, h], 50.0, 0.0)?);
-        w.insert("model.norm.weight".into(), tensor(&[h], 5.0, 1.0)?);
+        w.add("model.embed_tokens.weight".into(), &[self.vocab_size, h], 50.0, 0.0)?;
+        w.add("model.norm.weight".into(), &[h], 5.0, 1.0)?;
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
-            for (name, shape) in [
-                ("self_attn.q_proj.weight", vec![nh * hd, h]),
-                ("self_attn.k_proj.weight", vec![nkv * hd, h]),
-                ("self_attn.v_proj.weight", vec![nkv * hd, h]),
-                ("self_attn.o_proj.weight", vec![h, nh * hd]),
-                ("mlp.gate_proj.weight", vec![i, h]),
-                ("mlp.up_proj.weight", vec![i, h]),
-                ("mlp.down_proj.weight", vec![h, i]),
-            ] {
-                w.insert(format!("{p}.{name}"), tensor(&shape, 5.0, 0.0)?);
-            }
+            w.projections(&p, h, i, nh * hd, nkv * hd)?;
             for name in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
-                w.insert(format!("{p}.{name}"), tensor(&[h], 5.0, 1.0)?);
+                w.add(format!("{p}.{name}"), &[h], 5.0, 1.0)?;
             }
             if qwen3 {
                 for name in ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] {
-                    w.insert(format!("{p}.{name}"), tensor(&[hd], 5.0, 1.0)?);
+                    w.add(format!("{p}.{name}"), &[hd], 5.0, 1.0)?;
                 }
             } else {
-                for (name, n) in [
-                    ("self_attn.q_proj.bias", nh * hd),
-                    ("self_attn.k_proj.bias", nkv * hd),
-                    ("self_attn.v_proj.bias", nkv * hd),
-                ] {
-                    w.insert(format!("{p}.{name}"), tensor(&[n], 5.0, 0.0)?);
+                for (name, n) in [("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)] {
+                    w.add(format!("{p}.self_attn.{name}.bias"), &[n], 5.0, 0.0)?;
                 }
             }
         }
-        candle_core::safetensors::save(&w, dir.join("model.safetensors"))?;
+        w.save(dir, &config, tokenizer_dir)
+    }
+}
+
+/// Seeded random tensors collected under HF names, then saved beside a copy
+/// of the tokenizer files.
+struct RandomWeights {
+    rng: rand_chacha::ChaCha8Rng,
+    normal: Normal<f32>,
+    map: HashMap<String, Tensor>,
+}
+
+impl RandomWeights {
+    fn new(seed: u64) -> RandomWeights {
+        let normal = Normal::new(0.0f32, 0.02).expect("valid normal");
+        RandomWeights { rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed), normal, map: HashMap::new() }
+    }
+
+    /// `offset + N(0, 0.02·scale)` entries.
+    fn add(&mut self, name: String, shape: &[usize], scale: f32, offset: f32) -> Result<()> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| offset + self.normal.sample(&mut self.rng) * scale).collect();
+        self.map.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        Ok(())
+    }
+
+    /// The seven projections of layer `p` (`model.layers.N`).
+    fn projections(&mut self, p: &str, h: usize, i: usize, q_out: usize, kv_out: usize) -> Result<()> {
+        for (name, shape) in [
+            ("self_attn.q_proj.weight", [q_out, h]),
+            ("self_attn.k_proj.weight", [kv_out, h]),
+            ("self_attn.v_proj.weight", [kv_out, h]),
+            ("self_attn.o_proj.weight", [h, q_out]),
+            ("mlp.gate_proj.weight", [i, h]),
+            ("mlp.up_proj.weight", [i, h]),
+            ("mlp.down_proj.weight", [h, i]),
+        ] {
+            self.add(format!("{p}.{name}"), &shape, 5.0, 0.0)?;
+        }
+        Ok(())
+    }
+
+    fn save(self, dir: &Path, config: &serde_json::Value, tokenizer_dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(config)?)?;
+        candle_core::safetensors::save(&self.map, dir.join("model.safetensors"))?;
         for f in ["tokenizer.json", "tokenizer_config.json"] {
             std::fs::copy(tokenizer_dir.join(f), dir.join(f))
                 .with_context(|| format!("cannot copy {}", tokenizer_dir.join(f).display()))?;
