@@ -8,7 +8,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
 use common::{Project, chat_jsonl, models_dir, tiny_gemma3, train_recipe};
-use pipeline::model::lora::{Lora, LoraLinear, frozen_linear};
+use pipeline::model::lora::{Lora, LoraLinear, NoDropout, frozen_linear};
 
 const TRAIN: &str = "rank = 4\nalpha = 8\ndropout = 0.1\nlearning_rate = 5e-3\nmax_steps = 6\n\
                      gradient_accumulation = 2\ncheckpoint_every = 2\neval_every = 3\nschedule = \"cosine\"\nwarmup_steps = 1\n";
@@ -195,7 +195,7 @@ fn lora_linear_gradients_match_finite_differences() {
         bias: None,
         lora: Some(Lora { a: a.clone(), b: b.clone(), scale: 1.5, dropout: 0.0 }),
     };
-    let loss = || layer.forward(x.as_tensor(), None).unwrap().mul(&r).unwrap().sum_all().unwrap();
+    let loss = || layer.forward(x.as_tensor(), Some(&NoDropout)).unwrap().mul(&r).unwrap().sum_all().unwrap();
     let grads = loss().backward().unwrap();
     let f = || loss().to_scalar::<f32>().unwrap() as f64;
     for (name, var) in [("x", &x), ("A", &a), ("B", &b)] {
@@ -247,7 +247,7 @@ fn full_model_gradients_match_finite_differences() {
     // 12 tokens: longer than the sliding window (8) of layer 0.
     let ids: Vec<u32> = (0..12).map(|i| (i * 7919 + 13) % 151_000).collect();
     let mask: Vec<u8> = (0..12).map(|i| u8::from(i >= 4)).collect();
-    let loss = || pipeline::train::example_loss(model.as_ref(), &ids, &mask, None).unwrap().0;
+    let loss = || pipeline::train::example_loss(model.as_ref(), &ids, &mask, Some(&NoDropout)).unwrap().0;
     let grads = loss().backward().unwrap();
     let f = || loss().to_scalar::<f32>().unwrap() as f64;
     for module in [

@@ -90,10 +90,24 @@ pub struct LoraLinear {
     pub lora: Option<Lora>,
 }
 
-/// Draws dropout masks. `None` at evaluation time.
+/// Draws dropout masks while training.
+///
+/// Forward passes take `Option<&dyn DropoutMask>`: `Some` is training mode
+/// (gradients flow into the LoRA matrices), `None` is inference mode (the
+/// LoRA matrices are used detached, so no autograd graph is built), like
+/// PyTorch's `train()` / `eval()`.
 pub trait DropoutMask {
     /// A `{0, 1/(1-p)}` mask shaped like `x`, or `None` to skip dropout.
     fn mask(&self, shape: &Shape, p: f32, device: &candle_core::Device) -> Result<Option<Tensor>>;
+}
+
+/// Training mode without dropout (e.g. gradient checks).
+pub struct NoDropout;
+
+impl DropoutMask for NoDropout {
+    fn mask(&self, _: &Shape, _: f32, _: &candle_core::Device) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 impl LoraLinear {
@@ -115,11 +129,17 @@ impl LoraLinear {
             y = y.broadcast_add(b)?;
         }
         let Some(lora) = &self.lora else { return Ok(y) };
-        let x = match dropout.map(|d| d.mask(x.shape(), lora.dropout, x.device())).transpose()?.flatten() {
-            Some(mask) if lora.dropout > 0.0 => x.mul(&mask)?,
-            _ => x.clone(),
+        let (a, b, x) = match dropout {
+            None => (lora.a.as_tensor().detach(), lora.b.as_tensor().detach(), x.clone()),
+            Some(d) => {
+                let x = match d.mask(x.shape(), lora.dropout, x.device())? {
+                    Some(mask) if lora.dropout > 0.0 => x.mul(&mask)?,
+                    _ => x.clone(),
+                };
+                (lora.a.as_tensor().clone(), lora.b.as_tensor().clone(), x)
+            }
         };
-        let delta = x.broadcast_matmul(&lora.a.as_tensor().t()?)?.broadcast_matmul(&lora.b.as_tensor().t()?)?;
+        let delta = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
         y + (delta * lora.scale)?
     }
 

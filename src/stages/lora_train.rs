@@ -341,6 +341,7 @@ impl<'a> Trainer<'a> {
         let mut order = DataOrder::new(self.seed, self.train.len());
         let started = Instant::now();
         let mut tokens_seen = 0u64;
+        let first_step = state.step;
         for step in state.step..self.total_steps {
             let lr = learning_rate(
                 p.schedule,
@@ -362,7 +363,22 @@ impl<'a> Trainer<'a> {
             let rate = tokens_seen as f64 / started.elapsed().as_secs_f64();
             pb.set_message(format!("loss {:.4} lr {:.2e} {rate:.0} tok/s", row.loss, row.lr));
             pb.inc(1);
-            tracing::debug!(step = done, loss = row.loss, lr = row.lr, grad_norm = row.grad_norm, "step");
+            // Without a terminal there is no bar: log about 20 lines per run instead.
+            let every = (self.total_steps / 20).max(1);
+            if !crate::progress::enabled() && (done % every == 0 || done == self.total_steps) {
+                let eta =
+                    (self.total_steps - done) as f64 * started.elapsed().as_secs_f64() / (done - first_step) as f64;
+                tracing::info!(
+                    step = done,
+                    of = self.total_steps,
+                    loss = format!("{:.4}", row.loss),
+                    lr = format!("{:.2e}", row.lr),
+                    tokens_per_s = format!("{rate:.0}"),
+                    eta_s = format!("{eta:.0}"),
+                    eval_loss = row.eval_loss.map(|l| format!("{l:.4}")),
+                    "training"
+                );
+            }
             state.log.push(row);
             state.step = done;
             if done % p.checkpoint_every as u64 == 0 || done == self.total_steps {

@@ -1,5 +1,5 @@
-//! The loss curve as an SVG: training loss per step, and validation loss
-//! where it was measured.
+//! The loss curve as an SVG: training loss per step (faint) with its
+//! exponential moving average, and validation loss where it was measured.
 
 use std::path::Path;
 
@@ -31,12 +31,34 @@ pub fn loss_curve(path: &Path, title: &str, log: &[LogRow], initial_eval: Option
         .y_label_area_size(52)
         .build_cartesian_2d(0f64..max_step, (lo - pad).max(0.0)..hi + pad)
         .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    chart.configure_mesh().x_desc("optimizer step").y_desc("loss").draw().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     chart
-        .draw_series(LineSeries::new(log.iter().map(|r| (r.step as f64, r.loss)), &BLUE))
+        .configure_mesh()
+        .x_desc("optimizer step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc("loss")
+        .draw()
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    let faint = BLUE.mix(0.25);
+    chart
+        .draw_series(LineSeries::new(log.iter().map(|r| (r.step as f64, r.loss)), faint))
         .map_err(|e| anyhow::anyhow!("plot: {e}"))?
-        .label("train")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
+        .label("train (per step)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], faint));
+    // Exponential moving average, as TensorBoard's smoothing (weight 0.9).
+    let mut ema = None;
+    let smoothed: Vec<(f64, f64)> = log
+        .iter()
+        .map(|r| {
+            let v = ema.map_or(r.loss, |e: f64| 0.9 * e + 0.1 * r.loss);
+            ema = Some(v);
+            (r.step as f64, v)
+        })
+        .collect();
+    chart
+        .draw_series(LineSeries::new(smoothed, BLUE.stroke_width(2)))
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?
+        .label("train (smoothed)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE.stroke_width(2)));
     let eval: Vec<(f64, f64)> = initial_eval
         .map(|l| (0.0, l))
         .into_iter()
