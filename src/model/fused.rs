@@ -333,6 +333,63 @@ impl CustomOp1 for CrossEntropyBwd {
     }
 }
 
+// ---------------------------------------------------------------- LM head + loss
+
+/// Rows of logits computed at once by [`linear_cross_entropy`].
+const HEAD_CHUNK: usize = 64;
+
+/// Mean cross-entropy of `h·Wᵀ` (`h: [N, H]`, `W: [V, H]` frozen) against
+/// `targets`, without ever holding the `[N, V]` logits. The logits are
+/// formed chunk by chunk; since the loss is the end of the graph, each
+/// chunk's gradient `(softmax − onehot)·W / N` is formed right away too (the
+/// trick of Liger's fused linear cross-entropy), and backward only scales
+/// the stored `[N, H]` gradient. Same two matmuls as the unfused head, one
+/// chunk of logits in memory instead of all of them.
+pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let n = h.dim(0)?;
+    let track = h.track_op();
+    let hd = h.detach();
+    let mut total = 0f64;
+    let mut grads = Vec::new();
+    for start in (0..n).step_by(HEAD_CHUNK) {
+        let c = HEAD_CHUNK.min(n - start);
+        let t = &targets[start..start + c];
+        let z = hd.narrow(0, start, c)?.matmul(&w.t()?)?;
+        total += cross_entropy(&z, t)?.to_scalar::<f32>()? as f64 * c as f64;
+        if track {
+            // CrossEntropyBwd divides by its own row count: scale to 1/N overall.
+            let op = CrossEntropyBwd { targets: t.to_vec(), scale: c as f32 / n as f32 };
+            grads.push(z.apply_op1_no_bwd(&op)?.matmul(w)?);
+        }
+    }
+    let loss = (total / n as f64) as f32;
+    if !track {
+        return Tensor::new(loss, h.device());
+    }
+    let grad = Tensor::cat(&grads, 0)?;
+    h.apply_op1(LinearCrossEntropy { grad, loss })
+}
+
+struct LinearCrossEntropy {
+    /// d loss / d h, computed in the forward pass.
+    grad: Tensor,
+    loss: f32,
+}
+
+impl CustomOp1 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-linear-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(vec![self.loss]), Shape::from(())))
+    }
+
+    fn bwd(&self, _h: &Tensor, _loss: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.grad.broadcast_mul(g)?))
+    }
+}
+
 // ---------------------------------------------------------------- GELU
 
 /// GELU with the tanh approximation (`gelu_pytorch_tanh`).
@@ -455,6 +512,15 @@ mod tests {
         check("gelu", &[9, 33], |x| super::gelu_tanh(x).unwrap(), |x| x.gelu().unwrap());
         let targets = [3u32, 0, 10, 7, 1];
         let t = Tensor::new(&targets, &Device::Cpu).unwrap();
+        let head = rand(&[23, 11], 9);
+        let many: Vec<u32> = (0..150).map(|i| (i * 7 % 23) as u32).collect();
+        let many_t = Tensor::new(many.as_slice(), &Device::Cpu).unwrap();
+        check(
+            "linear_cross_entropy",
+            &[150, 11],
+            |h| super::linear_cross_entropy(h, &head, &many).unwrap(),
+            |h| super::super::ops::composed::cross_entropy(&h.matmul(&head.t().unwrap()).unwrap(), &many_t).unwrap(),
+        );
         check(
             "cross_entropy",
             &[5, 11],

@@ -229,6 +229,13 @@ impl CausalLm for Gemma3 {
 
     /// Logits for the given rows of `hidden` (`[N, hidden]` → `[N, vocab]`):
     /// the LM head is the embedding matrix.
+    fn loss(&self, hidden: &Tensor, targets: &[u32]) -> Result<Tensor> {
+        match self.cfg.final_logit_softcapping {
+            None => super::ops::linear_cross_entropy(hidden, &self.embed, targets),
+            Some(_) => super::ops::cross_entropy(&self.logits(hidden)?, &Tensor::new(targets, hidden.device())?),
+        }
+    }
+
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let logits = super::lora::frozen_linear(hidden, &self.embed)?;
         match self.cfg.final_logit_softcapping {

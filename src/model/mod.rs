@@ -43,6 +43,14 @@ pub trait CausalLm {
     /// Logits for rows of `hidden`: `[N, hidden]` → `[N, vocab]`.
     fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor>;
 
+    /// Mean cross-entropy of the next-token predictions at rows of `hidden`
+    /// against `targets`. Architectures override this to avoid holding all
+    /// the logits at once.
+    fn loss(&self, hidden: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
+        let t = Tensor::new(targets, hidden.device())?;
+        ops::cross_entropy(&self.logits(hidden)?, &t)
+    }
+
     /// Logits at the last position only: `[vocab]`.
     fn last_logits(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
         let h = self.hidden(ids, None)?;

@@ -120,6 +120,16 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     if fused(x) { super::fused::softmax(x) } else { composed::softmax(x) }
 }
 
+/// Mean cross-entropy of the logits `h·Wᵀ` (an LM head) against `targets`.
+pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    if fused(h) {
+        super::fused::linear_cross_entropy(h, w, targets)
+    } else {
+        let t = Tensor::new(targets, h.device())?;
+        composed::cross_entropy(&super::lora::frozen_linear(h, w)?, &t)
+    }
+}
+
 /// Mean cross-entropy of `logits: [N, V]` against `targets: [N]` (u32).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if fused(logits) {

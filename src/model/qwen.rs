@@ -208,6 +208,10 @@ impl CausalLm for Qwen {
         rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, 0.0)
     }
 
+    fn loss(&self, hidden: &Tensor, targets: &[u32]) -> Result<Tensor> {
+        super::ops::linear_cross_entropy(hidden, self.lm_head.as_ref().unwrap_or(&self.embed), targets)
+    }
+
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         frozen_linear(hidden, self.lm_head.as_ref().unwrap_or(&self.embed))
     }

@@ -137,7 +137,6 @@ pub fn example_loss(
     let device = model.device();
     let hidden = model.hidden(&ids[..ids.len() - 1], dropout)?;
     let picked = hidden.index_select(&Tensor::new(positions.as_slice(), device)?, 0)?;
-    let logits = model.logits(&picked)?;
-    let loss = crate::model::ops::cross_entropy(&logits, &Tensor::new(targets.as_slice(), device)?)?;
+    let loss = model.loss(&picked, &targets)?;
     Ok((loss, positions.len()))
 }
