@@ -329,3 +329,18 @@ fn training_mistakes_fail_clearly() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("the model's context is 16") && stderr.contains("max_len"), "{stderr}");
 }
+
+#[test]
+fn bench_train_prints_the_json_contract() {
+    let Some(models) = models_dir() else { return };
+    let p = Project::new();
+    tiny_gemma3(&models, &p.path("tiny"), 4096);
+    let out = p.run(&["bench", "train", "--model", "tiny", "--max-len", "64", "--steps", "2", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["max_len"], 64);
+    let mean = v["mean_tokens"].as_f64().unwrap();
+    assert!(mean > 0.0 && mean <= 64.0, "{v}");
+}
