@@ -5,7 +5,8 @@
 //! - `PIPELINE_PAUSE=<point>` prints `paused at <point>` on stderr and sleeps,
 //!   so a test can kill the process (SIGKILL) at exactly that moment.
 //!
-//! Points: `publish.before-rename`, `tokenize.mid-write`.
+//! Points: `publish.before-rename`, `tokenize.mid-write`,
+//! `lora-train.mid-checkpoint`, `lora-train.step-<N>` (after optimizer step N).
 
 /// Aborts or pauses the process if `PIPELINE_FAULT` / `PIPELINE_PAUSE` names
 /// this point.

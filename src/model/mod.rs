@@ -105,10 +105,6 @@ impl Weights {
         }
         Ok(l)
     }
-
-    pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.map.keys()
-    }
 }
 
 /// The device a recipe's `device` names.
