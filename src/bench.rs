@@ -43,7 +43,7 @@ pub struct TrainOptions {
 pub fn train(opts: &TrainOptions) -> Result<TrainBench> {
     let split = tokenized_examples(opts)?;
     let device = crate::model::device(&opts.device)?;
-    let resolved = resolve_model(&opts.model)?;
+    let resolved = ResolvedModel::from_path(&opts.model)?;
     let mut model = crate::model::load(&resolved, &device, opts.max_len)?;
     let targets: Vec<String> = crate::model::TARGETS.iter().map(|s| s.to_string()).collect();
     let (params, _) = attach_lora(model.as_mut(), &targets, 16, 32.0 / 16.0, 0.05, 0)?;
@@ -115,19 +115,6 @@ max_len = {max_len}
     let plan = exec.plan(&recipe, Some("tokens"))?;
     let entry = exec.store().entry_dir(&plan.stage("tokens").expect("planned").key);
     TokenizedSplit::load(&entry.join("tokens/train.safetensors"))
-}
-
-/// A model directory or `.gguf` file given on the command line.
-pub fn resolve_model(path: &Path) -> Result<ResolvedModel> {
-    let recipe = Recipe::parse(
-        &format!(
-            "[recipe]\nname = \"m\"\n[model]\nbase = {:?}\n[stages.x]\nkind = \"fetch-dataset\"\nsource = \"x\"\n",
-            path.display().to_string()
-        ),
-        Path::new("./cli.toml"),
-        &[],
-    )?;
-    ResolvedModel::resolve(&recipe)
 }
 
 /// Peak resident memory of this process (Linux: `VmHWM`), 0 if unknown.

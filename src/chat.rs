@@ -314,41 +314,15 @@ fn write_py(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mu
     }
 }
 
-/// `strftime_now(fmt)` for templates that print today's date. Supports the
-/// directives those templates use (%d %m %Y %b %B).
+/// `strftime_now(fmt)`, which templates use to print today's date.
 fn strftime_now(fmt: &str) -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let days = (secs / 86_400) as i64;
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    let month = MONTHS[(m - 1) as usize];
-    fmt.replace("%d", &format!("{d:02}"))
-        .replace("%m", &format!("{m:02}"))
-        .replace("%Y", &y.to_string())
-        .replace("%B", month)
-        .replace("%b", &month[..3])
+    use std::fmt::Write;
+    let mut out = String::new();
+    // An unknown directive makes chrono's formatter fail: leave it verbatim.
+    match write!(out, "{}", chrono::Local::now().format(fmt)) {
+        Ok(()) => out,
+        Err(_) => fmt.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -379,6 +353,14 @@ mod tests {
         let (text, spans) = t.render_with_spans(&msgs, None).unwrap();
         let got: Vec<&str> = spans.iter().map(|s| &text[s.start..s.end]).collect();
         assert_eq!(got, vec!["Hello!<|im_end|>", "Goodbye.<|im_end|>"]);
+    }
+
+    #[test]
+    fn strftime_now_formats_today() {
+        let year = strftime_now("%Y");
+        assert_eq!(year.len(), 4, "{year}");
+        assert!(year.starts_with("20"), "{year}");
+        assert_eq!(strftime_now("%d %B %Y").split(' ').count(), 3);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::data::hub::{self, HubRepo};
-use crate::recipe::Recipe;
+use crate::recipe::{ModelSpec, Recipe, resolve_against};
 
 /// The small files every model directory may carry.
 const MODEL_FILES: &[&str] = &[
@@ -46,7 +46,19 @@ pub struct ResolvedModel {
 impl ResolvedModel {
     /// Finds the model files for a recipe's `[model]` table.
     pub fn resolve(recipe: &Recipe) -> Result<ResolvedModel> {
-        let spec = &recipe.model;
+        ResolvedModel::resolve_spec(&recipe.model, &recipe.base_dir(), &recipe.path)
+    }
+
+    /// Finds the model files for a path or `hf://` id given on the command line.
+    pub fn from_path(path: &Path) -> Result<ResolvedModel> {
+        let spec = ModelSpec { base: path.display().to_string(), tokenizer: None, chat_template: None };
+        ResolvedModel::resolve_spec(&spec, Path::new("."), Path::new("--model"))
+    }
+
+    /// `spec`'s files, relative paths resolved against `base_dir`; `origin`
+    /// (the recipe file) is named in messages.
+    fn resolve_spec(spec: &ModelSpec, base_dir: &Path, origin: &Path) -> Result<ResolvedModel> {
+        let resolve_path = |p: &str| resolve_against(base_dir, p);
         let mut model = if let Some(rest) = spec.base.strip_prefix("hf://") {
             let repo = HubRepo::parse_model(rest).with_context(|| format!("[model] base = \"{}\"", spec.base))?;
             let snapshot =
@@ -56,7 +68,7 @@ impl ResolvedModel {
             m.revision = Some(snapshot.revision);
             m
         } else {
-            let path = recipe.resolve_path(&spec.base);
+            let path = resolve_path(&spec.base);
             if path.is_dir() {
                 ResolvedModel::from_dir(&spec.base, &path)?
             } else if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
@@ -68,25 +80,21 @@ impl ResolvedModel {
                 bail!(
                     "{}: [model] base = \"{}\" is not a directory, a .gguf file or an hf:// id \
                      (resolved to {}); run scripts/fetch-models.sh to provision the local models",
-                    recipe.path.display(),
+                    origin.display(),
                     spec.base,
                     path.display()
                 );
             }
         };
         if let Some(tok) = &spec.tokenizer {
-            let p = recipe.resolve_path(tok);
+            let p = resolve_path(tok);
             let (json, cfg) = if p.is_dir() {
                 (p.join("tokenizer.json"), p.join("tokenizer_config.json"))
             } else {
                 (p.clone(), p.with_file_name("tokenizer_config.json"))
             };
             if !json.is_file() {
-                bail!(
-                    "{}: [model] tokenizer = \"{tok}\": no tokenizer.json at {}",
-                    recipe.path.display(),
-                    json.display()
-                );
+                bail!("{}: [model] tokenizer = \"{tok}\": no tokenizer.json at {}", origin.display(), json.display());
             }
             model.tokenizer_json = Some(json);
             model.tokenizer_config = cfg.is_file().then_some(cfg);

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::UNIX_EPOCH;
 
 use anyhow::{Context, Result};
@@ -26,19 +27,19 @@ struct MemoEntry {
 pub struct HashMemo {
     path: Option<PathBuf>,
     entries: Mutex<BTreeMap<String, MemoEntry>>,
-    dirty: Mutex<bool>,
+    dirty: AtomicBool,
 }
 
 impl HashMemo {
     /// A memo persisted at `path` (loaded now, saved by [`HashMemo::save`]).
     pub fn open(path: PathBuf) -> Self {
         let entries = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        HashMemo { path: Some(path), entries: Mutex::new(entries), dirty: Mutex::new(false) }
+        HashMemo { path: Some(path), entries: Mutex::new(entries), dirty: AtomicBool::new(false) }
     }
 
     /// A memo that is never written (for tests and one-off use).
     pub fn in_memory() -> Self {
-        HashMemo { path: None, entries: Mutex::default(), dirty: Mutex::new(false) }
+        HashMemo { path: None, entries: Mutex::default(), dirty: AtomicBool::new(false) }
     }
 
     /// The blake3 hex digest of the file's content.
@@ -54,7 +55,7 @@ impl HashMemo {
         }
         let digest = hash_file(path)?;
         self.entries.lock().unwrap().insert(id, MemoEntry { size: meta.len(), mtime_ns, blake3: digest.clone() });
-        *self.dirty.lock().unwrap() = true;
+        self.dirty.store(true, Ordering::Relaxed);
         Ok(digest)
     }
 
@@ -63,7 +64,7 @@ impl HashMemo {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        if !*self.dirty.lock().unwrap() {
+        if !self.dirty.load(Ordering::Relaxed) {
             return Ok(());
         }
         let bytes = serde_json::to_vec(&*self.entries.lock().unwrap())?;

@@ -51,10 +51,6 @@ fn plain_toml_error(e: &toml::de::Error, source: &str, file: &Path) -> RecipeErr
     let mut offset = e.span().map(|s| s.start);
 
     if let Some((word, expected)) = parse_unknown(&message, "unknown field `") {
-        // Serde reports the table, not the key: find the key inside it.
-        if let Some(span) = e.span().and_then(|s| find_key_within(source, &word, s)) {
-            offset = Some(span.start);
-        }
         err.key = Some(word.clone());
         err.message = format!("unknown key `{word}`");
         err.help = Some(match did_you_mean(&word, expected.iter().map(|s| s.as_str())) {
@@ -185,24 +181,6 @@ fn parse_unknown(message: &str, prefix: &str) -> Option<(String, Vec<String>)> {
     let (word, rest) = rest.split_once('`')?;
     let expected = rest.split('`').skip(1).step_by(2).map(|s| s.to_string()).collect();
     Some((word.to_string(), expected))
-}
-
-/// The span of a key named `word` whose position lies inside `within`.
-fn find_key_within(source: &str, word: &str, within: Range<usize>) -> Option<Range<usize>> {
-    let doc = DeTable::parse(source).ok()?;
-    let mut found = None;
-    walk(doc.get_ref(), &mut |k, _| {
-        let s = k.span();
-        if found.is_none()
-            && k.get_ref().as_ref() == word
-            && s.start >= within.start
-            && s.end <= within.end.max(s.end)
-            && s.start <= within.end
-        {
-            found = Some(s);
-        }
-    });
-    found
 }
 
 /// The span of a string value equal to `word` inside `within`.

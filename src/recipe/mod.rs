@@ -199,8 +199,7 @@ impl Recipe {
 
     /// Resolves a path written in the recipe.
     pub fn resolve_path(&self, p: &str) -> PathBuf {
-        let p = Path::new(p);
-        if p.is_absolute() { p.to_path_buf() } else { self.base_dir().join(p) }
+        resolve_against(&self.base_dir(), p)
     }
 
     /// Checks what serde cannot: names, references, devices, per-stage rules.
@@ -281,6 +280,12 @@ impl Recipe {
         let source = std::fs::read_to_string(&self.path).ok()?;
         locate::find(&source, &self.path, keys)
     }
+}
+
+/// `p` if absolute, else `p` under `base`.
+pub fn resolve_against(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
 }
 
 fn is_valid_device(d: &str) -> bool {

@@ -512,6 +512,7 @@ impl<'a> Trainer<'a> {
             cfg.pipeline_base_weights_blake3 = Some(env.hash_file(w)?);
         }
         let mut tensors = LoraTensors::new();
+        // `attach_lora` lists each module's A, then its B.
         for pair in self.params.chunks(2) {
             let module = pair[0].0.trim_end_matches(".lora_A").to_string();
             tensors.insert(module, (pair[0].1.as_tensor().clone(), pair[1].1.as_tensor().clone()));

@@ -27,8 +27,9 @@ pub trait Stage {
     /// change would make this kind write different bytes for the same inputs.
     fn version(&self) -> u32;
 
-    /// Parameters in canonical form for the key. The default serializes the
-    /// parameters (defaults filled in); the executor removes references.
+    /// Parameters in canonical form for the key: the parameters serialized
+    /// with defaults filled in, plus whatever recipe-level setting the kind
+    /// depends on (seed, device). The executor removes references.
     fn params(&self, env: &Env) -> serde_json::Value;
 
     /// Content hashes of what the stage reads from outside the cache, by a

@@ -229,6 +229,14 @@ impl Params {
                 self.max_len
             );
         }
+        if mismatches > 0 {
+            tracing::warn!(
+                split,
+                mismatches,
+                "the trained tokens of some examples do not decode to exactly their assistant turns \
+                 (the tokenizer merges across a turn boundary); see mask_decode_mismatches in the manifest"
+            );
+        }
         let stats = serde_json::json!({
             "examples": out.len(),
             "tokens": out.input_ids.len(),
