@@ -121,3 +121,68 @@ pub fn load(dir: &Path, device: &Device) -> Result<(AdapterConfig, LoraTensors)>
     }
     Ok((config, tensors))
 }
+
+/// An adapter read from disk, ready to attach to a model for inference.
+pub struct LoadedAdapter {
+    pub config: AdapterConfig,
+    pub tensors: LoraTensors,
+    pub dir: std::path::PathBuf,
+}
+
+impl LoadedAdapter {
+    pub fn read(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
+        let (config, tensors) = load(dir, device)?;
+        Ok(LoadedAdapter { config, tensors, dir: dir.to_path_buf() })
+    }
+
+    /// Puts the LoRA matrices on the model's linear layers (unmerged).
+    /// Fails, naming the module, when the adapter does not fit the model.
+    pub fn attach(&self, model: &mut dyn crate::model::CausalLm) -> Result<()> {
+        use crate::model::lora::Lora;
+        let scale = self.config.scale();
+        let mut found = 0;
+        for (name, linear) in model.linears_mut() {
+            let Some((a, b)) = self.tensors.get(&name) else {
+                linear.lora = None;
+                continue;
+            };
+            let (r, inp) = a.dims2()?;
+            let (out, r2) = b.dims2()?;
+            if inp != linear.in_features() || out != linear.out_features() || r != r2 {
+                anyhow::bail!(
+                    "{}: `{name}` has A {:?} and B {:?}, but the model's layer is {}×{}; was the adapter trained on \
+                     another base model?",
+                    self.dir.display(),
+                    a.dims(),
+                    b.dims(),
+                    linear.out_features(),
+                    linear.in_features()
+                );
+            }
+            linear.lora = Some(Lora {
+                a: candle_core::Var::from_tensor(a)?,
+                b: candle_core::Var::from_tensor(b)?,
+                scale,
+                dropout: 0.0,
+            });
+            found += 1;
+        }
+        if found != self.tensors.len() {
+            let names: std::collections::HashSet<String> = model.linears_mut().into_iter().map(|(n, _)| n).collect();
+            let missing = self.tensors.keys().find(|k| !names.contains(*k)).cloned().unwrap_or_default();
+            anyhow::bail!(
+                "{}: the adapter has a module `{missing}` that this model does not have; was it trained on another \
+                 base model?",
+                self.dir.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Removes every LoRA from the model (back to the base weights).
+pub fn detach(model: &mut dyn crate::model::CausalLm) {
+    for (_, linear) in model.linears_mut() {
+        linear.lora = None;
+    }
+}

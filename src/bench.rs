@@ -41,7 +41,7 @@ pub struct TrainOptions {
 }
 
 pub fn train(opts: &TrainOptions) -> Result<TrainBench> {
-    let split = tokenized_examples(opts)?;
+    let split = tokenized_examples(&opts.model, &opts.dataset, opts.max_len, &opts.cache_dir)?;
     let device = crate::model::device(&opts.device)?;
     let resolved = ResolvedModel::from_path(&opts.model)?;
     let mut model = crate::model::load(&resolved, &device, opts.max_len)?;
@@ -83,9 +83,68 @@ pub fn train(opts: &TrainOptions) -> Result<TrainBench> {
     })
 }
 
+/// What `bench generate --json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateBench {
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// `quantized` (a GGUF's own blocks while decoding) or `f32`.
+    pub weights: String,
+    pub peak_rss_bytes: u64,
+    pub device: String,
+}
+
+/// Options of `bench generate`.
+pub struct GenerateOptions {
+    pub model: PathBuf,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// Decode with the dequantized f32 weights even for a GGUF.
+    pub f32: bool,
+    pub device: String,
+    pub dataset: String,
+    pub cache_dir: PathBuf,
+}
+
+/// Prefill of a tool-use prompt of `prompt_tokens` tokens (rendered traces
+/// of the dataset, concatenated), then greedy decoding of `new_tokens`.
+pub fn generate(opts: &GenerateOptions) -> Result<GenerateBench> {
+    let split = tokenized_examples(&opts.model, &opts.dataset, 4096, &opts.cache_dir)?;
+    let prompt: Vec<u32> = split.input_ids.iter().copied().take(opts.prompt_tokens).collect();
+    anyhow::ensure!(prompt.len() == opts.prompt_tokens, "the dataset has fewer than {} tokens", opts.prompt_tokens);
+    let device = crate::model::device(&opts.device)?;
+    let resolved = ResolvedModel::from_path(&opts.model)?;
+    let model = if opts.f32 {
+        crate::model::load(&resolved, &device, crate::model::INFERENCE_POSITIONS)?
+    } else {
+        crate::model::load_for_inference(&resolved, &device)?
+    };
+    let tok_path = resolved.tokenizer_json()?;
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    // No stop tokens: always decode `new_tokens`.
+    let generator = crate::generate::Generator { model: model.as_ref(), tokenizer: &tokenizer, stop_tokens: vec![] };
+    let params = |n| crate::generate::GenerationParams { max_new_tokens: n, ..Default::default() };
+    // Warm-up (thread pools, repacked weights), then the measured run.
+    generator.generate(&prompt[..32], &params(4), 0, &mut |_| {})?;
+    let g = generator.generate(&prompt, &params(opts.new_tokens), 0, &mut |_| {})?;
+    Ok(GenerateBench {
+        prefill_tokens_per_s: g.prefill_tokens as f64 / g.prefill_s,
+        // The first new token comes from the prefill's logits.
+        decode_tokens_per_s: (g.tokens.len().saturating_sub(1)) as f64 / g.decode_s,
+        prompt_tokens: prompt.len(),
+        new_tokens: g.tokens.len(),
+        weights: if opts.f32 || !resolved.is_gguf() { "f32".into() } else { "quantized".into() },
+        peak_rss_bytes: peak_rss_bytes(),
+        device: opts.device.clone(),
+    })
+}
+
 /// Runs fetch → format → tokenize for the benchmark dataset (cached).
-fn tokenized_examples(opts: &TrainOptions) -> Result<TokenizedSplit> {
-    let model = std::fs::canonicalize(&opts.model).with_context(|| format!("no model at {}", opts.model.display()))?;
+fn tokenized_examples(model: &Path, dataset: &str, max_len: usize, cache_dir: &Path) -> Result<TokenizedSplit> {
+    let model = std::fs::canonicalize(model).with_context(|| format!("no model at {}", model.display()))?;
     let text = format!(
         r#"[recipe]
 name = "bench-train"
@@ -106,11 +165,9 @@ conversations = "chat"
 max_len = {max_len}
 "#,
         model = model.display().to_string(),
-        dataset = opts.dataset,
-        max_len = opts.max_len
     );
     let recipe = Recipe::parse(&text, Path::new("bench-train.toml"), &[])?;
-    let exec = crate::Executor::new(&opts.cache_dir)?;
+    let exec = crate::Executor::new(cache_dir)?;
     exec.run(&recipe, Some("tokens"))?;
     let plan = exec.plan(&recipe, Some("tokens"))?;
     let entry = exec.store().entry_dir(&plan.stage("tokens").expect("planned").key);

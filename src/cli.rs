@@ -36,6 +36,80 @@ pub struct RecipeArgs {
     pub cache_dir: PathBuf,
 }
 
+/// Which model `generate` and `chat` load.
+#[derive(Debug, clap::Args)]
+pub struct ModelArgs {
+    /// A model directory (HF layout) or a .gguf file.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A PEFT LoRA adapter directory to apply (unmerged).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// A recipe: its base model, its chat template and its trained adapter.
+    #[arg(long, conflicts_with = "model")]
+    pub recipe: Option<PathBuf>,
+    /// The recipe's lora-train stage whose adapter to apply (default: the first).
+    #[arg(long, requires = "recipe")]
+    pub stage: Option<String>,
+    #[arg(long, env = "PIPELINE_CACHE_DIR", default_value = ".pipeline")]
+    pub cache_dir: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Decoding options.
+#[derive(Debug, clap::Args)]
+pub struct GenerationArgs {
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// A string that ends the answer (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+impl GenerationArgs {
+    fn params(&self) -> Result<crate::generate::GenerationParams> {
+        let p = crate::generate::GenerationParams {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            stop: self.stop.clone(),
+            ..Default::default()
+        };
+        if let Err((k, v, h)) = p.check() {
+            return Err(RecipeError::new(format!("--{} {v}: {h}", k.replace('_', "-"))).into());
+        }
+        Ok(p)
+    }
+}
+
+impl ModelArgs {
+    fn choice(&self) -> crate::session::ModelChoice {
+        crate::session::ModelChoice {
+            model: self.model.clone(),
+            adapter: self.adapter.clone(),
+            recipe: self.recipe.clone(),
+            stage: self.stage.clone(),
+            cache_dir: self.cache_dir.clone(),
+            device: self.device.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a recipe: reuse cached stages, run (or resume) the rest.
@@ -81,6 +155,34 @@ pub enum Command {
     /// Measure speed: tokens/s and peak memory.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Generate answers for one prompt or a jsonl of prompts (streamed).
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The user message.
+        #[arg(long, conflicts_with = "prompts")]
+        prompt: Option<String>,
+        /// A jsonl file: one `{"prompt": …}` or `{"messages": […]}` per line.
+        #[arg(long)]
+        prompts: Option<PathBuf>,
+        /// A system prompt put before each conversation.
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        generation: GenerationArgs,
+        /// Print one JSON object per prompt (text, parsed tool calls, speed).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Chat with a model in the terminal (history, streaming; /reset, /system TEXT, /exit).
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        generation: GenerationArgs,
+    },
     /// Developer tools.
     #[command(subcommand, hide = true)]
     Dev(DevCommand),
@@ -112,6 +214,31 @@ pub enum BenchCommand {
         #[arg(long, default_value = "hf://datasets/shawhin/tool-use-finetuning")]
         dataset: String,
         /// Print {"tokens_per_s", "peak_rss_bytes", "max_len", "mean_tokens", …} as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, env = "PIPELINE_CACHE_DIR", default_value = ".pipeline")]
+        cache_dir: PathBuf,
+    },
+    /// Prefill and decode speed on a tool-use prompt.
+    Generate {
+        /// A model directory (HF layout) or a .gguf file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt length in tokens.
+        #[arg(long, default_value_t = 1500)]
+        prompt_tokens: usize,
+        /// Tokens decoded after the prompt.
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        /// Decode a GGUF with its dequantized f32 weights instead of its quantized blocks.
+        #[arg(long)]
+        f32: bool,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// The dataset whose traces make the prompt.
+        #[arg(long, default_value = "hf://datasets/shawhin/tool-use-finetuning")]
+        dataset: String,
+        /// Print {"prefill_tokens_per_s", "decode_tokens_per_s", …} as JSON.
         #[arg(long)]
         json: bool,
         #[arg(long, env = "PIPELINE_CACHE_DIR", default_value = ".pipeline")]
@@ -268,6 +395,89 @@ fn dispatch(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Bench(BenchCommand::Generate {
+            model,
+            prompt_tokens,
+            new_tokens,
+            f32,
+            device,
+            dataset,
+            json,
+            cache_dir,
+        }) => {
+            let opts = crate::bench::GenerateOptions {
+                model,
+                prompt_tokens: prompt_tokens.max(32),
+                new_tokens: new_tokens.max(2),
+                f32,
+                device,
+                dataset,
+                cache_dir,
+            };
+            let r = crate::bench::generate(&opts)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "bench generate ({}, {} weights): prefill {:.1} tokens/s ({} tokens), decode {:.1} tokens/s ({} \
+                     tokens), peak RSS {:.2} GiB",
+                    r.device,
+                    r.weights,
+                    r.prefill_tokens_per_s,
+                    r.prompt_tokens,
+                    r.decode_tokens_per_s,
+                    r.new_tokens,
+                    r.peak_rss_bytes as f64 / (1u64 << 30) as f64
+                );
+            }
+            Ok(())
+        }
+        Command::Generate { model, prompt, prompts, system, generation, json } => {
+            let params = generation.params()?;
+            let conversations = match (prompt, prompts) {
+                (Some(p), None) => vec![("1".to_string(), vec![crate::chat::Message::new("user", &p)], None)],
+                (None, Some(file)) => crate::session::read_prompts(&file)?,
+                _ => return Err(RecipeError::new("give --prompt TEXT or --prompts FILE.jsonl").into()),
+            };
+            let mut session = crate::session::Session::load(&model.choice())?;
+            eprintln!("pipeline: {}", session.description);
+            for (id, mut messages, tools) in conversations {
+                if let Some(sys) = &system {
+                    messages.insert(0, crate::chat::Message::new("system", sys));
+                }
+                let prompt = session.prompt(&messages, tools.as_ref())?;
+                let g = if json {
+                    session.generate(&prompt, &params, &mut |_| {})?
+                } else {
+                    let mut out = std::io::stdout();
+                    let g = session.generate(&prompt, &params, &mut |t| {
+                        use std::io::Write;
+                        let _ = out.write_all(t.as_bytes());
+                        let _ = out.flush();
+                    })?;
+                    println!();
+                    g
+                };
+                if json {
+                    let calls = crate::toolcall::parse(&g.text);
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "id": id, "text": g.text, "tool_calls": calls.calls, "invalid_tool_calls": calls.invalid,
+                            "finish": g.finish, "prompt_tokens": prompt.len(), "new_tokens": g.tokens.len(),
+                            "prefill_tokens_per_s": g.prefill_tokens as f64 / g.prefill_s.max(1e-9),
+                            "decode_tokens_per_s": g.tokens.len() as f64 / g.decode_s.max(1e-9),
+                        })
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Chat { model, system, generation } => {
+            let params = generation.params()?;
+            let session = crate::session::Session::load(&model.choice())?;
+            chat_repl(session, system, &params)
+        }
         Command::Show { args, stage } => {
             let recipe = load(&args)?;
             let exec = Executor::new(&args.cache_dir)?;
@@ -335,5 +545,52 @@ fn gc(recipes: &[PathBuf], all: bool, dry_run: bool, cache_dir: &Path) -> Result
         if dry_run { "would remove" } else { "removed" },
         if busy > 0 { format!(", skipped {busy} in use") } else { String::new() }
     );
+    Ok(())
+}
+
+/// The interactive loop of `pipeline chat`.
+fn chat_repl(
+    mut session: crate::session::Session,
+    mut system: Option<String>,
+    params: &crate::generate::GenerationParams,
+) -> Result<()> {
+    use crate::chat::Message;
+    use std::io::{BufRead, Write};
+    eprintln!("pipeline chat: {} (/reset, /system TEXT, /exit)", session.description);
+    let mut history: Vec<Message> = Vec::new();
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    loop {
+        eprint!(">>> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        match line.trim() {
+            "" => continue,
+            "/exit" | "/quit" | "/bye" => break,
+            "/reset" => {
+                history.clear();
+                continue;
+            }
+            l if l.starts_with("/system") => {
+                system = Some(l["/system".len()..].trim().to_string()).filter(|s| !s.is_empty());
+                history.clear();
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::new("user", line));
+        let mut messages: Vec<Message> = system.iter().map(|s| Message::new("system", s)).collect();
+        messages.extend(history.iter().cloned());
+        let prompt = session.prompt(&messages, None)?;
+        let g = session.generate(&prompt, params, &mut |t| {
+            let _ = out.write_all(t.as_bytes());
+            let _ = out.flush();
+        })?;
+        println!();
+        history.push(Message::new("assistant", &g.text));
+    }
     Ok(())
 }

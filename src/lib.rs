@@ -25,13 +25,17 @@ pub mod chat;
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod executor;
 pub mod fault;
+pub mod generate;
 pub mod model;
 pub mod model_source;
 pub mod progress;
 pub mod recipe;
+pub mod session;
 pub mod stages;
+pub mod toolcall;
 pub mod train;
 
 pub use error::RecipeError;

@@ -131,6 +131,11 @@ impl ResolvedModel {
     }
 
     /// `tokenizer.json`, or an error saying how to provide one.
+    /// Whether the weights are a GGUF file.
+    pub fn is_gguf(&self) -> bool {
+        self.weights.first().is_some_and(|w| w.extension().is_some_and(|e| e == "gguf"))
+    }
+
     pub fn tokenizer_json(&self) -> Result<&Path> {
         self.tokenizer_json.as_deref().with_context(|| {
             format!(

@@ -16,8 +16,9 @@
 use candle_core::{Device, Result, Tensor};
 use serde::Deserialize;
 
+use super::kv::{KvCache, LayerKv};
 use super::lora::{DropoutMask, LoraLinear};
-use super::ops::{Rope, attention_probs, gelu_tanh, rms_norm, softmax};
+use super::ops::{Rope, cached_attention, gelu_tanh, rms_norm};
 use super::{CausalLm, Weights, layer_linears};
 
 /// The hyper-parameters of a Gemma 3 text model (HF `Gemma3TextConfig`).
@@ -113,6 +114,9 @@ struct Layer {
 pub struct Gemma3 {
     pub cfg: Config,
     embed: Tensor,
+    /// The LM head (tied embeddings) kept quantized for decoding, when the
+    /// weights came from a GGUF loaded for inference.
+    embed_q: Option<std::sync::Arc<candle_core::quantized::QMatMul>>,
     layers: Vec<Layer>,
     norm: Tensor,
     rope_local: Rope,
@@ -146,16 +150,26 @@ impl Gemma3 {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let embed = w.take("model.embed_tokens.weight")?;
+        let embed_q = w.take_quantized("model.embed_tokens.weight");
         let norm = w.take("model.norm.weight")?;
         let rope_local = Rope::new(cfg.rope_local_base_freq, cfg.head_dim, max_positions, 1.0, &device)?;
         let rope_global = Rope::new(cfg.rope_theta, cfg.head_dim, max_positions, cfg.rope_scale(), &device)?;
-        Ok(Gemma3 { cfg, embed, layers, norm, rope_local, rope_global, device })
+        Ok(Gemma3 { cfg, embed, embed_q, layers, norm, rope_local, rope_global, device })
     }
 
-    fn layer(&self, l: &Layer, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+    /// One decoder layer on `x: [T, hidden]` at positions `start..start+T`,
+    /// appending to `kv` when decoding incrementally.
+    fn layer(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        start: usize,
+        kv: Option<&mut LayerKv>,
+        dropout: Option<&dyn DropoutMask>,
+    ) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
         let n = rms_norm(x, &l.input_norm, eps, 1.0)?;
-        let attn = self.attention(l, &n, dropout)?;
+        let attn = self.attention(l, &n, start, kv, dropout)?;
         let h = (x + rms_norm(&attn, &l.post_attn_norm, eps, 1.0)?)?;
         let n = rms_norm(&h, &l.pre_ff_norm, eps, 1.0)?;
         let ff = (gelu_tanh(&l.gate.forward(&n, dropout)?)? * l.up.forward(&n, dropout)?)?;
@@ -163,7 +177,14 @@ impl Gemma3 {
         h + rms_norm(&ff, &l.post_ff_norm, eps, 1.0)?
     }
 
-    fn attention(&self, l: &Layer, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+    fn attention(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        start: usize,
+        kv: Option<&mut LayerKv>,
+        dropout: Option<&dyn DropoutMask>,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
@@ -174,29 +195,38 @@ impl Gemma3 {
         let k = rms_norm(&heads(l.k.forward(x, dropout)?, nkv)?, &l.k_norm, eps, 1.0)?;
         let v = heads(l.v.forward(x, dropout)?, nkv)?;
         let rope = if l.sliding { &self.rope_local } else { &self.rope_global };
-        let q = (rope.apply(&q, 0)? * cfg.query_pre_attn_scalar.powf(-0.5))?;
-        let k = rope.apply(&k, 0)?;
+        let q = (rope.apply(&q, start)? * cfg.query_pre_attn_scalar.powf(-0.5))?;
+        let k = rope.apply(&k, start)?;
+        let (k, v) = match kv {
+            Some(kv) => kv.append(&k, &v)?,
+            None => (k, v),
+        };
         // Grouped-query attention without copying k/v: q heads of one kv
         // group are stacked along the time axis.
         let group = nh / nkv;
         let q = q.reshape((nkv, group * t, hd))?;
         let window = l.sliding.then_some(cfg.sliding_window);
-        let probs = match cfg.attn_logit_softcapping {
-            None => attention_probs(&q, &k, window)?, // [nkv, group·T, T]
-            Some(cap) => {
-                let scores = ((q.matmul(&k.t()?)? / cap)?.tanh()? * cap)?;
-                let mask = super::ops::attention_mask(t, 0, window, &self.device)?;
-                softmax(&scores.reshape((nh, t, t))?.broadcast_add(&mask)?)?.reshape((nkv, group * t, t))?
-            }
-        };
-        let out = probs.matmul(&v)?; // [nkv, group·T, hd]
+        let out = cached_attention(&q, &k, &v, t, start, window, cfg.attn_logit_softcapping)?; // [nkv, group·T, hd]
         let out = out.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
         l.o.forward(&out, dropout)
     }
 
-    /// The longest sequence the rotary tables were built for.
-    pub fn max_positions(&self) -> usize {
-        self.rope_global.cos.dim(0).unwrap_or(0)
+    /// Final hidden states for `ids` at positions `start..`, through the
+    /// cache when there is one.
+    fn run(
+        &self,
+        ids: &[u32],
+        start: usize,
+        mut cache: Option<&mut KvCache>,
+        dropout: Option<&dyn DropoutMask>,
+    ) -> Result<Tensor> {
+        let ids = Tensor::new(ids, &self.device)?;
+        let mut x = (self.embed.index_select(&ids, 0)? * (self.cfg.hidden_size as f64).sqrt())?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = self.layer(layer, &x, start, kv, dropout)?;
+        }
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, 1.0)
     }
 }
 
@@ -219,12 +249,20 @@ impl CausalLm for Gemma3 {
     }
 
     fn hidden(&self, ids: &[u32], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
-        let ids = Tensor::new(ids, &self.device)?;
-        let mut x = (self.embed.index_select(&ids, 0)? * (self.cfg.hidden_size as f64).sqrt())?;
-        for layer in &self.layers {
-            x = self.layer(layer, &x, dropout)?;
-        }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, 1.0)
+        self.run(ids, 0, None, dropout)
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let start = cache.len();
+        self.run(ids, start, Some(cache), None)
+    }
+
+    fn max_positions(&self) -> usize {
+        self.rope_global.cos.dim(0).unwrap_or(0)
     }
 
     /// Logits for the given rows of `hidden` (`[N, hidden]` → `[N, vocab]`):
@@ -237,7 +275,12 @@ impl CausalLm for Gemma3 {
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let logits = super::lora::frozen_linear(hidden, &self.embed)?;
+        let logits = match &self.embed_q {
+            Some(q) if hidden.dim(0)? <= super::lora::QUANTIZED_MAX_ROWS => {
+                candle_core::Module::forward(q.as_ref(), hidden)?
+            }
+            _ => super::lora::frozen_linear(hidden, &self.embed)?,
+        };
         match self.cfg.final_logit_softcapping {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),

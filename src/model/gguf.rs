@@ -11,11 +11,12 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 
-use super::{Arch, Weights, gemma3};
+use super::{Arch, Weights, gemma3, qwen};
 
-/// llama.cpp per-layer tensor name → HF name (after `model.layers.N.`).
+/// llama.cpp per-layer tensor name → HF name (after `model.layers.N.`), for
+/// Gemma 3. Qwen differs in one place (see [`QWEN_FFN_NORM`]).
 const LAYER_NAMES: &[(&str, &str)] = &[
     ("attn_norm", "input_layernorm"),
     ("attn_q", "self_attn.q_proj"),
@@ -32,7 +33,40 @@ const LAYER_NAMES: &[(&str, &str)] = &[
     ("post_ffw_norm", "post_feedforward_layernorm"),
 ];
 
-/// The HF name of a llama.cpp tensor name, if it is one we know.
+/// In llama.cpp's Qwen models, `ffn_norm` is the norm before the MLP, which
+/// HF calls `post_attention_layernorm` (Gemma 3 has both, see above).
+const QWEN_FFN_NORM: &str = "post_attention_layernorm";
+
+/// The HF name of a llama.cpp tensor name of architecture `arch`
+/// (`gemma3`, `qwen2`, `qwen3`), if it is one we know.
+pub fn hf_name_for(arch: &str, gguf_name: &str) -> Option<String> {
+    if arch != "gemma3" && gguf_name.starts_with("blk.") && gguf_name.contains(".ffn_norm.") {
+        let (layer, suffix) = gguf_name.strip_prefix("blk.")?.split_once(".ffn_norm.")?;
+        return Some(format!("model.layers.{layer}.{QWEN_FFN_NORM}.{suffix}"));
+    }
+    hf_name(gguf_name)
+}
+
+/// The llama.cpp name of an HF tensor name (the inverse of [`hf_name_for`]).
+pub fn gguf_name_for(arch: &str, hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (base, suffix) = rest.rsplit_once('.')?;
+    let g = if arch != "gemma3" && base == QWEN_FFN_NORM {
+        "ffn_norm"
+    } else {
+        LAYER_NAMES.iter().find(|(_, h)| *h == base)?.0
+    };
+    Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+/// The HF name of a llama.cpp (Gemma 3) tensor name, if it is one we know.
 pub fn hf_name(gguf_name: &str) -> Option<String> {
     match gguf_name {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
@@ -47,20 +81,80 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
 
-/// Loads a GGUF model: architecture, config from the metadata, and weights.
-pub fn load(path: &Path, device: &Device) -> Result<(Arch, Weights)> {
+/// Loads a GGUF model: architecture, config from the metadata, and weights
+/// (dequantized to f32; with `keep_quantized`, the quantized matrices too).
+pub fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<(Arch, Weights)> {
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let content =
         gguf_file::Content::read(&mut file).with_context(|| format!("{}: not a GGUF file", path.display()))?;
+    let arch = read_arch(&content, path)?;
+    let arch_name = match &arch {
+        Arch::Gemma3(_) => "gemma3",
+        Arch::Qwen(qwen::Variant::Qwen2, _) => "qwen2",
+        Arch::Qwen(qwen::Variant::Qwen3, _) => "qwen3",
+    };
+    let mut map = HashMap::new();
+    let mut quantized = Vec::new();
+    for name in content.tensor_infos.keys() {
+        let Some(hf) = hf_name_for(arch_name, name) else {
+            tracing::warn!(tensor = %name, "unknown GGUF tensor, ignored");
+            continue;
+        };
+        let q = content.tensor(&mut file, name, device)?;
+        let mut t = q.dequantize(device)?;
+        if arch_name == "gemma3" && name.ends_with("norm.weight") {
+            t = (t - 1.0)?;
+        }
+        if keep_quantized && t.rank() == 2 && !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            quantized.push((hf.clone(), decode_friendly(q, device)?));
+        }
+        map.insert(hf, t);
+    }
+    let mut w = Weights::new(map, device.clone(), path.display().to_string());
+    for (name, q) in quantized {
+        w.insert_quantized(name, QMatMul::from_qtensor(q)?);
+    }
+    Ok((arch, w))
+}
+
+/// `q` in a form candle multiplies fast. Its Q5_0 dot product has no SIMD
+/// path (several times slower), so Q5_0 blocks are rewritten as Q8_0 blocks
+/// *losslessly*: a Q5_0 value is `d·(q − 16)` with `q` in 0..32, which is
+/// the Q8_0 value `d·i8` for `i8 = q − 16`. Other types are kept as they are.
+fn decode_friendly(q: QTensor, device: &Device) -> Result<QTensor> {
+    if q.dtype() != GgmlDType::Q5_0 || !device.is_cpu() {
+        return Ok(q);
+    }
+    let src = q.data()?;
+    let mut out = Vec::with_capacity(src.len() / Q5_0_BLOCK * Q8_0_BLOCK);
+    for b in src.chunks_exact(Q5_0_BLOCK) {
+        let (d, qh, qs) = (&b[0..2], u32::from_le_bytes([b[2], b[3], b[4], b[5]]), &b[6..22]);
+        out.extend_from_slice(d);
+        let mut vals = [0u8; 32];
+        for j in 0..16 {
+            let hi0 = (((qh >> j) << 4) & 0x10) as u8;
+            let hi1 = ((qh >> (j + 12)) & 0x10) as u8;
+            vals[j] = (((qs[j] & 0x0F) | hi0) as i8 - 16) as u8;
+            vals[j + 16] = (((qs[j] >> 4) | hi1) as i8 - 16) as u8;
+        }
+        out.extend_from_slice(&vals);
+    }
+    let dims = q.shape().dims().to_vec();
+    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(GgmlDType::Q8_0, &out, dims, device)?)
+}
+
+/// Bytes per block of 32 weights.
+const Q5_0_BLOCK: usize = 22;
+const Q8_0_BLOCK: usize = 34;
+
+/// The architecture and its hyper-parameters from a GGUF's metadata.
+fn read_arch(content: &gguf_file::Content, path: &Path) -> Result<Arch> {
     let md = &content.metadata;
     let arch = md
         .get("general.architecture")
         .and_then(|v| v.to_string().ok())
         .with_context(|| format!("{}: no general.architecture", path.display()))?
         .clone();
-    if arch != "gemma3" {
-        bail!("{}: GGUF architecture `{arch}` is not supported yet (supported: gemma3)", path.display());
-    }
     let u = |k: &str| -> Result<usize> {
         let key = format!("{arch}.{k}");
         Ok(md.get(&key).with_context(|| format!("{}: missing metadata `{key}`", path.display()))?.to_u32()? as usize)
@@ -75,48 +169,76 @@ pub fn load(path: &Path, device: &Device) -> Result<(Arch, Weights)> {
         .shape
         .dims()[0];
     let heads = u("attention.head_count")?;
-    let cfg = gemma3::Config {
-        vocab_size: vocab,
-        hidden_size: u("embedding_length")?,
-        intermediate_size: u("feed_forward_length")?,
-        num_hidden_layers: u("block_count")?,
-        num_attention_heads: heads,
-        num_key_value_heads: u("attention.head_count_kv").unwrap_or(heads),
-        head_dim: u("attention.key_length")?,
-        rms_norm_eps: f("attention.layer_norm_rms_epsilon", 1e-6),
-        rope_theta: f("rope.freq_base", 1_000_000.0),
-        rope_local_base_freq: f("rope.freq_base_swa", 10_000.0),
-        sliding_window: u("attention.sliding_window").unwrap_or(512),
-        sliding_window_pattern: 6,
-        layer_types: None,
-        query_pre_attn_scalar: u("attention.key_length")? as f64,
-        max_position_embeddings: u("context_length")?,
-        final_logit_softcapping: md
-            .get(&format!("{arch}.final_logit_softcapping"))
-            .and_then(|v| v.to_f32().ok())
-            .map(f64::from),
-        attn_logit_softcapping: None,
-        rope_scaling: None,
-    };
-    let mut map = HashMap::new();
-    for name in content.tensor_infos.keys() {
-        let Some(hf) = hf_name(name) else {
-            tracing::warn!(tensor = %name, "unknown GGUF tensor, ignored");
-            continue;
-        };
-        let q = content.tensor(&mut file, name, device)?;
-        let mut t = q.dequantize(device)?;
-        if name.ends_with("norm.weight") {
-            t = (t - 1.0)?;
+    match arch.as_str() {
+        "gemma3" => Ok(Arch::Gemma3(gemma3::Config {
+            vocab_size: vocab,
+            hidden_size: u("embedding_length")?,
+            intermediate_size: u("feed_forward_length")?,
+            num_hidden_layers: u("block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: u("attention.head_count_kv").unwrap_or(heads),
+            head_dim: u("attention.key_length")?,
+            rms_norm_eps: f("attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta: f("rope.freq_base", 1_000_000.0),
+            rope_local_base_freq: f("rope.freq_base_swa", 10_000.0),
+            sliding_window: u("attention.sliding_window").unwrap_or(512),
+            sliding_window_pattern: 6,
+            layer_types: None,
+            query_pre_attn_scalar: u("attention.key_length")? as f64,
+            max_position_embeddings: u("context_length")?,
+            final_logit_softcapping: md
+                .get(&format!("{arch}.final_logit_softcapping"))
+                .and_then(|v| v.to_f32().ok())
+                .map(f64::from),
+            attn_logit_softcapping: None,
+            rope_scaling: None,
+        })),
+        "qwen2" | "qwen3" => {
+            let variant = if arch == "qwen3" { qwen::Variant::Qwen3 } else { qwen::Variant::Qwen2 };
+            let hidden = u("embedding_length")?;
+            Ok(Arch::Qwen(
+                variant,
+                qwen::Config {
+                    vocab_size: vocab,
+                    hidden_size: hidden,
+                    intermediate_size: u("feed_forward_length")?,
+                    num_hidden_layers: u("block_count")?,
+                    num_attention_heads: heads,
+                    num_key_value_heads: u("attention.head_count_kv").unwrap_or(heads),
+                    head_dim: Some(u("attention.key_length").unwrap_or(hidden / heads)),
+                    rms_norm_eps: f("attention.layer_norm_rms_epsilon", 1e-6),
+                    rope_theta: f("rope.freq_base", 1_000_000.0),
+                    max_position_embeddings: u("context_length")?,
+                    tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+                    attention_bias: variant == qwen::Variant::Qwen3
+                        && content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+                    use_sliding_window: false,
+                    hidden_act: "silu".into(),
+                },
+            ))
         }
-        map.insert(hf, t);
+        other => {
+            bail!("{}: GGUF architecture `{other}` is not supported (supported: gemma3, qwen2, qwen3)", path.display())
+        }
     }
-    Ok((Arch::Gemma3(cfg), Weights::new(map, device.clone(), path.display().to_string())))
 }
 
 #[cfg(test)]
 mod tests {
     use super::hf_name;
+
+    #[test]
+    fn q5_0_becomes_q8_0_without_changing_a_value() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        let x = Tensor::randn(0f32, 1.0, (8, 64), &Device::Cpu).unwrap();
+        let q5 = QTensor::quantize(&x, GgmlDType::Q5_0).unwrap();
+        let want: Vec<f32> = q5.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let q8 = super::decode_friendly(q5, &Device::Cpu).unwrap();
+        assert_eq!(q8.dtype(), GgmlDType::Q8_0);
+        let got: Vec<f32> = q8.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got, want);
+    }
 
     #[test]
     fn maps_llama_cpp_names_including_the_gemma_norm_traps() {

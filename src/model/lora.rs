@@ -81,10 +81,18 @@ pub struct Lora {
     pub dropout: f32,
 }
 
-/// A linear layer (no bias in the architectures here) that LoRA may adapt.
+/// Inputs with at most this many rows use a layer's quantized weight when it
+/// has one: a matrix-vector product is bound by reading the weight, which
+/// the quantized form makes 4–8× smaller; larger products are bound by
+/// arithmetic, where the f32 matmul is faster.
+pub const QUANTIZED_MAX_ROWS: usize = 4;
+
+/// A linear layer that LoRA may adapt.
 pub struct LoraLinear {
     /// Frozen base weight, `[out, in]`.
     pub weight: Tensor,
+    /// The same weight quantized, as read from a GGUF file (inference only).
+    pub quantized: Option<std::sync::Arc<candle_core::quantized::QMatMul>>,
     /// Frozen bias, `[out]` (Qwen2's q/k/v).
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
@@ -112,7 +120,7 @@ impl DropoutMask for NoDropout {
 
 impl LoraLinear {
     pub fn new(weight: Tensor) -> Self {
-        LoraLinear { weight, bias: None, lora: None }
+        LoraLinear { weight, quantized: None, bias: None, lora: None }
     }
 
     pub fn in_features(&self) -> usize {
@@ -124,7 +132,11 @@ impl LoraLinear {
 
     /// `x: [..., in]` → `[..., out]`.
     pub fn forward(&self, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
-        let mut y = frozen_linear(x, &self.weight)?;
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+        let mut y = match &self.quantized {
+            Some(q) if dropout.is_none() && rows <= QUANTIZED_MAX_ROWS => candle_core::Module::forward(q.as_ref(), x)?,
+            _ => frozen_linear(x, &self.weight)?,
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

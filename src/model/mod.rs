@@ -8,6 +8,7 @@
 pub mod fused;
 pub mod gemma3;
 pub mod gguf;
+pub mod kv;
 pub mod lora;
 pub mod ops;
 pub mod qwen;
@@ -15,13 +16,16 @@ pub mod testing;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
 
 use crate::model_source::ResolvedModel;
 
 pub use gemma3::Gemma3;
+pub use kv::KvCache;
 pub use qwen::Qwen;
 
 use lora::{DropoutMask, LoraLinear};
@@ -40,6 +44,17 @@ pub trait CausalLm {
     /// Final hidden states (after the last norm) for `ids`: `[T, hidden]`.
     fn hidden(&self, ids: &[u32], dropout: Option<&dyn DropoutMask>) -> candle_core::Result<Tensor>;
 
+    /// An empty KV cache for [`CausalLm::forward_cached`].
+    fn new_cache(&self) -> KvCache;
+
+    /// Inference on `ids` at the positions after those in `cache`, appending
+    /// their keys and values: final hidden states `[T, hidden]`. The same
+    /// numbers as [`CausalLm::hidden`] on the whole sequence.
+    fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor>;
+
+    /// The longest sequence the rotary tables were built for.
+    fn max_positions(&self) -> usize;
+
     /// Logits for rows of `hidden`: `[N, hidden]` → `[N, vocab]`.
     fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor>;
 
@@ -51,12 +66,23 @@ pub trait CausalLm {
         ops::cross_entropy(&self.logits(hidden)?, &t)
     }
 
+    /// [`CausalLm::forward_cached`] in chunks of [`PREFILL_CHUNK`] tokens:
+    /// the same result, but sliding-window layers only ever attend over a
+    /// chunk plus one window, instead of the whole sequence.
+    fn forward_chunked(&self, ids: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        let parts = ids.chunks(PREFILL_CHUNK).map(|c| self.forward_cached(c, cache)).collect::<Result<Vec<_>, _>>()?;
+        Tensor::cat(&parts, 0)
+    }
+
     /// Logits at the last position only: `[vocab]`.
     fn last_logits(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
         let h = self.hidden(ids, None)?;
         self.logits(&h.narrow(0, ids.len() - 1, 1)?)?.flatten_all()
     }
 }
+
+/// Tokens per chunk of a long prefill ([`CausalLm::forward_chunked`]).
+pub const PREFILL_CHUNK: usize = 512;
 
 /// The linear modules LoRA can target, by their HF names.
 pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -73,9 +99,12 @@ pub(crate) fn layer_linears(
     })
 }
 
-/// Named base weights, f32, on one device.
+/// Named base weights, f32, on one device; for GGUF files loaded for
+/// inference, also the quantized matrices (used where one row at a time is
+/// multiplied: decoding).
 pub struct Weights {
     map: HashMap<String, Tensor>,
+    quantized: HashMap<String, Arc<QMatMul>>,
     device: Device,
     /// Where they came from, for messages.
     pub source: String,
@@ -83,7 +112,17 @@ pub struct Weights {
 
 impl Weights {
     pub fn new(map: HashMap<String, Tensor>, device: Device, source: String) -> Weights {
-        Weights { map, device, source }
+        Weights { map, quantized: HashMap::new(), device, source }
+    }
+
+    /// Adds the quantized form of weight `name` (a GGUF tensor).
+    pub fn insert_quantized(&mut self, name: String, q: QMatMul) {
+        self.quantized.insert(name, Arc::new(q));
+    }
+
+    /// The quantized form of `name`, if it has one.
+    pub fn take_quantized(&mut self, name: &str) -> Option<Arc<QMatMul>> {
+        self.quantized.remove(name)
     }
 
     pub fn device(&self) -> &Device {
@@ -100,6 +139,7 @@ impl Weights {
     /// The linear layer `<name>.weight` (and `<name>.bias` when `bias`).
     pub fn linear(&mut self, name: &str, bias: bool) -> Result<LoraLinear> {
         let mut l = LoraLinear::new(self.take(&format!("{name}.weight"))?);
+        l.quantized = self.take_quantized(&format!("{name}.weight"));
         if bias {
             l.bias = Some(self.take(&format!("{name}.bias"))?);
         }
@@ -150,6 +190,14 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// The context length the configuration states.
+    pub fn max_position_embeddings(&self) -> usize {
+        match self {
+            Arch::Gemma3(c) => c.max_position_embeddings,
+            Arch::Qwen(_, c) => c.max_position_embeddings,
+        }
+    }
+
     /// The architecture's model on `weights`.
     pub fn build(self, weights: &mut Weights, max_positions: usize) -> Result<Box<dyn CausalLm>> {
         Ok(match self {
@@ -162,6 +210,26 @@ impl Arch {
 /// Loads the base model of a recipe, ready for training or inference.
 /// `max_positions` bounds the rotary tables (the longest sequence used).
 pub fn load(model: &ResolvedModel, device: &Device, max_positions: usize) -> Result<Box<dyn CausalLm>> {
+    load_with(model, device, max_positions, false)
+}
+
+/// Loads a model for inference: as [`load`], and a GGUF file's quantized
+/// matrices are kept for decoding (prefill multiplies many rows at once and
+/// uses the dequantized f32 copies, which is faster on a CPU).
+pub fn load_for_inference(model: &ResolvedModel, device: &Device) -> Result<Box<dyn CausalLm>> {
+    load_with(model, device, INFERENCE_POSITIONS, true)
+}
+
+/// The longest sequence inference supports (rotary tables are built for
+/// `min(this, the model's context)` positions).
+pub const INFERENCE_POSITIONS: usize = 32_768;
+
+fn load_with(
+    model: &ResolvedModel,
+    device: &Device,
+    max_positions: usize,
+    keep_quantized: bool,
+) -> Result<Box<dyn CausalLm>> {
     let weights = model.weights.first().with_context(|| {
         format!(
             "the model `{}` has no weights (no *.safetensors or *.gguf in {}); run scripts/fetch-models.sh or fix \
@@ -171,8 +239,9 @@ pub fn load(model: &ResolvedModel, device: &Device, max_positions: usize) -> Res
         )
     })?;
     if weights.extension().is_some_and(|e| e == "gguf") {
-        let (arch, mut w) = gguf::load(weights, device)?;
-        arch.build(&mut w, max_positions)
+        let (arch, mut w) = gguf::load(weights, device, keep_quantized)?;
+        let positions = max_positions.min(arch.max_position_embeddings());
+        arch.build(&mut w, positions)
     } else {
         let config = model.config_json.as_ref().with_context(|| {
             format!(
@@ -183,7 +252,8 @@ pub fn load(model: &ResolvedModel, device: &Device, max_positions: usize) -> Res
         })?;
         let arch = read_config(config)?;
         let mut w = load_safetensors(&model.weights, device)?;
-        arch.build(&mut w, max_positions)
+        let positions = max_positions.min(arch.max_position_embeddings());
+        arch.build(&mut w, positions)
     }
 }
 

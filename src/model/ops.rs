@@ -115,6 +115,42 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, window: Option<usize>) -> Result<
     if fused(q) { super::fused::attention_probs(q, k, window) } else { composed::attention_probs(q, k, window) }
 }
 
+/// Attention of `t` new queries over cached keys: `q: [G, group·t, D]`
+/// (scaled; rows are heads-of-a-group × t, as in [`attention_probs`]) at
+/// positions `start..start+t`, `k`, `v: [G, start+t, D]`. Returns
+/// `[G, group·t, D]`. Without history (`start = 0`) this is exactly the
+/// training path; with history, keys beyond the sliding window are dropped
+/// before the product and only a multi-token chunk needs a mask. `softcap`
+/// caps the scores as `cap·tanh(s/cap)` (Gemma 2-style configs).
+pub fn cached_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    t: usize,
+    start: usize,
+    window: Option<usize>,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
+    if start == 0 && softcap.is_none() {
+        return attention_probs(q, k, window)?.matmul(v);
+    }
+    let (g, r, _) = q.dims3()?;
+    let total = k.dim(1)?;
+    // The earliest new query (at `start`) sees keys after `start - window`.
+    let first = window.map_or(0, |w| (start + 1).saturating_sub(w));
+    let (k, v) = (k.narrow(1, first, total - first)?, v.narrow(1, first, total - first)?);
+    let seen = total - first;
+    let mut scores = q.matmul(&k.t()?)?; // [G, group·t, seen]
+    if let Some(cap) = softcap {
+        scores = ((scores / cap)?.tanh()? * cap)?;
+    }
+    if t > 1 {
+        let mask = attention_mask(t, start, window, q.device())?.narrow(1, first, seen)?;
+        scores = scores.reshape((g, r / t, t, seen))?.broadcast_add(&mask)?.reshape((g, r, seen))?;
+    }
+    softmax(&scores)?.matmul(&v)
+}
+
 /// Softmax over the last dimension.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     if fused(x) { super::fused::softmax(x) } else { composed::softmax(x) }

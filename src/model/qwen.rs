@@ -18,8 +18,11 @@
 use candle_core::{Device, Result, Tensor};
 use serde::Deserialize;
 
-use super::lora::{DropoutMask, LoraLinear, frozen_linear};
-use super::ops::{Rope, attention_probs, rms_norm};
+use candle_core::quantized::QMatMul;
+
+use super::kv::{KvCache, LayerKv};
+use super::lora::{DropoutMask, LoraLinear, QUANTIZED_MAX_ROWS, frozen_linear};
+use super::ops::{Rope, cached_attention, rms_norm};
 use super::{CausalLm, Weights, layer_linears};
 
 /// Which generation.
@@ -97,6 +100,9 @@ pub struct Qwen {
     pub cfg: Config,
     embed: Tensor,
     lm_head: Option<Tensor>,
+    /// Quantized copies of the LM head for decoding (GGUF inference).
+    embed_q: Option<std::sync::Arc<QMatMul>>,
+    lm_head_q: Option<std::sync::Arc<QMatMul>>,
     layers: Vec<Layer>,
     norm: Tensor,
     rope: Rope,
@@ -144,22 +150,40 @@ impl Qwen {
             });
         }
         let embed = w.take("model.embed_tokens.weight")?;
+        let embed_q = w.take_quantized("model.embed_tokens.weight");
         let lm_head = if cfg.tie_word_embeddings { None } else { w.take("lm_head.weight").ok() };
+        let lm_head_q = w.take_quantized("lm_head.weight");
         let norm = w.take("model.norm.weight")?;
         let rope = Rope::new(cfg.rope_theta, cfg.head_dim(), max_positions, 1.0, &device)?;
-        Ok(Qwen { variant, cfg, embed, lm_head, layers, norm, rope, device })
+        Ok(Qwen { variant, cfg, embed, lm_head, embed_q, lm_head_q, layers, norm, rope, device })
     }
 
-    fn layer(&self, l: &Layer, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+    /// One decoder layer on `x: [T, hidden]` at positions `start..start+T`,
+    /// appending to `kv` when decoding incrementally.
+    fn layer(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        start: usize,
+        kv: Option<&mut LayerKv>,
+        dropout: Option<&dyn DropoutMask>,
+    ) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
         let n = rms_norm(x, &l.input_norm, eps, 0.0)?;
-        let h = (x + self.attention(l, &n, dropout)?)?;
+        let h = (x + self.attention(l, &n, start, kv, dropout)?)?;
         let n = rms_norm(&h, &l.post_attn_norm, eps, 0.0)?;
         let ff = (l.gate.forward(&n, dropout)?.silu()? * l.up.forward(&n, dropout)?)?;
         h + l.down.forward(&ff, dropout)?
     }
 
-    fn attention(&self, l: &Layer, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+    fn attention(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        start: usize,
+        kv: Option<&mut LayerKv>,
+        dropout: Option<&dyn DropoutMask>,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
@@ -171,13 +195,42 @@ impl Qwen {
             q = rms_norm(&q, qn, cfg.rms_norm_eps, 0.0)?;
             k = rms_norm(&k, kn, cfg.rms_norm_eps, 0.0)?;
         }
-        let q = (self.rope.apply(&q, 0)? * (hd as f64).powf(-0.5))?;
-        let k = self.rope.apply(&k, 0)?;
+        let q = (self.rope.apply(&q, start)? * (hd as f64).powf(-0.5))?;
+        let k = self.rope.apply(&k, start)?;
+        let (k, v) = match kv {
+            Some(kv) => kv.append(&k, &v)?,
+            None => (k, v),
+        };
         // Grouped-query attention: the q heads of a kv group stacked in time.
         let group = nh / nkv;
-        let probs = attention_probs(&q.reshape((nkv, group * t, hd))?, &k, None)?;
-        let out = probs.matmul(&v)?.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
+        let out = cached_attention(&q.reshape((nkv, group * t, hd))?, &k, &v, t, start, None, None)?;
+        let out = out.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
         l.o.forward(&out, dropout)
+    }
+
+    /// Final hidden states for `ids` at positions `start..`, through the
+    /// cache when there is one.
+    fn run(
+        &self,
+        ids: &[u32],
+        start: usize,
+        mut cache: Option<&mut KvCache>,
+        dropout: Option<&dyn DropoutMask>,
+    ) -> Result<Tensor> {
+        let ids = Tensor::new(ids, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = self.layer(layer, &x, start, kv, dropout)?;
+        }
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, 0.0)
+    }
+
+    fn head(&self) -> (&Tensor, Option<&QMatMul>) {
+        match &self.lm_head {
+            Some(w) => (w, self.lm_head_q.as_deref()),
+            None => (&self.embed, self.embed_q.as_deref()),
+        }
     }
 }
 
@@ -200,19 +253,30 @@ impl CausalLm for Qwen {
     }
 
     fn hidden(&self, ids: &[u32], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
-        let ids = Tensor::new(ids, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
-        for layer in &self.layers {
-            x = self.layer(layer, &x, dropout)?;
-        }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, 0.0)
+        self.run(ids, 0, None, dropout)
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let start = cache.len();
+        self.run(ids, start, Some(cache), None)
+    }
+
+    fn max_positions(&self) -> usize {
+        self.rope.cos.dim(0).unwrap_or(0)
     }
 
     fn loss(&self, hidden: &Tensor, targets: &[u32]) -> Result<Tensor> {
-        super::ops::linear_cross_entropy(hidden, self.lm_head.as_ref().unwrap_or(&self.embed), targets)
+        super::ops::linear_cross_entropy(hidden, self.head().0, targets)
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        frozen_linear(hidden, self.lm_head.as_ref().unwrap_or(&self.embed))
+        match self.head() {
+            (_, Some(q)) if hidden.dim(0)? <= QUANTIZED_MAX_ROWS => candle_core::Module::forward(q, hidden),
+            (w, _) => frozen_linear(hidden, w),
+        }
     }
 }

@@ -32,7 +32,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Location, RecipeError, did_you_mean};
-use crate::stages::{fetch_dataset, format_chat, lora_train, tokenize};
+use crate::stages::{evaluate, fetch_dataset, format_chat, lora_train, tokenize};
 
 pub use overrides::Override;
 
@@ -114,6 +114,8 @@ pub enum StageSpec {
     Tokenize(tokenize::Params),
     /// Train a LoRA adapter on tokenized examples.
     LoraTrain(lora_train::Params),
+    /// Generate answers for a split and score them (tool calls, QA), with eval loss.
+    Evaluate(evaluate::Params),
 }
 
 impl StageSpec {
@@ -124,6 +126,7 @@ impl StageSpec {
             StageSpec::FormatChat(_) => "format-chat",
             StageSpec::Tokenize(_) => "tokenize",
             StageSpec::LoraTrain(_) => "lora-train",
+            StageSpec::Evaluate(_) => "evaluate",
         }
     }
 
@@ -138,6 +141,13 @@ impl StageSpec {
                 vec![Input { role: "conversations", stage: &p.conversations, kinds: &["format-chat"] }]
             }
             StageSpec::LoraTrain(p) => vec![Input { role: "tokens", stage: &p.tokens, kinds: &["tokenize"] }],
+            StageSpec::Evaluate(p) => {
+                let mut v = vec![Input { role: "conversations", stage: &p.conversations, kinds: &["format-chat"] }];
+                if let Some(a) = &p.adapter {
+                    v.push(Input { role: "adapter", stage: a, kinds: &["lora-train"] });
+                }
+                v
+            }
         }
     }
 }
@@ -154,7 +164,7 @@ pub struct Input<'a> {
 }
 
 /// All stage kinds, for "did you mean" on `kind`.
-pub const KINDS: &[&str] = &["fetch-dataset", "format-chat", "tokenize", "lora-train"];
+pub const KINDS: &[&str] = &["fetch-dataset", "format-chat", "tokenize", "lora-train", "evaluate"];
 
 impl Recipe {
     /// Reads and validates a recipe file, applying `--set` overrides.
@@ -300,6 +310,7 @@ fn stage_rules(_name: &str, stage: &StageSpec) -> Result<(), (&'static str, Stri
         StageSpec::FormatChat(_) => Ok(()),
         StageSpec::Tokenize(p) => p.check(),
         StageSpec::LoraTrain(p) => p.check(),
+        StageSpec::Evaluate(p) => p.check(),
     }
 }
 
@@ -319,6 +330,7 @@ fn read_stage_params(kind: &str, doc: &str) -> Option<toml::de::Error> {
         "format-chat" => read::<format_chat::Params>(doc),
         "tokenize" => read::<tokenize::Params>(doc),
         "lora-train" => read::<lora_train::Params>(doc),
+        "evaluate" => read::<evaluate::Params>(doc),
         _ => None,
     }
 }

@@ -6,6 +6,7 @@
 //! outputs into `ctx.out`. It never writes anywhere else: the executor
 //! publishes `out` atomically when `run` returns `Ok`.
 
+pub mod evaluate;
 pub mod fetch_dataset;
 pub mod format_chat;
 pub mod lora_train;
@@ -54,6 +55,7 @@ impl StageSpec {
             StageSpec::FormatChat(p) => p,
             StageSpec::Tokenize(p) => p,
             StageSpec::LoraTrain(p) => p,
+            StageSpec::Evaluate(p) => p,
         }
     }
 }

@@ -181,15 +181,8 @@ impl Params {
         let mut supervised = 0usize;
         let pb = crate::progress::bar(convs.len() as u64, &format!("tokenize {split}"));
         for conv in convs {
-            let enc = tokenizer
-                .encode(conv.text.as_str(), false)
-                .map_err(|e| anyhow::anyhow!("example {}: tokenizer failed: {e}", conv.id))?;
-            let ids = enc.get_ids();
-            let mask: Vec<u8> = enc
-                .get_offsets()
-                .iter()
-                .map(|&(s, _)| u8::from(conv.spans.iter().any(|sp| s >= sp.start && s < sp.end)))
-                .collect();
+            let (ids, mask) = encode_with_mask(tokenizer, conv)?;
+            let ids = &ids[..];
             if !mask_decodes_to_spans(tokenizer, ids, &mask, conv)? {
                 mismatches += 1;
             }
@@ -249,6 +242,20 @@ impl Params {
         });
         Ok((out, stats))
     }
+}
+
+/// Token ids of a conversation's text (which holds its own BOS) and the loss
+/// mask: 1 on tokens that start inside a trained span.
+pub fn encode_with_mask(tokenizer: &tokenizers::Tokenizer, conv: &Conversation) -> Result<(Vec<u32>, Vec<u8>)> {
+    let enc = tokenizer
+        .encode(conv.text.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("example {}: tokenizer failed: {e}", conv.id))?;
+    let mask = enc
+        .get_offsets()
+        .iter()
+        .map(|&(s, _)| u8::from(conv.spans.iter().any(|sp| s >= sp.start && s < sp.end)))
+        .collect();
+    Ok((enc.get_ids().to_vec(), mask))
 }
 
 /// Whether the masked tokens decode to exactly the spans' text.

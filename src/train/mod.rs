@@ -132,11 +132,20 @@ pub fn example_loss(
     dropout: Option<&dyn DropoutMask>,
 ) -> Result<(Tensor, usize)> {
     // Position p predicts token p+1; it is scored when token p+1 is supervised.
-    let positions: Vec<u32> = (0..ids.len() - 1).filter(|&p| mask[p + 1] == 1).map(|p| p as u32).collect();
-    let targets: Vec<u32> = positions.iter().map(|&p| ids[p as usize + 1]).collect();
-    let device = model.device();
     let hidden = model.hidden(&ids[..ids.len() - 1], dropout)?;
-    let picked = hidden.index_select(&Tensor::new(positions.as_slice(), device)?, 0)?;
+    masked_loss(model, &hidden, ids, mask)
+}
+
+/// The loss of [`example_loss`] from hidden states already computed for
+/// (at least) the first `ids.len() - 1` positions. Returns the loss and the
+/// number of scored tokens (the loss is 0 when there are none).
+pub fn masked_loss(model: &dyn CausalLm, hidden: &Tensor, ids: &[u32], mask: &[u8]) -> Result<(Tensor, usize)> {
+    let positions: Vec<u32> = (0..ids.len() - 1).filter(|&p| mask[p + 1] == 1).map(|p| p as u32).collect();
+    if positions.is_empty() {
+        return Ok((Tensor::new(0f32, model.device())?, 0));
+    }
+    let targets: Vec<u32> = positions.iter().map(|&p| ids[p as usize + 1]).collect();
+    let picked = hidden.index_select(&Tensor::new(positions.as_slice(), model.device())?, 0)?;
     let loss = model.loss(&picked, &targets)?;
     Ok((loss, positions.len()))
 }

@@ -1,0 +1,337 @@
+//! Scoring generated answers against the gold turn of a conversation, and
+//! the report tables.
+//!
+//! Tool calls are scored BFCL-style on the parsed calls (not the raw text):
+//! whether a call was made when one was needed (and not when none was), the
+//! tool name, argument exact match and per-argument precision/recall (values
+//! compared as JSON), JSON validity, and full-call exact match. QA answers
+//! are scored with ROUGE-L F1. Every metric carries its denominator, so a
+//! rate over 3 rows is not read like one over 300.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::toolcall::{ParsedCalls, ToolCall};
+
+/// What is measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    /// Tool calling when any gold turn holds a call, else QA.
+    #[default]
+    Auto,
+    ToolCall,
+    Qa,
+}
+
+/// The verdict on one tool-calling answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ToolVerdict {
+    pub needs_call: bool,
+    pub called: bool,
+    /// Every attempted call could be read (only when `called`).
+    pub json_valid: Option<bool>,
+    /// The called tool names are the gold ones (only when `needs_call`).
+    pub name_correct: Option<bool>,
+    /// Same names and exactly the same arguments (only when `needs_call`).
+    pub args_exact: Option<bool>,
+    /// Arguments equal to gold ones / predicted / gold, summed over calls.
+    pub args_matched: usize,
+    pub args_predicted: usize,
+    pub args_gold: usize,
+    /// Right decision and, for calls, exactly the gold calls.
+    pub exact: bool,
+    /// When the gold answer has a final answer (no call): so does this one.
+    pub final_answer: Option<bool>,
+}
+
+/// Scores `pred` against the gold calls / text of the same turn.
+pub fn score_tool_call(pred: &ParsedCalls, gold: &ParsedCalls, gold_text: &str, pred_text: &str) -> ToolVerdict {
+    let needs_call = !gold.calls.is_empty();
+    let called = pred.attempted();
+    let mut v = ToolVerdict { needs_call, called, json_valid: called.then(|| pred.all_valid()), ..Default::default() };
+    if needs_call {
+        fn names(c: &[ToolCall]) -> Vec<&str> {
+            let mut n: Vec<&str> = c.iter().map(|c| c.name.as_str()).collect();
+            n.sort_unstable();
+            n
+        }
+        let name_ok = pred.all_valid() && names(&pred.calls) == names(&gold.calls);
+        v.name_correct = Some(name_ok);
+        // Match each gold call to an unused predicted call of the same name.
+        let mut used = vec![false; pred.calls.len()];
+        let mut all_args_equal = name_ok;
+        for g in &gold.calls {
+            let g_args = g.arguments.as_object().cloned().unwrap_or_default();
+            v.args_gold += g_args.len();
+            let m = pred.calls.iter().enumerate().position(|(i, p)| !used[i] && p.name == g.name);
+            match m {
+                Some(i) => {
+                    used[i] = true;
+                    let p_args = pred.calls[i].arguments.as_object().cloned().unwrap_or_default();
+                    v.args_matched += g_args.iter().filter(|(k, val)| p_args.get(*k) == Some(val)).count();
+                    all_args_equal &= p_args == g_args;
+                }
+                None => all_args_equal = false,
+            }
+        }
+        v.args_predicted = pred.calls.iter().map(|c| c.arguments.as_object().map_or(0, |o| o.len())).sum::<usize>();
+        v.args_exact = Some(all_args_equal);
+        v.exact = all_args_equal;
+    } else {
+        v.exact = !called;
+    }
+    if !needs_call {
+        let wants_tag = gold_text.contains("<final_answer>");
+        let has = if wants_tag {
+            crate::toolcall::final_answer(pred_text).is_some_and(|a| !a.is_empty())
+        } else {
+            !called && !pred_text.trim().is_empty()
+        };
+        v.final_answer = Some(has);
+        v.exact &= has;
+    }
+    v
+}
+
+/// ROUGE-L F1 between two texts: longest common subsequence over words
+/// (lower-cased), with each CJK character a word of its own.
+pub fn rouge_l(candidate: &str, reference: &str) -> f64 {
+    let (c, r) = (words(candidate), words(reference));
+    if c.is_empty() || r.is_empty() {
+        return if c.is_empty() && r.is_empty() { 1.0 } else { 0.0 };
+    }
+    let mut prev = vec![0usize; r.len() + 1];
+    for cw in &c {
+        let mut cur = vec![0usize; r.len() + 1];
+        for (j, rw) in r.iter().enumerate() {
+            cur[j + 1] = if cw == rw { prev[j] + 1 } else { cur[j].max(prev[j + 1]) };
+        }
+        prev = cur;
+    }
+    let lcs = prev[r.len()] as f64;
+    let (p, rec) = (lcs / c.len() as f64, lcs / r.len() as f64);
+    if lcs == 0.0 { 0.0 } else { 2.0 * p * rec / (p + rec) }
+}
+
+fn words(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for ch in text.to_lowercase().chars() {
+        let cjk = matches!(ch as u32, 0x3400..=0x9FFF | 0xF900..=0xFAFF | 0x3040..=0x30FF | 0xAC00..=0xD7AF);
+        if ch.is_alphanumeric() && !cjk {
+            cur.push(ch);
+            continue;
+        }
+        if !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
+        }
+        if cjk {
+            out.push(ch.to_string());
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// A rate or mean with the number of rows it is over.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Metric {
+    pub value: f64,
+    pub n: usize,
+}
+
+/// Accumulates per-row results into metrics.
+#[derive(Debug, Default, Clone)]
+pub struct Tally {
+    sums: BTreeMap<&'static str, (f64, usize)>,
+    args: (usize, usize, usize),
+    nll: (f64, usize),
+}
+
+impl Tally {
+    fn add(&mut self, key: &'static str, value: f64) {
+        let e = self.sums.entry(key).or_default();
+        e.0 += value;
+        e.1 += 1;
+    }
+
+    fn rate(&mut self, key: &'static str, v: Option<bool>) {
+        if let Some(b) = v {
+            self.add(key, f64::from(u8::from(b)));
+        }
+    }
+
+    pub fn tool(&mut self, v: &ToolVerdict) {
+        self.rate("called_when_needed", v.needs_call.then_some(v.called));
+        self.rate("no_call_when_not_needed", (!v.needs_call).then_some(!v.called));
+        self.rate("tool_name_accuracy", v.name_correct);
+        self.rate("args_exact_match", v.args_exact);
+        self.rate("json_validity", v.json_valid);
+        self.rate("final_answer_presence", v.final_answer);
+        self.rate("exact_match", Some(v.exact));
+        self.args.0 += v.args_matched;
+        self.args.1 += v.args_predicted;
+        self.args.2 += v.args_gold;
+    }
+
+    pub fn rouge(&mut self, f1: f64) {
+        self.add("rouge_l", f1);
+    }
+
+    /// Adds an example's summed negative log-likelihood over `tokens` tokens.
+    pub fn loss(&mut self, nll: f64, tokens: usize) {
+        self.nll.0 += nll;
+        self.nll.1 += tokens;
+    }
+
+    /// Adds another tally's counts.
+    pub fn merge(&mut self, other: &Tally) {
+        for (k, (s, n)) in &other.sums {
+            let e = self.sums.entry(k).or_default();
+            e.0 += s;
+            e.1 += n;
+        }
+        self.args = (self.args.0 + other.args.0, self.args.1 + other.args.1, self.args.2 + other.args.2);
+        self.nll = (self.nll.0 + other.nll.0, self.nll.1 + other.nll.1);
+    }
+
+    /// The metrics, by name (only those with a denominator).
+    pub fn metrics(&self) -> BTreeMap<String, Metric> {
+        let mut out: BTreeMap<String, Metric> =
+            self.sums.iter().map(|(k, (s, n))| (k.to_string(), Metric { value: s / *n as f64, n: *n })).collect();
+        let (m, p, g) = self.args;
+        if g > 0 || p > 0 {
+            let precision = if p > 0 { m as f64 / p as f64 } else { 0.0 };
+            let recall = if g > 0 { m as f64 / g as f64 } else { 0.0 };
+            let f1 = if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
+            out.insert("arg_precision".into(), Metric { value: precision, n: p });
+            out.insert("arg_recall".into(), Metric { value: recall, n: g });
+            out.insert("arg_f1".into(), Metric { value: f1, n: g });
+        }
+        if self.nll.1 > 0 {
+            let loss = self.nll.0 / self.nll.1 as f64;
+            out.insert("loss".into(), Metric { value: loss, n: self.nll.1 });
+            out.insert("perplexity".into(), Metric { value: loss.exp(), n: self.nll.1 });
+        }
+        out
+    }
+}
+
+/// Metric names in report order, with their labels; rates print as %.
+pub const METRICS: &[(&str, &str, bool)] = &[
+    ("called_when_needed", "tool called when needed", true),
+    ("no_call_when_not_needed", "no call when none needed", true),
+    ("tool_name_accuracy", "correct tool name", true),
+    ("args_exact_match", "arguments exact match", true),
+    ("arg_precision", "argument precision", true),
+    ("arg_recall", "argument recall", true),
+    ("arg_f1", "argument F1", true),
+    ("json_validity", "valid call JSON", true),
+    ("final_answer_presence", "final answer present", true),
+    ("exact_match", "full-call exact match (success)", true),
+    ("rouge_l", "ROUGE-L F1", false),
+    ("loss", "eval loss (assistant tokens)", false),
+    ("perplexity", "perplexity", false),
+];
+
+/// A Markdown table: one row per metric, one column per model.
+pub fn markdown_table(columns: &[(&str, &BTreeMap<String, Metric>)]) -> String {
+    let mut s = String::from("| metric |");
+    for (name, _) in columns {
+        s += &format!(" {name} |");
+    }
+    s += "\n|---|";
+    s += &"---:|".repeat(columns.len());
+    s += "\n";
+    for (key, label, pct) in METRICS {
+        if columns.iter().all(|(_, m)| !m.contains_key(*key)) {
+            continue;
+        }
+        s += &format!("| {label} |");
+        for (_, m) in columns {
+            s += &match m.get(*key) {
+                Some(v) if *pct => format!(" {:.1} % (n={}) |", 100.0 * v.value, v.n),
+                Some(v) => format!(" {:.4} |", v.value),
+                None => " – |".into(),
+            };
+        }
+        s += "\n";
+    }
+    s
+}
+
+/// The gold calls of an assistant message: OpenAI `tool_calls` if present,
+/// else parsed from its text.
+pub fn gold_calls(content: &str, tool_calls: Option<&Value>) -> ParsedCalls {
+    match tool_calls {
+        Some(tc) => crate::toolcall::from_openai(tc),
+        None => crate::toolcall::parse(content),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::toolcall::parse;
+
+    #[test]
+    fn scores_calls_field_by_field() {
+        let gold = parse(r#"<tool_call>{"tool_name": "w", "args": {"city": "Paris", "unit": "c"}}</tool_call>"#);
+        let exact = parse(r#"<tool_call>{"name": "w", "arguments": {"unit": "c", "city": "Paris"}}</tool_call>"#);
+        let v = score_tool_call(&exact, &gold, "", "");
+        assert!(v.exact && v.args_exact == Some(true) && v.name_correct == Some(true));
+        let half =
+            parse(r#"<tool_call>{"name": "w", "arguments": {"city": "Paris", "unit": "f", "x": 1}}</tool_call>"#);
+        let v = score_tool_call(&half, &gold, "", "");
+        assert_eq!((v.args_matched, v.args_predicted, v.args_gold), (1, 3, 2));
+        assert_eq!((v.name_correct, v.args_exact, v.exact), (Some(true), Some(false), false));
+        let wrong = parse(r#"<tool_call>{"name": "v", "arguments": {"city": "Paris"}}</tool_call>"#);
+        let v = score_tool_call(&wrong, &gold, "", "");
+        assert_eq!((v.name_correct, v.args_matched), (Some(false), 0));
+        let broken = parse("<tool_call>{\"name\": \"w\",</tool_call>");
+        let v = score_tool_call(&broken, &gold, "", "");
+        assert_eq!((v.called, v.json_valid, v.name_correct), (true, Some(false), Some(false)));
+        let none = parse("<final_answer>no</final_answer>");
+        let v = score_tool_call(&none, &gold, "", "<final_answer>no</final_answer>");
+        assert_eq!((v.called, v.exact), (false, false));
+
+        let mut t = Tally::default();
+        for p in [&exact, &half] {
+            t.tool(&score_tool_call(p, &gold, "", ""));
+        }
+        let m = t.metrics();
+        assert_eq!(m["called_when_needed"], Metric { value: 1.0, n: 2 });
+        assert_eq!(m["exact_match"], Metric { value: 0.5, n: 2 });
+        assert_eq!(m["arg_precision"].value, 3.0 / 5.0);
+        assert_eq!(m["arg_recall"].value, 3.0 / 4.0);
+    }
+
+    #[test]
+    fn no_call_rows_need_a_final_answer_and_no_call() {
+        let gold_text = "<final_answer>\nHello\n</final_answer>";
+        let gold = parse(gold_text);
+        let ok = "<final_answer>\nHi there\n</final_answer>";
+        let v = score_tool_call(&parse(ok), &gold, gold_text, ok);
+        assert!(v.exact && v.final_answer == Some(true) && !v.needs_call);
+        let bad = "<tool_call>{\"name\": \"x\", \"arguments\": {}}</tool_call>";
+        let v = score_tool_call(&parse(bad), &gold, gold_text, bad);
+        assert!(!v.exact && v.called && v.final_answer == Some(false));
+    }
+
+    #[test]
+    fn rouge_l_on_words_and_cjk_characters() {
+        assert_eq!(rouge_l("the cat sat", "the cat sat"), 1.0);
+        assert_eq!(rouge_l("", "x"), 0.0);
+        // LCS "the sat" = 2 of 3 and 2 of 4.
+        let f = rouge_l("the cat sat", "the dog really sat");
+        assert!((f - 2.0 * (2.0 / 3.0) * 0.5 / (2.0 / 3.0 + 0.5)).abs() < 1e-12);
+        // 白点病 shares 3 of 4 characters with 白点病症.
+        let f = rouge_l("白点病", "白点病症");
+        assert!((f - 2.0 * 1.0 * 0.75 / 1.75).abs() < 1e-12);
+    }
+}
