@@ -14,7 +14,7 @@
 //! `sqrt(hidden)`, tied to the LM head. Every RMSNorm multiplies by `1 + w`.
 
 use candle_core::{Device, Result, Tensor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::kv::{KvCache, LayerKv};
 use super::lora::{DropoutMask, LoraLinear};
@@ -22,7 +22,7 @@ use super::ops::{Rope, cached_attention, gelu_tanh, rms_norm};
 use super::{CausalLm, Weights, layer_linears};
 
 /// The hyper-parameters of a Gemma 3 text model (HF `Gemma3TextConfig`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
     pub vocab_size: usize,
     pub hidden_size: usize,

@@ -129,6 +129,11 @@ impl Weights {
         &self.device
     }
 
+    /// Every tensor, by HF name.
+    pub fn into_map(self) -> HashMap<String, Tensor> {
+        self.map
+    }
+
     /// Removes and returns a tensor, failing with the file's name if missing.
     pub fn take(&mut self, name: &str) -> Result<Tensor> {
         self.map
@@ -190,6 +195,40 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// The `config.json` transformers expects for this architecture (for
+    /// models whose weights came from a GGUF, which has none).
+    pub fn hf_config(&self) -> serde_json::Value {
+        let mut v = match self {
+            Arch::Gemma3(c) => {
+                let mut v = serde_json::to_value(c).expect("config serializes");
+                v["model_type"] = "gemma3_text".into();
+                v["architectures"] = serde_json::json!(["Gemma3ForCausalLM"]);
+                v["hidden_activation"] = "gelu_pytorch_tanh".into();
+                v["tie_word_embeddings"] = true.into();
+                v["layer_types"] = (0..c.num_hidden_layers)
+                    .map(|i| if c.is_sliding(i) { "sliding_attention" } else { "full_attention" })
+                    .collect::<Vec<_>>()
+                    .into();
+                v
+            }
+            Arch::Qwen(variant, c) => {
+                let mut v = serde_json::to_value(c).expect("config serializes");
+                let (ty, class) = match variant {
+                    qwen::Variant::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+                    qwen::Variant::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+                };
+                v["model_type"] = ty.into();
+                v["architectures"] = serde_json::json!([class]);
+                v["head_dim"] = c.head_dim().into();
+                v
+            }
+        };
+        if let Some(o) = v.as_object_mut() {
+            o.retain(|_, x| !x.is_null());
+        }
+        v
+    }
+
     /// The context length the configuration states.
     pub fn max_position_embeddings(&self) -> usize {
         match self {

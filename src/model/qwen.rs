@@ -16,7 +16,7 @@
 //! exists.
 
 use candle_core::{Device, Result, Tensor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use candle_core::quantized::QMatMul;
 
@@ -33,7 +33,7 @@ pub enum Variant {
 }
 
 /// The hyper-parameters of a Qwen2 / Qwen3 model (HF config.json).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
     pub vocab_size: usize,
     pub hidden_size: usize,

@@ -32,7 +32,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Location, RecipeError, did_you_mean};
-use crate::stages::{evaluate, fetch_dataset, format_chat, lora_train, tokenize};
+use crate::stages::{evaluate, fetch_dataset, format_chat, lora_train, merge, tokenize};
 
 pub use overrides::Override;
 
@@ -116,6 +116,8 @@ pub enum StageSpec {
     LoraTrain(lora_train::Params),
     /// Generate answers for a split and score them (tool calls, QA), with eval loss.
     Evaluate(evaluate::Params),
+    /// Fold a LoRA adapter into the base weights: an HF model directory.
+    Merge(merge::Params),
 }
 
 impl StageSpec {
@@ -127,6 +129,7 @@ impl StageSpec {
             StageSpec::Tokenize(_) => "tokenize",
             StageSpec::LoraTrain(_) => "lora-train",
             StageSpec::Evaluate(_) => "evaluate",
+            StageSpec::Merge(_) => "merge",
         }
     }
 
@@ -148,6 +151,13 @@ impl StageSpec {
                 }
                 v
             }
+            StageSpec::Merge(p) => {
+                let mut v = vec![Input { role: "adapter", stage: &p.adapter, kinds: &["lora-train"] }];
+                if let Some(c) = &p.chat {
+                    v.push(Input { role: "chat", stage: c, kinds: &["format-chat"] });
+                }
+                v
+            }
         }
     }
 }
@@ -164,7 +174,7 @@ pub struct Input<'a> {
 }
 
 /// All stage kinds, for "did you mean" on `kind`.
-pub const KINDS: &[&str] = &["fetch-dataset", "format-chat", "tokenize", "lora-train", "evaluate"];
+pub const KINDS: &[&str] = &["fetch-dataset", "format-chat", "tokenize", "lora-train", "evaluate", "merge"];
 
 impl Recipe {
     /// Reads and validates a recipe file, applying `--set` overrides.
@@ -311,6 +321,7 @@ fn stage_rules(_name: &str, stage: &StageSpec) -> Result<(), (&'static str, Stri
         StageSpec::Tokenize(p) => p.check(),
         StageSpec::LoraTrain(p) => p.check(),
         StageSpec::Evaluate(p) => p.check(),
+        StageSpec::Merge(_) => Ok(()),
     }
 }
 
@@ -331,6 +342,7 @@ fn read_stage_params(kind: &str, doc: &str) -> Option<toml::de::Error> {
         "tokenize" => read::<tokenize::Params>(doc),
         "lora-train" => read::<lora_train::Params>(doc),
         "evaluate" => read::<evaluate::Params>(doc),
+        "merge" => read::<merge::Params>(doc),
         _ => None,
     }
 }

@@ -10,6 +10,7 @@ pub mod evaluate;
 pub mod fetch_dataset;
 pub mod format_chat;
 pub mod lora_train;
+pub mod merge;
 pub mod tokenize;
 
 use std::cell::OnceCell;
@@ -56,6 +57,7 @@ impl StageSpec {
             StageSpec::Tokenize(p) => p,
             StageSpec::LoraTrain(p) => p,
             StageSpec::Evaluate(p) => p,
+            StageSpec::Merge(p) => p,
         }
     }
 }

@@ -1,0 +1,248 @@
+//! `merge`: fold a LoRA adapter into the base weights, `W' = W + s·B·A`
+//! (s = α/r, or α/√r with rsLoRA), and write a model directory in Hugging
+//! Face layout that transformers loads: `config.json`, `model.safetensors`
+//! (f32, bf16 or f16), `generation_config.json`, `tokenizer.json`,
+//! `tokenizer_config.json` (with the chat template training used) and
+//! `special_tokens_map.json`.
+//!
+//! A GGUF base is merged into its dequantized weights (the manifest says
+//! so): the merged model is as precise as the GGUF, not as the original.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{Env, RunContext, Stage};
+use crate::adapter::{AdapterConfig, LoraTensors};
+use crate::model_source::ResolvedModel;
+
+/// Parameters of a `merge` stage.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    /// The `lora-train` stage whose adapter is merged.
+    pub adapter: String,
+    /// The `format-chat` stage whose chat template is written into
+    /// `tokenizer_config.json` (default: the base's own template).
+    #[serde(default)]
+    pub chat: Option<String>,
+    /// Weight dtype of `model.safetensors`.
+    #[serde(default)]
+    pub dtype: WeightDtype,
+}
+
+/// Storage type of merged weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    F32,
+    #[default]
+    Bf16,
+    F16,
+}
+
+impl WeightDtype {
+    fn dtype(self) -> DType {
+        match self {
+            WeightDtype::F32 => DType::F32,
+            WeightDtype::Bf16 => DType::BF16,
+            WeightDtype::F16 => DType::F16,
+        }
+    }
+    fn torch_name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "float32",
+            WeightDtype::Bf16 => "bfloat16",
+            WeightDtype::F16 => "float16",
+        }
+    }
+}
+
+impl Stage for Params {
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn params(&self, _env: &Env) -> Value {
+        serde_json::to_value(self).expect("params serialize")
+    }
+
+    fn outside_inputs(&self, env: &Env) -> Result<BTreeMap<String, String>> {
+        let m = env.model()?;
+        let mut out = BTreeMap::new();
+        for w in &m.weights {
+            let name = w.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            out.insert(format!("base weights {name}"), env.hash_file(w)?);
+        }
+        for f in [&m.config_json, &m.tokenizer_config].into_iter().flatten() {
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            out.insert(name, env.hash_file(f)?);
+        }
+        out.insert("tokenizer.json".into(), env.hash_file(m.tokenizer_json()?)?);
+        Ok(out)
+    }
+
+    fn run(&self, ctx: &RunContext) -> Result<Value> {
+        let base = ctx.env.model()?;
+        let template = match &self.chat {
+            Some(_) => Some(crate::stages::evaluate::trained_template(ctx.input("chat"))?),
+            None => None,
+        };
+        let weights = base.weights.first().with_context(|| format!("the model `{}` has no weights", base.source))?;
+        merge(base, &ctx.env.hash_file(weights)?, ctx.input("adapter"), template.as_ref(), self.dtype, &ctx.out)
+    }
+}
+
+/// Merges the adapter in `adapter_dir` into `base` and writes the model
+/// directory `out`. `base_hash` is the blake3 of the base weights file, checked
+/// against the one the adapter recorded. Returns the manifest metrics.
+pub fn merge(
+    base: &ResolvedModel,
+    base_hash: &str,
+    adapter_dir: &Path,
+    chat_template: Option<&crate::chat::ChatTemplate>,
+    dtype: WeightDtype,
+    out: &Path,
+) -> Result<Value> {
+    let device = Device::Cpu;
+    let (config, tensors) = crate::adapter::load(adapter_dir, &device)?;
+    if let Some(trained_on) = &config.pipeline_base_weights_blake3 {
+        if trained_on != base_hash {
+            bail!(
+                "the adapter in {} was trained on other base weights (blake3 {}…) than {} ({}…); merge it onto the \
+                 model it was trained on",
+                adapter_dir.display(),
+                &trained_on[..12.min(trained_on.len())],
+                base.source,
+                &base_hash[..12.min(base_hash.len())]
+            );
+        }
+    }
+    let weights_file = base.weights.first().with_context(|| format!("the model `{}` has no weights", base.source))?;
+    let from_gguf = base.is_gguf();
+    let (arch, weights) = if from_gguf {
+        crate::model::gguf::load(weights_file, &device, false)?
+    } else {
+        let cfg = base.config_json.as_ref().context("no config.json beside the safetensors weights")?;
+        (crate::model::read_config(cfg)?, crate::model::load_safetensors(&base.weights, &device)?)
+    };
+    let mut map = weights.into_map();
+    let merged = apply(&mut map, &config, &tensors, adapter_dir)?;
+
+    std::fs::create_dir_all(out)?;
+    let stored: HashMap<String, Tensor> =
+        map.into_iter().map(|(k, v)| Ok((k, v.to_dtype(dtype.dtype())?))).collect::<Result<_>>()?;
+    candle_core::safetensors::save(&stored, out.join("model.safetensors"))?;
+
+    let mut hf_config = match (&base.config_json, from_gguf) {
+        (Some(c), false) => serde_json::from_slice(&std::fs::read(c)?)?,
+        _ => arch.hf_config(),
+    };
+    hf_config["torch_dtype"] = dtype.torch_name().into();
+    write_json(&out.join("config.json"), &hf_config)?;
+    tokenizer_files(base, chat_template, out)?;
+    Ok(json!({
+        "merged_modules": merged,
+        "dtype": dtype,
+        "scale": config.scale(),
+        "rank": config.r,
+        "base": base.source,
+        "dequantized_from_gguf": from_gguf,
+        "note": if from_gguf {
+            "the base is a quantized GGUF: the adapter was merged into its dequantized weights"
+        } else {
+            "merged into the base's weights"
+        },
+    }))
+}
+
+/// `W += scale·B·A` for every module of the adapter; returns how many.
+fn apply(
+    map: &mut HashMap<String, Tensor>,
+    config: &AdapterConfig,
+    tensors: &LoraTensors,
+    adapter_dir: &Path,
+) -> Result<usize> {
+    for (module, (a, b)) in tensors {
+        let name = format!("{module}.weight");
+        let w = map.get(&name).with_context(|| {
+            format!(
+                "{}: the adapter adapts `{module}`, which the base model does not have; was it trained on another \
+                 base model?",
+                adapter_dir.display()
+            )
+        })?;
+        let delta = (b.matmul(a)? * config.scale())?;
+        if delta.dims() != w.dims() {
+            bail!(
+                "{}: `{module}` has B·A {:?} but the base weight is {:?}; was it trained on another base model?",
+                adapter_dir.display(),
+                delta.dims(),
+                w.dims()
+            );
+        }
+        let merged = (w + delta)?;
+        map.insert(name, merged);
+    }
+    Ok(tensors.len())
+}
+
+/// Copies the tokenizer, and writes `tokenizer_config.json` with the chat
+/// template, `special_tokens_map.json` and `generation_config.json`.
+fn tokenizer_files(base: &ResolvedModel, chat_template: Option<&crate::chat::ChatTemplate>, out: &Path) -> Result<()> {
+    let tok = base.tokenizer_json()?;
+    std::fs::copy(tok, out.join("tokenizer.json")).with_context(|| format!("cannot copy {}", tok.display()))?;
+    let mut tc = base.tokenizer_config()?;
+    if let Some(t) = chat_template {
+        tc["chat_template"] = t.source.clone().into();
+    }
+    write_json(&out.join("tokenizer_config.json"), &tc)?;
+    let mut special = serde_json::Map::new();
+    for k in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+        if let Some(v) = tc.get(k).filter(|v| !v.is_null()) {
+            special.insert(k.into(), v.clone());
+        }
+    }
+    write_json(&out.join("special_tokens_map.json"), &Value::Object(special))?;
+    let generation = base.dir.join("generation_config.json");
+    if generation.is_file() {
+        std::fs::copy(&generation, out.join("generation_config.json"))?;
+    } else {
+        let tokenizer = tokenizers::Tokenizer::from_file(tok).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let id = |k: &str| {
+            let name = match tc.get(k) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).unwrap_or_default().to_string(),
+                _ => String::new(),
+            };
+            tokenizer.token_to_id(&name)
+        };
+        let mut g = json!({"_from_model_config": true});
+        for (k, t) in [("bos_token_id", "bos_token"), ("pad_token_id", "pad_token")] {
+            if let Some(i) = id(t) {
+                g[k] = i.into();
+            }
+        }
+        // Generation stops at EOS and at the end-of-turn marker training used.
+        let mut eos: Vec<u32> = id("eos_token").into_iter().collect();
+        if let Some(i) = chat_template.and_then(|t| tokenizer.token_to_id(&t.end_of_turn)) {
+            if !eos.contains(&i) {
+                eos.push(i);
+            }
+        }
+        g["eos_token_id"] = json!(eos);
+        write_json(&out.join("generation_config.json"), &g)?;
+    }
+    Ok(())
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(v)?;
+    bytes.push(b'\n');
+    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
