@@ -32,7 +32,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Location, RecipeError, did_you_mean};
-use crate::stages::{evaluate, fetch_dataset, format_chat, lora_train, merge, quantize, tokenize};
+use crate::stages::{evaluate, fetch_dataset, format_chat, lora_train, merge, ollama_modelfile, quantize, tokenize};
 
 pub use overrides::Override;
 
@@ -120,6 +120,8 @@ pub enum StageSpec {
     Merge(merge::Params),
     /// Write GGUF files (f32 … q4_k_m) for llama.cpp and Ollama.
     Quantize(quantize::Params),
+    /// An Ollama Modelfile serving a GGUF with the trained chat template.
+    OllamaModelfile(ollama_modelfile::Params),
 }
 
 impl StageSpec {
@@ -133,6 +135,7 @@ impl StageSpec {
             StageSpec::Evaluate(_) => "evaluate",
             StageSpec::Merge(_) => "merge",
             StageSpec::Quantize(_) => "quantize",
+            StageSpec::OllamaModelfile(_) => "ollama-modelfile",
         }
     }
 
@@ -165,6 +168,10 @@ impl StageSpec {
                 Some(m) => vec![Input { role: "model", stage: m, kinds: &["merge"] }],
                 None => vec![],
             },
+            StageSpec::OllamaModelfile(p) => vec![
+                Input { role: "gguf", stage: &p.gguf, kinds: &["quantize"] },
+                Input { role: "chat", stage: &p.chat, kinds: &["format-chat"] },
+            ],
         }
     }
 }
@@ -181,7 +188,8 @@ pub struct Input<'a> {
 }
 
 /// All stage kinds, for "did you mean" on `kind`.
-pub const KINDS: &[&str] = &["fetch-dataset", "format-chat", "tokenize", "lora-train", "evaluate", "merge", "quantize"];
+pub const KINDS: &[&str] =
+    &["fetch-dataset", "format-chat", "tokenize", "lora-train", "evaluate", "merge", "quantize", "ollama-modelfile"];
 
 impl Recipe {
     /// Reads and validates a recipe file, applying `--set` overrides.
@@ -332,7 +340,7 @@ fn stage_rules(_name: &str, stage: &StageSpec) -> Result<(), (&'static str, Stri
         StageSpec::Quantize(p) if p.types.is_empty() => {
             Err(("types", "no quantization types".into(), "e.g. [\"q8_0\", \"q4_k_m\"]".into()))
         }
-        StageSpec::Quantize(_) => Ok(()),
+        StageSpec::Quantize(_) | StageSpec::OllamaModelfile(_) => Ok(()),
     }
 }
 
@@ -355,6 +363,7 @@ fn read_stage_params(kind: &str, doc: &str) -> Option<toml::de::Error> {
         "evaluate" => read::<evaluate::Params>(doc),
         "merge" => read::<merge::Params>(doc),
         "quantize" => read::<quantize::Params>(doc),
+        "ollama-modelfile" => read::<ollama_modelfile::Params>(doc),
         _ => None,
     }
 }

@@ -11,6 +11,7 @@ pub mod fetch_dataset;
 pub mod format_chat;
 pub mod lora_train;
 pub mod merge;
+pub mod ollama_modelfile;
 pub mod quantize;
 pub mod tokenize;
 
@@ -60,6 +61,7 @@ impl StageSpec {
             StageSpec::Evaluate(p) => p,
             StageSpec::Merge(p) => p,
             StageSpec::Quantize(p) => p,
+            StageSpec::OllamaModelfile(p) => p,
         }
     }
 }

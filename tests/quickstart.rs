@@ -1,0 +1,54 @@
+//! The quickstart recipe end to end, every stage, on the real Gemma 3 270M,
+//! offline, shortened with `--set` so that CI runs it in minutes: data →
+//! chat → tokens → train → eval (base beside adapter) → merge → GGUF → Modelfile.
+
+mod common;
+
+use common::Project;
+
+#[test]
+fn quickstart_runs_every_stage_offline() {
+    let Some(models) = common::models_dir() else { return };
+    let recipe = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/quickstart.toml"))
+        .unwrap()
+        .replace("../models/gemma-3-270m", &models.join("gemma-3-270m").display().to_string());
+    let p = Project::new();
+    p.write("quickstart.toml", &recipe);
+    let set = [
+        "stages.tokens.max_len=256",
+        "stages.train.max_steps=2",
+        "stages.train.eval_examples=2",
+        "stages.train.eval_every=2",
+        "stages.eval.limit=2",
+        "stages.eval.generation.max_new_tokens=8",
+    ];
+    let mut args = vec!["run", "quickstart.toml"];
+    for s in &set {
+        args.extend(["--set", s]);
+    }
+    p.ok(&args);
+    let show = |stage: &str| {
+        let mut a = vec!["show", "quickstart.toml", stage];
+        for s in &set {
+            a.extend(["--set", s]);
+        }
+        let out = p.run(&a);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    };
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(show("eval").join("report.json")).unwrap()).unwrap();
+    assert!(report["models"]["base"]["overall"]["loss"]["value"].is_number());
+    assert!(report["models"]["adapter"]["overall"]["loss"]["value"].is_number());
+    assert!(show("merged").join("model.safetensors").is_file());
+    for f in ["model-q8_0.gguf", "model-q4_k_m.gguf"] {
+        assert!(show("gguf").join(f).is_file(), "{f}");
+    }
+    let ollama = show("ollama");
+    let modelfile = std::fs::read_to_string(ollama.join("Modelfile")).unwrap();
+    assert!(modelfile.contains("FROM ./model.gguf") && modelfile.contains("PARAMETER stop \"<end_of_turn>\""));
+    assert_eq!(
+        std::fs::metadata(ollama.join("model.gguf")).unwrap().len(),
+        std::fs::metadata(show("gguf").join("model-q4_k_m.gguf")).unwrap().len()
+    );
+}
