@@ -169,3 +169,37 @@ fn block_encodings_match_the_reference_formulas() {
     let want: Vec<u8> = x.iter().flat_map(|&v| f16(v)).collect();
     assert_eq!(bytes(GgmlDType::F16), want, "f16");
 }
+
+#[test]
+fn qwen_gguf_round_trips_through_our_reader() {
+    use pipeline::model::qwen::Variant;
+    use pipeline::model::testing::TinyQwen;
+    use pipeline::stages::quantize::{QuantType, write_gguf};
+    let Some(models) = common::models_dir() else { return };
+    let ids: Vec<u32> = (0..17).map(|i| (i * 7717 + 5) % 151_000).collect();
+    for variant in [Variant::Qwen3, Variant::Qwen2] {
+        let dir = tempfile::tempdir().unwrap();
+        TinyQwen::new(variant, 151_936).write(dir.path(), &models.join("qwen3-tokenizer"), 4).unwrap();
+        let resolved = ResolvedModel::from_path(dir.path()).unwrap();
+        let reference = pipeline::model::load(&resolved, &Device::Cpu, 64).unwrap().hidden(&ids, None).unwrap();
+        for (t, tol) in [(QuantType::F32, 1e-5), (QuantType::F16, 2e-2)] {
+            let path = dir.path().join(format!("model-{}.gguf", t.name()));
+            write_gguf(&resolved, t, "tiny", &path).unwrap();
+            let (content, _) = tensor_types(&path);
+            assert_eq!(content.metadata["tokenizer.ggml.model"].to_string().unwrap(), "gpt2");
+            assert!(!content.metadata["tokenizer.ggml.merges"].to_vec().unwrap().is_empty());
+            let mut back = resolved.clone();
+            back.weights = vec![path];
+            back.config_json = None;
+            let h = pipeline::model::load(&back, &Device::Cpu, 64).unwrap().hidden(&ids, None).unwrap();
+            let diff = (h - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < tol, "{variant:?} {}: hidden states differ by {diff}", t.name());
+        }
+
+        // A model without its tokenizer: a clear error, naming the fix.
+        std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+        let resolved = ResolvedModel::from_path(dir.path()).unwrap();
+        let err = write_gguf(&resolved, QuantType::Q8_0, "tiny", &dir.path().join("x.gguf")).unwrap_err().to_string();
+        assert!(err.contains("no tokenizer.json") && err.contains("[model] tokenizer"), "{err}");
+    }
+}
