@@ -203,3 +203,33 @@ fn qwen_gguf_round_trips_through_our_reader() {
         assert!(err.contains("no tokenizer.json") && err.contains("[model] tokenizer"), "{err}");
     }
 }
+
+#[test]
+fn lora_adapter_as_gguf_has_llama_cpp_names_and_shapes() {
+    let Some(models) = common::models_dir() else { return };
+    let p = Project::new();
+    common::tiny_gemma3(&models, &p.path("model"), 4096);
+    p.write("data/train.jsonl", &common::chat_jsonl(8));
+    let recipe = common::train_recipe(&p.path("model"), "max_steps = 1\nrank = 4\nalpha = 8\n")
+        + "\n[stages.merged]\nkind = \"merge\"\nadapter = \"train\"\nchat = \"chat\"\n\
+           \n[stages.gguf]\nkind = \"quantize\"\nmodel = \"merged\"\ntypes = [\"f16\"]\nlora_adapter = \"train\"\n";
+    p.write("recipe.toml", &recipe);
+    p.ok(&["run", "recipe.toml"]);
+    let out = p.run(&["show", "recipe.toml", "gguf"]);
+    let dir = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let (content, types) = tensor_types(&dir.join("adapter.gguf"));
+    let md = &content.metadata;
+    assert_eq!(md["general.type"].to_string().unwrap(), "adapter");
+    assert_eq!(md["adapter.type"].to_string().unwrap(), "lora");
+    assert_eq!(md["general.architecture"].to_string().unwrap(), "gemma3");
+    assert_eq!(md["adapter.lora.alpha"].to_f32().unwrap(), 8.0);
+    assert_eq!(types.len(), 2 * 7 * 2, "A and B for 7 modules in 2 layers");
+    let a = &content.tensor_infos["blk.1.attn_q.weight.lora_a"];
+    let b = &content.tensor_infos["blk.1.attn_q.weight.lora_b"];
+    // candle lists dims outermost first: A [r, in], B [out, r] as in PEFT.
+    assert_eq!(a.shape.dims(), [4, 64]);
+    assert_eq!(b.shape.dims(), [64, 4]);
+    assert!(types.values().all(|t| *t == GgmlDType::F32));
+    let (base, _) = tensor_types(&dir.join("model-f16.gguf"));
+    assert!(base.tensor_infos.contains_key("blk.1.attn_q.weight"));
+}

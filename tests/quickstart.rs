@@ -41,7 +41,7 @@ fn quickstart_runs_every_stage_offline() {
     assert!(report["models"]["base"]["overall"]["loss"]["value"].is_number());
     assert!(report["models"]["adapter"]["overall"]["loss"]["value"].is_number());
     assert!(show("merged").join("model.safetensors").is_file());
-    for f in ["model-q8_0.gguf", "model-q4_k_m.gguf"] {
+    for f in ["model-q8_0.gguf", "model-q4_k_m.gguf", "adapter.gguf"] {
         assert!(show("gguf").join(f).is_file(), "{f}");
     }
     let ollama = show("ollama");

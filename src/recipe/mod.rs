@@ -164,10 +164,16 @@ impl StageSpec {
                 }
                 v
             }
-            StageSpec::Quantize(p) => match &p.model {
-                Some(m) => vec![Input { role: "model", stage: m, kinds: &["merge"] }],
-                None => vec![],
-            },
+            StageSpec::Quantize(p) => {
+                let mut v = Vec::new();
+                if let Some(m) = &p.model {
+                    v.push(Input { role: "model", stage: m, kinds: &["merge"] });
+                }
+                if let Some(a) = &p.lora_adapter {
+                    v.push(Input { role: "lora_adapter", stage: a, kinds: &["lora-train"] });
+                }
+                v
+            }
             StageSpec::OllamaModelfile(p) => vec![
                 Input { role: "gguf", stage: &p.gguf, kinds: &["quantize"] },
                 Input { role: "chat", stage: &p.chat, kinds: &["format-chat"] },

@@ -36,6 +36,11 @@ pub struct Params {
     /// One GGUF file per type.
     #[serde(default = "default_types")]
     pub types: Vec<QuantType>,
+    /// A `lora-train` stage whose adapter is also written alone as a GGUF
+    /// LoRA adapter (`adapter.gguf`, for llama.cpp's `--lora` and Ollama's
+    /// `ADAPTER`).
+    #[serde(default)]
+    pub lora_adapter: Option<String>,
 }
 
 fn default_types() -> Vec<QuantType> {
@@ -162,6 +167,11 @@ impl Stage for Params {
             crate::progress::println(&format!("  quantize: {file} ({})", stats["size_bytes"]));
             files.insert(file, stats);
         }
+        if self.lora_adapter.is_some() {
+            let arch = gguf_arch_name(&model)?;
+            let stats = write_adapter_gguf(ctx.input("lora_adapter"), &arch, &ctx.out.join("adapter.gguf"))?;
+            files.insert("adapter.gguf".into(), stats);
+        }
         Ok(json!({ "files": files }))
     }
 }
@@ -212,6 +222,65 @@ pub fn write_gguf(model: &ResolvedModel, target: QuantType, name: &str, path: &P
         "tensor_types": counts,
         "size_bytes": std::fs::metadata(path)?.len(),
     }))
+}
+
+/// `gemma3`, `qwen2` or `qwen3`: the GGUF architecture of a model.
+fn gguf_arch_name(model: &ResolvedModel) -> Result<String> {
+    let arch = if model.is_gguf() {
+        let path = &model.weights[0];
+        let mut f = std::fs::File::open(path)?;
+        let c = candle_core::quantized::gguf_file::Content::read(&mut f)
+            .with_context(|| format!("{}: not a GGUF file", path.display()))?;
+        return Ok(c
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default());
+    } else {
+        crate::model::read_config(model.config_json.as_ref().context("no config.json")?)?
+    };
+    Ok(match arch {
+        Arch::Gemma3(_) => "gemma3",
+        Arch::Qwen(qwen::Variant::Qwen2, _) => "qwen2",
+        Arch::Qwen(qwen::Variant::Qwen3, _) => "qwen3",
+    }
+    .into())
+}
+
+/// Writes a PEFT adapter as a GGUF LoRA adapter: `general.type = adapter`,
+/// `adapter.type = lora`, `adapter.lora.alpha`, and per module
+/// `<base tensor>.lora_a` (HF A `[r, in]` as is, ggml `[in, r]`) and
+/// `.lora_b` (HF B `[out, r]`, ggml `[r, out]`), in f32. rsLoRA's α/√r is
+/// expressed as the α that gives the same scale with llama.cpp's α/r.
+pub fn write_adapter_gguf(adapter_dir: &Path, arch: &str, path: &Path) -> Result<Json> {
+    let (config, tensors) = crate::adapter::load(adapter_dir, &Device::Cpu)?;
+    let alpha = config.scale() * config.r as f64;
+    let md = vec![
+        ("general.architecture".to_string(), Value::Str(arch.into())),
+        ("general.type".into(), Value::Str("adapter".into())),
+        ("adapter.type".into(), Value::Str("lora".into())),
+        ("adapter.lora.alpha".into(), Value::F32(alpha as f32)),
+    ];
+    let mut out = Vec::new();
+    for (module, (a, b)) in &tensors {
+        let base = crate::model::gguf::gguf_name_for(arch, &format!("{module}.weight"))
+            .with_context(|| format!("{}: module `{module}` has no GGUF name", adapter_dir.display()))?;
+        for (suffix, t) in [("lora_a", a), ("lora_b", b)] {
+            let q = QTensor::quantize(t, GgmlDType::F32)?;
+            out.push(TensorData {
+                name: format!("{base}.{suffix}"),
+                dtype: GgmlDType::F32,
+                dims: t.dims().to_vec(),
+                bytes: q.data()?.to_vec(),
+            });
+        }
+    }
+    out.sort_by_key(|t| (layer_of(&t.name), t.name.clone()));
+    crate::gguf_writer::write(path, &md, &out)?;
+    Ok(
+        json!({"type": "lora adapter", "tensors": out.len(), "alpha": alpha, "size_bytes": std::fs::metadata(path)?.len()}),
+    )
 }
 
 fn layer_of(name: &str) -> usize {
