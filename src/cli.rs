@@ -186,6 +186,21 @@ pub enum Command {
     /// Developer tools.
     #[command(subcommand, hide = true)]
     Dev(DevCommand),
+    /// Copy a recipe's finished artifacts (adapter, eval report, merged model,
+    /// GGUF, Modelfile) into DIR/<stage>/.
+    Export {
+        #[command(flatten)]
+        args: RecipeArgs,
+        /// The output directory.
+        #[arg(long, short = 'o')]
+        to: PathBuf,
+        /// Replace files that exist with other content.
+        #[arg(long)]
+        force: bool,
+        /// Hard-link instead of copying (no extra disk; do not edit the files in place).
+        #[arg(long)]
+        link: bool,
+    },
     /// Print the artifact directory of a finished stage.
     Show {
         #[command(flatten)]
@@ -477,6 +492,25 @@ fn dispatch(command: Command) -> Result<()> {
             let params = generation.params()?;
             let session = crate::session::Session::load(&model.choice())?;
             chat_repl(session, system, &params)
+        }
+        Command::Export { args, to, force, link } => {
+            let recipe = load(&args)?;
+            let exec = Executor::new(&args.cache_dir)?;
+            let done = crate::export::export(&exec, &recipe, &to, force, link)?;
+            for (stage, dir, n) in &done.stages {
+                eprintln!("  exported {stage:<16} {n:>3} files → {}", dir.display());
+            }
+            if !done.missing.is_empty() {
+                eprintln!(
+                    "  not run yet (skipped): {}; run `pipeline run {}` first",
+                    done.missing.join(", "),
+                    args.recipe.display()
+                );
+            }
+            if done.stages.is_empty() {
+                bail!("nothing to export: no finished stage of kind {}", crate::export::EXPORTED_KINDS.join(", "));
+            }
+            Ok(())
         }
         Command::Show { args, stage } => {
             let recipe = load(&args)?;

@@ -27,6 +27,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod executor;
+pub mod export;
 pub mod fault;
 pub mod generate;
 pub mod gguf_writer;

@@ -119,3 +119,37 @@ fn merging_onto_another_base_is_refused() {
         .to_string();
     assert!(err.contains("another base model"), "{err}");
 }
+
+#[test]
+fn export_links_finished_artifacts_and_never_overwrites() {
+    let Some(models) = common::models_dir() else { return };
+    let p = Project::new();
+    common::tiny_gemma3(&models, &p.path("model"), 4096);
+    p.write("data/train.jsonl", &common::chat_jsonl(8));
+    let recipe = common::train_recipe(&p.path("model"), "max_steps = 1\nrank = 2\n")
+        + "\n[stages.merged]\nkind = \"merge\"\nadapter = \"train\"\n";
+    p.write("recipe.toml", &recipe);
+    // Nothing finished yet: a clear error.
+    let out = p.run(&["export", "recipe.toml", "--to", "out"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to export"));
+
+    p.ok(&["run", "recipe.toml"]);
+    p.ok(&["export", "recipe.toml", "--to", "out", "--link"]);
+    let adapter = p.path("out/train/adapter_model.safetensors");
+    assert_eq!(
+        std::fs::read(&adapter).unwrap(),
+        std::fs::read(show(&p, "train").join("adapter_model.safetensors")).unwrap()
+    );
+    assert!(p.path("out/merged/model.safetensors").is_file() && p.path("out/merged/config.json").is_file());
+    // Again: a no-op. A file changed by hand is not overwritten without --force.
+    p.ok(&["export", "recipe.toml", "--to", "out"]);
+    std::fs::remove_file(p.path("out/merged/config.json")).unwrap();
+    std::fs::write(p.path("out/merged/config.json"), "{}").unwrap();
+    let out = p.run(&["export", "recipe.toml", "--to", "out"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("config.json exists with other content") && err.contains("--force"), "{err}");
+    p.ok(&["export", "recipe.toml", "--to", "out", "--force"]);
+    assert_ne!(std::fs::read_to_string(p.path("out/merged/config.json")).unwrap(), "{}");
+}
