@@ -192,6 +192,7 @@ fn lora_linear_gradients_match_finite_differences() {
     let r = rand(&[5, 4], 5);
     let layer = LoraLinear {
         weight: w.clone(),
+        quantized: None,
         bias: None,
         lora: Some(Lora { a: a.clone(), b: b.clone(), scale: 1.5, dropout: 0.0 }),
     };
