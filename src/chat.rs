@@ -45,6 +45,16 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("alpaca", include_str!("templates/alpaca.jinja")),
 ];
 
+/// A special token named in `tokenizer_config.json` (`bos_token`, …), written
+/// as a string or as an `AddedToken` object with a `content`.
+pub fn special_token(tokenizer_config: &serde_json::Value, key: &str) -> Option<String> {
+    match tokenizer_config.get(key) {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        _ => None,
+    }
+}
+
 /// A chat template ready to render, with the special tokens it refers to.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -65,15 +75,7 @@ impl ChatTemplate {
         recipe_dir: &std::path::Path,
     ) -> Result<ChatTemplate> {
         let config = model.tokenizer_config()?;
-        let token = |k: &str| -> String {
-            match config.get(k) {
-                Some(serde_json::Value::String(s)) => s.clone(),
-                Some(serde_json::Value::Object(o)) => {
-                    o.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_string()
-                }
-                _ => String::new(),
-            }
-        };
+        let token = |k: &str| special_token(&config, k).unwrap_or_default();
         let source = match choice.unwrap_or("model") {
             "model" => model_template(model, &config)?,
             name => match BUILTIN.iter().find(|(n, _)| *n == name) {

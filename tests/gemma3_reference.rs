@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{D, Device, Tensor};
+use candle_core::{D, Device};
 use pipeline::model::{self, CausalLm};
 use pipeline::model_source::ResolvedModel;
 
@@ -48,25 +48,8 @@ fn greedy_text_and_perplexity_match_the_references() {
 
     // Perplexity, llama.cpp's method: chunks of 256 tokens, BOS first,
     // score the second half of each chunk.
-    let text = std::fs::read_to_string(common::shared_dir().join("reference/ppl_text.txt")).unwrap();
-    let mut tokens = vec![2u32];
-    tokens.extend(tok.encode(text.as_str(), false).unwrap().get_ids());
-    let n_ctx = 256;
-    let (mut nll, mut count) = (0f64, 0usize);
-    for chunk in 0..tokens.len() / n_ctx {
-        let mut ids = tokens[chunk * n_ctx..(chunk + 1) * n_ctx].to_vec();
-        ids[0] = 2;
-        let hidden = m.hidden(&ids, None).unwrap();
-        let first = n_ctx / 2;
-        let logits = m.logits(&hidden.narrow(0, first, n_ctx - 1 - first).unwrap()).unwrap();
-        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
-        let targets = Tensor::new(&ids[first + 1..], &Device::Cpu).unwrap().unsqueeze(1).unwrap();
-        let picked: Vec<f32> = log_probs.gather(&targets, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        nll -= picked.iter().map(|&x| x as f64).sum::<f64>();
-        count += picked.len();
-    }
-    let ppl = (nll / count as f64).exp();
-    eprintln!("perplexity {ppl:.3} over {count} tokens");
-    assert_eq!(tokens.len() / n_ctx, 4, "4 chunks of 256 tokens");
+    let (ppl, chunks) = common::llama_cpp_perplexity(m.as_ref(), &tok);
+    eprintln!("perplexity {ppl:.3}");
+    assert_eq!(chunks, 4, "4 chunks of 256 tokens");
     assert!((ppl - 16.835).abs() < 0.05, "perplexity {ppl} is not 16.83 ± 0.05");
 }

@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
-use candle_core::{D, Device, Tensor};
+use candle_core::{Device, Tensor};
 use common::Project;
 use pipeline::model_source::ResolvedModel;
 
@@ -18,28 +18,6 @@ fn tensor_types(path: &std::path::Path) -> (gguf_file::Content, BTreeMap<String,
     let c = gguf_file::Content::read(&mut f).unwrap();
     let types = c.tensor_infos.iter().map(|(n, i)| (n.clone(), i.ggml_dtype)).collect();
     (c, types)
-}
-
-/// Perplexity with llama.cpp's method (as in tests/gemma3_reference.rs).
-fn perplexity(m: &dyn pipeline::model::CausalLm, tok: &tokenizers::Tokenizer) -> f64 {
-    let text = std::fs::read_to_string(common::shared_dir().join("reference/ppl_text.txt")).unwrap();
-    let mut tokens = vec![2u32];
-    tokens.extend(tok.encode(text.as_str(), false).unwrap().get_ids());
-    let n_ctx = 256;
-    let (mut nll, mut count) = (0f64, 0usize);
-    for chunk in 0..tokens.len() / n_ctx {
-        let mut ids = tokens[chunk * n_ctx..(chunk + 1) * n_ctx].to_vec();
-        ids[0] = 2;
-        let hidden = m.hidden(&ids, None).unwrap();
-        let first = n_ctx / 2;
-        let logits = m.logits(&hidden.narrow(0, first, n_ctx - 1 - first).unwrap()).unwrap();
-        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
-        let targets = Tensor::new(&ids[first + 1..], &Device::Cpu).unwrap().unsqueeze(1).unwrap();
-        let picked: Vec<f32> = log_probs.gather(&targets, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        nll -= picked.iter().map(|&x| x as f64).sum::<f64>();
-        count += picked.len();
-    }
-    (nll / count as f64).exp()
 }
 
 #[test]
@@ -130,7 +108,7 @@ fn real_270m_gguf_files_are_complete_and_accurate() {
     let mut resolved = ResolvedModel::from_path(&models.join("gemma-3-270m")).unwrap();
     resolved.weights = vec![q8.clone()];
     let m = pipeline::model::load_for_inference(&resolved, &Device::Cpu).unwrap();
-    let ppl = perplexity(m.as_ref(), &tok);
+    let (ppl, _) = common::llama_cpp_perplexity(m.as_ref(), &tok);
     eprintln!("Q8_0 perplexity {ppl:.3} (f32 reference 16.835, llama.cpp Q8_0 16.892)");
     assert!((ppl / 16.835 - 1.0).abs() < 0.01, "Q8_0 perplexity {ppl} is not within 1 % of 16.835");
 }

@@ -125,17 +125,7 @@ impl Stage for Params {
     }
 
     fn outside_inputs(&self, env: &Env) -> Result<BTreeMap<String, String>> {
-        let m = env.model()?;
-        let mut out = BTreeMap::new();
-        for w in &m.weights {
-            let name = w.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            out.insert(format!("base weights {name}"), env.hash_file(w)?);
-        }
-        if let Some(c) = &m.config_json {
-            out.insert("config.json".into(), env.hash_file(c)?);
-        }
-        out.insert("tokenizer.json".into(), env.hash_file(m.tokenizer_json()?)?);
-        Ok(out)
+        env.base_model_inputs(true)
     }
 
     fn run(&self, ctx: &RunContext) -> Result<Value> {
@@ -178,6 +168,8 @@ struct Evaluation<'a> {
     /// Adapter weights, attached for `adapter` and detached for `base`.
     adapter: Option<crate::adapter::LoadedAdapter>,
     max_prompt: usize,
+    /// The column the per-group tables break down by, if any.
+    group_by: Option<String>,
 }
 
 impl<'a> Evaluation<'a> {
@@ -252,7 +244,7 @@ impl<'a> Evaluation<'a> {
         };
         let limit = model.max_positions().min(model.max_position_embeddings());
         let max_prompt = p.max_prompt_tokens.unwrap_or(limit.saturating_sub(p.generation.max_new_tokens));
-        Ok(Evaluation { p, ctx, split, rows, task, tokenizer, template, model, adapter, max_prompt })
+        Ok(Evaluation { p, ctx, split, rows, task, tokenizer, template, model, adapter, max_prompt, group_by })
     }
 
     fn run(mut self) -> Result<Value> {
@@ -281,7 +273,7 @@ impl<'a> Evaluation<'a> {
             "split": self.split,
             "rows": self.rows.len(),
             "task": self.task,
-            "group_by": self.rows.first().and_then(|r| r.group.as_ref()).map(|_| self.group_by_name()),
+            "group_by": self.group_by,
             "max_prompt_tokens": self.max_prompt,
             "generation": self.p.generation,
             "models": per_model,
@@ -311,10 +303,6 @@ impl<'a> Evaluation<'a> {
             crate::progress::println(&format!("  evaluate {name}: {line}"));
         }
         Ok(json!({"split": self.split, "rows": self.rows.len(), "skipped_overlong": skipped, "models": summary}))
-    }
-
-    fn group_by_name(&self) -> String {
-        self.p.group_by.clone().unwrap_or_else(|| "query_type".into())
     }
 
     #[allow(clippy::type_complexity)]
@@ -416,7 +404,7 @@ impl<'a> Evaluation<'a> {
         s += &markdown_table(&cols);
         let groups: std::collections::BTreeSet<&String> = tables.iter().flat_map(|(_, _, g)| g.keys()).collect();
         if !groups.is_empty() {
-            s += &format!("\n## By `{}`\n", self.group_by_name());
+            s += &format!("\n## By `{}`\n", self.group_by.as_deref().unwrap_or_default());
             let empty = BTreeMap::new();
             for g in groups {
                 s += &format!("\n### {g}\n\n");

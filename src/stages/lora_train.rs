@@ -229,16 +229,7 @@ impl Stage for Params {
     }
 
     fn outside_inputs(&self, env: &Env) -> Result<BTreeMap<String, String>> {
-        let m = env.model()?;
-        let mut out = BTreeMap::new();
-        for w in &m.weights {
-            let name = w.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            out.insert(format!("base weights {name}"), env.hash_file(w)?);
-        }
-        if let Some(c) = &m.config_json {
-            out.insert("config.json".into(), env.hash_file(c)?);
-        }
-        Ok(out)
+        env.base_model_inputs(false)
     }
 
     fn resume_point(&self, work: &std::path::Path) -> Option<u64> {

@@ -73,18 +73,7 @@ impl Stage for Params {
     }
 
     fn outside_inputs(&self, env: &Env) -> Result<BTreeMap<String, String>> {
-        let m = env.model()?;
-        let mut out = BTreeMap::new();
-        for w in &m.weights {
-            let name = w.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            out.insert(format!("base weights {name}"), env.hash_file(w)?);
-        }
-        for f in [&m.config_json, &m.tokenizer_config].into_iter().flatten() {
-            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            out.insert(name, env.hash_file(f)?);
-        }
-        out.insert("tokenizer.json".into(), env.hash_file(m.tokenizer_json()?)?);
-        Ok(out)
+        env.base_model_inputs(true)
     }
 
     fn run(&self, ctx: &RunContext) -> Result<Value> {
@@ -214,14 +203,7 @@ fn tokenizer_files(base: &ResolvedModel, chat_template: Option<&crate::chat::Cha
         std::fs::copy(&generation, out.join("generation_config.json"))?;
     } else {
         let tokenizer = tokenizers::Tokenizer::from_file(tok).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let id = |k: &str| {
-            let name = match tc.get(k) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).unwrap_or_default().to_string(),
-                _ => String::new(),
-            };
-            tokenizer.token_to_id(&name)
-        };
+        let id = |k: &str| crate::chat::special_token(&tc, k).and_then(|name| tokenizer.token_to_id(&name));
         let mut g = json!({"_from_model_config": true});
         for (k, t) in [("bos_token_id", "bos_token"), ("pad_token_id", "pad_token")] {
             if let Some(i) = id(t) {

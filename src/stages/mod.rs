@@ -87,6 +87,29 @@ impl<'a> Env<'a> {
             .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
+    /// Content hashes of the base model's files, labelled for `plan`
+    /// reasons: its weights and `config.json`, and with `tokenizer` also
+    /// `tokenizer.json` and `tokenizer_config.json` (special tokens, chat
+    /// template) for stages that read them.
+    pub fn base_model_inputs(&self, tokenizer: bool) -> Result<BTreeMap<String, String>> {
+        let m = self.model()?;
+        let mut out = BTreeMap::new();
+        for w in &m.weights {
+            let name = w.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            out.insert(format!("base weights {name}"), self.hash_file(w)?);
+        }
+        if let Some(c) = &m.config_json {
+            out.insert("config.json".into(), self.hash_file(c)?);
+        }
+        if tokenizer {
+            out.insert("tokenizer.json".into(), self.hash_file(m.tokenizer_json()?)?);
+            if let Some(c) = &m.tokenizer_config {
+                out.insert("tokenizer_config.json".into(), self.hash_file(c)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Content hash of a file outside the cache (memoized).
     pub fn hash_file(&self, path: &Path) -> Result<String> {
         self.memo.file(path)

@@ -138,17 +138,8 @@ impl Stage for Params {
     }
 
     fn outside_inputs(&self, env: &Env) -> Result<BTreeMap<String, String>> {
-        if self.model.is_some() {
-            return Ok(BTreeMap::new());
-        }
-        let m = env.model()?;
-        let mut out = BTreeMap::new();
-        for w in &m.weights {
-            let name = w.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            out.insert(format!("base weights {name}"), env.hash_file(w)?);
-        }
-        out.insert("tokenizer.json".into(), env.hash_file(m.tokenizer_json()?)?);
-        Ok(out)
+        // From a merge stage, everything read is in its (keyed) artifact.
+        if self.model.is_some() { Ok(BTreeMap::new()) } else { env.base_model_inputs(true) }
     }
 
     fn run(&self, ctx: &RunContext) -> Result<Json> {
@@ -356,13 +347,7 @@ fn tokenizer_metadata(model: &ResolvedModel, arch: &str, vocab_rows: usize) -> R
             added.insert(id as usize, a["special"].as_bool().unwrap_or(false));
         }
     }
-    let token_name = |k: &str| -> Option<String> {
-        match tc.get(k) {
-            Some(Json::String(s)) => Some(s.clone()),
-            Some(Json::Object(o)) => o.get("content").and_then(Json::as_str).map(str::to_string),
-            _ => None,
-        }
-    };
+    let token_name = |k: &str| crate::chat::special_token(&tc, k);
     let id_of = |name: Option<String>| name.and_then(|n| tokens.iter().position(|t| t.as_deref() == Some(&n)));
     let is_byte = |t: &str| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>');
     let types: Vec<i32> = tokens

@@ -192,3 +192,29 @@ tokens = "tokens"
         model_dir.display()
     )
 }
+
+/// Perplexity of `m` on `../shared/reference/ppl_text.txt` with llama.cpp's
+/// method: chunks of 256 tokens, BOS first, the second half of each scored.
+/// Returns the perplexity and the number of chunks.
+#[allow(dead_code)]
+pub fn llama_cpp_perplexity(m: &dyn pipeline::model::CausalLm, tok: &tokenizers::Tokenizer) -> (f64, usize) {
+    use candle_core::{D, Device, Tensor};
+    let text = std::fs::read_to_string(shared_dir().join("reference/ppl_text.txt")).unwrap();
+    let mut tokens = vec![2u32];
+    tokens.extend(tok.encode(text.as_str(), false).unwrap().get_ids());
+    let n_ctx = 256;
+    let (mut nll, mut count) = (0f64, 0usize);
+    for chunk in 0..tokens.len() / n_ctx {
+        let mut ids = tokens[chunk * n_ctx..(chunk + 1) * n_ctx].to_vec();
+        ids[0] = 2;
+        let hidden = m.hidden(&ids, None).unwrap();
+        let first = n_ctx / 2;
+        let logits = m.logits(&hidden.narrow(0, first, n_ctx - 1 - first).unwrap()).unwrap();
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+        let targets = Tensor::new(&ids[first + 1..], &Device::Cpu).unwrap().unsqueeze(1).unwrap();
+        let picked: Vec<f32> = log_probs.gather(&targets, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        nll -= picked.iter().map(|&x| x as f64).sum::<f64>();
+        count += picked.len();
+    }
+    ((nll / count as f64).exp(), tokens.len() / n_ctx)
+}
