@@ -31,9 +31,27 @@ pub struct RecipeArgs {
     /// Override a recipe key, e.g. `--set stages.train.rank=8` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_override)]
     pub set: Vec<Override>,
-    /// The cache directory.
+    /// The cache: a directory, or an object-store URL (`s3://BUCKET/PREFIX`,
+    /// `gs://…`, `az://…`, `http(s)://…` WebDAV, `file:///…`) whose entries
+    /// and checkpoints are shared by every machine that names it.
     #[arg(long, env = "PIPELINE_CACHE_DIR", default_value = ".pipeline")]
-    pub cache_dir: PathBuf,
+    pub cache_dir: String,
+    /// With a remote `--cache-dir`: the local working copy.
+    #[arg(long, env = "PIPELINE_LOCAL_CACHE", default_value = ".pipeline", value_name = "DIR")]
+    pub local_cache: PathBuf,
+}
+
+impl RecipeArgs {
+    /// The executor over the local cache, backed by the remote one when
+    /// `--cache-dir` is a URL.
+    fn executor(&self) -> Result<Executor> {
+        if crate::cache::remote::is_url(&self.cache_dir) {
+            let remote = crate::cache::Remote::open(&self.cache_dir)?;
+            Executor::with_remote(&self.local_cache, remote)
+        } else {
+            Executor::new(Path::new(&self.cache_dir))
+        }
+    }
 }
 
 /// Which model `generate` and `chat` load.
@@ -328,21 +346,26 @@ fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Run { args, until } => {
             let recipe = load(&args)?;
-            let exec = Executor::new(&args.cache_dir)?;
+            let exec = args.executor()?;
             eprintln!("pipeline: {} ({})", recipe.recipe.name, args.recipe.display());
+            if let Some(r) = exec.remote() {
+                eprintln!("pipeline: remote cache {} (local copy {})", r.url(), args.local_cache.display());
+            }
             let t0 = std::time::Instant::now();
             let outcomes = exec.run(&recipe, until.as_deref())?;
             let ran = outcomes.iter().filter(|o| o.ran).count();
+            let pulled = outcomes.iter().filter(|o| o.pulled).count();
             eprintln!(
-                "pipeline: done in {:.2}s: {ran} ran, {} cached",
+                "pipeline: done in {:.2}s: {ran} ran, {} cached{}",
                 t0.elapsed().as_secs_f64(),
-                outcomes.len() - ran
+                outcomes.len() - ran - pulled,
+                if pulled > 0 { format!(", {pulled} pulled from the remote cache") } else { String::new() }
             );
             Ok(())
         }
         Command::Plan { args, json } => {
             let recipe = load(&args)?;
-            let plan = Executor::new(&args.cache_dir)?.plan(&recipe, None)?;
+            let plan = args.executor()?.plan(&recipe, None)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&plan)?);
             } else {
@@ -495,7 +518,8 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::Export { args, to, force, link } => {
             let recipe = load(&args)?;
-            let exec = Executor::new(&args.cache_dir)?;
+            let exec = args.executor()?;
+            exec.pull_finished(&recipe)?;
             let done = crate::export::export(&exec, &recipe, &to, force, link)?;
             for (stage, dir, n) in &done.stages {
                 eprintln!("  exported {stage:<16} {n:>3} files → {}", dir.display());
@@ -514,7 +538,8 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::Show { args, stage } => {
             let recipe = load(&args)?;
-            let exec = Executor::new(&args.cache_dir)?;
+            let exec = args.executor()?;
+            exec.pull_finished(&recipe)?;
             if !recipe.stages.contains_key(&stage) {
                 let e = RecipeError::new(format!("no stage named `{stage}`")).in_file(&args.recipe);
                 let names = recipe.stages.keys().map(String::as_str);

@@ -15,7 +15,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use serde::Serialize;
 
 use crate::cache::store::MANIFEST_FORMAT;
-use crate::cache::{CacheKey, Fingerprint, HashMemo, Manifest, Store};
+use crate::cache::{CacheKey, Fingerprint, HashMemo, Manifest, Remote, Store};
 use crate::error::{RecipeError, did_you_mean};
 use crate::recipe::Recipe;
 use crate::stages::{Env, RunContext};
@@ -63,10 +63,12 @@ impl Plan {
     }
 }
 
-/// Runs recipes against one cache directory.
+/// Runs recipes against one cache directory, optionally backed by a remote
+/// cache in an object store.
 pub struct Executor {
     store: Store,
     memo: HashMemo,
+    remote: Option<Remote>,
 }
 
 impl Executor {
@@ -74,7 +76,20 @@ impl Executor {
     pub fn new(cache_dir: &Path) -> Result<Executor> {
         let store = Store::open(cache_dir)?;
         let memo = HashMemo::open(cache_dir.join("hashes.json"));
-        Ok(Executor { store, memo })
+        Ok(Executor { store, memo, remote: None })
+    }
+
+    /// An executor whose local cache at `cache_dir` is backed by `remote`:
+    /// finished entries are pulled from it and pushed to it, and training
+    /// checkpoints are synced to it.
+    pub fn with_remote(cache_dir: &Path, remote: Remote) -> Result<Executor> {
+        let mut e = Executor::new(cache_dir)?;
+        e.remote = Some(remote);
+        Ok(e)
+    }
+
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_ref()
     }
 
     pub fn store(&self) -> &Store {
@@ -117,11 +132,21 @@ impl Executor {
             let key = fingerprint.key();
             let (status, reason, step) = if self.store.is_finished(&key) {
                 (Status::Cached, None, None)
+            } else if let Some(remote) = self.remote.as_ref().filter(|r| r.has_entry(&key).unwrap_or(false)) {
+                (Status::Cached, Some(format!("in the remote cache {}", remote.url())), None)
             } else {
                 let reason = self.why(&recipe.recipe.name, &name, &key, &fingerprint);
-                match stage.resume_point(&self.store.work_dir(&key)) {
-                    Some(step) => (Status::Resume, Some(reason), Some(step)),
-                    None => (Status::Run, Some(reason), None),
+                let local = stage.resume_point(&self.store.work_dir(&key));
+                let remote = match (&local, &self.remote) {
+                    (None, Some(r)) => r.latest_checkpoint(&key).unwrap_or(None),
+                    _ => None,
+                };
+                match (local, remote) {
+                    (Some(step), _) => (Status::Resume, Some(reason), Some(step)),
+                    (None, Some(step)) => {
+                        (Status::Resume, Some(format!("{reason}; checkpoint in the remote cache")), Some(step))
+                    }
+                    (None, None) => (Status::Run, Some(reason), None),
                 }
             };
             keys.insert(name.clone(), key.clone());
@@ -165,10 +190,15 @@ impl Executor {
         let mut outcomes = Vec::new();
         for sp in &plan.stages {
             let started = Instant::now();
-            let ran = self.run_stage(&env, sp, &dirs)?;
+            let done = self.run_stage(&env, sp, &dirs)?;
             let elapsed = started.elapsed().as_secs_f64();
             self.store.set_ref(&recipe.recipe.name, &sp.name, &sp.key)?;
-            let verb = if ran { "ran" } else { "cached" };
+            let ran = done == Done::Ran;
+            let verb = match done {
+                Done::Ran => "ran",
+                Done::Cached => "cached",
+                Done::Pulled => "pulled",
+            };
             crate::progress::println(&format!(
                 "  {verb:<7} {:<16} {:<16} {}  {elapsed:.2}s",
                 sp.name,
@@ -176,22 +206,44 @@ impl Executor {
                 sp.key.short()
             ));
             dirs.insert(sp.name.clone(), self.store.entry_dir(&sp.key));
-            outcomes.push(StageOutcome { name: sp.name.clone(), key: sp.key.clone(), ran, seconds: elapsed });
+            outcomes.push(StageOutcome {
+                name: sp.name.clone(),
+                key: sp.key.clone(),
+                ran,
+                pulled: done == Done::Pulled,
+                seconds: elapsed,
+            });
         }
         Ok(outcomes)
     }
 
     /// Runs one stage unless it is (or, after waiting for a lock, has become)
-    /// cached. Returns whether it ran.
-    fn run_stage(&self, env: &Env, sp: &StagePlan, dirs: &BTreeMap<String, PathBuf>) -> Result<bool> {
+    /// cached, locally or in the remote cache.
+    fn run_stage(&self, env: &Env, sp: &StagePlan, dirs: &BTreeMap<String, PathBuf>) -> Result<Done> {
         if self.store.is_finished(&sp.key) {
-            return Ok(false);
+            self.push(sp)?;
+            return Ok(Done::Cached);
         }
         let lock = self.store.lock(&sp.key, || {
             crate::progress::println(&format!("  waiting for another pipeline process working on `{}`", sp.name))
         })?;
         if self.store.is_finished(&sp.key) {
-            return Ok(false);
+            self.push(sp)?;
+            return Ok(Done::Cached);
+        }
+        if let Some(remote) = &self.remote {
+            let work = self.store.prepare_work(&sp.key, &sp.fingerprint, &lock)?;
+            let pulled = remote
+                .pull_entry(&sp.key, &work.join("out"))
+                .with_context(|| format!("stage `{}`: cannot pull its entry from {}", sp.name, remote.url()))?;
+            if let Some(manifest) = pulled {
+                self.store.publish(&sp.key, manifest, &lock)?;
+                return Ok(Done::Pulled);
+            }
+            if sp.status == Status::Resume && env.recipe.stages[&sp.name].stage().resume_point(&work).is_none() {
+                let step = remote.pull_latest_checkpoint(&sp.key, &crate::train::checkpoint::dir(&work))?;
+                tracing::info!(stage = %sp.name, ?step, "pulled the newest checkpoint from the remote cache");
+            }
         }
         match (&sp.status, &sp.reason) {
             (Status::Resume, _) => tracing::info!(stage = %sp.name, step = sp.step, "resuming"),
@@ -207,6 +259,7 @@ impl Executor {
             work: work.clone(),
             inputs: sp.inputs.iter().map(|(role, stage)| (role.clone(), dirs[stage].clone())).collect(),
             env,
+            remote: self.remote.as_ref(),
         };
         let started_at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let t0 = Instant::now();
@@ -223,8 +276,58 @@ impl Executor {
             metrics,
         };
         self.store.publish(&sp.key, manifest, &lock)?;
-        Ok(true)
+        drop(lock);
+        self.push(sp)?;
+        if let Some(remote) = &self.remote {
+            remote.drop_checkpoints(&sp.key)?;
+        }
+        Ok(Done::Ran)
     }
+
+    /// Copies into the local cache every stage of `recipe` that is finished
+    /// only in the remote cache (for `export` and `show`). Returns how many.
+    pub fn pull_finished(&self, recipe: &Recipe) -> Result<usize> {
+        let Some(remote) = &self.remote else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for sp in self.plan(recipe, None)?.stages {
+            if sp.status != Status::Cached || self.store.is_finished(&sp.key) {
+                continue;
+            }
+            let lock = self.store.lock(&sp.key, || {})?;
+            let work = self.store.prepare_work(&sp.key, &sp.fingerprint, &lock)?;
+            if let Some(manifest) = remote.pull_entry(&sp.key, &work.join("out"))? {
+                self.store.publish(&sp.key, manifest, &lock)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Uploads the finished local entry to the remote cache unless it is
+    /// there already.
+    fn push(&self, sp: &StagePlan) -> Result<()> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let manifest = self.store.manifest(&sp.key)?.context("a finished entry without manifest")?;
+        if remote
+            .push_entry(&sp.key, &self.store.entry_dir(&sp.key), &manifest)
+            .with_context(|| format!("stage `{}`: cannot push its entry to {}", sp.name, remote.url()))?
+        {
+            tracing::info!(stage = %sp.name, remote = remote.url(), "pushed");
+        }
+        Ok(())
+    }
+}
+
+/// How a stage came to be finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Done {
+    Ran,
+    Cached,
+    Pulled,
 }
 
 /// What happened to one stage in a run.
@@ -234,6 +337,8 @@ pub struct StageOutcome {
     pub key: CacheKey,
     /// False when the stage was reused from the cache.
     pub ran: bool,
+    /// True when it was reused from the remote cache.
+    pub pulled: bool,
     pub seconds: f64,
 }
 

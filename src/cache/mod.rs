@@ -1,10 +1,13 @@
-//! The content-addressed cache: keys ([`key`]), the store ([`store`]) and
-//! content hashes of outside files ([`hash`]).
+//! The content-addressed cache: keys ([`key`]), the local store ([`store`]),
+//! its optional copy in an object store ([`remote`]) and content hashes of
+//! outside files ([`hash`]).
 
 pub mod hash;
 pub mod key;
+pub mod remote;
 pub mod store;
 
 pub use hash::HashMemo;
 pub use key::{CacheKey, Fingerprint};
+pub use remote::Remote;
 pub use store::{Manifest, Store};

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 use super::format_chat::Conversation;
 use super::{Env, RunContext, Stage};
-use crate::chat::ChatTemplate;
+use crate::chat::{ChatTemplate, Message};
 use crate::eval::{Metric, Tally, Task, markdown_table, rouge_l, score_tool_call};
 use crate::generate::{GenerationParams, Generator};
 use crate::model::{self, CausalLm};
@@ -62,6 +62,12 @@ pub struct Params {
     /// Decoding (greedy by default).
     #[serde(default)]
     pub generation: GenerationParams,
+    /// Spot checks: each prompt is sent as a user turn (after the split's
+    /// system prompt, with its tools, when the conversations have them) to
+    /// every compared model; the report lists what each generated and the
+    /// tool calls parsed from it.
+    #[serde(default)]
+    pub prompts: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -99,6 +105,9 @@ impl Params {
         }
         if self.limit == Some(0) {
             return Err(("limit", "0".into(), "evaluate at least 1 row, or leave `limit` out".into()));
+        }
+        if let Some(i) = self.prompts.iter().position(|p| p.trim().is_empty()) {
+            return Err(("prompts", format!("prompt {i} is empty"), "write the user's request".into()));
         }
         self.generation.check().map_err(|(k, v, h)| (k, v, h))
     }
@@ -254,6 +263,7 @@ impl<'a> Evaluation<'a> {
         let mut tables: Vec<(String, BTreeMap<String, Metric>, BTreeMap<String, BTreeMap<String, Metric>>)> =
             Vec::new();
         let mut skipped = 0;
+        let mut spot_checks = Vec::new();
         for subject in subjects {
             match (subject, &self.adapter) {
                 (Subject::Adapter, Some(a)) => a.attach(self.model.as_mut())?,
@@ -267,6 +277,7 @@ impl<'a> Evaluation<'a> {
             );
             predictions.extend(preds);
             tables.push((subject.name().to_string(), overall, groups));
+            spot_checks.extend(self.spot_checks(subject)?);
         }
         crate::data::write_jsonl(&self.ctx.out.join("predictions.jsonl"), &predictions)?;
         let report = json!({
@@ -277,9 +288,10 @@ impl<'a> Evaluation<'a> {
             "max_prompt_tokens": self.max_prompt,
             "generation": self.p.generation,
             "models": per_model,
+            "prompts": spot_checks,
         });
         std::fs::write(self.ctx.out.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
-        std::fs::write(self.ctx.out.join("report.md"), self.markdown(&tables, skipped))?;
+        std::fs::write(self.ctx.out.join("report.md"), self.markdown(&tables, skipped, &spot_checks))?;
         let summary: serde_json::Map<String, Value> = tables
             .iter()
             .map(|(name, overall, _)| {
@@ -301,6 +313,9 @@ impl<'a> Evaluation<'a> {
                 .collect::<Vec<_>>()
                 .join(", ");
             crate::progress::println(&format!("  evaluate {name}: {line}"));
+        }
+        for c in &spot_checks {
+            crate::progress::println(&format!("  prompt [{}] {:?} → {}", c.model, c.prompt, c.calls_summary()));
         }
         Ok(json!({"split": self.split, "rows": self.rows.len(), "skipped_overlong": skipped, "models": summary}))
     }
@@ -379,10 +394,34 @@ impl<'a> Evaluation<'a> {
         Ok((overall.metrics(), groups, preds, skipped, t0.elapsed().as_secs_f64()))
     }
 
+    /// Generates for each of `prompts`, rendered like the split's rows.
+    fn spot_checks(&self, subject: Subject) -> Result<Vec<SpotCheck>> {
+        if self.p.prompts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let first = &self.rows[0].conv;
+        let system: Vec<Message> = first.messages.iter().take_while(|m| m.role == "system").cloned().collect();
+        let stops = crate::generate::stop_tokens(&self.template.end_of_turn, &self.template.eos_token);
+        let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
+        let generator = Generator::new(self.model.as_ref(), &self.tokenizer, &stops);
+        let mut out = Vec::new();
+        for prompt in &self.p.prompts {
+            let mut messages = system.clone();
+            messages.push(Message::new("user", prompt));
+            let text = self.template.render(&messages, first.tools.as_ref(), true)?;
+            let ids = crate::generate::encode(&self.tokenizer, &text)?;
+            let g = generator.generate(&ids, &self.p.generation, self.ctx.env.recipe.recipe.seed, &mut |_| {})?;
+            let parsed = crate::toolcall::parse(&g.text);
+            out.push(SpotCheck { model: subject.name().into(), prompt: prompt.clone(), generated: g.text, parsed });
+        }
+        Ok(out)
+    }
+
     fn markdown(
         &self,
         tables: &[(String, BTreeMap<String, Metric>, BTreeMap<String, BTreeMap<String, Metric>>)],
         skipped: usize,
+        spot_checks: &[SpotCheck],
     ) -> String {
         let mut s = format!(
             "# Evaluation of `{}` on split `{}`\n\n{} rows, task `{}`, greedy = {}, max_new_tokens = {}.\n",
@@ -413,8 +452,42 @@ impl<'a> Evaluation<'a> {
                 s += &markdown_table(&cols);
             }
         }
+        if !spot_checks.is_empty() {
+            s += "\n## Prompts\n\n| model | prompt | parsed calls | generated |\n|---|---|---|---|\n";
+            for c in spot_checks {
+                let cell = |t: &str| t.replace('|', "\\|").replace('\n', "<br>");
+                s += &format!(
+                    "| {} | {} | {} | {} |\n",
+                    c.model,
+                    cell(&c.prompt),
+                    cell(&c.calls_summary()),
+                    cell(&c.generated)
+                );
+            }
+        }
         s += "\nPer-row generations and verdicts: `predictions.jsonl`.\n";
         s
+    }
+}
+
+/// One prompt of `prompts`, answered by one model.
+#[derive(Debug, Clone, Serialize)]
+struct SpotCheck {
+    model: String,
+    prompt: String,
+    generated: String,
+    parsed: crate::toolcall::ParsedCalls,
+}
+
+impl SpotCheck {
+    /// `get_weather({"location":"北京"}); calculate(…)`, or why there is none.
+    fn calls_summary(&self) -> String {
+        if !self.parsed.attempted() {
+            return "(no tool call)".into();
+        }
+        let mut parts: Vec<String> = self.parsed.calls.iter().map(|c| format!("{}({})", c.name, c.arguments)).collect();
+        parts.extend(self.parsed.invalid.iter().map(|t| format!("invalid: {t}")));
+        parts.join("; ")
     }
 }
 

@@ -373,10 +373,11 @@ impl<'a> Trainer<'a> {
             state.log.push(row);
             state.step = done;
             if done % p.checkpoint_every as u64 == 0 || done == self.total_steps {
-                checkpoint::save(&work, &state, |dir| {
+                let dir = checkpoint::save(&work, &state, |dir| {
                     candle_core::safetensors::save(&self.named_tensors(), dir.join("adapter.safetensors"))?;
                     opt.save(&dir.join("optimizer.safetensors"))
                 })?;
+                self.ctx.checkpoint_saved(&dir)?;
             }
             crate::fault::point(&format!("lora-train.step-{done}"));
         }

@@ -128,9 +128,21 @@ pub struct RunContext<'a> {
     /// Artifact directory of each input, by parameter name.
     pub inputs: BTreeMap<String, PathBuf>,
     pub env: &'a Env<'a>,
+    /// The remote cache, when `--cache-dir` names one.
+    pub remote: Option<&'a crate::cache::Remote>,
 }
 
 impl RunContext<'_> {
+    /// Called by stages that checkpoint, after writing checkpoint directory
+    /// `dir` into their work dir: pushes it to the remote cache, if any, so
+    /// that a job on another machine resumes from it.
+    pub fn checkpoint_saved(&self, dir: &Path) -> Result<()> {
+        match self.remote {
+            Some(r) => r.push_checkpoint(self.key, dir),
+            None => Ok(()),
+        }
+    }
+
     /// The artifact directory of the input held by parameter `role`.
     pub fn input(&self, role: &str) -> &Path {
         self.inputs.get(role).map(|p| p.as_path()).unwrap_or_else(|| panic!("no input `{role}`"))

@@ -58,8 +58,9 @@ pub fn latest(work: &Path) -> Option<(u64, PathBuf)> {
 }
 
 /// Writes checkpoint `step`: `write_files` fills the directory, then
-/// `state.json` is written and the directory renamed into place.
-pub fn save(work: &Path, state: &State, write_files: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+/// `state.json` is written and the directory renamed into place. Returns
+/// the checkpoint's directory.
+pub fn save(work: &Path, state: &State, write_files: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
     let root = dir(work);
     std::fs::create_dir_all(&root)?;
     let name = format!("step-{:06}", state.step);
@@ -87,7 +88,7 @@ pub fn save(work: &Path, state: &State, write_files: impl FnOnce(&Path) -> Resul
     for old in steps.iter().rev().skip(2) {
         std::fs::remove_dir_all(old).ok();
     }
-    Ok(())
+    Ok(dest)
 }
 
 /// Reads `state.json` of a checkpoint directory.

@@ -1,0 +1,197 @@
+//! Every recipe in `recipes/` validates, plans and runs end to end: on the
+//! real Gemma 3 270M where the recipe's model is that one, on a small random
+//! checkpoint of the recipe's architecture otherwise (`--set model.base=…`;
+//! the 1B and Qwen weights are not available on these machines), shortened
+//! with `--set` so that CI runs every stage of every recipe.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{Project, models_dir};
+use pipeline::model::qwen::Variant;
+use pipeline::model::testing::{TinyGemma3, TinyQwen};
+
+fn recipe(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes").join(name)
+}
+
+fn all_recipes() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Runs `recipe` with `sets` and returns (stderr, the directory of each stage).
+fn run(p: &Project, recipe: &Path, sets: &[String]) -> (String, Vec<(String, PathBuf)>) {
+    let r = recipe.to_str().unwrap();
+    let mut args = vec!["run", r];
+    for s in sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let stderr = p.ok(&args);
+    let mut plan_args = vec!["plan", r, "--json"];
+    for s in sets {
+        plan_args.extend(["--set", s.as_str()]);
+    }
+    let out = p.run(&plan_args);
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dirs = plan["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            assert_eq!(s["status"], "cached", "after a run every stage is cached: {s}");
+            let key = s["key"].as_str().unwrap();
+            (s["name"].as_str().unwrap().to_string(), p.path(".pipeline/store").join(key))
+        })
+        .collect();
+    (stderr, dirs)
+}
+
+fn dir<'a>(dirs: &'a [(String, PathBuf)], stage: &str) -> &'a Path {
+    &dirs.iter().find(|(n, _)| n == stage).unwrap_or_else(|| panic!("no stage {stage}")).1
+}
+
+fn set(key: &str, value: impl std::fmt::Display) -> String {
+    format!("{key}={value}")
+}
+
+fn base(dir: &Path) -> String {
+    format!("model.base=\"{}\"", dir.display())
+}
+
+#[test]
+fn every_recipe_validates() {
+    let recipes = all_recipes();
+    assert!(recipes.len() >= 6, "{recipes:?}");
+    let p = Project::new();
+    let mut args = vec!["validate".to_string()];
+    args.extend(recipes.iter().map(|r| r.display().to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = p.run(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn retargeting_another_gemma_changes_one_line() {
+    let a = std::fs::read_to_string(recipe("gemma3-270m-finance.toml")).unwrap();
+    let b = std::fs::read_to_string(recipe("gemma3-1b-finance.toml")).unwrap();
+    let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    assert_eq!(la.len(), lb.len());
+    let diff: Vec<(&str, &str)> = la.iter().zip(&lb).filter(|(x, y)| x != y).map(|(x, y)| (*x, *y)).collect();
+    assert_eq!(diff, vec![("base = \"hf://google/gemma-3-270m-it\"", "base = \"hf://google/gemma-3-1b-it\"")]);
+}
+
+#[test]
+fn gemma3_finance_runs_on_the_real_270m() {
+    let Some(models) = models_dir() else { return };
+    let p = Project::new();
+    let sets = [
+        base(&models.join("gemma-3-270m")),
+        set("stages.train.max_steps", 2),
+        set("stages.train.gradient_accumulation", 1),
+        set("stages.eval.limit", 2),
+        set("stages.eval.generation.max_new_tokens", 12),
+    ];
+    let (stderr, dirs) = run(&p, &recipe("gemma3-270m-finance.toml"), &sets);
+    assert!(stderr.contains("ran     ollama"), "{stderr}");
+    let modelfile = std::fs::read_to_string(dir(&dirs, "ollama").join("Modelfile")).unwrap();
+    assert!(modelfile.contains("<end_of_turn>"), "{modelfile}");
+    assert!(dir(&dirs, "gguf").join("model-q4_k_m.gguf").is_file());
+    // The 1B recipe pointed at the same weights is the same recipe: every
+    // stage is already cached.
+    let r1 = recipe("gemma3-1b-finance.toml");
+    let mut args = vec!["plan", "--json", r1.to_str().unwrap()];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let plan: serde_json::Value = serde_json::from_slice(&p.run(&args).stdout).unwrap();
+    assert!(plan["stages"].as_array().unwrap().iter().all(|s| s["status"] == "cached"), "{plan}");
+}
+
+#[test]
+fn gemma3_1b_tool_use_runs_end_to_end_on_a_small_gemma3() {
+    let Some(models) = models_dir() else { return };
+    let p = Project::new();
+    TinyGemma3::new(262_144).write(&p.path("tiny-gemma3"), &models.join("gemma-3-270m"), 1).unwrap();
+    let sets = [
+        base(&p.path("tiny-gemma3")),
+        set("stages.train.max_steps", 2),
+        set("stages.train.gradient_accumulation", 2),
+        set("stages.train.eval_examples", 2),
+        set("stages.eval.limit", 2),
+        set("stages.eval.generation.max_new_tokens", 8),
+    ];
+    let (stderr, dirs) = run(&p, &recipe("gemma3-1b-tool-use.toml"), &sets);
+    assert!(stderr.contains("ran     ollama"), "{stderr}");
+    // The seeded filter: easy tool-needed rows plus a fifth of the no-tool ones.
+    let rows = std::fs::read_to_string(dir(&dirs, "data").join("rows/train.jsonl")).unwrap();
+    let kinds: Vec<String> = rows
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["query_type"].as_str().unwrap().to_string())
+        .collect();
+    let easy = kinds.iter().filter(|k| *k == "easy").count();
+    let no_tool = kinds.iter().filter(|k| *k == "no_tool").count();
+    assert_eq!(easy, 158, "every easy row of the train split");
+    assert_eq!(no_tool, 32, "20 % of the 161 no-tool rows, rounded");
+    assert!(!kinds.iter().any(|k| k == "hard"));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir(&dirs, "eval").join("report.json")).unwrap()).unwrap();
+    assert!(report["models"]["base"].is_object() && report["models"]["adapter"].is_object(), "{report}");
+}
+
+#[test]
+fn qwen3_function_calling_runs_end_to_end_and_reports_the_four_prompts() {
+    let Some(models) = models_dir() else { return };
+    let p = Project::new();
+    TinyQwen::new(Variant::Qwen3, 151_936).write(&p.path("tiny-qwen3"), &models.join("qwen3-tokenizer"), 1).unwrap();
+    let sets = [
+        base(&p.path("tiny-qwen3")),
+        set("stages.train.max_steps", 2),
+        set("stages.eval.limit", 2),
+        set("stages.eval.generation.max_new_tokens", 8),
+    ];
+    let (stderr, dirs) = run(&p, &recipe("qwen3-0.6b-function-calling.toml"), &sets);
+    assert!(stderr.contains("ran     ollama"), "{stderr}");
+    // The repository's dataset: Chinese and English, function-style calls.
+    let conv = std::fs::read_to_string(dir(&dirs, "chat").join("conversations/train.jsonl")).unwrap();
+    assert!(conv.contains("<|im_start|>system\\n你是一个可以调用工具的智能助手"), "{}", &conv[..400]);
+    assert!(conv.contains("<tool_call>\\nget_weather({\\\"location\\\""), "function-style calls");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir(&dirs, "eval").join("report.json")).unwrap()).unwrap();
+    let prompts = report["prompts"].as_array().unwrap();
+    assert_eq!(prompts.len(), 8, "4 prompts x (base, adapter)");
+    assert_eq!(prompts[0]["prompt"], "今天北京的天气怎么样？");
+    assert!(prompts.iter().all(|c| c["parsed"]["calls"].is_array()));
+    let md = std::fs::read_to_string(dir(&dirs, "eval").join("report.md")).unwrap();
+    assert!(md.contains("## Prompts") && md.contains("帮我计算一下 25 * 4 + 10"), "{md}");
+    assert!(stderr.contains("prompt [adapter] \"现在几点了？\""), "{stderr}");
+}
+
+#[test]
+fn fish_care_qa_runs_end_to_end_on_a_small_qwen2_with_alpaca_prompts() {
+    let Some(models) = models_dir() else { return };
+    let p = Project::new();
+    TinyQwen::new(Variant::Qwen2, 151_936).write(&p.path("tiny-qwen2"), &models.join("qwen3-tokenizer"), 1).unwrap();
+    let sets =
+        [base(&p.path("tiny-qwen2")), set("stages.eval.limit", 2), set("stages.eval.generation.max_new_tokens", 8)];
+    let (stderr, dirs) = run(&p, &recipe("fish-care-qa.toml"), &sets);
+    assert!(stderr.contains("ran     ollama"), "{stderr}");
+    let conv = std::fs::read_to_string(dir(&dirs, "chat").join("conversations/train.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(conv.lines().next().unwrap()).unwrap();
+    let text = first["text"].as_str().unwrap();
+    assert!(text.starts_with("### Instruction:\n") && text.contains("\n\n### Input:\n\n### Response:\n"), "{text}");
+    let train: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir(&dirs, "train").join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(train["metrics"]["steps"], 10, "LLaMA-Factory's quick run: 10 steps");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir(&dirs, "train").join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["r"], 2);
+    let modelfile = std::fs::read_to_string(dir(&dirs, "ollama").join("Modelfile")).unwrap();
+    assert!(modelfile.contains("### Instruction:"), "{modelfile}");
+}

@@ -1,0 +1,214 @@
+//! The remote cache against a real S3 API server on loopback (moto's server
+//! mode, installed by scripts/fetch-models.sh): a killed cloud job restarted
+//! on a new machine (an empty local cache, the same remote) resumes from the
+//! last checkpoint it pushed and ends with the same adapter bytes as a run
+//! that was never interrupted; a kill mid-upload never publishes an entry.
+
+mod common;
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Project, chat_jsonl, models_dir, tiny_gemma3, train_recipe};
+
+const TRAIN: &str = "rank = 4\nalpha = 8\ndropout = 0.1\nlearning_rate = 5e-3\nmax_steps = 6\n\
+                     gradient_accumulation = 2\ncheckpoint_every = 2\nschedule = \"cosine\"\nwarmup_steps = 1\n";
+
+/// `moto_server` on a free loopback port, killed on drop.
+struct S3Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+impl S3Server {
+    /// Starts the server, or `None` (test skipped) when moto is not
+    /// installed; with `PIPELINE_REQUIRE_SERVERS=1` (CI) that fails instead.
+    fn start() -> Option<S3Server> {
+        let have = Command::new("python3")
+            .args(["-c", "import moto.server, flask"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !have {
+            if std::env::var("PIPELINE_REQUIRE_SERVERS").is_ok_and(|v| v == "1") {
+                panic!("moto[server] is required: run scripts/fetch-models.sh (it pip-installs it)");
+            }
+            eprintln!("SKIPPED: moto[server] is not installed (scripts/fetch-models.sh installs it)");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto");
+        let server = S3Server { child, port };
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(60), "moto did not start on port {port}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Some(server)
+    }
+
+    /// Creates a bucket (moto accepts unsigned requests).
+    fn bucket(&self, name: &str) {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            s,
+            "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"), "create bucket: {reply}");
+    }
+
+    /// `pipeline` with this server as the remote cache and `local` as the
+    /// local working copy.
+    fn cmd(&self, p: &Project, url: &str, local: &Path, args: &[&str]) -> Command {
+        let mut c = p.cmd(args);
+        c.env("PIPELINE_CACHE_DIR", url)
+            .env("PIPELINE_LOCAL_CACHE", local)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port))
+            .env("AWS_ALLOW_HTTP", "true");
+        c
+    }
+}
+
+fn setup(models: &Path) -> Project {
+    let p = Project::new();
+    tiny_gemma3(models, &p.path("tiny"), 4096);
+    p.write("data/train.jsonl", &chat_jsonl(12));
+    p.write("r.toml", &train_recipe(&p.path("tiny"), TRAIN));
+    p
+}
+
+fn ok(c: &mut Command) -> String {
+    let out = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "pipeline failed:\n{stderr}");
+    stderr
+}
+
+fn plan(s: &S3Server, p: &Project, url: &str, local: &Path) -> serde_json::Value {
+    let out = s.cmd(p, url, local, &["plan", "r.toml", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn adapter(s: &S3Server, p: &Project, url: &str, local: &Path) -> Vec<u8> {
+    let out = s.cmd(p, url, local, &["show", "r.toml", "train"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
+}
+
+#[test]
+fn a_killed_cloud_job_resumes_on_a_new_machine_from_the_remote_checkpoint() {
+    let Some(models) = models_dir() else { return };
+    let Some(s3) = S3Server::start() else { return };
+    s3.bucket("cache");
+
+    // The reference: one uninterrupted run with a plain local cache.
+    let reference = setup(&models);
+    reference.ok(&["run", "r.toml"]);
+    let out = reference.run(&["show", "r.toml", "train"]);
+    let want =
+        std::fs::read(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("adapter_model.safetensors"))
+            .unwrap();
+
+    // Machine 1: killed while uploading the checkpoint of step 4 (the one of
+    // step 2 is on the remote, complete).
+    let url = "s3://cache/jobs/tool-use";
+    let p = setup(&models);
+    let local1 = p.path("machine-1");
+    let out = s3
+        .cmd(&p, url, &local1, &["run", "r.toml"])
+        .env("PIPELINE_FAULT", "remote.mid-upload.step-000004")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the job should have been killed: {}", String::from_utf8_lossy(&out.stderr));
+
+    // Machine 2: a fresh disk, the same remote.
+    std::fs::remove_dir_all(&local1).unwrap();
+    let local2 = p.path("machine-2");
+    let plan = plan(&s3, &p, url, &local2);
+    let stages = plan["stages"].as_array().unwrap();
+    for s in &stages[..3] {
+        assert_eq!(s["status"], "cached", "pushed as it finished: {s}");
+    }
+    assert_eq!(stages[3]["status"], "resume", "{}", stages[3]);
+    assert_eq!(stages[3]["step"], 2, "the partial checkpoint of step 4 does not count: {}", stages[3]);
+    let stderr = ok(&mut s3.cmd(&p, url, &local2, &["run", "r.toml"]));
+    for stage in ["data", "chat", "tokens"] {
+        assert!(stderr.contains(&format!("pulled  {stage}")), "{stderr}");
+    }
+    assert!(stderr.contains("ran     train"), "{stderr}");
+    assert!(adapter(&s3, &p, url, &local2) == want, "the resumed adapter differs from the uninterrupted one");
+
+    // Machine 3: everything comes from the remote, verified, nothing runs.
+    let local3 = p.path("machine-3");
+    let stderr = ok(&mut s3.cmd(&p, url, &local3, &["run", "r.toml"]));
+    assert!(!stderr.contains("ran "), "{stderr}");
+    assert!(stderr.contains("pulled  train"), "{stderr}");
+    assert!(adapter(&s3, &p, url, &local3) == want);
+}
+
+#[test]
+fn a_kill_mid_upload_publishes_no_entry() {
+    let Some(models) = models_dir() else { return };
+    let Some(s3) = S3Server::start() else { return };
+    s3.bucket("cache");
+    let url = "s3://cache/kill-mid-upload";
+    let p = setup(&models);
+    let local1 = p.path("machine-1");
+    // Killed after the adapter was published locally, while pushing its
+    // files: the remote must not show an entry for it.
+    let out = s3
+        .cmd(&p, url, &local1, &["run", "r.toml"])
+        .env("PIPELINE_FAULT", "remote.mid-upload.lora-train")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    std::fs::remove_dir_all(&local1).unwrap();
+    let local2 = p.path("machine-2");
+    let plan = plan(&s3, &p, url, &local2);
+    let train = &plan["stages"][3];
+    assert_ne!(train["status"], "cached", "a half-uploaded entry must not count: {train}");
+    // The checkpoints stay on the remote until the entry is published, so
+    // the new machine resumes at the last step instead of training again.
+    assert_eq!(train["status"], "resume", "{train}");
+    assert_eq!(train["step"], 6, "{train}");
+    let stderr = ok(&mut s3.cmd(&p, url, &local2, &["run", "r.toml"]));
+    assert!(stderr.contains("ran     train"), "{stderr}");
+
+    // Now published: a third machine pulls it.
+    let local3 = p.path("machine-3");
+    let plan3 = plan_of(&s3, &p, url, &local3);
+    assert!(plan3.iter().all(|s| s == "cached"), "{plan3:?}");
+}
+
+fn plan_of(s3: &S3Server, p: &Project, url: &str, local: &Path) -> Vec<String> {
+    plan(s3, p, url, local)["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["status"].as_str().unwrap().to_string())
+        .collect()
+}
