@@ -88,4 +88,16 @@ else
     || say "warning: could not install the python gguf package; its checks will be skipped"
 fi
 
+# An S3-API server (moto's server mode) the remote-cache tests start on
+# loopback.
+if python3 -c "import moto.server, flask" 2>/dev/null; then
+  say "moto S3 server present"
+else
+  say "installing moto[server] (pip), the S3 server of the remote-cache tests"
+  python3 -m pip install --quiet --user 'moto[server]' 2>/dev/null \
+    || python3 -m pip install --quiet --user --break-system-packages 'moto[server]' 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages 'moto[server]' \
+    || say "warning: could not install moto[server]; the remote-cache tests will be skipped"
+fi
+
 say "done: $dest"

@@ -76,6 +76,22 @@ impl S3Server {
         assert!(reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"), "create bucket: {reply}");
     }
 
+    /// Every object key under `prefix` in `bucket` (boto3 comes with moto).
+    fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let script = r#"
+import sys, boto3
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], aws_access_key_id="test",
+                  aws_secret_access_key="test", region_name="us-east-1")
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket=sys.argv[2], Prefix=sys.argv[3]):
+    for o in page.get("Contents", []):
+        print(o["Key"])
+"#;
+        let endpoint = format!("http://127.0.0.1:{}", self.port);
+        let out = Command::new("python3").args(["-c", script, &endpoint, bucket, prefix]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+    }
+
     /// `pipeline` with this server as the remote cache and `local` as the
     /// local working copy.
     fn cmd(&self, p: &Project, url: &str, local: &Path, args: &[&str]) -> Command {
@@ -211,4 +227,49 @@ fn plan_of(s3: &S3Server, p: &Project, url: &str, local: &Path) -> Vec<String> {
         .iter()
         .map(|s| s["status"].as_str().unwrap().to_string())
         .collect()
+}
+
+#[test]
+fn concurrent_jobs_on_one_remote_do_not_clobber_each_other() {
+    let Some(models) = models_dir() else { return };
+    let Some(s3) = S3Server::start() else { return };
+    s3.bucket("cache");
+    let url = "s3://cache/concurrent";
+    let p = setup(&models);
+    let short = ["run", "r.toml", "--set", "stages.train.max_steps=2"];
+    let jobs: Vec<Child> = ["a", "b"]
+        .iter()
+        .map(|m| s3.cmd(&p, url, &p.path(m), &short).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap())
+        .collect();
+    for job in jobs {
+        let out = job.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // A third machine gets every stage from the remote, and it matches what
+    // each job has locally.
+    let stderr = ok(&mut s3.cmd(&p, url, &p.path("c"), &short));
+    assert!(!stderr.contains("ran "), "{stderr}");
+    let mut a = s3.cmd(&p, url, &p.path("a"), &["show", "r.toml", "train", "--set", "stages.train.max_steps=2"]);
+    let mut c = s3.cmd(&p, url, &p.path("c"), &["show", "r.toml", "train", "--set", "stages.train.max_steps=2"]);
+    let dir = |cmd: &mut Command| PathBuf::from(String::from_utf8_lossy(&cmd.output().unwrap().stdout).trim());
+    let (da, dc) = (dir(&mut a), dir(&mut c));
+    assert_eq!(
+        std::fs::read(da.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(dc.join("adapter_model.safetensors")).unwrap()
+    );
+    // On the remote: per entry one manifest and exactly one upload directory
+    // (the one it names: a job that lost the race deleted its own).
+    let keys = s3.keys("cache", "concurrent/entries/");
+    let mut uploads: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
+    for k in &keys {
+        let parts: Vec<&str> = k.split('/').collect();
+        if parts.len() > 4 {
+            uploads.entry(parts[2].to_string()).or_default().insert(parts[3].to_string());
+        }
+    }
+    assert_eq!(uploads.len(), 4, "data, chat, tokens, train: {keys:?}");
+    for (key, dirs) in &uploads {
+        assert_eq!(dirs.len(), 1, "entry {key}: {dirs:?}");
+        assert!(keys.contains(&format!("concurrent/entries/{key}/manifest.json")));
+    }
 }

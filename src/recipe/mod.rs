@@ -122,12 +122,18 @@ pub enum StageSpec {
     Quantize(quantize::Params),
     /// An Ollama Modelfile serving a GGUF with the trained chat template.
     OllamaModelfile(ollama_modelfile::Params),
+    /// A kind registered by a program using the library
+    /// ([`crate::stages::custom`]); not part of the schema.
+    #[serde(skip)]
+    #[schemars(skip)]
+    Custom(crate::stages::custom::CustomSpec),
 }
 
 impl StageSpec {
     /// The `kind` string as written in recipes.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &str {
         match self {
+            StageSpec::Custom(c) => &c.kind,
             StageSpec::FetchDataset(_) => "fetch-dataset",
             StageSpec::FormatChat(_) => "format-chat",
             StageSpec::Tokenize(_) => "tokenize",
@@ -178,6 +184,7 @@ impl StageSpec {
                 Input { role: "gguf", stage: &p.gguf, kinds: &["quantize"] },
                 Input { role: "chat", stage: &p.chat, kinds: &["format-chat"] },
             ],
+            StageSpec::Custom(c) => c.inputs().iter().map(|(role, stage)| Input { role, stage, kinds: &[] }).collect(),
         }
     }
 }
@@ -189,7 +196,7 @@ pub struct Input<'a> {
     pub role: &'static str,
     /// The referenced stage's name.
     pub stage: &'a str,
-    /// Which kinds that stage may be.
+    /// Which kinds that stage may be (empty: any).
     pub kinds: &'static [&'static str],
 }
 
@@ -211,20 +218,47 @@ impl Recipe {
     /// Parses recipe text. `path` is used for messages and to resolve
     /// relative paths; it need not exist.
     pub fn parse(source: &str, path: &Path, overrides: &[Override]) -> Result<Recipe, RecipeError> {
+        let custom = custom_stage_names(source);
         // First pass on the text itself, so errors carry line and column.
-        let mut recipe: Recipe = toml::from_str(source).map_err(|e| locate::toml_error(&e, source, path))?;
-        if !overrides.is_empty() {
-            let mut table: toml::Table = toml::from_str(source).expect("parsed above");
+        // (Stages of registered custom kinds are read from the table below.)
+        let mut recipe: Option<Recipe> = None;
+        if custom.is_empty() {
+            recipe = Some(toml::from_str(source).map_err(|e| locate::toml_error(&e, source, path))?);
+        }
+        if !overrides.is_empty() || !custom.is_empty() {
+            let mut table: toml::Table = toml::from_str(source).map_err(|e| locate::toml_error(&e, source, path))?;
             for o in overrides {
                 o.apply(&mut table)?;
             }
-            recipe = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+            let mut custom_tables = Vec::new();
+            if let Some(toml::Value::Table(stages)) = table.get_mut("stages") {
+                for name in custom_stage_names_in(stages) {
+                    if let Some(toml::Value::Table(mut t)) = stages.remove(&name) {
+                        let kind = t.remove("kind").and_then(|k| k.as_str().map(str::to_string)).unwrap_or_default();
+                        custom_tables.push((name, kind, t));
+                    }
+                }
+            }
+            let mut r: Recipe = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
                 let mut err = locate::toml_error(&e, "", path);
                 err.location = None;
-                err.message = format!("{} (after applying --set overrides)", err.message);
+                if !overrides.is_empty() {
+                    err.message = format!("{} (after applying --set overrides)", err.message);
+                }
                 err
             })?;
+            for (name, kind, t) in custom_tables {
+                let spec = crate::stages::custom::CustomSpec::build(&kind, t).map_err(|e| {
+                    RecipeError::new(format!("stage `{name}` ({kind}): {}", e.message().trim()))
+                        .at(locate::find(source, path, &["stages", &name]))
+                        .in_file(path)
+                        .key(format!("stages.{name}"))
+                })?;
+                r.stages.insert(name, StageSpec::Custom(spec));
+            }
+            recipe = Some(r);
         }
+        let mut recipe = recipe.expect("parsed");
         recipe.path = path.to_path_buf();
         recipe.validate(source)?;
         Ok(recipe)
@@ -297,7 +331,7 @@ impl Recipe {
         for (name, stage) in &self.stages {
             for input in stage.inputs() {
                 let target = &self.stages[input.stage];
-                if !input.kinds.contains(&target.kind()) {
+                if !input.kinds.is_empty() && !input.kinds.contains(&target.kind()) {
                     let keys = ["stages", name.as_str(), input.role];
                     return Err(RecipeError::new(format!(
                         "`{}` must name a stage of kind {}, but `{}` is a `{}` stage",
@@ -323,6 +357,25 @@ impl Recipe {
     }
 }
 
+/// Names of the stages whose `kind` is a registered custom kind.
+fn custom_stage_names(source: &str) -> Vec<String> {
+    if crate::stages::custom::kinds().is_empty() {
+        return Vec::new();
+    }
+    match toml::from_str::<toml::Table>(source).ok().and_then(|mut t| t.remove("stages")) {
+        Some(toml::Value::Table(stages)) => custom_stage_names_in(&stages),
+        _ => Vec::new(),
+    }
+}
+
+fn custom_stage_names_in(stages: &toml::Table) -> Vec<String> {
+    stages
+        .iter()
+        .filter(|(_, v)| v.get("kind").and_then(|k| k.as_str()).is_some_and(crate::stages::custom::is_registered))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
 /// `p` if absolute, else `p` under `base`.
 pub fn resolve_against(base: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
@@ -346,7 +399,7 @@ fn stage_rules(_name: &str, stage: &StageSpec) -> Result<(), (&'static str, Stri
         StageSpec::Quantize(p) if p.types.is_empty() => {
             Err(("types", "no quantization types".into(), "e.g. [\"q8_0\", \"q4_k_m\"]".into()))
         }
-        StageSpec::Quantize(_) | StageSpec::OllamaModelfile(_) => Ok(()),
+        StageSpec::Quantize(_) | StageSpec::OllamaModelfile(_) | StageSpec::Custom(_) => Ok(()),
     }
 }
 

@@ -6,6 +6,7 @@
 //! outputs into `ctx.out`. It never writes anywhere else: the executor
 //! publishes `out` atomically when `run` returns `Ok`.
 
+pub mod custom;
 pub mod evaluate;
 pub mod fetch_dataset;
 pub mod format_chat;
@@ -62,6 +63,7 @@ impl StageSpec {
             StageSpec::Merge(p) => p,
             StageSpec::Quantize(p) => p,
             StageSpec::OllamaModelfile(p) => p,
+            StageSpec::Custom(c) => c.stage.as_ref(),
         }
     }
 }
