@@ -88,16 +88,20 @@ else
     || say "warning: could not install the python gguf package; its checks will be skipped"
 fi
 
-# An S3-API server (moto's server mode) the remote-cache tests start on
-# loopback.
-if python3 -c "import moto.server, flask" 2>/dev/null; then
-  say "moto S3 server present"
-else
-  say "installing moto[server] (pip), the S3 server of the remote-cache tests"
-  python3 -m pip install --quiet --user 'moto[server]' 2>/dev/null \
-    || python3 -m pip install --quiet --user --break-system-packages 'moto[server]' 2>/dev/null \
-    || python3 -m pip install --quiet --break-system-packages 'moto[server]' \
-    || say "warning: could not install moto[server]; the remote-cache tests will be skipped"
-fi
+# The servers the remote-cache tests start on loopback: an S3 API (moto's
+# server mode) and WebDAV (wsgidav).
+pip_install() { # import-check package...
+  local check=$1; shift
+  if python3 -c "import $check" 2>/dev/null; then
+    say "present: $*"; return
+  fi
+  say "installing (pip): $*"
+  python3 -m pip install --quiet --user "$@" 2>/dev/null \
+    || python3 -m pip install --quiet --user --break-system-packages "$@" 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages "$@" \
+    || say "warning: could not install $*; the remote-cache tests will be skipped"
+}
+pip_install "moto.server, flask" 'moto[server]'
+pip_install "wsgidav.server.server_cli, cheroot" wsgidav cheroot
 
 say "done: $dest"

@@ -1,8 +1,10 @@
-//! The remote cache against a real S3 API server on loopback (moto's server
-//! mode, installed by scripts/fetch-models.sh): a killed cloud job restarted
-//! on a new machine (an empty local cache, the same remote) resumes from the
-//! last checkpoint it pushed and ends with the same adapter bytes as a run
-//! that was never interrupted; a kill mid-upload never publishes an entry.
+//! The remote cache against real servers on loopback, installed by
+//! scripts/fetch-models.sh: an S3 API (moto's server mode) and WebDAV
+//! (wsgidav). A killed cloud job restarted on a new machine (an empty local
+//! cache, the same remote) resumes from the last checkpoint it pushed and
+//! ends with the same adapter bytes as a run that was never interrupted; a
+//! kill mid-upload never publishes an entry; concurrent jobs do not clobber
+//! each other.
 
 mod common;
 
@@ -16,43 +18,63 @@ use common::{Project, chat_jsonl, models_dir, tiny_gemma3, train_recipe};
 const TRAIN: &str = "rank = 4\nalpha = 8\ndropout = 0.1\nlearning_rate = 5e-3\nmax_steps = 6\n\
                      gradient_accumulation = 2\ncheckpoint_every = 2\nschedule = \"cosine\"\nwarmup_steps = 1\n";
 
-/// `moto_server` on a free loopback port, killed on drop.
-struct S3Server {
+/// A server on a free loopback port, killed on drop: moto's S3 API, or a
+/// WebDAV share of a temporary directory.
+struct Server {
     child: Child,
     port: u16,
+    webdav: bool,
+    _root: Option<tempfile::TempDir>,
 }
 
-impl Drop for S3Server {
+impl Drop for Server {
     fn drop(&mut self) {
         self.child.kill().ok();
         self.child.wait().ok();
     }
 }
 
-impl S3Server {
+impl Server {
     /// Starts the server, or `None` (test skipped) when moto is not
     /// installed; with `PIPELINE_REQUIRE_SERVERS=1` (CI) that fails instead.
-    fn start() -> Option<S3Server> {
+    fn start() -> Option<Server> {
+        Self::launch(false)
+    }
+
+    /// A WebDAV server (wsgidav) instead.
+    fn start_webdav() -> Option<Server> {
+        Self::launch(true)
+    }
+
+    fn launch(webdav: bool) -> Option<Server> {
+        let (module, package) = if webdav {
+            ("wsgidav.server.server_cli, cheroot", "wsgidav")
+        } else {
+            ("moto.server, flask", "moto[server]")
+        };
         let have = Command::new("python3")
-            .args(["-c", "import moto.server, flask"])
+            .args(["-c", &format!("import {module}")])
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
         if !have {
             if std::env::var("PIPELINE_REQUIRE_SERVERS").is_ok_and(|v| v == "1") {
-                panic!("moto[server] is required: run scripts/fetch-models.sh (it pip-installs it)");
+                panic!("{package} is required: run scripts/fetch-models.sh (it pip-installs it)");
             }
-            eprintln!("SKIPPED: moto[server] is not installed (scripts/fetch-models.sh installs it)");
+            eprintln!("SKIPPED: {package} is not installed (scripts/fetch-models.sh installs it)");
             return None;
         }
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("python3")
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto");
-        let server = S3Server { child, port };
+        let root = webdav.then(|| tempfile::tempdir().unwrap());
+        let mut cmd = Command::new("python3");
+        match &root {
+            Some(root) => cmd
+                .args(["-m", "wsgidav.server.server_cli", "--host", "127.0.0.1", "--auth", "anonymous"])
+                .args(["--port", &port.to_string(), "--root", root.path().to_str().unwrap()]),
+            None => cmd.args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()]),
+        };
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start the server");
+        let server = Server { child, port, webdav, _root: root };
         let t0 = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(t0.elapsed() < Duration::from_secs(60), "moto did not start on port {port}");
@@ -61,9 +83,17 @@ impl S3Server {
         Some(server)
     }
 
+    /// The remote-cache URL of `path` (bucket/prefix on S3).
+    fn url(&self, path: &str) -> String {
+        if self.webdav { format!("http://127.0.0.1:{}/{path}", self.port) } else { format!("s3://{path}") }
+    }
+
     /// Creates a bucket (moto accepts unsigned requests).
     fn bucket(&self, name: &str) {
         use std::io::{Read, Write};
+        if self.webdav {
+            return;
+        }
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         write!(
             s,
@@ -122,13 +152,13 @@ fn ok(c: &mut Command) -> String {
     stderr
 }
 
-fn plan(s: &S3Server, p: &Project, url: &str, local: &Path) -> serde_json::Value {
+fn plan(s: &Server, p: &Project, url: &str, local: &Path) -> serde_json::Value {
     let out = s.cmd(p, url, local, &["plan", "r.toml", "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn adapter(s: &S3Server, p: &Project, url: &str, local: &Path) -> Vec<u8> {
+fn adapter(s: &Server, p: &Project, url: &str, local: &Path) -> Vec<u8> {
     let out = s.cmd(p, url, local, &["show", "r.toml", "train"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
@@ -138,7 +168,19 @@ fn adapter(s: &S3Server, p: &Project, url: &str, local: &Path) -> Vec<u8> {
 #[test]
 fn a_killed_cloud_job_resumes_on_a_new_machine_from_the_remote_checkpoint() {
     let Some(models) = models_dir() else { return };
-    let Some(s3) = S3Server::start() else { return };
+    let Some(s3) = Server::start() else { return };
+    kill_and_resume(&models, &s3);
+}
+
+#[test]
+fn a_killed_job_resumes_from_a_webdav_remote_too() {
+    let Some(models) = models_dir() else { return };
+    let Some(dav) = Server::start_webdav() else { return };
+    kill_and_resume(&models, &dav);
+}
+
+fn kill_and_resume(models: &Path, s3: &Server) {
+    let models = models.to_path_buf();
     s3.bucket("cache");
 
     // The reference: one uninterrupted run with a plain local cache.
@@ -151,7 +193,7 @@ fn a_killed_cloud_job_resumes_on_a_new_machine_from_the_remote_checkpoint() {
 
     // Machine 1: killed while uploading the checkpoint of step 4 (the one of
     // step 2 is on the remote, complete).
-    let url = "s3://cache/jobs/tool-use";
+    let url = &s3.url("cache/jobs/tool-use");
     let p = setup(&models);
     let local1 = p.path("machine-1");
     let out = s3
@@ -164,7 +206,7 @@ fn a_killed_cloud_job_resumes_on_a_new_machine_from_the_remote_checkpoint() {
     // Machine 2: a fresh disk, the same remote.
     std::fs::remove_dir_all(&local1).unwrap();
     let local2 = p.path("machine-2");
-    let plan = plan(&s3, &p, url, &local2);
+    let plan = plan(s3, &p, url, &local2);
     let stages = plan["stages"].as_array().unwrap();
     for s in &stages[..3] {
         assert_eq!(s["status"], "cached", "pushed as it finished: {s}");
@@ -176,20 +218,20 @@ fn a_killed_cloud_job_resumes_on_a_new_machine_from_the_remote_checkpoint() {
         assert!(stderr.contains(&format!("pulled  {stage}")), "{stderr}");
     }
     assert!(stderr.contains("ran     train"), "{stderr}");
-    assert!(adapter(&s3, &p, url, &local2) == want, "the resumed adapter differs from the uninterrupted one");
+    assert!(adapter(s3, &p, url, &local2) == want, "the resumed adapter differs from the uninterrupted one");
 
     // Machine 3: everything comes from the remote, verified, nothing runs.
     let local3 = p.path("machine-3");
     let stderr = ok(&mut s3.cmd(&p, url, &local3, &["run", "r.toml"]));
     assert!(!stderr.contains("ran "), "{stderr}");
     assert!(stderr.contains("pulled  train"), "{stderr}");
-    assert!(adapter(&s3, &p, url, &local3) == want);
+    assert!(adapter(s3, &p, url, &local3) == want);
 }
 
 #[test]
 fn a_kill_mid_upload_publishes_no_entry() {
     let Some(models) = models_dir() else { return };
-    let Some(s3) = S3Server::start() else { return };
+    let Some(s3) = Server::start() else { return };
     s3.bucket("cache");
     let url = "s3://cache/kill-mid-upload";
     let p = setup(&models);
@@ -220,7 +262,7 @@ fn a_kill_mid_upload_publishes_no_entry() {
     assert!(plan3.iter().all(|s| s == "cached"), "{plan3:?}");
 }
 
-fn plan_of(s3: &S3Server, p: &Project, url: &str, local: &Path) -> Vec<String> {
+fn plan_of(s3: &Server, p: &Project, url: &str, local: &Path) -> Vec<String> {
     plan(s3, p, url, local)["stages"]
         .as_array()
         .unwrap()
@@ -232,7 +274,7 @@ fn plan_of(s3: &S3Server, p: &Project, url: &str, local: &Path) -> Vec<String> {
 #[test]
 fn concurrent_jobs_on_one_remote_do_not_clobber_each_other() {
     let Some(models) = models_dir() else { return };
-    let Some(s3) = S3Server::start() else { return };
+    let Some(s3) = Server::start() else { return };
     s3.bucket("cache");
     let url = "s3://cache/concurrent";
     let p = setup(&models);
