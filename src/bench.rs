@@ -16,7 +16,7 @@ use crate::model_source::ResolvedModel;
 use crate::recipe::Recipe;
 use crate::stages::tokenize::TokenizedSplit;
 use crate::train::optim::AdamW;
-use crate::train::{DataOrder, SeededDropout, attach_lora, example_loss};
+use crate::train::{DataOrder, SeededDropout, attach_lora, example_grads};
 
 /// What `bench train --json` prints.
 #[derive(Debug, Clone, Serialize)]
@@ -38,6 +38,7 @@ pub struct TrainOptions {
     pub device: String,
     pub dataset: String,
     pub cache_dir: PathBuf,
+    pub gradient_checkpointing: bool,
 }
 
 pub fn train(opts: &TrainOptions) -> Result<TrainBench> {
@@ -58,9 +59,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainBench> {
         let (ids, mask) = split.example(idx);
         let t0 = Instant::now();
         let dropout = SeededDropout::new(0, step as u64, 0);
-        let (loss, _) = example_loss(model.as_ref(), ids, mask, Some(&dropout))?;
-        let grads = loss.backward()?;
-        let grads = params.iter().filter_map(|(n, v)| grads.get(v).map(|g| (n.clone(), g.clone()))).collect();
+        let (_, _, grads) =
+            example_grads(model.as_ref(), ids, mask, Some(&dropout), 1.0, &params, opts.gradient_checkpointing)?;
         opt.step(&params, &grads, 1e-4)?;
         device.synchronize()?;
         let dt = t0.elapsed().as_secs_f64();

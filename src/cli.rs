@@ -249,6 +249,10 @@ pub enum BenchCommand {
         /// Print {"tokens_per_s", "peak_rss_bytes", "max_len", "mean_tokens", …} as JSON.
         #[arg(long)]
         json: bool,
+        /// Recompute each layer's activations in the backward pass instead
+        /// of keeping them (lora-train's `gradient_checkpointing = true`).
+        #[arg(long)]
+        gradient_checkpointing: bool,
         #[arg(long, env = "PIPELINE_CACHE_DIR", default_value = ".pipeline")]
         cache_dir: PathBuf,
     },
@@ -415,8 +419,25 @@ fn dispatch(command: Command) -> Result<()> {
             eprintln!("wrote {}", out.display());
             Ok(())
         }
-        Command::Bench(BenchCommand::Train { model, max_len, steps, device, dataset, json, cache_dir }) => {
-            let opts = crate::bench::TrainOptions { model, max_len, steps: steps.max(1), device, dataset, cache_dir };
+        Command::Bench(BenchCommand::Train {
+            model,
+            max_len,
+            steps,
+            device,
+            dataset,
+            json,
+            gradient_checkpointing,
+            cache_dir,
+        }) => {
+            let opts = crate::bench::TrainOptions {
+                model,
+                max_len,
+                steps: steps.max(1),
+                device,
+                dataset,
+                cache_dir,
+                gradient_checkpointing,
+            };
             let r = crate::bench::train(&opts)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);

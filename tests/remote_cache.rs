@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use common::{Project, chat_jsonl, models_dir, tiny_gemma3, train_recipe};
 
 const TRAIN: &str = "rank = 4\nalpha = 8\ndropout = 0.1\nlearning_rate = 5e-3\nmax_steps = 6\n\
-                     gradient_accumulation = 2\ncheckpoint_every = 2\nschedule = \"cosine\"\nwarmup_steps = 1\n";
+                     gradient_accumulation = 2\ncheckpoint_every = 2\nschedule = \"cosine\"\nwarmup_steps = 1\n\
+                     gradient_checkpointing = true\n";
 
 /// A server on a free loopback port, killed on drop: moto's S3 API, or a
 /// WebDAV share of a temporary directory.

@@ -345,3 +345,46 @@ fn bench_train_prints_the_json_contract() {
     let mean = v["mean_tokens"].as_f64().unwrap();
     assert!(mean > 0.0 && mean <= 64.0, "{v}");
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients_with_the_same_dropout() {
+    let Some(models) = models_dir() else { return };
+    use pipeline::model::qwen::Variant;
+    use pipeline::model::testing::TinyQwen;
+    let p = Project::new();
+    tiny_gemma3(&models, &p.path("gemma3"), 64);
+    TinyQwen::new(Variant::Qwen2, 151_936).write(&p.path("qwen2"), &models.join("qwen3-tokenizer"), 3).unwrap();
+    for arch in ["gemma3", "qwen2"] {
+        let resolved = pipeline::model_source::ResolvedModel::from_path(&p.path(arch)).unwrap();
+        let mut model = pipeline::model::load(&resolved, &Device::Cpu, 64).unwrap();
+        let targets: Vec<String> = pipeline::model::TARGETS.iter().map(|s| s.to_string()).collect();
+        let (params, _) = pipeline::train::attach_lora(model.as_mut(), &targets, 4, 2.0, 0.2, 5).unwrap();
+        // Non-zero B, so that every A has a gradient too.
+        for (name, var) in &params {
+            if name.contains("lora_B") {
+                let mut rng = pipeline::train::rng_for(9, name, 0, 0);
+                let (o, r) = var.dims2().unwrap();
+                var.set(&pipeline::model::lora::init_lora_a(o, r, &mut rng, &Device::Cpu).unwrap()).unwrap();
+            }
+        }
+        let ids: Vec<u32> = (0..20).map(|i| (i * 7919 + 13) % 151_000).collect();
+        let mask: Vec<u8> = (0..20).map(|i| u8::from(i >= 6)).collect();
+        let run = |checkpointing: bool| {
+            let dropout = pipeline::train::SeededDropout::new(11, 3, 1);
+            pipeline::train::example_grads(model.as_ref(), &ids, &mask, Some(&dropout), 0.5, &params, checkpointing)
+                .unwrap()
+        };
+        let (l1, n1, g1) = run(false);
+        let (l2, n2, g2) = run(true);
+        assert_eq!((l1, n1), (l2, n2), "{arch}: the same loss");
+        assert_eq!(g1.len(), params.len(), "{arch}: every LoRA matrix has a gradient");
+        assert_eq!(g1.len(), g2.len());
+        for (name, a) in &g1 {
+            let b = &g2[name];
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(scale > 0.0, "{arch} {name}: zero gradient");
+            assert!(diff <= 1e-5 * scale.max(1.0), "{arch} {name}: {diff} vs scale {scale}");
+        }
+    }
+}

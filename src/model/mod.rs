@@ -47,6 +47,15 @@ pub trait CausalLm {
     /// An empty KV cache for [`CausalLm::forward_cached`].
     fn new_cache(&self) -> KvCache;
 
+    /// The model as a stack of layers, for training with activation
+    /// checkpointing (`train::checkpointed_grads`): `hidden` is
+    /// `final_norm(layer_forward(n-1, … layer_forward(0, embed_tokens(ids))))`.
+    fn embed_tokens(&self, ids: &[u32]) -> candle_core::Result<Tensor>;
+    fn num_layers(&self) -> usize;
+    /// Decoder layer `i` over a whole sequence (positions from 0).
+    fn layer_forward(&self, i: usize, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> candle_core::Result<Tensor>;
+    fn final_norm(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+
     /// Inference on `ids` at the positions after those in `cache`, appending
     /// their keys and values: final hidden states `[T, hidden]`. The same
     /// numbers as [`CausalLm::hidden`] on the whole sequence.

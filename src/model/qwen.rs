@@ -217,13 +217,12 @@ impl Qwen {
         mut cache: Option<&mut KvCache>,
         dropout: Option<&dyn DropoutMask>,
     ) -> Result<Tensor> {
-        let ids = Tensor::new(ids, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self.embed_tokens(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = self.layer(layer, &x, start, kv, dropout)?;
         }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, 0.0)
+        self.final_norm(&x)
     }
 
     fn head(&self) -> (&Tensor, Option<&QMatMul>) {
@@ -258,6 +257,23 @@ impl CausalLm for Qwen {
 
     fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
+    }
+
+    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::new(ids, &self.device)?;
+        self.embed.index_select(&ids, 0)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn layer_forward(&self, i: usize, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+        self.layer(&self.layers[i], x, 0, None, dropout)
+    }
+
+    fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.cfg.rms_norm_eps, 0.0)
     }
 
     fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {

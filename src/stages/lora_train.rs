@@ -23,7 +23,7 @@ use crate::adapter::{self, AdapterConfig, LoraTensors};
 use crate::model::{self, CausalLm, TARGETS};
 use crate::train::checkpoint::{self, LogRow, State};
 use crate::train::optim::{AdamW, Schedule, learning_rate};
-use crate::train::{DataOrder, SeededDropout, attach_lora, example_loss};
+use crate::train::{DataOrder, SeededDropout, attach_lora, example_grads, example_loss};
 
 /// Parameters of a `lora-train` stage. Defaults follow PEFT + TRL.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -94,6 +94,12 @@ pub struct Params {
     /// Write a resumable checkpoint every N steps.
     #[serde(default = "d_checkpoint")]
     pub checkpoint_every: usize,
+    /// Gradient (activation) checkpointing: keep only each layer's input
+    /// during the forward pass and recompute the layer in the backward pass.
+    /// Much less memory on long sequences (Gemma 3 270M at 2048 tokens:
+    /// 1.7 instead of 9 GiB) for one extra forward pass (~30 % slower).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 fn d_rank() -> usize {
@@ -410,8 +416,16 @@ impl<'a> Trainer<'a> {
             epoch = e;
             let (ids, mask) = self.train.example(idx);
             let dropout = SeededDropout::new(self.seed, step, micro);
-            let (loss, n) = example_loss(self.model.as_ref(), ids, mask, Some(&dropout))?;
-            let value = loss.to_scalar::<f32>()? as f64;
+            let checkpointing = self.p.gradient_checkpointing;
+            let (value, n, micro_grads) = example_grads(
+                self.model.as_ref(),
+                ids,
+                mask,
+                Some(&dropout),
+                1.0 / accum as f64,
+                &self.params,
+                checkpointing,
+            )?;
             if !value.is_finite() {
                 let kept = checkpoint::latest(&self.ctx.work).map_or("none".to_string(), |(s, _)| format!("step {s}"));
                 bail!(
@@ -424,15 +438,12 @@ impl<'a> Trainer<'a> {
             loss_sum += value;
             supervised += n as u64;
             tokens += ids.len() as u64;
-            let g = (loss / accum as f64)?.backward()?;
-            for (name, var) in &self.params {
-                if let Some(gv) = g.get(var) {
-                    let acc = match grads.remove(name) {
-                        Some(prev) => (prev + gv)?,
-                        None => gv.clone(),
-                    };
-                    grads.insert(name.clone(), acc);
-                }
+            for (name, gv) in micro_grads {
+                let acc = match grads.remove(&name) {
+                    Some(prev) => (prev + gv)?,
+                    None => gv,
+                };
+                grads.insert(name, acc);
             }
         }
         // Clip the global norm as torch.nn.utils.clip_grad_norm_ does.

@@ -167,7 +167,7 @@ impl Stage for Params {
         let modelfile = self.modelfile(&ctx.env.recipe.recipe.name, family, &template.eos_token, &stops);
         std::fs::write(ctx.out.join("Modelfile"), &modelfile)?;
         let name = self.name.clone().unwrap_or_else(|| ctx.env.recipe.recipe.name.clone());
-        let created = self.create && ollama_create(&name, &ctx.out)?;
+        let created = self.create && ollama_create(&name, &ctx.out, ctx.name)?;
         Ok(
             json!({"gguf": file, "family": format!("{family:?}"), "stop": stops, "ollama_created": created, "name": name}),
         )
@@ -204,8 +204,8 @@ impl Params {
 }
 
 /// `ollama create NAME -f Modelfile` when `ollama` is installed; returns
-/// whether it ran.
-fn ollama_create(name: &str, dir: &std::path::Path) -> Result<bool> {
+/// whether it ran. `stage` names the directory `pipeline export` gives it.
+fn ollama_create(name: &str, dir: &std::path::Path, stage: &str) -> Result<bool> {
     let Ok(out) = std::process::Command::new("ollama")
         .arg("create")
         .arg(name)
@@ -215,9 +215,9 @@ fn ollama_create(name: &str, dir: &std::path::Path) -> Result<bool> {
         .output()
     else {
         crate::progress::println(&format!(
-            "  ollama-modelfile: `ollama` is not on PATH; skipped `ollama create`. Later: cd {} && ollama create \
-             {name} -f Modelfile",
-            dir.display()
+            "  ollama-modelfile: `ollama` is not on PATH; skipped `ollama create`. Later: \
+             pipeline export RECIPE --to DIR && cd DIR/{} && ollama create {name} -f Modelfile",
+            stage
         ));
         return Ok(false);
     };

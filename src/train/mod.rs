@@ -12,6 +12,7 @@ pub mod optim;
 pub mod plot;
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 
 use candle_core::{Device, Result, Shape, Tensor};
 use rand::seq::SliceRandom;
@@ -64,6 +65,16 @@ pub struct SeededDropout {
 impl SeededDropout {
     pub fn new(seed: u64, step: u64, micro: u64) -> SeededDropout {
         SeededDropout { rng: RefCell::new(rng_for(seed, "dropout", step, micro)) }
+    }
+
+    /// Where the generator stands; [`SeededDropout::seek`] returns there, so
+    /// a recomputed layer draws the masks it drew the first time.
+    pub fn position(&self) -> u128 {
+        self.rng.borrow().get_word_pos()
+    }
+
+    pub fn seek(&self, position: u128) {
+        self.rng.borrow_mut().set_word_pos(position)
     }
 }
 
@@ -134,6 +145,81 @@ pub fn example_loss(
     // Position p predicts token p+1; it is scored when token p+1 is supervised.
     let hidden = model.hidden(&ids[..ids.len() - 1], dropout)?;
     masked_loss(model, &hidden, ids, mask)
+}
+
+/// The gradients of one example's loss times `scale`, by parameter name,
+/// with the loss value and the number of scored tokens.
+///
+/// With `checkpointing` (PEFT/transformers' gradient checkpointing),
+/// activations are kept only at layer boundaries: a first pass keeps each
+/// layer's input, then the layers are recomputed one at a time, last first,
+/// with the same dropout masks, and backpropagated from the gradient that
+/// flows into their output. Memory holds one layer's activations instead of
+/// every layer's, for one extra forward pass.
+pub fn example_grads(
+    model: &dyn CausalLm,
+    ids: &[u32],
+    mask: &[u8],
+    dropout: Option<&SeededDropout>,
+    scale: f64,
+    params: &[(String, candle_core::Var)],
+    checkpointing: bool,
+) -> Result<(f64, usize, HashMap<String, Tensor>)> {
+    let mut grads = HashMap::new();
+    if !checkpointing {
+        let (loss, n) = example_loss(model, ids, mask, dropout.map(|d| d as &dyn DropoutMask))?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        let store = (loss * scale)?.backward()?;
+        for (name, var) in params {
+            if let Some(g) = store.get(var) {
+                grads.insert(name.clone(), g.clone());
+            }
+        }
+        return Ok((value, n, grads));
+    }
+    let mask_of = dropout.map(|d| d as &dyn DropoutMask);
+    // Forward, keeping each layer's input (detached: no graph is kept).
+    let layers = model.num_layers();
+    let mut inputs = Vec::with_capacity(layers);
+    let mut rng_at = Vec::with_capacity(layers);
+    let mut x = model.embed_tokens(&ids[..ids.len() - 1])?;
+    for i in 0..layers {
+        rng_at.push(dropout.map(SeededDropout::position));
+        let y = model.layer_forward(i, &x, mask_of)?.detach();
+        inputs.push(std::mem::replace(&mut x, y));
+    }
+    // The head, from the last layer's output.
+    let top = candle_core::Var::from_tensor(&x)?;
+    let hidden = model.final_norm(top.as_tensor())?;
+    let (loss, n) = masked_loss(model, &hidden, ids, mask)?;
+    let value = loss.to_scalar::<f32>()? as f64;
+    let Some(mut upstream) = (loss * scale)?.backward()?.remove(top.as_tensor()) else {
+        return Ok((value, n, grads)); // nothing scored
+    };
+    // The layers, last first.
+    while let Some(input) = inputs.pop() {
+        let i = inputs.len();
+        if let (Some(d), Some(pos)) = (dropout, rng_at[i]) {
+            d.seek(pos);
+        }
+        // The embeddings are frozen: no gradient is needed below layer 0.
+        let var = if i > 0 { Some(candle_core::Var::from_tensor(&input)?) } else { None };
+        let x = match &var {
+            Some(v) => v.as_tensor().clone(),
+            None => input,
+        };
+        let y = model.layer_forward(i, &x, mask_of)?;
+        let mut store = (y * &upstream)?.sum_all()?.backward()?;
+        for (name, var) in params {
+            if let Some(g) = store.remove(var.as_tensor()) {
+                grads.insert(name.clone(), g);
+            }
+        }
+        if let Some(v) = &var {
+            upstream = store.remove(v.as_tensor()).expect("a layer's output depends on its input");
+        }
+    }
+    Ok((value, n, grads))
 }
 
 /// The loss of [`example_loss`] from hidden states already computed for
