@@ -359,11 +359,18 @@ fn dispatch(command: Command) -> Result<()> {
             let outcomes = exec.run(&recipe, until.as_deref())?;
             let ran = outcomes.iter().filter(|o| o.ran).count();
             let pulled = outcomes.iter().filter(|o| o.pulled).count();
+            let remote = outcomes.iter().filter(|o| o.remote_only).count();
+            let mut remote_note = String::new();
+            if pulled > 0 {
+                remote_note += &format!(", {pulled} pulled from the remote cache");
+            }
+            if remote > 0 {
+                remote_note += &format!(", {remote} finished remotely and not needed here");
+            }
             eprintln!(
-                "pipeline: done in {:.2}s: {ran} ran, {} cached{}",
+                "pipeline: done in {:.2}s: {ran} ran, {} cached{remote_note}",
                 t0.elapsed().as_secs_f64(),
-                outcomes.len() - ran - pulled,
-                if pulled > 0 { format!(", {pulled} pulled from the remote cache") } else { String::new() }
+                outcomes.len() - ran - pulled - remote,
             );
             Ok(())
         }

@@ -188,9 +188,36 @@ impl Executor {
         self.memo.save().ok();
         let mut dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
         let mut outcomes = Vec::new();
+        // Finished only in the remote cache and read by no stage that runs
+        // (yet): left there. Pulled when a stage that runs needs them, and
+        // the stages nothing else reads (the recipe's results) always.
+        let mut remote_only: BTreeMap<&str, &StagePlan> = BTreeMap::new();
+        let read_by_others: std::collections::BTreeSet<&str> =
+            plan.stages.iter().flat_map(|s| s.inputs.iter().map(|(_, stage)| stage.as_str())).collect();
         for sp in &plan.stages {
             let started = Instant::now();
-            let done = self.run_stage(&env, sp, &dirs)?;
+            let remote_finished = !self.store.is_finished(&sp.key)
+                && self.remote.as_ref().is_some_and(|r| r.has_entry(&sp.key).unwrap_or(false));
+            let done = if remote_finished && read_by_others.contains(sp.name.as_str()) {
+                remote_only.insert(&sp.name, sp);
+                Done::Remote
+            } else {
+                for (_, input) in &sp.inputs {
+                    if let Some(isp) = remote_only.remove(input.as_str()) {
+                        let t0 = Instant::now();
+                        self.pull_one(isp)?;
+                        crate::progress::println(&format!(
+                            "  {:<7} {:<16} {:<16} {}  {:.2}s",
+                            "pulled",
+                            isp.name,
+                            isp.kind,
+                            isp.key.short(),
+                            t0.elapsed().as_secs_f64()
+                        ));
+                    }
+                }
+                self.run_stage(&env, sp, &dirs)?
+            };
             let elapsed = started.elapsed().as_secs_f64();
             self.store.set_ref(&recipe.recipe.name, &sp.name, &sp.key)?;
             let ran = done == Done::Ran;
@@ -198,6 +225,7 @@ impl Executor {
                 Done::Ran => "ran",
                 Done::Cached => "cached",
                 Done::Pulled => "pulled",
+                Done::Remote => "remote",
             };
             crate::progress::println(&format!(
                 "  {verb:<7} {:<16} {:<16} {}  {elapsed:.2}s",
@@ -211,6 +239,7 @@ impl Executor {
                 key: sp.key.clone(),
                 ran,
                 pulled: done == Done::Pulled,
+                remote_only: done == Done::Remote,
                 seconds: elapsed,
             });
         }
@@ -292,17 +321,28 @@ impl Executor {
         };
         let mut n = 0;
         for sp in self.plan(recipe, None)?.stages {
-            if sp.status != Status::Cached || self.store.is_finished(&sp.key) {
-                continue;
-            }
-            let lock = self.store.lock(&sp.key, || {})?;
-            let work = self.store.prepare_work(&sp.key, &sp.fingerprint, &lock)?;
-            if let Some(manifest) = remote.pull_entry(&sp.key, &work.join("out"))? {
-                self.store.publish(&sp.key, manifest, &lock)?;
+            if sp.status == Status::Cached && !self.store.is_finished(&sp.key) && remote.has_entry(&sp.key)? {
+                self.pull_one(&sp)?;
                 n += 1;
             }
         }
         Ok(n)
+    }
+
+    /// Copies one finished entry from the remote cache into the local one.
+    fn pull_one(&self, sp: &StagePlan) -> Result<()> {
+        let remote = self.remote.as_ref().expect("a remote cache");
+        let lock = self.store.lock(&sp.key, || {})?;
+        if self.store.is_finished(&sp.key) {
+            return Ok(());
+        }
+        let work = self.store.prepare_work(&sp.key, &sp.fingerprint, &lock)?;
+        let manifest = remote
+            .pull_entry(&sp.key, &work.join("out"))
+            .with_context(|| format!("stage `{}`: cannot pull its entry from {}", sp.name, remote.url()))?
+            .with_context(|| format!("stage `{}`: its entry vanished from {}", sp.name, remote.url()))?;
+        self.store.publish(&sp.key, manifest, &lock)?;
+        Ok(())
     }
 
     /// Uploads the finished local entry to the remote cache unless it is
@@ -327,7 +367,10 @@ impl Executor {
 enum Done {
     Ran,
     Cached,
+    /// Copied from the remote cache.
     Pulled,
+    /// Finished in the remote cache and not needed here.
+    Remote,
 }
 
 /// What happened to one stage in a run.
@@ -339,6 +382,9 @@ pub struct StageOutcome {
     pub ran: bool,
     /// True when it was reused from the remote cache.
     pub pulled: bool,
+    /// True when it is finished in the remote cache and was not needed
+    /// locally (no stage that ran reads it).
+    pub remote_only: bool,
     pub seconds: f64,
 }
 
