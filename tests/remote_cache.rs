@@ -318,3 +318,37 @@ fn concurrent_jobs_on_one_remote_do_not_clobber_each_other() {
         assert!(keys.contains(&format!("concurrent/entries/{key}/manifest.json")));
     }
 }
+
+#[test]
+fn large_files_go_to_s3_in_parts() {
+    let Some(s3) = Server::start() else { return };
+    s3.bucket("cache");
+    let remote = pipeline::cache::Remote::open_with(
+        "s3://cache/big",
+        [
+            ("aws_endpoint", format!("http://127.0.0.1:{}", s3.port)),
+            ("aws_access_key_id", "test".into()),
+            ("aws_secret_access_key", "test".into()),
+            ("aws_region", "us-east-1".into()),
+            ("aws_allow_http", "true".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+    )
+    .unwrap();
+    // A 70 MB "model" (three parts) in a checkpoint directory.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("checkpoints/step-000002");
+    std::fs::create_dir_all(&dir).unwrap();
+    let big: Vec<u8> = (0..70_000_000u32).map(|i| (i / 1000 % 253) as u8).collect();
+    std::fs::write(dir.join("adapter.safetensors"), &big).unwrap();
+    std::fs::write(dir.join("state.json"), "{}").unwrap();
+    let key = pipeline::cache::CacheKey("e".repeat(64));
+    remote.push_checkpoint(&key, &dir).unwrap();
+    assert_eq!(remote.latest_checkpoint(&key).unwrap(), Some(2));
+    let back = tmp.path().join("machine-2");
+    std::fs::create_dir_all(&back).unwrap();
+    remote.pull_latest_checkpoint(&key, &back).unwrap();
+    assert!(std::fs::read(back.join("step-000002/adapter.safetensors")).unwrap() == big);
+}

@@ -74,11 +74,17 @@ pub fn is_url(s: &str) -> bool {
 impl Remote {
     /// Connects to the store at `url`, configured from the environment.
     pub fn open(url: &str) -> Result<Remote> {
-        let parsed = url::Url::parse(url).with_context(|| format!("--cache-dir {url}: not a valid URL"))?;
-        let mut options: Vec<(String, String)> = std::env::vars()
+        let options: Vec<(String, String)> = std::env::vars()
             .filter(|(k, _)| ["AWS_", "GOOGLE_", "AZURE_", "OBJECT_STORE_"].iter().any(|p| k.starts_with(p)))
             .map(|(k, v)| (k.trim_start_matches("OBJECT_STORE_").to_ascii_lowercase(), v))
             .collect();
+        Remote::open_with(url, options)
+    }
+
+    /// Connects with explicit options (`aws_endpoint`, `aws_access_key_id`,
+    /// … as object_store names them) instead of the environment.
+    pub fn open_with(url: &str, mut options: Vec<(String, String)>) -> Result<Remote> {
+        let parsed = url::Url::parse(url).with_context(|| format!("--cache-dir {url}: not a valid URL"))?;
         if parsed.scheme() == "http" {
             options.push(("allow_http".into(), "true".into()));
         }
@@ -111,13 +117,47 @@ impl Remote {
         })
     }
 
+    /// Uploads a file: in one request when small (or when the store has no
+    /// multipart uploads, as plain WebDAV), else in parts of [`PART_SIZE`]
+    /// so that a multi-GB model never sits in memory at once.
     fn put_file(&self, rel: &str, file: &Path) -> Result<()> {
-        let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let size = std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?.len();
         let path = self.path(rel);
-        self.runtime
-            .block_on(self.store.put(&path, PutPayload::from(bytes)))
-            .with_context(|| format!("cannot upload {} to {}/{rel}", file.display(), self.url))?;
+        let context = || format!("cannot upload {} to {}/{rel}", file.display(), self.url);
+        if size > PART_SIZE as u64 {
+            match self.runtime.block_on(self.store.put_multipart(&path)) {
+                Ok(upload) => return self.runtime.block_on(write_parts(upload, file)).with_context(context),
+                Err(object_store::Error::NotImplemented { .. }) => {}
+                Err(e) => return Err(e).with_context(context),
+            }
+        }
+        let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        self.runtime.block_on(self.store.put(&path, PutPayload::from(bytes))).with_context(context)?;
         Ok(())
+    }
+
+    /// Downloads an object into `dest`, streaming; `None` if it does not exist.
+    fn get_file(&self, rel: &str, dest: &Path) -> Result<Option<()>> {
+        use std::io::Write;
+        let path = self.path(rel);
+        let context = || format!("cannot download {}/{rel} to {}", self.url, dest.display());
+        self.runtime.block_on(async {
+            let result = match self.store.get(&path).await {
+                Ok(r) => r,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e).with_context(context),
+            };
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let mut out = std::io::BufWriter::new(std::fs::File::create(dest).with_context(context)?);
+            let mut stream = result.into_stream();
+            while let Some(chunk) = stream.try_next().await.with_context(context)? {
+                out.write_all(&chunk).with_context(context)?;
+            }
+            out.flush().with_context(context)?;
+            Ok(Some(()))
+        })
     }
 
     /// Relative paths (below `rel`) of every object under `rel/`.
@@ -180,13 +220,9 @@ impl Remote {
         };
         for f in &remote.manifest.files {
             let rel = format!("entries/{}/{}/{}", key.as_str(), remote.upload, f.path);
-            let bytes =
-                self.get(&rel)?.with_context(|| format!("{}/{rel}: listed in the manifest but missing", self.url))?;
             let dest = out.join(&f.path);
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            std::fs::write(&dest, &bytes).with_context(|| format!("cannot write {}", dest.display()))?;
+            self.get_file(&rel, &dest)?
+                .with_context(|| format!("{}/{rel}: listed in the manifest but missing", self.url))?;
             let got = hash_file(&dest)?;
             if got != f.blake3 {
                 bail!("{}/{rel}: content does not match its manifest (blake3 {got}, expected {})", self.url, f.blake3);
@@ -295,13 +331,8 @@ impl Remote {
         files.retain(|f| f != "state.json");
         files.push("state.json".into());
         for f in files {
-            let bytes =
-                self.get(&format!("{base}/{f}"))?.with_context(|| format!("{}/{base}/{f} vanished", self.url))?;
-            let dest = tmp.join(&f);
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            std::fs::write(&dest, &bytes)?;
+            self.get_file(&format!("{base}/{f}"), &tmp.join(&f))?
+                .with_context(|| format!("{}/{base}/{f} vanished", self.url))?;
         }
         let dest = checkpoints.join(&name);
         if dest.exists() {
@@ -315,6 +346,28 @@ impl Remote {
     pub fn drop_checkpoints(&self, key: &CacheKey) -> Result<()> {
         self.delete_all(&format!("work/{}", key.as_str()))
     }
+}
+
+/// Uploads larger than this go in parts of this size.
+const PART_SIZE: usize = 32 << 20;
+
+/// Streams `file` into a multipart upload, at most two parts in flight.
+async fn write_parts(upload: Box<dyn object_store::MultipartUpload>, file: &Path) -> object_store::Result<()> {
+    use std::io::Read;
+    let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+    let mut f =
+        std::fs::File::open(file).map_err(|e| object_store::Error::Generic { store: "local", source: e.into() })?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| object_store::Error::Generic { store: "local", source: e.into() })?;
+        if n == 0 {
+            break;
+        }
+        writer.wait_for_capacity(2).await?;
+        writer.write(&buf[..n]);
+    }
+    writer.finish().await?;
+    Ok(())
 }
 
 /// A name no other job picks: time, process and a random part.
@@ -384,6 +437,29 @@ mod tests {
         let got = r.pull_entry(&key, &out).unwrap().unwrap();
         assert_eq!(got.files, m.files);
         assert_eq!(std::fs::read_to_string(out.join("rows/train.jsonl")).unwrap(), "{}\n");
+    }
+
+    #[test]
+    fn large_files_go_up_in_parts_and_come_back_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = remote(&tmp.path().join("remote"));
+        let key = CacheKey("d".repeat(64));
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        // Just over two parts, with content that differs between parts.
+        let big: Vec<u8> = (0..(2 * PART_SIZE + 12345)).map(|i| (i / 4096 % 251) as u8).collect();
+        std::fs::write(src.join("model.safetensors"), &big).unwrap();
+        let mut m = entry(&src, &[("config.json", "{}")]);
+        let p = src.join("model.safetensors");
+        m.files.push(FileEntry {
+            path: "model.safetensors".into(),
+            size: big.len() as u64,
+            blake3: hash_file(&p).unwrap(),
+        });
+        assert!(r.push_entry(&key, &src, &m).unwrap());
+        let out = tmp.path().join("out");
+        r.pull_entry(&key, &out).unwrap().unwrap();
+        assert!(std::fs::read(out.join("model.safetensors")).unwrap() == big);
     }
 
     #[test]
