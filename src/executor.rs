@@ -186,6 +186,9 @@ impl Executor {
         let env = Env::new(recipe, &self.memo);
         let plan = self.plan_with(&env, until)?;
         self.memo.save().ok();
+        if let Some(remote) = &self.remote {
+            remote.check_writable()?;
+        }
         let mut dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
         let mut outcomes = Vec::new();
         // Finished only in the remote cache and read by no stage that runs

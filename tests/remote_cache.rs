@@ -352,3 +352,16 @@ fn large_files_go_to_s3_in_parts() {
     remote.pull_latest_checkpoint(&key, &back).unwrap();
     assert!(std::fs::read(back.join("step-000002/adapter.safetensors")).unwrap() == big);
 }
+
+#[test]
+fn a_missing_bucket_stops_the_run_before_any_work() {
+    let Some(models) = models_dir() else { return };
+    let Some(s3) = Server::start() else { return };
+    let p = setup(&models);
+    let local = p.path("machine-1");
+    let out = s3.cmd(&p, "s3://no-such-bucket/x", &local, &["run", "r.toml"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("s3://no-such-bucket/x is not writable") && stderr.contains("NoSuchBucket"), "{stderr}");
+    assert!(!stderr.contains("ran "), "nothing runs: {stderr}");
+}

@@ -88,7 +88,7 @@ impl Remote {
         if parsed.scheme() == "http" {
             options.push(("allow_http".into(), "true".into()));
         }
-        let (store, prefix) = object_store::parse_url_opts(&parsed, options).with_context(|| {
+        let (store, prefix) = object_store::parse_url_opts(&parsed, options).map_err(flat).with_context(|| {
             format!("--cache-dir {url}: cannot open the object store (schemes: s3, gs, az, http(s), file)")
         })?;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -102,6 +102,25 @@ impl Remote {
         &self.url
     }
 
+    /// Writes and deletes a small object, so that a missing bucket or bad
+    /// credentials stop a run before any work, not at its first push.
+    pub fn check_writable(&self) -> Result<()> {
+        let path = self.path(&format!("probes/{}", upload_id()));
+        self.runtime
+            .block_on(async {
+                self.store.put(&path, PutPayload::from_static(b"probe")).await?;
+                self.store.delete(&path).await
+            })
+            .map_err(flat)
+            .with_context(|| {
+                format!(
+                    "the remote cache {} is not writable (does the bucket exist? are the credentials in the \
+                     environment?)",
+                    self.url
+                )
+            })
+    }
+
     fn path(&self, rel: &str) -> ObjectPath {
         rel.split('/').filter(|s| !s.is_empty()).fold(self.prefix.clone(), |p, part| p.join(part))
     }
@@ -110,9 +129,11 @@ impl Remote {
         let path = self.path(rel);
         self.runtime.block_on(async {
             match self.store.get(&path).await {
-                Ok(r) => Ok(Some(r.bytes().await.with_context(|| format!("cannot read {}/{rel}", self.url))?.to_vec())),
+                Ok(r) => Ok(Some(
+                    r.bytes().await.map_err(flat).with_context(|| format!("cannot read {}/{rel}", self.url))?.to_vec(),
+                )),
                 Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(e).with_context(|| format!("cannot read {}/{rel}", self.url)),
+                Err(e) => Err(flat(e)).with_context(|| format!("cannot read {}/{rel}", self.url)),
             }
         })
     }
@@ -126,13 +147,15 @@ impl Remote {
         let context = || format!("cannot upload {} to {}/{rel}", file.display(), self.url);
         if size > PART_SIZE as u64 {
             match self.runtime.block_on(self.store.put_multipart(&path)) {
-                Ok(upload) => return self.runtime.block_on(write_parts(upload, file)).with_context(context),
+                Ok(upload) => {
+                    return self.runtime.block_on(write_parts(upload, file)).map_err(flat).with_context(context);
+                }
                 Err(object_store::Error::NotImplemented { .. }) => {}
-                Err(e) => return Err(e).with_context(context),
+                Err(e) => return Err(flat(e)).with_context(context),
             }
         }
         let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-        self.runtime.block_on(self.store.put(&path, PutPayload::from(bytes))).with_context(context)?;
+        self.runtime.block_on(self.store.put(&path, PutPayload::from(bytes))).map_err(flat).with_context(context)?;
         Ok(())
     }
 
@@ -145,14 +168,14 @@ impl Remote {
             let result = match self.store.get(&path).await {
                 Ok(r) => r,
                 Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                Err(e) => return Err(e).with_context(context),
+                Err(e) => return Err(flat(e)).with_context(context),
             };
             if let Some(parent) = dest.parent() {
                 std::fs::create_dir_all(parent)?;
             }
             let mut out = std::io::BufWriter::new(std::fs::File::create(dest).with_context(context)?);
             let mut stream = result.into_stream();
-            while let Some(chunk) = stream.try_next().await.with_context(context)? {
+            while let Some(chunk) = stream.try_next().await.map_err(flat).with_context(context)? {
                 out.write_all(&chunk).with_context(context)?;
             }
             out.flush().with_context(context)?;
@@ -166,6 +189,7 @@ impl Remote {
         let metas: Vec<object_store::ObjectMeta> = self
             .runtime
             .block_on(self.store.list(Some(&base)).try_collect())
+            .map_err(flat)
             .with_context(|| format!("cannot list {}/{rel}", self.url))?;
         let mut out: Vec<String> = metas
             .into_iter()
@@ -184,7 +208,7 @@ impl Remote {
             let p = self.path(&format!("{rel}/{f}"));
             match self.runtime.block_on(self.store.delete(&p)) {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e).with_context(|| format!("cannot delete {}/{rel}/{f}", self.url)),
+                Err(e) => return Err(flat(e)).with_context(|| format!("cannot delete {}/{rel}/{f}", self.url)),
             }
         }
         Ok(())
@@ -207,7 +231,7 @@ impl Remote {
         match self.runtime.block_on(self.store.head(&path)) {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(e).with_context(|| format!("cannot reach the remote cache {}", self.url)),
+            Err(e) => Err(flat(e)).with_context(|| format!("cannot reach the remote cache {}", self.url)),
         }
     }
 
@@ -265,10 +289,11 @@ impl Remote {
                 }
                 self.runtime
                     .block_on(self.store.put(&path, PutPayload::from(body)))
+                    .map_err(flat)
                     .with_context(|| format!("cannot publish {}/entries/{}", self.url, key.as_str()))?;
                 Ok(true)
             }
-            Err(e) => Err(e).with_context(|| format!("cannot publish {}/entries/{}", self.url, key.as_str())),
+            Err(e) => Err(flat(e)).with_context(|| format!("cannot publish {}/entries/{}", self.url, key.as_str())),
         }
     }
 
@@ -346,6 +371,12 @@ impl Remote {
     pub fn drop_checkpoints(&self, key: &CacheKey) -> Result<()> {
         self.delete_all(&format!("work/{}", key.as_str()))
     }
+}
+
+/// An object_store error as one message: its `Display` already holds its
+/// sources, which `{:#}` would otherwise print again.
+fn flat(e: object_store::Error) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
 }
 
 /// Uploads larger than this go in parts of this size.
