@@ -199,13 +199,15 @@ impl Executor {
             plan.stages.iter().flat_map(|s| s.inputs.iter().map(|(_, stage)| stage.as_str())).collect();
         for sp in &plan.stages {
             let started = Instant::now();
-            let remote_finished = !self.store.is_finished(&sp.key)
-                && self.remote.as_ref().is_some_and(|r| r.has_entry(&sp.key).unwrap_or(false));
+            let local = self.store.is_finished(&sp.key);
+            let remote_finished = !local && self.remote.as_ref().is_some_and(|r| r.has_entry(&sp.key).unwrap_or(false));
             let done = if remote_finished && read_by_others.contains(sp.name.as_str()) {
                 remote_only.insert(&sp.name, sp);
                 Done::Remote
             } else {
-                for (_, input) in &sp.inputs {
+                // Only a stage that runs reads its inputs.
+                let inputs = if local || remote_finished { &[][..] } else { &sp.inputs[..] };
+                for (_, input) in inputs {
                     if let Some(isp) = remote_only.remove(input.as_str()) {
                         let t0 = Instant::now();
                         self.pull_one(isp)?;
