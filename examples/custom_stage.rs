@@ -100,7 +100,7 @@ fn main() -> Result<()> {
     let executor = Executor::new(&dir.join(".pipeline"))?;
     for attempt in 1..=2 {
         for outcome in executor.run(&recipe, None)? {
-            println!("run {attempt}: {} {}", outcome.name, if outcome.ran { "ran" } else { "cached" });
+            println!("run {attempt}: {} {}", outcome.name, outcome.done.verb());
         }
     }
     let plan = executor.plan(&recipe, None)?;

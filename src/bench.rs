@@ -37,12 +37,12 @@ pub struct TrainOptions {
     pub steps: usize,
     pub device: String,
     pub dataset: String,
-    pub cache_dir: PathBuf,
+    pub cache: crate::executor::CacheLocation,
     pub gradient_checkpointing: bool,
 }
 
 pub fn train(opts: &TrainOptions) -> Result<TrainBench> {
-    let split = tokenized_examples(&opts.model, &opts.dataset, opts.max_len, &opts.cache_dir)?;
+    let split = tokenized_examples(&opts.model, &opts.dataset, opts.max_len, &opts.cache)?;
     let device = crate::model::device(&opts.device)?;
     let resolved = ResolvedModel::from_path(&opts.model)?;
     let mut model = crate::model::load(&resolved, &device, opts.max_len)?;
@@ -105,13 +105,13 @@ pub struct GenerateOptions {
     pub f32: bool,
     pub device: String,
     pub dataset: String,
-    pub cache_dir: PathBuf,
+    pub cache: crate::executor::CacheLocation,
 }
 
 /// Prefill of a tool-use prompt of `prompt_tokens` tokens (rendered traces
 /// of the dataset, concatenated), then greedy decoding of `new_tokens`.
 pub fn generate(opts: &GenerateOptions) -> Result<GenerateBench> {
-    let split = tokenized_examples(&opts.model, &opts.dataset, 4096, &opts.cache_dir)?;
+    let split = tokenized_examples(&opts.model, &opts.dataset, 4096, &opts.cache)?;
     let prompt: Vec<u32> = split.input_ids.iter().copied().take(opts.prompt_tokens).collect();
     anyhow::ensure!(prompt.len() == opts.prompt_tokens, "the dataset has fewer than {} tokens", opts.prompt_tokens);
     let device = crate::model::device(&opts.device)?;
@@ -143,7 +143,12 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateBench> {
 }
 
 /// Runs fetch → format → tokenize for the benchmark dataset (cached).
-fn tokenized_examples(model: &Path, dataset: &str, max_len: usize, cache_dir: &Path) -> Result<TokenizedSplit> {
+fn tokenized_examples(
+    model: &Path,
+    dataset: &str,
+    max_len: usize,
+    cache: &crate::executor::CacheLocation,
+) -> Result<TokenizedSplit> {
     let model = std::fs::canonicalize(model).with_context(|| format!("no model at {}", model.display()))?;
     let text = format!(
         r#"[recipe]
@@ -167,7 +172,7 @@ max_len = {max_len}
         model = model.display().to_string(),
     );
     let recipe = Recipe::parse(&text, Path::new("bench-train.toml"), &[])?;
-    let exec = crate::Executor::new(cache_dir)?;
+    let exec = cache.open()?;
     exec.run(&recipe, Some("tokens"))?;
     let plan = exec.plan(&recipe, Some("tokens"))?;
     let entry = exec.store().entry_dir(&plan.stage("tokens").expect("planned").key);

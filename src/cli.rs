@@ -2,14 +2,14 @@
 //!
 //! Exit codes: 0 success, 2 recipe or usage errors, 1 runtime failures.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use crate::error::RecipeError;
-use crate::executor::{Executor, Status, execution_order};
+use crate::executor::{CacheLocation, Done, Executor, Status, execution_order};
 use crate::recipe::{Override, Recipe};
 
 #[derive(Debug, Parser)]
@@ -31,6 +31,19 @@ pub struct RecipeArgs {
     /// Override a recipe key, e.g. `--set stages.train.rank=8` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_override)]
     pub set: Vec<Override>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+impl RecipeArgs {
+    fn executor(&self) -> Result<Executor> {
+        self.cache.location().open()
+    }
+}
+
+/// `--cache-dir` and `--local-cache`, for every command that uses the cache.
+#[derive(Debug, clap::Args)]
+pub struct CacheArgs {
     /// The cache: a directory, or an object-store URL (`s3://BUCKET/PREFIX`,
     /// `gs://…`, `az://…`, `http(s)://…` WebDAV, `file:///…`) whose entries
     /// and checkpoints are shared by every machine that names it.
@@ -41,16 +54,9 @@ pub struct RecipeArgs {
     pub local_cache: PathBuf,
 }
 
-impl RecipeArgs {
-    /// The executor over the local cache, backed by the remote one when
-    /// `--cache-dir` is a URL.
-    fn executor(&self) -> Result<Executor> {
-        if crate::cache::remote::is_url(&self.cache_dir) {
-            let remote = crate::cache::Remote::open(&self.cache_dir)?;
-            Executor::with_remote(&self.local_cache, remote)
-        } else {
-            Executor::new(Path::new(&self.cache_dir))
-        }
+impl CacheArgs {
+    pub fn location(&self) -> CacheLocation {
+        CacheLocation { cache_dir: self.cache_dir.clone(), local_cache: self.local_cache.clone() }
     }
 }
 
@@ -69,8 +75,8 @@ pub struct ModelArgs {
     /// The recipe's lora-train stage whose adapter to apply (default: the first).
     #[arg(long, requires = "recipe")]
     pub stage: Option<String>,
-    #[arg(long, env = "PIPELINE_CACHE_DIR", default_value = ".pipeline")]
-    pub cache_dir: PathBuf,
+    #[command(flatten)]
+    pub cache: CacheArgs,
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -122,7 +128,7 @@ impl ModelArgs {
             adapter: self.adapter.clone(),
             recipe: self.recipe.clone(),
             stage: self.stage.clone(),
-            cache_dir: self.cache_dir.clone(),
+            cache: self.cache.location(),
             device: self.device.clone(),
         }
     }
@@ -167,8 +173,8 @@ pub enum Command {
         /// Only list what would be removed.
         #[arg(long)]
         dry_run: bool,
-        #[arg(long, env = "PIPELINE_CACHE_DIR", default_value = ".pipeline")]
-        cache_dir: PathBuf,
+        #[command(flatten)]
+        cache: CacheArgs,
     },
     /// Measure speed: tokens/s and peak memory.
     #[command(subcommand)]
@@ -253,8 +259,8 @@ pub enum BenchCommand {
         /// of keeping them (lora-train's `gradient_checkpointing = true`).
         #[arg(long)]
         gradient_checkpointing: bool,
-        #[arg(long, env = "PIPELINE_CACHE_DIR", default_value = ".pipeline")]
-        cache_dir: PathBuf,
+        #[command(flatten)]
+        cache: CacheArgs,
     },
     /// Prefill and decode speed on a tool-use prompt.
     Generate {
@@ -278,8 +284,8 @@ pub enum BenchCommand {
         /// Print {"prefill_tokens_per_s", "decode_tokens_per_s", …} as JSON.
         #[arg(long)]
         json: bool,
-        #[arg(long, env = "PIPELINE_CACHE_DIR", default_value = ".pipeline")]
-        cache_dir: PathBuf,
+        #[command(flatten)]
+        cache: CacheArgs,
     },
 }
 
@@ -353,13 +359,12 @@ fn dispatch(command: Command) -> Result<()> {
             let exec = args.executor()?;
             eprintln!("pipeline: {} ({})", recipe.recipe.name, args.recipe.display());
             if let Some(r) = exec.remote() {
-                eprintln!("pipeline: remote cache {} (local copy {})", r.url(), args.local_cache.display());
+                eprintln!("pipeline: remote cache {} (local copy {})", r.url(), args.cache.local_cache.display());
             }
             let t0 = std::time::Instant::now();
             let outcomes = exec.run(&recipe, until.as_deref())?;
-            let ran = outcomes.iter().filter(|o| o.ran).count();
-            let pulled = outcomes.iter().filter(|o| o.pulled).count();
-            let remote = outcomes.iter().filter(|o| o.remote_only).count();
+            let count = |d: Done| outcomes.iter().filter(|o| o.done == d).count();
+            let (ran, pulled, remote) = (count(Done::Ran), count(Done::Pulled), count(Done::Remote));
             let mut remote_note = String::new();
             if pulled > 0 {
                 remote_note += &format!(", {pulled} pulled from the remote cache");
@@ -370,7 +375,7 @@ fn dispatch(command: Command) -> Result<()> {
             eprintln!(
                 "pipeline: done in {:.2}s: {ran} ran, {} cached{remote_note}",
                 t0.elapsed().as_secs_f64(),
-                outcomes.len() - ran - pulled - remote,
+                count(Done::Cached),
             );
             Ok(())
         }
@@ -412,7 +417,7 @@ fn dispatch(command: Command) -> Result<()> {
             print!("{}", crate::recipe::json_schema());
             Ok(())
         }
-        Command::Gc { recipes, all, dry_run, cache_dir } => gc(&recipes, all, dry_run, &cache_dir),
+        Command::Gc { recipes, all, dry_run, cache } => gc(&recipes, all, dry_run, &cache.location()),
         Command::Dev(DevCommand::RandomModel { arch, tokenizer, vocab, seed, out }) => {
             use crate::model::qwen::Variant;
             use crate::model::testing::{TinyGemma3, TinyQwen};
@@ -434,7 +439,7 @@ fn dispatch(command: Command) -> Result<()> {
             dataset,
             json,
             gradient_checkpointing,
-            cache_dir,
+            cache,
         }) => {
             let opts = crate::bench::TrainOptions {
                 model,
@@ -442,7 +447,7 @@ fn dispatch(command: Command) -> Result<()> {
                 steps: steps.max(1),
                 device,
                 dataset,
-                cache_dir,
+                cache: cache.location(),
                 gradient_checkpointing,
             };
             let r = crate::bench::train(&opts)?;
@@ -469,7 +474,7 @@ fn dispatch(command: Command) -> Result<()> {
             device,
             dataset,
             json,
-            cache_dir,
+            cache,
         }) => {
             let opts = crate::bench::GenerateOptions {
                 model,
@@ -478,7 +483,7 @@ fn dispatch(command: Command) -> Result<()> {
                 f32,
                 device,
                 dataset,
-                cache_dir,
+                cache: cache.location(),
             };
             let r = crate::bench::generate(&opts)?;
             if json {
@@ -547,7 +552,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Export { args, to, force, link } => {
             let recipe = load(&args)?;
             let exec = args.executor()?;
-            exec.pull_finished(&recipe)?;
+            exec.pull_finished(&recipe, None)?;
             let done = crate::export::export(&exec, &recipe, &to, force, link)?;
             for (stage, dir, n) in &done.stages {
                 eprintln!("  exported {stage:<16} {n:>3} files → {}", dir.display());
@@ -567,7 +572,6 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Show { args, stage } => {
             let recipe = load(&args)?;
             let exec = args.executor()?;
-            exec.pull_finished(&recipe)?;
             if !recipe.stages.contains_key(&stage) {
                 let e = RecipeError::new(format!("no stage named `{stage}`")).in_file(&args.recipe);
                 let names = recipe.stages.keys().map(String::as_str);
@@ -577,6 +581,7 @@ fn dispatch(command: Command) -> Result<()> {
                 }
                 .into());
             }
+            exec.pull_finished(&recipe, Some(&stage))?;
             let plan = exec.plan(&recipe, Some(&stage))?;
             let sp = plan.stage(&stage).expect("planned");
             if sp.status != Status::Cached {
@@ -592,13 +597,14 @@ fn dispatch(command: Command) -> Result<()> {
     }
 }
 
-fn gc(recipes: &[PathBuf], all: bool, dry_run: bool, cache_dir: &Path) -> Result<()> {
+fn gc(recipes: &[PathBuf], all: bool, dry_run: bool, cache: &CacheLocation) -> Result<()> {
     if recipes.is_empty() && !all {
         return Err(RecipeError::new("name the recipes whose cache entries to keep")
             .help("pipeline gc recipes/*.toml (or --all to empty the cache)")
             .into());
     }
-    let exec = Executor::new(cache_dir)?;
+    // Only the local copy: entries in a remote cache are never deleted here.
+    let exec = cache.open()?;
     let store = exec.store();
     let mut keep = std::collections::BTreeSet::new();
     for path in recipes {

@@ -9,11 +9,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use petgraph::algo::{tarjan_scc, toposort};
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde::Serialize;
 
+use crate::cache::store::KeyLock;
 use crate::cache::store::MANIFEST_FORMAT;
 use crate::cache::{CacheKey, Fingerprint, HashMemo, Manifest, Remote, Store};
 use crate::error::{RecipeError, did_you_mean};
@@ -60,6 +61,37 @@ pub struct Plan {
 impl Plan {
     pub fn stage(&self, name: &str) -> Option<&StagePlan> {
         self.stages.iter().find(|s| s.name == name)
+    }
+}
+
+/// Where a command's cache lives: `--cache-dir` (a directory, or an
+/// object-store URL) and, for a URL, the local working copy.
+#[derive(Debug, Clone)]
+pub struct CacheLocation {
+    pub cache_dir: String,
+    pub local_cache: PathBuf,
+}
+
+impl Default for CacheLocation {
+    /// `.pipeline` in the current directory.
+    fn default() -> Self {
+        CacheLocation::local(Path::new(".pipeline"))
+    }
+}
+
+impl CacheLocation {
+    /// A plain local cache directory.
+    pub fn local(dir: &Path) -> CacheLocation {
+        CacheLocation { cache_dir: dir.to_string_lossy().into_owned(), local_cache: dir.to_path_buf() }
+    }
+
+    /// The executor over this cache (connecting to the remote one, if any).
+    pub fn open(&self) -> Result<Executor> {
+        if crate::cache::remote::is_url(&self.cache_dir) {
+            Executor::with_remote(&self.local_cache, Remote::open(&self.cache_dir)?)
+        } else {
+            Executor::new(Path::new(&self.cache_dir))
+        }
     }
 }
 
@@ -213,7 +245,7 @@ impl Executor {
                         self.pull_one(isp)?;
                         crate::progress::println(&format!(
                             "  {:<7} {:<16} {:<16} {}  {:.2}s",
-                            "pulled",
+                            Done::Pulled.verb(),
                             isp.name,
                             isp.kind,
                             isp.key.short(),
@@ -225,28 +257,15 @@ impl Executor {
             };
             let elapsed = started.elapsed().as_secs_f64();
             self.store.set_ref(&recipe.recipe.name, &sp.name, &sp.key)?;
-            let ran = done == Done::Ran;
-            let verb = match done {
-                Done::Ran => "ran",
-                Done::Cached => "cached",
-                Done::Pulled => "pulled",
-                Done::Remote => "remote",
-            };
             crate::progress::println(&format!(
-                "  {verb:<7} {:<16} {:<16} {}  {elapsed:.2}s",
+                "  {:<7} {:<16} {:<16} {}  {elapsed:.2}s",
+                done.verb(),
                 sp.name,
                 sp.kind,
                 sp.key.short()
             ));
             dirs.insert(sp.name.clone(), self.store.entry_dir(&sp.key));
-            outcomes.push(StageOutcome {
-                name: sp.name.clone(),
-                key: sp.key.clone(),
-                ran,
-                pulled: done == Done::Pulled,
-                remote_only: done == Done::Remote,
-                seconds: elapsed,
-            });
+            outcomes.push(StageOutcome { name: sp.name.clone(), key: sp.key.clone(), done, seconds: elapsed });
         }
         Ok(outcomes)
     }
@@ -265,13 +284,10 @@ impl Executor {
             self.push(sp)?;
             return Ok(Done::Cached);
         }
+        let work = self.store.prepare_work(&sp.key, &sp.fingerprint, &lock)?;
         if let Some(remote) = &self.remote {
-            let work = self.store.prepare_work(&sp.key, &sp.fingerprint, &lock)?;
-            let pulled = remote
-                .pull_entry(&sp.key, &work.join("out"))
-                .with_context(|| format!("stage `{}`: cannot pull its entry from {}", sp.name, remote.url()))?;
-            if let Some(manifest) = pulled {
-                self.store.publish(&sp.key, manifest, &lock)?;
+            // Another machine may have finished it since the plan was made.
+            if self.pull_into(sp, remote, &work, &lock)? {
                 return Ok(Done::Pulled);
             }
             if sp.status == Status::Resume && env.recipe.stages[&sp.name].stage().resume_point(&work).is_none() {
@@ -284,7 +300,6 @@ impl Executor {
             (_, Some(reason)) => tracing::info!(stage = %sp.name, %reason, "running"),
             _ => {}
         }
-        let work = self.store.prepare_work(&sp.key, &sp.fingerprint, &lock)?;
         let spec = &env.recipe.stages[&sp.name];
         let ctx = RunContext {
             name: &sp.name,
@@ -318,23 +333,25 @@ impl Executor {
         Ok(Done::Ran)
     }
 
-    /// Copies into the local cache every stage of `recipe` that is finished
-    /// only in the remote cache (for `export` and `show`). Returns how many.
-    pub fn pull_finished(&self, recipe: &Recipe) -> Result<usize> {
-        let Some(remote) = &self.remote else {
+    /// Copies into the local cache the stages of `recipe` (only `stage`, when
+    /// given) that are finished only in the remote cache, for `export`,
+    /// `show` and `generate --recipe`. Returns how many.
+    pub fn pull_finished(&self, recipe: &Recipe, stage: Option<&str>) -> Result<usize> {
+        if self.remote.is_none() {
             return Ok(0);
-        };
+        }
         let mut n = 0;
-        for sp in self.plan(recipe, None)?.stages {
-            if sp.status == Status::Cached && !self.store.is_finished(&sp.key) && remote.has_entry(&sp.key)? {
-                self.pull_one(&sp)?;
-                n += 1;
+        for sp in self.plan(recipe, stage)?.stages {
+            if stage.is_some_and(|s| s != sp.name) || sp.status != Status::Cached || self.store.is_finished(&sp.key) {
+                continue;
             }
+            self.pull_one(&sp)?;
+            n += 1;
         }
         Ok(n)
     }
 
-    /// Copies one finished entry from the remote cache into the local one.
+    /// Copies one entry the plan found in the remote cache into the local one.
     fn pull_one(&self, sp: &StagePlan) -> Result<()> {
         let remote = self.remote.as_ref().expect("a remote cache");
         let lock = self.store.lock(&sp.key, || {})?;
@@ -342,12 +359,25 @@ impl Executor {
             return Ok(());
         }
         let work = self.store.prepare_work(&sp.key, &sp.fingerprint, &lock)?;
-        let manifest = remote
-            .pull_entry(&sp.key, &work.join("out"))
-            .with_context(|| format!("stage `{}`: cannot pull its entry from {}", sp.name, remote.url()))?
-            .with_context(|| format!("stage `{}`: its entry vanished from {}", sp.name, remote.url()))?;
-        self.store.publish(&sp.key, manifest, &lock)?;
+        if !self.pull_into(sp, remote, &work, &lock)? {
+            bail!("stage `{}`: its entry vanished from {}", sp.name, remote.url());
+        }
         Ok(())
+    }
+
+    /// Downloads the remote entry of `sp` into `work/out` and publishes it
+    /// locally; false when the remote has no such entry.
+    fn pull_into(&self, sp: &StagePlan, remote: &Remote, work: &Path, lock: &KeyLock) -> Result<bool> {
+        let pulled = remote
+            .pull_entry(&sp.key, &work.join("out"))
+            .with_context(|| format!("stage `{}`: cannot pull its entry from {}", sp.name, remote.url()))?;
+        match pulled {
+            Some(manifest) => {
+                self.store.publish(&sp.key, manifest, lock)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Uploads the finished local entry to the remote cache unless it is
@@ -367,9 +397,10 @@ impl Executor {
     }
 }
 
-/// How a stage came to be finished.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Done {
+/// How a stage came to be finished in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Done {
     Ran,
     Cached,
     /// Copied from the remote cache.
@@ -378,19 +409,32 @@ enum Done {
     Remote,
 }
 
+impl Done {
+    /// The word `run` prints.
+    pub fn verb(self) -> &'static str {
+        match self {
+            Done::Ran => "ran",
+            Done::Cached => "cached",
+            Done::Pulled => "pulled",
+            Done::Remote => "remote",
+        }
+    }
+}
+
 /// What happened to one stage in a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct StageOutcome {
     pub name: String,
     pub key: CacheKey,
-    /// False when the stage was reused from the cache.
-    pub ran: bool,
-    /// True when it was reused from the remote cache.
-    pub pulled: bool,
-    /// True when it is finished in the remote cache and was not needed
-    /// locally (no stage that ran reads it).
-    pub remote_only: bool,
+    pub done: Done,
     pub seconds: f64,
+}
+
+impl StageOutcome {
+    /// Whether the stage ran here (rather than being reused).
+    pub fn ran(&self) -> bool {
+        self.done == Done::Ran
+    }
 }
 
 /// The stages in a valid execution order (inputs first), restricted to

@@ -23,7 +23,7 @@ pub struct ModelChoice {
     /// `stage` (default: its `lora-train` stage, when finished).
     pub recipe: Option<PathBuf>,
     pub stage: Option<String>,
-    pub cache_dir: PathBuf,
+    pub cache: crate::executor::CacheLocation,
     pub device: String,
 }
 
@@ -110,7 +110,8 @@ fn recipe_output(recipe: &Recipe, choice: &ModelChoice) -> Result<Option<PathBuf
         None => recipe.stages.iter().find(|(_, s)| s.kind() == "lora-train").map(|(n, _)| n.clone()),
     };
     let Some(stage) = stage else { return Ok(None) };
-    let exec = crate::Executor::new(&choice.cache_dir)?;
+    let exec = choice.cache.open()?;
+    exec.pull_finished(recipe, Some(&stage))?;
     let plan = exec.plan(recipe, Some(&stage))?;
     let key = &plan.stage(&stage).expect("planned").key;
     if !exec.store().is_finished(key) {

@@ -54,9 +54,9 @@ fn a_registered_kind_runs_caches_and_reports_mistakes() {
 
     let r = Recipe::parse(&recipe_text("dataset = \"data\"\nword = \"hi\""), &path, &[]).unwrap();
     let exec = Executor::new(&dir.path().join(".pipeline")).unwrap();
-    let runs: Vec<bool> = exec.run(&r, None).unwrap().iter().map(|o| o.ran).collect();
+    let runs: Vec<bool> = exec.run(&r, None).unwrap().iter().map(|o| o.ran()).collect();
     assert_eq!(runs, vec![true, true]);
-    let runs: Vec<bool> = exec.run(&r, None).unwrap().iter().map(|o| o.ran).collect();
+    let runs: Vec<bool> = exec.run(&r, None).unwrap().iter().map(|o| o.ran()).collect();
     assert_eq!(runs, vec![false, false], "cached the second time");
     // Its parameters are part of the key.
     let changed: pipeline::recipe::Override = "stages.echo.word=\"ho\"".parse().unwrap();

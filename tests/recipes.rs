@@ -26,20 +26,28 @@ fn all_recipes() -> Vec<PathBuf> {
     v
 }
 
+/// `pipeline COMMAND RECIPE --set S…` arguments.
+fn args<'a>(command: &'a str, recipe: &'a Path, sets: &'a [String]) -> Vec<&'a str> {
+    let mut v = vec![command, recipe.to_str().unwrap()];
+    for s in sets {
+        v.extend(["--set", s.as_str()]);
+    }
+    v
+}
+
+/// `plan --json` of `recipe` with `sets`.
+fn plan(p: &Project, recipe: &Path, sets: &[String]) -> serde_json::Value {
+    let mut a = args("plan", recipe, sets);
+    a.push("--json");
+    let out = p.run(&a);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Runs `recipe` with `sets` and returns (stderr, the directory of each stage).
 fn run(p: &Project, recipe: &Path, sets: &[String]) -> (String, Vec<(String, PathBuf)>) {
-    let r = recipe.to_str().unwrap();
-    let mut args = vec!["run", r];
-    for s in sets {
-        args.extend(["--set", s.as_str()]);
-    }
-    let stderr = p.ok(&args);
-    let mut plan_args = vec!["plan", r, "--json"];
-    for s in sets {
-        plan_args.extend(["--set", s.as_str()]);
-    }
-    let out = p.run(&plan_args);
-    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stderr = p.ok(&args("run", recipe, sets));
+    let plan = plan(p, recipe, sets);
     let dirs = plan["stages"]
         .as_array()
         .unwrap()
@@ -105,12 +113,7 @@ fn gemma3_finance_runs_on_the_real_270m() {
     assert!(dir(&dirs, "gguf").join("model-q4_k_m.gguf").is_file());
     // The 1B recipe pointed at the same weights is the same recipe: every
     // stage is already cached.
-    let r1 = recipe("gemma3-1b-finance.toml");
-    let mut args = vec!["plan", "--json", r1.to_str().unwrap()];
-    for s in &sets {
-        args.extend(["--set", s.as_str()]);
-    }
-    let plan: serde_json::Value = serde_json::from_slice(&p.run(&args).stdout).unwrap();
+    let plan = plan(&p, &recipe("gemma3-1b-finance.toml"), &sets);
     assert!(plan["stages"].as_array().unwrap().iter().all(|s| s["status"] == "cached"), "{plan}");
 }
 

@@ -24,8 +24,8 @@ const TRAIN: &str = "rank = 4\nalpha = 8\ndropout = 0.1\nlearning_rate = 5e-3\nm
 struct Server {
     child: Child,
     port: u16,
-    webdav: bool,
-    _root: Option<tempfile::TempDir>,
+    /// The shared directory of a WebDAV server (`None`: S3).
+    webdav_root: Option<tempfile::TempDir>,
 }
 
 impl Drop for Server {
@@ -75,7 +75,7 @@ impl Server {
             None => cmd.args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()]),
         };
         let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start the server");
-        let server = Server { child, port, webdav, _root: root };
+        let server = Server { child, port, webdav_root: root };
         let t0 = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(t0.elapsed() < Duration::from_secs(60), "moto did not start on port {port}");
@@ -86,13 +86,16 @@ impl Server {
 
     /// The remote-cache URL of `path` (bucket/prefix on S3).
     fn url(&self, path: &str) -> String {
-        if self.webdav { format!("http://127.0.0.1:{}/{path}", self.port) } else { format!("s3://{path}") }
+        match self.webdav_root {
+            Some(_) => format!("http://127.0.0.1:{}/{path}", self.port),
+            None => format!("s3://{path}"),
+        }
     }
 
     /// Creates a bucket (moto accepts unsigned requests).
     fn bucket(&self, name: &str) {
         use std::io::{Read, Write};
-        if self.webdav {
+        if self.webdav_root.is_some() {
             return;
         }
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
@@ -181,11 +184,10 @@ fn a_killed_job_resumes_from_a_webdav_remote_too() {
 }
 
 fn kill_and_resume(models: &Path, s3: &Server) {
-    let models = models.to_path_buf();
     s3.bucket("cache");
 
     // The reference: one uninterrupted run with a plain local cache.
-    let reference = setup(&models);
+    let reference = setup(models);
     reference.ok(&["run", "r.toml"]);
     let out = reference.run(&["show", "r.toml", "train"]);
     let want =
@@ -195,7 +197,7 @@ fn kill_and_resume(models: &Path, s3: &Server) {
     // Machine 1: killed while uploading the checkpoint of step 4 (the one of
     // step 2 is on the remote, complete).
     let url = &s3.url("cache/jobs/tool-use");
-    let p = setup(&models);
+    let p = setup(models);
     let local1 = p.path("machine-1");
     let out = s3
         .cmd(&p, url, &local1, &["run", "r.toml"])
@@ -229,6 +231,12 @@ fn kill_and_resume(models: &Path, s3: &Server) {
     assert!(!stderr.contains("ran "), "{stderr}");
     assert!(stderr.contains("pulled  train"), "{stderr}");
     assert!(adapter(s3, &p, url, &local3) == want);
+
+    // `show` pulls a stage that `run` left in the remote.
+    let local4 = p.path("machine-4");
+    let out = s3.cmd(&p, url, &local4, &["show", "r.toml", "tokens"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(Path::new(String::from_utf8_lossy(&out.stdout).trim()).join("manifest.json").is_file());
 }
 
 #[test]

@@ -75,8 +75,8 @@ impl Remote {
     /// Connects to the store at `url`, configured from the environment.
     pub fn open(url: &str) -> Result<Remote> {
         let options: Vec<(String, String)> = std::env::vars()
-            .filter(|(k, _)| ["AWS_", "GOOGLE_", "AZURE_", "OBJECT_STORE_"].iter().any(|p| k.starts_with(p)))
-            .map(|(k, v)| (k.trim_start_matches("OBJECT_STORE_").to_ascii_lowercase(), v))
+            .filter(|(k, _)| ["AWS_", "GOOGLE_", "AZURE_"].iter().any(|p| k.starts_with(p)))
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .collect();
         Remote::open_with(url, options)
     }

@@ -218,50 +218,56 @@ impl Recipe {
     /// Parses recipe text. `path` is used for messages and to resolve
     /// relative paths; it need not exist.
     pub fn parse(source: &str, path: &Path, overrides: &[Override]) -> Result<Recipe, RecipeError> {
-        let custom = custom_stage_names(source);
-        // First pass on the text itself, so errors carry line and column.
-        // (Stages of registered custom kinds are read from the table below.)
-        let mut recipe: Option<Recipe> = None;
-        if custom.is_empty() {
-            recipe = Some(toml::from_str(source).map_err(|e| locate::toml_error(&e, source, path))?);
+        let mut table: toml::Table = toml::from_str(source).map_err(|e| locate::toml_error(&e, source, path))?;
+        let has_custom =
+            matches!(table.get("stages"), Some(toml::Value::Table(t)) if !custom_stage_names(t).is_empty());
+        // A typed pass on the text itself, so errors carry line and column
+        // (serde does not know custom kinds: those recipes are read from the
+        // table below only).
+        if !has_custom {
+            let recipe: Recipe = toml::from_str(source).map_err(|e| locate::toml_error(&e, source, path))?;
+            if overrides.is_empty() {
+                return recipe.finish(source, path);
+            }
         }
-        if !overrides.is_empty() || !custom.is_empty() {
-            let mut table: toml::Table = toml::from_str(source).map_err(|e| locate::toml_error(&e, source, path))?;
-            for o in overrides {
-                o.apply(&mut table)?;
-            }
-            let mut custom_tables = Vec::new();
-            if let Some(toml::Value::Table(stages)) = table.get_mut("stages") {
-                for name in custom_stage_names_in(stages) {
-                    if let Some(toml::Value::Table(mut t)) = stages.remove(&name) {
-                        let kind = t.remove("kind").and_then(|k| k.as_str().map(str::to_string)).unwrap_or_default();
-                        custom_tables.push((name, kind, t));
-                    }
+        for o in overrides {
+            o.apply(&mut table)?;
+        }
+        // Custom stages come out of the table before serde reads the rest.
+        let mut custom_tables = Vec::new();
+        if let Some(toml::Value::Table(stages)) = table.get_mut("stages") {
+            for name in custom_stage_names(stages) {
+                if let Some(toml::Value::Table(mut t)) = stages.remove(&name) {
+                    let kind = t.remove("kind").and_then(|k| k.as_str().map(str::to_string)).unwrap_or_default();
+                    custom_tables.push((name, kind, t));
                 }
             }
-            let mut r: Recipe = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
-                let mut err = locate::toml_error(&e, "", path);
-                err.location = None;
-                if !overrides.is_empty() {
-                    err.message = format!("{} (after applying --set overrides)", err.message);
-                }
-                err
+        }
+        let mut recipe: Recipe = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+            let mut err = locate::toml_error(&e, "", path);
+            err.location = None;
+            if !overrides.is_empty() {
+                err.message = format!("{} (after applying --set overrides)", err.message);
+            }
+            err
+        })?;
+        for (name, kind, t) in custom_tables {
+            let spec = crate::stages::custom::CustomSpec::build(&kind, t).map_err(|e| {
+                RecipeError::new(format!("stage `{name}` ({kind}): {}", e.message().trim()))
+                    .at(locate::find(source, path, &["stages", &name]))
+                    .in_file(path)
+                    .key(format!("stages.{name}"))
             })?;
-            for (name, kind, t) in custom_tables {
-                let spec = crate::stages::custom::CustomSpec::build(&kind, t).map_err(|e| {
-                    RecipeError::new(format!("stage `{name}` ({kind}): {}", e.message().trim()))
-                        .at(locate::find(source, path, &["stages", &name]))
-                        .in_file(path)
-                        .key(format!("stages.{name}"))
-                })?;
-                r.stages.insert(name, StageSpec::Custom(spec));
-            }
-            recipe = Some(r);
+            recipe.stages.insert(name, StageSpec::Custom(spec));
         }
-        let mut recipe = recipe.expect("parsed");
-        recipe.path = path.to_path_buf();
-        recipe.validate(source)?;
-        Ok(recipe)
+        recipe.finish(source, path)
+    }
+
+    /// Sets the path and checks what serde cannot.
+    fn finish(mut self, source: &str, path: &Path) -> Result<Recipe, RecipeError> {
+        self.path = path.to_path_buf();
+        self.validate(source)?;
+        Ok(self)
     }
 
     /// The directory relative paths in the recipe resolve against.
@@ -358,17 +364,7 @@ impl Recipe {
 }
 
 /// Names of the stages whose `kind` is a registered custom kind.
-fn custom_stage_names(source: &str) -> Vec<String> {
-    if crate::stages::custom::kinds().is_empty() {
-        return Vec::new();
-    }
-    match toml::from_str::<toml::Table>(source).ok().and_then(|mut t| t.remove("stages")) {
-        Some(toml::Value::Table(stages)) => custom_stage_names_in(&stages),
-        _ => Vec::new(),
-    }
-}
-
-fn custom_stage_names_in(stages: &toml::Table) -> Vec<String> {
+fn custom_stage_names(stages: &toml::Table) -> Vec<String> {
     stages
         .iter()
         .filter(|(_, v)| v.get("kind").and_then(|k| k.as_str()).is_some_and(crate::stages::custom::is_registered))

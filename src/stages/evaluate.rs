@@ -326,9 +326,7 @@ impl<'a> Evaluation<'a> {
         subject: Subject,
     ) -> Result<(BTreeMap<String, Metric>, BTreeMap<String, BTreeMap<String, Metric>>, Vec<Value>, usize, f64)> {
         let t0 = std::time::Instant::now();
-        let stops = crate::generate::stop_tokens(&self.template.end_of_turn, &self.template.eos_token);
-        let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
-        let generator = Generator::new(self.model.as_ref(), &self.tokenizer, &stops);
+        let generator = self.generator();
         let seed = self.ctx.env.recipe.recipe.seed;
         let mut overall = Tally::default();
         let mut groups: BTreeMap<String, Tally> = BTreeMap::new();
@@ -394,6 +392,14 @@ impl<'a> Evaluation<'a> {
         Ok((overall.metrics(), groups, preds, skipped, t0.elapsed().as_secs_f64()))
     }
 
+    /// Decoding with the model as it is now (base or adapter attached),
+    /// stopping at the trained template's end of turn.
+    fn generator(&self) -> Generator<'_> {
+        let stops = crate::generate::stop_tokens(&self.template.end_of_turn, &self.template.eos_token);
+        let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
+        Generator::new(self.model.as_ref(), &self.tokenizer, &stops)
+    }
+
     /// Generates for each of `prompts`, rendered like the split's rows.
     fn spot_checks(&self, subject: Subject) -> Result<Vec<SpotCheck>> {
         if self.p.prompts.is_empty() {
@@ -401,9 +407,7 @@ impl<'a> Evaluation<'a> {
         }
         let first = &self.rows[0].conv;
         let system: Vec<Message> = first.messages.iter().take_while(|m| m.role == "system").cloned().collect();
-        let stops = crate::generate::stop_tokens(&self.template.end_of_turn, &self.template.eos_token);
-        let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
-        let generator = Generator::new(self.model.as_ref(), &self.tokenizer, &stops);
+        let generator = self.generator();
         let mut out = Vec::new();
         for prompt in &self.p.prompts {
             let mut messages = system.clone();
