@@ -323,8 +323,10 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    // SAFETY: nothing has started a thread yet.
+    unsafe { crate::threads::pin_thread_count() };
     crate::progress::init_logging();
-    match dispatch(cli.command) {
+    match crate::threads::run(|| dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", render_error(&e));

@@ -16,7 +16,8 @@
 //! - [`chat`]: chat templates (minijinja, HF-compatible) and turn spans.
 //! - [`model`]: the architectures on candle (Gemma 3), LoRA layers, weight loading.
 //! - [`model_source`]: resolving `[model] base` to files on disk.
-//! - [`cli`]: the command line (`pipeline run|plan|validate|schema|gc|show`).
+//! - [`cli`]: the command line (`pipeline run|plan|validate|schema|gc|show`);
+//!   [`threads`]: the thread pool every command runs in.
 
 pub mod adapter;
 pub mod bench;
@@ -37,6 +38,7 @@ pub mod progress;
 pub mod recipe;
 pub mod session;
 pub mod stages;
+pub mod threads;
 pub mod toolcall;
 pub mod train;
 

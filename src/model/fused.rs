@@ -114,12 +114,11 @@ impl CustomOp1 for Softmax {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
             let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
             for (yv, xv) in yr.iter_mut().zip(xr) {
-                *yv = (xv - max).exp();
-                sum += *yv;
+                *yv = xv - max;
             }
-            let inv = 1.0 / sum;
+            super::vmath::exp_in_place(yr);
+            let inv = 1.0 / yr.iter().sum::<f32>();
             yr.iter_mut().for_each(|v| *v *= inv);
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -149,61 +148,6 @@ impl CustomOp2 for SoftmaxBwd {
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
-    }
-}
-
-// ---------------------------------------------------------------- attention
-
-/// Attention probabilities `softmax(q·kᵀ + mask)` for `q: [G, R, D]` (R =
-/// heads-per-group × T query rows, position = row mod T) and `k: [G, T, D]`;
-/// the causal mask (and a sliding window, when given) is applied in the
-/// kernel. Neither the scores nor the masked scores are kept for backward:
-/// it needs only the probabilities, `q` and `k`.
-pub fn attention_probs(q: &Tensor, k: &Tensor, window: Option<usize>) -> Result<Tensor> {
-    q.contiguous()?.apply_op2(&k.contiguous()?, AttentionProbs { window })
-}
-
-struct AttentionProbs {
-    window: Option<usize>,
-}
-
-impl CustomOp2 for AttentionProbs {
-    fn name(&self) -> &'static str {
-        "fused-attention-probs"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let (g, r, d) = l1.shape().dims3()?;
-        let t = l2.dims()[1];
-        let scores = s1.matmul(s2, (g, r, t, d), l1, &l2.transpose(1, 2)?)?;
-        let CpuStorage::F32(mut p) = scores else { candle_core::bail!("fused attention: f32 only") };
-        let window = self.window;
-        p.par_chunks_mut(t).enumerate().for_each(|(row, pr)| {
-            let pos = row % t;
-            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let visible = &pr[first..=pos];
-            let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for v in &mut pr[first..=pos] {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            pr[first..=pos].iter_mut().for_each(|v| *v *= inv);
-            pr[..first].iter_mut().for_each(|v| *v = 0.0);
-            pr[pos + 1..].iter_mut().for_each(|v| *v = 0.0);
-        });
-        Ok((CpuStorage::F32(p), Shape::from((g, r, t))))
-    }
-
-    fn bwd(&self, q: &Tensor, k: &Tensor, probs: &Tensor, dp: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // Through the softmax (masked entries have p = 0, so no gradient),
-        // then through q·kᵀ.
-        let ds = probs.apply_op2_no_bwd(&dp.contiguous()?, &SoftmaxBwd)?;
-        let dq = ds.matmul(k)?;
-        let dk = ds.t()?.matmul(q)?;
-        Ok((Some(dq), Some(dk)))
     }
 }
 
@@ -397,9 +341,6 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(GeluTanh)
 }
 
-const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-const COEF: f32 = 0.044_715;
-
 struct GeluTanh;
 
 impl CustomOp1 for GeluTanh {
@@ -410,11 +351,7 @@ impl CustomOp1 for GeluTanh {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = data(s, l)?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(yr, xr)| {
-            for (yv, &v) in yr.iter_mut().zip(xr) {
-                *yv = 0.5 * v * (1.0 + (SQRT_2_OVER_PI * (v + COEF * v * v * v)).tanh());
-            }
-        });
+        y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(yr, xr)| super::vmath::gelu_tanh(xr, yr));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -433,14 +370,9 @@ impl CustomOp2 for GeluTanhBwd {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, dy) = (data(s1, l1)?, data(s2, l2)?);
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(4096).zip(x.par_chunks(4096).zip(dy.par_chunks(4096))).for_each(|(o, (xr, gr))| {
-            for ((ov, &v), g) in o.iter_mut().zip(xr).zip(gr) {
-                let inner = SQRT_2_OVER_PI * (v + COEF * v * v * v);
-                let t = inner.tanh();
-                let dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * v * v);
-                *ov = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * dinner);
-            }
-        });
+        dx.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096).zip(dy.par_chunks(4096)))
+            .for_each(|(o, (xr, gr))| super::vmath::gelu_tanh_bwd(xr, gr, o));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -484,31 +416,6 @@ mod tests {
             |x| composed::rms_norm(x, &w, 1e-6).unwrap(),
         );
         check("softmax", &[3, 7, 11], |x| super::softmax(x).unwrap(), |x| composed::softmax(x).unwrap());
-        // Attention probabilities: 2 kv groups, 2 heads per group, T = 9, window 4.
-        let k = Var::from_tensor(&rand(&[2, 9, 8], 5)).unwrap();
-        for window in [None, Some(4)] {
-            check(
-                "attention_probs",
-                &[2, 18, 8],
-                |q| super::attention_probs(q, k.as_tensor(), window).unwrap(),
-                |q| composed::attention_probs(q, k.as_tensor(), window).unwrap(),
-            );
-            let q = rand(&[2, 18, 8], 6);
-            let r = rand(&[2, 18, 9], 7);
-            let gf = (super::attention_probs(&q, k.as_tensor(), window).unwrap() * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gr = (composed::attention_probs(&q, k.as_tensor(), window).unwrap() * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            assert!(max_diff(gf.get(&k).unwrap(), gr.get(&k).unwrap()) < 1e-4, "attention dk");
-        }
         check("gelu", &[9, 33], |x| super::gelu_tanh(x).unwrap(), |x| x.gelu().unwrap());
         let targets = [3u32, 0, 10, 7, 1];
         let t = Tensor::new(&targets, &Device::Cpu).unwrap();

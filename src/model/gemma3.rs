@@ -116,7 +116,7 @@ pub struct Gemma3 {
     embed: Tensor,
     /// The LM head (tied embeddings) kept quantized for decoding, when the
     /// weights came from a GGUF loaded for inference.
-    embed_q: Option<std::sync::Arc<candle_core::quantized::QMatMul>>,
+    embed_q: Option<std::sync::Arc<super::gemv::QuantLinear>>,
     layers: Vec<Layer>,
     norm: Tensor,
     rope_local: Rope,
@@ -292,9 +292,7 @@ impl CausalLm for Gemma3 {
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let logits = match &self.embed_q {
-            Some(q) if hidden.dim(0)? <= super::lora::QUANTIZED_MAX_ROWS => {
-                candle_core::Module::forward(q.as_ref(), hidden)?
-            }
+            Some(q) if hidden.dim(0)? <= super::lora::QUANTIZED_MAX_ROWS => q.forward(hidden)?,
             _ => super::lora::frozen_linear(hidden, &self.embed)?,
         };
         match self.cfg.final_logit_softcapping {

@@ -9,9 +9,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use super::gemv::QuantLinear;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::quantized::{GgmlDType, gguf_file};
 
 use super::{Arch, Weights, gemma3, qwen};
 
@@ -106,46 +107,16 @@ pub fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<(Arch,
             t = (t - 1.0)?;
         }
         if keep_quantized && t.rank() == 2 && !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-            quantized.push((hf.clone(), decode_friendly(q, device)?));
+            quantized.push((hf.clone(), QuantLinear::new(q, device)?));
         }
         map.insert(hf, t);
     }
     let mut w = Weights::new(map, device.clone(), path.display().to_string());
     for (name, q) in quantized {
-        w.insert_quantized(name, QMatMul::from_qtensor(q)?);
+        w.insert_quantized(name, q);
     }
     Ok((arch, w))
 }
-
-/// `q` in a form candle multiplies fast. Its Q5_0 dot product has no SIMD
-/// path (several times slower), so Q5_0 blocks are rewritten as Q8_0 blocks
-/// *losslessly*: a Q5_0 value is `d·(q − 16)` with `q` in 0..32, which is
-/// the Q8_0 value `d·i8` for `i8 = q − 16`. Other types are kept as they are.
-fn decode_friendly(q: QTensor, device: &Device) -> Result<QTensor> {
-    if q.dtype() != GgmlDType::Q5_0 || !device.is_cpu() {
-        return Ok(q);
-    }
-    let src = q.data()?;
-    let mut out = Vec::with_capacity(src.len() / Q5_0_BLOCK * Q8_0_BLOCK);
-    for b in src.chunks_exact(Q5_0_BLOCK) {
-        let (d, qh, qs) = (&b[0..2], u32::from_le_bytes([b[2], b[3], b[4], b[5]]), &b[6..22]);
-        out.extend_from_slice(d);
-        let mut vals = [0u8; 32];
-        for j in 0..16 {
-            let hi0 = (((qh >> j) << 4) & 0x10) as u8;
-            let hi1 = ((qh >> (j + 12)) & 0x10) as u8;
-            vals[j] = (((qs[j] & 0x0F) | hi0) as i8 - 16) as u8;
-            vals[j + 16] = (((qs[j] >> 4) | hi1) as i8 - 16) as u8;
-        }
-        out.extend_from_slice(&vals);
-    }
-    let dims = q.shape().dims().to_vec();
-    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(GgmlDType::Q8_0, &out, dims, device)?)
-}
-
-/// Bytes per block of 32 weights.
-const Q5_0_BLOCK: usize = 22;
-const Q8_0_BLOCK: usize = 34;
 
 /// The architecture and its hyper-parameters from a GGUF's metadata.
 fn read_arch(content: &gguf_file::Content, path: &Path) -> Result<Arch> {
@@ -226,19 +197,6 @@ fn read_arch(content: &gguf_file::Content, path: &Path) -> Result<Arch> {
 #[cfg(test)]
 mod tests {
     use super::hf_name;
-
-    #[test]
-    fn q5_0_becomes_q8_0_without_changing_a_value() {
-        use candle_core::quantized::{GgmlDType, QTensor};
-        use candle_core::{Device, Tensor};
-        let x = Tensor::randn(0f32, 1.0, (8, 64), &Device::Cpu).unwrap();
-        let q5 = QTensor::quantize(&x, GgmlDType::Q5_0).unwrap();
-        let want: Vec<f32> = q5.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let q8 = super::decode_friendly(q5, &Device::Cpu).unwrap();
-        assert_eq!(q8.dtype(), GgmlDType::Q8_0);
-        let got: Vec<f32> = q8.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(got, want);
-    }
 
     #[test]
     fn maps_llama_cpp_names_including_the_gemma_norm_traps() {

@@ -92,7 +92,7 @@ pub struct LoraLinear {
     /// Frozen base weight, `[out, in]`.
     pub weight: Tensor,
     /// The same weight quantized, as read from a GGUF file (inference only).
-    pub quantized: Option<std::sync::Arc<candle_core::quantized::QMatMul>>,
+    pub quantized: Option<std::sync::Arc<super::gemv::QuantLinear>>,
     /// Frozen bias, `[out]` (Qwen2's q/k/v).
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
@@ -134,7 +134,7 @@ impl LoraLinear {
     pub fn forward(&self, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
         let mut y = match &self.quantized {
-            Some(q) if dropout.is_none() && rows <= QUANTIZED_MAX_ROWS => candle_core::Module::forward(q.as_ref(), x)?,
+            Some(q) if dropout.is_none() && rows <= QUANTIZED_MAX_ROWS => q.forward(x)?,
             _ => frozen_linear(x, &self.weight)?,
         };
         if let Some(b) = &self.bias {

@@ -5,22 +5,25 @@
 //! up_proj.weight`) whatever file they come from, so adapters and merged
 //! models interoperate with transformers and PEFT.
 
+pub mod attention;
 pub mod fused;
 pub mod gemma3;
+pub mod gemv;
 pub mod gguf;
 pub mod kv;
 pub mod lora;
 pub mod ops;
 pub mod qwen;
 pub mod testing;
+pub mod vmath;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
+use gemv::QuantLinear;
 
 use crate::model_source::ResolvedModel;
 
@@ -113,7 +116,7 @@ pub(crate) fn layer_linears(
 /// multiplied: decoding).
 pub struct Weights {
     map: HashMap<String, Tensor>,
-    quantized: HashMap<String, Arc<QMatMul>>,
+    quantized: HashMap<String, Arc<QuantLinear>>,
     device: Device,
     /// Where they came from, for messages.
     pub source: String,
@@ -125,12 +128,12 @@ impl Weights {
     }
 
     /// Adds the quantized form of weight `name` (a GGUF tensor).
-    pub fn insert_quantized(&mut self, name: String, q: QMatMul) {
+    pub fn insert_quantized(&mut self, name: String, q: QuantLinear) {
         self.quantized.insert(name, Arc::new(q));
     }
 
     /// The quantized form of `name`, if it has one.
-    pub fn take_quantized(&mut self, name: &str) -> Option<Arc<QMatMul>> {
+    pub fn take_quantized(&mut self, name: &str) -> Option<Arc<QuantLinear>> {
         self.quantized.remove(name)
     }
 

@@ -108,20 +108,14 @@ pub fn attention_mask(t: usize, start: usize, window: Option<usize>, device: &De
     Tensor::from_vec(data, (t, total), device)
 }
 
-/// Causal attention probabilities `softmax(q·kᵀ + mask)` for `q: [G, R, D]`
-/// (rows are heads-per-group × T, position = row mod T) and `k: [G, T, D]`;
-/// `window` adds a sliding-window limit. `q` must already be scaled.
-pub fn attention_probs(q: &Tensor, k: &Tensor, window: Option<usize>) -> Result<Tensor> {
-    if fused(q) { super::fused::attention_probs(q, k, window) } else { composed::attention_probs(q, k, window) }
-}
-
 /// Attention of `t` new queries over cached keys: `q: [G, group·t, D]`
-/// (scaled; rows are heads-of-a-group × t, as in [`attention_probs`]) at
+/// (scaled; rows are heads-of-a-group × t, position = row mod t) at
 /// positions `start..start+t`, `k`, `v: [G, start+t, D]`. Returns
-/// `[G, group·t, D]`. Without history (`start = 0`) this is exactly the
-/// training path; with history, keys beyond the sliding window are dropped
-/// before the product and only a multi-token chunk needs a mask. `softcap`
-/// caps the scores as `cap·tanh(s/cap)` (Gemma 2-style configs).
+/// `[G, group·t, D]`; `window` adds a sliding-window limit. Without history
+/// (`start = 0`) this is the training path. On the CPU only the visible band
+/// of scores is computed ([`super::attention`]); elsewhere keys beyond the
+/// sliding window are dropped before the product and a mask does the rest.
+/// `softcap` caps the scores as `cap·tanh(s/cap)` (Gemma 2-style configs).
 pub fn cached_attention(
     q: &Tensor,
     k: &Tensor,
@@ -131,8 +125,12 @@ pub fn cached_attention(
     window: Option<usize>,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
+    if fused(q) && softcap.is_none() {
+        let band = super::attention::Band { t, start, window };
+        return super::attention::apply(&super::attention::probs(q, k, band)?, v, band);
+    }
     if start == 0 && softcap.is_none() {
-        return attention_probs(q, k, window)?.matmul(v);
+        return composed::attention_probs(q, k, window)?.matmul(v);
     }
     let (g, r, _) = q.dims3()?;
     let total = k.dim(1)?;

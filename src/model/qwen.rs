@@ -18,7 +18,7 @@
 use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use candle_core::quantized::QMatMul;
+use super::gemv::QuantLinear;
 
 use super::kv::{KvCache, LayerKv};
 use super::lora::{DropoutMask, LoraLinear, QUANTIZED_MAX_ROWS, frozen_linear};
@@ -101,8 +101,8 @@ pub struct Qwen {
     embed: Tensor,
     lm_head: Option<Tensor>,
     /// Quantized copies of the LM head for decoding (GGUF inference).
-    embed_q: Option<std::sync::Arc<QMatMul>>,
-    lm_head_q: Option<std::sync::Arc<QMatMul>>,
+    embed_q: Option<std::sync::Arc<QuantLinear>>,
+    lm_head_q: Option<std::sync::Arc<QuantLinear>>,
     layers: Vec<Layer>,
     norm: Tensor,
     rope: Rope,
@@ -225,7 +225,7 @@ impl Qwen {
         self.final_norm(&x)
     }
 
-    fn head(&self) -> (&Tensor, Option<&QMatMul>) {
+    fn head(&self) -> (&Tensor, Option<&QuantLinear>) {
         match &self.lm_head {
             Some(w) => (w, self.lm_head_q.as_deref()),
             None => (&self.embed, self.embed_q.as_deref()),
@@ -291,7 +291,7 @@ impl CausalLm for Qwen {
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         match self.head() {
-            (_, Some(q)) if hidden.dim(0)? <= QUANTIZED_MAX_ROWS => candle_core::Module::forward(q, hidden),
+            (_, Some(q)) if hidden.dim(0)? <= QUANTIZED_MAX_ROWS => q.forward(hidden),
             (w, _) => frozen_linear(hidden, w),
         }
     }
