@@ -229,11 +229,7 @@ impl CustomOp1 for CrossEntropy {
         let losses: Vec<f32> = x
             .par_chunks(v)
             .zip(&self.targets)
-            .map(|(row, &t)| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = row.iter().map(|z| (z - max).exp()).sum();
-                max + sum.ln() - row[t as usize]
-            })
+            .map(|(row, &t)| super::vmath::logsumexp(row) - row[t as usize])
             .collect();
         let mean = losses.iter().map(|&l| l as f64).sum::<f64>() / n as f64;
         Ok((CpuStorage::F32(vec![mean as f32]), Shape::from(())))
@@ -263,12 +259,7 @@ impl CustomOp1 for CrossEntropyBwd {
         let k = self.scale / (x.len() / v) as f32;
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(v).zip(x.par_chunks(v).zip(&self.targets)).for_each(|(o, (row, &t))| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (ov, z) in o.iter_mut().zip(row) {
-                *ov = (z - max).exp();
-                sum += *ov;
-            }
+            let sum = super::vmath::exp_shifted(row, super::vmath::max(row), o);
             let inv = k / sum;
             o.iter_mut().for_each(|p| *p *= inv);
             o[t as usize] -= k;

@@ -6,11 +6,11 @@
 //! token with both cores:
 //!
 //! - **Q8_0 and Q5_0** (most of Gemma 3's Q4_K_M file, and its 168M-weight
-//!   LM head) are held as plain `i8` values plus one f16 scale per 32; a
-//!   Q5_0 value `d·(q − 16)` is exactly the `i8` value `q − 16` with the same
-//!   scale, so nothing is lost. The input is quantized to `i8` per 32 (f16
-//!   scale, exactly as llama.cpp's Q8_0 activations), and an AVX2 kernel forms the
-//!   integer dot products.
+//!   LM head) are held as arrays of values and f16 scales per 32, 8 or 5
+//!   bits per value as in the file. The input is quantized to `i8` per 32
+//!   (f16 scale, exactly as llama.cpp's Q8_0 activations), and an AVX2
+//!   kernel forms the integer dot products (a Q5_0 value `d·(q − 16)` is
+//!   expanded to the `i8` `q − 16` in registers).
 //! - **Q4_K and Q6_K** rows go through candle's block dot products.
 //! - Other types, and other devices, use candle's `QMatMul`.
 //!
@@ -32,11 +32,8 @@ pub struct QuantLinear {
 }
 
 enum Kind {
-    /// `i8` values row-major, one f16 scale per 32 values.
-    Q8 {
-        qs: Vec<i8>,
-        scales: Vec<f16>,
-    },
+    /// Blocks of 32 values with one f16 scale each (Q8_0, Q5_0).
+    Q32(Blocks32),
     Q4K(Vec<BlockQ4K>),
     Q6K(Vec<BlockQ6K>),
     Candle(QMatMul),
@@ -49,10 +46,7 @@ impl QuantLinear {
     pub fn new(q: QTensor, device: &Device) -> Result<QuantLinear> {
         let (out, inp) = q.shape().dims2()?;
         let kind = match q.dtype() {
-            GgmlDType::Q8_0 | GgmlDType::Q5_0 if device.is_cpu() => {
-                let (qs, scales) = to_q8(&q.data()?, q.dtype(), out * inp);
-                Kind::Q8 { qs, scales }
-            }
+            GgmlDType::Q8_0 | GgmlDType::Q5_0 if device.is_cpu() => Kind::Q32(Blocks32::new(&q.data()?, q.dtype())),
             GgmlDType::Q4K if device.is_cpu() => Kind::Q4K(blocks(&q.data()?)),
             GgmlDType::Q6K if device.is_cpu() => Kind::Q6K(blocks(&q.data()?)),
             _ => Kind::Candle(QMatMul::from_qtensor(q)?),
@@ -70,7 +64,7 @@ impl QuantLinear {
         let mut y = vec![0f32; xs.len() / self.inp * self.out];
         for (xr, yr) in xs.chunks(self.inp).zip(y.chunks_mut(self.out)) {
             match &self.kind {
-                Kind::Q8 { qs, scales } => gemv_q8(qs, scales, self.inp, xr, yr),
+                Kind::Q32(b) => b.gemv(self.inp, xr, yr),
                 Kind::Q4K(b) => gemv_blocks(b, self.inp, xr, yr),
                 Kind::Q6K(b) => gemv_blocks(b, self.inp, xr, yr),
                 Kind::Candle(_) => unreachable!("handled above"),
@@ -81,29 +75,89 @@ impl QuantLinear {
     }
 }
 
-/// Q8_0 or Q5_0 blocks → `i8` values and f16 scales.
-fn to_q8(data: &[u8], dtype: GgmlDType, n: usize) -> (Vec<i8>, Vec<f16>) {
-    let mut qs = Vec::with_capacity(n);
-    let mut scales = Vec::with_capacity(n / 32);
-    let block = if dtype == GgmlDType::Q8_0 { Q8_0_BYTES } else { Q5_0_BYTES };
-    for b in data.chunks_exact(block) {
-        scales.push(f16::from_le_bytes([b[0], b[1]]));
+/// Row-major blocks of 32 values with one f16 scale each, values kept as
+/// the file has them: 8-bit (Q8_0) or 5-bit (Q5_0: a low nibble and a fifth
+/// bit, value `(q − 16)`), split into plain arrays for aligned SIMD loads.
+struct Blocks32 {
+    scales: Vec<f16>,
+    values: Values,
+}
+
+enum Values {
+    I8(Vec<i8>),
+    /// 16 bytes of nibbles per block (value j low, value j + 16 high) and
+    /// the 32 fifth bits.
+    Five {
+        lo: Vec<u8>,
+        hi: Vec<u32>,
+    },
+}
+
+impl Blocks32 {
+    fn new(data: &[u8], dtype: GgmlDType) -> Blocks32 {
         if dtype == GgmlDType::Q8_0 {
-            qs.extend(b[2..34].iter().map(|&v| v as i8));
+            let blocks = data.chunks_exact(Q8_0_BYTES);
+            let scales = blocks.clone().map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
+            let values = blocks.flat_map(|b| b[2..34].iter().map(|&v| v as i8)).collect();
+            Blocks32 { scales, values: Values::I8(values) }
         } else {
-            // Q5_0: low 4 bits in qs (two per byte), the fifth bit in qh.
-            let (qh, lo) = (u32::from_le_bytes([b[2], b[3], b[4], b[5]]), &b[6..22]);
-            let mut vals = [0i8; 32];
-            for j in 0..16 {
-                let hi0 = (((qh >> j) << 4) & 0x10) as u8;
-                let hi1 = ((qh >> (j + 12)) & 0x10) as u8;
-                vals[j] = ((lo[j] & 0x0F) | hi0) as i8 - 16;
-                vals[j + 16] = ((lo[j] >> 4) | hi1) as i8 - 16;
-            }
-            qs.extend_from_slice(&vals);
+            let blocks = data.chunks_exact(Q5_0_BYTES);
+            let scales = blocks.clone().map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
+            let hi = blocks.clone().map(|b| u32::from_le_bytes([b[2], b[3], b[4], b[5]])).collect();
+            let lo = blocks.flat_map(|b| b[6..22].iter().copied()).collect();
+            Blocks32 { scales, values: Values::Five { lo, hi } }
         }
     }
-    (qs, scales)
+
+    /// The 32 values of block `i` (the portable path).
+    fn block(&self, i: usize) -> [i8; 32] {
+        match &self.values {
+            Values::I8(v) => v[i * 32..(i + 1) * 32].try_into().expect("32 values"),
+            Values::Five { lo, hi } => {
+                let (lo, qh) = (&lo[i * 16..(i + 1) * 16], hi[i]);
+                std::array::from_fn(|j| {
+                    let nibble = if j < 16 { lo[j] & 0x0F } else { lo[j - 16] >> 4 };
+                    (nibble | (((qh >> j) & 1) << 4) as u8) as i8 - 16
+                })
+            }
+        }
+    }
+
+    /// `y = W·x`.
+    fn gemv(&self, inp: usize, x: &[f32], y: &mut [f32]) {
+        let (xq, xd) = quantize_input(x);
+        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(c, ys)| self.rows(c * ROWS_PER_TASK, inp, &xq, &xd, ys));
+    }
+
+    /// Rows `r0..r0 + y.len()` of `W·x`.
+    fn rows(&self, r0: usize, inp: usize, xq: &[i8], xd: &[f32], y: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                // SAFETY: the CPU has the features just checked; the arrays
+                // hold every block of rows r0..r0 + y.len().
+                return unsafe {
+                    match &self.values {
+                        Values::I8(v) => rows_i8_avx2(v, &self.scales, r0, xq, xd, y),
+                        Values::Five { lo, hi } => rows_q5_avx2(lo, hi, &self.scales, r0, xq, xd, y),
+                    }
+                };
+            }
+        }
+        let nb = inp / 32;
+        for (r, yv) in y.iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for b in 0..nb {
+                let i = (r0 + r) * nb + b;
+                let dot: i32 = self.block(i).iter().zip(&xq[b * 32..][..32]).map(|(&a, &c)| a as i32 * c as i32).sum();
+                acc += dot as f32 * (self.scales[i].to_f32() * xd[b]);
+            }
+            *yv = acc;
+        }
+    }
 }
 
 /// The raw bytes of a GGUF tensor as candle's block structs (which are
@@ -153,85 +207,86 @@ fn quantize_input(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
     (q, d)
 }
 
-/// `y = W·x` for `W` as `i8` values with f16 scales per 32.
-fn gemv_q8(qs: &[i8], scales: &[f16], inp: usize, x: &[f32], y: &mut [f32]) {
-    let nb = inp / 32;
-    let (xq, xd) = quantize_input(x);
-    y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(c, ys)| {
-        let r0 = c * ROWS_PER_TASK;
-        let w = &qs[r0 * inp..(r0 + ys.len()) * inp];
-        let s = &scales[r0 * nb..(r0 + ys.len()) * nb];
-        rows_q8(w, s, &xq, &xd, ys);
-    });
-}
-
-/// One task's rows of [`gemv_q8`].
-fn rows_q8(w: &[i8], s: &[f16], xq: &[i8], xd: &[f32], y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
-            // SAFETY: the CPU has the features just checked; slices are sized
-            // by the caller (rows × inp values, rows × inp/32 scales).
-            return unsafe { rows_q8_avx2(w, s, xq, xd, y) };
-        }
-    }
-    let nb = xd.len();
-    for (r, yv) in y.iter_mut().enumerate() {
-        let mut acc = 0f32;
-        for b in 0..nb {
-            let wb = &w[(r * nb + b) * 32..][..32];
-            let dot: i32 = wb.iter().zip(&xq[b * 32..][..32]).map(|(&a, &c)| a as i32 * c as i32).sum();
-            acc += dot as f32 * (s[r * nb + b].to_f32() * xd[b]);
-        }
-        *yv = acc;
-    }
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_i8_avx2(v: &[i8], s: &[f16], r0: usize, xq: &[i8], xd: &[f32], y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    // SAFETY (loads): block i's 32 values lie inside `v`.
+    unsafe { rows_avx2(s, r0, xq, xd, y, |i| _mm256_loadu_si256(v.as_ptr().add(i * 32) as *const __m256i)) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_q8_avx2(w: &[i8], s: &[f16], xq: &[i8], xd: &[f32], y: &mut [f32]) {
+unsafe fn rows_q5_avx2(lo: &[u8], hi: &[u32], s: &[f16], r0: usize, xq: &[i8], xd: &[f32], y: &mut [f32]) {
     use std::arch::x86_64::*;
-    let nb = xd.len();
-    let ones = _mm256_set1_epi16(1);
-    // The row's block scales times the input's, 8 at a time (F16C).
-    let mut scale = vec![0f32; nb.next_multiple_of(8)];
-    let mut s16 = vec![f16::ZERO; nb.next_multiple_of(8)];
-    let mut x32 = vec![0f32; nb.next_multiple_of(8)];
-    x32[..nb].copy_from_slice(xd);
-    for (r, yv) in y.iter_mut().enumerate() {
-        let wr = &w[r * nb * 32..(r + 1) * nb * 32];
-        s16[..nb].copy_from_slice(&s[r * nb..(r + 1) * nb]);
-        for i in (0..nb).step_by(8) {
-            // SAFETY: the buffers hold a multiple of 8 values.
-            unsafe {
+    let low4 = _mm256_set1_epi8(0x0F);
+    let high = _mm256_set1_epi8(0xF0u8 as i8);
+    // Byte k of a 32-bit word, broadcast to bytes 8k..8k+8; then one bit each.
+    let spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    let bit = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    let load = |i: usize| {
+        // SAFETY: block i's 16 nibble bytes lie inside `lo`.
+        let nib = unsafe { _mm_loadu_si128(lo.as_ptr().add(i * 16) as *const __m128i) };
+        let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(nib, 4), nib), low4);
+        // 0xFF in the bytes whose fifth bit is set.
+        let bits = _mm256_shuffle_epi8(_mm256_set1_epi32(hi[i] as i32), spread);
+        let set = _mm256_cmpeq_epi8(_mm256_or_si256(bits, bit), _mm256_set1_epi64x(-1));
+        // (q − 16) as i8: the nibble itself when the bit is set, else nibble | 0xF0.
+        _mm256_or_si256(nibbles, _mm256_andnot_si256(set, high))
+    };
+    // SAFETY: `load` stays inside the arrays for the rows the caller gave.
+    unsafe { rows_avx2(s, r0, xq, xd, y, load) }
+}
+
+/// Rows `r0..r0 + y.len()` of `W·x` for `i8` blocks produced by `load(i)`
+/// (block i = row·nb + b), with `W`'s f16 scales `s` and the input `xq`
+/// (i8) with scales `xd`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rows_avx2(
+    s: &[f16],
+    r0: usize,
+    xq: &[i8],
+    xd: &[f32],
+    y: &mut [f32],
+    load: impl Fn(usize) -> std::arch::x86_64::__m256i,
+) {
+    // SAFETY: inlined into callers compiled for AVX2/FMA/F16C; the scale
+    // buffers hold a multiple of 8 values, and 32 input values at b·32 lie
+    // inside xq.
+    unsafe {
+        use std::arch::x86_64::*;
+        let nb = xd.len();
+        let ones = _mm256_set1_epi16(1);
+        // The row's block scales times the input's, 8 at a time (F16C).
+        let mut scale = vec![0f32; nb.next_multiple_of(8)];
+        let mut s16 = vec![f16::ZERO; nb.next_multiple_of(8)];
+        let mut x32 = vec![0f32; nb.next_multiple_of(8)];
+        x32[..nb].copy_from_slice(xd);
+        for (r, yv) in y.iter_mut().enumerate() {
+            let first = (r0 + r) * nb;
+            s16[..nb].copy_from_slice(&s[first..first + nb]);
+            for i in (0..nb).step_by(8) {
                 let h = _mm_loadu_si128(s16.as_ptr().add(i) as *const __m128i);
                 let v = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(x32.as_ptr().add(i)));
                 _mm256_storeu_ps(scale.as_mut_ptr().add(i), v);
             }
+            // Two accumulators (even and odd blocks) to overlap the FMA latency.
+            let mut acc = [_mm256_setzero_ps(); 2];
+            for b in 0..nb {
+                let wv = load(first + b);
+                let xv = _mm256_loadu_si256(xq.as_ptr().add(b * 32) as *const __m256i);
+                // |w| (unsigned) times x·sign(w): maddubs multiplies u8 by i8.
+                let prod = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
+                acc[b & 1] = _mm256_fmadd_ps(dot, _mm256_set1_ps(scale[b]), acc[b & 1]);
+            }
+            let acc = _mm256_add_ps(acc[0], acc[1]);
+            let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+            *yv = _mm_cvtss_f32(h);
         }
-        // Two accumulators (even and odd blocks) to overlap the FMA latency.
-        let mut acc = [_mm256_setzero_ps(); 2];
-        for b in 0..nb {
-            // SAFETY: 32 values at b·32 lie inside wr and xq.
-            let (wv, xv) = unsafe {
-                (
-                    _mm256_loadu_si256(wr.as_ptr().add(b * 32) as *const __m256i),
-                    _mm256_loadu_si256(xq.as_ptr().add(b * 32) as *const __m256i),
-                )
-            };
-            // |w| (unsigned) times x·sign(w): maddubs multiplies u8 by i8.
-            let prod = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-            let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
-            acc[b & 1] = _mm256_fmadd_ps(dot, _mm256_set1_ps(scale[b]), acc[b & 1]);
-        }
-        let acc = _mm256_add_ps(acc[0], acc[1]);
-        let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-        *yv = _mm_cvtss_f32(h);
     }
 }
 

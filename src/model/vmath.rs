@@ -87,6 +87,58 @@ simd_fn! {
     }
 }
 
+simd_fn! {
+    /// The largest element (−∞ for an empty slice).
+    fn max(x: &[f32]) -> f32 {
+        let mut m = [f32::NEG_INFINITY; 8];
+        let chunks = x.chunks_exact(8);
+        let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for c in chunks {
+            for i in 0..8 {
+                m[i] = m[i].max(c[i]);
+            }
+        }
+        m.iter().copied().fold(tail, f32::max)
+    }
+}
+
+simd_fn! {
+    /// `out[i] = exp(x[i] − shift)`; returns their sum.
+    fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
+        let mut acc = [0f32; 8];
+        let mut oc = out.chunks_exact_mut(8);
+        let mut xc = x.chunks_exact(8);
+        for (o, c) in (&mut oc).zip(&mut xc) {
+            for i in 0..8 {
+                o[i] = exp(c[i] - shift);
+                acc[i] += o[i];
+            }
+        }
+        let mut tail = 0f32;
+        for (o, &v) in oc.into_remainder().iter_mut().zip(xc.remainder()) {
+            *o = exp(v - shift);
+            tail += *o;
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+}
+
+simd_fn! {
+    /// `ln Σ exp(x)`, computed stably (shifted by the maximum).
+    fn logsumexp(x: &[f32]) -> f32 {
+        let m = max(x);
+        let mut acc = [0f32; 8];
+        let chunks = x.chunks_exact(8);
+        let tail: f32 = chunks.remainder().iter().map(|&v| exp(v - m)).sum();
+        for c in chunks {
+            for i in 0..8 {
+                acc[i] += exp(c[i] - m);
+            }
+        }
+        m + (acc.iter().sum::<f32>() + tail).ln()
+    }
+}
+
 /// `a·b` with eight partial sums, so that it vectorises.
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -158,6 +210,22 @@ mod tests {
         assert!(edges[0] == 0.0 && edges[6] == 0.0 && edges[1] > 0.0);
         assert_eq!(edges[2], 1.0);
         assert!(edges[3].is_finite() && edges[4].is_infinite() && edges[5].is_infinite());
+    }
+
+    #[test]
+    fn reductions_match_the_naive_ones() {
+        for n in [1, 7, 8, 29, 1000] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 7919 % 101) as f32 - 50.0) * 0.37).collect();
+            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max(&x), m);
+            let want: f64 = x.iter().map(|&v| ((v - m) as f64).exp()).sum();
+            let mut out = vec![0f32; n];
+            let sum = exp_shifted(&x, m, &mut out);
+            assert!(((sum as f64 - want) / want).abs() < 1e-6, "sum {sum} vs {want}");
+            assert!(out.iter().zip(&x).all(|(o, &v)| (o - (v - m).exp()).abs() <= 1e-6 * (v - m).exp().max(1e-30)));
+            let lse = logsumexp(&x) as f64;
+            assert!((lse - (m as f64 + want.ln())).abs() < 1e-5, "logsumexp {lse}");
+        }
     }
 
     #[test]
