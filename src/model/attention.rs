@@ -202,22 +202,12 @@ fn band_scores(a: &[f32], b: &[f32], dims: Dims, softmax: bool) -> Vec<f32> {
                 row[c0..lo].fill(0.0);
                 row[pos + 1..c1].fill(0.0);
                 if softmax {
-                    softmax_in_place(&mut row[lo..=pos]);
+                    super::vmath::softmax_in_place(&mut row[lo..=pos]);
                 }
             }
         }
     });
     out
-}
-
-fn softmax_in_place(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for v in x.iter_mut() {
-        *v -= max;
-    }
-    super::vmath::exp_in_place(x);
-    let inv = 1.0 / x.iter().sum::<f32>();
-    x.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// `[G, R, D]`: `p·b` over the band (`p: [G, R, total]`, `b: [G, total, D]`).
@@ -289,12 +279,19 @@ fn band_softmax_bwd(p: &[f32], dp: &[f32], dims: Dims) -> Vec<f32> {
     ds
 }
 
-fn dims_of(l1: &Layout, band: Band) -> Result<Dims> {
-    let (g, r, d) = l1.shape().dims3()?;
-    if band.t == 0 || r % band.t != 0 {
-        candle_core::bail!("banded attention: {r} rows are not heads × {} positions", band.t);
+impl Dims {
+    fn new(g: usize, r: usize, d: usize, band: Band) -> Result<Dims> {
+        if band.t == 0 || r % band.t != 0 {
+            candle_core::bail!("banded attention: {r} rows are not heads × {} positions", band.t);
+        }
+        Ok(Dims { g, r, d, band })
     }
-    Ok(Dims { g, r, d, band })
+
+    /// For an input laid out `[G, R, D]`.
+    fn of(l: &Layout, band: Band) -> Result<Dims> {
+        let (g, r, d) = l.shape().dims3()?;
+        Dims::new(g, r, d, band)
+    }
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -323,7 +320,7 @@ impl CustomOp2 for Probs {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dims = dims_of(l1, self.0)?;
+        let dims = Dims::of(l1, self.0)?;
         let p = band_scores(slice(s1, l1)?, slice(s2, l2)?, dims, true);
         Ok((CpuStorage::F32(p), Shape::from((dims.g, dims.r, self.0.total()))))
     }
@@ -379,28 +376,19 @@ impl CustomOp2 for Kernel {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, y) = (slice(s1, l1)?, slice(s2, l2)?);
+        // Rows come from the first input, the head size from the second.
+        let (g, r, _) = l1.shape().dims3()?;
+        let d = *l2.dims().last().unwrap_or(&0);
         let (out, shape) = match *self {
             Kernel::Scores(band) => {
-                let dims = dims_of(l1, band)?;
-                (band_scores(x, y, dims, false), Shape::from((dims.g, dims.r, band.total())))
+                let dims = Dims::of(l1, band)?;
+                (band_scores(x, y, dims, false), Shape::from((g, r, band.total())))
             }
-            Kernel::Times(band) => {
-                let (g, r, _) = l1.shape().dims3()?;
-                let d = l2.dims()[2];
-                let dims = dims_of(&Layout::contiguous((g, r, d)), band)?;
-                (band_times(x, y, dims), Shape::from((g, r, d)))
-            }
+            Kernel::Times(band) => (band_times(x, y, Dims::new(g, r, d, band)?), Shape::from((g, r, d))),
             Kernel::TransposeTimes(band) => {
-                let (g, r, _) = l1.shape().dims3()?;
-                let d = l2.dims()[2];
-                let dims = dims_of(&Layout::contiguous((g, r, d)), band)?;
-                (band_t_times(x, y, dims), Shape::from((g, band.total(), d)))
+                (band_t_times(x, y, Dims::new(g, r, d, band)?), Shape::from((g, band.total(), d)))
             }
-            Kernel::SoftmaxBwd(band) => {
-                let (g, r, _) = l1.shape().dims3()?;
-                let dims = dims_of(&Layout::contiguous((g, r, 1)), band)?;
-                (band_softmax_bwd(x, y, dims), l1.shape().clone())
-            }
+            Kernel::SoftmaxBwd(band) => (band_softmax_bwd(x, y, Dims::new(g, r, d, band)?), l1.shape().clone()),
         };
         Ok((CpuStorage::F32(out), shape))
     }
@@ -408,19 +396,9 @@ impl CustomOp2 for Kernel {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fused::tests::{max_diff, rand};
     use super::*;
     use candle_core::{Device, Var};
-
-    fn rand(shape: &[usize], seed: u32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> =
-            (0..n as u32).map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 2000) as f32 / 1000.0 - 1.0).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
-    }
 
     /// The reference: full scores, additive mask, softmax, `p·v`, composed
     /// from candle ops (each with its own backward).

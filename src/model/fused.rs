@@ -113,13 +113,8 @@ impl CustomOp1 for Softmax {
         let d = last_dim(l);
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
-            let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for (yv, xv) in yr.iter_mut().zip(xr) {
-                *yv = xv - max;
-            }
-            super::vmath::exp_in_place(yr);
-            let inv = 1.0 / yr.iter().sum::<f32>();
-            yr.iter_mut().for_each(|v| *v *= inv);
+            yr.copy_from_slice(xr);
+            super::vmath::softmax_in_place(yr);
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -369,18 +364,19 @@ impl CustomOp2 for GeluTanhBwd {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::ops::composed;
     use candle_core::{Device, Tensor, Var};
 
-    fn rand(shape: &[usize], seed: u32) -> Tensor {
+    /// Deterministic values in [-2, 2).
+    pub(crate) fn rand(shape: &[usize], seed: u32) -> Tensor {
         let n: usize = shape.iter().product();
         let v: Vec<f32> =
             (0..n as u32).map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 2000) as f32 / 500.0 - 2.0).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
     }
 

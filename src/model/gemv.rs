@@ -251,35 +251,33 @@ unsafe fn rows_avx2(
     y: &mut [f32],
     load: impl Fn(usize) -> std::arch::x86_64::__m256i,
 ) {
-    // SAFETY: inlined into callers compiled for AVX2/FMA/F16C; the scale
-    // buffers hold a multiple of 8 values, and 32 input values at b·32 lie
-    // inside xq.
+    // SAFETY: inlined into callers compiled for AVX2/FMA/F16C; the stack
+    // buffers hold 8 values, and 32 input values at b·32 lie inside xq.
     unsafe {
         use std::arch::x86_64::*;
         let nb = xd.len();
         let ones = _mm256_set1_epi16(1);
-        // The row's block scales times the input's, 8 at a time (F16C).
-        let mut scale = vec![0f32; nb.next_multiple_of(8)];
-        let mut s16 = vec![f16::ZERO; nb.next_multiple_of(8)];
-        let mut x32 = vec![0f32; nb.next_multiple_of(8)];
-        x32[..nb].copy_from_slice(xd);
         for (r, yv) in y.iter_mut().enumerate() {
             let first = (r0 + r) * nb;
-            s16[..nb].copy_from_slice(&s[first..first + nb]);
-            for i in (0..nb).step_by(8) {
-                let h = _mm_loadu_si128(s16.as_ptr().add(i) as *const __m128i);
-                let v = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(x32.as_ptr().add(i)));
-                _mm256_storeu_ps(scale.as_mut_ptr().add(i), v);
-            }
             // Two accumulators (even and odd blocks) to overlap the FMA latency.
             let mut acc = [_mm256_setzero_ps(); 2];
-            for b in 0..nb {
-                let wv = load(first + b);
-                let xv = _mm256_loadu_si256(xq.as_ptr().add(b * 32) as *const __m256i);
-                // |w| (unsigned) times x·sign(w): maddubs multiplies u8 by i8.
-                let prod = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
-                acc[b & 1] = _mm256_fmadd_ps(dot, _mm256_set1_ps(scale[b]), acc[b & 1]);
+            for b0 in (0..nb).step_by(8) {
+                // Up to 8 block scales times the input's (F16C), on the stack.
+                let n = (nb - b0).min(8);
+                let (mut s16, mut x32, mut scale) = ([f16::ZERO; 8], [0f32; 8], [0f32; 8]);
+                s16[..n].copy_from_slice(&s[first + b0..first + b0 + n]);
+                x32[..n].copy_from_slice(&xd[b0..b0 + n]);
+                let h = _mm_loadu_si128(s16.as_ptr() as *const __m128i);
+                _mm256_storeu_ps(scale.as_mut_ptr(), _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(x32.as_ptr())));
+                for (j, &sc) in scale[..n].iter().enumerate() {
+                    let b = b0 + j;
+                    let wv = load(first + b);
+                    let xv = _mm256_loadu_si256(xq.as_ptr().add(b * 32) as *const __m256i);
+                    // |w| (unsigned) times x·sign(w): maddubs multiplies u8 by i8.
+                    let prod = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+                    let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
+                    acc[b & 1] = _mm256_fmadd_ps(dot, _mm256_set1_ps(sc), acc[b & 1]);
+                }
             }
             let acc = _mm256_add_ps(acc[0], acc[1]);
             let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));

@@ -36,11 +36,24 @@ macro_rules! simd_fn {
 }
 
 simd_fn! {
-    /// `x ← eˣ` for every element (0 below −87.3, +∞ above 88.72).
-    fn exp_in_place(x: &mut [f32]) {
-        for v in x.iter_mut() {
-            *v = exp(*v);
+    /// `x ← softmax(x)`: `exp(x − max)`, normalised to sum 1.
+    fn softmax_in_place(x: &mut [f32]) {
+        let m = max(x);
+        let mut acc = [0f32; 8];
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            for i in 0..8 {
+                c[i] = exp(c[i] - m);
+                acc[i] += c[i];
+            }
         }
+        let mut tail = 0f32;
+        for v in chunks.into_remainder() {
+            *v = exp(*v - m);
+            tail += *v;
+        }
+        let inv = 1.0 / (acc.iter().sum::<f32>() + tail);
+        x.iter_mut().for_each(|v| *v *= inv);
     }
 }
 
@@ -199,14 +212,14 @@ mod tests {
         let mut worst = 0f32;
         for i in -870_000..887_000 {
             let x = i as f32 * 1e-4;
-            let mut v = [x];
-            exp_in_place(&mut v);
+            let mut v = [0f32];
+            exp_shifted(&[x], 0.0, &mut v);
             let want = x.exp();
             worst = worst.max(((v[0] - want) / want).abs());
         }
         assert!(worst < 5e-7, "relative error {worst}");
-        let mut edges = [-1000.0, -87.0, 0.0, 88.0, 89.0, 1000.0, f32::NEG_INFINITY];
-        exp_in_place(&mut edges);
+        let mut edges = [0f32; 7];
+        exp_shifted(&[-1000.0, -87.0, 0.0, 88.0, 89.0, 1000.0, f32::NEG_INFINITY], 0.0, &mut edges);
         assert!(edges[0] == 0.0 && edges[6] == 0.0 && edges[1] > 0.0);
         assert_eq!(edges[2], 1.0);
         assert!(edges[3].is_finite() && edges[4].is_infinite() && edges[5].is_infinite());
@@ -225,6 +238,9 @@ mod tests {
             assert!(out.iter().zip(&x).all(|(o, &v)| (o - (v - m).exp()).abs() <= 1e-6 * (v - m).exp().max(1e-30)));
             let lse = logsumexp(&x) as f64;
             assert!((lse - (m as f64 + want.ln())).abs() < 1e-5, "logsumexp {lse}");
+            let mut p = x.clone();
+            softmax_in_place(&mut p);
+            assert!(p.iter().zip(&x).all(|(&pv, &v)| ((pv as f64) - ((v - m) as f64).exp() / want).abs() < 1e-6));
         }
     }
 
