@@ -197,6 +197,10 @@ pub enum Command {
         /// Print one JSON object per prompt (text, parsed tool calls, speed).
         #[arg(long)]
         json: bool,
+        /// With --json: prompts decoded together (one step runs a token of
+        /// each; same answers as one by one, up to float rounding).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+        batch: u64,
     },
     /// Chat with a model in the terminal (history, streaming; /reset, /system TEXT, /exit).
     Chat {
@@ -505,7 +509,7 @@ fn dispatch(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Generate { model, prompt, prompts, system, generation, json } => {
+        Command::Generate { model, prompt, prompts, system, generation, json, batch } => {
             let params = generation.params()?;
             let conversations = match (prompt, prompts) {
                 (Some(p), None) => vec![("1".to_string(), vec![crate::chat::Message::new("user", &p)], None)],
@@ -514,35 +518,41 @@ fn dispatch(command: Command) -> Result<()> {
             };
             let mut session = crate::session::Session::load(&model.choice())?;
             eprintln!("pipeline: {}", session.description);
+            let mut rendered = Vec::with_capacity(conversations.len());
             for (id, mut messages, tools) in conversations {
                 if let Some(sys) = &system {
                     messages.insert(0, crate::chat::Message::new("system", sys));
                 }
-                let prompt = session.prompt(&messages, tools.as_ref())?;
-                let g = if json {
-                    session.generate(&prompt, &params, &mut |_| {})?
-                } else {
-                    let mut out = std::io::stdout();
-                    let g = session.generate(&prompt, &params, &mut |t| {
-                        use std::io::Write;
-                        let _ = out.write_all(t.as_bytes());
-                        let _ = out.flush();
-                    })?;
-                    println!();
-                    g
-                };
-                if json {
-                    let calls = crate::toolcall::parse(&g.text);
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "id": id, "text": g.text, "tool_calls": calls.calls, "invalid_tool_calls": calls.invalid,
-                            "finish": g.finish, "prompt_tokens": prompt.len(), "new_tokens": g.tokens.len(),
-                            "prefill_tokens_per_s": g.prefill_tokens as f64 / g.prefill_s.max(1e-9),
-                            "decode_tokens_per_s": g.tokens.len() as f64 / g.decode_s.max(1e-9),
-                        })
-                    );
+                rendered.push((id, session.prompt(&messages, tools.as_ref())?));
+            }
+            if json {
+                // Not streamed: decode `batch` prompts at a time.
+                for group in rendered.chunks(batch as usize) {
+                    let prompts: Vec<Vec<u32>> = group.iter().map(|(_, p)| p.clone()).collect();
+                    for ((id, prompt), g) in group.iter().zip(session.generate_batch(&prompts, &params)?) {
+                        let calls = crate::toolcall::parse(&g.text);
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "id": id, "text": g.text, "tool_calls": calls.calls,
+                                "invalid_tool_calls": calls.invalid, "finish": g.finish,
+                                "prompt_tokens": prompt.len(), "new_tokens": g.tokens.len(),
+                                "prefill_tokens_per_s": g.prefill_tokens as f64 / g.prefill_s.max(1e-9),
+                                "decode_tokens_per_s": g.tokens.len() as f64 / g.decode_s.max(1e-9),
+                            })
+                        );
+                    }
                 }
+                return Ok(());
+            }
+            for (_, prompt) in rendered {
+                let mut out = std::io::stdout();
+                session.generate(&prompt, &params, &mut |t| {
+                    use std::io::Write;
+                    let _ = out.write_all(t.as_bytes());
+                    let _ = out.flush();
+                })?;
+                println!();
             }
             Ok(())
         }

@@ -181,6 +181,86 @@ impl<'a> Generator<'a> {
         default_seed: u64,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
+        let t0 = Instant::now();
+        let prefill_tokens = self.prepare(prompt, cache)?;
+        let mut logits = self.next_logits(&prompt[cache.len()..], cache)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        let mut decoding = Decoding::new(prompt, params, default_seed);
+        while let Some(next) = decoding.step(self, &logits, cache.len(), on_text)? {
+            logits = self.next_logits(&[next], cache)?;
+        }
+        Ok(decoding.finish(prefill_tokens, prefill_s, t1.elapsed().as_secs_f64(), on_text))
+    }
+
+    /// Generates for several prompts at once, each with its cache (as
+    /// [`Generator::generate_cached`]: the cache may hold a prefix of its
+    /// prompt). The prompts are prefilled one after another, then decoded
+    /// together: each step runs one token of every unfinished sequence
+    /// through [`CausalLm::forward_batch`]. Greedy results are those of
+    /// decoding each prompt alone (up to float rounding); a sampled sequence
+    /// draws from its own sampler, seeded as when alone. `decode_s` is the
+    /// wall time until the sequence finished.
+    pub fn generate_batch(
+        &self,
+        jobs: &mut [(&[u32], &mut KvCache)],
+        params: &GenerationParams,
+        default_seed: u64,
+    ) -> Result<Vec<Generation>> {
+        let mut states = Vec::with_capacity(jobs.len());
+        let mut logits = Vec::with_capacity(jobs.len());
+        for (prompt, cache) in jobs.iter_mut() {
+            let t0 = Instant::now();
+            let prefill_tokens = self.prepare(prompt, cache)?;
+            logits.push(self.next_logits(&prompt[cache.len()..], cache)?);
+            states.push(Some((
+                Decoding::new(prompt, params, default_seed),
+                prefill_tokens,
+                t0.elapsed().as_secs_f64(),
+            )));
+        }
+        let t1 = Instant::now();
+        let mut done: Vec<Option<Generation>> = (0..jobs.len()).map(|_| None).collect();
+        loop {
+            // Each unfinished sequence takes its next token, or finishes.
+            let mut feed = Vec::new();
+            for i in 0..jobs.len() {
+                let Some((decoding, _, _)) = &mut states[i] else { continue };
+                match decoding.step(self, &logits[i], jobs[i].1.len(), &mut |_| {})? {
+                    Some(next) => feed.push((i, next)),
+                    None => {
+                        let (decoding, tokens, seconds) = states[i].take().expect("unfinished");
+                        done[i] = Some(decoding.finish(tokens, seconds, t1.elapsed().as_secs_f64(), &mut |_| {}));
+                    }
+                }
+            }
+            if feed.is_empty() {
+                break;
+            }
+            // At most MAX_DECODE_BATCH rows per pass: larger passes would use
+            // the f32 LM head, and differ from decoding alone.
+            for part in feed.chunks(crate::model::lora::MAX_DECODE_BATCH) {
+                let ids: Vec<u32> = part.iter().map(|&(_, t)| t).collect();
+                let mut caches: Vec<&mut KvCache> = jobs
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| part.iter().any(|(j, _)| j == i))
+                    .map(|(_, (_, c))| &mut **c)
+                    .collect();
+                let rows = self.model.logits(&self.model.forward_batch(&ids, &mut caches)?)?;
+                for (row, &(i, _)) in part.iter().enumerate() {
+                    logits[i] = rows.get(row)?;
+                }
+            }
+        }
+        Ok(done.into_iter().map(|g| g.expect("every sequence finished")).collect())
+    }
+
+    /// Checks `prompt` against the context and cuts `cache` so that at
+    /// least one prompt token goes through the model (for its logits);
+    /// returns how many tokens the prefill runs.
+    fn prepare(&self, prompt: &[u32], cache: &mut KvCache) -> Result<usize> {
         if prompt.is_empty() {
             bail!("the prompt is empty");
         }
@@ -188,47 +268,10 @@ impl<'a> Generator<'a> {
         if prompt.len() >= max_positions {
             bail!("the prompt has {} tokens; the model takes at most {}", prompt.len(), max_positions - 1);
         }
-        // At least one prompt token goes through the model, for its logits.
         if cache.len() >= prompt.len() {
             cache.truncate(prompt.len() - 1);
         }
-        let t0 = Instant::now();
-        let prefill_tokens = prompt.len() - cache.len();
-        let mut logits = self.next_logits(&prompt[cache.len()..], cache)?;
-        let prefill_s = t0.elapsed().as_secs_f64();
-
-        let t1 = Instant::now();
-        let mut sampler = LogitsProcessor::from_sampling(params.seed.unwrap_or(default_seed), params.sampling());
-        let mut tokens: Vec<u32> = Vec::new();
-        let mut stream = TextStream::new(&params.stop);
-        let mut finish = Finish::Length;
-        while tokens.len() < params.max_new_tokens {
-            if params.repetition_penalty != 1.0 {
-                let context: Vec<u32> = prompt.iter().chain(&tokens).copied().collect();
-                let recent = &context[context.len().saturating_sub(params.repeat_last_n)..];
-                logits = candle_transformers::utils::apply_repeat_penalty(&logits, params.repetition_penalty, recent)?;
-            }
-            let next = sampler.sample(&logits)?;
-            if self.stop_tokens.contains(&next) {
-                finish = Finish::Stop;
-                break;
-            }
-            tokens.push(next);
-            let text = self.tokenizer.decode(&tokens, false).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
-            if stream.push(&text, on_text) {
-                finish = Finish::StopString;
-                break;
-            }
-            if cache.len() + 1 >= max_positions {
-                finish = Finish::Context;
-                break;
-            }
-            if tokens.len() < params.max_new_tokens {
-                logits = self.next_logits(&[next], cache)?;
-            }
-        }
-        let text = stream.finish(on_text);
-        Ok(Generation { tokens, text, finish, prefill_tokens, prefill_s, decode_s: t1.elapsed().as_secs_f64() })
+        Ok(prompt.len() - cache.len())
     }
 
     /// Runs `ids` through the model and returns the logits after the last.
@@ -236,6 +279,72 @@ impl<'a> Generator<'a> {
         let h = self.model.forward_chunked(ids, cache)?;
         let last = h.narrow(0, ids.len() - 1, 1)?;
         Ok(self.model.logits(&last)?.flatten_all()?)
+    }
+}
+
+/// The decoding state of one sequence: sampler, new tokens, streamed text.
+struct Decoding<'p> {
+    prompt: &'p [u32],
+    params: &'p GenerationParams,
+    sampler: LogitsProcessor,
+    tokens: Vec<u32>,
+    stream: TextStream<'p>,
+    finish: Finish,
+}
+
+impl<'p> Decoding<'p> {
+    fn new(prompt: &'p [u32], params: &'p GenerationParams, default_seed: u64) -> Self {
+        Decoding {
+            prompt,
+            params,
+            sampler: LogitsProcessor::from_sampling(params.seed.unwrap_or(default_seed), params.sampling()),
+            tokens: Vec::new(),
+            stream: TextStream::new(&params.stop),
+            finish: Finish::Length,
+        }
+    }
+
+    /// Picks the next token from `logits` (the model's output after the
+    /// last token, with `cached` positions now in the cache): `Some(token)`
+    /// when the model must run it to go on, `None` when the sequence ends.
+    fn step(
+        &mut self,
+        g: &Generator<'_>,
+        logits: &Tensor,
+        cached: usize,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Option<u32>> {
+        let params = self.params;
+        if self.tokens.len() >= params.max_new_tokens {
+            return Ok(None);
+        }
+        let mut logits = logits.flatten_all()?;
+        if params.repetition_penalty != 1.0 {
+            let context: Vec<u32> = self.prompt.iter().chain(&self.tokens).copied().collect();
+            let recent = &context[context.len().saturating_sub(params.repeat_last_n)..];
+            logits = candle_transformers::utils::apply_repeat_penalty(&logits, params.repetition_penalty, recent)?;
+        }
+        let next = self.sampler.sample(&logits)?;
+        if g.stop_tokens.contains(&next) {
+            self.finish = Finish::Stop;
+            return Ok(None);
+        }
+        self.tokens.push(next);
+        let text = g.tokenizer.decode(&self.tokens, false).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
+        if self.stream.push(&text, on_text) {
+            self.finish = Finish::StopString;
+            return Ok(None);
+        }
+        if cached + 1 >= g.model.max_positions() {
+            self.finish = Finish::Context;
+            return Ok(None);
+        }
+        Ok((self.tokens.len() < params.max_new_tokens).then_some(next))
+    }
+
+    fn finish(self, prefill_tokens: usize, prefill_s: f64, decode_s: f64, on_text: &mut dyn FnMut(&str)) -> Generation {
+        let text = self.stream.finish(on_text);
+        Generation { tokens: self.tokens, text, finish: self.finish, prefill_tokens, prefill_s, decode_s }
     }
 }
 

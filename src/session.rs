@@ -94,6 +94,17 @@ impl Session {
         self.cached.truncate(self.cache.len());
         Ok(g)
     }
+
+    /// Generates for several prompts decoded together (batched decoding,
+    /// see [`Generator::generate_batch`]), each from a fresh cache.
+    pub fn generate_batch(&self, prompts: &[Vec<u32>], params: &GenerationParams) -> Result<Vec<Generation>> {
+        let stops = crate::generate::stop_tokens(&self.template.end_of_turn, &self.template.eos_token);
+        let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
+        let generator = Generator::new(self.model.as_ref(), &self.tokenizer, &stops);
+        let mut caches: Vec<KvCache> = prompts.iter().map(|_| self.model.new_cache()).collect();
+        let mut jobs: Vec<(&[u32], &mut KvCache)> = prompts.iter().map(Vec::as_slice).zip(caches.iter_mut()).collect();
+        generator.generate_batch(&mut jobs, params, self.seed)
+    }
 }
 
 /// The adapter directory of a recipe's `--stage` (or its lora-train stage),

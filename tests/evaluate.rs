@@ -75,9 +75,32 @@ fn reports_base_and_adapter_side_by_side() {
     assert!(md.contains("| metric | base | adapter |"), "{md}");
     assert!(md.contains("### even") && md.contains("tool called when needed"), "{md}");
 
-    // Cached on a second run.
+    // Cached on a second run, also with another decoding batch size (not
+    // part of the key: it does not change the answers).
     let plan = p.plan(&["recipe.toml"]);
     assert!(plan.iter().all(|(_, s, _)| s == "cached"), "{plan:?}");
+    let plan = p.plan(&["recipe.toml", "--set", "stages.eval.batch=1"]);
+    assert!(plan.iter().all(|(_, s, _)| s == "cached"), "{plan:?}");
+
+    // Rows one by one, each from an empty cache (`limit` only changes the
+    // key): the same answers and losses as rows in token order sharing
+    // their prefixes, decoded 8 at a time.
+    p.ok(&["run", "recipe.toml", "--set", "stages.eval.batch=1", "--set", "stages.eval.limit=4"]);
+    let one_by_one =
+        std::fs::read_to_string(show_with(&p, "eval", "stages.eval.limit=4").join("predictions.jsonl")).unwrap();
+    let one_by_one: Vec<Value> = one_by_one.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(one_by_one.len(), lines.len());
+    for (a, b) in lines.iter().zip(&one_by_one) {
+        assert_eq!((&a["id"], &a["model"], &a["generated"]), (&b["id"], &b["model"], &b["generated"]));
+        let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!((la - lb).abs() < 1e-4, "row {}: loss {la} vs {lb}", a["id"]);
+    }
+}
+
+fn show_with(p: &Project, stage: &str, set: &str) -> std::path::PathBuf {
+    let out = p.run(&["show", "recipe.toml", stage, "--set", set]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().into()
 }
 
 #[test]

@@ -66,7 +66,30 @@ fn greedy_with_and_without_kv_cache_agree_on_every_architecture() {
         let again = m.forward_cached(&all[20..34], &mut cache).unwrap();
         let diff = max_abs_diff(&full.narrow(0, 20, 14).unwrap(), &again);
         assert!(diff < 1e-4, "{arch}: decoding after truncate differs by {diff}");
+
+        batched_decoding_matches_decoding_alone(m.as_ref(), &tok, &prompt, arch);
     }
+}
+
+/// Three prompts of different lengths decoded together (one of them
+/// starting from a prefix copied out of another sequence's cache) give the
+/// tokens each gives alone.
+fn batched_decoding_matches_decoding_alone(m: &dyn CausalLm, tok: &tokenizers::Tokenizer, prompt: &[u32], arch: &str) {
+    let generator = Generator { model: m, tokenizer: tok, stop_tokens: vec![] };
+    let params = GenerationParams { max_new_tokens: 12, ..Default::default() };
+    let prompts = [&prompt[..13], &prompt[2..7], &prompt[..9]];
+    let alone: Vec<Vec<u32>> =
+        prompts.iter().map(|p| generator.generate(p, &params, 0, &mut |_| {}).unwrap().tokens).collect();
+    let mut first = m.new_cache();
+    m.forward_cached(prompts[0], &mut first).unwrap();
+    let mut shared = first.prefix_copy(6).unwrap();
+    assert_eq!(shared.len(), 6);
+    let (mut a, mut b) = (m.new_cache(), m.new_cache());
+    let mut jobs = [(prompts[0], &mut a), (prompts[1], &mut b), (prompts[2], &mut shared)];
+    let together = generator.generate_batch(&mut jobs, &params, 0).unwrap();
+    let together: Vec<Vec<u32>> = together.into_iter().map(|g| g.tokens).collect();
+    assert_eq!(together, alone, "{arch}: batched and one-by-one greedy decoding differ");
+    assert_eq!(a.len(), 13 + 11, "{arch}: the cache holds the prompt and the fed tokens");
 }
 
 #[test]
@@ -89,4 +112,8 @@ fn quantized_greedy_text_follows_the_f32_reference_on_gemma3_270m() {
     let same = got.tokens.iter().zip(&ref_ids).take_while(|(a, b)| a == b).count();
     eprintln!("quantized decode: {:?} ({same} tokens as the f32 reference)", got.text);
     assert!(same >= 10, "only {same} tokens agree with the f32 reference: {:?}", got.text);
+
+    // Quantized batched decoding reads each weight once for all sequences
+    // and gives each sequence's tokens decoded alone, bit for bit.
+    batched_decoding_matches_decoding_alone(m.as_ref(), &tok, &ref_ids, "gemma3-270m q4_k_m");
 }

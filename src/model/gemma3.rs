@@ -16,7 +16,7 @@
 use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::kv::{KvCache, LayerKv};
+use super::kv::{KvCache, Rows, Seq, is_step, per_sequence};
 use super::lora::{DropoutMask, LoraLinear};
 use super::ops::{Rope, cached_attention, gelu_tanh, rms_norm};
 use super::{CausalLm, Weights, layer_linears};
@@ -157,23 +157,17 @@ impl Gemma3 {
         Ok(Gemma3 { cfg, embed, embed_q, layers, norm, rope_local, rope_global, device })
     }
 
-    /// One decoder layer on `x: [T, hidden]` at positions `start..start+T`,
-    /// appending to `kv` when decoding incrementally.
-    fn layer(
-        &self,
-        l: &Layer,
-        x: &Tensor,
-        start: usize,
-        kv: Option<&mut LayerKv>,
-        dropout: Option<&dyn DropoutMask>,
-    ) -> Result<Tensor> {
+    /// One decoder layer on `x: [T, hidden]`, the rows of `seqs`.
+    fn layer(&self, l: &Layer, x: &Tensor, seqs: &mut [Seq<'_>], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
+        let step = is_step(seqs);
+        let lin = |m: &LoraLinear, x: &Tensor| if step { m.forward_step(x) } else { m.forward(x, dropout) };
         let n = rms_norm(x, &l.input_norm, eps, 1.0)?;
-        let attn = self.attention(l, &n, start, kv, dropout)?;
+        let attn = self.attention(l, &n, seqs, dropout)?;
         let h = (x + rms_norm(&attn, &l.post_attn_norm, eps, 1.0)?)?;
         let n = rms_norm(&h, &l.pre_ff_norm, eps, 1.0)?;
-        let ff = (gelu_tanh(&l.gate.forward(&n, dropout)?)? * l.up.forward(&n, dropout)?)?;
-        let ff = l.down.forward(&ff, dropout)?;
+        let ff = (gelu_tanh(&lin(&l.gate, &n)?)? * lin(&l.up, &n)?)?;
+        let ff = lin(&l.down, &ff)?;
         h + rms_norm(&ff, &l.post_ff_norm, eps, 1.0)?
     }
 
@@ -181,49 +175,45 @@ impl Gemma3 {
         &self,
         l: &Layer,
         x: &Tensor,
-        start: usize,
-        kv: Option<&mut LayerKv>,
+        seqs: &mut [Seq<'_>],
         dropout: Option<&dyn DropoutMask>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
+        let step = is_step(seqs);
+        let lin = |m: &LoraLinear, x: &Tensor| if step { m.forward_step(x) } else { m.forward(x, dropout) };
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let eps = cfg.rms_norm_eps;
         // [T, heads·hd] → [heads, T, hd]
         let heads = |y: Tensor, n: usize| y.reshape((t, n, hd))?.transpose(0, 1)?.contiguous();
-        let q = rms_norm(&heads(l.q.forward(x, dropout)?, nh)?, &l.q_norm, eps, 1.0)?;
-        let k = rms_norm(&heads(l.k.forward(x, dropout)?, nkv)?, &l.k_norm, eps, 1.0)?;
-        let v = heads(l.v.forward(x, dropout)?, nkv)?;
+        let q = rms_norm(&heads(lin(&l.q, x)?, nh)?, &l.q_norm, eps, 1.0)?;
+        let k = rms_norm(&heads(lin(&l.k, x)?, nkv)?, &l.k_norm, eps, 1.0)?;
+        let v = heads(lin(&l.v, x)?, nkv)?;
         let rope = if l.sliding { &self.rope_local } else { &self.rope_global };
-        let q = (rope.apply(&q, start)? * cfg.query_pre_attn_scalar.powf(-0.5))?;
-        let k = rope.apply(&k, start)?;
-        let (k, v) = match kv {
-            Some(kv) => kv.append(&k, &v)?,
-            None => (k, v),
-        };
-        // Grouped-query attention without copying k/v: q heads of one kv
-        // group are stacked along the time axis.
-        let group = nh / nkv;
-        let q = q.reshape((nkv, group * t, hd))?;
         let window = l.sliding.then_some(cfg.sliding_window);
-        let out = cached_attention(&q, &k, &v, t, start, window, cfg.attn_logit_softcapping)?; // [nkv, group·T, hd]
-        let out = out.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
-        l.o.forward(&out, dropout)
+        let out = per_sequence(&q, &k, &v, seqs, |q, k, v, seq| {
+            let (t, start) = (seq.len, seq.start);
+            let q = (rope.apply(&q, start)? * cfg.query_pre_attn_scalar.powf(-0.5))?;
+            let k = rope.apply(&k, start)?;
+            let (k, v) = match seq.kv.as_deref_mut() {
+                Some(kv) => kv.append(&k, &v)?,
+                None => (k, v),
+            };
+            // Grouped-query attention without copying k/v: q heads of one kv
+            // group are stacked along the time axis.
+            let group = nh / nkv;
+            let q = q.reshape((nkv, group * t, hd))?;
+            let out = cached_attention(&q, &k, &v, t, start, window, cfg.attn_logit_softcapping)?; // [nkv, group·T, hd]
+            out.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))
+        })?;
+        lin(&l.o, &out)
     }
 
-    /// Final hidden states for `ids` at positions `start..`, through the
-    /// cache when there is one.
-    fn run(
-        &self,
-        ids: &[u32],
-        start: usize,
-        mut cache: Option<&mut KvCache>,
-        dropout: Option<&dyn DropoutMask>,
-    ) -> Result<Tensor> {
+    /// Final hidden states for `ids`, the rows of `rows`.
+    fn run(&self, ids: &[u32], mut rows: Rows<'_, '_>, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
         let mut x = self.embed_tokens(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = self.layer(layer, &x, start, kv, dropout)?;
+            x = self.layer(layer, &x, &mut rows.seqs(i, ids.len()), dropout)?;
         }
         self.final_norm(&x)
     }
@@ -248,7 +238,7 @@ impl CausalLm for Gemma3 {
     }
 
     fn hidden(&self, ids: &[u32], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
-        self.run(ids, 0, None, dropout)
+        self.run(ids, Rows::One { start: 0, cache: None }, dropout)
     }
 
     fn new_cache(&self) -> KvCache {
@@ -265,7 +255,7 @@ impl CausalLm for Gemma3 {
     }
 
     fn layer_forward(&self, i: usize, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
-        self.layer(&self.layers[i], x, 0, None, dropout)
+        self.layer(&self.layers[i], x, &mut [Seq { len: x.dim(0)?, start: 0, kv: None }], dropout)
     }
 
     fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
@@ -273,8 +263,11 @@ impl CausalLm for Gemma3 {
     }
 
     fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let start = cache.len();
-        self.run(ids, start, Some(cache), None)
+        self.run(ids, Rows::One { start: cache.len(), cache: Some(cache) }, None)
+    }
+
+    fn forward_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        self.run(ids, Rows::Step(caches), None)
     }
 
     fn max_positions(&self) -> usize {
@@ -292,7 +285,7 @@ impl CausalLm for Gemma3 {
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let logits = match &self.embed_q {
-            Some(q) if hidden.dim(0)? <= super::lora::QUANTIZED_MAX_ROWS => q.forward(hidden)?,
+            Some(q) if hidden.dim(0)? <= super::lora::MAX_DECODE_BATCH => q.forward(hidden)?,
             _ => super::lora::frozen_linear(hidden, &self.embed)?,
         };
         match self.cfg.final_logit_softcapping {

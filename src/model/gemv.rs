@@ -54,25 +54,53 @@ impl QuantLinear {
         Ok(QuantLinear { out, inp, kind })
     }
 
-    /// `x·Wᵀ` for `x: [..., in]` (meant for a few rows: each is one pass over W).
+    /// `x·Wᵀ` for `x: [..., in]`. Meant for a few rows (decoding one or a
+    /// batch of sequences): each task reads its rows of `W` once and
+    /// multiplies them with every input row while they are in cache.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Kind::Candle(m) = &self.kind {
             return m.forward(x);
         }
         let mut dims = x.dims().to_vec();
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let mut y = vec![0f32; xs.len() / self.inp * self.out];
-        for (xr, yr) in xs.chunks(self.inp).zip(y.chunks_mut(self.out)) {
-            match &self.kind {
-                Kind::Q32(b) => b.gemv(self.inp, xr, yr),
-                Kind::Q4K(b) => gemv_blocks(b, self.inp, xr, yr),
-                Kind::Q6K(b) => gemv_blocks(b, self.inp, xr, yr),
-                Kind::Candle(_) => unreachable!("handled above"),
+        let n = xs.len() / self.inp;
+        // Task c fills rows c·64.. of W·xᵢ for every input i, input by input.
+        let mut tasks = vec![0f32; n * self.out];
+        match &self.kind {
+            Kind::Q32(b) => {
+                let (xq, xd) = quantize_input(&xs);
+                let nb = self.inp / 32;
+                tasks.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(c, out)| {
+                    // Up to INPUTS_PER_PASS inputs share each pass over the rows.
+                    let rows = out.len() / n;
+                    for (g, y) in out.chunks_mut(INPUTS_PER_PASS * rows).enumerate() {
+                        let (i, k) = (g * INPUTS_PER_PASS, y.len() / rows);
+                        let (xq, xd) = (&xq[i * self.inp..(i + k) * self.inp], &xd[i * nb..(i + k) * nb]);
+                        b.rows(c * ROWS_PER_TASK, nb, xq, xd, y)
+                    }
+                })
             }
+            Kind::Q4K(b) => rows_blocks(b, self.inp, &xs, &mut tasks),
+            Kind::Q6K(b) => rows_blocks(b, self.inp, &xs, &mut tasks),
+            Kind::Candle(_) => unreachable!("handled above"),
         }
+        let y = if n == 1 { tasks } else { input_major(&tasks, n, self.out) };
         *dims.last_mut().expect("at least 1-d") = self.out;
         Tensor::from_vec(y, dims, x.device())
     }
+}
+
+/// `[n, out]` from the per-task layout of [`QuantLinear::forward`] (task c
+/// holds its rows for input 0, then for input 1, …).
+fn input_major(tasks: &[f32], n: usize, out: usize) -> Vec<f32> {
+    let mut y = vec![0f32; n * out];
+    for (c, chunk) in tasks.chunks(ROWS_PER_TASK * n).enumerate() {
+        let rows = chunk.len() / n;
+        for (i, part) in chunk.chunks(rows).enumerate() {
+            y[i * out + c * ROWS_PER_TASK..][..rows].copy_from_slice(part);
+        }
+    }
+    y
 }
 
 /// Row-major blocks of 32 values with one f16 scale each, values kept as
@@ -97,12 +125,12 @@ impl Blocks32 {
     fn new(data: &[u8], dtype: GgmlDType) -> Blocks32 {
         if dtype == GgmlDType::Q8_0 {
             let blocks = data.chunks_exact(Q8_0_BYTES);
-            let scales = blocks.clone().map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
+            let scales = padded(blocks.clone().map(|b| f16::from_le_bytes([b[0], b[1]])));
             let values = blocks.flat_map(|b| b[2..34].iter().map(|&v| v as i8)).collect();
             Blocks32 { scales, values: Values::I8(values) }
         } else {
             let blocks = data.chunks_exact(Q5_0_BYTES);
-            let scales = blocks.clone().map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
+            let scales = padded(blocks.clone().map(|b| f16::from_le_bytes([b[0], b[1]])));
             let hi = blocks.clone().map(|b| u32::from_le_bytes([b[2], b[3], b[4], b[5]])).collect();
             let lo = blocks.flat_map(|b| b[6..22].iter().copied()).collect();
             Blocks32 { scales, values: Values::Five { lo, hi } }
@@ -123,14 +151,11 @@ impl Blocks32 {
         }
     }
 
-    /// `y = W·x`.
-    fn gemv(&self, inp: usize, x: &[f32], y: &mut [f32]) {
-        let (xq, xd) = quantize_input(x);
-        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(c, ys)| self.rows(c * ROWS_PER_TASK, inp, &xq, &xd, ys));
-    }
-
-    /// Rows `r0..r0 + y.len()` of `W·x`.
-    fn rows(&self, r0: usize, inp: usize, xq: &[i8], xd: &[f32], y: &mut [f32]) {
+    /// Rows `r0..r0 + n` of `W·xᵢ` for k inputs at once (at most
+    /// [`INPUTS_PER_PASS`]): `xq` and `xd` hold the quantized inputs one
+    /// after another (`nb` blocks each), `y` gets `[k][n]`.
+    fn rows(&self, r0: usize, nb: usize, xq: &[i8], xd: &[f32], y: &mut [f32]) {
+        let k = xd.len() / nb;
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx2")
@@ -138,26 +163,36 @@ impl Blocks32 {
                 && std::arch::is_x86_feature_detected!("f16c")
             {
                 // SAFETY: the CPU has the features just checked; the arrays
-                // hold every block of rows r0..r0 + y.len().
+                // hold every block of rows r0..r0 + n, and k inputs of nb blocks.
                 return unsafe {
                     match &self.values {
-                        Values::I8(v) => rows_i8_avx2(v, &self.scales, r0, xq, xd, y),
-                        Values::Five { lo, hi } => rows_q5_avx2(lo, hi, &self.scales, r0, xq, xd, y),
+                        Values::I8(v) => rows_i8_avx2(v, &self.scales, r0, nb, xq, xd, y),
+                        Values::Five { lo, hi } => rows_q5_avx2(lo, hi, &self.scales, r0, nb, xq, xd, y),
                     }
                 };
             }
         }
-        let nb = inp / 32;
-        for (r, yv) in y.iter_mut().enumerate() {
-            let mut acc = 0f32;
-            for b in 0..nb {
-                let i = (r0 + r) * nb + b;
-                let dot: i32 = self.block(i).iter().zip(&xq[b * 32..][..32]).map(|(&a, &c)| a as i32 * c as i32).sum();
-                acc += dot as f32 * (self.scales[i].to_f32() * xd[b]);
+        let n = y.len() / k;
+        for (i, yi) in y.chunks_mut(n).enumerate() {
+            let (xq, xd) = (&xq[i * nb * 32..(i + 1) * nb * 32], &xd[i * nb..(i + 1) * nb]);
+            for (r, yv) in yi.iter_mut().enumerate() {
+                let mut acc = 0f32;
+                for b in 0..nb {
+                    let j = (r0 + r) * nb + b;
+                    let dot: i32 =
+                        self.block(j).iter().zip(&xq[b * 32..][..32]).map(|(&a, &c)| a as i32 * c as i32).sum();
+                    acc += dot as f32 * (self.scales[j].to_f32() * xd[b]);
+                }
+                *yv = acc;
             }
-            *yv = acc;
         }
     }
+}
+
+/// The block scales followed by 8 zeros, so that the AVX2 kernel can load
+/// eight scales from any block.
+fn padded(scales: impl Iterator<Item = f16>) -> Vec<f16> {
+    scales.chain([f16::ZERO; 8]).collect()
 }
 
 /// The raw bytes of a GGUF tensor as candle's block structs (which are
@@ -176,15 +211,25 @@ fn blocks<T: GgmlType>(data: &[u8]) -> Vec<T> {
 /// balance two cores.
 const ROWS_PER_TASK: usize = 64;
 
-/// `y = W·x` for a K-quant `W` (blocks of 256), through candle's dot products.
-fn gemv_blocks<T: GgmlType>(w: &[T], inp: usize, x: &[f32], y: &mut [f32]) {
+/// Inputs multiplied in one pass over a task's rows of `W` (a batched
+/// decoding step has several): each weight block is loaded once for all.
+const INPUTS_PER_PASS: usize = 4;
+
+/// [`QuantLinear::forward`]'s task layout for a K-quant `W` (blocks of
+/// 256), through candle's dot products.
+fn rows_blocks<T: GgmlType>(w: &[T], inp: usize, xs: &[f32], tasks: &mut [f32]) {
     let nb = inp / T::BLCK_SIZE;
-    let mut xq = vec![T::VecDotType::zeros(); nb];
-    T::VecDotType::from_float(x, &mut xq);
-    y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(c, ys)| {
-        for (i, yv) in ys.iter_mut().enumerate() {
-            let r = c * ROWS_PER_TASK + i;
-            *yv = T::vec_dot(inp, &w[r * nb..(r + 1) * nb], &xq);
+    let n = xs.len() / inp;
+    let mut xq = vec![T::VecDotType::zeros(); nb * n];
+    for (x, q) in xs.chunks(inp).zip(xq.chunks_mut(nb)) {
+        T::VecDotType::from_float(x, q);
+    }
+    tasks.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(c, out)| {
+        for (i, y) in out.chunks_mut(out.len() / n).enumerate() {
+            for (j, yv) in y.iter_mut().enumerate() {
+                let r = c * ROWS_PER_TASK + j;
+                *yv = T::vec_dot(inp, &w[r * nb..(r + 1) * nb], &xq[i * nb..(i + 1) * nb]);
+            }
         }
     });
 }
@@ -209,15 +254,16 @@ fn quantize_input(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_i8_avx2(v: &[i8], s: &[f16], r0: usize, xq: &[i8], xd: &[f32], y: &mut [f32]) {
+unsafe fn rows_i8_avx2(v: &[i8], s: &[f16], r0: usize, nb: usize, xq: &[i8], xd: &[f32], y: &mut [f32]) {
     use std::arch::x86_64::*;
     // SAFETY (loads): block i's 32 values lie inside `v`.
-    unsafe { rows_avx2(s, r0, xq, xd, y, |i| _mm256_loadu_si256(v.as_ptr().add(i * 32) as *const __m256i)) }
+    unsafe { rows_avx2(s, r0, nb, xq, xd, y, |i| _mm256_loadu_si256(v.as_ptr().add(i * 32) as *const __m256i)) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_q5_avx2(lo: &[u8], hi: &[u32], s: &[f16], r0: usize, xq: &[i8], xd: &[f32], y: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_q5_avx2(lo: &[u8], hi: &[u32], s: &[f16], r0: usize, nb: usize, xq: &[i8], xd: &[f32], y: &mut [f32]) {
     use std::arch::x86_64::*;
     let low4 = _mm256_set1_epi8(0x0F);
     let high = _mm256_set1_epi8(0xF0u8 as i8);
@@ -235,55 +281,103 @@ unsafe fn rows_q5_avx2(lo: &[u8], hi: &[u32], s: &[f16], r0: usize, xq: &[i8], x
         _mm256_or_si256(nibbles, _mm256_andnot_si256(set, high))
     };
     // SAFETY: `load` stays inside the arrays for the rows the caller gave.
-    unsafe { rows_avx2(s, r0, xq, xd, y, load) }
+    unsafe { rows_avx2(s, r0, nb, xq, xd, y, load) }
 }
 
-/// Rows `r0..r0 + y.len()` of `W·x` for `i8` blocks produced by `load(i)`
-/// (block i = row·nb + b), with `W`'s f16 scales `s` and the input `xq`
-/// (i8) with scales `xd`.
+/// Rows `r0..r0 + n` of `W·xᵢ` for `i8` weight blocks produced by `load(j)`
+/// (block j = row·nb + b) with f16 scales `s`, and 1 to [`INPUTS_PER_PASS`]
+/// inputs `xq` (i8, `nb` blocks each) with scales `xd`; `y` is `[k][n]`.
+///
+/// Blocks go eight at a time: each weight block is loaded (and for Q5_0
+/// expanded) once and multiplied with every input; per input, the eight
+/// integer dot products are reduced into one vector of eight block sums,
+/// scaled by the eight blocks' combined scales (F16C) in one multiply-add.
+/// (Scaling each block on its own, with a broadcast and an FMA per block,
+/// was 2–3× slower.)
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn rows_avx2(
     s: &[f16],
     r0: usize,
+    nb: usize,
     xq: &[i8],
     xd: &[f32],
     y: &mut [f32],
     load: impl Fn(usize) -> std::arch::x86_64::__m256i,
 ) {
-    // SAFETY: inlined into callers compiled for AVX2/FMA/F16C; the stack
-    // buffers hold 8 values, and 32 input values at b·32 lie inside xq.
+    match xd.len() / nb {
+        // SAFETY: as for `rows_k`.
+        1 => unsafe { rows_k::<1>(s, r0, nb, xq, xd, y, load) },
+        2 => unsafe { rows_k::<2>(s, r0, nb, xq, xd, y, load) },
+        3 => unsafe { rows_k::<3>(s, r0, nb, xq, xd, y, load) },
+        _ => unsafe { rows_k::<4>(s, r0, nb, xq, xd, y, load) },
+    }
+}
+
+/// [`rows_avx2`] for exactly `K` inputs.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rows_k<const K: usize>(
+    s: &[f16],
+    r0: usize,
+    nb: usize,
+    xq: &[i8],
+    xd: &[f32],
+    y: &mut [f32],
+    load: impl Fn(usize) -> std::arch::x86_64::__m256i,
+) {
+    // SAFETY: inlined into callers compiled for AVX2/FMA/F16C; 8 scales
+    // from any block lie inside `s` (which ends with 8 spare entries), the
+    // inputs' are read only for blocks that exist, and input k's 32 values
+    // of block b lie at (k·nb + b)·32 inside xq.
     unsafe {
         use std::arch::x86_64::*;
-        let nb = xd.len();
+        let n = y.len() / K;
         let ones = _mm256_set1_epi16(1);
-        for (r, yv) in y.iter_mut().enumerate() {
+        let zero = _mm256_setzero_si256();
+        // [Σd0, Σd1, …, Σd7] from eight vectors of partial sums.
+        let reduce = |d: &[__m256i; 8]| {
+            let s03 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+            let s47 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
+            let lo = _mm256_permute2x128_si256(s03, s47, 0x20);
+            let hi = _mm256_permute2x128_si256(s03, s47, 0x31);
+            _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi))
+        };
+        for r in 0..n {
             let first = (r0 + r) * nb;
-            // Two accumulators (even and odd blocks) to overlap the FMA latency.
-            let mut acc = [_mm256_setzero_ps(); 2];
+            let mut acc = [_mm256_setzero_ps(); K];
             for b0 in (0..nb).step_by(8) {
-                // Up to 8 block scales times the input's (F16C), on the stack.
-                let n = (nb - b0).min(8);
-                let (mut s16, mut x32, mut scale) = ([f16::ZERO; 8], [0f32; 8], [0f32; 8]);
-                s16[..n].copy_from_slice(&s[first + b0..first + b0 + n]);
-                x32[..n].copy_from_slice(&xd[b0..b0 + n]);
-                let h = _mm_loadu_si128(s16.as_ptr() as *const __m128i);
-                _mm256_storeu_ps(scale.as_mut_ptr(), _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(x32.as_ptr())));
-                for (j, &sc) in scale[..n].iter().enumerate() {
-                    let b = b0 + j;
-                    let wv = load(first + b);
-                    let xv = _mm256_loadu_si256(xq.as_ptr().add(b * 32) as *const __m256i);
-                    // |w| (unsigned) times x·sign(w): maddubs multiplies u8 by i8.
-                    let prod = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-                    let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
-                    acc[b & 1] = _mm256_fmadd_ps(dot, _mm256_set1_ps(sc), acc[b & 1]);
+                let m = (nb - b0).min(8);
+                // Per input, the integer dot products of blocks b0..b0 + m.
+                let mut d = [[zero; 8]; K];
+                for j in 0..8 {
+                    if j < m {
+                        let wv = load(first + b0 + j);
+                        // |w| (unsigned) times x·sign(w): maddubs multiplies u8 by i8.
+                        let abs = _mm256_sign_epi8(wv, wv);
+                        for (k, dk) in d.iter_mut().enumerate() {
+                            let xv = _mm256_loadu_si256(xq.as_ptr().add((k * nb + b0 + j) * 32) as *const __m256i);
+                            dk[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(abs, _mm256_sign_epi8(xv, wv)), ones);
+                        }
+                    }
+                }
+                let ws = _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().add(first + b0) as *const __m128i));
+                let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(m as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let xs = if m == 8 {
+                        _mm256_loadu_ps(xd.as_ptr().add(k * nb + b0))
+                    } else {
+                        _mm256_maskload_ps(xd.as_ptr().add(k * nb + b0), mask)
+                    };
+                    *a = _mm256_fmadd_ps(reduce(&d[k]), _mm256_mul_ps(ws, xs), *a);
                 }
             }
-            let acc = _mm256_add_ps(acc[0], acc[1]);
-            let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-            *yv = _mm_cvtss_f32(h);
+            for (k, a) in acc.iter().enumerate() {
+                let h = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
+                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+                y[k * n + r] = _mm_cvtss_f32(h);
+            }
         }
     }
 }
@@ -298,7 +392,7 @@ mod tests {
     }
 
     /// Each kind agrees with the dequantized weights times the input (up to
-    /// the input's own 8-bit quantization), for 1 and 3 rows.
+    /// the input's own 8-bit quantization), for 1, 3 and 9 rows.
     #[test]
     fn matches_the_dequantized_product() {
         for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q4_0] {
@@ -306,7 +400,7 @@ mod tests {
             let q = QTensor::quantize(&weights(out, inp), dtype).unwrap();
             let deq = q.dequantize(&Device::Cpu).unwrap();
             let lin = QuantLinear::new(q, &Device::Cpu).unwrap();
-            for rows in [1, 3] {
+            for rows in [1, 3, 9] {
                 let x: Vec<f32> = (0..rows * inp).map(|i| ((i * 31 % 97) as f32 / 97.0 - 0.5) * 2.0).collect();
                 let x = Tensor::from_vec(x, (rows, inp), &Device::Cpu).unwrap();
                 let got = lin.forward(&x).unwrap();

@@ -4,7 +4,13 @@
 //! in a buffer that grows by doubling, so a decode step appends one position
 //! in place instead of copying the whole history. [`KvCache::truncate`]
 //! forgets positions (e.g. to reuse a prompt's prefix after scoring a longer
-//! text that starts with it).
+//! text that starts with it); [`KvCache::prefix_copy`] starts a new sequence
+//! from another's first positions (a shared system prompt).
+//!
+//! A forward pass may hold rows of several sequences ([`Rows`]): one
+//! sequence (prefill, training) or one new token for each of several cached
+//! sequences (batched decoding). The linear layers see all rows at once;
+//! attention runs per sequence ([`per_sequence`]).
 
 use candle_core::{Result, Tensor};
 
@@ -17,6 +23,25 @@ pub struct LayerKv {
 }
 
 impl LayerKv {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A copy of the first `len` positions.
+    fn prefix_copy(&self, len: usize) -> Result<LayerKv> {
+        let len = len.min(self.len);
+        let mut out = LayerKv::default();
+        if let (Some(k), Some(v), true) = (&self.k, &self.v, len > 0) {
+            out.append(&k.narrow(1, 0, len)?, &v.narrow(1, 0, len)?)?;
+        }
+        Ok(out)
+    }
+
     /// Appends `k`, `v` (`[kv_heads, t, head_dim]`) and returns the keys and
     /// values of every cached position, `[kv_heads, len + t, head_dim]`.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -63,10 +88,79 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// A new cache holding copies of this one's first `len` positions.
+    pub fn prefix_copy(&self, len: usize) -> Result<KvCache> {
+        Ok(KvCache { layers: self.layers.iter().map(|l| l.prefix_copy(len)).collect::<Result<_>>()? })
+    }
+
     /// Forgets every position from `len` on.
     pub fn truncate(&mut self, len: usize) {
         for l in &mut self.layers {
             l.len = l.len.min(len);
         }
     }
+}
+
+/// Where the rows of one forward pass belong.
+pub enum Rows<'c, 'd> {
+    /// One sequence at positions `start..`, appending to `cache` if given.
+    One { start: usize, cache: Option<&'c mut KvCache> },
+    /// One new token for each cached sequence.
+    Step(&'c mut [&'d mut KvCache]),
+}
+
+impl Rows<'_, '_> {
+    /// The sequences of the pass as layer `layer` sees them (`t` rows in all).
+    pub fn seqs(&mut self, layer: usize, t: usize) -> Vec<Seq<'_>> {
+        match self {
+            Rows::One { start, cache } => {
+                vec![Seq { len: t, start: *start, kv: cache.as_deref_mut().map(|c| &mut c.layers[layer]) }]
+            }
+            Rows::Step(caches) => caches
+                .iter_mut()
+                .map(|c| {
+                    let kv = &mut c.layers[layer];
+                    Seq { len: 1, start: kv.len, kv: Some(kv) }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The rows of one sequence in a layer's forward pass: `len` rows at
+/// positions `start..start + len`, appending to `kv` when decoding.
+pub struct Seq<'a> {
+    pub len: usize,
+    pub start: usize,
+    pub kv: Option<&'a mut LayerKv>,
+}
+
+/// Whether a pass is a decoding step: one new token for each cached
+/// sequence (its linear layers then use quantized weights whatever the
+/// row count, see `lora::MAX_DECODE_BATCH`).
+pub fn is_step(seqs: &[Seq<'_>]) -> bool {
+    seqs.iter().all(|s| s.len == 1 && s.kv.is_some())
+}
+
+/// `attend(q, k, v, seq)` for each sequence's rows of `q, k, v`
+/// (`[heads, T, head_dim]`, sequences one after another along T), the
+/// results (`[rows, …]`) stacked in the same order.
+pub fn per_sequence(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqs: &mut [Seq<'_>],
+    mut attend: impl FnMut(Tensor, Tensor, Tensor, &mut Seq<'_>) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if let [seq] = seqs {
+        return attend(q.clone(), k.clone(), v.clone(), seq);
+    }
+    let mut outs = Vec::with_capacity(seqs.len());
+    let mut offset = 0;
+    for seq in seqs {
+        let part = |x: &Tensor| x.narrow(1, offset, seq.len)?.contiguous();
+        outs.push(attend(part(q)?, part(k)?, part(v)?, seq)?);
+        offset += seq.len;
+    }
+    Tensor::cat(&outs, 0)
 }

@@ -64,6 +64,16 @@ pub trait CausalLm {
     /// numbers as [`CausalLm::hidden`] on the whole sequence.
     fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor>;
 
+    /// Batched decoding: one new token `ids[b]` for each sequence `caches[b]`
+    /// (each at its own position): final hidden states `[B, hidden]`, row b
+    /// the same as `forward_cached(&[ids[b]], caches[b])`. The linear layers
+    /// multiply all rows at once, so a quantized weight is read once per
+    /// step instead of once per sequence.
+    fn forward_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> candle_core::Result<Tensor> {
+        let rows = ids.iter().zip(caches.iter_mut()).map(|(&id, c)| self.forward_cached(&[id], c));
+        Tensor::cat(&rows.collect::<Result<Vec<_>, _>>()?, 0)
+    }
+
     /// The longest sequence the rotary tables were built for.
     fn max_positions(&self) -> usize;
 

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use super::gemv::QuantLinear;
 
-use super::kv::{KvCache, LayerKv};
-use super::lora::{DropoutMask, LoraLinear, QUANTIZED_MAX_ROWS, frozen_linear};
+use super::kv::{KvCache, Rows, Seq, is_step, per_sequence};
+use super::lora::{DropoutMask, LoraLinear, MAX_DECODE_BATCH, frozen_linear};
 use super::ops::{Rope, cached_attention, rms_norm};
 use super::{CausalLm, Weights, layer_linears};
 
@@ -158,69 +158,59 @@ impl Qwen {
         Ok(Qwen { variant, cfg, embed, lm_head, embed_q, lm_head_q, layers, norm, rope, device })
     }
 
-    /// One decoder layer on `x: [T, hidden]` at positions `start..start+T`,
-    /// appending to `kv` when decoding incrementally.
-    fn layer(
-        &self,
-        l: &Layer,
-        x: &Tensor,
-        start: usize,
-        kv: Option<&mut LayerKv>,
-        dropout: Option<&dyn DropoutMask>,
-    ) -> Result<Tensor> {
+    /// One decoder layer on `x: [T, hidden]`, the rows of `seqs`.
+    fn layer(&self, l: &Layer, x: &Tensor, seqs: &mut [Seq<'_>], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
+        let step = is_step(seqs);
+        let lin = |m: &LoraLinear, x: &Tensor| if step { m.forward_step(x) } else { m.forward(x, dropout) };
         let n = rms_norm(x, &l.input_norm, eps, 0.0)?;
-        let h = (x + self.attention(l, &n, start, kv, dropout)?)?;
+        let h = (x + self.attention(l, &n, seqs, dropout)?)?;
         let n = rms_norm(&h, &l.post_attn_norm, eps, 0.0)?;
-        let ff = (l.gate.forward(&n, dropout)?.silu()? * l.up.forward(&n, dropout)?)?;
-        h + l.down.forward(&ff, dropout)?
+        let ff = (lin(&l.gate, &n)?.silu()? * lin(&l.up, &n)?)?;
+        h + lin(&l.down, &ff)?
     }
 
     fn attention(
         &self,
         l: &Layer,
         x: &Tensor,
-        start: usize,
-        kv: Option<&mut LayerKv>,
+        seqs: &mut [Seq<'_>],
         dropout: Option<&dyn DropoutMask>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
+        let step = is_step(seqs);
+        let lin = |m: &LoraLinear, x: &Tensor| if step { m.forward_step(x) } else { m.forward(x, dropout) };
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
         let heads = |y: Tensor, n: usize| y.reshape((t, n, hd))?.transpose(0, 1)?.contiguous();
-        let mut q = heads(l.q.forward(x, dropout)?, nh)?;
-        let mut k = heads(l.k.forward(x, dropout)?, nkv)?;
-        let v = heads(l.v.forward(x, dropout)?, nkv)?;
+        let mut q = heads(lin(&l.q, x)?, nh)?;
+        let mut k = heads(lin(&l.k, x)?, nkv)?;
+        let v = heads(lin(&l.v, x)?, nkv)?;
         if let Some((qn, kn)) = &l.qk_norm {
             q = rms_norm(&q, qn, cfg.rms_norm_eps, 0.0)?;
             k = rms_norm(&k, kn, cfg.rms_norm_eps, 0.0)?;
         }
-        let q = (self.rope.apply(&q, start)? * (hd as f64).powf(-0.5))?;
-        let k = self.rope.apply(&k, start)?;
-        let (k, v) = match kv {
-            Some(kv) => kv.append(&k, &v)?,
-            None => (k, v),
-        };
-        // Grouped-query attention: the q heads of a kv group stacked in time.
-        let group = nh / nkv;
-        let out = cached_attention(&q.reshape((nkv, group * t, hd))?, &k, &v, t, start, None, None)?;
-        let out = out.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
-        l.o.forward(&out, dropout)
+        let out = per_sequence(&q, &k, &v, seqs, |q, k, v, seq| {
+            let (t, start) = (seq.len, seq.start);
+            let q = (self.rope.apply(&q, start)? * (hd as f64).powf(-0.5))?;
+            let k = self.rope.apply(&k, start)?;
+            let (k, v) = match seq.kv.as_deref_mut() {
+                Some(kv) => kv.append(&k, &v)?,
+                None => (k, v),
+            };
+            // Grouped-query attention: the q heads of a kv group stacked in time.
+            let group = nh / nkv;
+            let out = cached_attention(&q.reshape((nkv, group * t, hd))?, &k, &v, t, start, None, None)?;
+            out.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))
+        })?;
+        lin(&l.o, &out)
     }
 
-    /// Final hidden states for `ids` at positions `start..`, through the
-    /// cache when there is one.
-    fn run(
-        &self,
-        ids: &[u32],
-        start: usize,
-        mut cache: Option<&mut KvCache>,
-        dropout: Option<&dyn DropoutMask>,
-    ) -> Result<Tensor> {
+    /// Final hidden states for `ids`, the rows of `rows`.
+    fn run(&self, ids: &[u32], mut rows: Rows<'_, '_>, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
         let mut x = self.embed_tokens(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = self.layer(layer, &x, start, kv, dropout)?;
+            x = self.layer(layer, &x, &mut rows.seqs(i, ids.len()), dropout)?;
         }
         self.final_norm(&x)
     }
@@ -252,7 +242,7 @@ impl CausalLm for Qwen {
     }
 
     fn hidden(&self, ids: &[u32], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
-        self.run(ids, 0, None, dropout)
+        self.run(ids, Rows::One { start: 0, cache: None }, dropout)
     }
 
     fn new_cache(&self) -> KvCache {
@@ -269,7 +259,7 @@ impl CausalLm for Qwen {
     }
 
     fn layer_forward(&self, i: usize, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
-        self.layer(&self.layers[i], x, 0, None, dropout)
+        self.layer(&self.layers[i], x, &mut [Seq { len: x.dim(0)?, start: 0, kv: None }], dropout)
     }
 
     fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
@@ -277,8 +267,11 @@ impl CausalLm for Qwen {
     }
 
     fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let start = cache.len();
-        self.run(ids, start, Some(cache), None)
+        self.run(ids, Rows::One { start: cache.len(), cache: Some(cache) }, None)
+    }
+
+    fn forward_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        self.run(ids, Rows::Step(caches), None)
     }
 
     fn max_positions(&self) -> usize {
@@ -291,7 +284,7 @@ impl CausalLm for Qwen {
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         match self.head() {
-            (_, Some(q)) if hidden.dim(0)? <= QUANTIZED_MAX_ROWS => q.forward(hidden),
+            (_, Some(q)) if hidden.dim(0)? <= MAX_DECODE_BATCH => q.forward(hidden),
             (w, _) => frozen_linear(hidden, w),
         }
     }

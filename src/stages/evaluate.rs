@@ -22,8 +22,8 @@ use super::format_chat::Conversation;
 use super::{Env, RunContext, Stage};
 use crate::chat::{ChatTemplate, Message};
 use crate::eval::{Metric, Tally, Task, markdown_table, rouge_l, score_tool_call};
-use crate::generate::{GenerationParams, Generator};
-use crate::model::{self, CausalLm};
+use crate::generate::{Generation, GenerationParams, Generator};
+use crate::model::{self, CausalLm, KvCache};
 
 /// Parameters of an `evaluate` stage.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -62,6 +62,11 @@ pub struct Params {
     /// Decoding (greedy by default).
     #[serde(default)]
     pub generation: GenerationParams,
+    /// Rows decoded together (one step runs a token of each): faster, and
+    /// the same answers up to float rounding, so it is not part of the
+    /// stage's cache key. Each row holds a KV cache of its whole prompt.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
     /// Spot checks: each prompt is sent as a user turn (after the split's
     /// system prompt, with its tools, when the conversations have them) to
     /// every compared model; the report lists what each generated and the
@@ -72,6 +77,10 @@ pub struct Params {
 
 fn yes() -> bool {
     true
+}
+
+fn default_batch() -> usize {
+    8
 }
 
 /// A model to evaluate.
@@ -103,6 +112,9 @@ impl Params {
         if self.generation.max_new_tokens == 0 {
             return Err(("generation.max_new_tokens", "0".into(), "generate at least 1 token".into()));
         }
+        if self.batch == 0 {
+            return Err(("batch", "0".into(), "decode at least 1 row at a time (default 8)".into()));
+        }
         if self.limit == Some(0) {
             return Err(("limit", "0".into(), "evaluate at least 1 row, or leave `limit` out".into()));
         }
@@ -128,6 +140,7 @@ impl Stage for Params {
 
     fn params(&self, env: &Env) -> Value {
         let mut v = serde_json::to_value(self).expect("params serialize");
+        v.as_object_mut().expect("an object").remove("batch");
         v["seed"] = env.recipe.recipe.seed.into();
         v["device"] = env.recipe.recipe.device.clone().into();
         v
@@ -320,6 +333,10 @@ impl<'a> Evaluation<'a> {
         Ok(json!({"split": self.split, "rows": self.rows.len(), "skipped_overlong": skipped, "models": summary}))
     }
 
+    /// Every row with the model as it is now: rows run in token order, so
+    /// that neighbours share their system prompt and tool list, which each
+    /// row copies from the previous row's cache instead of recomputing it;
+    /// they are scored one by one and decoded `batch` at a time.
     #[allow(clippy::type_complexity)]
     fn evaluate(
         &self,
@@ -328,68 +345,134 @@ impl<'a> Evaluation<'a> {
         let t0 = std::time::Instant::now();
         let generator = self.generator();
         let seed = self.ctx.env.recipe.recipe.seed;
-        let mut overall = Tally::default();
-        let mut groups: BTreeMap<String, Tally> = BTreeMap::new();
-        let mut preds = Vec::new();
-        let mut skipped = 0;
         let pb = crate::progress::bar(self.rows.len() as u64, &format!("evaluate {}", subject.name()));
-        let max_positions = self.model.max_positions();
-        for row in &self.rows {
-            pb.inc(1);
-            let mut cache = self.model.new_cache();
-            let mut tally_here = Tally::default();
-            // Loss over the whole conversation; the pass fills the cache, and
-            // the prompt's part of it is reused when the prompt's tokens are
-            // a prefix of the conversation's.
-            let mut loss = None;
-            let t_loss = std::time::Instant::now();
-            if self.p.loss && row.full.len() <= max_positions && row.mask.iter().any(|&m| m == 1) {
-                let hidden = self.model.forward_chunked(&row.full, &mut cache)?;
-                let (l, n) = crate::train::masked_loss(self.model.as_ref(), &hidden, &row.full, &row.mask)?;
-                let l = l.to_scalar::<f32>()? as f64;
-                tally_here.loss(l * n as f64, n);
-                loss = Some(l);
-                let shared = row.prompt.iter().zip(&row.full).take_while(|(a, b)| a == b).count();
-                cache.truncate(shared);
+        let mut records: Vec<(usize, Tally, Value)> = Vec::with_capacity(self.rows.len());
+        let mut last: Option<Scored> = None;
+        for group in self.order().chunks(self.p.batch.max(1)) {
+            let mut scored: Vec<Scored> = Vec::with_capacity(group.len());
+            for &i in group {
+                let prev = scored.last().or(last.as_ref());
+                scored.push(self.score(i, prev)?);
+                pb.inc(1);
             }
-            let loss_s = t_loss.elapsed().as_secs_f64();
-            if row.prompt.len() > self.max_prompt {
-                skipped += 1;
-                preds.push(json!({
-                    "id": row.conv.id, "model": subject.name(), "group": row.group,
-                    "prompt_tokens": row.prompt.len(), "skipped": "prompt longer than max_prompt_tokens",
-                    "loss": loss,
-                }));
-                merge(&mut overall, &mut groups, row.group.as_deref(), &tally_here);
-                continue;
+            let decode: Vec<usize> =
+                (0..scored.len()).filter(|&k| self.rows[scored[k].row].prompt.len() <= self.max_prompt).collect();
+            let mut jobs: Vec<(&[u32], &mut KvCache)> = scored
+                .iter_mut()
+                .enumerate()
+                .filter(|(k, _)| decode.contains(k))
+                .map(|(_, s)| (self.rows[s.row].prompt.as_slice(), &mut s.cache))
+                .collect();
+            let mut generations = generator.generate_batch(&mut jobs, &self.p.generation, seed)?.into_iter();
+            for (k, s) in scored.iter_mut().enumerate() {
+                let row = &self.rows[s.row];
+                let g = if decode.contains(&k) { generations.next() } else { None };
+                records.push(self.record(subject, s, g.as_ref())?);
+                // The cache now holds the prompt and what was fed back of the answer.
+                let text: Vec<u32> = row.prompt.iter().chain(g.iter().flat_map(|g| &g.tokens)).copied().collect();
+                s.held = text[..s.cache.len().min(text.len())].to_vec();
             }
-            let g = generator.generate_cached(&row.prompt, &mut cache, &self.p.generation, seed, &mut |_| {})?;
-            let pred = crate::toolcall::parse(&g.text);
-            let mut record = json!({
-                "id": row.conv.id, "model": subject.name(), "group": row.group,
-                "prompt_tokens": row.prompt.len(), "generated": g.text, "finish": g.finish,
-                "parsed": pred, "gold": row.gold, "loss": loss,
-                "seconds": {"loss": loss_s, "prefill": g.prefill_s, "decode": g.decode_s},
-                "new_tokens": g.tokens.len(),
-            });
-            match self.task {
-                Task::Qa => {
-                    let f1 = rouge_l(&g.text, &row.gold_text);
-                    tally_here.rouge(f1);
-                    record["rouge_l"] = json!(f1);
-                }
-                _ => {
-                    let v = score_tool_call(&pred, &row.gold, &row.gold_text, &g.text);
-                    tally_here.tool(&v);
-                    record["verdict"] = serde_json::to_value(&v)?;
-                }
-            }
-            merge(&mut overall, &mut groups, row.group.as_deref(), &tally_here);
-            preds.push(record);
+            last = scored.pop();
         }
         pb.finish_and_clear();
+        records.sort_by_key(|(i, _, _)| *i);
+        let (mut overall, mut groups) = (Tally::default(), BTreeMap::new());
+        let mut skipped = 0;
+        let mut preds = Vec::with_capacity(records.len());
+        for (i, tally, record) in records {
+            skipped += usize::from(record.get("skipped").is_some());
+            merge(&mut overall, &mut groups, self.rows[i].group.as_deref(), &tally);
+            preds.push(record);
+        }
         let groups = groups.into_iter().map(|(k, t)| (k, t.metrics())).collect();
         Ok((overall.metrics(), groups, preds, skipped, t0.elapsed().as_secs_f64()))
+    }
+
+    /// Row indices sorted by the tokens each row runs through the model.
+    fn order(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.rows.len()).collect();
+        order.sort_by(|&a, &b| self.scored_tokens(&self.rows[a]).cmp(self.scored_tokens(&self.rows[b])));
+        order
+    }
+
+    /// Whether row's loss is computed (then the whole conversation runs
+    /// through the model, else only its prompt).
+    fn scores_loss(&self, row: &Row) -> bool {
+        self.p.loss && row.full.len() <= self.model.max_positions() && row.mask.contains(&1)
+    }
+
+    fn scored_tokens<'r>(&self, row: &'r Row) -> &'r [u32] {
+        if self.scores_loss(row) { &row.full } else { &row.prompt }
+    }
+
+    /// Row `i`'s loss over its assistant tokens, from a cache that starts
+    /// with what `prev`'s cache shares with it; the cache is left holding
+    /// the row's prompt (or a prefix of it) for decoding.
+    fn score(&self, i: usize, prev: Option<&Scored>) -> Result<Scored> {
+        let t = std::time::Instant::now();
+        let row = &self.rows[i];
+        let tokens = self.scored_tokens(row);
+        let mut reuse = prev.map_or(0, |p| common_prefix(&p.held, tokens));
+        let scoring = self.scores_loss(row);
+        if scoring {
+            // The loss needs hidden states from the position before the first
+            // scored token on.
+            let first = row.mask.iter().position(|&m| m == 1).expect("a scored token");
+            reuse = reuse.min(first.saturating_sub(1));
+        }
+        let mut cache = match prev {
+            Some(p) if reuse > 0 => p.cache.prefix_copy(reuse)?,
+            _ => self.model.new_cache(),
+        };
+        let mut tally = Tally::default();
+        let mut loss = None;
+        if scoring {
+            let s = cache.len();
+            let hidden = self.model.forward_chunked(&row.full[s..], &mut cache)?;
+            let (l, n) = crate::train::masked_loss(self.model.as_ref(), &hidden, &row.full[s..], &row.mask[s..])?;
+            let l = l.to_scalar::<f32>()? as f64;
+            tally.loss(l * n as f64, n);
+            loss = Some(l);
+            cache.truncate(common_prefix(&row.prompt, &row.full));
+        }
+        let held = tokens[..cache.len()].to_vec();
+        Ok(Scored { row: i, cache, held, tally, loss, loss_s: t.elapsed().as_secs_f64() })
+    }
+
+    /// The prediction record of a scored row, with its generation (none when
+    /// its prompt is too long), and the row's tally.
+    fn record(&self, subject: Subject, s: &mut Scored, g: Option<&Generation>) -> Result<(usize, Tally, Value)> {
+        let row = &self.rows[s.row];
+        let mut tally = std::mem::take(&mut s.tally);
+        let Some(g) = g else {
+            let record = json!({
+                "id": row.conv.id, "model": subject.name(), "group": row.group,
+                "prompt_tokens": row.prompt.len(), "skipped": "prompt longer than max_prompt_tokens",
+                "loss": s.loss,
+            });
+            return Ok((s.row, tally, record));
+        };
+        let pred = crate::toolcall::parse(&g.text);
+        let mut record = json!({
+            "id": row.conv.id, "model": subject.name(), "group": row.group,
+            "prompt_tokens": row.prompt.len(), "generated": g.text, "finish": g.finish,
+            "parsed": pred, "gold": row.gold, "loss": s.loss,
+            "seconds": {"loss": s.loss_s, "prefill": g.prefill_s, "decode": g.decode_s},
+            "new_tokens": g.tokens.len(),
+        });
+        match self.task {
+            Task::Qa => {
+                let f1 = rouge_l(&g.text, &row.gold_text);
+                tally.rouge(f1);
+                record["rouge_l"] = json!(f1);
+            }
+            _ => {
+                let v = score_tool_call(&pred, &row.gold, &row.gold_text, &g.text);
+                tally.tool(&v);
+                record["verdict"] = serde_json::to_value(&v)?;
+            }
+        }
+        Ok((s.row, tally, record))
     }
 
     /// Decoding with the model as it is now (base or adapter attached),
@@ -493,6 +576,21 @@ impl SpotCheck {
         parts.extend(self.parsed.invalid.iter().map(|t| format!("invalid: {t}")));
         parts.join("; ")
     }
+}
+
+/// A row after its loss pass: its cache (holding `held`), tally and loss.
+struct Scored {
+    row: usize,
+    cache: KvCache,
+    held: Vec<u32>,
+    tally: Tally,
+    loss: Option<f64>,
+    loss_s: f64,
+}
+
+/// How many leading tokens `a` and `b` share.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 fn merge(overall: &mut Tally, groups: &mut BTreeMap<String, Tally>, group: Option<&str>, row: &Tally) {
