@@ -90,6 +90,12 @@ pub struct GenerateBench {
     pub decode_tokens_per_s: f64,
     pub prompt_tokens: usize,
     pub new_tokens: usize,
+    /// `--batch N` (N > 1): sequences decoded together after the same
+    /// prompt, and the new tokens per second of all of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_decode_tokens_per_s: Option<f64>,
     /// `quantized` (a GGUF's own blocks while decoding) or `f32`.
     pub weights: String,
     pub peak_rss_bytes: u64,
@@ -103,6 +109,8 @@ pub struct GenerateOptions {
     pub new_tokens: usize,
     /// Decode with the dequantized f32 weights even for a GGUF.
     pub f32: bool,
+    /// Also decode this many sequences together (batched decoding).
+    pub batch: usize,
     pub device: String,
     pub dataset: String,
     pub cache: crate::executor::CacheLocation,
@@ -130,7 +138,22 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateBench> {
     // Warm-up (thread pools, repacked weights), then the measured run.
     generator.generate(&prompt[..32], &params(4), 0, &mut |_| {})?;
     let g = generator.generate(&prompt, &params(opts.new_tokens), 0, &mut |_| {})?;
+    // Batched: `batch` copies of the prefilled prompt, decoded together.
+    let batch_decode = if opts.batch > 1 {
+        let mut prefilled = model.new_cache();
+        model.forward_chunked(&prompt, &mut prefilled)?;
+        let mut caches =
+            (0..opts.batch).map(|_| prefilled.prefix_copy(prompt.len())).collect::<candle_core::Result<Vec<_>>>()?;
+        let mut jobs: Vec<(&[u32], &mut crate::model::KvCache)> = caches.iter_mut().map(|c| (&prompt[..], c)).collect();
+        let gens = generator.generate_batch(&mut jobs, &params(opts.new_tokens), 0)?;
+        let seconds = gens.iter().map(|g| g.decode_s).fold(0f64, f64::max);
+        Some(gens.iter().map(|g| g.tokens.len().saturating_sub(1)).sum::<usize>() as f64 / seconds)
+    } else {
+        None
+    };
     Ok(GenerateBench {
+        batch: batch_decode.map(|_| opts.batch),
+        batch_decode_tokens_per_s: batch_decode,
         prefill_tokens_per_s: g.prefill_tokens as f64 / g.prefill_s,
         // The first new token comes from the prefill's logits.
         decode_tokens_per_s: (g.tokens.len().saturating_sub(1)) as f64 / g.decode_s,

@@ -280,6 +280,10 @@ pub enum BenchCommand {
         /// Decode a GGUF with its dequantized f32 weights instead of its quantized blocks.
         #[arg(long)]
         f32: bool,
+        /// Also decode N sequences together (batched decoding, as `evaluate`
+        /// does) and report their combined tokens/s.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        batch: u64,
         #[arg(long, default_value = "cpu")]
         device: String,
         /// The dataset whose traces make the prompt.
@@ -477,6 +481,7 @@ fn dispatch(command: Command) -> Result<()> {
             prompt_tokens,
             new_tokens,
             f32,
+            batch,
             device,
             dataset,
             json,
@@ -487,6 +492,7 @@ fn dispatch(command: Command) -> Result<()> {
                 prompt_tokens: prompt_tokens.max(32),
                 new_tokens: new_tokens.max(2),
                 f32,
+                batch: batch as usize,
                 device,
                 dataset,
                 cache: cache.location(),
@@ -506,6 +512,9 @@ fn dispatch(command: Command) -> Result<()> {
                     r.new_tokens,
                     r.peak_rss_bytes as f64 / (1u64 << 30) as f64
                 );
+                if let (Some(n), Some(t)) = (r.batch, r.batch_decode_tokens_per_s) {
+                    println!("  batched decoding: {n} sequences, {t:.1} tokens/s in all");
+                }
             }
             Ok(())
         }

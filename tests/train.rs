@@ -347,6 +347,28 @@ fn bench_train_prints_the_json_contract() {
 }
 
 #[test]
+fn bench_generate_prints_the_json_contract() {
+    let Some(models) = models_dir() else { return };
+    let p = Project::new();
+    tiny_gemma3(&models, &p.path("tiny"), 4096);
+    let args = ["bench", "generate", "--model", "tiny", "--prompt-tokens", "64", "--new-tokens", "5", "--json"];
+    let out = p.run(&[&args[..], &["--batch", "3"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["prefill_tokens_per_s", "decode_tokens_per_s", "batch_decode_tokens_per_s"] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
+    }
+    assert_eq!(
+        (v["prompt_tokens"].as_u64(), v["new_tokens"].as_u64(), v["batch"].as_u64()),
+        (Some(64), Some(5), Some(3))
+    );
+    // Without --batch, the single-stream figures only.
+    let out = p.run(&args);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v.get("batch").is_none() && v.get("batch_decode_tokens_per_s").is_none(), "{v}");
+}
+
+#[test]
 fn gradient_checkpointing_gives_the_same_gradients_with_the_same_dropout() {
     let Some(models) = models_dir() else { return };
     use pipeline::model::qwen::Variant;

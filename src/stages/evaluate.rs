@@ -7,9 +7,12 @@
 //! training (read from its artifact, so evaluation sees what training saw).
 //! One forward pass over the whole conversation scores the loss of its
 //! assistant tokens and fills the KV cache; the cache is cut back to the
-//! prompt and the answer is decoded from there. `compare = ["base",
-//! "adapter"]` runs the base model and base + adapter (unmerged) side by
-//! side. Outputs: `report.json`, `report.md`, `predictions.jsonl`.
+//! prompt and the answer is decoded from there. Rows run in token order,
+//! each starting from the prefix it shares with the previous row (copied
+//! out of that row's cache), and are decoded `batch` at a time. `compare =
+//! ["base", "adapter"]` runs the base model and base + adapter (unmerged)
+//! side by side. Outputs: `report.json`, `report.md`, `predictions.jsonl`
+//! (in the split's order).
 
 use std::collections::BTreeMap;
 
