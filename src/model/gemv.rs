@@ -3,7 +3,8 @@
 //! Decoding one token multiplies every weight matrix by one vector, so its
 //! speed is how fast the weights stream from memory. A GGUF's quantized
 //! blocks are 4–8× smaller than f32, and these kernels read them once per
-//! token with both cores:
+//! decoding step with both cores (a batched step of several sequences
+//! multiplies each weight block with up to four of its inputs per pass):
 //!
 //! - **Q8_0 and Q5_0** (most of Gemma 3's Q4_K_M file, and its 168M-weight
 //!   LM head) are held as arrays of values and f16 scales per 32, 8 or 5
