@@ -161,34 +161,34 @@ impl Gemma3 {
     fn layer(&self, l: &Layer, x: &Tensor, seqs: &mut [Seq<'_>], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
         let step = is_step(seqs);
-        let lin = |m: &LoraLinear, x: &Tensor| if step { m.forward_step(x) } else { m.forward(x, dropout) };
         let n = rms_norm(x, &l.input_norm, eps, 1.0)?;
-        let attn = self.attention(l, &n, seqs, dropout)?;
+        let attn = self.attention(l, &n, seqs, dropout, step)?;
         let h = (x + rms_norm(&attn, &l.post_attn_norm, eps, 1.0)?)?;
         let n = rms_norm(&h, &l.pre_ff_norm, eps, 1.0)?;
-        let ff = (gelu_tanh(&lin(&l.gate, &n)?)? * lin(&l.up, &n)?)?;
-        let ff = lin(&l.down, &ff)?;
+        let [gate, up] = LoraLinear::forward_in([&l.gate, &l.up], &n, dropout, step)?;
+        let [ff] = LoraLinear::forward_in([&l.down], &(gelu_tanh(&gate)? * up)?, dropout, step)?;
         h + rms_norm(&ff, &l.post_ff_norm, eps, 1.0)?
     }
 
+    /// `step`: a batched decoding step ([`LoraLinear::forward_in`]).
     fn attention(
         &self,
         l: &Layer,
         x: &Tensor,
         seqs: &mut [Seq<'_>],
         dropout: Option<&dyn DropoutMask>,
+        step: bool,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let step = is_step(seqs);
-        let lin = |m: &LoraLinear, x: &Tensor| if step { m.forward_step(x) } else { m.forward(x, dropout) };
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let eps = cfg.rms_norm_eps;
         // [T, heads·hd] → [heads, T, hd]
         let heads = |y: Tensor, n: usize| y.reshape((t, n, hd))?.transpose(0, 1)?.contiguous();
-        let q = rms_norm(&heads(lin(&l.q, x)?, nh)?, &l.q_norm, eps, 1.0)?;
-        let k = rms_norm(&heads(lin(&l.k, x)?, nkv)?, &l.k_norm, eps, 1.0)?;
-        let v = heads(lin(&l.v, x)?, nkv)?;
+        let [q, k, v] = LoraLinear::forward_in([&l.q, &l.k, &l.v], x, dropout, step)?;
+        let q = rms_norm(&heads(q, nh)?, &l.q_norm, eps, 1.0)?;
+        let k = rms_norm(&heads(k, nkv)?, &l.k_norm, eps, 1.0)?;
+        let v = heads(v, nkv)?;
         let rope = if l.sliding { &self.rope_local } else { &self.rope_global };
         let window = l.sliding.then_some(cfg.sliding_window);
         let out = per_sequence(&q, &k, &v, seqs, |q, k, v, seq| {
@@ -206,7 +206,8 @@ impl Gemma3 {
             let out = cached_attention(&q, &k, &v, t, start, window, cfg.attn_logit_softcapping)?; // [nkv, group·T, hd]
             out.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))
         })?;
-        lin(&l.o, &out)
+        let [out] = LoraLinear::forward_in([&l.o], &out, dropout, step)?;
+        Ok(out)
     }
 
     /// Final hidden states for `ids`, the rows of `rows`.

@@ -19,7 +19,7 @@
 //! matmul runs a second, spinning thread pool next to it, which on two
 //! cores costs more than it gains).
 
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, GgmlType};
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8K, GgmlType};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
 use half::f16;
@@ -59,36 +59,79 @@ impl QuantLinear {
     /// batch of sequences): each task reads its rows of `W` once and
     /// multiplies them with every input row while they are in cache.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Kind::Candle(m) = &self.kind {
-            return m.forward(x);
-        }
-        let mut dims = x.dims().to_vec();
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let n = xs.len() / self.inp;
-        // Task c fills rows c·64.. of W·xᵢ for every input i, input by input.
-        let mut tasks = vec![0f32; n * self.out];
-        match &self.kind {
-            Kind::Q32(b) => {
-                let (xq, xd) = quantize_input(&xs);
-                let nb = self.inp / 32;
-                tasks.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(c, out)| {
-                    // Up to INPUTS_PER_PASS inputs share each pass over the rows.
-                    let rows = out.len() / n;
-                    for (g, y) in out.chunks_mut(INPUTS_PER_PASS * rows).enumerate() {
-                        let (i, k) = (g * INPUTS_PER_PASS, y.len() / rows);
-                        let (xq, xd) = (&xq[i * self.inp..(i + k) * self.inp], &xd[i * nb..(i + k) * nb]);
-                        b.rows(c * ROWS_PER_TASK, nb, xq, xd, y)
-                    }
-                })
-            }
-            Kind::Q4K(b) => rows_blocks(b, self.inp, &xs, &mut tasks),
-            Kind::Q6K(b) => rows_blocks(b, self.inp, &xs, &mut tasks),
-            Kind::Candle(_) => unreachable!("handled above"),
-        }
-        let y = if n == 1 { tasks } else { input_major(&tasks, n, self.out) };
-        *dims.last_mut().expect("at least 1-d") = self.out;
-        Tensor::from_vec(y, dims, x.device())
+        let [y] = QuantLinear::forward_many([self], x)?;
+        Ok(y)
     }
+
+    /// `x·Wᵢᵀ` for several weights that take the same input (q, k and v;
+    /// gate and up): the input is quantized once and one parallel pass
+    /// covers every weight's rows, so both cores stay busy through the
+    /// smaller ones.
+    pub fn forward_many<const N: usize>(ws: [&QuantLinear; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let inp = ws[0].inp;
+        if N > 1 && !ws.iter().all(|w| matches!(w.kind, Kind::Q32(_)) && w.inp == inp) {
+            return try_map(ws, |w| w.forward(x));
+        }
+        if let Kind::Candle(m) = &ws[0].kind {
+            return try_map(ws, |_| m.forward(x)); // N == 1
+        }
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let n = xs.len() / inp;
+        let input = match &ws[0].kind {
+            Kind::Q32(_) => Input::Q32(Quantized::new(&xs, inp)),
+            _ => Input::Q8K(xs.chunks(inp).flat_map(|x| quantize_q8k(x)).collect()),
+        };
+        // Task c of weight i fills its rows c·64.. of Wᵢ·xⱼ for every input
+        // j, input by input.
+        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.out]).collect();
+        let tasks: Vec<(&QuantLinear, usize, &mut [f32])> = ws
+            .iter()
+            .zip(&mut outs)
+            .flat_map(|(w, out)| out.chunks_mut(ROWS_PER_TASK * n).enumerate().map(move |(c, t)| (*w, c, t)))
+            .collect();
+        tasks.into_par_iter().for_each(|(w, c, out)| match (&w.kind, &input) {
+            (Kind::Q32(b), Input::Q32(x)) => {
+                // Up to INPUTS_PER_PASS inputs share each pass over the rows.
+                let rows = out.len() / n;
+                for (g, y) in out.chunks_mut(INPUTS_PER_PASS * rows).enumerate() {
+                    b.rows(c * ROWS_PER_TASK, x.inputs(g * INPUTS_PER_PASS, y.len() / rows), y)
+                }
+            }
+            (Kind::Q4K(b), Input::Q8K(x)) => rows_blocks(b, inp, x, c, out),
+            (Kind::Q6K(b), Input::Q8K(x)) => rows_blocks(b, inp, x, c, out),
+            _ => unreachable!("one kind of input per call"),
+        });
+        let mut dims = x.dims().to_vec();
+        let ys = ws.iter().zip(outs).map(|(w, out)| {
+            let y = if n == 1 { out } else { input_major(&out, n, w.out) };
+            *dims.last_mut().expect("at least 1-d") = w.out;
+            Tensor::from_vec(y, dims.clone(), x.device())
+        });
+        try_map_iter(ys)
+    }
+}
+
+/// The input of one [`QuantLinear::forward_many`] call, quantized as its
+/// weights' kernels take it.
+enum Input {
+    Q32(Quantized),
+    /// Candle's 8-bit blocks of 256 (what Q4_K and Q6_K multiply with).
+    Q8K(Vec<BlockQ8K>),
+}
+
+fn quantize_q8k(x: &[f32]) -> Vec<BlockQ8K> {
+    let mut q = vec![BlockQ8K::zeros(); x.len() / BlockQ8K::BLCK_SIZE];
+    BlockQ8K::from_float(x, &mut q);
+    q
+}
+
+fn try_map<T, const N: usize>(items: [T; N], f: impl FnMut(T) -> Result<Tensor>) -> Result<[Tensor; N]> {
+    try_map_iter(items.into_iter().map(f))
+}
+
+fn try_map_iter<const N: usize>(ys: impl Iterator<Item = Result<Tensor>>) -> Result<[Tensor; N]> {
+    let ys = ys.collect::<Result<Vec<_>>>()?;
+    Ok(ys.try_into().unwrap_or_else(|_| unreachable!("N outputs")))
 }
 
 /// `[n, out]` from the per-task layout of [`QuantLinear::forward`] (task c
@@ -152,11 +195,9 @@ impl Blocks32 {
         }
     }
 
-    /// Rows `r0..r0 + n` of `W·xᵢ` for k inputs at once (at most
-    /// [`INPUTS_PER_PASS`]): `xq` and `xd` hold the quantized inputs one
-    /// after another (`nb` blocks each), `y` gets `[k][n]`.
-    fn rows(&self, r0: usize, nb: usize, xq: &[i8], xd: &[f32], y: &mut [f32]) {
-        let k = xd.len() / nb;
+    /// Rows `r0..r0 + n` of `W·xᵢ` for the inputs `x` (at most
+    /// [`INPUTS_PER_PASS`]); `y` gets `[k][n]`.
+    fn rows(&self, r0: usize, x: Inputs<'_>, y: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx2")
@@ -164,18 +205,19 @@ impl Blocks32 {
                 && std::arch::is_x86_feature_detected!("f16c")
             {
                 // SAFETY: the CPU has the features just checked; the arrays
-                // hold every block of rows r0..r0 + n, and k inputs of nb blocks.
+                // hold every block of rows r0..r0 + n.
                 return unsafe {
                     match &self.values {
-                        Values::I8(v) => rows_i8_avx2(v, &self.scales, r0, nb, xq, xd, y),
-                        Values::Five { lo, hi } => rows_q5_avx2(lo, hi, &self.scales, r0, nb, xq, xd, y),
+                        Values::I8(v) => rows_i8_avx2(v, &self.scales, r0, x, y),
+                        Values::Five { lo, hi } => rows_q5_avx2(lo, hi, &self.scales, r0, x, y),
                     }
                 };
             }
         }
-        let n = y.len() / k;
+        let nb = x.nb;
+        let n = y.len() / x.count();
         for (i, yi) in y.chunks_mut(n).enumerate() {
-            let (xq, xd) = (&xq[i * nb * 32..(i + 1) * nb * 32], &xd[i * nb..(i + 1) * nb]);
+            let (xq, xd) = (&x.q[i * nb * 32..(i + 1) * nb * 32], &x.d[i * nb..(i + 1) * nb]);
             for (r, yv) in yi.iter_mut().enumerate() {
                 let mut acc = 0f32;
                 for b in 0..nb {
@@ -216,58 +258,91 @@ const ROWS_PER_TASK: usize = 64;
 /// decoding step has several): each weight block is loaded once for all.
 const INPUTS_PER_PASS: usize = 4;
 
-/// [`QuantLinear::forward`]'s task layout for a K-quant `W` (blocks of
+/// Task `c` of [`QuantLinear::forward_many`] for a K-quant `W` (blocks of
 /// 256), through candle's dot products.
-fn rows_blocks<T: GgmlType>(w: &[T], inp: usize, xs: &[f32], tasks: &mut [f32]) {
+fn rows_blocks<T: GgmlType<VecDotType = BlockQ8K>>(w: &[T], inp: usize, xq: &[BlockQ8K], c: usize, out: &mut [f32]) {
     let nb = inp / T::BLCK_SIZE;
-    let n = xs.len() / inp;
-    let mut xq = vec![T::VecDotType::zeros(); nb * n];
-    for (x, q) in xs.chunks(inp).zip(xq.chunks_mut(nb)) {
-        T::VecDotType::from_float(x, q);
-    }
-    tasks.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(c, out)| {
-        for (i, y) in out.chunks_mut(out.len() / n).enumerate() {
-            for (j, yv) in y.iter_mut().enumerate() {
-                let r = c * ROWS_PER_TASK + j;
-                *yv = T::vec_dot(inp, &w[r * nb..(r + 1) * nb], &xq[i * nb..(i + 1) * nb]);
-            }
+    let n = xq.len() / nb;
+    for (i, y) in out.chunks_mut(out.len() / n).enumerate() {
+        for (j, yv) in y.iter_mut().enumerate() {
+            let r = c * ROWS_PER_TASK + j;
+            *yv = T::vec_dot(inp, &w[r * nb..(r + 1) * nb], &xq[i * nb..(i + 1) * nb]);
         }
-    });
+    }
 }
 
-/// `x` quantized to `i8` per 32 values exactly as llama.cpp's Q8_0
+/// Inputs quantized to `i8` per 32 values exactly as llama.cpp's Q8_0
 /// activations: scale `d = max|x|/127` kept as f16, values `round(x/d)`
-/// with the unrounded `d`.
-fn quantize_input(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
-    let mut q = vec![0i8; x.len()];
-    let mut d = vec![0f32; x.len() / 32];
-    for ((xb, qb), db) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(&mut d) {
-        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = amax / 127.0;
-        *db = f16::from_f32(scale).to_f32();
-        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        for (qv, v) in qb.iter_mut().zip(xb) {
-            *qv = (v * inv).round() as i8;
+/// with the unrounded `d`; plus each block's `16·Σq`, which turns the dot
+/// product with Q5_0's unsigned `q` into the one with `q − 16`.
+struct Quantized {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    /// `16·Σq` per block, then 8 zeros (the kernels read 8 at a time).
+    sums: Vec<i32>,
+    nb: usize,
+}
+
+impl Quantized {
+    /// `x` holds inputs of `inp` values each.
+    fn new(x: &[f32], inp: usize) -> Quantized {
+        let blocks = x.len() / 32;
+        let (mut q, mut d, mut sums) = (vec![0i8; x.len()], vec![0f32; blocks], vec![0i32; blocks + 8]);
+        for (((xb, qb), db), sb) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(&mut d).zip(&mut sums) {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 127.0;
+            *db = f16::from_f32(scale).to_f32();
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            for (qv, v) in qb.iter_mut().zip(xb) {
+                *qv = (v * inv).round() as i8;
+            }
+            *sb = 16 * qb.iter().map(|&v| v as i32).sum::<i32>();
+        }
+        Quantized { q, d, sums, nb: inp / 32 }
+    }
+
+    /// Inputs `i..i + k`.
+    fn inputs(&self, i: usize, k: usize) -> Inputs<'_> {
+        let nb = self.nb;
+        Inputs {
+            q: &self.q[i * nb * 32..(i + k) * nb * 32],
+            d: &self.d[i * nb..(i + k) * nb],
+            sums: &self.sums[i * nb..],
+            nb,
         }
     }
-    (q, d)
+}
+
+/// Some consecutive inputs of a [`Quantized`] batch, `nb` blocks each.
+#[derive(Clone, Copy)]
+struct Inputs<'a> {
+    q: &'a [i8],
+    d: &'a [f32],
+    /// From the first input's first block to the end of the padded array.
+    sums: &'a [i32],
+    nb: usize,
+}
+
+impl Inputs<'_> {
+    fn count(&self) -> usize {
+        self.d.len() / self.nb
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_i8_avx2(v: &[i8], s: &[f16], r0: usize, nb: usize, xq: &[i8], xd: &[f32], y: &mut [f32]) {
+unsafe fn rows_i8_avx2(v: &[i8], s: &[f16], r0: usize, x: Inputs<'_>, y: &mut [f32]) {
     use std::arch::x86_64::*;
     // SAFETY (loads): block i's 32 values lie inside `v`.
-    unsafe { rows_avx2(s, r0, nb, xq, xd, y, |i| _mm256_loadu_si256(v.as_ptr().add(i * 32) as *const __m256i)) }
+    unsafe { rows_avx2::<false>(s, r0, x, y, |i| _mm256_loadu_si256(v.as_ptr().add(i * 32) as *const __m256i)) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn rows_q5_avx2(lo: &[u8], hi: &[u32], s: &[f16], r0: usize, nb: usize, xq: &[i8], xd: &[f32], y: &mut [f32]) {
+unsafe fn rows_q5_avx2(lo: &[u8], hi: &[u32], s: &[f16], r0: usize, x: Inputs<'_>, y: &mut [f32]) {
     use std::arch::x86_64::*;
     let low4 = _mm256_set1_epi8(0x0F);
-    let high = _mm256_set1_epi8(0xF0u8 as i8);
+    let sixteen = _mm256_set1_epi8(0x10);
     // Byte k of a 32-bit word, broadcast to bytes 8k..8k+8; then one bit each.
     let spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
     let bit = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
@@ -278,72 +353,92 @@ unsafe fn rows_q5_avx2(lo: &[u8], hi: &[u32], s: &[f16], r0: usize, nb: usize, x
         // 0xFF in the bytes whose fifth bit is set.
         let bits = _mm256_shuffle_epi8(_mm256_set1_epi32(hi[i] as i32), spread);
         let set = _mm256_cmpeq_epi8(_mm256_or_si256(bits, bit), _mm256_set1_epi64x(-1));
-        // (q − 16) as i8: the nibble itself when the bit is set, else nibble | 0xF0.
-        _mm256_or_si256(nibbles, _mm256_andnot_si256(set, high))
+        // The unsigned q (0..31); the kernel subtracts 16·Σx per block.
+        _mm256_or_si256(nibbles, _mm256_and_si256(set, sixteen))
     };
     // SAFETY: `load` stays inside the arrays for the rows the caller gave.
-    unsafe { rows_avx2(s, r0, nb, xq, xd, y, load) }
+    unsafe { rows_avx2::<true>(s, r0, x, y, load) }
 }
 
 /// Rows `r0..r0 + n` of `W·xᵢ` for `i8` weight blocks produced by `load(j)`
 /// (block j = row·nb + b) with f16 scales `s`, and 1 to [`INPUTS_PER_PASS`]
-/// inputs `xq` (i8, `nb` blocks each) with scales `xd`; `y` is `[k][n]`.
+/// inputs `x`; `y` is `[k][n]`. `UNSIGNED`: `load` gives Q5_0's unsigned
+/// `q` (0..31), whose value is `q − 16`.
 ///
 /// Blocks go eight at a time: each weight block is loaded (and for Q5_0
 /// expanded) once and multiplied with every input; per input, the eight
 /// integer dot products are reduced into one vector of eight block sums,
 /// scaled by the eight blocks' combined scales (F16C) in one multiply-add.
 /// (Scaling each block on its own, with a broadcast and an FMA per block,
-/// was 2–3× slower.)
+/// was 2–3× slower.) Rows go eight at a time too: their eight accumulators
+/// are reduced into one vector of eight results the same way.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows_avx2(
+unsafe fn rows_avx2<const UNSIGNED: bool>(
     s: &[f16],
     r0: usize,
-    nb: usize,
-    xq: &[i8],
-    xd: &[f32],
+    x: Inputs<'_>,
     y: &mut [f32],
     load: impl Fn(usize) -> std::arch::x86_64::__m256i,
 ) {
-    match xd.len() / nb {
+    match x.count() {
         // SAFETY: as for `rows_k`.
-        1 => unsafe { rows_k::<1>(s, r0, nb, xq, xd, y, load) },
-        2 => unsafe { rows_k::<2>(s, r0, nb, xq, xd, y, load) },
-        3 => unsafe { rows_k::<3>(s, r0, nb, xq, xd, y, load) },
-        _ => unsafe { rows_k::<4>(s, r0, nb, xq, xd, y, load) },
+        1 => unsafe { rows_k::<1, UNSIGNED>(s, r0, x, y, load) },
+        2 => unsafe { rows_k::<2, UNSIGNED>(s, r0, x, y, load) },
+        3 => unsafe { rows_k::<3, UNSIGNED>(s, r0, x, y, load) },
+        _ => unsafe { rows_k::<4, UNSIGNED>(s, r0, x, y, load) },
+    }
+}
+
+/// `[Σd0, Σd1, …, Σd7]` (lane i: the sum of vector i's lanes).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn sum8_i32(d: &[std::arch::x86_64::__m256i; 8]) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: inlined into callers compiled for AVX2.
+    unsafe {
+        let s03 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+        let s47 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
+        _mm256_add_epi32(_mm256_permute2x128_si256(s03, s47, 0x20), _mm256_permute2x128_si256(s03, s47, 0x31))
+    }
+}
+
+/// [`sum8_i32`] for floats.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn sum8_f32(d: &[std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: inlined into callers compiled for AVX.
+    unsafe {
+        let s03 = _mm256_hadd_ps(_mm256_hadd_ps(d[0], d[1]), _mm256_hadd_ps(d[2], d[3]));
+        let s47 = _mm256_hadd_ps(_mm256_hadd_ps(d[4], d[5]), _mm256_hadd_ps(d[6], d[7]));
+        _mm256_add_ps(_mm256_permute2f128_ps(s03, s47, 0x20), _mm256_permute2f128_ps(s03, s47, 0x31))
     }
 }
 
 /// [`rows_avx2`] for exactly `K` inputs.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows_k<const K: usize>(
+unsafe fn rows_k<const K: usize, const UNSIGNED: bool>(
     s: &[f16],
     r0: usize,
-    nb: usize,
-    xq: &[i8],
-    xd: &[f32],
+    x: Inputs<'_>,
     y: &mut [f32],
     load: impl Fn(usize) -> std::arch::x86_64::__m256i,
 ) {
     // SAFETY: inlined into callers compiled for AVX2/FMA/F16C; 8 scales
-    // from any block lie inside `s` (which ends with 8 spare entries), the
-    // inputs' are read only for blocks that exist, and input k's 32 values
-    // of block b lie at (k·nb + b)·32 inside xq.
+    // from any block lie inside `s` (which ends with 8 spare entries), as do
+    // 8 block sums from any block inside `x.sums`; the inputs' values and
+    // scales are read only for blocks that exist, and input k's 32 values
+    // of block b lie at (k·nb + b)·32 inside x.q.
     unsafe {
         use std::arch::x86_64::*;
+        let (nb, xq, xd) = (x.nb, x.q, x.d);
         let n = y.len() / K;
         let ones = _mm256_set1_epi16(1);
         let zero = _mm256_setzero_si256();
-        // [Σd0, Σd1, …, Σd7] from eight vectors of partial sums.
-        let reduce = |d: &[__m256i; 8]| {
-            let s03 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
-            let s47 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
-            let lo = _mm256_permute2x128_si256(s03, s47, 0x20);
-            let hi = _mm256_permute2x128_si256(s03, s47, 0x31);
-            _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi))
-        };
+        // The accumulators of the last (up to) eight rows, per input.
+        let mut last = [[_mm256_setzero_ps(); 8]; K];
         for r in 0..n {
             let first = (r0 + r) * nb;
             let mut acc = [_mm256_setzero_ps(); K];
@@ -354,11 +449,18 @@ unsafe fn rows_k<const K: usize>(
                 for j in 0..8 {
                     if j < m {
                         let wv = load(first + b0 + j);
-                        // |w| (unsigned) times x·sign(w): maddubs multiplies u8 by i8.
-                        let abs = _mm256_sign_epi8(wv, wv);
-                        for (k, dk) in d.iter_mut().enumerate() {
-                            let xv = _mm256_loadu_si256(xq.as_ptr().add((k * nb + b0 + j) * 32) as *const __m256i);
-                            dk[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(abs, _mm256_sign_epi8(xv, wv)), ones);
+                        if UNSIGNED {
+                            for (k, dk) in d.iter_mut().enumerate() {
+                                let xv = _mm256_loadu_si256(xq.as_ptr().add((k * nb + b0 + j) * 32) as *const __m256i);
+                                dk[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
+                            }
+                        } else {
+                            // |w| (unsigned) times x·sign(w): maddubs multiplies u8 by i8.
+                            let abs = _mm256_sign_epi8(wv, wv);
+                            for (k, dk) in d.iter_mut().enumerate() {
+                                let xv = _mm256_loadu_si256(xq.as_ptr().add((k * nb + b0 + j) * 32) as *const __m256i);
+                                dk[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(abs, _mm256_sign_epi8(xv, wv)), ones);
+                            }
                         }
                     }
                 }
@@ -370,11 +472,28 @@ unsafe fn rows_k<const K: usize>(
                     } else {
                         _mm256_maskload_ps(xd.as_ptr().add(k * nb + b0), mask)
                     };
-                    *a = _mm256_fmadd_ps(reduce(&d[k]), _mm256_mul_ps(ws, xs), *a);
+                    let mut sums = sum8_i32(&d[k]);
+                    if UNSIGNED {
+                        let offset = _mm256_loadu_si256(x.sums.as_ptr().add(k * nb + b0) as *const __m256i);
+                        sums = _mm256_sub_epi32(sums, offset);
+                    }
+                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(ws, xs), *a);
                 }
             }
-            for (k, a) in acc.iter().enumerate() {
-                let h = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
+            for k in 0..K {
+                last[k][r % 8] = acc[k];
+            }
+            if r % 8 == 7 {
+                for (k, l) in last.iter().enumerate() {
+                    _mm256_storeu_ps(y.as_mut_ptr().add(k * n + r - 7), sum8_f32(l));
+                }
+            }
+        }
+        // Rows after the last group of eight.
+        for r in n - n % 8..n {
+            for (k, l) in last.iter().enumerate() {
+                let a = l[r % 8];
+                let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
                 let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
                 let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
                 y[k * n + r] = _mm_cvtss_f32(h);
@@ -393,11 +512,12 @@ mod tests {
     }
 
     /// Each kind agrees with the dequantized weights times the input (up to
-    /// the input's own 8-bit quantization), for 1, 3 and 9 rows.
+    /// the input's own 8-bit quantization), for 1, 3 and 9 rows; 203
+    /// output rows leave a last task of 11 (a group of eight and 3 more).
     #[test]
     fn matches_the_dequantized_product() {
         for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q4_0] {
-            let (out, inp) = (200, 512);
+            let (out, inp) = (203, 512);
             let q = QTensor::quantize(&weights(out, inp), dtype).unwrap();
             let deq = q.dequantize(&Device::Cpu).unwrap();
             let lin = QuantLinear::new(q, &Device::Cpu).unwrap();

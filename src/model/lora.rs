@@ -8,6 +8,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, Var};
 
+use super::gemv::QuantLinear;
+
 /// `x·Wᵀ` for a frozen `W`: backward gives `x` its gradient and skips the
 /// (large, useless) gradient of `W` that candle's matmul would compute. The
 /// op computes the product itself, so the graph keeps only `x` alive.
@@ -142,21 +144,41 @@ impl LoraLinear {
 
     /// `x: [..., in]` → `[..., out]`.
     pub fn forward(&self, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
-        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
-        self.forward_with(x, dropout, dropout.is_none() && rows <= QUANTIZED_MAX_ROWS)
+        let [y] = LoraLinear::forward_in([self], x, dropout, false)?;
+        Ok(y)
     }
 
     /// [`LoraLinear::forward`] for a batched decoding step: the quantized
     /// weight when there is one, whatever the row count.
     pub fn forward_step(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with(x, None, true)
+        let [y] = LoraLinear::forward_in([self], x, None, true)?;
+        Ok(y)
     }
 
-    fn forward_with(&self, x: &Tensor, dropout: Option<&dyn DropoutMask>, quantized: bool) -> Result<Tensor> {
-        let mut y = match &self.quantized {
-            Some(q) if quantized => q.forward(x)?,
-            _ => frozen_linear(x, &self.weight)?,
+    /// Several layers that take the same input (q, k, v; gate, up), in a
+    /// forward pass (`step = false`) or a batched decoding step: the
+    /// quantized weights, when every layer has them and the pass uses them,
+    /// are multiplied in one parallel pass ([`QuantLinear::forward_many`]).
+    pub fn forward_in<const N: usize>(
+        ms: [&LoraLinear; N],
+        x: &Tensor,
+        dropout: Option<&dyn DropoutMask>,
+        step: bool,
+    ) -> Result<[Tensor; N]> {
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+        let quantized = step || (dropout.is_none() && rows <= QUANTIZED_MAX_ROWS);
+        let bases: [Tensor; N] = match ms.map(|m| m.quantized.as_deref()) {
+            qs if quantized && qs.iter().all(Option::is_some) => {
+                QuantLinear::forward_many(qs.map(|q| q.expect("checked")), x)?
+            }
+            _ => try_map(ms, |m| frozen_linear(x, &m.weight))?,
         };
+        let mut ms = ms.into_iter();
+        try_map(bases, |y| ms.next().expect("N layers").adapt(y, x, dropout))
+    }
+
+    /// The base output `y` plus bias and the LoRA update of `x`.
+    fn adapt(&self, mut y: Tensor, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -182,6 +204,11 @@ impl LoraLinear {
             Some(l) => self.weight.add(&(l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?),
         }
     }
+}
+
+fn try_map<T, const N: usize>(items: [T; N], f: impl FnMut(T) -> Result<Tensor>) -> Result<[Tensor; N]> {
+    let ys = items.into_iter().map(f).collect::<Result<Vec<_>>>()?;
+    Ok(ys.try_into().unwrap_or_else(|_| unreachable!("N outputs")))
 }
 
 /// Kaiming-uniform init of `A` as PyTorch's `nn.Linear` (a = √5):

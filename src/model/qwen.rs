@@ -162,30 +162,29 @@ impl Qwen {
     fn layer(&self, l: &Layer, x: &Tensor, seqs: &mut [Seq<'_>], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
         let step = is_step(seqs);
-        let lin = |m: &LoraLinear, x: &Tensor| if step { m.forward_step(x) } else { m.forward(x, dropout) };
         let n = rms_norm(x, &l.input_norm, eps, 0.0)?;
-        let h = (x + self.attention(l, &n, seqs, dropout)?)?;
+        let h = (x + self.attention(l, &n, seqs, dropout, step)?)?;
         let n = rms_norm(&h, &l.post_attn_norm, eps, 0.0)?;
-        let ff = (lin(&l.gate, &n)?.silu()? * lin(&l.up, &n)?)?;
-        h + lin(&l.down, &ff)?
+        let [gate, up] = LoraLinear::forward_in([&l.gate, &l.up], &n, dropout, step)?;
+        let [ff] = LoraLinear::forward_in([&l.down], &(gate.silu()? * up)?, dropout, step)?;
+        h + ff
     }
 
+    /// `step`: a batched decoding step ([`LoraLinear::forward_in`]).
     fn attention(
         &self,
         l: &Layer,
         x: &Tensor,
         seqs: &mut [Seq<'_>],
         dropout: Option<&dyn DropoutMask>,
+        step: bool,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let step = is_step(seqs);
-        let lin = |m: &LoraLinear, x: &Tensor| if step { m.forward_step(x) } else { m.forward(x, dropout) };
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
         let heads = |y: Tensor, n: usize| y.reshape((t, n, hd))?.transpose(0, 1)?.contiguous();
-        let mut q = heads(lin(&l.q, x)?, nh)?;
-        let mut k = heads(lin(&l.k, x)?, nkv)?;
-        let v = heads(lin(&l.v, x)?, nkv)?;
+        let [q, k, v] = LoraLinear::forward_in([&l.q, &l.k, &l.v], x, dropout, step)?;
+        let (mut q, mut k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
         if let Some((qn, kn)) = &l.qk_norm {
             q = rms_norm(&q, qn, cfg.rms_norm_eps, 0.0)?;
             k = rms_norm(&k, kn, cfg.rms_norm_eps, 0.0)?;
@@ -203,7 +202,8 @@ impl Qwen {
             let out = cached_attention(&q.reshape((nkv, group * t, hd))?, &k, &v, t, start, None, None)?;
             out.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))
         })?;
-        lin(&l.o, &out)
+        let [out] = LoraLinear::forward_in([&l.o], &out, dropout, step)?;
+        Ok(out)
     }
 
     /// Final hidden states for `ids`, the rows of `rows`.
