@@ -324,6 +324,7 @@ fn parse_override(s: &str) -> Result<Override, String> {
 
 /// Runs the CLI and maps errors to exit codes.
 pub fn main() -> ExitCode {
+    crate::allocator::tune();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

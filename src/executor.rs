@@ -312,7 +312,10 @@ impl Executor {
         };
         let started_at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let t0 = Instant::now();
-        let metrics = spec.stage().run(&ctx).with_context(|| format!("stage `{}` ({}) failed", sp.name, sp.kind))?;
+        let metrics = spec.stage().run(&ctx).with_context(|| format!("stage `{}` ({}) failed", sp.name, sp.kind));
+        // The stage's tensors are gone: give their memory back before the next one.
+        crate::allocator::release();
+        let metrics = metrics?;
         let manifest = Manifest {
             format: MANIFEST_FORMAT,
             key: sp.key.clone(),

@@ -20,6 +20,7 @@
 //!   [`threads`]: the thread pool every command runs in.
 
 pub mod adapter;
+pub mod allocator;
 pub mod bench;
 pub mod cache;
 pub mod chat;

@@ -117,16 +117,82 @@ pub struct LoraLinear {
 /// LoRA matrices are used detached, so no autograd graph is built), like
 /// PyTorch's `train()` / `eval()`.
 pub trait DropoutMask {
-    /// A `{0, 1/(1-p)}` mask shaped like `x`, or `None` to skip dropout.
-    fn mask(&self, shape: &Shape, p: f32, device: &candle_core::Device) -> Result<Option<Tensor>>;
+    /// Which of `n` elements dropout with probability `p` keeps, or `None`
+    /// to skip dropout.
+    fn mask(&self, n: usize, p: f32) -> Option<Keep>;
 }
 
 /// Training mode without dropout (e.g. gradient checks).
 pub struct NoDropout;
 
 impl DropoutMask for NoDropout {
-    fn mask(&self, _: &Shape, _: f32, _: &candle_core::Device) -> Result<Option<Tensor>> {
-        Ok(None)
+    fn mask(&self, _: usize, _: f32) -> Option<Keep> {
+        None
+    }
+}
+
+/// A dropout mask, one bit per element: a kept element is scaled by
+/// `1/(1-p)`, a dropped one zeroed. (An f32 mask would be 32× larger, and
+/// training keeps one per LoRA layer until the backward pass.)
+#[derive(Clone, Debug)]
+pub struct Keep {
+    bits: Vec<u64>,
+    len: usize,
+    scale: f32,
+}
+
+/// Elements per parallel task of [`Keep`]'s passes (a multiple of 64).
+const KEEP_CHUNK: usize = 1 << 14;
+
+impl Keep {
+    /// A mask whose element `i` is kept when the `i`-th call of `kept` says so.
+    pub fn from_fn(len: usize, p: f32, mut kept: impl FnMut() -> bool) -> Keep {
+        let mut bits = vec![0u64; len.div_ceil(64)];
+        for i in 0..len {
+            bits[i / 64] |= u64::from(kept()) << (i % 64);
+        }
+        Keep { bits, len, scale: 1.0 / (1.0 - p) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The mask as `{0, 1/(1-p)}` values.
+    pub fn to_tensor(&self, shape: &Shape, device: &candle_core::Device) -> Result<Tensor> {
+        let data: Vec<f32> = (0..self.len).map(|i| self.value(i)).collect();
+        Tensor::from_vec(data, shape.clone(), device)
+    }
+
+    fn value(&self, i: usize) -> f32 {
+        if self.bits[i / 64] >> (i % 64) & 1 == 1 { self.scale } else { 0.0 }
+    }
+
+    /// `out[i] = x[i]·mask[i]`.
+    pub fn mul_into(&self, x: &[f32], out: &mut [f32]) {
+        self.zip_apply(x, out, |o, x, m| *o = x * m);
+    }
+
+    /// `out[i] += t[i]·mask[i]`.
+    pub fn fma_into(&self, t: &[f32], out: &mut [f32]) {
+        self.zip_apply(t, out, |o, t, m| *o += t * m);
+    }
+
+    fn zip_apply(&self, x: &[f32], out: &mut [f32], f: impl Fn(&mut f32, f32, f32) + Sync) {
+        use rayon::prelude::*;
+        assert!(x.len() == self.len && out.len() == self.len, "dropout mask of another size");
+        out.par_chunks_mut(KEEP_CHUNK).zip(x.par_chunks(KEEP_CHUNK)).enumerate().for_each(|(c, (out, x))| {
+            let words = &self.bits[c * KEEP_CHUNK / 64..];
+            for (w, (out, x)) in words.iter().zip(out.chunks_mut(64).zip(x.chunks(64))) {
+                for (j, (o, &x)) in out.iter_mut().zip(x).enumerate() {
+                    f(o, x, if w >> j & 1 == 1 { self.scale } else { 0.0 });
+                }
+            }
+        });
     }
 }
 
@@ -167,14 +233,36 @@ impl LoraLinear {
     ) -> Result<[Tensor; N]> {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
         let quantized = step || (dropout.is_none() && rows <= QUANTIZED_MAX_ROWS);
-        let bases: [Tensor; N] = match ms.map(|m| m.quantized.as_deref()) {
+        match ms.map(|m| m.quantized.as_deref()) {
             qs if quantized && qs.iter().all(Option::is_some) => {
-                QuantLinear::forward_many(qs.map(|q| q.expect("checked")), x)?
+                let bases = QuantLinear::forward_many(qs.map(|q| q.expect("checked")), x)?;
+                let mut ms = ms.into_iter();
+                try_map(bases, |y| ms.next().expect("N layers").adapt(y, x, dropout))
             }
-            _ => try_map(ms, |m| frozen_linear(x, &m.weight))?,
+            _ => try_map(ms, |m| m.linear(x, dropout)),
+        }
+    }
+
+    /// `x·Wᵀ + bias + LoRA(x)` with the f32 weight: one fused op on the CPU
+    /// ([`super::fused_lora`]), composed ops elsewhere.
+    fn linear(&self, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+        let Some(lora) = self.lora.as_ref().filter(|_| x.device().is_cpu() && x.dtype() == DType::F32) else {
+            return self.adapt(frozen_linear(x, &self.weight)?, x, dropout);
         };
-        let mut ms = ms.into_iter();
-        try_map(bases, |y| ms.next().expect("N layers").adapt(y, x, dropout))
+        let (a, b, mask) = match dropout {
+            None => (lora.a.as_tensor().detach(), lora.b.as_tensor().detach(), None),
+            Some(d) => {
+                let mask = d.mask(x.elem_count(), lora.dropout).filter(|_| lora.dropout > 0.0);
+                (lora.a.as_tensor().clone(), lora.b.as_tensor().clone(), mask)
+            }
+        };
+        let dims = x.dims().to_vec();
+        let k = *dims.last().expect("at least 1-d");
+        let x2 = x.reshape(((), k))?;
+        let y = super::fused_lora::lora_linear(&x2, &a, &b, &self.weight, self.bias.as_ref(), mask, lora.scale)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("at least 1-d") = self.out_features();
+        y.reshape(out_dims)
     }
 
     /// The base output `y` plus bias and the LoRA update of `x`.
@@ -186,8 +274,8 @@ impl LoraLinear {
         let (a, b, x) = match dropout {
             None => (lora.a.as_tensor().detach(), lora.b.as_tensor().detach(), x.clone()),
             Some(d) => {
-                let x = match d.mask(x.shape(), lora.dropout, x.device())? {
-                    Some(mask) if lora.dropout > 0.0 => x.mul(&mask)?,
+                let x = match d.mask(x.elem_count(), lora.dropout) {
+                    Some(mask) if lora.dropout > 0.0 => x.mul(&mask.to_tensor(x.shape(), x.device())?)?,
                     _ => x.clone(),
                 };
                 (lora.a.as_tensor().clone(), lora.b.as_tensor().clone(), x)

@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod fused;
+pub mod fused_lora;
 pub mod gemma3;
 pub mod gemv;
 pub mod gguf;

@@ -14,13 +14,13 @@ pub mod plot;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use candle_core::{Device, Result, Shape, Tensor};
+use candle_core::{Result, Tensor};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::model::CausalLm;
-use crate::model::lora::DropoutMask;
+use crate::model::lora::{DropoutMask, Keep};
 
 /// A generator for (seed, purpose, a, b), independent of any other.
 pub fn rng_for(seed: u64, purpose: &str, a: u64, b: u64) -> ChaCha8Rng {
@@ -79,26 +79,22 @@ impl SeededDropout {
 }
 
 impl DropoutMask for SeededDropout {
-    fn mask(&self, shape: &Shape, p: f32, device: &Device) -> Result<Option<Tensor>> {
+    fn mask(&self, n: usize, p: f32) -> Option<Keep> {
         if p <= 0.0 {
-            return Ok(None);
+            return None;
         }
-        let keep = 1.0 / (1.0 - p);
         // Compare 16-bit draws with the threshold: 4 elements per u64.
-        let threshold = (p * 65536.0) as u32;
-        let n = shape.elem_count();
+        let threshold = (p * 65536.0) as u64;
         let mut rng = self.rng.borrow_mut();
-        let mut data = Vec::with_capacity(n);
-        while data.len() < n {
-            let bits: u64 = rng.random();
-            for k in 0..4 {
-                if data.len() < n {
-                    let r = ((bits >> (16 * k)) & 0xffff) as u32;
-                    data.push(if r < threshold { 0.0 } else { keep });
-                }
+        let (mut bits, mut left) = (0u64, 0);
+        Some(Keep::from_fn(n, p, || {
+            if left == 0 {
+                (bits, left) = (rng.random(), 4);
             }
-        }
-        Ok(Some(Tensor::from_vec(data, shape.clone(), device)?))
+            let r = bits & 0xffff;
+            (bits, left) = (bits >> 16, left - 1);
+            r >= threshold
+        }))
     }
 }
 
