@@ -10,14 +10,19 @@
 //!   LM head) are held as arrays of values and f16 scales per 32, 8 or 5
 //!   bits per value as in the file. The input is quantized to `i8` per 32
 //!   (f16 scale, exactly as llama.cpp's Q8_0 activations), and an AVX2
-//!   kernel forms the integer dot products (a Q5_0 value `d·(q − 16)` is
-//!   expanded to the `i8` `q − 16` in registers).
+//!   kernel forms the integer dot products: a Q5_0 value `d·(q − 16)` is
+//!   multiplied as the unsigned `q` (unsigned × signed is one instruction),
+//!   and `16·Σx` per block, computed once with the quantized input, is
+//!   subtracted afterwards; eight blocks' sums are scaled together, and
+//!   eight rows' results reduced into one vector store.
 //! - **Q4_K and Q6_K** rows go through candle's block dot products.
 //! - Other types, and other devices, use candle's `QMatMul`.
 //!
-//! Work is split into row ranges over rayon's pool (candle's own quantized
-//! matmul runs a second, spinning thread pool next to it, which on two
-//! cores costs more than it gains).
+//! Work is split into 64-row tasks over rayon's pool (candle's own
+//! quantized matmul runs a second, spinning thread pool next to it, which
+//! on two cores costs more than it gains). Layers that read the same input
+//! (q, k, v; gate, up) go through [`QuantLinear::forward_many`]: the input
+//! is quantized once and all their tasks share one parallel pass.
 
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8K, GgmlType};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
