@@ -265,8 +265,16 @@ impl CustomOp1 for CrossEntropyBwd {
 
 // ---------------------------------------------------------------- LM head + loss
 
-/// Rows of logits computed at once by [`linear_cross_entropy`].
+/// Rows of logits computed at once by [`linear_cross_entropy`] while
+/// training (a chunk of logits and its gradient, 64 MB each for a 262k
+/// vocabulary, are alive at the step's memory peak).
 const HEAD_CHUNK: usize = 64;
+
+/// The same without gradients (eval loss). Each chunk's GEMM repacks the
+/// whole `[V, H]` head weight, so larger chunks amortize that: for 200
+/// rows at Gemma 3's 262k × 640, 256-row chunks take 25 % less time than
+/// 64-row ones.
+const HEAD_CHUNK_NO_GRAD: usize = 256;
 
 /// Mean cross-entropy of `h·Wᵀ` (`h: [N, H]`, `W: [V, H]` frozen) against
 /// `targets`, without ever holding the `[N, V]` logits. The logits are
@@ -281,8 +289,9 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<T
     let hd = h.detach();
     let mut total = 0f64;
     let mut grads = Vec::new();
-    for start in (0..n).step_by(HEAD_CHUNK) {
-        let c = HEAD_CHUNK.min(n - start);
+    let chunk = if track { HEAD_CHUNK } else { HEAD_CHUNK_NO_GRAD };
+    for start in (0..n).step_by(chunk) {
+        let c = chunk.min(n - start);
         let t = &targets[start..start + c];
         let z = hd.narrow(0, start, c)?.matmul(&w.t()?)?;
         total += cross_entropy(&z, t)?.to_scalar::<f32>()? as f64 * c as f64;
