@@ -130,7 +130,8 @@ fn quantize_q8k(x: &[f32]) -> Vec<BlockQ8K> {
     q
 }
 
-fn try_map<T, const N: usize>(items: [T; N], f: impl FnMut(T) -> Result<Tensor>) -> Result<[Tensor; N]> {
+/// `f` over an array of N items, giving N tensors or the first error.
+pub(super) fn try_map<T, const N: usize>(items: [T; N], f: impl FnMut(T) -> Result<Tensor>) -> Result<[Tensor; N]> {
     try_map_iter(items.into_iter().map(f))
 }
 

@@ -8,7 +8,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, Var};
 
-use super::gemv::QuantLinear;
+use super::gemv::{QuantLinear, try_map};
 
 /// `x·Wᵀ` for a frozen `W`: backward gives `x` its gradient and skips the
 /// (large, useless) gradient of `W` that candle's matmul would compute. The
@@ -17,13 +17,18 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return x.broadcast_matmul(&w.t()?);
     }
-    let dims = x.dims().to_vec();
+    let w = w.contiguous()?;
+    on_rows(x, w.dim(0)?, |x2| x2.contiguous()?.apply_op1(FrozenLinear { w }))
+}
+
+/// `f` applied to `x: [..., in]` seen as a matrix of rows `[N, in]`; its
+/// `[N, out]` result reshaped to `[..., out]`.
+fn on_rows(x: &Tensor, out: usize, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
     let k = *dims.last().expect("at least 1-d");
-    let x2 = x.reshape(((), k))?.contiguous()?;
-    let y = x2.apply_op1(FrozenLinear { w: w.contiguous()? })?;
-    let mut out_dims = dims;
-    *out_dims.last_mut().expect("at least 1-d") = w.dim(0)?;
-    y.reshape(out_dims)
+    let y = f(&x.reshape(((), k))?)?;
+    *dims.last_mut().expect("at least 1-d") = out;
+    y.reshape(dims)
 }
 
 /// Forward: `x·Wᵀ` (2-d `x`). Backward: `∂x = grad·W`, nothing for `W`.
@@ -154,14 +159,6 @@ impl Keep {
         Keep { bits, len, scale: 1.0 / (1.0 - p) }
     }
 
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// The mask as `{0, 1/(1-p)}` values.
     pub fn to_tensor(&self, shape: &Shape, device: &candle_core::Device) -> Result<Tensor> {
         let data: Vec<f32> = (0..self.len).map(|i| self.value(i)).collect();
@@ -256,13 +253,9 @@ impl LoraLinear {
                 (lora.a.as_tensor().clone(), lora.b.as_tensor().clone(), mask)
             }
         };
-        let dims = x.dims().to_vec();
-        let k = *dims.last().expect("at least 1-d");
-        let x2 = x.reshape(((), k))?;
-        let y = super::fused_lora::lora_linear(&x2, &a, &b, &self.weight, self.bias.as_ref(), mask, lora.scale)?;
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("at least 1-d") = self.out_features();
-        y.reshape(out_dims)
+        on_rows(x, self.out_features(), |x2| {
+            super::fused_lora::lora_linear(x2, &a, &b, &self.weight, self.bias.as_ref(), mask, lora.scale)
+        })
     }
 
     /// The base output `y` plus bias and the LoRA update of `x`.
@@ -292,11 +285,6 @@ impl LoraLinear {
             Some(l) => self.weight.add(&(l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?),
         }
     }
-}
-
-fn try_map<T, const N: usize>(items: [T; N], f: impl FnMut(T) -> Result<Tensor>) -> Result<[Tensor; N]> {
-    let ys = items.into_iter().map(f).collect::<Result<Vec<_>>>()?;
-    Ok(ys.try_into().unwrap_or_else(|_| unreachable!("N outputs")))
 }
 
 /// Kaiming-uniform init of `A` as PyTorch's `nn.Linear` (a = √5):
