@@ -412,7 +412,11 @@ fn dispatch(command: Command) -> Result<()> {
             let mut failed = 0;
             for path in &recipes {
                 match Recipe::load(path, &set).and_then(|r| execution_order(&r, None).map(|o| (r, o))) {
-                    Ok((r, order)) => println!("ok: {} ({}: {} stages)", path.display(), r.recipe.name, order.len()),
+                    Ok((r, order)) => {
+                        let implied = order.iter().filter(|s| Recipe::is_implied(s)).count();
+                        let extra = if implied > 0 { format!(" + {implied} implied") } else { String::new() };
+                        println!("ok: {} ({}: {} stages{extra})", path.display(), r.recipe.name, order.len() - implied)
+                    }
                     Err(e) => {
                         eprintln!("error: {e}");
                         failed += 1;

@@ -95,6 +95,24 @@ fn reports_base_and_adapter_side_by_side() {
         let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
         assert!((la - lb).abs() < 1e-4, "row {}: loss {la} vs {lb}", a["id"]);
     }
+
+    // The base model's half is a stage of its own, `eval.base`: retraining
+    // evaluates the new adapter only; the base column comes from the cache.
+    let retrain = "stages.train.max_steps=3";
+    let plan = p.plan(&["recipe.toml", "--set", retrain]);
+    let status = |name: &str| plan.iter().find(|(n, _, _)| n == name).map(|(_, s, _)| s.clone());
+    assert_eq!(status("eval.base").as_deref(), Some("cached"), "{plan:?}");
+    assert_eq!(status("train").as_deref(), Some("run"), "{plan:?}");
+    assert_eq!(status("eval").as_deref(), Some("run"), "{plan:?}");
+    p.ok(&["run", "recipe.toml", "--set", retrain]);
+    let again = json(&show_with(&p, "eval", retrain).join("report.json"));
+    assert_eq!(again["models"]["base"], report["models"]["base"]);
+    assert_ne!(again["models"]["adapter"]["overall"]["loss"], report["models"]["adapter"]["overall"]["loss"]);
+    let preds = std::fs::read_to_string(show_with(&p, "eval", retrain).join("predictions.jsonl")).unwrap();
+    let again: Vec<Value> = preds.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(again.len(), lines.len());
+    let base = |v: &[Value]| v.iter().filter(|l| l["model"] == "base").cloned().collect::<Vec<_>>();
+    assert_eq!(base(&again), base(&lines), "the base model's predictions, reused");
 }
 
 fn show_with(p: &Project, stage: &str, set: &str) -> std::path::PathBuf {

@@ -161,6 +161,9 @@ impl StageSpec {
                 if let Some(a) = &p.adapter {
                     v.push(Input { role: "adapter", stage: a, kinds: &["lora-train"] });
                 }
+                if let Some(b) = &p.baseline {
+                    v.push(Input { role: "baseline", stage: b, kinds: &["evaluate"] });
+                }
                 v
             }
             StageSpec::Merge(p) => {
@@ -263,11 +266,35 @@ impl Recipe {
         recipe.finish(source, path)
     }
 
-    /// Sets the path and checks what serde cannot.
+    /// Sets the path, checks what serde cannot and adds the implicit stages.
     fn finish(mut self, source: &str, path: &Path) -> Result<Recipe, RecipeError> {
         self.path = path.to_path_buf();
         self.validate(source)?;
+        self.add_implicit_stages();
         Ok(self)
+    }
+
+    /// Whether a stage name is one `add_implicit_stages` made.
+    pub fn is_implied(stage: &str) -> bool {
+        stage.contains('.')
+    }
+
+    /// Stages the recipe implies without naming them: for an `evaluate`
+    /// stage NAME comparing the base model with the adapter, `NAME.base`
+    /// evaluates the base model (cached apart from the adapter; see
+    /// `evaluate::Params::split_off_base`). The `.` keeps these names apart
+    /// from the ones a recipe can write.
+    fn add_implicit_stages(&mut self) {
+        let mut added = Vec::new();
+        for (name, stage) in self.stages.iter_mut() {
+            if let StageSpec::Evaluate(p) = stage {
+                let base_name = format!("{name}.base");
+                if let Some(base) = p.split_off_base(&base_name) {
+                    added.push((base_name, StageSpec::Evaluate(base)));
+                }
+            }
+        }
+        self.stages.extend(added);
     }
 
     /// The directory relative paths in the recipe resolve against.

@@ -10,8 +10,9 @@
 //! prompt and the answer is decoded from there. Rows run in token order,
 //! each starting from the prefix it shares with the previous row (copied
 //! out of that row's cache), and are decoded `batch` at a time. `compare =
-//! ["base", "adapter"]` runs the base model and base + adapter (unmerged)
-//! side by side. Outputs: `report.json`, `report.md`, `predictions.jsonl`
+//! ["base", "adapter"]` reports the base model and base + adapter (unmerged)
+//! side by side; the base model's half is the implicit stage `NAME.base`,
+//! cached on its own so that retraining does not evaluate it again. Outputs: `report.json`, `report.md`, `predictions.jsonl`
 //! (in the split's order).
 
 use std::collections::BTreeMap;
@@ -76,6 +77,12 @@ pub struct Params {
     /// tool calls parsed from it.
     #[serde(default)]
     pub prompts: Vec<String>,
+    /// The implicit stage that evaluates the base model when `compare` has
+    /// both models (see [`Params::split_off_base`]); its results are read
+    /// instead of evaluating the base model again.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub baseline: Option<String>,
 }
 
 fn yes() -> bool {
@@ -125,6 +132,22 @@ impl Params {
             return Err(("prompts", format!("prompt {i} is empty"), "write the user's request".into()));
         }
         self.generation.check().map_err(|(k, v, h)| (k, v, h))
+    }
+
+    /// When `compare` has both the base model and the adapter, the base
+    /// model's half of the work is its own stage: it does not depend on the
+    /// adapter, so retraining (new steps, rank, learning rate…) reuses it
+    /// from the cache instead of evaluating the unchanged base model again.
+    /// Returns that stage's parameters (those of this stage without the
+    /// adapter: its cache key is the one of a base-only `evaluate` stage
+    /// written in the recipe) and points this stage's `baseline` at `name`.
+    pub fn split_off_base(&mut self, name: &str) -> Option<Params> {
+        if !(self.subjects().contains(&Subject::Base) && self.subjects().contains(&Subject::Adapter)) {
+            return None;
+        }
+        let base = Params { adapter: None, compare: Vec::new(), baseline: None, ..self.clone() };
+        self.baseline = Some(name.to_string());
+        Some(base)
     }
 
     fn subjects(&self) -> Vec<Subject> {
@@ -273,27 +296,31 @@ impl<'a> Evaluation<'a> {
     }
 
     fn run(mut self) -> Result<Value> {
-        let subjects = self.p.subjects();
         let mut per_model = serde_json::Map::new();
         let mut predictions = Vec::new();
         let mut tables: Vec<(String, BTreeMap<String, Metric>, BTreeMap<String, BTreeMap<String, Metric>>)> =
             Vec::new();
         let mut skipped = 0;
         let mut spot_checks = Vec::new();
-        for subject in subjects {
-            match (subject, &self.adapter) {
-                (Subject::Adapter, Some(a)) => a.attach(self.model.as_mut())?,
-                _ => crate::adapter::detach(self.model.as_mut()),
-            }
-            let (overall, groups, preds, skip, seconds) = self.evaluate(subject)?;
-            skipped = skip;
+        for subject in self.p.subjects() {
+            let r = match (subject, &self.p.baseline) {
+                (Subject::Base, Some(_)) => ModelResult::read(self.ctx.input("baseline"), subject)?,
+                _ => {
+                    match (subject, &self.adapter) {
+                        (Subject::Adapter, Some(a)) => a.attach(self.model.as_mut())?,
+                        _ => crate::adapter::detach(self.model.as_mut()),
+                    }
+                    self.evaluate(subject)?
+                }
+            };
+            skipped = r.skipped;
             per_model.insert(
                 subject.name().into(),
-                json!({"overall": overall, "by_group": groups, "skipped_overlong": skip, "seconds": seconds}),
+                json!({"overall": r.overall, "by_group": r.groups, "skipped_overlong": r.skipped, "seconds": r.seconds}),
             );
-            predictions.extend(preds);
-            tables.push((subject.name().to_string(), overall, groups));
-            spot_checks.extend(self.spot_checks(subject)?);
+            predictions.extend(r.predictions);
+            tables.push((subject.name().to_string(), r.overall, r.groups));
+            spot_checks.extend(r.spot_checks);
         }
         crate::data::write_jsonl(&self.ctx.out.join("predictions.jsonl"), &predictions)?;
         let report = json!({
@@ -340,11 +367,7 @@ impl<'a> Evaluation<'a> {
     /// that neighbours share their system prompt and tool list, which each
     /// row copies from the previous row's cache instead of recomputing it;
     /// they are scored one by one and decoded `batch` at a time.
-    #[allow(clippy::type_complexity)]
-    fn evaluate(
-        &self,
-        subject: Subject,
-    ) -> Result<(BTreeMap<String, Metric>, BTreeMap<String, BTreeMap<String, Metric>>, Vec<Value>, usize, f64)> {
+    fn evaluate(&self, subject: Subject) -> Result<ModelResult> {
         let t0 = std::time::Instant::now();
         let generator = self.generator();
         let seed = self.ctx.env.recipe.recipe.seed;
@@ -387,8 +410,14 @@ impl<'a> Evaluation<'a> {
             merge(&mut overall, &mut groups, self.rows[i].group.as_deref(), &tally);
             preds.push(record);
         }
-        let groups = groups.into_iter().map(|(k, t)| (k, t.metrics())).collect();
-        Ok((overall.metrics(), groups, preds, skipped, t0.elapsed().as_secs_f64()))
+        Ok(ModelResult {
+            overall: overall.metrics(),
+            groups: groups.into_iter().map(|(k, t)| (k, t.metrics())).collect(),
+            predictions: preds,
+            skipped,
+            seconds: t0.elapsed().as_secs_f64(),
+            spot_checks: self.spot_checks(subject)?,
+        })
     }
 
     /// Row indices sorted by the tokens each row runs through the model.
@@ -560,8 +589,43 @@ impl<'a> Evaluation<'a> {
     }
 }
 
+/// What evaluating one model gave.
+struct ModelResult {
+    overall: BTreeMap<String, Metric>,
+    groups: BTreeMap<String, BTreeMap<String, Metric>>,
+    /// Its records of `predictions.jsonl`, in the split's order.
+    predictions: Vec<Value>,
+    /// Rows whose prompt was too long to decode.
+    skipped: usize,
+    seconds: f64,
+    spot_checks: Vec<SpotCheck>,
+}
+
+impl ModelResult {
+    /// `subject`'s results from the artifact of an `evaluate` stage that
+    /// evaluated it (with the same rows and settings: the same key but for
+    /// the adapter).
+    fn read(dir: &std::path::Path, subject: Subject) -> Result<ModelResult> {
+        let path = dir.join("report.json");
+        let report: Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        let name = subject.name();
+        let m = report["models"].get(name).with_context(|| format!("{}: no results of `{name}`", path.display()))?;
+        let of = |v: &Value| v.as_str() == Some(name);
+        let predictions: Vec<Value> = crate::data::read_jsonl_as(&dir.join("predictions.jsonl"))?;
+        let spot_checks: Vec<SpotCheck> = serde_json::from_value(report["prompts"].clone())?;
+        Ok(ModelResult {
+            overall: serde_json::from_value(m["overall"].clone())?,
+            groups: serde_json::from_value(m["by_group"].clone())?,
+            predictions: predictions.into_iter().filter(|p| of(&p["model"])).collect(),
+            skipped: m["skipped_overlong"].as_u64().unwrap_or(0) as usize,
+            seconds: m["seconds"].as_f64().unwrap_or(0.0),
+            spot_checks: spot_checks.into_iter().filter(|c| c.model == name).collect(),
+        })
+    }
+}
+
 /// One prompt of `prompts`, answered by one model.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct SpotCheck {
     model: String,
     prompt: String,
