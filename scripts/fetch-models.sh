@@ -8,7 +8,7 @@
 #   models/qwen3-tokenizer/     tokenizer.json + tokenizer_config.json
 #
 # It also pip-installs the Python tools the tests check against: the `gguf`
-# reader, moto's S3 server and the wsgidav WebDAV server.
+# and `safetensors` readers, moto's S3 server and the wsgidav WebDAV server.
 #
 # Re-running is cheap: files whose sha256 already matches are kept.
 # Usage: scripts/fetch-models.sh [DEST]     (or PIPELINE_MODELS_DIR=DEST)
@@ -92,6 +92,9 @@ pip_install() { # import-check package...
 }
 # llama.cpp's own GGUF reader reads back the files `quantize` writes.
 pip_install gguf gguf
+# Hugging Face's own safetensors reader reads back the adapters and merged
+# models (and checks the `format: pt` header transformers looks for).
+pip_install "safetensors.numpy" safetensors
 # The servers the remote-cache tests start on loopback: an S3 API (moto's
 # server mode) and WebDAV (wsgidav).
 pip_install "moto.server, flask" 'moto[server]'

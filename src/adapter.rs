@@ -91,9 +91,7 @@ pub fn save(dir: &Path, config: &AdapterConfig, tensors: &LoraTensors) -> Result
         named.push((peft_name(module, 'A'), a.clone()));
         named.push((peft_name(module, 'B'), b.clone()));
     }
-    let map: std::collections::HashMap<String, Tensor> = named.into_iter().collect();
-    candle_core::safetensors::save(&map, dir.join(WEIGHTS_FILE))
-        .with_context(|| format!("cannot write {}", dir.join(WEIGHTS_FILE).display()))?;
+    crate::model::save_safetensors(named.iter().map(|(k, t)| (k.as_str(), t)), &dir.join(WEIGHTS_FILE))?;
     let mut json = serde_json::to_vec_pretty(config)?;
     json.push(b'\n');
     std::fs::write(dir.join(CONFIG_FILE), json)?;

@@ -59,6 +59,16 @@ fn merged_logits_equal_base_plus_adapter() {
             "{arch}: <|im_end|> stops: {generation}"
         );
 
+        // Hugging Face's own reader: the header transformers checks, and the base's tensor names.
+        let script = "import sys\nfrom safetensors import safe_open\n\
+                      with safe_open(sys.argv[1], framework='numpy') as f:\n    \
+                      print(f.metadata()['format'], len(list(f.keys())), 'model.embed_tokens.weight' in f.keys())";
+        let file = merged_dir.join("model.safetensors");
+        if let Some(out) = common::python_check("safetensors", script, &[file.to_str().unwrap()]) {
+            let base_names = candle_core::safetensors::load(p.path("model/model.safetensors"), &Device::Cpu).unwrap();
+            assert_eq!(out, format!("pt {} True", base_names.len()), "{arch}");
+        }
+
         let ids: Vec<u32> = (0..19).map(|i| (i * 3371 + 11) % 151_000).collect();
         let merged = pipeline::model::load(&ResolvedModel::from_path(&merged_dir).unwrap(), &Device::Cpu, 64).unwrap();
         let mut base =

@@ -87,20 +87,12 @@ fn real_270m_gguf_files_are_complete_and_accurate() {
     assert!(same as f64 / ours.len() as f64 > 0.999, "{same} token types of {} agree", ours.len());
 
     // A reader nobody here wrote: the `gguf` Python package.
-    let script = format!(
-        "import gguf,sys\nr=gguf.GGUFReader(sys.argv[1])\nassert len(r.tensors)==236, len(r.tensors)\n\
-         names={{t.name for t in r.tensors}}\nfor n in ['token_embd.weight','output_norm.weight','blk.17.post_ffw_norm.weight',\
+    let script = "import gguf,sys\nr=gguf.GGUFReader(sys.argv[1])\nassert len(r.tensors)==236, len(r.tensors)\n\
+         names={t.name for t in r.tensors}\nfor n in ['token_embd.weight','output_norm.weight','blk.17.post_ffw_norm.weight',\
          'blk.5.ffn_norm.weight','blk.0.post_attention_norm.weight','blk.0.attn_q_norm.weight']:\n    assert n in names, n\n\
-         assert 'output.weight' not in names\nprint(r.fields['general.architecture'].contents(), len(r.fields))"
-    );
-    match std::process::Command::new("python3").args(["-c", &script, q4.to_str().unwrap()]).output() {
-        Ok(o) if o.status.success() => eprintln!("gguf (Python): {}", String::from_utf8_lossy(&o.stdout).trim()),
-        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named 'gguf'") => {
-            assert!(std::env::var("PIPELINE_REQUIRE_MODELS").is_err(), "the gguf Python package is required in CI");
-            eprintln!("skipped the Python gguf check: pip install gguf");
-        }
-        Ok(o) => panic!("the gguf package rejects our file: {}", String::from_utf8_lossy(&o.stderr)),
-        Err(e) => eprintln!("skipped the Python gguf check: {e}"),
+         assert 'output.weight' not in names\nprint(r.fields['general.architecture'].contents(), len(r.fields))";
+    if let Some(out) = common::python_check("gguf", script, &[q4.to_str().unwrap()]) {
+        eprintln!("gguf (Python): {out}");
     }
 
     // Our own inference on the Q8_0 file: perplexity within 1 % of 16.835.

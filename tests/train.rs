@@ -65,6 +65,14 @@ fn a_killed_training_resumes_to_byte_identical_results() {
     }
 }
 
+/// Prints, as JSON, a safetensors file's header metadata and each tensor's
+/// shape, dtype and sum of absolute values, as the `safetensors` package reads them.
+const PY_SUMMARY: &str = "import json,sys\nfrom safetensors import safe_open\nimport numpy as np\n\
+    with safe_open(sys.argv[1], framework='numpy') as f:\n    \
+    t={k: f.get_tensor(k) for k in f.keys()}\n    \
+    print(json.dumps({'metadata': f.metadata(), 'tensors': {k: {'shape': list(v.shape), 'dtype': str(v.dtype), \
+    'abs_sum': float(np.abs(v.astype(np.float64)).sum())} for k, v in t.items()}}))";
+
 #[test]
 fn the_adapter_follows_peft_conventions_for_gemma3() {
     let Some(models) = models_dir() else { return };
@@ -102,6 +110,21 @@ fn the_adapter_follows_peft_conventions_for_gemma3() {
     ];
     let got: Vec<(&str, Vec<usize>)> = names.iter().map(|(k, d)| (k.as_str(), d.clone())).collect();
     assert_eq!(got, want);
+    // Hugging Face's own reader sees the same names, shapes and values, and
+    // the `format: pt` header PEFT writes.
+    let file = dir.join("adapter_model.safetensors");
+    if let Some(out) = common::python_check("safetensors", PY_SUMMARY, &[file.to_str().unwrap()]) {
+        let py: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(py["metadata"], serde_json::json!({"format": "pt"}));
+        for (name, t) in &tensors {
+            let abs_sum = t.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+            let seen = &py["tensors"][name];
+            assert_eq!(seen["shape"], serde_json::json!(t.dims()), "{name}");
+            assert_eq!(seen["dtype"], "float32", "{name}");
+            assert!((seen["abs_sum"].as_f64().unwrap() - abs_sum).abs() <= 1e-5 * abs_sum.max(1.0), "{name}: {seen}");
+        }
+        assert_eq!(py["tensors"].as_object().unwrap().len(), tensors.len());
+    }
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["peft_type"], "LORA");

@@ -339,6 +339,18 @@ pub fn read_config(path: &Path) -> Result<Arch> {
     }
 }
 
+/// Writes tensors to a safetensors file the way transformers'
+/// `save_pretrained` and PEFT's `save_pretrained` do: tensors sorted by
+/// name, with `{"format": "pt"}` in the header's `__metadata__` (the field
+/// transformers checks before loading a checkpoint).
+pub fn save_safetensors<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>, path: &Path) -> Result<()> {
+    let mut sorted: Vec<(&str, &Tensor)> = tensors.into_iter().collect();
+    sorted.sort_by_key(|(name, _)| *name);
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(sorted, Some(metadata), path)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Loads every tensor of the safetensors files as f32 on `device`.
 pub fn load_safetensors(files: &[std::path::PathBuf], device: &Device) -> Result<Weights> {
     let mut map = HashMap::new();

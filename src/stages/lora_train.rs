@@ -224,7 +224,8 @@ impl Params {
 
 impl Stage for Params {
     fn version(&self) -> u32 {
-        1
+        // 2: adapter_model.safetensors carries `{"format": "pt"}` metadata, as PEFT writes it.
+        2
     }
 
     fn params(&self, env: &Env) -> Value {

@@ -65,7 +65,8 @@ impl WeightDtype {
 
 impl Stage for Params {
     fn version(&self) -> u32 {
-        1
+        // 2: model.safetensors carries `{"format": "pt"}` metadata, as save_pretrained writes it.
+        2
     }
 
     fn params(&self, _env: &Env) -> Value {
@@ -100,17 +101,17 @@ pub fn merge(
 ) -> Result<Value> {
     let device = Device::Cpu;
     let (config, tensors) = crate::adapter::load(adapter_dir, &device)?;
-    if let Some(trained_on) = &config.pipeline_base_weights_blake3 {
-        if trained_on != base_hash {
-            bail!(
-                "the adapter in {} was trained on other base weights (blake3 {}…) than {} ({}…); merge it onto the \
-                 model it was trained on",
-                adapter_dir.display(),
-                &trained_on[..12.min(trained_on.len())],
-                base.source,
-                &base_hash[..12.min(base_hash.len())]
-            );
-        }
+    if let Some(trained_on) = &config.pipeline_base_weights_blake3
+        && trained_on != base_hash
+    {
+        bail!(
+            "the adapter in {} was trained on other base weights (blake3 {}…) than {} ({}…); merge it onto the \
+             model it was trained on",
+            adapter_dir.display(),
+            &trained_on[..12.min(trained_on.len())],
+            base.source,
+            &base_hash[..12.min(base_hash.len())]
+        );
     }
     let weights_file = base.weights.first().with_context(|| format!("the model `{}` has no weights", base.source))?;
     let from_gguf = base.is_gguf();
@@ -126,7 +127,7 @@ pub fn merge(
     std::fs::create_dir_all(out)?;
     let stored: HashMap<String, Tensor> =
         map.into_iter().map(|(k, v)| Ok((k, v.to_dtype(dtype.dtype())?))).collect::<Result<_>>()?;
-    candle_core::safetensors::save(&stored, out.join("model.safetensors"))?;
+    crate::model::save_safetensors(stored.iter().map(|(k, t)| (k.as_str(), t)), &out.join("model.safetensors"))?;
 
     let mut hf_config = match (&base.config_json, from_gguf) {
         (Some(c), false) => serde_json::from_slice(&std::fs::read(c)?)?,
@@ -212,10 +213,10 @@ fn tokenizer_files(base: &ResolvedModel, chat_template: Option<&crate::chat::Cha
         }
         // Generation stops at EOS and at the end-of-turn marker training used.
         let mut eos: Vec<u32> = id("eos_token").into_iter().collect();
-        if let Some(i) = chat_template.and_then(|t| tokenizer.token_to_id(&t.end_of_turn)) {
-            if !eos.contains(&i) {
-                eos.push(i);
-            }
+        if let Some(i) = chat_template.and_then(|t| tokenizer.token_to_id(&t.end_of_turn))
+            && !eos.contains(&i)
+        {
+            eos.push(i);
         }
         g["eos_token_id"] = json!(eos);
         write_json(&out.join("generation_config.json"), &g)?;

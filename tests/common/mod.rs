@@ -218,3 +218,28 @@ pub fn llama_cpp_perplexity(m: &dyn pipeline::model::CausalLm, tok: &tokenizers:
     }
     ((nll / count as f64).exp(), tokens.len() / n_ctx)
 }
+
+/// Runs a Python `script` (with `args` as `sys.argv[1:]`) that checks one of
+/// our files with a reader nobody here wrote (the `gguf` or `safetensors`
+/// package), and returns what it printed. Skipped with a message when the
+/// package `module` is not installed, except in CI
+/// (`PIPELINE_REQUIRE_MODELS=1`, where `scripts/fetch-models.sh` installs
+/// it); a script that fails is a failed test.
+pub fn python_check(module: &str, script: &str, args: &[&str]) -> Option<String> {
+    let out = match Command::new("python3").arg("-c").arg(script).args(args).output() {
+        Ok(out) => out,
+        Err(e) => {
+            assert!(std::env::var("PIPELINE_REQUIRE_MODELS").is_err(), "python3 is required in CI: {e}");
+            eprintln!("SKIPPED the Python {module} check: {e}");
+            return None;
+        }
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && stderr.contains(&format!("No module named '{module}'")) {
+        assert!(std::env::var("PIPELINE_REQUIRE_MODELS").is_err(), "the {module} Python package is required in CI");
+        eprintln!("SKIPPED the Python {module} check: pip install {module}");
+        return None;
+    }
+    assert!(out.status.success(), "the Python {module} package rejects our file:\n{stderr}");
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
