@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor, Var};
 use common::{Project, chat_jsonl, models_dir, tiny_gemma3, train_recipe};
@@ -135,6 +135,35 @@ fn the_adapter_follows_peft_conventions_for_gemma3() {
     assert_eq!(cfg["target_modules"], serde_json::json!(["down_proj", "q_proj"]));
     assert_eq!(cfg["bias"], "none");
     assert!(cfg["base_model_name_or_path"].as_str().unwrap().ends_with("tiny"));
+    // Only keys PEFT 0.9's LoraConfig knows: PEFT before 0.13 refuses any other.
+    const PEFT_0_9_KEYS: &[&str] = &[
+        "peft_type",
+        "auto_mapping",
+        "base_model_name_or_path",
+        "revision",
+        "task_type",
+        "inference_mode",
+        "r",
+        "target_modules",
+        "lora_alpha",
+        "lora_dropout",
+        "fan_in_fan_out",
+        "bias",
+        "use_rslora",
+        "modules_to_save",
+        "init_lora_weights",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+        "megatron_config",
+        "megatron_core",
+        "loftq_config",
+        "use_dora",
+    ];
+    for key in cfg.as_object().unwrap().keys() {
+        assert!(PEFT_0_9_KEYS.contains(&key.as_str()), "adapter_config.json has `{key}`, which PEFT does not know");
+    }
     for f in ["loss.csv", "loss.svg"] {
         assert!(dir.join(f).is_file(), "{f}");
     }
@@ -177,6 +206,59 @@ fn the_adapter_follows_peft_conventions_for_qwen3() {
         serde_json::json!(["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])
     );
     assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(8), Some(32.0)));
+}
+
+#[test]
+fn adapters_written_by_peft_load_and_what_we_cannot_apply_is_refused() {
+    let Some(models) = models_dir() else { return };
+    let p = setup(&models);
+    p.ok(&["run", "r.toml", "--set", "stages.train.max_steps=1"]);
+    let ours = PathBuf::from(
+        String::from_utf8_lossy(&p.run(&["show", "r.toml", "train", "--set", "stages.train.max_steps=1"]).stdout)
+            .trim(),
+    );
+    let ours_loaded = pipeline::adapter::load(&ours, &Device::Cpu).unwrap();
+    assert!(ours_loaded.base_weights_blake3.is_some());
+
+    // Configs as PEFT versions write them: 0.17 (keys added since 0.13), and
+    // an old minimal one (no use_dora/use_rslora…, a string target, a null base).
+    let peft_0_17 = r#"{"alpha_pattern": {}, "auto_mapping": null, "base_model_name_or_path": "google/gemma-3-270m-it",
+        "bias": "none", "corda_config": null, "eva_config": null, "exclude_modules": null, "fan_in_fan_out": false,
+        "inference_mode": true, "init_lora_weights": true, "layer_replication": null, "layers_pattern": null,
+        "layers_to_transform": null, "loftq_config": {}, "lora_alpha": 8, "lora_bias": false, "lora_dropout": 0.1,
+        "megatron_config": null, "megatron_core": "megatron.core", "modules_to_save": null, "peft_type": "LORA",
+        "qalora_group_size": 16, "r": 4, "rank_pattern": {}, "revision": null, "target_modules": ["q_proj", "v_proj"],
+        "target_parameters": null, "task_type": "CAUSAL_LM", "trainable_token_indices": null, "use_dora": false,
+        "use_qalora": false, "use_rslora": false}"#;
+    let peft_old = r#"{"base_model_name_or_path": null, "bias": "none", "fan_in_fan_out": false, "inference_mode": true,
+        "init_lora_weights": "gaussian", "lora_alpha": 8, "lora_dropout": 0.05, "modules_to_save": null,
+        "peft_type": "LORA", "r": 4, "target_modules": "all-linear", "task_type": "CAUSAL_LM", "layers_to_transform": 1}"#;
+    let dir = tempfile::tempdir().unwrap();
+    // PEFT's weights file: the same tensors, no base-weights hash.
+    let tensors = candle_core::safetensors::load(ours.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&tensors, dir.path().join("adapter_model.safetensors")).unwrap();
+    assert!(ours.join("base_weights.json").is_file());
+    for config in [peft_0_17, peft_old] {
+        std::fs::write(dir.path().join("adapter_config.json"), config).unwrap();
+        let loaded = pipeline::adapter::load(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(loaded.config.scale(), 2.0, "{config}");
+        assert_eq!(loaded.tensors.len(), ours_loaded.tensors.len());
+        assert_eq!(loaded.base_weights_blake3, None);
+    }
+
+    // What we would apply wrongly is refused, naming the field.
+    let base: serde_json::Value = serde_json::from_str(peft_0_17).unwrap();
+    for (key, value, says) in [
+        ("use_dora", serde_json::json!(true), "`use_dora`"),
+        ("rank_pattern", serde_json::json!({"q_proj": 8}), "`rank_pattern`"),
+        ("peft_type", serde_json::json!("IA3"), "`peft_type`"),
+    ] {
+        let mut config = base.clone();
+        config[key] = value;
+        std::fs::write(dir.path().join("adapter_config.json"), config.to_string()).unwrap();
+        let err = format!("{:#}", pipeline::adapter::load(dir.path(), &Device::Cpu).err().expect(key));
+        assert!(err.contains(says) && err.contains("adapter_config.json"), "{key}: {err}");
+    }
 }
 
 /// Central differences of `f` at entry `i` of `var`.

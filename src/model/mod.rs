@@ -342,7 +342,9 @@ pub fn read_config(path: &Path) -> Result<Arch> {
 /// Writes tensors to a safetensors file the way transformers'
 /// `save_pretrained` and PEFT's `save_pretrained` do: tensors sorted by
 /// name, with `{"format": "pt"}` in the header's `__metadata__` (the field
-/// transformers checks before loading a checkpoint).
+/// transformers checks before loading a checkpoint). Only that one entry:
+/// the crate writes metadata in hash-map order, and our files must be
+/// byte-reproducible.
 pub fn save_safetensors<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>, path: &Path) -> Result<()> {
     let mut sorted: Vec<(&str, &Tensor)> = tensors.into_iter().collect();
     sorted.sort_by_key(|(name, _)| *name);

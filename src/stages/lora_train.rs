@@ -5,8 +5,8 @@
 //! for each optimizer step accumulate gradients over micro-batches (one
 //! example each), clip, AdamW, log, evaluate and checkpoint now and then.
 //! Output (PEFT layout, loadable by `PeftModel.from_pretrained`):
-//! `adapter_model.safetensors`, `adapter_config.json`, plus `loss.csv` and
-//! `loss.svg`.
+//! `adapter_model.safetensors`, `adapter_config.json`, plus `base_weights.json`
+//! (the base weights' blake3, for `merge`), `loss.csv` and `loss.svg`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -512,16 +512,14 @@ impl<'a> Trainer<'a> {
         targets.dedup();
         let mut cfg = AdapterConfig::lora(&base, self.p.rank, self.p.alpha, self.p.dropout, targets, self.p.rslora);
         cfg.revision = resolved.revision.clone();
-        if let Some(w) = resolved.weights.first() {
-            cfg.pipeline_base_weights_blake3 = Some(env.hash_file(w)?);
-        }
+        let base_weights_blake3 = resolved.weights.first().map(|w| env.hash_file(w)).transpose()?;
         let mut tensors = LoraTensors::new();
         // `attach_lora` lists each module's A, then its B.
         for pair in self.params.chunks(2) {
             let module = pair[0].0.trim_end_matches(".lora_A").to_string();
             tensors.insert(module, (pair[0].1.as_tensor().clone(), pair[1].1.as_tensor().clone()));
         }
-        adapter::save(out, &cfg, &tensors)?;
+        adapter::save(out, &cfg, &tensors, base_weights_blake3.as_deref())?;
 
         let mut csv = String::from("step,epoch,loss,lr,grad_norm,supervised_tokens,eval_loss\n");
         for r in &state.log {

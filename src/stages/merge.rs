@@ -100,8 +100,9 @@ pub fn merge(
     out: &Path,
 ) -> Result<Value> {
     let device = Device::Cpu;
-    let (config, tensors) = crate::adapter::load(adapter_dir, &device)?;
-    if let Some(trained_on) = &config.pipeline_base_weights_blake3
+    let adapter = crate::adapter::load(adapter_dir, &device)?;
+    let (config, tensors) = (&adapter.config, &adapter.tensors);
+    if let Some(trained_on) = &adapter.base_weights_blake3
         && trained_on != base_hash
     {
         bail!(
@@ -122,7 +123,7 @@ pub fn merge(
         (crate::model::read_config(cfg)?, crate::model::load_safetensors(&base.weights, &device)?)
     };
     let mut map = weights.into_map();
-    let merged = apply(&mut map, &config, &tensors, adapter_dir)?;
+    let merged = apply(&mut map, config, tensors, adapter_dir)?;
 
     std::fs::create_dir_all(out)?;
     let stored: HashMap<String, Tensor> =

@@ -245,7 +245,7 @@ fn gguf_arch_name(model: &ResolvedModel) -> Result<String> {
 /// `.lora_b` (HF B `[out, r]`, ggml `[r, out]`), in f32. rsLoRA's α/√r is
 /// expressed as the α that gives the same scale with llama.cpp's α/r.
 pub fn write_adapter_gguf(adapter_dir: &Path, arch: &str, path: &Path) -> Result<Json> {
-    let (config, tensors) = crate::adapter::load(adapter_dir, &Device::Cpu)?;
+    let crate::adapter::LoadedAdapter { config, tensors, .. } = crate::adapter::load(adapter_dir, &Device::Cpu)?;
     let alpha = config.scale() * config.r as f64;
     let md = vec![
         ("general.architecture".to_string(), Value::Str(arch.into())),
