@@ -123,6 +123,12 @@ impl AdapterConfig {
         if !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty() {
             refuse("`rank_pattern` / `alpha_pattern` give some modules their own rank or alpha")?;
         }
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            refuse("`modules_to_save` replaces whole modules")?;
+        }
+        if self.bias != "none" {
+            refuse(&format!("`bias` is {:?} (trained biases)", self.bias))?;
+        }
         if self.r == 0 {
             refuse("`r` is 0")?;
         }
@@ -188,16 +194,36 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
         .with_context(|| format!("cannot read {}", weights_path.display()))?;
     let mut tensors = LoraTensors::new();
     for (name, a) in &weights {
+        if name.ends_with(".lora_B.weight") {
+            continue; // found through its A
+        }
         let Some(module) = name.strip_prefix("base_model.model.").and_then(|n| n.strip_suffix(".lora_A.weight")) else {
-            continue;
+            bail!(
+                "{}: `{name}` is not a LoRA matrix (`base_model.model.MODULE.lora_A.weight` / `lora_B.weight`); \
+                 pipeline applies plain LoRA adapters of linear layers",
+                weights_path.display()
+            );
         };
         let b = weights
             .get(&peft_name(module, 'B'))
             .with_context(|| format!("{}: `{name}` has no matching lora_B", dir.display()))?;
+        if a.dim(0)? != config.r {
+            bail!(
+                "{}: `{name}` has rank {} but `r` in {} is {}; the scale α/r would be wrong",
+                weights_path.display(),
+                a.dim(0)?,
+                CONFIG_FILE,
+                config.r
+            );
+        }
         tensors.insert(module.to_string(), (a.clone(), b.clone()));
     }
     if tensors.is_empty() {
         bail!("{} holds no LoRA matrices (`base_model.model.….lora_A.weight`)", weights_path.display());
+    }
+    let paired: std::collections::HashSet<String> = tensors.keys().map(|m| peft_name(m, 'B')).collect();
+    if let Some(orphan) = weights.keys().find(|n| n.ends_with(".lora_B.weight") && !paired.contains(*n)) {
+        bail!("{}: `{orphan}` has no matching lora_A", weights_path.display());
     }
     Ok(LoadedAdapter { config, tensors, base_weights_blake3, dir: dir.to_path_buf() })
 }

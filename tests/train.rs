@@ -252,6 +252,8 @@ fn adapters_written_by_peft_load_and_what_we_cannot_apply_is_refused() {
         ("use_dora", serde_json::json!(true), "`use_dora`"),
         ("rank_pattern", serde_json::json!({"q_proj": 8}), "`rank_pattern`"),
         ("peft_type", serde_json::json!("IA3"), "`peft_type`"),
+        ("modules_to_save", serde_json::json!(["lm_head"]), "`modules_to_save`"),
+        ("bias", serde_json::json!("lora_only"), "`bias`"),
     ] {
         let mut config = base.clone();
         config[key] = value;
@@ -259,6 +261,31 @@ fn adapters_written_by_peft_load_and_what_we_cannot_apply_is_refused() {
         let err = format!("{:#}", pipeline::adapter::load(dir.path(), &Device::Cpu).err().expect(key));
         assert!(err.contains(says) && err.contains("adapter_config.json"), "{key}: {err}");
     }
+    // `r` that disagrees with the matrices (the scale would be wrong).
+    let mut config = base.clone();
+    config["r"] = 8.into();
+    std::fs::write(dir.path().join("adapter_config.json"), config.to_string()).unwrap();
+    let err = format!("{:#}", pipeline::adapter::load(dir.path(), &Device::Cpu).err().expect("r"));
+    assert!(err.contains("has rank 4 but `r` in adapter_config.json is 8"), "{err}");
+    // A tensor that is not a LoRA matrix (here PEFT's trained embedding) is refused, not skipped.
+    std::fs::write(dir.path().join("adapter_config.json"), peft_0_17).unwrap();
+    let mut with_embedding = tensors.clone();
+    with_embedding.insert(
+        "base_model.model.model.embed_tokens.lora_embedding_A".into(),
+        candle_core::Tensor::zeros((4, 8), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&with_embedding, dir.path().join("adapter_model.safetensors")).unwrap();
+    let err = format!("{:#}", pipeline::adapter::load(dir.path(), &Device::Cpu).err().expect("embedding"));
+    assert!(err.contains("`base_model.model.model.embed_tokens.lora_embedding_A` is not a LoRA matrix"), "{err}");
+    // A B without its A.
+    let mut orphan = tensors.clone();
+    orphan.remove("base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight").unwrap();
+    candle_core::safetensors::save(&orphan, dir.path().join("adapter_model.safetensors")).unwrap();
+    let err = format!("{:#}", pipeline::adapter::load(dir.path(), &Device::Cpu).err().expect("orphan"));
+    assert!(
+        err.contains("`base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight` has no matching lora_A"),
+        "{err}"
+    );
 }
 
 /// Central differences of `f` at entry `i` of `var`.
