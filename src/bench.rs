@@ -141,7 +141,7 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateBench> {
     // Batched: `batch` copies of the prefilled prompt, decoded together.
     let batch_decode = if opts.batch > 1 {
         let mut prefilled = model.new_cache();
-        model.forward_chunked(&prompt, &mut prefilled)?;
+        model.prefill(&prompt, &mut prefilled)?;
         let mut caches =
             (0..opts.batch).map(|_| prefilled.prefix_copy(prompt.len())).collect::<candle_core::Result<Vec<_>>>()?;
         let mut jobs: Vec<(&[u32], &mut crate::model::KvCache)> = caches.iter_mut().map(|c| (&prompt[..], c)).collect();

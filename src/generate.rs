@@ -182,14 +182,14 @@ impl<'a> Generator<'a> {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
         let t0 = Instant::now();
-        let prefill_tokens = self.prepare(prompt, cache)?;
-        let mut logits = self.next_logits(&prompt[cache.len()..], cache)?;
+        let prefill_tokens = self.check(prompt, cache)?;
+        let mut logits = self.next_logits(prompt, cache)?;
         let prefill_s = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
         let mut decoding = Decoding::new(prompt, params, default_seed);
         while let Some(next) = decoding.step(self, &logits, cache.len(), on_text)? {
-            logits = self.next_logits(&[next], cache)?;
+            logits = self.step_logits(next, cache)?;
         }
         Ok(decoding.finish(prefill_tokens, prefill_s, t1.elapsed().as_secs_f64(), on_text))
     }
@@ -198,9 +198,13 @@ impl<'a> Generator<'a> {
     /// [`Generator::generate_cached`]: the cache may hold a prefix of its
     /// prompt). The prompts are prefilled one after another, then decoded
     /// together: each step runs one token of every unfinished sequence
-    /// through [`CausalLm::forward_batch`]. Greedy results are those of
-    /// decoding each prompt alone (up to float rounding); a sampled sequence
-    /// draws from its own sampler, seeded as when alone. `decode_s` is the
+    /// through [`CausalLm::forward_batch`]. Each sequence gets bit for bit
+    /// the logits, and so the tokens, it gets decoded alone from a fresh
+    /// cache, on every ISA: prefills resume only at chunk boundaries
+    /// ([`crate::model::kv`]), and every op of a decoding step treats its
+    /// rows one by one (quantized and f32 row kernels, row-wise LoRA
+    /// updates, attention per sequence). A sampled sequence draws from its
+    /// own sampler, seeded as when alone. `decode_s` is the
     /// wall time until the sequence finished.
     pub fn generate_batch(
         &self,
@@ -212,8 +216,8 @@ impl<'a> Generator<'a> {
         let mut logits = Vec::with_capacity(jobs.len());
         for (prompt, cache) in jobs.iter_mut() {
             let t0 = Instant::now();
-            let prefill_tokens = self.prepare(prompt, cache)?;
-            logits.push(self.next_logits(&prompt[cache.len()..], cache)?);
+            let prefill_tokens = self.check(prompt, cache)?;
+            logits.push(self.next_logits(prompt, cache)?);
             states.push(Some((
                 Decoding::new(prompt, params, default_seed),
                 prefill_tokens,
@@ -257,10 +261,9 @@ impl<'a> Generator<'a> {
         Ok(done.into_iter().map(|g| g.expect("every sequence finished")).collect())
     }
 
-    /// Checks `prompt` against the context and cuts `cache` so that at
-    /// least one prompt token goes through the model (for its logits);
-    /// returns how many tokens the prefill runs.
-    fn prepare(&self, prompt: &[u32], cache: &mut KvCache) -> Result<usize> {
+    /// Checks `prompt` against the context; returns how many tokens the
+    /// prefill runs.
+    fn check(&self, prompt: &[u32], cache: &KvCache) -> Result<usize> {
         if prompt.is_empty() {
             bail!("the prompt is empty");
         }
@@ -268,17 +271,22 @@ impl<'a> Generator<'a> {
         if prompt.len() >= max_positions {
             bail!("the prompt has {} tokens; the model takes at most {}", prompt.len(), max_positions - 1);
         }
-        if cache.len() >= prompt.len() {
-            cache.truncate(prompt.len() - 1);
-        }
-        Ok(prompt.len() - cache.len())
+        Ok(prompt.len() - cache.resume_point(prompt.len() - 1))
     }
 
-    /// Runs `ids` through the model and returns the logits after the last.
-    fn next_logits(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.model.forward_chunked(ids, cache)?;
-        let last = h.narrow(0, ids.len() - 1, 1)?;
+    /// Prefills `prompt` (the cache holds a prefix of it) and returns the
+    /// logits after its last token.
+    fn next_logits(&self, prompt: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.model.prefill(prompt, cache)?;
+        let last = h.narrow(0, h.dim(0)? - 1, 1)?;
         Ok(self.model.logits(&last)?.flatten_all()?)
+    }
+
+    /// One decoding step of one sequence: the step of a batch of one, so
+    /// that its numbers are those of the same sequence in a batch.
+    fn step_logits(&self, next: u32, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.model.forward_batch(&[next], &mut [cache])?;
+        Ok(self.model.logits(&h)?.flatten_all()?)
     }
 }
 

@@ -68,28 +68,81 @@ fn greedy_with_and_without_kv_cache_agree_on_every_architecture() {
         assert!(diff < 1e-4, "{arch}: decoding after truncate differs by {diff}");
 
         batched_decoding_matches_decoding_alone(m.as_ref(), &tok, &prompt, arch);
+        let mut m = m;
+        attach_random_lora(m.as_mut());
+        batched_decoding_matches_decoding_alone(m.as_ref(), &tok, &prompt, &format!("{arch} + LoRA"));
     }
 }
 
-/// Three prompts of different lengths decoded together (one of them
-/// starting from a prefix copied out of another sequence's cache) give the
-/// tokens each gives alone.
+/// Prompts of different lengths decoded together, two of them starting from
+/// prefixes copied out of another sequence's cache (across prefill chunk
+/// boundaries, so that the copy is really reused), give bit for bit the
+/// logits and tokens each gives alone.
 fn batched_decoding_matches_decoding_alone(m: &dyn CausalLm, tok: &tokenizers::Tokenizer, prompt: &[u32], arch: &str) {
+    let chunk = model::PREFILL_CHUNK;
+    let long: Vec<u32> = prompt.iter().cycle().take(2 * chunk + 22).copied().collect();
+    let mut branch = long[..2 * chunk + 9].to_vec();
+    branch.extend(&prompt[..3]);
+    let prompts: [&[u32]; 4] = [&long, &long[2..9], &branch, &long[..chunk]];
+
+    // Prefill (a fresh cache, or one that resumes from a copied prefix)
+    // gives the same hidden states.
+    let fresh = |p: &[u32]| {
+        let mut c = m.new_cache();
+        let h = m.prefill(p, &mut c).unwrap();
+        (c, h)
+    };
+    let (first, _) = fresh(prompts[0]);
+    let mut caches = [m.new_cache(), m.new_cache(), first.prefix_copy(branch.len() - 3).unwrap(), first.prefix_copy(chunk).unwrap()];
+    assert_eq!(caches[2].resume_point(usize::MAX), 2 * chunk, "{arch}: the copy resumes at the last chunk boundary");
+    // The third reuses two chunks; the fourth holds exactly its prompt, and
+    // recomputes its one chunk for the logits after the last token.
+    let ran = [prompts[0].len(), prompts[1].len(), branch.len() - 2 * chunk, chunk];
+    for ((p, c), ran) in prompts.iter().zip(&mut caches).zip(ran) {
+        let resumed = m.prefill(p, c).unwrap();
+        let (_, alone) = fresh(p);
+        assert_eq!(resumed.dim(0).unwrap(), ran, "{arch}: positions the prefill ran");
+        let last = |h: &candle_core::Tensor| h.narrow(0, h.dim(0).unwrap() - 1, 1).unwrap();
+        let diff = max_abs_diff(&last(&resumed), &last(&alone));
+        assert_eq!(diff, 0.0, "{arch}: a resumed prefill differs from a fresh one by {diff}");
+    }
+
+    // One batched step: each row's logits are those of its sequence alone.
+    let next = [5u32, 7, 11, 13];
+    let mut refs: Vec<&mut model::KvCache> = caches.iter_mut().collect();
+    let batch = m.logits(&m.forward_batch(&next, &mut refs).unwrap()).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let (mut c, _) = fresh(p);
+        let alone = m.logits(&m.forward_batch(&next[i..=i], &mut [&mut c]).unwrap()).unwrap();
+        let diff = max_abs_diff(&batch.narrow(0, i, 1).unwrap(), &alone);
+        assert_eq!(diff, 0.0, "{arch}: row {i} of a batched step differs from the step alone by {diff}");
+    }
+
+    // Greedy generation, batched from the copied prefixes, one by one from fresh caches.
     let generator = Generator { model: m, tokenizer: tok, stop_tokens: vec![] };
     let params = GenerationParams { max_new_tokens: 12, ..Default::default() };
-    let prompts = [&prompt[..13], &prompt[2..7], &prompt[..9]];
     let alone: Vec<Vec<u32>> =
         prompts.iter().map(|p| generator.generate(p, &params, 0, &mut |_| {}).unwrap().tokens).collect();
-    let mut first = m.new_cache();
-    m.forward_cached(prompts[0], &mut first).unwrap();
-    let mut shared = first.prefix_copy(6).unwrap();
-    assert_eq!(shared.len(), 6);
-    let (mut a, mut b) = (m.new_cache(), m.new_cache());
-    let mut jobs = [(prompts[0], &mut a), (prompts[1], &mut b), (prompts[2], &mut shared)];
+    let mut caches = [m.new_cache(), m.new_cache(), first.prefix_copy(branch.len() - 3).unwrap(), first.prefix_copy(chunk).unwrap()];
+    let mut jobs: Vec<(&[u32], &mut model::KvCache)> = prompts.iter().copied().zip(caches.iter_mut()).collect();
     let together = generator.generate_batch(&mut jobs, &params, 0).unwrap();
     let together: Vec<Vec<u32>> = together.into_iter().map(|g| g.tokens).collect();
     assert_eq!(together, alone, "{arch}: batched and one-by-one greedy decoding differ");
-    assert_eq!(a.len(), 13 + 11, "{arch}: the cache holds the prompt and the fed tokens");
+    assert_eq!(caches[0].len(), long.len() + 11, "{arch}: the cache holds the prompt and the fed tokens");
+}
+
+/// A rank-4 LoRA update with non-zero `A` and `B` on every linear layer of `m`.
+fn attach_random_lora(m: &mut dyn CausalLm) {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    for (_, lin) in m.linears_mut() {
+        let (out, inp) = (lin.out_features(), lin.in_features());
+        // Uniform values of the shapes A: [r, in] and B: [out, r].
+        let a = model::lora::init_lora_a(4, inp, &mut rng, &Device::Cpu).unwrap();
+        let b = model::lora::init_lora_a(out, 4, &mut rng, &Device::Cpu).unwrap();
+        let var = |t| candle_core::Var::from_tensor(&t).unwrap();
+        lin.lora = Some(model::lora::Lora { a: var(a), b: var(b), scale: 0.5, dropout: 0.0 });
+    }
 }
 
 #[test]
@@ -116,4 +169,7 @@ fn quantized_greedy_text_follows_the_f32_reference_on_gemma3_270m() {
     // Quantized batched decoding reads each weight once for all sequences
     // and gives each sequence's tokens decoded alone, bit for bit.
     batched_decoding_matches_decoding_alone(m.as_ref(), &tok, &ref_ids, "gemma3-270m q4_k_m");
+    let mut m = m;
+    attach_random_lora(m.as_mut());
+    batched_decoding_matches_decoding_alone(m.as_ref(), &tok, &ref_ids, "gemma3-270m q4_k_m + LoRA");
 }

@@ -42,6 +42,28 @@ pub fn lora_linear(
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
 
+/// `scale·(x·Aᵀ)·Bᵀ` for inference on a few rows (decoding steps), each row
+/// on its own with the same vector dot products: a row's update does not
+/// depend on how many rows share the pass (a GEMM's does: it picks kernels
+/// by shape). `x: [n, in]`, `a: [r, in]`, `b: [out, r]` → `[n, out]`.
+pub fn lora_update_rows(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let (n, _) = x.dims2()?;
+    let (out, r) = b.dims2()?;
+    let (x, a, b) = (x.contiguous()?, a.contiguous()?, b.contiguous()?);
+    let guards = [&x, &a, &b].map(|t| t.storage_and_layout());
+    let [x, a, b] = [&guards[0], &guards[1], &guards[2]].map(|g| data(g));
+    let (x, a, b) = (x?, a?, b?);
+    let inp = x.len() / n.max(1);
+    let mut y = vec![0f32; n * out];
+    let mut u = vec![0f32; r];
+    for (xr, yr) in x.chunks_exact(inp).zip(y.chunks_exact_mut(out)) {
+        super::vmath::dots(xr, a, &mut u);
+        super::vmath::dots(&u, b, yr);
+        yr.iter_mut().for_each(|v| *v *= scale as f32);
+    }
+    Tensor::from_vec(y, (n, out), &candle_core::Device::Cpu)
+}
+
 struct LoraOp {
     w: Tensor,
     bias: Option<Vec<f32>>,

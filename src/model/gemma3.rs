@@ -285,10 +285,7 @@ impl CausalLm for Gemma3 {
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let logits = match &self.embed_q {
-            Some(q) if hidden.dim(0)? <= super::lora::MAX_DECODE_BATCH => q.forward(hidden)?,
-            _ => super::lora::frozen_linear(hidden, &self.embed)?,
-        };
+        let logits = super::lora::head_logits(hidden, &self.embed, self.embed_q.as_deref())?;
         match self.cfg.final_logit_softcapping {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),

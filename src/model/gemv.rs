@@ -116,6 +116,36 @@ impl QuantLinear {
     }
 }
 
+/// `x·Wᵀ` for a few rows (decoding steps) on an f32 weight `w: [out, in]`,
+/// `x: [..., in]`: each input row's products are [`super::vmath::dots`]'s,
+/// whatever the number of rows, so a sequence's numbers in a batched step
+/// are those it gets alone (a GEMM picks its kernel, and so its summation
+/// order, by shape). Tasks of 64 weight rows run on rayon's pool; each
+/// task's rows stay in cache while every input multiplies them.
+pub fn f32_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let n = xs.len() / inp;
+    let w = w.contiguous()?;
+    let (storage, layout) = w.storage_and_layout();
+    let wd = match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(s), Some((a, b))) => &s.as_slice::<f32>()?[a..b],
+        _ => candle_core::bail!("f32_rows: the weight must be a contiguous f32 CPU tensor"),
+    };
+    let mut tasks = vec![0f32; n * out];
+    tasks.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(c, t)| {
+        let rows = t.len() / n;
+        let wc = &wd[c * ROWS_PER_TASK * inp..][..rows * inp];
+        for (xi, yi) in xs.chunks_exact(inp).zip(t.chunks_mut(rows)) {
+            super::vmath::dots(xi, wc, yi);
+        }
+    });
+    let y = if n == 1 { tasks } else { input_major(&tasks, n, out) };
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("at least 1-d") = out;
+    Tensor::from_vec(y, dims, x.device())
+}
+
 /// The input of one [`QuantLinear::forward_many`] call, quantized as its
 /// weights' kernels take it.
 enum Input {

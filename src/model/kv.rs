@@ -7,6 +7,18 @@
 //! text that starts with it); [`KvCache::prefix_copy`] starts a new sequence
 //! from another's first positions (a shared system prompt).
 //!
+//! **Reuse is exact.** A position's numbers depend on the pass that computed
+//! it, not only on its tokens: a pass of a few rows uses the quantized
+//! weights and a longer one f32 GEMMs, and GEMM libraries pick kernels (and
+//! so summation orders) by shape and ISA (on AVX-512, `gemm` switches to
+//! horizontal dot products for small products). So a prefill
+//! ([`super::CausalLm::prefill`]) always cuts a sequence at the same
+//! absolute positions, multiples of [`super::PREFILL_CHUNK`], and a cache
+//! remembers up to which such boundary its positions came from full
+//! prefill chunks ([`KvCache::resume_point`]). Continuing a cache, a copied
+//! prefix or a truncated one therefore runs exactly the passes a fresh
+//! prefill of the same tokens runs, and gives the same bits on every ISA.
+//!
 //! A forward pass may hold rows of several sequences ([`Rows`]): one
 //! sequence (prefill, training) or one new token for each of several cached
 //! sequences (batched decoding). The linear layers see all rows at once;
@@ -72,11 +84,27 @@ impl LayerKv {
 /// The cache of a whole model: one [`LayerKv`] per layer.
 pub struct KvCache {
     pub layers: Vec<LayerKv>,
+    /// Positions `0..exact` came from full, aligned prefill chunks: a
+    /// multiple of [`super::PREFILL_CHUNK`], at most `len()`.
+    exact: usize,
 }
 
 impl KvCache {
     pub fn new(layers: usize) -> KvCache {
-        KvCache { layers: (0..layers).map(|_| LayerKv::default()).collect() }
+        KvCache { layers: (0..layers).map(|_| LayerKv::default()).collect(), exact: 0 }
+    }
+
+    /// Where a prefill of a sequence that starts with this cache's tokens
+    /// resumes, at most `max`: the last chunk boundary up to which the
+    /// positions are those a fresh prefill computes.
+    pub fn resume_point(&self, max: usize) -> usize {
+        aligned(self.exact.min(max))
+    }
+
+    /// Records that a prefill from [`KvCache::resume_point`] on has filled
+    /// the cache up to its length.
+    pub(super) fn prefilled(&mut self) {
+        self.exact = aligned(self.len());
     }
 
     /// Positions cached so far (the position of the next token).
@@ -90,7 +118,8 @@ impl KvCache {
 
     /// A new cache holding copies of this one's first `len` positions.
     pub fn prefix_copy(&self, len: usize) -> Result<KvCache> {
-        Ok(KvCache { layers: self.layers.iter().map(|l| l.prefix_copy(len)).collect::<Result<_>>()? })
+        let layers = self.layers.iter().map(|l| l.prefix_copy(len)).collect::<Result<_>>()?;
+        Ok(KvCache { layers, exact: aligned(self.exact.min(len)) })
     }
 
     /// Forgets every position from `len` on.
@@ -98,7 +127,13 @@ impl KvCache {
         for l in &mut self.layers {
             l.len = l.len.min(len);
         }
+        self.exact = aligned(self.exact.min(len));
     }
+}
+
+/// `n` rounded down to a prefill chunk boundary.
+fn aligned(n: usize) -> usize {
+    n / super::PREFILL_CHUNK * super::PREFILL_CHUNK
 }
 
 /// Where the rows of one forward pass belong.

@@ -21,6 +21,21 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     on_rows(x, w.dim(0)?, |x2| x2.contiguous()?.apply_op1(FrozenLinear { w }))
 }
 
+/// Logits `hidden·Wᵀ` of an LM head `w` (kept quantized too when read from
+/// a GGUF for inference). Up to [`MAX_DECODE_BATCH`] rows (a decoding
+/// step, or a prompt's last position) each row is multiplied on its own
+/// (quantized kernels, or [`super::gemv::f32_rows`]), so a sequence's
+/// logits do not depend on the batch it is decoded in; more rows go through
+/// one f32 GEMM.
+pub fn head_logits(hidden: &Tensor, w: &Tensor, quantized: Option<&QuantLinear>) -> Result<Tensor> {
+    let few = hidden.dim(0)? <= MAX_DECODE_BATCH;
+    match quantized {
+        Some(q) if few => q.forward(hidden),
+        None if few && hidden.device().is_cpu() && hidden.dtype() == DType::F32 => super::gemv::f32_rows(hidden, w),
+        _ => frozen_linear(hidden, w),
+    }
+}
+
 /// `f` applied to `x: [..., in]` seen as a matrix of rows `[N, in]`; its
 /// `[N, out]` result reshaped to `[..., out]`.
 fn on_rows(x: &Tensor, out: usize, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
@@ -236,6 +251,10 @@ impl LoraLinear {
                 let mut ms = ms.into_iter();
                 try_map(bases, |y| ms.next().expect("N layers").adapt(y, x, dropout))
             }
+            // A decoding step on f32 weights: row by row (see `f32_rows`).
+            _ if step && dropout.is_none() && x.device().is_cpu() && x.dtype() == DType::F32 => {
+                try_map(ms, |m| m.adapt(super::gemv::f32_rows(x, &m.weight)?, x, None))
+            }
             _ => try_map(ms, |m| m.linear(x, dropout)),
         }
     }
@@ -264,6 +283,15 @@ impl LoraLinear {
             y = y.broadcast_add(b)?;
         }
         let Some(lora) = &self.lora else { return Ok(y) };
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+        if dropout.is_none() && x.device().is_cpu() && x.dtype() == DType::F32 && rows <= MAX_DECODE_BATCH {
+            // Decoding: each row's update alone, as it is when decoded alone.
+            let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
+            let delta = on_rows(x, self.out_features(), |x2| {
+                super::fused_lora::lora_update_rows(x2, a, b, lora.scale)
+            })?;
+            return y + delta;
+        }
         let (a, b, x) = match dropout {
             None => (lora.a.as_tensor().detach(), lora.b.as_tensor().detach(), x.clone()),
             Some(d) => {

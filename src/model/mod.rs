@@ -89,11 +89,27 @@ pub trait CausalLm {
         ops::cross_entropy(&self.logits(hidden)?, &t)
     }
 
-    /// [`CausalLm::forward_cached`] in chunks of [`PREFILL_CHUNK`] tokens:
-    /// the same result, but sliding-window layers only ever attend over a
-    /// chunk plus one window, instead of the whole sequence.
-    fn forward_chunked(&self, ids: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
-        let parts = ids.chunks(PREFILL_CHUNK).map(|c| self.forward_cached(c, cache)).collect::<Result<Vec<_>, _>>()?;
+    /// Brings `cache`, which holds a prefix of `tokens` (possibly none),
+    /// to hold all of `tokens`, and returns the final hidden states of the
+    /// positions it ran: `[n, hidden]` for the last `n` tokens (at least
+    /// one). The cache is first cut back to its
+    /// [`KvCache::resume_point`], and the rest runs through
+    /// [`CausalLm::forward_cached`] in chunks that end at multiples of
+    /// [`PREFILL_CHUNK`]: every position gets the bits a fresh prefill of
+    /// `tokens` gives it (see [`kv`]), and sliding-window layers attend over
+    /// a chunk plus one window instead of the whole sequence.
+    fn prefill(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        if tokens.is_empty() {
+            candle_core::bail!("prefill of an empty sequence");
+        }
+        cache.truncate(cache.resume_point(tokens.len() - 1));
+        let mut parts = Vec::new();
+        while cache.len() < tokens.len() {
+            let start = cache.len();
+            let end = ((start / PREFILL_CHUNK + 1) * PREFILL_CHUNK).min(tokens.len());
+            parts.push(self.forward_cached(&tokens[start..end], cache)?);
+            cache.prefilled();
+        }
         Tensor::cat(&parts, 0)
     }
 
@@ -104,8 +120,9 @@ pub trait CausalLm {
     }
 }
 
-/// Tokens per chunk of a long prefill ([`CausalLm::forward_chunked`]).
-pub const PREFILL_CHUNK: usize = 512;
+/// Prefill chunks ([`CausalLm::prefill`]) end at multiples of this many
+/// positions; a shared or truncated cache is reused up to such a boundary.
+pub const PREFILL_CHUNK: usize = 64;
 
 /// The linear modules LoRA can target, by their HF names.
 pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::gemv::QuantLinear;
 
 use super::kv::{KvCache, Rows, Seq, is_step, per_sequence};
-use super::lora::{DropoutMask, LoraLinear, MAX_DECODE_BATCH, frozen_linear};
+use super::lora::{DropoutMask, LoraLinear};
 use super::ops::{Rope, cached_attention, rms_norm};
 use super::{CausalLm, Weights, layer_linears};
 
@@ -283,9 +283,7 @@ impl CausalLm for Qwen {
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        match self.head() {
-            (_, Some(q)) if hidden.dim(0)? <= MAX_DECODE_BATCH => q.forward(hidden),
-            (w, _) => frozen_linear(hidden, w),
-        }
+        let (w, q) = self.head();
+        super::lora::head_logits(hidden, w, q)
     }
 }

@@ -459,8 +459,8 @@ impl<'a> Evaluation<'a> {
         let mut tally = Tally::default();
         let mut loss = None;
         if scoring {
-            let s = cache.len();
-            let hidden = self.model.forward_chunked(&row.full[s..], &mut cache)?;
+            let hidden = self.model.prefill(&row.full, &mut cache)?;
+            let s = row.full.len() - hidden.dim(0)?;
             let (l, n) = crate::train::masked_loss(self.model.as_ref(), &hidden, &row.full[s..], &row.mask[s..])?;
             let l = l.to_scalar::<f32>()? as f64;
             tally.loss(l * n as f64, n);
