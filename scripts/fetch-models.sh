@@ -99,5 +99,14 @@ pip_install "safetensors.numpy" safetensors
 # server mode) and WebDAV (wsgidav).
 pip_install "moto.server, flask" 'moto[server]'
 pip_install "wsgidav.server.server_cli, cheroot" wsgidav cheroot
+# transformers loads the merged models (config, tokenizer, chat template)
+# as users do; without torch it reads everything but the weights.
+pip_install "transformers, jinja2" "transformers>=5,<6" jinja2
+
+# --- llama.cpp, the runtime the GGUF files are checked in -----------------
+# Built once per machine outside the clone (scripts/build-llama-cpp.sh);
+# the tests find the programs through $dest/llama-cpp-bin.
+bin=$("$(dirname "$0")/build-llama-cpp.sh") || die "llama.cpp did not build (scripts/build-llama-cpp.sh)"
+printf '%s\n' "$bin" > "$dest/llama-cpp-bin"
 
 say "done: $dest"

@@ -93,7 +93,8 @@ fn batched_decoding_matches_decoding_alone(m: &dyn CausalLm, tok: &tokenizers::T
         (c, h)
     };
     let (first, _) = fresh(prompts[0]);
-    let mut caches = [m.new_cache(), m.new_cache(), first.prefix_copy(branch.len() - 3).unwrap(), first.prefix_copy(chunk).unwrap()];
+    let mut caches =
+        [m.new_cache(), m.new_cache(), first.prefix_copy(branch.len() - 3).unwrap(), first.prefix_copy(chunk).unwrap()];
     assert_eq!(caches[2].resume_point(usize::MAX), 2 * chunk, "{arch}: the copy resumes at the last chunk boundary");
     // The third reuses two chunks; the fourth holds exactly its prompt, and
     // recomputes its one chunk for the logits after the last token.
@@ -123,7 +124,8 @@ fn batched_decoding_matches_decoding_alone(m: &dyn CausalLm, tok: &tokenizers::T
     let params = GenerationParams { max_new_tokens: 12, ..Default::default() };
     let alone: Vec<Vec<u32>> =
         prompts.iter().map(|p| generator.generate(p, &params, 0, &mut |_| {}).unwrap().tokens).collect();
-    let mut caches = [m.new_cache(), m.new_cache(), first.prefix_copy(branch.len() - 3).unwrap(), first.prefix_copy(chunk).unwrap()];
+    let mut caches =
+        [m.new_cache(), m.new_cache(), first.prefix_copy(branch.len() - 3).unwrap(), first.prefix_copy(chunk).unwrap()];
     let mut jobs: Vec<(&[u32], &mut model::KvCache)> = prompts.iter().copied().zip(caches.iter_mut()).collect();
     let together = generator.generate_batch(&mut jobs, &params, 0).unwrap();
     let together: Vec<Vec<u32>> = together.into_iter().map(|g| g.tokens).collect();

@@ -80,11 +80,24 @@ fn real_270m_gguf_files_are_complete_and_accurate() {
     let arr = |c: &gguf_file::Content, k: &str| c.metadata[k].to_vec().unwrap().clone();
     let (ours, theirs) = (arr(&content, "tokenizer.ggml.tokens"), arr(&reference, "tokenizer.ggml.tokens"));
     assert_eq!(ours.len(), 262_144);
-    let same = ours.iter().zip(&theirs).filter(|(a, b)| a.to_string().unwrap() == b.to_string().unwrap()).count();
-    assert!(same as f64 / ours.len() as f64 > 0.9998, "{same} tokens of {} agree", ours.len());
+    // Every token text, the whitespace runs (user-defined, pre-normalized
+    // to spaces) included.
+    let differ: Vec<usize> =
+        (0..ours.len()).filter(|&i| ours[i].to_string().unwrap() != theirs[i].to_string().unwrap()).collect();
+    assert!(
+        differ.is_empty(),
+        "{} token texts differ from the published file, e.g. ids {:?}",
+        differ.len(),
+        &differ[..differ.len().min(8)]
+    );
     let (ours, theirs) = (arr(&content, "tokenizer.ggml.token_type"), arr(&reference, "tokenizer.ggml.token_type"));
-    let same = ours.iter().zip(&theirs).filter(|(a, b)| a.to_i32().unwrap() == b.to_i32().unwrap()).count();
-    assert!(same as f64 / ours.len() as f64 > 0.999, "{same} token types of {} agree", ours.len());
+    let differ: Vec<usize> =
+        (0..ours.len()).filter(|&i| ours[i].to_i32().unwrap() != theirs[i].to_i32().unwrap()).collect();
+    eprintln!("token types differing from the published file: {differ:?}");
+    // The provisioned (-it) tokenizer marks <start_of_image> and
+    // <end_of_image> special, so the converter's rule makes them CONTROL;
+    // the published base file has them USER_DEFINED.
+    assert_eq!(differ, [255_999, 256_000], "token types");
 
     // A reader nobody here wrote: the `gguf` Python package.
     let script = "import gguf,sys\nr=gguf.GGUFReader(sys.argv[1])\nassert len(r.tensors)==236, len(r.tensors)\n\

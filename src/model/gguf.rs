@@ -131,7 +131,10 @@ fn read_arch(content: &gguf_file::Content, path: &Path) -> Result<Arch> {
         Ok(md.get(&key).with_context(|| format!("{}: missing metadata `{key}`", path.display()))?.to_u32()? as usize)
     };
     let f = |k: &str, default: f64| -> f64 {
-        md.get(&format!("{arch}.{k}")).and_then(|v| v.to_f32().ok()).map_or(default, f64::from)
+        // The f32's shortest decimal (1e-6, not 9.999999974752427e-7), as
+        // the config it was converted from stated it.
+        let shortest = |x: f32| x.to_string().parse().unwrap_or(f64::from(x));
+        md.get(&format!("{arch}.{k}")).and_then(|v| v.to_f32().ok()).map_or(default, shortest)
     };
     let vocab = content
         .tensor_infos

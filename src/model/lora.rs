@@ -287,9 +287,8 @@ impl LoraLinear {
         if dropout.is_none() && x.device().is_cpu() && x.dtype() == DType::F32 && rows <= MAX_DECODE_BATCH {
             // Decoding: each row's update alone, as it is when decoded alone.
             let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
-            let delta = on_rows(x, self.out_features(), |x2| {
-                super::fused_lora::lora_update_rows(x2, a, b, lora.scale)
-            })?;
+            let delta =
+                on_rows(x, self.out_features(), |x2| super::fused_lora::lora_update_rows(x2, a, b, lora.scale))?;
             return y + delta;
         }
         let (a, b, x) = match dropout {

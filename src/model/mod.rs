@@ -238,28 +238,77 @@ impl Arch {
     /// The `config.json` transformers expects for this architecture (for
     /// models whose weights came from a GGUF, which has none).
     pub fn hf_config(&self) -> serde_json::Value {
+        use serde_json::json;
         let mut v = match self {
             Arch::Gemma3(c) => {
-                let mut v = serde_json::to_value(c).expect("config serializes");
-                v["model_type"] = "gemma3_text".into();
-                v["architectures"] = serde_json::json!(["Gemma3ForCausalLM"]);
-                v["hidden_activation"] = "gelu_pytorch_tanh".into();
-                v["tie_word_embeddings"] = true.into();
-                v["layer_types"] = (0..c.num_hidden_layers)
-                    .map(|i| if c.is_sliding(i) { "sliding_attention" } else { "full_attention" })
-                    .collect::<Vec<_>>()
-                    .into();
-                v
+                let full = match c.rope_scaling.as_ref().and_then(|s| s.get("factor")) {
+                    Some(f) => json!({"rope_type": "linear", "factor": f, "rope_theta": c.rope_theta}),
+                    None => json!({"rope_type": "default", "rope_theta": c.rope_theta}),
+                };
+                json!({
+                    "architectures": ["Gemma3ForCausalLM"],
+                    "model_type": "gemma3_text",
+                    "vocab_size": c.vocab_size,
+                    "hidden_size": c.hidden_size,
+                    "intermediate_size": c.intermediate_size,
+                    "num_hidden_layers": c.num_hidden_layers,
+                    "num_attention_heads": c.num_attention_heads,
+                    "num_key_value_heads": c.num_key_value_heads,
+                    "head_dim": c.head_dim,
+                    "hidden_activation": "gelu_pytorch_tanh",
+                    "max_position_embeddings": c.max_position_embeddings,
+                    "rms_norm_eps": c.rms_norm_eps,
+                    // An int in Gemma3TextConfig (transformers 5 checks types).
+                    "query_pre_attn_scalar": c.query_pre_attn_scalar.round() as u64,
+                    "sliding_window": c.sliding_window,
+                    "layer_types": (0..c.num_hidden_layers)
+                        .map(|i| if c.is_sliding(i) { "sliding_attention" } else { "full_attention" })
+                        .collect::<Vec<_>>(),
+                    "final_logit_softcapping": c.final_logit_softcapping,
+                    "attn_logit_softcapping": c.attn_logit_softcapping,
+                    "rope_parameters": {
+                        "full_attention": full,
+                        "sliding_attention": {"rope_type": "default", "rope_theta": c.rope_local_base_freq},
+                    },
+                    "tie_word_embeddings": true,
+                    "attention_bias": false,
+                    "attention_dropout": 0.0,
+                    "initializer_range": 0.02,
+                    "use_bidirectional_attention": false,
+                    "use_cache": true,
+                })
             }
             Arch::Qwen(variant, c) => {
-                let mut v = serde_json::to_value(c).expect("config serializes");
                 let (ty, class) = match variant {
                     qwen::Variant::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
                     qwen::Variant::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
                 };
-                v["model_type"] = ty.into();
-                v["architectures"] = serde_json::json!([class]);
-                v["head_dim"] = c.head_dim().into();
+                let mut v = json!({
+                    "architectures": [class],
+                    "model_type": ty,
+                    "vocab_size": c.vocab_size,
+                    "hidden_size": c.hidden_size,
+                    "intermediate_size": c.intermediate_size,
+                    "num_hidden_layers": c.num_hidden_layers,
+                    "num_attention_heads": c.num_attention_heads,
+                    "num_key_value_heads": c.num_key_value_heads,
+                    "hidden_act": c.hidden_act,
+                    "max_position_embeddings": c.max_position_embeddings,
+                    "max_window_layers": c.num_hidden_layers,
+                    "rms_norm_eps": c.rms_norm_eps,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+                    "tie_word_embeddings": c.tie_word_embeddings,
+                    "use_sliding_window": c.use_sliding_window,
+                    "sliding_window": null,
+                    "layer_types": vec!["full_attention"; c.num_hidden_layers],
+                    "attention_dropout": 0.0,
+                    "initializer_range": 0.02,
+                    "use_cache": true,
+                });
+                if *variant == qwen::Variant::Qwen3 {
+                    v["head_dim"] = c.head_dim().into();
+                    v["attention_bias"] = c.attention_bias.into();
+                }
                 v
             }
         };
@@ -344,6 +393,7 @@ pub fn read_config(path: &Path) -> Result<Arch> {
     if let Some(text_cfg) = v.get("text_config").cloned() {
         v = text_cfg;
     }
+    legacy_rope_keys(&mut v);
     let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or_default();
     let bad = |what: &str| format!("{}: not a valid {what} config", path.display());
     match model_type {
@@ -353,6 +403,27 @@ pub fn read_config(path: &Path) -> Result<Arch> {
         other => {
             bail!("{}: model_type `{other}` is not supported (supported: gemma3_text, qwen3, qwen2)", path.display())
         }
+    }
+}
+
+/// transformers 5 states rotary parameters as `rope_parameters` (per layer
+/// type for Gemma 3); the configs we read keep the older flat keys, filled
+/// in here when only the new form is present.
+fn legacy_rope_keys(v: &mut serde_json::Value) {
+    let Some(rp) = v.get("rope_parameters").cloned() else { return };
+    let (full, sliding) = match rp.get("full_attention") {
+        Some(full) => (full.clone(), rp.get("sliding_attention").cloned()),
+        None => (rp, None),
+    };
+    let Some(o) = v.as_object_mut() else { return };
+    if let Some(theta) = full.get("rope_theta") {
+        o.entry("rope_theta").or_insert(theta.clone());
+    }
+    if let Some(theta) = sliding.as_ref().and_then(|s| s.get("rope_theta")) {
+        o.entry("rope_local_base_freq").or_insert(theta.clone());
+    }
+    if full.get("rope_type").and_then(|t| t.as_str()) == Some("linear") {
+        o.entry("rope_scaling").or_insert(full.clone());
     }
 }
 

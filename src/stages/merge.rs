@@ -66,7 +66,8 @@ impl WeightDtype {
 impl Stage for Params {
     fn version(&self) -> u32 {
         // 2: model.safetensors carries `{"format": "pt"}` metadata, as save_pretrained writes it.
-        2
+        // 3: config.json as transformers 5 writes it (types, `rope_parameters`, `dtype`, token ids).
+        3
     }
 
     fn params(&self, _env: &Env) -> Value {
@@ -134,9 +135,16 @@ pub fn merge(
         (Some(c), false) => serde_json::from_slice(&std::fs::read(c)?)?,
         _ => arch.hf_config(),
     };
-    hf_config["torch_dtype"] = dtype.torch_name().into();
+    // transformers 5 names the weights' dtype `dtype` (`torch_dtype` before).
+    if let Some(o) = hf_config.as_object_mut() {
+        o.remove("torch_dtype");
+    }
+    hf_config["dtype"] = dtype.torch_name().into();
+    let ids = tokenizer_files(base, chat_template, out)?;
+    for (key, id) in ids {
+        hf_config[key] = id;
+    }
     write_json(&out.join("config.json"), &hf_config)?;
-    tokenizer_files(base, chat_template, out)?;
     Ok(json!({
         "merged_modules": merged,
         "dtype": dtype,
@@ -185,7 +193,13 @@ fn apply(
 
 /// Copies the tokenizer, and writes `tokenizer_config.json` with the chat
 /// template, `special_tokens_map.json` and `generation_config.json`.
-fn tokenizer_files(base: &ResolvedModel, chat_template: Option<&crate::chat::ChatTemplate>, out: &Path) -> Result<()> {
+/// Returns the special token ids `config.json` states (`bos_token_id`,
+/// `eos_token_id`, `pad_token_id`), those of the generation config.
+fn tokenizer_files(
+    base: &ResolvedModel,
+    chat_template: Option<&crate::chat::ChatTemplate>,
+    out: &Path,
+) -> Result<Vec<(&'static str, Value)>> {
     let tok = base.tokenizer_json()?;
     std::fs::copy(tok, out.join("tokenizer.json")).with_context(|| format!("cannot copy {}", tok.display()))?;
     let mut tc = base.tokenizer_config()?;
@@ -201,8 +215,10 @@ fn tokenizer_files(base: &ResolvedModel, chat_template: Option<&crate::chat::Cha
     }
     write_json(&out.join("special_tokens_map.json"), &Value::Object(special))?;
     let generation = base.dir.join("generation_config.json");
-    if generation.is_file() {
+    let g = if generation.is_file() {
         std::fs::copy(&generation, out.join("generation_config.json"))?;
+        serde_json::from_slice(&std::fs::read(&generation)?)
+            .with_context(|| format!("{} is not JSON", generation.display()))?
     } else {
         let tokenizer = tokenizers::Tokenizer::from_file(tok).map_err(|e| anyhow::anyhow!("{e}"))?;
         let id = |k: &str| crate::chat::special_token(&tc, k).and_then(|name| tokenizer.token_to_id(&name));
@@ -219,10 +235,15 @@ fn tokenizer_files(base: &ResolvedModel, chat_template: Option<&crate::chat::Cha
         {
             eos.push(i);
         }
-        g["eos_token_id"] = json!(eos);
+        g["eos_token_id"] = match eos.as_slice() {
+            [one] => json!(one),
+            _ => json!(eos),
+        };
         write_json(&out.join("generation_config.json"), &g)?;
-    }
-    Ok(())
+        g
+    };
+    let ids = ["bos_token_id", "eos_token_id", "pad_token_id"];
+    Ok(ids.into_iter().filter_map(|k| Some((k, g.get(k).filter(|v| !v.is_null())?.clone()))).collect())
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {

@@ -95,42 +95,58 @@ fn use_more_bits(layer: usize, layers: usize) -> bool {
     layer < layers / 8 || layer >= 7 * layers / 8 || (layer as isize - (layers / 8) as isize) % 3 == 2
 }
 
-/// The type of one tensor (GGUF name, ne0 = row length) in a `target` file.
-pub fn tensor_type(target: QuantType, name: &str, ne0: usize, rank: usize, layers: usize) -> GgmlDType {
+/// The type of one tensor (GGUF name, ne0 = row length) in a `target` file,
+/// as llama-quantize chooses it (`llama_tensor_get_type`): `tied` when the
+/// model has no `output.weight`, so that `token_embd` is also the LM head
+/// and gets the output tensor's type.
+pub fn tensor_type(target: QuantType, name: &str, ne0: usize, rank: usize, layers: usize, tied: bool) -> GgmlDType {
     use GgmlDType::*;
-    if rank == 1 {
-        return F32;
-    }
-    let layer = name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok());
-    let more_bits =
-        (name.contains(".attn_v.") || name.contains(".ffn_down.")) && layer.is_some_and(|l| use_more_bits(l, layers));
-    let is_head = name == "output.weight" || name == "token_embd.weight";
-    let t = match target {
+    let base = match target {
         QuantType::F32 => F32,
         QuantType::F16 => F16,
         QuantType::Bf16 => BF16,
         QuantType::Q8_0 => Q8_0,
         QuantType::Q4_0 => Q4_0,
-        QuantType::Q6K => Q6K,
-        QuantType::Q4KM if is_head || more_bits => Q6K,
         QuantType::Q4KM => Q4K,
-        QuantType::Q5KM if is_head || more_bits => Q6K,
         QuantType::Q5KM => Q5K,
+        QuantType::Q6K => Q6K,
     };
-    match t {
-        Q4K | Q5K | Q6K if ne0 % 256 != 0 => match t {
-            Q4K => Q5_0,
-            Q5K => Q5_1,
-            _ => Q8_0,
-        },
-        Q4_0 | Q5_0 | Q5_1 | Q8_0 if ne0 % 32 != 0 => F16,
-        t => t,
+    if rank == 1 {
+        return F32;
     }
+    if matches!(base, F32 | F16 | BF16) {
+        return base;
+    }
+    let layer = name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok());
+    let more_bits =
+        (name.contains(".attn_v.") || name.contains(".ffn_down.")) && layer.is_some_and(|l| use_more_bits(l, layers));
+    let is_head = name == "output.weight" || (tied && name == "token_embd.weight");
+    let t = if is_head {
+        // The output tensor: Q6_K unless the file is Q8_0, or its rows do
+        // not fit the file type's blocks (then Q8_0).
+        if ne0 % base.block_size() != 0 || base == Q8_0 { Q8_0 } else { Q6K }
+    } else {
+        match target {
+            QuantType::Q4KM | QuantType::Q5KM if more_bits => Q6K,
+            _ => base,
+        }
+    };
+    // Rows that do not fit a type's blocks fall back to a smaller block.
+    let t = match t {
+        Q4K if ne0 % 256 != 0 => Q5_0,
+        Q5K if ne0 % 256 != 0 => Q5_1,
+        Q6K if ne0 % 256 != 0 => Q8_0,
+        t => t,
+    };
+    if ne0 % t.block_size() != 0 { F16 } else { t }
 }
 
 impl Stage for Params {
     fn version(&self) -> u32 {
-        1
+        // 2: the vocabulary as llama.cpp's converter writes it (user-defined
+        // tokens pre-normalized, `does_token_look_special`), and the tied
+        // embeddings of Q4_0 files typed as llama-quantize types them.
+        2
     }
 
     fn params(&self, _env: &Env) -> Json {
@@ -184,6 +200,7 @@ pub fn write_gguf(model: &ResolvedModel, target: QuantType, name: &str, path: &P
     };
     let mut map: Vec<(String, candle_core::Tensor)> = weights.into_map().into_iter().collect();
     map.sort_by(|a, b| a.0.cmp(&b.0));
+    let tied = !map.iter().any(|(hf, _)| hf == "lm_head.weight");
     let mut tensors = Vec::new();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut vocab_rows = 0;
@@ -197,7 +214,7 @@ pub fn write_gguf(model: &ResolvedModel, target: QuantType, name: &str, path: &P
         // llama.cpp multiplies Gemma norms by `w`, HF by `1 + w`.
         let t = if arch_name == "gemma3" && hf.ends_with("norm.weight") { (t + 1.0)? } else { t };
         let dims = t.dims().to_vec();
-        let dtype = tensor_type(target, &gname, *dims.last().unwrap_or(&1), dims.len(), layers);
+        let dtype = tensor_type(target, &gname, *dims.last().unwrap_or(&1), dims.len(), layers, tied);
         let q = QTensor::quantize(&t, dtype).with_context(|| format!("quantizing `{gname}` to {dtype:?}"))?;
         *counts.entry(format!("{dtype:?}")).or_default() += 1;
         tensors.push(TensorData { name: gname, dtype, dims, bytes: q.data()?.to_vec() });
@@ -323,6 +340,15 @@ fn architecture_metadata(arch: &Arch, a: &str, name: &str, target: QuantType) ->
     md
 }
 
+/// Added tokens that llama.cpp's converter makes CONTROL even when the
+/// tokenizer does not mark them special (`does_token_look_special`).
+fn looks_like_control(t: &str) -> bool {
+    ["<pad>", "<mask>", "<2mass>", "[@BOS@]"].contains(&t)
+        || (t.starts_with("<|") && t.ends_with("|>"))
+        || (t.starts_with("<｜") && t.ends_with("｜>"))
+        || (t.starts_with("<unused") && t.ends_with('>'))
+}
+
 /// The tokenizer as llama.cpp reads it, from `tokenizer.json` and
 /// `tokenizer_config.json`: SentencePiece-style (`llama`) for Gemma, GPT-2
 /// BPE with merges for Qwen; `vocab_rows` entries (the embedding's rows).
@@ -338,14 +364,26 @@ fn tokenizer_metadata(model: &ResolvedModel, arch: &str, vocab_rows: usize) -> R
             *slot = Some(piece.clone());
         }
     }
-    // Added tokens: id → special?
+    // Added tokens, as llama.cpp's converter reads them: tokenizer_config's
+    // `added_tokens_decoder` (else tokenizer.json's `added_tokens`). A
+    // special token, or one that looks like a control token, is CONTROL;
+    // any other is USER_DEFINED, and its text is pre-normalized (`▁` → space)
+    // because llama.cpp matches user-defined tokens against the raw text.
+    let added_list: Vec<(usize, &Json)> = match tc.get("added_tokens_decoder").and_then(Json::as_object) {
+        Some(m) => m.iter().filter_map(|(id, a)| Some((id.parse().ok()?, a))).collect(),
+        None => tj["added_tokens"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| Some((a["id"].as_u64()? as usize, a)))
+            .collect(),
+    };
     let mut added: BTreeMap<usize, bool> = BTreeMap::new();
-    for a in tj["added_tokens"].as_array().into_iter().flatten() {
-        let (Some(id), Some(content)) = (a["id"].as_u64(), a["content"].as_str()) else { continue };
-        if let Some(slot) = tokens.get_mut(id as usize) {
-            *slot = Some(content.to_string());
-            added.insert(id as usize, a["special"].as_bool().unwrap_or(false));
-        }
+    for (id, a) in added_list {
+        let (Some(content), Some(slot)) = (a["content"].as_str(), tokens.get_mut(id)) else { continue };
+        let control = a["special"].as_bool().unwrap_or(false) || looks_like_control(content);
+        *slot = Some(if control { content.to_string() } else { content.replace('\u{2581}', " ") });
+        added.insert(id, control);
     }
     let token_name = |k: &str| crate::chat::special_token(&tc, k);
     let id_of = |name: Option<String>| name.and_then(|n| tokens.iter().position(|t| t.as_deref() == Some(&n)));
@@ -356,7 +394,6 @@ fn tokenizer_metadata(model: &ResolvedModel, arch: &str, vocab_rows: usize) -> R
         .map(|(i, t)| match (added.get(&i), t.as_deref()) {
             (_, None) => 5,
             (Some(true), _) => 3,
-            (Some(false), Some(t)) if t.starts_with("<unused") || t == "<mask>" => 3,
             (Some(false), _) => 4,
             (None, Some(t)) if arch == "gemma3" && is_byte(t) => 6,
             (None, _) => 1,
@@ -367,7 +404,12 @@ fn tokenizer_metadata(model: &ResolvedModel, arch: &str, vocab_rows: usize) -> R
     let mut md = Vec::new();
     if arch == "gemma3" {
         // SentencePiece BPE scores rank the pieces: -rank for normal pieces,
-        // 0 for byte pieces, -1000 for control and user-defined ones.
+        // 0 for byte pieces, -1000 for control and user-defined ones, and
+        // -10000 for rows the tokenizer does not fill. (tokenizer.json keeps
+        // the ranks of the merged pieces, in id order, which is all that
+        // llama.cpp's tokenizer compares; Gemma's own `tokenizer.model`
+        // numbers its single characters 31 ranks further down, which no
+        // tokenization reads.)
         let mut rank = 0f32;
         let scores: Vec<f32> = types
             .iter()
@@ -377,6 +419,7 @@ fn tokenizer_metadata(model: &ResolvedModel, arch: &str, vocab_rows: usize) -> R
                     -(rank - 1.0)
                 }
                 6 => 0.0,
+                5 => -10000.0,
                 _ => -1000.0,
             })
             .collect();
@@ -442,15 +485,23 @@ mod tests {
     #[test]
     fn per_tensor_types_follow_llama_quantize() {
         use GgmlDType::*;
-        let t = |target, name: &str, ne0| tensor_type(target, name, ne0, 2, 18);
+        let t = |target, name: &str, ne0| tensor_type(target, name, ne0, 2, 18, true);
         assert_eq!(t(QuantType::Q4KM, "blk.0.ffn_down.weight", 2048), Q6K, "use_more_bits layer 0");
         assert_eq!(t(QuantType::Q4KM, "blk.2.ffn_down.weight", 2048), Q4K);
         assert_eq!(t(QuantType::Q4KM, "blk.4.ffn_down.weight", 2048), Q6K);
         assert_eq!(t(QuantType::Q4KM, "blk.3.attn_q.weight", 640), Q5_0, "Q4_K falls back for 640-wide rows");
         assert_eq!(t(QuantType::Q4KM, "blk.0.attn_v.weight", 640), Q8_0, "Q6_K falls back to Q8_0");
         assert_eq!(t(QuantType::Q4KM, "token_embd.weight", 640), Q8_0);
+        assert_eq!(t(QuantType::Q4KM, "token_embd.weight", 1024), Q6K, "the tied head of a 1024-wide model");
+        assert_eq!(t(QuantType::Q4_0, "token_embd.weight", 640), Q8_0, "the tied head: Q6_K, which falls back");
+        assert_eq!(t(QuantType::Q4_0, "token_embd.weight", 1024), Q6K);
+        assert_eq!(t(QuantType::Q4_0, "blk.0.ffn_down.weight", 2048), Q4_0, "Q4_0 is not a mix");
+        assert_eq!(tensor_type(QuantType::Q4_0, "token_embd.weight", 1024, 2, 18, false), Q4_0, "untied embeddings");
+        assert_eq!(tensor_type(QuantType::Q4_0, "output.weight", 1024, 2, 18, false), Q6K, "the untied head");
+        assert_eq!(t(QuantType::Q8_0, "token_embd.weight", 640), Q8_0);
+        assert_eq!(t(QuantType::F16, "token_embd.weight", 640), F16);
         assert_eq!(t(QuantType::Q5KM, "blk.3.attn_q.weight", 640), Q5_1);
-        assert_eq!(tensor_type(QuantType::Q8_0, "blk.0.attn_norm.weight", 640, 1, 18), F32, "1-D stays f32");
+        assert_eq!(tensor_type(QuantType::Q8_0, "blk.0.attn_norm.weight", 640, 1, 18, true), F32, "1-D stays f32");
         assert_eq!(t(QuantType::Q8_0, "blk.0.attn_q.weight", 100), F16, "rows not a multiple of 32");
     }
 }

@@ -243,3 +243,23 @@ pub fn python_check(module: &str, script: &str, args: &[&str]) -> Option<String>
     assert!(out.status.success(), "the Python {module} package rejects our file:\n{stderr}");
     Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
+
+/// A llama.cpp program (`llama-tokenize`, `llama-server`, …) from the build
+/// `scripts/fetch-models.sh` makes (`scripts/build-llama-cpp.sh`, recorded
+/// in `models/llama-cpp-bin`), or `PIPELINE_LLAMA_CPP_BIN`. `None` (the
+/// test says SKIPPED) when it is missing, except in CI, where it fails.
+pub fn llama_cpp(program: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("PIPELINE_LLAMA_CPP_BIN").map(PathBuf::from).or_else(|| {
+        let recorded = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/llama-cpp-bin");
+        std::fs::read_to_string(recorded).ok().map(|s| PathBuf::from(s.trim()))
+    });
+    let bin = dir.map(|d| d.join(program)).filter(|b| b.is_file());
+    if bin.is_none() {
+        assert!(
+            std::env::var("PIPELINE_REQUIRE_MODELS").is_err(),
+            "llama.cpp's {program} is required in CI: run scripts/fetch-models.sh (it builds llama.cpp)"
+        );
+        eprintln!("SKIPPED: llama.cpp's {program} is not built (run scripts/fetch-models.sh)");
+    }
+    bin
+}

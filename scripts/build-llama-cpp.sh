@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Builds the llama.cpp programs the runtime tests run our artifacts in
+# (llama-tokenize, llama-perplexity, llama-quantize, llama-server,
+# llama-completion), from package registries only: the llama-cpp-python
+# sdist on PyPI vendors the whole llama.cpp tree, and cmake comes from PyPI.
+#
+# The build lives outside the clone (default ~/.cache/pipeline-runtimes), one
+# directory per llama.cpp version and CPU (it is built for the CPU it runs
+# on), so CI pays the ~5 min build once per machine. Re-running is cheap.
+#
+#   scripts/build-llama-cpp.sh            # prints the bin directory on stdout
+#   PIPELINE_RUNTIMES=DIR scripts/build-llama-cpp.sh
+set -euo pipefail
+
+version=0.3.36 # llama-cpp-python; vendors llama.cpp 0c1e570
+root="${PIPELINE_RUNTIMES:-$HOME/.cache/pipeline-runtimes}"
+say() { printf 'build-llama-cpp: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+cpu=$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | sha256sum | cut -c1-12)
+prefix="$root/llama.cpp-$version-$cpu"
+bins=(llama-tokenize llama-perplexity llama-quantize llama-server llama-completion)
+if [ -f "$prefix/.complete" ]; then
+  say "present: $prefix/bin"
+  echo "$prefix/bin"
+  exit 0
+fi
+
+mkdir -p "$root"
+sdist="$root/llama_cpp_python-$version.tar.gz"
+if [ ! -f "$sdist" ]; then
+  say "downloading the llama-cpp-python $version sdist from PyPI"
+  python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python "llama-cpp-python==$version" -d "$root"
+fi
+src="$root/llama_cpp_python-$version"
+[ -d "$src/vendor/llama.cpp" ] || tar -xzf "$sdist" -C "$root"
+[ -f "$src/vendor/llama.cpp/CMakeLists.txt" ] || die "$sdist has no vendor/llama.cpp"
+
+if ! command -v cmake >/dev/null 2>&1; then
+  say "installing cmake from PyPI"
+  python3 -m pip install --quiet cmake
+fi
+command -v cmake >/dev/null 2>&1 || die "cmake is not on PATH after pip install cmake"
+
+build="$prefix/build"
+say "building llama.cpp ($(nproc) jobs) in $build"
+cmake -S "$src/vendor/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+  -DBUILD_SHARED_LIBS=OFF >"$prefix.log" 2>&1 || { tail -30 "$prefix.log" >&2; die "cmake configure failed"; }
+cmake --build "$build" -j "$(nproc)" --target "${bins[@]}" >>"$prefix.log" 2>&1 \
+  || { tail -30 "$prefix.log" >&2; die "build failed (log: $prefix.log)"; }
+mkdir -p "$prefix/bin"
+for b in "${bins[@]}"; do
+  cp "$build/bin/$b" "$prefix/bin/$b"
+done
+"$prefix/bin/llama-tokenize" --help >/dev/null 2>&1 || true
+touch "$prefix/.complete"
+say "built: $prefix/bin"
+echo "$prefix/bin"

@@ -1,0 +1,488 @@
+//! What we ship, run by the programs that serve it: llama.cpp (built from
+//! the llama-cpp-python sdist by `scripts/build-llama-cpp.sh`) tokenizes,
+//! scores and serves our GGUF files, and transformers loads our merged
+//! models. A format reader is not a client: these tests compare behaviour
+//! (token ids, perplexity, rendered prompts, greedy tokens), not fields.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Project, models_dir, python_check};
+use pipeline::model_source::ResolvedModel;
+use pipeline::stages::quantize::{QuantType, write_gguf};
+use serde_json::{Value, json};
+
+/// The repository's root (recipes are run from there).
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `recipe` up to its `tokens` stage in `p`; returns, per
+/// conversation of `split`, the text format-chat rendered and the ids the
+/// tokenize stage wrote (what training reads).
+fn trained_tokens(p: &Project, recipe: &Path, split: &str, set: &[&str]) -> Vec<(String, Vec<u32>)> {
+    let recipe = recipe.to_str().unwrap();
+    let mut args = vec!["run", recipe, "--until", "tokens"];
+    let mut show = vec!["show", recipe];
+    for s in set {
+        args.extend(["--set", s]);
+        show.extend(["--set", s]);
+    }
+    p.ok(&args);
+    let dir = |stage: &str| {
+        let out = p.run(&[show.as_slice(), &[stage]].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    };
+    let texts: Vec<String> = std::fs::read_to_string(dir("chat").join(format!("conversations/{split}.jsonl")))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+        .collect();
+    let bytes = std::fs::read(dir("tokens").join(format!("tokens/{split}.safetensors"))).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids: Vec<u32> =
+        st.tensor("input_ids").unwrap().data().chunks(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect();
+    let offsets: Vec<i64> =
+        st.tensor("offsets").unwrap().data().chunks(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    assert_eq!(offsets.len(), texts.len() + 1, "one row of ids per conversation");
+    texts.into_iter().zip(offsets.windows(2)).map(|(t, w)| (t, ids[w[0] as usize..w[1] as usize].to_vec())).collect()
+}
+
+/// `llama-tokenize` on `text` with the vocabulary of `gguf`, as a server
+/// reading a raw prompt does (special tokens parsed, no BOS added: our
+/// templates write their own).
+fn llama_tokenize(bin: &Path, gguf: &Path, text: &str, scratch: &Path) -> Vec<u32> {
+    let file = scratch.join("prompt.txt");
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(bin)
+        .args(["-m", gguf.to_str().unwrap(), "-f", file.to_str().unwrap()])
+        .args(["--ids", "--no-bos", "--no-escape", "--log-disable"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "llama-tokenize failed: {}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(printed.trim()).unwrap_or_else(|e| panic!("llama-tokenize printed {printed:?}: {e}"))
+}
+
+/// Every conversation: llama.cpp's ids on our GGUF equal the trained ids.
+fn assert_same_tokens(bin: &Path, gguf: &Path, rows: &[(String, Vec<u32>)], what: &str) {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut mismatches = Vec::new();
+    for (i, (text, ours)) in rows.iter().enumerate() {
+        let theirs = llama_tokenize(bin, gguf, text, scratch.path());
+        if &theirs != ours {
+            let at = ours.iter().zip(&theirs).take_while(|(a, b)| a == b).count();
+            mismatches.push(format!(
+                "row {i}: first difference at token {at} (ours {:?}, llama.cpp {:?})",
+                ours.get(at),
+                theirs.get(at)
+            ));
+        }
+    }
+    let n: usize = rows.iter().map(|(_, ids)| ids.len()).sum();
+    eprintln!(
+        "{what}: llama-tokenize matches the trained ids on {}/{} rows ({n} tokens)",
+        rows.len() - mismatches.len(),
+        rows.len()
+    );
+    assert!(
+        mismatches.is_empty(),
+        "{what}: {} of {} rows tokenize differently:\n{}",
+        mismatches.len(),
+        rows.len(),
+        mismatches.join("\n")
+    );
+}
+
+#[test]
+fn llama_cpp_tokenizes_every_validation_conversation_as_gemma_training_did() {
+    let (Some(models), Some(bin)) = (models_dir(), common::llama_cpp("llama-tokenize")) else { return };
+    let p = Project::new();
+    // Untruncated (training keeps the last max_len tokens of the same ids).
+    let rows =
+        trained_tokens(&p, &repo().join("recipes/quickstart.toml"), "validation", &["stages.tokens.max_len=32768"]);
+    assert_eq!(rows.len(), 60, "the validation split");
+    let gguf = p.path("gemma.q8_0.gguf");
+    write_gguf(&ResolvedModel::from_path(&models.join("gemma-3-270m")).unwrap(), QuantType::Q8_0, "t", &gguf).unwrap();
+    assert_same_tokens(&bin, &gguf, &rows, "gemma3 (tool-use validation)");
+}
+
+#[test]
+fn llama_cpp_tokenizes_the_qwen3_function_calling_data_as_training_did() {
+    let (Some(models), Some(bin)) = (models_dir(), common::llama_cpp("llama-tokenize")) else { return };
+    let p = Project::new();
+    let tiny = p.path("tiny-qwen3");
+    pipeline::model::testing::TinyQwen::new(pipeline::model::qwen::Variant::Qwen3, 151_936)
+        .write(&tiny, &models.join("qwen3-tokenizer"), 3)
+        .unwrap();
+    let base = format!("model.base={}", tiny.display());
+    let recipe = repo().join("recipes/qwen3-0.6b-function-calling.toml");
+    let set = [base.as_str(), "stages.tokens.max_len=32768"];
+    let mut rows = trained_tokens(&p, &recipe, "train", &set);
+    rows.extend(trained_tokens(&p, &recipe, "validation", &set));
+    assert!(rows.len() >= 40, "the whole data file ({} rows)", rows.len());
+    let gguf = p.path("qwen3.q8_0.gguf");
+    write_gguf(&ResolvedModel::from_path(&tiny).unwrap(), QuantType::Q8_0, "t", &gguf).unwrap();
+    assert_same_tokens(&bin, &gguf, &rows, "qwen3 (function-calling data)");
+}
+
+/// `llama-perplexity` of a GGUF file on `../shared/reference/ppl_text.txt`.
+fn llama_perplexity(bin: &Path, gguf: &Path) -> f64 {
+    let text = common::shared_dir().join("reference/ppl_text.txt");
+    let out = Command::new(bin)
+        .args(["-m", gguf.to_str().unwrap(), "-f", text.to_str().unwrap(), "-c", "256", "-t", "2", "-b", "256"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "llama-perplexity failed on {}:\n{log}", gguf.display());
+    let estimate = log
+        .lines()
+        .find_map(|l| l.split("Final estimate: PPL = ").nth(1))
+        .unwrap_or_else(|| panic!("no estimate:\n{log}"));
+    estimate.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn every_gguf_type_we_write_scores_like_llama_quantizes_file_of_that_type() {
+    let (Some(models), Some(ppl), Some(quantize)) =
+        (models_dir(), common::llama_cpp("llama-perplexity"), common::llama_cpp("llama-quantize"))
+    else {
+        return;
+    };
+    let base = ResolvedModel::from_path(&models.join("gemma-3-270m")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let f32_file = dir.path().join("f32.gguf");
+    write_gguf(&base, QuantType::F32, "t", &f32_file).unwrap();
+    let reference = llama_perplexity(&ppl, &f32_file);
+    eprintln!("perplexity (llama.cpp, -c 256): f32 {reference:.4}");
+    let types = [
+        (QuantType::F16, "F16"),
+        (QuantType::Bf16, "BF16"),
+        (QuantType::Q8_0, "Q8_0"),
+        (QuantType::Q6K, "Q6_K"),
+        (QuantType::Q5KM, "Q5_K_M"),
+        (QuantType::Q4KM, "Q4_K_M"),
+        (QuantType::Q4_0, "Q4_0"),
+    ];
+    let mut failures = Vec::new();
+    for (ty, name) in types {
+        let ours = dir.path().join(format!("ours.{}.gguf", ty.name()));
+        write_gguf(&base, ty, "t", &ours).unwrap();
+        let ours_ppl = llama_perplexity(&ppl, &ours);
+        // f16 and bf16 are compared with the f32 file; quantized types with
+        // llama-quantize's file of the same type, made from the same f32.
+        let theirs_ppl = if matches!(ty, QuantType::F16 | QuantType::Bf16) {
+            reference
+        } else {
+            let theirs = dir.path().join(format!("theirs.{}.gguf", ty.name()));
+            let out =
+                Command::new(&quantize).args([f32_file.as_os_str(), theirs.as_os_str()]).arg(name).output().unwrap();
+            assert!(out.status.success(), "llama-quantize {name} failed: {}", String::from_utf8_lossy(&out.stderr));
+            let t = llama_perplexity(&ppl, &theirs);
+            std::fs::remove_file(&theirs).unwrap();
+            t
+        };
+        std::fs::remove_file(&ours).unwrap();
+        let rel = (ours_ppl - theirs_ppl).abs() / theirs_ppl;
+        eprintln!(
+            "perplexity {name}: ours {ours_ppl:.4}, reference {theirs_ppl:.4} ({:+.3} %)",
+            100.0 * (ours_ppl / theirs_ppl - 1.0)
+        );
+        if rel > 0.005 {
+            failures.push(format!("{name}: ours {ours_ppl:.4} vs {theirs_ppl:.4}"));
+        }
+    }
+    assert!(failures.is_empty(), "perplexity differs by more than 0.5 %: {failures:?}");
+}
+
+/// A rank-2 adapter with random A and B on the q and down projections of
+/// every layer of `base` (enough to make a merge change the weights).
+fn random_adapter(base: &ResolvedModel, dir: &Path, std: f32) {
+    use candle_core::{Device, Tensor};
+    let m = pipeline::model::load(base, &Device::Cpu, 64).unwrap();
+    let mut m = m;
+    let mut tensors = pipeline::adapter::LoraTensors::new();
+    for (name, lin) in m.linears_mut() {
+        if !(name.ends_with("q_proj") || name.ends_with("down_proj")) {
+            continue;
+        }
+        let a = Tensor::randn(0f32, std, (2, lin.in_features()), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, std, (lin.out_features(), 2), &Device::Cpu).unwrap();
+        tensors.insert(name, (a, b));
+    }
+    let targets = vec!["q_proj".to_string(), "down_proj".to_string()];
+    let config = pipeline::adapter::AdapterConfig::lora(&base.source, 2, 4.0, 0.0, targets, false);
+    std::fs::create_dir_all(dir).unwrap();
+    pipeline::adapter::save(dir, &config, &tensors, None).unwrap();
+}
+
+/// transformers (5.x) loads a merged directory's config and tokenizer as a
+/// user would, and renders conversations with its chat template exactly as
+/// format-chat does. (Without torch installed it cannot load the weights;
+/// `merge.rs` checks those with Hugging Face's safetensors reader.)
+#[test]
+fn transformers_loads_merged_models_and_renders_their_template_as_we_do() {
+    let Some(models) = models_dir() else { return };
+    let p = Project::new();
+    let tiny = |v| {
+        let dir = p.path(&format!("{v:?}"));
+        pipeline::model::testing::TinyQwen::new(v, 151_936).write(&dir, &models.join("qwen3-tokenizer"), 5).unwrap();
+        dir
+    };
+    let bases = [
+        ("gemma3 (from the GGUF)", models.join("gemma-3-270m")),
+        ("qwen3", tiny(pipeline::model::qwen::Variant::Qwen3)),
+        ("qwen2", tiny(pipeline::model::qwen::Variant::Qwen2)),
+    ];
+    let messages = json!([
+        {"role": "system", "content": "You call tools when needed.\n  Indented  text,\ttabs."},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "<tool_call>\n{\n  \"tool_name\": \"calc\", \"args\": {\"x\": \"2+2\"}\n}\n</tool_call>"},
+        {"role": "user", "content": "And in words?"},
+    ]);
+    let script = r#"
+import json, sys
+from transformers import AutoConfig, AutoTokenizer
+d, messages = sys.argv[1], json.loads(sys.argv[2])
+config = AutoConfig.from_pretrained(d)
+tok = AutoTokenizer.from_pretrained(d)
+rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+print(json.dumps({"model_type": config.model_type, "config": config.to_dict(), "rendered": rendered,
+                  "ids": tok(rendered, add_special_tokens=False)["input_ids"]}))
+"#;
+    for (arch, base_dir) in bases {
+        let base = ResolvedModel::from_path(&base_dir).unwrap();
+        let adapter = p.path(&format!("adapter-{}", &arch[..5]));
+        random_adapter(&base, &adapter, 0.02);
+        let merged = p.path(&format!("merged-{}", &arch[..5]));
+        let template = pipeline::chat::ChatTemplate::for_model(&base, None, Path::new(".")).unwrap();
+        let dtype = pipeline::stages::merge::WeightDtype::Bf16;
+        pipeline::stages::merge::merge(&base, "", &adapter, Some(&template), dtype, &merged).unwrap();
+        let Some(out) = python_check("transformers", script, &[merged.to_str().unwrap(), &messages.to_string()]) else {
+            return;
+        };
+        let got: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        let msgs: Vec<pipeline::chat::Message> = serde_json::from_value(messages.clone()).unwrap();
+        let ours = template.render(&msgs, None, true).unwrap();
+        assert_eq!(got["rendered"].as_str().unwrap(), ours, "{arch}: apply_chat_template differs from format-chat");
+        let tok = tokenizers::Tokenizer::from_file(merged.join("tokenizer.json")).unwrap();
+        let ids: Vec<u32> = tok.encode(ours.as_str(), false).unwrap().get_ids().to_vec();
+        assert_eq!(got["ids"], json!(ids), "{arch}: transformers' tokenizer gives other ids");
+        let config = &got["config"];
+        assert_eq!(config["dtype"], "bfloat16", "{arch}: {config}");
+        assert!(
+            config["eos_token_id"].is_number() || config["eos_token_id"].is_array(),
+            "{arch}: eos ids in config.json"
+        );
+        if arch.starts_with("gemma3") {
+            assert_eq!(config["query_pre_attn_scalar"], 256, "{arch}");
+            assert_eq!(config["rms_norm_eps"], 1e-6, "{arch}: the f32 of the GGUF, written as the config stated it");
+            assert_eq!(config["rope_parameters"]["sliding_attention"]["rope_theta"], 10000.0, "{arch}");
+            assert_eq!(config["bos_token_id"], 2, "{arch}");
+        }
+        eprintln!(
+            "transformers {arch}: config {} loads; apply_chat_template equals ours ({} tokens)",
+            got["model_type"],
+            ids.len()
+        );
+    }
+}
+
+/// A `llama-server` on a free loopback port, stopped when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(bin: &Path, args: &[&str]) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "-t", "2", "-c", "4096", "--log-disable"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Server { child, port };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(120) {
+            if server.get("/health").is_some_and(|(status, _)| status == 200) {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        panic!("llama-server {args:?} did not become healthy in 120 s");
+    }
+
+    fn request(&self, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(300))).ok()?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .ok()?;
+        let mut reader = BufReader::new(s);
+        let mut status = String::new();
+        reader.read_line(&mut status).ok()?;
+        let code = status.split_whitespace().nth(1)?.parse().ok()?;
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).ok()?;
+        let body = rest.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
+        Some((code, body))
+    }
+
+    fn get(&self, path: &str) -> Option<(u16, String)> {
+        self.request("GET", path, "")
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Value {
+        let (code, text) = self.request("POST", path, &body.to_string()).expect("llama-server answers");
+        assert_eq!(code, 200, "POST {path}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {path}: {e}: {text}"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A directory with `file` (a GGUF) and the base's tokenizer files, which
+/// `pipeline generate` reads beside a GGUF.
+fn gguf_with_tokenizer(models: &Path, dir: &Path, ty: QuantType) -> PathBuf {
+    let src = models.join("gemma-3-270m");
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let gguf = dir.join(format!("model-{}.gguf", ty.name()));
+    write_gguf(&ResolvedModel::from_path(&src).unwrap(), ty, "t", &gguf).unwrap();
+    gguf
+}
+
+/// The first `n` greedy tokens of `pipeline`'s generator on `gguf` after `prompt`.
+fn our_greedy(gguf: &Path, tok: &tokenizers::Tokenizer, prompt: &[u32], n: usize) -> Vec<u32> {
+    let m = pipeline::model::load_for_inference(&ResolvedModel::from_path(gguf).unwrap(), &candle_core::Device::Cpu)
+        .unwrap();
+    let generator = pipeline::generate::Generator { model: m.as_ref(), tokenizer: tok, stop_tokens: vec![] };
+    let params = pipeline::generate::GenerationParams { max_new_tokens: n, ..Default::default() };
+    generator.generate(prompt, &params, 0, &mut |_| {}).unwrap().tokens
+}
+
+fn conversations() -> Vec<Value> {
+    let tools = "You are an assistant with tools. Answer with\n<tool_call>\n{\n  \"tool_name\": NAME,\n  \"args\": {...}\n}\n</tool_call>\n\nTools:\n  - get_weather(city)\n  - calculator(expression)";
+    vec![
+        json!([{"role": "system", "content": tools}, {"role": "user", "content": "What's the weather in Paris?"}]),
+        json!([
+            {"role": "system", "content": tools},
+            {"role": "user", "content": "What is 12 * 7?"},
+            {"role": "assistant", "content": "<tool_call>\n{\n  \"tool_name\": \"calculator\",\n  \"args\": {\"expression\": \"12 * 7\"}\n}\n</tool_call>"},
+            {"role": "user", "content": "<tool_result>84</tool_result>"},
+        ]),
+        json!([{"role": "user", "content": "Write one sentence about the sea."}]),
+    ]
+}
+
+#[test]
+fn llama_server_renders_our_template_and_decodes_our_gguf_as_pipeline_generate_does() {
+    let (Some(models), Some(bin)) = (models_dir(), common::llama_cpp("llama-server")) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = gguf_with_tokenizer(&models, dir.path(), QuantType::Q8_0);
+    let base = ResolvedModel::from_path(&models.join("gemma-3-270m")).unwrap();
+    let template = pipeline::chat::ChatTemplate::for_model(&base, None, Path::new(".")).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(models.join("gemma-3-270m/tokenizer.json")).unwrap();
+    let server = Server::start(&bin, &["-m", gguf.to_str().unwrap(), "--jinja"]);
+    for (i, messages) in conversations().into_iter().enumerate() {
+        // The server renders the GGUF's template as format-chat does.
+        let rendered =
+            server.post("/apply-template", &json!({"messages": messages}))["prompt"].as_str().unwrap().to_string();
+        let msgs: Vec<pipeline::chat::Message> = serde_json::from_value(messages.clone()).unwrap();
+        let ours = template.render(&msgs, None, true).unwrap();
+        // llama.cpp drops the template's leading `<bos>`: it adds the BOS
+        // token itself when it tokenizes (`add_bos_token = true`).
+        let ours_text = ours.strip_prefix("<bos>").expect("Gemma's template starts with <bos>");
+        assert_eq!(rendered, ours_text, "conversation {i}: /apply-template differs from format-chat");
+        // Its tokenizer gives our ids, and its detokenizer our text.
+        let ids: Vec<u32> = tok.encode(ours.as_str(), false).unwrap().get_ids().to_vec();
+        let theirs = server.post("/tokenize", &json!({"content": ours, "add_special": false, "parse_special": true}));
+        assert_eq!(theirs["tokens"], json!(ids), "conversation {i}: /tokenize");
+        let text = server.post("/detokenize", &json!({"tokens": ids}))["content"].as_str().unwrap().to_string();
+        assert_eq!(text, ours, "conversation {i}: /detokenize does not round-trip");
+        // Greedy decoding from the same ids: the same first 16 tokens.
+        let body = json!({"prompt": ids, "n_predict": 24, "temperature": 0.0, "top_k": 1, "cache_prompt": false,
+                          "return_tokens": true, "samplers": ["top_k"]});
+        let served: Vec<u32> = serde_json::from_value(server.post("/completion", &body)["tokens"].clone()).unwrap();
+        let ours_tokens = our_greedy(&gguf, &tok, &ids, 24);
+        let same = served.iter().zip(&ours_tokens).take_while(|(a, b)| a == b).count();
+        eprintln!(
+            "llama-server conversation {i}: template, /tokenize, /detokenize equal; {same}/24 greedy tokens equal ({:?})",
+            tok.decode(&ours_tokens, false).unwrap()
+        );
+        assert!(
+            same >= 16,
+            "conversation {i}: only {same} greedy tokens agree:\n ours {ours_tokens:?}\n llama.cpp {served:?}"
+        );
+    }
+}
+
+#[test]
+fn llama_cpp_applies_our_adapter_gguf_as_our_merge_does() {
+    let (Some(models), Some(bin)) = (models_dir(), common::llama_cpp("llama-server")) else { return };
+    let p = Project::new();
+    let base = ResolvedModel::from_path(&models.join("gemma-3-270m")).unwrap();
+    let adapter = p.path("adapter");
+    random_adapter(&base, &adapter, 0.06);
+    let merged = p.path("merged");
+    let f32 = pipeline::stages::merge::WeightDtype::F32;
+    pipeline::stages::merge::merge(&base, "", &adapter, None, f32, &merged).unwrap();
+    let (base_gguf, merged_gguf, adapter_gguf) = (p.path("base.gguf"), p.path("merged.gguf"), p.path("adapter.gguf"));
+    // f32 files: in f16 the merged weights round W + B·A while --lora adds
+    // B·A to the rounded W, which parts greedy decoding on near-ties.
+    write_gguf(&base, QuantType::F32, "base", &base_gguf).unwrap();
+    write_gguf(&ResolvedModel::from_path(&merged).unwrap(), QuantType::F32, "merged", &merged_gguf).unwrap();
+    pipeline::stages::quantize::write_adapter_gguf(&adapter, "gemma3", &adapter_gguf).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(models.join("gemma-3-270m/tokenizer.json")).unwrap();
+    let template = pipeline::chat::ChatTemplate::for_model(&base, None, Path::new(".")).unwrap();
+    let prompts: Vec<Vec<u32>> = conversations()
+        .into_iter()
+        .map(|m| {
+            let msgs: Vec<pipeline::chat::Message> = serde_json::from_value(m).unwrap();
+            tok.encode(template.render(&msgs, None, true).unwrap().as_str(), false).unwrap().get_ids().to_vec()
+        })
+        .collect();
+    let greedy = |args: &[&str]| -> Vec<Vec<u32>> {
+        let server = Server::start(&bin, args);
+        prompts
+            .iter()
+            .map(|ids| {
+                let body = json!({"prompt": ids, "n_predict": 16, "temperature": 0.0, "top_k": 1,
+                                  "cache_prompt": false, "return_tokens": true, "samplers": ["top_k"]});
+                serde_json::from_value(server.post("/completion", &body)["tokens"].clone()).unwrap()
+            })
+            .collect()
+    };
+    let with_lora = greedy(&["-m", base_gguf.to_str().unwrap(), "--lora", adapter_gguf.to_str().unwrap()]);
+    let merged_out = greedy(&["-m", merged_gguf.to_str().unwrap()]);
+    let base_out = greedy(&["-m", base_gguf.to_str().unwrap()]);
+    for i in 0..prompts.len() {
+        let same = with_lora[i].iter().zip(&merged_out[i]).take_while(|(a, b)| a == b).count();
+        eprintln!(
+            "--lora vs merged, prompt {i}: {same}/16 greedy tokens equal; base alone differs: {}",
+            base_out[i] != merged_out[i]
+        );
+        assert!(same >= 16, "prompt {i}: base + --lora adapter.gguf and the merged GGUF part after {same} tokens");
+    }
+    assert!(base_out != merged_out, "the adapter changes no greedy token: the test would prove nothing");
+}
