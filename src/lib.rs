@@ -16,6 +16,7 @@
 //! - [`chat`]: chat templates (minijinja, HF-compatible) and turn spans.
 //! - [`model`]: the architectures on candle (Gemma 3), LoRA layers, weight loading.
 //! - [`model_source`]: resolving `[model] base` to files on disk.
+//! - [`gguf_writer`] writes GGUF files; [`kquants`]: llama.cpp's K-quant encoders.
 //! - [`cli`]: the command line (`pipeline run|plan|validate|schema|gc|show`);
 //!   [`threads`]: the thread pool every command runs in.
 
@@ -33,6 +34,7 @@ pub mod export;
 pub mod fault;
 pub mod generate;
 pub mod gguf_writer;
+pub mod kquants;
 pub mod model;
 pub mod model_source;
 pub mod progress;

@@ -146,7 +146,8 @@ impl Stage for Params {
         // 2: the vocabulary as llama.cpp's converter writes it (user-defined
         // tokens pre-normalized, `does_token_look_special`), and the tied
         // embeddings of Q4_0 files typed as llama-quantize types them.
-        2
+        // 3: K-quant blocks from llama.cpp's reference encoders (`kquants`).
+        3
     }
 
     fn params(&self, _env: &Env) -> Json {
@@ -215,9 +216,9 @@ pub fn write_gguf(model: &ResolvedModel, target: QuantType, name: &str, path: &P
         let t = if arch_name == "gemma3" && hf.ends_with("norm.weight") { (t + 1.0)? } else { t };
         let dims = t.dims().to_vec();
         let dtype = tensor_type(target, &gname, *dims.last().unwrap_or(&1), dims.len(), layers, tied);
-        let q = QTensor::quantize(&t, dtype).with_context(|| format!("quantizing `{gname}` to {dtype:?}"))?;
+        let bytes = encode(&t, dtype).with_context(|| format!("quantizing `{gname}` to {dtype:?}"))?;
         *counts.entry(format!("{dtype:?}")).or_default() += 1;
-        tensors.push(TensorData { name: gname, dtype, dims, bytes: q.data()?.to_vec() });
+        tensors.push(TensorData { name: gname, dtype, dims, bytes });
     }
     // llama.cpp orders tensors as converters write them: embeddings first.
     tensors.sort_by_key(|t| (t.name != "token_embd.weight", layer_of(&t.name), t.name.clone()));
@@ -230,6 +231,27 @@ pub fn write_gguf(model: &ResolvedModel, target: QuantType, name: &str, path: &P
         "tensor_types": counts,
         "size_bytes": std::fs::metadata(path)?.len(),
     }))
+}
+
+/// A tensor's data as `dtype` blocks: K-quants with llama.cpp's reference
+/// encoders ([`crate::kquants`]), the rest with candle's (which equal ggml's).
+fn encode(t: &candle_core::Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
+    let kquant: Option<fn(&[f32]) -> Vec<u8>> = match dtype {
+        GgmlDType::Q4K => Some(crate::kquants::q4_k),
+        GgmlDType::Q5K => Some(crate::kquants::q5_k),
+        GgmlDType::Q6K => Some(crate::kquants::q6_k),
+        _ => None,
+    };
+    match kquant {
+        Some(f) => {
+            let x: Vec<f32> = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+            // Rows are independent: encode them on every core.
+            let row = *t.dims().last().unwrap_or(&1);
+            use rayon::prelude::*;
+            Ok(x.par_chunks(row).flat_map_iter(f).collect())
+        }
+        None => Ok(QTensor::quantize(t, dtype)?.data()?.to_vec()),
+    }
 }
 
 /// `gemma3`, `qwen2` or `qwen3`: the GGUF architecture of a model.
