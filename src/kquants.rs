@@ -23,10 +23,6 @@ fn nearest_int(v: f32) -> i32 {
     ((v + 12_582_912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
-fn f16_round(v: f32) -> f32 {
-    f16::from_f32(v).to_f32()
-}
-
 /// `make_qkx2_quants`: the scale and (negated) minimum of `x` at `nmax`
 /// levels, searched over `nstep` candidate scales around the range, the
 /// quantized levels in `l`.
