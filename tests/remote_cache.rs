@@ -36,8 +36,8 @@ impl Drop for Server {
 }
 
 impl Server {
-    /// Starts the server, or `None` (test skipped) when moto is not
-    /// installed; with `PIPELINE_REQUIRE_SERVERS=1` (CI) that fails instead.
+    /// Starts the server, or `None` when moto is not installed and skipping
+    /// is allowed (`common::missing`).
     fn start() -> Option<Server> {
         Self::launch(false)
     }
@@ -59,10 +59,7 @@ impl Server {
             .status()
             .is_ok_and(|s| s.success());
         if !have {
-            if std::env::var("PIPELINE_REQUIRE_SERVERS").is_ok_and(|v| v == "1") {
-                panic!("{package} is required: run scripts/fetch-models.sh (it pip-installs it)");
-            }
-            eprintln!("SKIPPED: {package} is not installed (scripts/fetch-models.sh installs it)");
+            common::missing(&format!("{package} is not installed"), "run scripts/fetch-models.sh (it pip-installs it)");
             return None;
         }
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -13,9 +13,20 @@ pub fn shared_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
 }
 
+/// Reports that something a test needs is not provisioned: a failure, so
+/// that a run that could not check something never looks like a pass,
+/// unless `PIPELINE_ALLOW_SKIP=1` asks to skip such tests (each says
+/// SKIPPED on stderr; `cargo test -- --nocapture` shows it).
+pub fn missing(what: &str, fix: &str) {
+    if std::env::var("PIPELINE_ALLOW_SKIP").is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED: {what} ({fix})");
+        return;
+    }
+    panic!("{what}: {fix} (or set PIPELINE_ALLOW_SKIP=1 to skip the tests that need it)");
+}
+
 /// The provisioned models (`scripts/fetch-models.sh`), or `None` when they
-/// are missing, in which case the calling test is skipped with a message.
-/// With `PIPELINE_REQUIRE_MODELS=1` (CI) a missing model fails instead.
+/// are missing and skipping is allowed ([`missing`]).
 pub fn models_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("PIPELINE_MODELS_DIR")
         .map(PathBuf::from)
@@ -23,10 +34,7 @@ pub fn models_dir() -> Option<PathBuf> {
     if dir.join("gemma-3-270m/tokenizer.json").is_file() && dir.join("qwen3-tokenizer/tokenizer.json").is_file() {
         return Some(dir.canonicalize().unwrap());
     }
-    if std::env::var("PIPELINE_REQUIRE_MODELS").is_ok_and(|v| v == "1") {
-        panic!("models are required but missing in {}: run scripts/fetch-models.sh", dir.display());
-    }
-    eprintln!("SKIPPED: real models not provisioned in {} (run scripts/fetch-models.sh)", dir.display());
+    missing(&format!("the real models are not provisioned in {}", dir.display()), "run scripts/fetch-models.sh");
     None
 }
 
@@ -220,24 +228,21 @@ pub fn llama_cpp_perplexity(m: &dyn pipeline::model::CausalLm, tok: &tokenizers:
 }
 
 /// Runs a Python `script` (with `args` as `sys.argv[1:]`) that checks one of
-/// our files with a reader nobody here wrote (the `gguf` or `safetensors`
-/// package), and returns what it printed. Skipped with a message when the
-/// package `module` is not installed, except in CI
-/// (`PIPELINE_REQUIRE_MODELS=1`, where `scripts/fetch-models.sh` installs
-/// it); a script that fails is a failed test.
+/// our files with a reader nobody here wrote (the `gguf`, `safetensors` or
+/// `transformers` package), and returns what it printed; `None` when the
+/// package `module` is missing and skipping is allowed ([`missing`]). A
+/// script that fails is a failed test.
 pub fn python_check(module: &str, script: &str, args: &[&str]) -> Option<String> {
     let out = match Command::new("python3").arg("-c").arg(script).args(args).output() {
         Ok(out) => out,
         Err(e) => {
-            assert!(std::env::var("PIPELINE_REQUIRE_MODELS").is_err(), "python3 is required in CI: {e}");
-            eprintln!("SKIPPED the Python {module} check: {e}");
+            missing(&format!("python3 cannot run ({e})"), "install Python 3");
             return None;
         }
     };
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() && stderr.contains(&format!("No module named '{module}'")) {
-        assert!(std::env::var("PIPELINE_REQUIRE_MODELS").is_err(), "the {module} Python package is required in CI");
-        eprintln!("SKIPPED the Python {module} check: pip install {module}");
+        missing(&format!("the {module} Python package is not installed"), "run scripts/fetch-models.sh");
         return None;
     }
     assert!(out.status.success(), "the Python {module} package rejects our file:\n{stderr}");
@@ -246,8 +251,8 @@ pub fn python_check(module: &str, script: &str, args: &[&str]) -> Option<String>
 
 /// A llama.cpp program (`llama-tokenize`, `llama-server`, …) from the build
 /// `scripts/fetch-models.sh` makes (`scripts/build-llama-cpp.sh`, recorded
-/// in `models/llama-cpp-bin`), or `PIPELINE_LLAMA_CPP_BIN`. `None` (the
-/// test says SKIPPED) when it is missing, except in CI, where it fails.
+/// in `models/llama-cpp-bin`), or `PIPELINE_LLAMA_CPP_BIN`; `None` when it
+/// is missing and skipping is allowed ([`missing`]).
 pub fn llama_cpp(program: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("PIPELINE_LLAMA_CPP_BIN").map(PathBuf::from).or_else(|| {
         let recorded = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/llama-cpp-bin");
@@ -255,11 +260,7 @@ pub fn llama_cpp(program: &str) -> Option<PathBuf> {
     });
     let bin = dir.map(|d| d.join(program)).filter(|b| b.is_file());
     if bin.is_none() {
-        assert!(
-            std::env::var("PIPELINE_REQUIRE_MODELS").is_err(),
-            "llama.cpp's {program} is required in CI: run scripts/fetch-models.sh (it builds llama.cpp)"
-        );
-        eprintln!("SKIPPED: llama.cpp's {program} is not built (run scripts/fetch-models.sh)");
+        missing(&format!("llama.cpp's {program} is not built"), "run scripts/fetch-models.sh (it builds llama.cpp)");
     }
     bin
 }
