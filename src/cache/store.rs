@@ -190,7 +190,7 @@ impl Store {
             bail!("refusing to overwrite the finished entry {}", dest.display());
         }
         fs::rename(&out, &dest).with_context(|| format!("cannot publish {}", dest.display()))?;
-        sync_dir(&self.root.join("store"));
+        sync_dir(&self.root.join("store"))?;
         fs::remove_dir_all(&work).ok();
         Ok(dest)
     }
@@ -290,22 +290,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     {
         let mut f = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
         f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.sync_all().ok();
+        f.sync_all().with_context(|| format!("cannot flush {} to disk", tmp.display()))?;
     }
     fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     if let Some(parent) = path.parent() {
-        sync_dir(parent);
+        sync_dir(parent)?;
     }
     Ok(())
 }
 
+/// Flushes a file to disk; an error (EIO: the data may be lost) stops the
+/// publication that needed it.
 fn sync_file(p: &Path) -> Result<()> {
-    File::open(p)?.sync_all().ok();
-    Ok(())
+    File::open(p)?.sync_all().with_context(|| format!("cannot flush {} to disk", p.display()))
 }
 
-fn sync_dir(p: &Path) {
-    if let Ok(d) = File::open(p) {
-        d.sync_all().ok();
+/// Flushes a directory's entries (a rename) to disk. Filesystems that cannot
+/// sync directories (EINVAL, ENOTSUP), and platforms that cannot open one,
+/// are skipped; any other error is returned.
+fn sync_dir(p: &Path) -> Result<()> {
+    let Ok(d) = File::open(p) else { return Ok(()) };
+    match d.sync_all() {
+        Err(e) if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOTSUP)) => {
+            Err(e).with_context(|| format!("cannot flush directory {} to disk", p.display()))
+        }
+        _ => Ok(()),
     }
 }
