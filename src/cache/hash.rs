@@ -37,11 +37,6 @@ impl HashMemo {
         HashMemo { path: Some(path), entries: Mutex::new(entries), dirty: AtomicBool::new(false) }
     }
 
-    /// A memo that is never written (for tests and one-off use).
-    pub fn in_memory() -> Self {
-        HashMemo { path: None, entries: Mutex::default(), dirty: AtomicBool::new(false) }
-    }
-
     /// The blake3 hex digest of the file's content.
     pub fn file(&self, path: &Path) -> Result<String> {
         let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -85,9 +80,4 @@ pub fn hash_file(path: &Path) -> Result<String> {
         hasher.update(&buf[..n]);
     }
     Ok(hasher.finalize().to_hex().to_string())
-}
-
-/// blake3 of some bytes, hex.
-pub fn hash_bytes(bytes: &[u8]) -> String {
-    blake3::hash(bytes).to_hex().to_string()
 }

@@ -226,13 +226,6 @@ impl LoraLinear {
         Ok(y)
     }
 
-    /// [`LoraLinear::forward`] for a batched decoding step: the quantized
-    /// weight when there is one, whatever the row count.
-    pub fn forward_step(&self, x: &Tensor) -> Result<Tensor> {
-        let [y] = LoraLinear::forward_in([self], x, None, true)?;
-        Ok(y)
-    }
-
     /// Several layers that take the same input (q, k, v; gate, up), in a
     /// forward pass (`step = false`) or a batched decoding step: the
     /// quantized weights, when every layer has them and the pass uses them,
@@ -303,14 +296,6 @@ impl LoraLinear {
         };
         let delta = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
         y + (delta * lora.scale)?
-    }
-
-    /// `W + scale·B·A`: the merged weight.
-    pub fn merged_weight(&self) -> Result<Tensor> {
-        match &self.lora {
-            None => Ok(self.weight.clone()),
-            Some(l) => self.weight.add(&(l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?),
-        }
     }
 }
 
