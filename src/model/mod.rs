@@ -358,6 +358,15 @@ fn load_with(
     max_positions: usize,
     keep_quantized: bool,
 ) -> Result<Box<dyn CausalLm>> {
+    let (arch, mut w) = load_weights(model, device, keep_quantized)?;
+    let positions = max_positions.min(arch.max_position_embeddings());
+    arch.build(&mut w, positions)
+}
+
+/// A model's architecture and its named weights (HF names, f32), from a
+/// GGUF file or safetensors + `config.json`; with `keep_quantized`, a
+/// GGUF's quantized matrices are kept too (for decoding).
+pub fn load_weights(model: &ResolvedModel, device: &Device, keep_quantized: bool) -> Result<(Arch, Weights)> {
     let weights = model.weights.first().with_context(|| {
         format!(
             "the model `{}` has no weights (no *.safetensors or *.gguf in {}); run scripts/fetch-models.sh or fix \
@@ -367,9 +376,7 @@ fn load_with(
         )
     })?;
     if weights.extension().is_some_and(|e| e == "gguf") {
-        let (arch, mut w) = gguf::load(weights, device, keep_quantized)?;
-        let positions = max_positions.min(arch.max_position_embeddings());
-        arch.build(&mut w, positions)
+        gguf::load(weights, device, keep_quantized)
     } else {
         let config = model.config_json.as_ref().with_context(|| {
             format!(
@@ -378,10 +385,7 @@ fn load_with(
                 model.dir.display()
             )
         })?;
-        let arch = read_config(config)?;
-        let mut w = load_safetensors(&model.weights, device)?;
-        let positions = max_positions.min(arch.max_position_embeddings());
-        arch.build(&mut w, positions)
+        Ok((read_config(config)?, load_safetensors(&model.weights, device)?))
     }
 }
 

@@ -115,14 +115,8 @@ pub fn merge(
             &base_hash[..12.min(base_hash.len())]
         );
     }
-    let weights_file = base.weights.first().with_context(|| format!("the model `{}` has no weights", base.source))?;
     let from_gguf = base.is_gguf();
-    let (arch, weights) = if from_gguf {
-        crate::model::gguf::load(weights_file, &device, false)?
-    } else {
-        let cfg = base.config_json.as_ref().context("no config.json beside the safetensors weights")?;
-        (crate::model::read_config(cfg)?, crate::model::load_safetensors(&base.weights, &device)?)
-    };
+    let (arch, weights) = crate::model::load_weights(base, &device, false)?;
     let mut map = weights.into_map();
     let merged = apply(&mut map, config, tensors, adapter_dir)?;
 

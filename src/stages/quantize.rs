@@ -187,13 +187,7 @@ impl Stage for Params {
 /// Writes `model` as a GGUF file of type `target`; returns per-file stats.
 pub fn write_gguf(model: &ResolvedModel, target: QuantType, name: &str, path: &Path) -> Result<Json> {
     let device = Device::Cpu;
-    let weights_file = model.weights.first().with_context(|| format!("the model `{}` has no weights", model.source))?;
-    let (arch, weights) = if model.is_gguf() {
-        crate::model::gguf::load(weights_file, &device, false)?
-    } else {
-        let cfg = model.config_json.as_ref().context("no config.json beside the safetensors weights")?;
-        (crate::model::read_config(cfg)?, crate::model::load_safetensors(&model.weights, &device)?)
-    };
+    let (arch, weights) = crate::model::load_weights(model, &device, false)?;
     let (arch_name, layers) = match &arch {
         Arch::Gemma3(c) => ("gemma3", c.num_hidden_layers),
         Arch::Qwen(qwen::Variant::Qwen2, c) => ("qwen2", c.num_hidden_layers),
