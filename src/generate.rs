@@ -158,6 +158,17 @@ impl<'a> Generator<'a> {
         Generator { model, tokenizer, stop_tokens: ids }
     }
 
+    /// A generator that stops where `template`'s turns end (its end-of-turn
+    /// marker, and EOS).
+    pub fn for_template(
+        model: &'a dyn CausalLm,
+        tokenizer: &'a tokenizers::Tokenizer,
+        template: &crate::chat::ChatTemplate,
+    ) -> Self {
+        let stops = stop_tokens(&template.end_of_turn, &template.eos_token);
+        Generator::new(model, tokenizer, &stops.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
     /// Generates after `prompt` from an empty cache.
     pub fn generate(
         &self,

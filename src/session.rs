@@ -86,9 +86,7 @@ impl Session {
     ) -> Result<Generation> {
         let shared = self.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count();
         self.cache.truncate(shared);
-        let stops = crate::generate::stop_tokens(&self.template.end_of_turn, &self.template.eos_token);
-        let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
-        let generator = Generator::new(self.model.as_ref(), &self.tokenizer, &stops);
+        let generator = Generator::for_template(self.model.as_ref(), &self.tokenizer, &self.template);
         let g = generator.generate_cached(prompt, &mut self.cache, params, self.seed, on_text)?;
         self.cached = prompt.iter().chain(&g.tokens).copied().collect();
         self.cached.truncate(self.cache.len());
@@ -98,9 +96,7 @@ impl Session {
     /// Generates for several prompts decoded together (batched decoding,
     /// see [`Generator::generate_batch`]), each from a fresh cache.
     pub fn generate_batch(&self, prompts: &[Vec<u32>], params: &GenerationParams) -> Result<Vec<Generation>> {
-        let stops = crate::generate::stop_tokens(&self.template.end_of_turn, &self.template.eos_token);
-        let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
-        let generator = Generator::new(self.model.as_ref(), &self.tokenizer, &stops);
+        let generator = Generator::for_template(self.model.as_ref(), &self.tokenizer, &self.template);
         let mut caches: Vec<KvCache> = prompts.iter().map(|_| self.model.new_cache()).collect();
         let mut jobs: Vec<(&[u32], &mut KvCache)> = prompts.iter().map(Vec::as_slice).zip(caches.iter_mut()).collect();
         generator.generate_batch(&mut jobs, params, self.seed)

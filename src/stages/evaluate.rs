@@ -510,9 +510,7 @@ impl<'a> Evaluation<'a> {
     /// Decoding with the model as it is now (base or adapter attached),
     /// stopping at the trained template's end of turn.
     fn generator(&self) -> Generator<'_> {
-        let stops = crate::generate::stop_tokens(&self.template.end_of_turn, &self.template.eos_token);
-        let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
-        Generator::new(self.model.as_ref(), &self.tokenizer, &stops)
+        Generator::for_template(self.model.as_ref(), &self.tokenizer, &self.template)
     }
 
     /// Generates for each of `prompts`, rendered like the split's rows.
