@@ -229,10 +229,7 @@ fn tokenizer_files(
         {
             eos.push(i);
         }
-        g["eos_token_id"] = match eos.as_slice() {
-            [one] => json!(one),
-            _ => json!(eos),
-        };
+        g["eos_token_id"] = json!(eos);
         write_json(&out.join("generation_config.json"), &g)?;
         g
     };
