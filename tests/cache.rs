@@ -50,6 +50,19 @@ fn quickstart_data_stages_run_then_are_all_cached() {
 }
 
 #[test]
+fn logs_written_to_a_file_or_pipe_have_no_colour_codes() {
+    let Some(models) = models_dir() else { return };
+    let p = Project::new();
+    p.write("data/train.jsonl", &chat_jsonl(4));
+    p.write("recipe.toml", &local_recipe(&models, "data/train.jsonl", ""));
+    let out = p.cmd(&["run", "recipe.toml"]).env("RUST_LOG", "info").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("INFO") && stderr.contains("running"), "the info log is there: {stderr}");
+    assert!(!stderr.contains('\u{1b}'), "escape codes in piped output: {stderr:?}");
+}
+
+#[test]
 fn editing_one_byte_of_a_data_file_reruns_everything_downstream() {
     let Some(models) = models_dir() else { return };
     let p = Project::new();
