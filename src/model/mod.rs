@@ -122,7 +122,11 @@ pub trait CausalLm {
 
 /// Prefill chunks ([`CausalLm::prefill`]) end at multiples of this many
 /// positions; a shared or truncated cache is reused up to such a boundary.
-pub const PREFILL_CHUNK: usize = 64;
+/// Each chunk streams every f32 weight once, so smaller chunks prefill
+/// slower (Gemma 3 270M, 1500 tokens, 2 cores: 64 → -30 %, 128 → -23 %,
+/// 256 → -8 % against one chunk per 512) while larger ones share less of a
+/// reused prefix.
+pub const PREFILL_CHUNK: usize = 256;
 
 /// The linear modules LoRA can target, by their HF names.
 pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
