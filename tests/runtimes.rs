@@ -237,8 +237,7 @@ fn every_gguf_type_we_write_scores_like_llama_quantizes_file_of_that_type() {
 /// every layer of `base` (enough to make a merge change the weights).
 fn random_adapter(base: &ResolvedModel, dir: &Path, std: f32) {
     use candle_core::{Device, Tensor};
-    let m = pipeline::model::load(base, &Device::Cpu, 64).unwrap();
-    let mut m = m;
+    let mut m = pipeline::model::load(base, &Device::Cpu, 64).unwrap();
     let mut tensors = pipeline::adapter::LoraTensors::new();
     for (name, lin) in m.linears_mut() {
         if !(name.ends_with("q_proj") || name.ends_with("down_proj")) {

@@ -47,13 +47,11 @@ pub fn lora_linear(
 /// depend on how many rows share the pass (a GEMM's does: it picks kernels
 /// by shape). `x: [n, in]`, `a: [r, in]`, `b: [out, r]` → `[n, out]`.
 pub fn lora_update_rows(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    let (n, _) = x.dims2()?;
+    let (n, inp) = x.dims2()?;
     let (out, r) = b.dims2()?;
     let (x, a, b) = (x.contiguous()?, a.contiguous()?, b.contiguous()?);
-    let guards = [&x, &a, &b].map(|t| t.storage_and_layout());
-    let [x, a, b] = [&guards[0], &guards[1], &guards[2]].map(|g| data(g));
-    let (x, a, b) = (x?, a?, b?);
-    let inp = x.len() / n.max(1);
+    let (gx, ga, gb) = (x.storage_and_layout(), a.storage_and_layout(), b.storage_and_layout());
+    let (x, a, b) = (data(&gx)?, data(&ga)?, data(&gb)?);
     let mut y = vec![0f32; n * out];
     let mut u = vec![0f32; r];
     for (xr, yr) in x.chunks_exact(inp).zip(y.chunks_exact_mut(out)) {

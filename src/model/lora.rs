@@ -31,9 +31,15 @@ pub fn head_logits(hidden: &Tensor, w: &Tensor, quantized: Option<&QuantLinear>)
     let few = hidden.dim(0)? <= MAX_DECODE_BATCH;
     match quantized {
         Some(q) if few => q.forward(hidden),
-        None if few && hidden.device().is_cpu() && hidden.dtype() == DType::F32 => super::gemv::f32_rows(hidden, w),
+        None if few && cpu_f32(hidden) => super::gemv::f32_rows(hidden, w),
         _ => frozen_linear(hidden, w),
     }
+}
+
+/// Whether `x` is an f32 tensor on the CPU, where the row-by-row decoding
+/// kernels apply.
+fn cpu_f32(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// `f` applied to `x: [..., in]` seen as a matrix of rows `[N, in]`; its
@@ -245,7 +251,7 @@ impl LoraLinear {
                 try_map(bases, |y| ms.next().expect("N layers").adapt(y, x, dropout))
             }
             // A decoding step on f32 weights: row by row (see `f32_rows`).
-            _ if step && dropout.is_none() && x.device().is_cpu() && x.dtype() == DType::F32 => {
+            _ if step && dropout.is_none() && cpu_f32(x) => {
                 try_map(ms, |m| m.adapt(super::gemv::f32_rows(x, &m.weight)?, x, None))
             }
             _ => try_map(ms, |m| m.linear(x, dropout)),
@@ -277,7 +283,7 @@ impl LoraLinear {
         }
         let Some(lora) = &self.lora else { return Ok(y) };
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
-        if dropout.is_none() && x.device().is_cpu() && x.dtype() == DType::F32 && rows <= MAX_DECODE_BATCH {
+        if dropout.is_none() && cpu_f32(x) && rows <= MAX_DECODE_BATCH {
             // Decoding: each row's update alone, as it is when decoded alone.
             let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
             let delta =
