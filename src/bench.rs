@@ -12,11 +12,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::model_source::ResolvedModel;
-use crate::recipe::Recipe;
-use crate::stages::tokenize::TokenizedSplit;
-use crate::train::optim::AdamW;
-use crate::train::{DataOrder, SeededDropout, attach_lora, example_grads};
+use pipeline::recipe::Recipe;
+use pipeline::stages::tokenize::TokenizedSplit;
+use pipeline_train::optim::AdamW;
+use pipeline_train::{DataOrder, SeededDropout, attach_lora, example_grads};
 
 /// What `bench train --json` prints.
 #[derive(Debug, Clone, Serialize)]
@@ -37,22 +36,22 @@ pub struct TrainOptions {
     pub steps: usize,
     pub device: String,
     pub dataset: String,
-    pub cache: crate::executor::CacheLocation,
+    pub cache: pipeline::executor::CacheLocation,
     pub gradient_checkpointing: bool,
 }
 
 pub fn train(opts: &TrainOptions) -> Result<TrainBench> {
     let split = tokenized_examples(&opts.model, &opts.dataset, opts.max_len, &opts.cache)?;
-    let device = crate::model::device(&opts.device)?;
-    let resolved = ResolvedModel::from_path(&opts.model)?;
-    let mut model = crate::model::load(&resolved, &device, opts.max_len)?;
-    let targets: Vec<String> = crate::model::TARGETS.iter().map(|s| s.to_string()).collect();
+    let device = pipeline_model::device(&opts.device)?;
+    let resolved = pipeline::model_source::from_path(&opts.model)?;
+    let mut model = pipeline_model::load(&resolved, &device, opts.max_len)?;
+    let targets: Vec<String> = pipeline_model::TARGETS.iter().map(|s| s.to_string()).collect();
     let (params, _) = attach_lora(model.as_mut(), &targets, 16, 32.0 / 16.0, 0.05, 0)?;
     let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
     let mut order = DataOrder::new(0, split.len());
 
     // One warm-up step, then the measured ones.
-    let pb = crate::progress::bar(opts.steps as u64 + 1, "bench train");
+    let pb = pipeline::report::bar(opts.steps as u64 + 1, "bench train");
     let (mut tokens, mut seconds) = (0usize, 0f64);
     for step in 0..=opts.steps {
         let (_, idx) = order.get(step as u64);
@@ -71,7 +70,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainBench> {
         }
         pb.inc(1);
     }
-    pb.finish_and_clear();
+    pb.finish();
     Ok(TrainBench {
         tokens_per_s: tokens as f64 / seconds,
         peak_rss_bytes: peak_rss_bytes(),
@@ -113,7 +112,7 @@ pub struct GenerateOptions {
     pub batch: usize,
     pub device: String,
     pub dataset: String,
-    pub cache: crate::executor::CacheLocation,
+    pub cache: pipeline::executor::CacheLocation,
 }
 
 /// Prefill of a tool-use prompt of `prompt_tokens` tokens (rendered traces
@@ -122,19 +121,20 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateBench> {
     let split = tokenized_examples(&opts.model, &opts.dataset, 4096, &opts.cache)?;
     let prompt: Vec<u32> = split.input_ids.iter().copied().take(opts.prompt_tokens).collect();
     anyhow::ensure!(prompt.len() == opts.prompt_tokens, "the dataset has fewer than {} tokens", opts.prompt_tokens);
-    let device = crate::model::device(&opts.device)?;
-    let resolved = ResolvedModel::from_path(&opts.model)?;
+    let device = pipeline_model::device(&opts.device)?;
+    let resolved = pipeline::model_source::from_path(&opts.model)?;
     let model = if opts.f32 {
-        crate::model::load(&resolved, &device, crate::model::INFERENCE_POSITIONS)?
+        pipeline_model::load(&resolved, &device, pipeline_model::INFERENCE_POSITIONS)?
     } else {
-        crate::model::load_for_inference(&resolved, &device)?
+        pipeline_model::load_for_inference(&resolved, &device)?
     };
     let tok_path = resolved.tokenizer_json()?;
     let tokenizer =
         tokenizers::Tokenizer::from_file(tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
     // No stop tokens: always decode `new_tokens`.
-    let generator = crate::generate::Generator { model: model.as_ref(), tokenizer: &tokenizer, stop_tokens: vec![] };
-    let params = |n| crate::generate::GenerationParams { max_new_tokens: n, ..Default::default() };
+    let generator =
+        pipeline_infer::generate::Generator { model: model.as_ref(), tokenizer: &tokenizer, stop_tokens: vec![] };
+    let params = |n| pipeline_infer::generate::GenerationParams { max_new_tokens: n, ..Default::default() };
     // Warm-up (thread pools, repacked weights), then the measured run.
     generator.generate(&prompt[..32], &params(4), 0, &mut |_| {})?;
     let g = generator.generate(&prompt, &params(opts.new_tokens), 0, &mut |_| {})?;
@@ -144,7 +144,8 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateBench> {
         model.prefill(&prompt, &mut prefilled)?;
         let mut caches =
             (0..opts.batch).map(|_| prefilled.prefix_copy(prompt.len())).collect::<candle_core::Result<Vec<_>>>()?;
-        let mut jobs: Vec<(&[u32], &mut crate::model::KvCache)> = caches.iter_mut().map(|c| (&prompt[..], c)).collect();
+        let mut jobs: Vec<(&[u32], &mut pipeline_model::KvCache)> =
+            caches.iter_mut().map(|c| (&prompt[..], c)).collect();
         let gens = generator.generate_batch(&mut jobs, &params(opts.new_tokens), 0)?;
         let seconds = gens.iter().map(|g| g.decode_s).fold(0f64, f64::max);
         Some(gens.iter().map(|g| g.tokens.len().saturating_sub(1)).sum::<usize>() as f64 / seconds)
@@ -170,7 +171,7 @@ fn tokenized_examples(
     model: &Path,
     dataset: &str,
     max_len: usize,
-    cache: &crate::executor::CacheLocation,
+    cache: &pipeline::executor::CacheLocation,
 ) -> Result<TokenizedSplit> {
     let model = std::fs::canonicalize(model).with_context(|| format!("no model at {}", model.display()))?;
     let text = format!(

@@ -8,9 +8,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use crate::error::RecipeError;
-use crate::executor::{CacheLocation, Done, Executor, Status, execution_order};
-use crate::recipe::{Override, Recipe};
+use pipeline::error::RecipeError;
+use pipeline::executor::{CacheLocation, Done, Executor, Status, execution_order};
+use pipeline::recipe::{Override, Recipe};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -103,8 +103,8 @@ pub struct GenerationArgs {
 }
 
 impl GenerationArgs {
-    fn params(&self) -> Result<crate::generate::GenerationParams> {
-        let p = crate::generate::GenerationParams {
+    fn params(&self) -> Result<pipeline_infer::generate::GenerationParams> {
+        let p = pipeline_infer::generate::GenerationParams {
             max_new_tokens: self.max_new_tokens,
             temperature: self.temperature,
             top_k: self.top_k,
@@ -122,8 +122,8 @@ impl GenerationArgs {
 }
 
 impl ModelArgs {
-    fn choice(&self) -> crate::session::ModelChoice {
-        crate::session::ModelChoice {
+    fn choice(&self) -> pipeline::session::ModelChoice {
+        pipeline::session::ModelChoice {
             model: self.model.clone(),
             adapter: self.adapter.clone(),
             recipe: self.recipe.clone(),
@@ -324,7 +324,7 @@ fn parse_override(s: &str) -> Result<Override, String> {
 
 /// Runs the CLI and maps errors to exit codes.
 pub fn main() -> ExitCode {
-    crate::allocator::tune();
+    pipeline::allocator::tune();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -333,9 +333,9 @@ pub fn main() -> ExitCode {
         }
     };
     // SAFETY: nothing has started a thread yet.
-    unsafe { crate::threads::pin_thread_count() };
-    crate::progress::init_logging();
-    match crate::threads::run(|| dispatch(cli.command)) {
+    unsafe { pipeline::threads::pin_thread_count() };
+    crate::console::init();
+    match pipeline::threads::run(|| dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", render_error(&e));
@@ -429,13 +429,13 @@ fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Schema => {
-            print!("{}", crate::recipe::json_schema());
+            print!("{}", pipeline::recipe::json_schema());
             Ok(())
         }
         Command::Gc { recipes, all, dry_run, cache } => gc(&recipes, all, dry_run, &cache.location()),
         Command::Dev(DevCommand::RandomModel { arch, tokenizer, vocab, seed, out }) => {
-            use crate::model::qwen::Variant;
-            use crate::model::testing::{TinyGemma3, TinyQwen};
+            use pipeline_model::qwen::Variant;
+            use pipeline_model::testing::{TinyGemma3, TinyQwen};
             match arch.as_str() {
                 "gemma3" => TinyGemma3::new(vocab).write(&out, &tokenizer, seed)?,
                 "gemma3-270m" => TinyGemma3::gemma3_270m(vocab).write(&out, &tokenizer, seed)?,
@@ -526,16 +526,16 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Generate { model, prompt, prompts, system, generation, json, batch } => {
             let params = generation.params()?;
             let conversations = match (prompt, prompts) {
-                (Some(p), None) => vec![("1".to_string(), vec![crate::chat::Message::new("user", &p)], None)],
-                (None, Some(file)) => crate::session::read_prompts(&file)?,
+                (Some(p), None) => vec![("1".to_string(), vec![pipeline_infer::chat::Message::new("user", &p)], None)],
+                (None, Some(file)) => pipeline::session::read_prompts(&file)?,
                 _ => return Err(RecipeError::new("give --prompt TEXT or --prompts FILE.jsonl").into()),
             };
-            let mut session = crate::session::Session::load(&model.choice())?;
+            let mut session = pipeline::session::Session::load(&model.choice())?;
             eprintln!("pipeline: {}", session.description);
             let mut rendered = Vec::with_capacity(conversations.len());
             for (id, mut messages, tools) in conversations {
                 if let Some(sys) = &system {
-                    messages.insert(0, crate::chat::Message::new("system", sys));
+                    messages.insert(0, pipeline_infer::chat::Message::new("system", sys));
                 }
                 rendered.push((id, session.prompt(&messages, tools.as_ref())?));
             }
@@ -544,7 +544,7 @@ fn dispatch(command: Command) -> Result<()> {
                 for group in rendered.chunks(batch as usize) {
                     let prompts: Vec<Vec<u32>> = group.iter().map(|(_, p)| p.clone()).collect();
                     for ((id, prompt), g) in group.iter().zip(session.generate_batch(&prompts, &params)?) {
-                        let calls = crate::toolcall::parse(&g.text);
+                        let calls = pipeline_infer::toolcall::parse(&g.text);
                         println!(
                             "{}",
                             serde_json::json!({
@@ -572,14 +572,14 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::Chat { model, system, generation } => {
             let params = generation.params()?;
-            let session = crate::session::Session::load(&model.choice())?;
+            let session = pipeline::session::Session::load(&model.choice())?;
             chat_repl(session, system, &params)
         }
         Command::Export { args, to, force, link } => {
             let recipe = load(&args)?;
             let exec = args.executor()?;
             exec.pull_finished(&recipe, None)?;
-            let done = crate::export::export(&exec, &recipe, &to, force, link)?;
+            let done = pipeline::export::export(&exec, &recipe, &to, force, link)?;
             for (stage, dir, n) in &done.stages {
                 eprintln!("  exported {stage:<16} {n:>3} files → {}", dir.display());
             }
@@ -591,7 +591,7 @@ fn dispatch(command: Command) -> Result<()> {
                 );
             }
             if done.stages.is_empty() {
-                bail!("nothing to export: no finished stage of kind {}", crate::export::EXPORTED_KINDS.join(", "));
+                bail!("nothing to export: no finished stage of kind {}", pipeline::export::EXPORTED_KINDS.join(", "));
             }
             Ok(())
         }
@@ -601,7 +601,7 @@ fn dispatch(command: Command) -> Result<()> {
             if !recipe.stages.contains_key(&stage) {
                 let e = RecipeError::new(format!("no stage named `{stage}`")).in_file(&args.recipe);
                 let names = recipe.stages.keys().map(String::as_str);
-                return Err(match crate::error::did_you_mean(&stage, names) {
+                return Err(match pipeline::error::did_you_mean(&stage, names) {
                     Some(s) => e.help(format!("did you mean `{s}`?")),
                     None => e,
                 }
@@ -669,11 +669,11 @@ fn gc(recipes: &[PathBuf], all: bool, dry_run: bool, cache: &CacheLocation) -> R
 
 /// The interactive loop of `pipeline chat`.
 fn chat_repl(
-    mut session: crate::session::Session,
+    mut session: pipeline::session::Session,
     mut system: Option<String>,
-    params: &crate::generate::GenerationParams,
+    params: &pipeline_infer::generate::GenerationParams,
 ) -> Result<()> {
-    use crate::chat::Message;
+    use pipeline_infer::chat::Message;
     use std::io::{BufRead, Write};
     eprintln!("pipeline chat: {} (/reset, /system TEXT, /exit)", session.description);
     let mut history: Vec<Message> = Vec::new();

@@ -1,5 +1,10 @@
-//! The `pipeline` binary: everything lives in the library (`src/lib.rs`).
+//! The `pipeline` binary: argument parsing, one function per command, and
+//! the console; the work itself is done by the crates in `crates/`.
+
+mod bench;
+mod cli;
+mod console;
 
 fn main() -> std::process::ExitCode {
-    pipeline::cli::main()
+    cli::main()
 }

@@ -5,8 +5,8 @@
 
 mod common;
 
-use pipeline::chat::{ChatTemplate, Message};
 use pipeline::stages::format_chat::parse_messages;
+use pipeline_infer::chat::{ChatTemplate, Message};
 
 fn template(models: &std::path::Path, dir: &str) -> ChatTemplate {
     let cfg: serde_json::Value =

@@ -5,13 +5,12 @@
 mod common;
 
 use candle_core::{D, Device};
-use pipeline::model::{self, CausalLm};
-use pipeline::model_source::ResolvedModel;
+use pipeline_model::{self as model, CausalLm};
 
 fn load() -> Option<(Box<dyn CausalLm>, tokenizers::Tokenizer)> {
     let models = common::models_dir()?;
     let dir = models.join("gemma-3-270m");
-    let resolved = ResolvedModel {
+    let resolved = pipeline_model::ModelFiles {
         source: "gemma-3-270m".into(),
         dir: dir.clone(),
         tokenizer_json: Some(dir.join("tokenizer.json")),

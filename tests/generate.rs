@@ -5,11 +5,10 @@
 mod common;
 
 use candle_core::{D, Device};
-use pipeline::generate::{GenerationParams, Generator};
-use pipeline::model::qwen::Variant;
-use pipeline::model::testing::TinyQwen;
-use pipeline::model::{self, CausalLm};
-use pipeline::model_source::ResolvedModel;
+use pipeline_infer::generate::{GenerationParams, Generator};
+use pipeline_model::qwen::Variant;
+use pipeline_model::testing::TinyQwen;
+use pipeline_model::{self as model, CausalLm};
 
 fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
@@ -40,7 +39,7 @@ fn greedy_with_and_without_kv_cache_agree_on_every_architecture() {
             }
             _ => TinyQwen::new(Variant::Qwen2, 151_936).write(dir.path(), &models.join("qwen3-tokenizer"), 5).unwrap(),
         }
-        let resolved = ResolvedModel::from_path(dir.path()).unwrap();
+        let resolved = pipeline::model_source::from_path(dir.path()).unwrap();
         let m = model::load_for_inference(&resolved, &Device::Cpu).unwrap();
         let expected = greedy_without_cache(m.as_ref(), &prompt, 40);
         let generator = Generator { model: m.as_ref(), tokenizer: &tok, stop_tokens: vec![] };
@@ -151,7 +150,7 @@ fn attach_random_lora(m: &mut dyn CausalLm) {
 fn quantized_greedy_text_follows_the_f32_reference_on_gemma3_270m() {
     let Some(models) = common::models_dir() else { return };
     let dir = models.join("gemma-3-270m");
-    let resolved = ResolvedModel::from_path(&dir).unwrap();
+    let resolved = pipeline::model_source::from_path(&dir).unwrap();
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let m = model::load_for_inference(&resolved, &Device::Cpu).unwrap();
     let mut prompt = vec![2u32];

@@ -6,9 +6,8 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::Project;
-use pipeline::model::qwen::Variant;
-use pipeline::model::testing::TinyQwen;
-use pipeline::model_source::ResolvedModel;
+use pipeline_model::qwen::Variant;
+use pipeline_model::testing::TinyQwen;
 
 fn show(p: &Project, stage: &str) -> std::path::PathBuf {
     let out = p.run(&["show", "recipe.toml", stage]);
@@ -70,15 +69,17 @@ fn merged_logits_equal_base_plus_adapter() {
         }
 
         let ids: Vec<u32> = (0..19).map(|i| (i * 3371 + 11) % 151_000).collect();
-        let merged = pipeline::model::load(&ResolvedModel::from_path(&merged_dir).unwrap(), &Device::Cpu, 64).unwrap();
+        let merged =
+            pipeline_model::load(&pipeline::model_source::from_path(&merged_dir).unwrap(), &Device::Cpu, 64).unwrap();
         let mut base =
-            pipeline::model::load(&ResolvedModel::from_path(&p.path("model")).unwrap(), &Device::Cpu, 64).unwrap();
+            pipeline_model::load(&pipeline::model_source::from_path(&p.path("model")).unwrap(), &Device::Cpu, 64)
+                .unwrap();
         let h_base = base.hidden(&ids, None).unwrap();
-        pipeline::adapter::LoadedAdapter::read(&show(&p, "train"), &Device::Cpu)
+        pipeline_model::adapter::LoadedAdapter::read(&show(&p, "train"), &Device::Cpu)
             .unwrap()
             .attach(base.as_mut())
             .unwrap();
-        let logits = |m: &dyn pipeline::model::CausalLm| m.logits(&m.hidden(&ids, None).unwrap()).unwrap();
+        let logits = |m: &dyn pipeline_model::CausalLm| m.logits(&m.hidden(&ids, None).unwrap()).unwrap();
         let (want, got) = (logits(base.as_ref()), logits(merged.as_ref()));
         let diff = max_abs_diff(&want, &got);
         assert!(diff < 1e-4, "{arch}: merged logits differ from base + adapter by {diff}");
@@ -99,11 +100,11 @@ fn merging_onto_another_base_is_refused() {
 
     // Another base of the same shapes (another seed): only the hash tells.
     let other = tempfile::tempdir().unwrap();
-    let mut tiny = pipeline::model::testing::TinyGemma3::new(151_936);
+    let mut tiny = pipeline_model::testing::TinyGemma3::new(151_936);
     tiny.max_positions = 4096;
     tiny.write(other.path(), &models.join("qwen3-tokenizer"), 99).unwrap();
-    let base = ResolvedModel::from_path(other.path()).unwrap();
-    let hash = pipeline::cache::hash::hash_file(&base.weights[0]).unwrap();
+    let base = pipeline::model_source::from_path(other.path()).unwrap();
+    let hash = pipeline_cache::hash::hash_file(&base.weights[0]).unwrap();
     let out = tempfile::tempdir().unwrap();
     let err = pipeline::stages::merge::merge(&base, &hash, &adapter, None, Default::default(), out.path())
         .unwrap_err()
@@ -121,7 +122,7 @@ fn merging_onto_another_base_is_refused() {
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         std::fs::copy(adapter.join(f), stripped.path().join(f)).unwrap();
     }
-    let base = ResolvedModel::from_path(qwen.path()).unwrap();
+    let base = pipeline::model_source::from_path(qwen.path()).unwrap();
     let err = pipeline::stages::merge::merge(&base, "x", stripped.path(), None, Default::default(), out.path())
         .unwrap_err()
         .to_string();

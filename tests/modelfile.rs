@@ -7,8 +7,8 @@ mod common;
 use std::collections::HashMap;
 
 use gtmpl_value::Value;
-use pipeline::chat::{BUILTIN, ChatTemplate, Message};
 use pipeline::stages::ollama_modelfile::{Family, Params};
+use pipeline_infer::chat::{BUILTIN, ChatTemplate, Message};
 
 fn go_render(template: &str, messages: &[Message]) -> String {
     let msgs = messages
@@ -88,7 +88,7 @@ fn alpaca_template_renders_single_turn_prompts_like_training() {
 fn the_modelfile_stops_at_the_trained_end_of_turn() {
     let gemma = ChatTemplate::new(BUILTIN[0].1, "<bos>", "<eos>").unwrap();
     let params: Params = toml::from_str("gguf = \"g\"\nchat = \"c\"\nsystem = \"Be brief.\"").unwrap();
-    let stops = pipeline::generate::stop_tokens(&gemma.end_of_turn, &gemma.eos_token);
+    let stops = pipeline_infer::generate::stop_tokens(&gemma.end_of_turn, &gemma.eos_token);
     let text = params.modelfile("r", Family::Gemma, "<eos>", &stops);
     assert!(text.contains("FROM ./model.gguf\n"), "{text}");
     assert!(text.contains("PARAMETER stop \"<end_of_turn>\"\n"), "{text}");

@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 use common::Project;
-use pipeline::model_source::ResolvedModel;
 
 fn tensor_types(path: &std::path::Path) -> (gguf_file::Content, BTreeMap<String, GgmlDType>) {
     let mut f = std::fs::File::open(path).unwrap();
@@ -110,9 +109,9 @@ fn real_270m_gguf_files_are_complete_and_accurate() {
 
     // Our own inference on the Q8_0 file: perplexity within 1 % of 16.835.
     let tok = tokenizers::Tokenizer::from_file(models.join("gemma-3-270m/tokenizer.json")).unwrap();
-    let mut resolved = ResolvedModel::from_path(&models.join("gemma-3-270m")).unwrap();
+    let mut resolved = pipeline::model_source::from_path(&models.join("gemma-3-270m")).unwrap();
     resolved.weights = vec![q8.clone()];
-    let m = pipeline::model::load_for_inference(&resolved, &Device::Cpu).unwrap();
+    let m = pipeline_model::load_for_inference(&resolved, &Device::Cpu).unwrap();
     let (ppl, _) = common::llama_cpp_perplexity(m.as_ref(), &tok);
     eprintln!("Q8_0 perplexity {ppl:.3} (f32 reference 16.835, llama.cpp Q8_0 16.892)");
     assert!((ppl / 16.835 - 1.0).abs() < 0.01, "Q8_0 perplexity {ppl} is not within 1 % of 16.835");
@@ -155,16 +154,16 @@ fn block_encodings_match_the_reference_formulas() {
 
 #[test]
 fn qwen_gguf_round_trips_through_our_reader() {
-    use pipeline::model::qwen::Variant;
-    use pipeline::model::testing::TinyQwen;
     use pipeline::stages::quantize::{QuantType, write_gguf};
+    use pipeline_model::qwen::Variant;
+    use pipeline_model::testing::TinyQwen;
     let Some(models) = common::models_dir() else { return };
     let ids: Vec<u32> = (0..17).map(|i| (i * 7717 + 5) % 151_000).collect();
     for variant in [Variant::Qwen3, Variant::Qwen2] {
         let dir = tempfile::tempdir().unwrap();
         TinyQwen::new(variant, 151_936).write(dir.path(), &models.join("qwen3-tokenizer"), 4).unwrap();
-        let resolved = ResolvedModel::from_path(dir.path()).unwrap();
-        let reference = pipeline::model::load(&resolved, &Device::Cpu, 64).unwrap().hidden(&ids, None).unwrap();
+        let resolved = pipeline::model_source::from_path(dir.path()).unwrap();
+        let reference = pipeline_model::load(&resolved, &Device::Cpu, 64).unwrap().hidden(&ids, None).unwrap();
         for (t, tol) in [(QuantType::F32, 1e-5), (QuantType::F16, 2e-2)] {
             let path = dir.path().join(format!("model-{}.gguf", t.name()));
             write_gguf(&resolved, t, "tiny", &path).unwrap();
@@ -174,14 +173,14 @@ fn qwen_gguf_round_trips_through_our_reader() {
             let mut back = resolved.clone();
             back.weights = vec![path];
             back.config_json = None;
-            let h = pipeline::model::load(&back, &Device::Cpu, 64).unwrap().hidden(&ids, None).unwrap();
+            let h = pipeline_model::load(&back, &Device::Cpu, 64).unwrap().hidden(&ids, None).unwrap();
             let diff = (h - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < tol, "{variant:?} {}: hidden states differ by {diff}", t.name());
         }
 
         // A model without its tokenizer: a clear error, naming the fix.
         std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
-        let resolved = ResolvedModel::from_path(dir.path()).unwrap();
+        let resolved = pipeline::model_source::from_path(dir.path()).unwrap();
         let err = write_gguf(&resolved, QuantType::Q8_0, "tiny", &dir.path().join("x.gguf")).unwrap_err().to_string();
         assert!(err.contains("no tokenizer.json") && err.contains("[model] tokenizer"), "{err}");
     }

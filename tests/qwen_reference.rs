@@ -3,15 +3,15 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use pipeline::model::load;
-use pipeline::model::qwen::Variant;
-use pipeline::model::testing::TinyQwen;
-use pipeline::model_source::ResolvedModel;
+use pipeline_model::ModelFiles;
+use pipeline_model::load;
+use pipeline_model::qwen::Variant;
+use pipeline_model::testing::TinyQwen;
 
 mod common;
 
-fn resolved(dir: &std::path::Path) -> ResolvedModel {
-    ResolvedModel {
+fn resolved(dir: &std::path::Path) -> ModelFiles {
+    ModelFiles {
         source: "tiny".into(),
         dir: dir.to_path_buf(),
         tokenizer_json: None,

@@ -9,8 +9,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{Project, models_dir};
-use pipeline::model::qwen::Variant;
-use pipeline::model::testing::{TinyGemma3, TinyQwen};
+use pipeline_model::qwen::Variant;
+use pipeline_model::testing::{TinyGemma3, TinyQwen};
 
 fn recipe(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes").join(name)

@@ -328,7 +328,7 @@ fn concurrent_jobs_on_one_remote_do_not_clobber_each_other() {
 fn large_files_go_to_s3_in_parts() {
     let Some(s3) = Server::start() else { return };
     s3.bucket("cache");
-    let remote = pipeline::cache::Remote::open_with(
+    let remote = pipeline_cache::Remote::open_with(
         "s3://cache/big",
         [
             ("aws_endpoint", format!("http://127.0.0.1:{}", s3.port)),
@@ -349,7 +349,7 @@ fn large_files_go_to_s3_in_parts() {
     let big: Vec<u8> = (0..70_000_000u32).map(|i| (i / 1000 % 253) as u8).collect();
     std::fs::write(dir.join("adapter.safetensors"), &big).unwrap();
     std::fs::write(dir.join("state.json"), "{}").unwrap();
-    let key = pipeline::cache::CacheKey("e".repeat(64));
+    let key = pipeline_cache::CacheKey("e".repeat(64));
     remote.push_checkpoint(&key, &dir).unwrap();
     assert_eq!(remote.latest_checkpoint(&key).unwrap(), Some(2));
     let back = tmp.path().join("machine-2");

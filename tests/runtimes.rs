@@ -13,7 +13,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Project, models_dir, python_check};
-use pipeline::model_source::ResolvedModel;
 use pipeline::stages::quantize::{QuantType, write_gguf};
 use serde_json::{Value, json};
 
@@ -109,7 +108,8 @@ fn llama_cpp_tokenizes_every_validation_conversation_as_gemma_training_did() {
         trained_tokens(&p, &repo().join("recipes/quickstart.toml"), "validation", &["stages.tokens.max_len=32768"]);
     assert_eq!(rows.len(), 60, "the validation split");
     let gguf = p.path("gemma.q8_0.gguf");
-    write_gguf(&ResolvedModel::from_path(&models.join("gemma-3-270m")).unwrap(), QuantType::Q8_0, "t", &gguf).unwrap();
+    write_gguf(&pipeline::model_source::from_path(&models.join("gemma-3-270m")).unwrap(), QuantType::Q8_0, "t", &gguf)
+        .unwrap();
     assert_same_tokens(&bin, &gguf, &rows, "gemma3 (tool-use validation)");
 }
 
@@ -118,7 +118,7 @@ fn llama_cpp_tokenizes_the_qwen3_function_calling_data_as_training_did() {
     let (Some(models), Some(bin)) = (models_dir(), common::llama_cpp("llama-tokenize")) else { return };
     let p = Project::new();
     let tiny = p.path("tiny-qwen3");
-    pipeline::model::testing::TinyQwen::new(pipeline::model::qwen::Variant::Qwen3, 151_936)
+    pipeline_model::testing::TinyQwen::new(pipeline_model::qwen::Variant::Qwen3, 151_936)
         .write(&tiny, &models.join("qwen3-tokenizer"), 3)
         .unwrap();
     let base = format!("model.base={}", tiny.display());
@@ -128,7 +128,7 @@ fn llama_cpp_tokenizes_the_qwen3_function_calling_data_as_training_did() {
     rows.extend(trained_tokens(&p, &recipe, "validation", &set));
     assert!(rows.len() >= 40, "the whole data file ({} rows)", rows.len());
     let gguf = p.path("qwen3.q8_0.gguf");
-    write_gguf(&ResolvedModel::from_path(&tiny).unwrap(), QuantType::Q8_0, "t", &gguf).unwrap();
+    write_gguf(&pipeline::model_source::from_path(&tiny).unwrap(), QuantType::Q8_0, "t", &gguf).unwrap();
     assert_same_tokens(&bin, &gguf, &rows, "qwen3 (function-calling data)");
 }
 
@@ -185,7 +185,7 @@ fn every_gguf_type_we_write_scores_like_llama_quantizes_file_of_that_type() {
     else {
         return;
     };
-    let base = ResolvedModel::from_path(&models.join("gemma-3-270m")).unwrap();
+    let base = pipeline::model_source::from_path(&models.join("gemma-3-270m")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let f32_file = dir.path().join("f32.gguf");
     write_gguf(&base, QuantType::F32, "t", &f32_file).unwrap();
@@ -235,10 +235,10 @@ fn every_gguf_type_we_write_scores_like_llama_quantizes_file_of_that_type() {
 
 /// A rank-2 adapter with random A and B on the q and down projections of
 /// every layer of `base` (enough to make a merge change the weights).
-fn random_adapter(base: &ResolvedModel, dir: &Path, std: f32) {
+fn random_adapter(base: &pipeline_model::ModelFiles, dir: &Path, std: f32) {
     use candle_core::{Device, Tensor};
-    let mut m = pipeline::model::load(base, &Device::Cpu, 64).unwrap();
-    let mut tensors = pipeline::adapter::LoraTensors::new();
+    let mut m = pipeline_model::load(base, &Device::Cpu, 64).unwrap();
+    let mut tensors = pipeline_model::adapter::LoraTensors::new();
     for (name, lin) in m.linears_mut() {
         if !(name.ends_with("q_proj") || name.ends_with("down_proj")) {
             continue;
@@ -248,9 +248,9 @@ fn random_adapter(base: &ResolvedModel, dir: &Path, std: f32) {
         tensors.insert(name, (a, b));
     }
     let targets = vec!["q_proj".to_string(), "down_proj".to_string()];
-    let config = pipeline::adapter::AdapterConfig::lora(&base.source, 2, 4.0, 0.0, targets, false);
+    let config = pipeline_model::adapter::AdapterConfig::lora(&base.source, 2, 4.0, 0.0, targets, false);
     std::fs::create_dir_all(dir).unwrap();
-    pipeline::adapter::save(dir, &config, &tensors, None).unwrap();
+    pipeline_model::adapter::save(dir, &config, &tensors, None).unwrap();
 }
 
 /// transformers (5.x) loads a merged directory's config and tokenizer as a
@@ -263,13 +263,13 @@ fn transformers_loads_merged_models_and_renders_their_template_as_we_do() {
     let p = Project::new();
     let tiny = |v| {
         let dir = p.path(&format!("{v:?}"));
-        pipeline::model::testing::TinyQwen::new(v, 151_936).write(&dir, &models.join("qwen3-tokenizer"), 5).unwrap();
+        pipeline_model::testing::TinyQwen::new(v, 151_936).write(&dir, &models.join("qwen3-tokenizer"), 5).unwrap();
         dir
     };
     let bases = [
         ("gemma3 (from the GGUF)", models.join("gemma-3-270m")),
-        ("qwen3", tiny(pipeline::model::qwen::Variant::Qwen3)),
-        ("qwen2", tiny(pipeline::model::qwen::Variant::Qwen2)),
+        ("qwen3", tiny(pipeline_model::qwen::Variant::Qwen3)),
+        ("qwen2", tiny(pipeline_model::qwen::Variant::Qwen2)),
     ];
     let messages = json!([
         {"role": "system", "content": "You call tools when needed.\n  Indented  text,\ttabs."},
@@ -288,18 +288,18 @@ print(json.dumps({"model_type": config.model_type, "config": config.to_dict(), "
                   "ids": tok(rendered, add_special_tokens=False)["input_ids"]}))
 "#;
     for (arch, base_dir) in bases {
-        let base = ResolvedModel::from_path(&base_dir).unwrap();
+        let base = pipeline::model_source::from_path(&base_dir).unwrap();
         let adapter = p.path(&format!("adapter-{}", &arch[..5]));
         random_adapter(&base, &adapter, 0.02);
         let merged = p.path(&format!("merged-{}", &arch[..5]));
-        let template = pipeline::chat::ChatTemplate::for_model(&base, None, Path::new(".")).unwrap();
+        let template = pipeline_infer::chat::ChatTemplate::for_model(&base, None, Path::new(".")).unwrap();
         let dtype = pipeline::stages::merge::WeightDtype::Bf16;
         pipeline::stages::merge::merge(&base, "", &adapter, Some(&template), dtype, &merged).unwrap();
         let Some(out) = python_check("transformers", script, &[merged.to_str().unwrap(), &messages.to_string()]) else {
             return;
         };
         let got: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-        let msgs: Vec<pipeline::chat::Message> = serde_json::from_value(messages.clone()).unwrap();
+        let msgs: Vec<pipeline_infer::chat::Message> = serde_json::from_value(messages.clone()).unwrap();
         let ours = template.render(&msgs, None, true).unwrap();
         assert_eq!(got["rendered"].as_str().unwrap(), ours, "{arch}: apply_chat_template differs from format-chat");
         let tok = tokenizers::Tokenizer::from_file(merged.join("tokenizer.json")).unwrap();
@@ -399,16 +399,19 @@ fn gguf_with_tokenizer(models: &Path, dir: &Path, ty: QuantType) -> PathBuf {
         std::fs::copy(src.join(f), dir.join(f)).unwrap();
     }
     let gguf = dir.join(format!("model-{}.gguf", ty.name()));
-    write_gguf(&ResolvedModel::from_path(&src).unwrap(), ty, "t", &gguf).unwrap();
+    write_gguf(&pipeline::model_source::from_path(&src).unwrap(), ty, "t", &gguf).unwrap();
     gguf
 }
 
 /// The first `n` greedy tokens of `pipeline`'s generator on `gguf` after `prompt`.
 fn our_greedy(gguf: &Path, tok: &tokenizers::Tokenizer, prompt: &[u32], n: usize) -> Vec<u32> {
-    let m = pipeline::model::load_for_inference(&ResolvedModel::from_path(gguf).unwrap(), &candle_core::Device::Cpu)
-        .unwrap();
-    let generator = pipeline::generate::Generator { model: m.as_ref(), tokenizer: tok, stop_tokens: vec![] };
-    let params = pipeline::generate::GenerationParams { max_new_tokens: n, ..Default::default() };
+    let m = pipeline_model::load_for_inference(
+        &pipeline::model_source::from_path(gguf).unwrap(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let generator = pipeline_infer::generate::Generator { model: m.as_ref(), tokenizer: tok, stop_tokens: vec![] };
+    let params = pipeline_infer::generate::GenerationParams { max_new_tokens: n, ..Default::default() };
     generator.generate(prompt, &params, 0, &mut |_| {}).unwrap().tokens
 }
 
@@ -431,15 +434,15 @@ fn llama_server_renders_our_template_and_decodes_our_gguf_as_pipeline_generate_d
     let (Some(models), Some(bin)) = (models_dir(), common::llama_cpp("llama-server")) else { return };
     let dir = tempfile::tempdir().unwrap();
     let gguf = gguf_with_tokenizer(&models, dir.path(), QuantType::Q8_0);
-    let base = ResolvedModel::from_path(&models.join("gemma-3-270m")).unwrap();
-    let template = pipeline::chat::ChatTemplate::for_model(&base, None, Path::new(".")).unwrap();
+    let base = pipeline::model_source::from_path(&models.join("gemma-3-270m")).unwrap();
+    let template = pipeline_infer::chat::ChatTemplate::for_model(&base, None, Path::new(".")).unwrap();
     let tok = tokenizers::Tokenizer::from_file(models.join("gemma-3-270m/tokenizer.json")).unwrap();
     let server = Server::start(&bin, &["-m", gguf.to_str().unwrap(), "--jinja"]);
     for (i, messages) in conversations().into_iter().enumerate() {
         // The server renders the GGUF's template as format-chat does.
         let rendered =
             server.post("/apply-template", &json!({"messages": messages}))["prompt"].as_str().unwrap().to_string();
-        let msgs: Vec<pipeline::chat::Message> = serde_json::from_value(messages.clone()).unwrap();
+        let msgs: Vec<pipeline_infer::chat::Message> = serde_json::from_value(messages.clone()).unwrap();
         let ours = template.render(&msgs, None, true).unwrap();
         // llama.cpp drops the template's leading `<bos>`: it adds the BOS
         // token itself when it tokenizes (`add_bos_token = true`).
@@ -472,7 +475,7 @@ fn llama_server_renders_our_template_and_decodes_our_gguf_as_pipeline_generate_d
 fn llama_cpp_applies_our_adapter_gguf_as_our_merge_does() {
     let (Some(models), Some(bin)) = (models_dir(), common::llama_cpp("llama-server")) else { return };
     let p = Project::new();
-    let base = ResolvedModel::from_path(&models.join("gemma-3-270m")).unwrap();
+    let base = pipeline::model_source::from_path(&models.join("gemma-3-270m")).unwrap();
     let adapter = p.path("adapter");
     random_adapter(&base, &adapter, 0.06);
     let merged = p.path("merged");
@@ -482,14 +485,14 @@ fn llama_cpp_applies_our_adapter_gguf_as_our_merge_does() {
     // f32 files: in f16 the merged weights round W + B·A while --lora adds
     // B·A to the rounded W, which parts greedy decoding on near-ties.
     write_gguf(&base, QuantType::F32, "base", &base_gguf).unwrap();
-    write_gguf(&ResolvedModel::from_path(&merged).unwrap(), QuantType::F32, "merged", &merged_gguf).unwrap();
+    write_gguf(&pipeline::model_source::from_path(&merged).unwrap(), QuantType::F32, "merged", &merged_gguf).unwrap();
     pipeline::stages::quantize::write_adapter_gguf(&adapter, "gemma3", &adapter_gguf).unwrap();
     let tok = tokenizers::Tokenizer::from_file(models.join("gemma-3-270m/tokenizer.json")).unwrap();
-    let template = pipeline::chat::ChatTemplate::for_model(&base, None, Path::new(".")).unwrap();
+    let template = pipeline_infer::chat::ChatTemplate::for_model(&base, None, Path::new(".")).unwrap();
     let prompts: Vec<Vec<u32>> = conversations()
         .into_iter()
         .map(|m| {
-            let msgs: Vec<pipeline::chat::Message> = serde_json::from_value(m).unwrap();
+            let msgs: Vec<pipeline_infer::chat::Message> = serde_json::from_value(m).unwrap();
             tok.encode(template.render(&msgs, None, true).unwrap().as_str(), false).unwrap().get_ids().to_vec()
         })
         .collect();

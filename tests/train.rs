@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor, Var};
 use common::{Project, chat_jsonl, models_dir, tiny_gemma3, train_recipe};
-use pipeline::model::lora::{Lora, LoraLinear, NoDropout, frozen_linear};
+use pipeline_model::lora::{Lora, LoraLinear, NoDropout, frozen_linear};
 
 const TRAIN: &str = "rank = 4\nalpha = 8\ndropout = 0.1\nlearning_rate = 5e-3\nmax_steps = 6\n\
                      gradient_accumulation = 2\ncheckpoint_every = 2\neval_every = 3\nschedule = \"cosine\"\nwarmup_steps = 1\n";
@@ -174,7 +174,7 @@ fn the_adapter_follows_peft_conventions_for_gemma3() {
 fn the_adapter_follows_peft_conventions_for_qwen3() {
     let Some(models) = models_dir() else { return };
     let p = Project::new();
-    pipeline::model::testing::TinyQwen::new(pipeline::model::qwen::Variant::Qwen3, 151_936)
+    pipeline_model::testing::TinyQwen::new(pipeline_model::qwen::Variant::Qwen3, 151_936)
         .write(&p.path("tiny"), &models.join("qwen3-tokenizer"), 5)
         .unwrap();
     p.write("data/train.jsonl", &chat_jsonl(6));
@@ -217,7 +217,7 @@ fn adapters_written_by_peft_load_and_what_we_cannot_apply_is_refused() {
         String::from_utf8_lossy(&p.run(&["show", "r.toml", "train", "--set", "stages.train.max_steps=1"]).stdout)
             .trim(),
     );
-    let ours_loaded = pipeline::adapter::load(&ours, &Device::Cpu).unwrap();
+    let ours_loaded = pipeline_model::adapter::load(&ours, &Device::Cpu).unwrap();
     assert!(ours_loaded.base_weights_blake3.is_some());
 
     // Configs as PEFT versions write them: 0.17 (keys added since 0.13), and
@@ -240,7 +240,7 @@ fn adapters_written_by_peft_load_and_what_we_cannot_apply_is_refused() {
     assert!(ours.join("base_weights.json").is_file());
     for config in [peft_0_17, peft_old] {
         std::fs::write(dir.path().join("adapter_config.json"), config).unwrap();
-        let loaded = pipeline::adapter::load(dir.path(), &Device::Cpu).unwrap();
+        let loaded = pipeline_model::adapter::load(dir.path(), &Device::Cpu).unwrap();
         assert_eq!(loaded.config.scale(), 2.0, "{config}");
         assert_eq!(loaded.tensors.len(), ours_loaded.tensors.len());
         assert_eq!(loaded.base_weights_blake3, None);
@@ -258,14 +258,14 @@ fn adapters_written_by_peft_load_and_what_we_cannot_apply_is_refused() {
         let mut config = base.clone();
         config[key] = value;
         std::fs::write(dir.path().join("adapter_config.json"), config.to_string()).unwrap();
-        let err = format!("{:#}", pipeline::adapter::load(dir.path(), &Device::Cpu).err().expect(key));
+        let err = format!("{:#}", pipeline_model::adapter::load(dir.path(), &Device::Cpu).err().expect(key));
         assert!(err.contains(says) && err.contains("adapter_config.json"), "{key}: {err}");
     }
     // `r` that disagrees with the matrices (the scale would be wrong).
     let mut config = base.clone();
     config["r"] = 8.into();
     std::fs::write(dir.path().join("adapter_config.json"), config.to_string()).unwrap();
-    let err = format!("{:#}", pipeline::adapter::load(dir.path(), &Device::Cpu).err().expect("r"));
+    let err = format!("{:#}", pipeline_model::adapter::load(dir.path(), &Device::Cpu).err().expect("r"));
     assert!(err.contains("has rank 4 but `r` in adapter_config.json is 8"), "{err}");
     // A tensor that is not a LoRA matrix (here PEFT's trained embedding) is refused, not skipped.
     std::fs::write(dir.path().join("adapter_config.json"), peft_0_17).unwrap();
@@ -275,13 +275,13 @@ fn adapters_written_by_peft_load_and_what_we_cannot_apply_is_refused() {
         candle_core::Tensor::zeros((4, 8), candle_core::DType::F32, &Device::Cpu).unwrap(),
     );
     candle_core::safetensors::save(&with_embedding, dir.path().join("adapter_model.safetensors")).unwrap();
-    let err = format!("{:#}", pipeline::adapter::load(dir.path(), &Device::Cpu).err().expect("embedding"));
+    let err = format!("{:#}", pipeline_model::adapter::load(dir.path(), &Device::Cpu).err().expect("embedding"));
     assert!(err.contains("`base_model.model.model.embed_tokens.lora_embedding_A` is not a LoRA matrix"), "{err}");
     // A B without its A.
     let mut orphan = tensors.clone();
     orphan.remove("base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight").unwrap();
     candle_core::safetensors::save(&orphan, dir.path().join("adapter_model.safetensors")).unwrap();
-    let err = format!("{:#}", pipeline::adapter::load(dir.path(), &Device::Cpu).err().expect("orphan"));
+    let err = format!("{:#}", pipeline_model::adapter::load(dir.path(), &Device::Cpu).err().expect("orphan"));
     assert!(
         err.contains("`base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight` has no matching lora_A"),
         "{err}"
@@ -349,7 +349,7 @@ fn full_model_gradients_match_finite_differences() {
     let Some(models) = models_dir() else { return };
     let p = Project::new();
     tiny_gemma3(&models, &p.path("tiny"), 64);
-    let resolved = pipeline::model_source::ResolvedModel {
+    let resolved = pipeline_model::ModelFiles {
         source: "tiny".into(),
         dir: p.path("tiny"),
         tokenizer_json: None,
@@ -359,19 +359,17 @@ fn full_model_gradients_match_finite_differences() {
         weights: vec![p.path("tiny/model.safetensors")],
         revision: None,
     };
-    let mut model = pipeline::model::load(&resolved, &Device::Cpu, 64).unwrap();
+    let mut model = pipeline_model::load(&resolved, &Device::Cpu, 64).unwrap();
     // LoRA on every module of both layers (one sliding, one global), with a
     // non-zero B so that every A receives a gradient.
     let mut vars: HashMap<String, (Var, Var)> = HashMap::new();
     for (i, (name, lin)) in model.linears_mut().into_iter().enumerate() {
-        let mut rng = pipeline::train::rng_for(1, "t", i as u64, 0);
-        let a = Var::from_tensor(
-            &pipeline::model::lora::init_lora_a(2, lin.in_features(), &mut rng, &Device::Cpu).unwrap(),
-        )
-        .unwrap();
+        let mut rng = pipeline_train::rng_for(1, "t", i as u64, 0);
+        let a =
+            Var::from_tensor(&pipeline_model::lora::init_lora_a(2, lin.in_features(), &mut rng, &Device::Cpu).unwrap())
+                .unwrap();
         let b = Var::from_tensor(
-            &(pipeline::model::lora::init_lora_a(lin.out_features(), 2, &mut rng, &Device::Cpu).unwrap() * 0.5)
-                .unwrap(),
+            &(pipeline_model::lora::init_lora_a(lin.out_features(), 2, &mut rng, &Device::Cpu).unwrap() * 0.5).unwrap(),
         )
         .unwrap();
         lin.lora = Some(Lora { a: a.clone(), b: b.clone(), scale: 2.0, dropout: 0.0 });
@@ -380,7 +378,7 @@ fn full_model_gradients_match_finite_differences() {
     // 12 tokens: longer than the sliding window (8) of layer 0.
     let ids: Vec<u32> = (0..12).map(|i| (i * 7919 + 13) % 151_000).collect();
     let mask: Vec<u8> = (0..12).map(|i| u8::from(i >= 4)).collect();
-    let loss = || pipeline::train::example_loss(model.as_ref(), &ids, &mask, Some(&NoDropout)).unwrap().0;
+    let loss = || pipeline_train::example_loss(model.as_ref(), &ids, &mask, Some(&NoDropout)).unwrap().0;
     let grads = loss().backward().unwrap();
     let f = || loss().to_scalar::<f32>().unwrap() as f64;
     for module in [
@@ -503,29 +501,29 @@ fn bench_generate_prints_the_json_contract() {
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients_with_the_same_dropout() {
     let Some(models) = models_dir() else { return };
-    use pipeline::model::qwen::Variant;
-    use pipeline::model::testing::TinyQwen;
+    use pipeline_model::qwen::Variant;
+    use pipeline_model::testing::TinyQwen;
     let p = Project::new();
     tiny_gemma3(&models, &p.path("gemma3"), 64);
     TinyQwen::new(Variant::Qwen2, 151_936).write(&p.path("qwen2"), &models.join("qwen3-tokenizer"), 3).unwrap();
     for arch in ["gemma3", "qwen2"] {
-        let resolved = pipeline::model_source::ResolvedModel::from_path(&p.path(arch)).unwrap();
-        let mut model = pipeline::model::load(&resolved, &Device::Cpu, 64).unwrap();
-        let targets: Vec<String> = pipeline::model::TARGETS.iter().map(|s| s.to_string()).collect();
-        let (params, _) = pipeline::train::attach_lora(model.as_mut(), &targets, 4, 2.0, 0.2, 5).unwrap();
+        let resolved = pipeline::model_source::from_path(&p.path(arch)).unwrap();
+        let mut model = pipeline_model::load(&resolved, &Device::Cpu, 64).unwrap();
+        let targets: Vec<String> = pipeline_model::TARGETS.iter().map(|s| s.to_string()).collect();
+        let (params, _) = pipeline_train::attach_lora(model.as_mut(), &targets, 4, 2.0, 0.2, 5).unwrap();
         // Non-zero B, so that every A has a gradient too.
         for (name, var) in &params {
             if name.contains("lora_B") {
-                let mut rng = pipeline::train::rng_for(9, name, 0, 0);
+                let mut rng = pipeline_train::rng_for(9, name, 0, 0);
                 let (o, r) = var.dims2().unwrap();
-                var.set(&pipeline::model::lora::init_lora_a(o, r, &mut rng, &Device::Cpu).unwrap()).unwrap();
+                var.set(&pipeline_model::lora::init_lora_a(o, r, &mut rng, &Device::Cpu).unwrap()).unwrap();
             }
         }
         let ids: Vec<u32> = (0..20).map(|i| (i * 7919 + 13) % 151_000).collect();
         let mask: Vec<u8> = (0..20).map(|i| u8::from(i >= 6)).collect();
         let run = |checkpointing: bool| {
-            let dropout = pipeline::train::SeededDropout::new(11, 3, 1);
-            pipeline::train::example_grads(model.as_ref(), &ids, &mask, Some(&dropout), 0.5, &params, checkpointing)
+            let dropout = pipeline_train::SeededDropout::new(11, 3, 1);
+            pipeline_train::example_grads(model.as_ref(), &ids, &mask, Some(&dropout), 0.5, &params, checkpointing)
                 .unwrap()
         };
         let (l1, n1, g1) = run(false);

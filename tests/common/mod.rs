@@ -162,7 +162,7 @@ conversations = "chat"
 
 /// A tiny random Gemma 3 in HF layout with the Qwen3 tokenizer, in `dir`.
 pub fn tiny_gemma3(models: &Path, dir: &Path, max_positions: usize) {
-    let mut tiny = pipeline::model::testing::TinyGemma3::new(151_936);
+    let mut tiny = pipeline_model::testing::TinyGemma3::new(151_936);
     tiny.max_positions = max_positions;
     tiny.write(dir, &models.join("qwen3-tokenizer"), 7).unwrap();
 }
@@ -205,7 +205,7 @@ tokens = "tokens"
 /// method: chunks of 256 tokens, BOS first, the second half of each scored.
 /// Returns the perplexity and the number of chunks.
 #[allow(dead_code)]
-pub fn llama_cpp_perplexity(m: &dyn pipeline::model::CausalLm, tok: &tokenizers::Tokenizer) -> (f64, usize) {
+pub fn llama_cpp_perplexity(m: &dyn pipeline_model::CausalLm, tok: &tokenizers::Tokenizer) -> (f64, usize) {
     use candle_core::{D, Device, Tensor};
     let text = std::fs::read_to_string(shared_dir().join("reference/ppl_text.txt")).unwrap();
     let mut tokens = vec![2u32];

@@ -1,0 +1,550 @@
+//! A remote copy of the cache in an object store, so that a job on a fresh
+//! machine (a preempted cloud GPU, a CI runner) reuses what earlier machines
+//! finished and resumes a training from the last checkpoint they pushed.
+//!
+//! `--cache-dir` names it by URL (the `object_store` crate): `s3://BUCKET/PREFIX`,
+//! `gs://…`, `az://…`, `http(s)://…` (WebDAV) or `file:///…`. Credentials and
+//! endpoints come from the usual environment (`AWS_ACCESS_KEY_ID`,
+//! `AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, `GOOGLE_SERVICE_ACCOUNT`,
+//! `AZURE_STORAGE_ACCOUNT_NAME`…). The local cache stays the working copy:
+//! stages run there, and finished entries are pulled into it before use.
+//!
+//! ```text
+//! PREFIX/
+//!   entries/<key>/manifest.json        the entry exists once this exists
+//!   entries/<key>/<upload>/<file>...   the files of one upload
+//!   work/<key>/checkpoints/step-N/...  a training's checkpoints, state.json last
+//! ```
+//!
+//! Invariants:
+//! - An entry is published by uploading every file under a fresh `<upload>`
+//!   directory, then writing `manifest.json` (create-only where the store
+//!   supports it): the manifest is last, so a job killed mid-upload leaves
+//!   no entry, only an unreferenced upload directory.
+//! - Concurrent jobs never clobber each other: each uploads into its own
+//!   directory; the first manifest wins and a loser deletes its own upload.
+//!   A published upload is never deleted or modified.
+//! - A checkpoint counts once its `state.json` (uploaded last) exists, and
+//!   remote checkpoints are dropped only after the entry is published.
+//! - Downloaded entries are verified against the blake3 of their manifest.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use futures_util::TryStreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use super::hash::hash_file;
+use super::key::CacheKey;
+use super::store::{Manifest, list_files};
+
+/// `entries/<key>/manifest.json`: the local manifest plus where its files are.
+#[derive(Debug, Serialize, Deserialize)]
+struct RemoteManifest {
+    /// The upload directory (under `entries/<key>/`) holding the files.
+    upload: String,
+    manifest: Manifest,
+}
+
+/// A cache in an object store.
+pub struct Remote {
+    url: String,
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").field("url", &self.url).finish()
+    }
+}
+
+/// Whether `--cache-dir` names an object store rather than a local directory.
+pub fn is_url(s: &str) -> bool {
+    s.split_once("://").is_some_and(|(scheme, _)| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+    })
+}
+
+impl Remote {
+    /// Connects to the store at `url`, configured from the environment.
+    pub fn open(url: &str) -> Result<Remote> {
+        let options: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| ["AWS_", "GOOGLE_", "AZURE_"].iter().any(|p| k.starts_with(p)))
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        Remote::open_with(url, options)
+    }
+
+    /// Connects with explicit options (`aws_endpoint`, `aws_access_key_id`,
+    /// … as object_store names them) instead of the environment.
+    pub fn open_with(url: &str, mut options: Vec<(String, String)>) -> Result<Remote> {
+        let parsed = url::Url::parse(url).with_context(|| format!("--cache-dir {url}: not a valid URL"))?;
+        if parsed.scheme() == "http" {
+            options.push(("allow_http".into(), "true".into()));
+        }
+        let (store, prefix) = object_store::parse_url_opts(&parsed, options).map_err(flat).with_context(|| {
+            format!("--cache-dir {url}: cannot open the object store (schemes: s3, gs, az, http(s), file)")
+        })?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the I/O runtime for the remote cache")?;
+        Ok(Remote { url: url.to_string(), store: Arc::from(store), prefix, runtime })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Writes and deletes a small object, so that a missing bucket or bad
+    /// credentials stop a run before any work, not at its first push.
+    pub fn check_writable(&self) -> Result<()> {
+        let path = self.path(&format!("probes/{}", upload_id()));
+        self.runtime
+            .block_on(async {
+                self.store.put(&path, PutPayload::from_static(b"probe")).await?;
+                self.store.delete(&path).await
+            })
+            .map_err(flat)
+            .with_context(|| {
+                format!(
+                    "the remote cache {} is not writable (does the bucket exist? are the credentials in the \
+                     environment?)",
+                    self.url
+                )
+            })
+    }
+
+    fn path(&self, rel: &str) -> ObjectPath {
+        rel.split('/').filter(|s| !s.is_empty()).fold(self.prefix.clone(), |p, part| p.join(part))
+    }
+
+    fn get(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.path(rel);
+        self.runtime.block_on(async {
+            match self.store.get(&path).await {
+                Ok(r) => Ok(Some(
+                    r.bytes().await.map_err(flat).with_context(|| format!("cannot read {}/{rel}", self.url))?.to_vec(),
+                )),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(flat(e)).with_context(|| format!("cannot read {}/{rel}", self.url)),
+            }
+        })
+    }
+
+    /// Uploads a file: in one request when small (or when the store has no
+    /// multipart uploads, as plain WebDAV), else in parts of [`PART_SIZE`]
+    /// so that a multi-GB model never sits in memory at once.
+    fn put_file(&self, rel: &str, file: &Path) -> Result<()> {
+        let size = std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?.len();
+        let path = self.path(rel);
+        let context = || format!("cannot upload {} to {}/{rel}", file.display(), self.url);
+        if size > PART_SIZE as u64 {
+            match self.runtime.block_on(self.store.put_multipart(&path)) {
+                Ok(upload) => {
+                    return self.runtime.block_on(write_parts(upload, file)).map_err(flat).with_context(context);
+                }
+                Err(object_store::Error::NotImplemented { .. }) => {}
+                Err(e) => return Err(flat(e)).with_context(context),
+            }
+        }
+        let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        self.runtime.block_on(self.store.put(&path, PutPayload::from(bytes))).map_err(flat).with_context(context)?;
+        Ok(())
+    }
+
+    /// Downloads an object into `dest`, streaming; `None` if it does not exist.
+    fn get_file(&self, rel: &str, dest: &Path) -> Result<Option<()>> {
+        use std::io::Write;
+        let path = self.path(rel);
+        let context = || format!("cannot download {}/{rel} to {}", self.url, dest.display());
+        self.runtime.block_on(async {
+            let result = match self.store.get(&path).await {
+                Ok(r) => r,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(flat(e)).with_context(context),
+            };
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let mut out = std::io::BufWriter::new(std::fs::File::create(dest).with_context(context)?);
+            let mut stream = result.into_stream();
+            while let Some(chunk) = stream.try_next().await.map_err(flat).with_context(context)? {
+                out.write_all(&chunk).with_context(context)?;
+            }
+            out.flush().with_context(context)?;
+            Ok(Some(()))
+        })
+    }
+
+    /// Relative paths (below `rel`) of every object under `rel/`.
+    fn list(&self, rel: &str) -> Result<Vec<String>> {
+        let base = self.path(rel);
+        let metas: Vec<object_store::ObjectMeta> = self
+            .runtime
+            .block_on(self.store.list(Some(&base)).try_collect())
+            .map_err(flat)
+            .with_context(|| format!("cannot list {}/{rel}", self.url))?;
+        let mut out: Vec<String> = metas
+            .into_iter()
+            .filter_map(|m| {
+                m.location
+                    .prefix_match(&base)
+                    .map(|parts| parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"))
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    fn delete_all(&self, rel: &str) -> Result<()> {
+        for f in self.list(rel)? {
+            let p = self.path(&format!("{rel}/{f}"));
+            match self.runtime.block_on(self.store.delete(&p)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(flat(e)).with_context(|| format!("cannot delete {}/{rel}/{f}", self.url)),
+            }
+        }
+        Ok(())
+    }
+
+    fn manifest(&self, key: &CacheKey) -> Result<Option<RemoteManifest>> {
+        let rel = format!("entries/{}/manifest.json", key.as_str());
+        match self.get(&rel)? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(
+                serde_json::from_slice(&bytes)
+                    .with_context(|| format!("corrupt remote manifest {}/{rel}", self.url))?,
+            )),
+        }
+    }
+
+    /// Whether the remote holds a finished entry for `key`.
+    pub fn has_entry(&self, key: &CacheKey) -> Result<bool> {
+        let path = self.path(&format!("entries/{}/manifest.json", key.as_str()));
+        match self.runtime.block_on(self.store.head(&path)) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(flat(e)).with_context(|| format!("cannot reach the remote cache {}", self.url)),
+        }
+    }
+
+    /// Downloads the entry for `key` into `out` (an empty directory), checks
+    /// every file against the manifest's blake3 and returns the manifest, or
+    /// `None` when the remote has no such entry.
+    pub fn pull_entry(&self, key: &CacheKey, out: &Path) -> Result<Option<Manifest>> {
+        let Some(remote) = self.manifest(key)? else {
+            return Ok(None);
+        };
+        for f in &remote.manifest.files {
+            let rel = format!("entries/{}/{}/{}", key.as_str(), remote.upload, f.path);
+            let dest = out.join(&f.path);
+            self.get_file(&rel, &dest)?
+                .with_context(|| format!("{}/{rel}: listed in the manifest but missing", self.url))?;
+            let got = hash_file(&dest)?;
+            if got != f.blake3 {
+                bail!("{}/{rel}: content does not match its manifest (blake3 {got}, expected {})", self.url, f.blake3);
+            }
+        }
+        Ok(Some(remote.manifest))
+    }
+
+    /// Uploads the finished local entry `entry` (its files and manifest.json)
+    /// as `key`. Returns false when another job published it first.
+    pub fn push_entry(&self, key: &CacheKey, entry: &Path, manifest: &Manifest) -> Result<bool> {
+        if self.has_entry(key)? {
+            return Ok(false);
+        }
+        let upload = upload_id();
+        let dir = format!("entries/{}/{upload}", key.as_str());
+        for (i, f) in manifest.files.iter().enumerate() {
+            if i == 1 {
+                pipeline_fs::fault::point(&format!("remote.mid-upload.{}", manifest.kind));
+            }
+            self.put_file(&format!("{dir}/{}", f.path), &entry.join(&f.path))?;
+        }
+        let body = serde_json::to_vec_pretty(&RemoteManifest { upload: upload.clone(), manifest: manifest.clone() })?;
+        let path = self.path(&format!("entries/{}/manifest.json", key.as_str()));
+        let create = PutOptions { mode: PutMode::Create, ..Default::default() };
+        let result = self.runtime.block_on(self.store.put_opts(&path, PutPayload::from(body.clone()), create));
+        match result {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                // Another job won; ours is garbage no one refers to.
+                self.delete_all(&dir).ok();
+                Ok(false)
+            }
+            // Stores without create-only writes (plain WebDAV): check, then write.
+            // Two jobs racing here each point the manifest at a complete upload.
+            Err(object_store::Error::NotImplemented { .. }) => {
+                if self.has_entry(key)? {
+                    self.delete_all(&dir).ok();
+                    return Ok(false);
+                }
+                self.runtime
+                    .block_on(self.store.put(&path, PutPayload::from(body)))
+                    .map_err(flat)
+                    .with_context(|| format!("cannot publish {}/entries/{}", self.url, key.as_str()))?;
+                Ok(true)
+            }
+            Err(e) => Err(flat(e)).with_context(|| format!("cannot publish {}/entries/{}", self.url, key.as_str())),
+        }
+    }
+
+    /// Uploads checkpoint directory `dir` (`…/checkpoints/step-N`) of the
+    /// stage `key`, `state.json` last, then drops all but the newest two on
+    /// the remote.
+    pub fn push_checkpoint(&self, key: &CacheKey, dir: &Path) -> Result<()> {
+        let name = dir.file_name().and_then(|n| n.to_str()).context("checkpoint directory without a name")?;
+        let base = format!("work/{}/checkpoints/{name}", key.as_str());
+        let mut files = list_files(dir)?;
+        files.retain(|f| f != "state.json");
+        for (i, f) in files.iter().enumerate() {
+            if i == 1 {
+                pipeline_fs::fault::point(&format!("remote.mid-upload.{name}"));
+            }
+            self.put_file(&format!("{base}/{f}"), &dir.join(f))?;
+        }
+        self.put_file(&format!("{base}/state.json"), &dir.join("state.json"))?;
+        let mut steps = self.checkpoint_steps(key)?;
+        steps.sort();
+        let keep: Vec<&String> = steps.iter().rev().take(2).collect();
+        for old in steps.iter().filter(|s| !keep.contains(s)) {
+            self.delete_all(&format!("work/{}/checkpoints/{old}", key.as_str()))?;
+        }
+        Ok(())
+    }
+
+    /// Names (`step-N`) of the complete checkpoints on the remote.
+    fn checkpoint_steps(&self, key: &CacheKey) -> Result<Vec<String>> {
+        let mut steps: Vec<String> = self
+            .list(&format!("work/{}/checkpoints", key.as_str()))?
+            .into_iter()
+            .filter_map(|f| f.strip_suffix("/state.json").map(str::to_string))
+            .filter(|d| d.starts_with("step-") && !d.contains('/'))
+            .collect();
+        steps.sort();
+        Ok(steps)
+    }
+
+    /// The step of the newest complete checkpoint on the remote.
+    pub fn latest_checkpoint(&self, key: &CacheKey) -> Result<Option<u64>> {
+        Ok(self.checkpoint_steps(key)?.last().and_then(|s| s.trim_start_matches("step-").parse().ok()))
+    }
+
+    /// Downloads the newest complete remote checkpoint into
+    /// `checkpoints/step-N` (through a `.tmp` directory renamed into place,
+    /// as local checkpoints are written). Returns its step.
+    pub fn pull_latest_checkpoint(&self, key: &CacheKey, checkpoints: &Path) -> Result<Option<u64>> {
+        let Some(name) = self.checkpoint_steps(key)?.pop() else {
+            return Ok(None);
+        };
+        let base = format!("work/{}/checkpoints/{name}", key.as_str());
+        let tmp = checkpoints.join(format!("{name}.tmp"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+        let mut files = self.list(&base)?;
+        // state.json last: the directory is complete once it is there.
+        files.retain(|f| f != "state.json");
+        files.push("state.json".into());
+        for f in files {
+            self.get_file(&format!("{base}/{f}"), &tmp.join(&f))?
+                .with_context(|| format!("{}/{base}/{f} vanished", self.url))?;
+        }
+        let dest = checkpoints.join(&name);
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest)?;
+        }
+        std::fs::rename(&tmp, &dest)?;
+        Ok(name.trim_start_matches("step-").parse().ok())
+    }
+
+    /// Removes the remote checkpoints of `key` (once its entry is published).
+    pub fn drop_checkpoints(&self, key: &CacheKey) -> Result<()> {
+        self.delete_all(&format!("work/{}", key.as_str()))
+    }
+}
+
+/// An object_store error as one message: its `Display` already holds its
+/// sources, which `{:#}` would otherwise print again.
+fn flat(e: object_store::Error) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
+/// Uploads larger than this go in parts of this size.
+const PART_SIZE: usize = 32 << 20;
+
+/// Streams `file` into a multipart upload, at most two parts in flight.
+async fn write_parts(upload: Box<dyn object_store::MultipartUpload>, file: &Path) -> object_store::Result<()> {
+    use std::io::Read;
+    let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+    let mut f =
+        std::fs::File::open(file).map_err(|e| object_store::Error::Generic { store: "local", source: e.into() })?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| object_store::Error::Generic { store: "local", source: e.into() })?;
+        if n == 0 {
+            break;
+        }
+        writer.wait_for_capacity(2).await?;
+        writer.write(&buf[..n]);
+    }
+    writer.finish().await?;
+    Ok(())
+}
+
+/// A name no other job picks: time, process and a random part.
+fn upload_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("upload-{nanos:x}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::Fingerprint;
+    use crate::store::FileEntry;
+
+    fn remote(dir: &Path) -> Remote {
+        Remote::open(&format!("file://{}", dir.display())).unwrap()
+    }
+
+    fn entry(dir: &Path, files: &[(&str, &str)]) -> Manifest {
+        let files = files
+            .iter()
+            .map(|(name, text)| {
+                let p = dir.join(name);
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(&p, text).unwrap();
+                FileEntry { path: name.to_string(), size: text.len() as u64, blake3: hash_file(&p).unwrap() }
+            })
+            .collect();
+        Manifest {
+            format: 1,
+            key: CacheKey("k".repeat(64)),
+            kind: "test".into(),
+            fingerprint: Fingerprint {
+                kind: "test".into(),
+                version: 1,
+                params: serde_json::Value::Null,
+                inputs: Default::default(),
+                outside: Default::default(),
+            },
+            files,
+            started_at: 0,
+            duration_s: 0.0,
+            pipeline_version: "test".into(),
+            metrics: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn entries_round_trip_and_the_first_publisher_wins() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = remote(&tmp.path().join("remote"));
+        let key = CacheKey("a".repeat(64));
+        assert!(!r.has_entry(&key).unwrap());
+        assert!(r.pull_entry(&key, &tmp.path().join("nothing")).unwrap().is_none());
+
+        let src = tmp.path().join("src");
+        let m = entry(&src, &[("rows/train.jsonl", "{}\n"), ("report.md", "# hi\n")]);
+        assert!(r.push_entry(&key, &src, &m).unwrap());
+        assert!(r.has_entry(&key).unwrap());
+        // A second job finds it published and uploads nothing.
+        let other = tmp.path().join("other");
+        let m2 = entry(&other, &[("rows/train.jsonl", "{\"x\": 1}\n")]);
+        assert!(!r.push_entry(&key, &other, &m2).unwrap());
+        assert_eq!(r.list(&format!("entries/{}", key.as_str())).unwrap().len(), 3, "one upload and the manifest");
+
+        let out = tmp.path().join("out");
+        let got = r.pull_entry(&key, &out).unwrap().unwrap();
+        assert_eq!(got.files, m.files);
+        assert_eq!(std::fs::read_to_string(out.join("rows/train.jsonl")).unwrap(), "{}\n");
+    }
+
+    #[test]
+    fn large_files_go_up_in_parts_and_come_back_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = remote(&tmp.path().join("remote"));
+        let key = CacheKey("d".repeat(64));
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        // Just over two parts, with content that differs between parts.
+        let big: Vec<u8> = (0..(2 * PART_SIZE + 12345)).map(|i| (i / 4096 % 251) as u8).collect();
+        std::fs::write(src.join("model.safetensors"), &big).unwrap();
+        let mut m = entry(&src, &[("config.json", "{}")]);
+        let p = src.join("model.safetensors");
+        m.files.push(FileEntry {
+            path: "model.safetensors".into(),
+            size: big.len() as u64,
+            blake3: hash_file(&p).unwrap(),
+        });
+        assert!(r.push_entry(&key, &src, &m).unwrap());
+        let out = tmp.path().join("out");
+        r.pull_entry(&key, &out).unwrap().unwrap();
+        assert!(std::fs::read(out.join("model.safetensors")).unwrap() == big);
+    }
+
+    #[test]
+    fn a_tampered_file_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("remote");
+        let r = remote(&root);
+        let key = CacheKey("b".repeat(64));
+        let src = tmp.path().join("src");
+        let m = entry(&src, &[("a.txt", "right")]);
+        r.push_entry(&key, &src, &m).unwrap();
+        let upload =
+            r.list(&format!("entries/{}", key.as_str())).unwrap().into_iter().find(|f| f.ends_with("a.txt")).unwrap();
+        std::fs::write(root.join("entries").join(key.as_str()).join(&upload), "wrong").unwrap();
+        let err = r.pull_entry(&key, &tmp.path().join("out")).unwrap_err();
+        assert!(format!("{err:#}").contains("does not match its manifest"), "{err:#}");
+    }
+
+    #[test]
+    fn checkpoints_count_once_complete_and_the_newest_two_are_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = remote(&tmp.path().join("remote"));
+        let key = CacheKey("c".repeat(64));
+        assert_eq!(r.latest_checkpoint(&key).unwrap(), None);
+        for step in [2, 4, 6] {
+            let dir = tmp.path().join(format!("local/step-{step:06}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("adapter.safetensors"), format!("weights {step}")).unwrap();
+            std::fs::write(dir.join("state.json"), format!("{{\"step\": {step}}}")).unwrap();
+            r.push_checkpoint(&key, &dir).unwrap();
+        }
+        assert_eq!(r.checkpoint_steps(&key).unwrap(), vec!["step-000004", "step-000006"]);
+        // A partial upload (no state.json) is not a checkpoint.
+        let partial = tmp.path().join("remote/work").join(key.as_str()).join("checkpoints/step-000008");
+        std::fs::create_dir_all(&partial).unwrap();
+        std::fs::write(partial.join("adapter.safetensors"), "half").unwrap();
+        assert_eq!(r.latest_checkpoint(&key).unwrap(), Some(6));
+
+        let local = tmp.path().join("machine-2/checkpoints");
+        std::fs::create_dir_all(&local).unwrap();
+        assert_eq!(r.pull_latest_checkpoint(&key, &local).unwrap(), Some(6));
+        assert_eq!(std::fs::read_to_string(local.join("step-000006/adapter.safetensors")).unwrap(), "weights 6");
+        assert!(local.join("step-000006/state.json").is_file());
+
+        r.drop_checkpoints(&key).unwrap();
+        assert_eq!(r.latest_checkpoint(&key).unwrap(), None);
+    }
+
+    #[test]
+    fn urls_are_told_from_paths() {
+        assert!(is_url("s3://bucket/prefix"));
+        assert!(is_url("file:///tmp/x"));
+        assert!(!is_url(".pipeline"));
+        assert!(!is_url("/tmp/a://b"));
+        assert!(Remote::open("nope://x").is_err());
+    }
+}

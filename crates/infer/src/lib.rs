@@ -1,0 +1,13 @@
+//! Inference on the models of `pipeline-model`:
+//!
+//! - [`chat`]: chat templates rendered as transformers renders them
+//!   (minijinja with Python-compatible filters), and assistant-turn spans;
+//! - [`generate`]: prefill + decoding through the KV cache, sampling, stop
+//!   tokens and strings, streaming, batched decoding;
+//! - [`toolcall`]: tool calls parsed out of generated text;
+//! - [`eval`]: scoring answers (tool-call verdicts, ROUGE-L) and tallies.
+
+pub mod chat;
+pub mod eval;
+pub mod generate;
+pub mod toolcall;

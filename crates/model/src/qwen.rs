@@ -1,0 +1,289 @@
+//! Qwen2 and Qwen3 (dense), differentiable, with LoRA-capable linear layers.
+//!
+//! The two generations share one decoder and differ in two switches:
+//! Qwen2 has biases on q/k/v and no q/k norm; Qwen3 has no biases
+//! (`attention_bias = false`) and an RMSNorm on each head of q and k, before
+//! the rotary embedding. Per layer (HF `Qwen3DecoderLayer`):
+//!
+//! ```text
+//! h = x + o(attn(input_norm(x)))
+//! y = h + down(silu(gate(n)) * up(n))      n = post_attention_norm(h)
+//! ```
+//!
+//! Attention is grouped-query and causal, with rotary embeddings (base
+//! `rope_theta`) and scale `head_dim^-½`. RMSNorm multiplies by `w` (no
+//! offset). The LM head is tied to the embeddings unless `lm_head.weight`
+//! exists.
+
+use candle_core::{Device, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use pipeline_kernels::gemv::QuantLinear;
+
+use super::kv::{KvCache, Rows, Seq, is_step, per_sequence};
+use super::lora::{DropoutMask, LoraLinear};
+use super::ops::{Rope, cached_attention, rms_norm};
+use super::{CausalLm, Weights, layer_linears};
+
+/// Which generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    Qwen2,
+    Qwen3,
+}
+
+/// The hyper-parameters of a Qwen2 / Qwen3 model (HF config.json).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    /// Qwen3 states it; Qwen2 uses hidden_size / num_attention_heads.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "theta")]
+    pub rope_theta: f64,
+    #[serde(default = "max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Qwen3's switch for q/k/v/o biases (Qwen2 always has q/k/v biases).
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub use_sliding_window: bool,
+    #[serde(default = "silu")]
+    pub hidden_act: String,
+}
+
+fn eps() -> f64 {
+    1e-6
+}
+fn theta() -> f64 {
+    1_000_000.0
+}
+fn max_pos() -> usize {
+    32_768
+}
+fn silu() -> String {
+    "silu".into()
+}
+
+impl Config {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+}
+
+struct Layer {
+    input_norm: Tensor,
+    q: LoraLinear,
+    k: LoraLinear,
+    v: LoraLinear,
+    o: LoraLinear,
+    /// Qwen3 only.
+    qk_norm: Option<(Tensor, Tensor)>,
+    post_attn_norm: Tensor,
+    gate: LoraLinear,
+    up: LoraLinear,
+    down: LoraLinear,
+}
+
+/// A Qwen2 or Qwen3 model.
+pub struct Qwen {
+    pub variant: Variant,
+    pub cfg: Config,
+    embed: Tensor,
+    lm_head: Option<Tensor>,
+    /// Quantized copies of the LM head for decoding (GGUF inference).
+    embed_q: Option<std::sync::Arc<QuantLinear>>,
+    lm_head_q: Option<std::sync::Arc<QuantLinear>>,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    rope: Rope,
+    device: Device,
+}
+
+impl Qwen {
+    pub fn new(variant: Variant, cfg: Config, w: &mut Weights, max_positions: usize) -> anyhow::Result<Qwen> {
+        if cfg.use_sliding_window {
+            anyhow::bail!("{}: sliding-window Qwen models are not supported", w.source);
+        }
+        if cfg.hidden_act != "silu" {
+            anyhow::bail!("{}: hidden_act `{}` is not supported (Qwen uses silu)", w.source, cfg.hidden_act);
+        }
+        let device = w.device().clone();
+        let qkv_bias = variant == Variant::Qwen2 || cfg.attention_bias;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let q = w.linear(&format!("{p}.self_attn.q_proj"), qkv_bias)?;
+            let k = w.linear(&format!("{p}.self_attn.k_proj"), qkv_bias)?;
+            let v = w.linear(&format!("{p}.self_attn.v_proj"), qkv_bias)?;
+            let o = w.linear(&format!("{p}.self_attn.o_proj"), variant == Variant::Qwen3 && cfg.attention_bias)?;
+            let gate = w.linear(&format!("{p}.mlp.gate_proj"), false)?;
+            let up = w.linear(&format!("{p}.mlp.up_proj"), false)?;
+            let down = w.linear(&format!("{p}.mlp.down_proj"), false)?;
+            let qk_norm = match variant {
+                Variant::Qwen3 => Some((
+                    w.take(&format!("{p}.self_attn.q_norm.weight"))?,
+                    w.take(&format!("{p}.self_attn.k_norm.weight"))?,
+                )),
+                Variant::Qwen2 => None,
+            };
+            layers.push(Layer {
+                input_norm: w.take(&format!("{p}.input_layernorm.weight"))?,
+                q,
+                k,
+                v,
+                o,
+                qk_norm,
+                post_attn_norm: w.take(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate,
+                up,
+                down,
+            });
+        }
+        let embed = w.take("model.embed_tokens.weight")?;
+        let embed_q = w.take_quantized("model.embed_tokens.weight");
+        let lm_head = if cfg.tie_word_embeddings { None } else { w.take("lm_head.weight").ok() };
+        let lm_head_q = w.take_quantized("lm_head.weight");
+        let norm = w.take("model.norm.weight")?;
+        let rope = Rope::new(cfg.rope_theta, cfg.head_dim(), max_positions, 1.0, &device)?;
+        Ok(Qwen { variant, cfg, embed, lm_head, embed_q, lm_head_q, layers, norm, rope, device })
+    }
+
+    /// One decoder layer on `x: [T, hidden]`, the rows of `seqs`.
+    fn layer(&self, l: &Layer, x: &Tensor, seqs: &mut [Seq<'_>], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        let step = is_step(seqs);
+        let n = rms_norm(x, &l.input_norm, eps, 0.0)?;
+        let h = (x + self.attention(l, &n, seqs, dropout, step)?)?;
+        let n = rms_norm(&h, &l.post_attn_norm, eps, 0.0)?;
+        let [gate, up] = LoraLinear::forward_in([&l.gate, &l.up], &n, dropout, step)?;
+        let [ff] = LoraLinear::forward_in([&l.down], &(gate.silu()? * up)?, dropout, step)?;
+        h + ff
+    }
+
+    /// `step`: a batched decoding step ([`LoraLinear::forward_in`]).
+    fn attention(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        seqs: &mut [Seq<'_>],
+        dropout: Option<&dyn DropoutMask>,
+        step: bool,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (t, _) = x.dims2()?;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
+        let heads = |y: Tensor, n: usize| y.reshape((t, n, hd))?.transpose(0, 1)?.contiguous();
+        let [q, k, v] = LoraLinear::forward_in([&l.q, &l.k, &l.v], x, dropout, step)?;
+        let (mut q, mut k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
+        if let Some((qn, kn)) = &l.qk_norm {
+            q = rms_norm(&q, qn, cfg.rms_norm_eps, 0.0)?;
+            k = rms_norm(&k, kn, cfg.rms_norm_eps, 0.0)?;
+        }
+        let out = per_sequence(&q, &k, &v, seqs, |q, k, v, seq| {
+            let (t, start) = (seq.len, seq.start);
+            let q = (self.rope.apply(&q, start)? * (hd as f64).powf(-0.5))?;
+            let k = self.rope.apply(&k, start)?;
+            let (k, v) = match seq.kv.as_deref_mut() {
+                Some(kv) => kv.append(&k, &v)?,
+                None => (k, v),
+            };
+            // Grouped-query attention: the q heads of a kv group stacked in time.
+            let group = nh / nkv;
+            let out = cached_attention(&q.reshape((nkv, group * t, hd))?, &k, &v, t, start, None, None)?;
+            out.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))
+        })?;
+        let [out] = LoraLinear::forward_in([&l.o], &out, dropout, step)?;
+        Ok(out)
+    }
+
+    /// Final hidden states for `ids`, the rows of `rows`.
+    fn run(&self, ids: &[u32], mut rows: Rows<'_, '_>, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+        let mut x = self.embed_tokens(ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.layer(layer, &x, &mut rows.seqs(i, ids.len()), dropout)?;
+        }
+        self.final_norm(&x)
+    }
+
+    fn head(&self) -> (&Tensor, Option<&QuantLinear>) {
+        match &self.lm_head {
+            Some(w) => (w, self.lm_head_q.as_deref()),
+            None => (&self.embed, self.embed_q.as_deref()),
+        }
+    }
+}
+
+impl CausalLm for Qwen {
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn max_position_embeddings(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    fn linears_mut(&mut self) -> Vec<(String, &mut LoraLinear)> {
+        let layers = self.layers.iter_mut().enumerate();
+        layers
+            .flat_map(|(i, l)| {
+                layer_linears(i, [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down])
+            })
+            .collect()
+    }
+
+    fn hidden(&self, ids: &[u32], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+        self.run(ids, Rows::One { start: 0, cache: None }, dropout)
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::new(ids, &self.device)?;
+        self.embed.index_select(&ids, 0)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn layer_forward(&self, i: usize, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+        self.layer(&self.layers[i], x, &mut [Seq { len: x.dim(0)?, start: 0, kv: None }], dropout)
+    }
+
+    fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.cfg.rms_norm_eps, 0.0)
+    }
+
+    fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        self.run(ids, Rows::One { start: cache.len(), cache: Some(cache) }, None)
+    }
+
+    fn forward_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        self.run(ids, Rows::Step(caches), None)
+    }
+
+    fn max_positions(&self) -> usize {
+        self.rope.cos.dim(0).unwrap_or(0)
+    }
+
+    fn loss(&self, hidden: &Tensor, targets: &[u32]) -> Result<Tensor> {
+        super::ops::linear_cross_entropy(hidden, self.head().0, targets)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (w, q) = self.head();
+        super::lora::head_logits(hidden, w, q)
+    }
+}

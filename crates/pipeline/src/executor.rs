@@ -1,0 +1,512 @@
+//! The executor: builds the stage DAG, plans (which stages are cached, which
+//! run and why), and runs the stages that must, publishing each atomically.
+//!
+//! Keys are computed in topological order: a stage's key needs the keys of
+//! its inputs (not their outputs), so the whole plan is known before anything
+//! runs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use petgraph::algo::{tarjan_scc, toposort};
+use petgraph::graph::{DiGraph, NodeIndex};
+use serde::Serialize;
+
+use crate::error::{RecipeError, did_you_mean};
+use crate::recipe::Recipe;
+use crate::stages::{Env, RunContext};
+use pipeline_cache::store::KeyLock;
+use pipeline_cache::store::MANIFEST_FORMAT;
+use pipeline_cache::{CacheKey, Fingerprint, HashMemo, Manifest, Remote, Store};
+
+/// What will happen to a stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// A finished entry exists: reused.
+    Cached,
+    /// Runs from scratch.
+    Run,
+    /// Continues from a checkpoint in its work dir.
+    Resume,
+}
+
+/// The plan for one stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct StagePlan {
+    pub name: String,
+    pub kind: String,
+    pub key: CacheKey,
+    pub status: Status,
+    /// For `run`/`resume`: why (what changed, or "no cache entry").
+    pub reason: Option<String>,
+    /// For `resume`: the step it continues from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
+    #[serde(skip)]
+    pub fingerprint: Fingerprint,
+    /// Parameter name → stage name of each input.
+    #[serde(skip)]
+    pub inputs: Vec<(String, String)>,
+}
+
+/// The plan for a recipe, in execution order.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub stages: Vec<StagePlan>,
+}
+
+impl Plan {
+    pub fn stage(&self, name: &str) -> Option<&StagePlan> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+}
+
+/// Where a command's cache lives: `--cache-dir` (a directory, or an
+/// object-store URL) and, for a URL, the local working copy.
+#[derive(Debug, Clone)]
+pub struct CacheLocation {
+    pub cache_dir: String,
+    pub local_cache: PathBuf,
+}
+
+impl Default for CacheLocation {
+    /// `.pipeline` in the current directory.
+    fn default() -> Self {
+        CacheLocation::local(Path::new(".pipeline"))
+    }
+}
+
+impl CacheLocation {
+    /// A plain local cache directory.
+    pub fn local(dir: &Path) -> CacheLocation {
+        CacheLocation { cache_dir: dir.to_string_lossy().into_owned(), local_cache: dir.to_path_buf() }
+    }
+
+    /// The executor over this cache (connecting to the remote one, if any).
+    pub fn open(&self) -> Result<Executor> {
+        if pipeline_cache::remote::is_url(&self.cache_dir) {
+            Executor::with_remote(&self.local_cache, Remote::open(&self.cache_dir)?)
+        } else {
+            Executor::new(Path::new(&self.cache_dir))
+        }
+    }
+}
+
+/// Runs recipes against one cache directory, optionally backed by a remote
+/// cache in an object store.
+pub struct Executor {
+    store: Store,
+    memo: HashMemo,
+    remote: Option<Remote>,
+}
+
+impl Executor {
+    /// An executor over the cache at `cache_dir` (created if needed).
+    pub fn new(cache_dir: &Path) -> Result<Executor> {
+        let store = Store::open(cache_dir)?;
+        let memo = HashMemo::open(cache_dir.join("hashes.json"));
+        Ok(Executor { store, memo, remote: None })
+    }
+
+    /// An executor whose local cache at `cache_dir` is backed by `remote`:
+    /// finished entries are pulled from it and pushed to it, and training
+    /// checkpoints are synced to it.
+    pub fn with_remote(cache_dir: &Path, remote: Remote) -> Result<Executor> {
+        let mut e = Executor::new(cache_dir)?;
+        e.remote = Some(remote);
+        Ok(e)
+    }
+
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_ref()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Computes every stage's key and status, up to `until` (and what it
+    /// needs) when given.
+    pub fn plan(&self, recipe: &Recipe, until: Option<&str>) -> Result<Plan> {
+        let env = Env::new(recipe, &self.memo);
+        let plan = self.plan_with(&env, until)?;
+        self.memo.save().ok();
+        Ok(plan)
+    }
+
+    fn plan_with(&self, env: &Env, until: Option<&str>) -> Result<Plan> {
+        let recipe = env.recipe;
+        let order = execution_order(recipe, until)?;
+        let mut keys: BTreeMap<String, CacheKey> = BTreeMap::new();
+        let mut stages = Vec::new();
+        for name in order {
+            let spec = &recipe.stages[&name];
+            let stage = spec.stage();
+            let mut params = stage.params(env);
+            let mut inputs = BTreeMap::new();
+            let mut input_names = Vec::new();
+            for input in spec.inputs() {
+                // References are labels: the input's key stands in for them.
+                if let Some(obj) = params.as_object_mut() {
+                    obj.remove(input.role);
+                }
+                inputs.insert(input.role.to_string(), keys[input.stage].clone());
+                input_names.push((input.role.to_string(), input.stage.to_string()));
+            }
+            let outside = stage
+                .outside_inputs(env)
+                .with_context(|| format!("stage `{name}` ({}): cannot read its inputs", spec.kind()))?;
+            let fingerprint =
+                Fingerprint { kind: spec.kind().to_string(), version: stage.version(), params, inputs, outside };
+            let key = fingerprint.key();
+            let (status, reason, step) = if self.store.is_finished(&key) {
+                (Status::Cached, None, None)
+            } else if let Some(remote) = self.remote.as_ref().filter(|r| r.has_entry(&key).unwrap_or(false)) {
+                (Status::Cached, Some(format!("in the remote cache {}", remote.url())), None)
+            } else {
+                let reason = self.why(&recipe.recipe.name, &name, &key, &fingerprint);
+                let local = stage.resume_point(&self.store.work_dir(&key));
+                let remote = match (&local, &self.remote) {
+                    (None, Some(r)) => r.latest_checkpoint(&key).unwrap_or(None),
+                    _ => None,
+                };
+                match (local, remote) {
+                    (Some(step), _) => (Status::Resume, Some(reason), Some(step)),
+                    (None, Some(step)) => {
+                        (Status::Resume, Some(format!("{reason}; checkpoint in the remote cache")), Some(step))
+                    }
+                    (None, None) => (Status::Run, Some(reason), None),
+                }
+            };
+            keys.insert(name.clone(), key.clone());
+            stages.push(StagePlan {
+                name,
+                kind: spec.kind().to_string(),
+                key,
+                status,
+                reason,
+                step,
+                fingerprint,
+                inputs: input_names,
+            });
+        }
+        Ok(Plan { stages })
+    }
+
+    /// Why a stage has no cache entry: the differences from what it last
+    /// resolved to in this recipe, or "no cache entry".
+    fn why(&self, recipe: &str, stage: &str, key: &CacheKey, fp: &Fingerprint) -> String {
+        match self.store.get_ref(recipe, stage) {
+            Some(old) if old != *key => match self.store.fingerprint(&old) {
+                Some(old_fp) => {
+                    let diff = fp.diff(&old_fp);
+                    if diff.is_empty() { "no cache entry".into() } else { diff.join("; ") }
+                }
+                None => "no cache entry".into(),
+            },
+            Some(_) => "no cache entry (the previous result was removed or never finished)".into(),
+            None => "no cache entry".into(),
+        }
+    }
+
+    /// Runs the recipe (up to `until`): reuses cached stages, runs the rest
+    /// in order, publishing each as it finishes.
+    pub fn run(&self, recipe: &Recipe, until: Option<&str>) -> Result<Vec<StageOutcome>> {
+        let env = Env::new(recipe, &self.memo);
+        let plan = self.plan_with(&env, until)?;
+        self.memo.save().ok();
+        if let Some(remote) = &self.remote {
+            remote.check_writable()?;
+        }
+        let mut dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
+        let mut outcomes = Vec::new();
+        // Finished only in the remote cache and read by no stage that runs
+        // (yet): left there. Pulled when a stage that runs needs them, and
+        // the stages nothing else reads (the recipe's results) always.
+        let mut remote_only: BTreeMap<&str, &StagePlan> = BTreeMap::new();
+        let read_by_others: std::collections::BTreeSet<&str> =
+            plan.stages.iter().flat_map(|s| s.inputs.iter().map(|(_, stage)| stage.as_str())).collect();
+        for sp in &plan.stages {
+            let started = Instant::now();
+            let local = self.store.is_finished(&sp.key);
+            let remote_finished = !local && self.remote.as_ref().is_some_and(|r| r.has_entry(&sp.key).unwrap_or(false));
+            let done = if remote_finished && read_by_others.contains(sp.name.as_str()) {
+                remote_only.insert(&sp.name, sp);
+                Done::Remote
+            } else {
+                // Only a stage that runs reads its inputs.
+                let inputs = if local || remote_finished { &[][..] } else { &sp.inputs[..] };
+                for (_, input) in inputs {
+                    if let Some(isp) = remote_only.remove(input.as_str()) {
+                        let t0 = Instant::now();
+                        self.pull_one(isp)?;
+                        crate::report::println(&format!(
+                            "  {:<7} {:<16} {:<16} {}  {:.2}s",
+                            Done::Pulled.verb(),
+                            isp.name,
+                            isp.kind,
+                            isp.key.short(),
+                            t0.elapsed().as_secs_f64()
+                        ));
+                    }
+                }
+                self.run_stage(&env, sp, &dirs)?
+            };
+            let elapsed = started.elapsed().as_secs_f64();
+            self.store.set_ref(&recipe.recipe.name, &sp.name, &sp.key)?;
+            crate::report::println(&format!(
+                "  {:<7} {:<16} {:<16} {}  {elapsed:.2}s",
+                done.verb(),
+                sp.name,
+                sp.kind,
+                sp.key.short()
+            ));
+            dirs.insert(sp.name.clone(), self.store.entry_dir(&sp.key));
+            outcomes.push(StageOutcome { name: sp.name.clone(), key: sp.key.clone(), done, seconds: elapsed });
+        }
+        Ok(outcomes)
+    }
+
+    /// Runs one stage unless it is (or, after waiting for a lock, has become)
+    /// cached, locally or in the remote cache.
+    fn run_stage(&self, env: &Env, sp: &StagePlan, dirs: &BTreeMap<String, PathBuf>) -> Result<Done> {
+        if self.store.is_finished(&sp.key) {
+            self.push(sp)?;
+            return Ok(Done::Cached);
+        }
+        let lock = self.store.lock(&sp.key, || {
+            crate::report::println(&format!("  waiting for another pipeline process working on `{}`", sp.name))
+        })?;
+        if self.store.is_finished(&sp.key) {
+            self.push(sp)?;
+            return Ok(Done::Cached);
+        }
+        let work = self.store.prepare_work(&sp.key, &sp.fingerprint, &lock)?;
+        if let Some(remote) = &self.remote {
+            // Another machine may have finished it since the plan was made.
+            if self.pull_into(sp, remote, &work, &lock)? {
+                return Ok(Done::Pulled);
+            }
+            if sp.status == Status::Resume && env.recipe.stages[&sp.name].stage().resume_point(&work).is_none() {
+                let step = remote.pull_latest_checkpoint(&sp.key, &pipeline_train::checkpoint::dir(&work))?;
+                tracing::info!(stage = %sp.name, ?step, "pulled the newest checkpoint from the remote cache");
+            }
+        }
+        match (&sp.status, &sp.reason) {
+            (Status::Resume, _) => tracing::info!(stage = %sp.name, step = sp.step, "resuming"),
+            (_, Some(reason)) => tracing::info!(stage = %sp.name, %reason, "running"),
+            _ => {}
+        }
+        let spec = &env.recipe.stages[&sp.name];
+        let ctx = RunContext {
+            name: &sp.name,
+            key: &sp.key,
+            out: work.join("out"),
+            work: work.clone(),
+            inputs: sp.inputs.iter().map(|(role, stage)| (role.clone(), dirs[stage].clone())).collect(),
+            env,
+            remote: self.remote.as_ref(),
+        };
+        let started_at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let t0 = Instant::now();
+        let metrics = spec.stage().run(&ctx).with_context(|| format!("stage `{}` ({}) failed", sp.name, sp.kind));
+        // The stage's tensors are gone: give their memory back before the next one.
+        crate::allocator::release();
+        let metrics = metrics?;
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            key: sp.key.clone(),
+            kind: sp.kind.clone(),
+            fingerprint: sp.fingerprint.clone(),
+            files: vec![],
+            started_at,
+            duration_s: t0.elapsed().as_secs_f64(),
+            pipeline_version: env!("CARGO_PKG_VERSION").to_string(),
+            metrics,
+        };
+        self.store.publish(&sp.key, manifest, &lock)?;
+        drop(lock);
+        self.push(sp)?;
+        if let Some(remote) = &self.remote {
+            remote.drop_checkpoints(&sp.key)?;
+        }
+        Ok(Done::Ran)
+    }
+
+    /// Copies into the local cache the stages of `recipe` (only `stage`, when
+    /// given) that are finished only in the remote cache, for `export`,
+    /// `show` and `generate --recipe`. Returns how many.
+    pub fn pull_finished(&self, recipe: &Recipe, stage: Option<&str>) -> Result<usize> {
+        if self.remote.is_none() {
+            return Ok(0);
+        }
+        let mut n = 0;
+        for sp in self.plan(recipe, stage)?.stages {
+            if stage.is_some_and(|s| s != sp.name) || sp.status != Status::Cached || self.store.is_finished(&sp.key) {
+                continue;
+            }
+            self.pull_one(&sp)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Copies one entry the plan found in the remote cache into the local one.
+    fn pull_one(&self, sp: &StagePlan) -> Result<()> {
+        let remote = self.remote.as_ref().expect("a remote cache");
+        let lock = self.store.lock(&sp.key, || {})?;
+        if self.store.is_finished(&sp.key) {
+            return Ok(());
+        }
+        let work = self.store.prepare_work(&sp.key, &sp.fingerprint, &lock)?;
+        if !self.pull_into(sp, remote, &work, &lock)? {
+            bail!("stage `{}`: its entry vanished from {}", sp.name, remote.url());
+        }
+        Ok(())
+    }
+
+    /// Downloads the remote entry of `sp` into `work/out` and publishes it
+    /// locally; false when the remote has no such entry.
+    fn pull_into(&self, sp: &StagePlan, remote: &Remote, work: &Path, lock: &KeyLock) -> Result<bool> {
+        let pulled = remote
+            .pull_entry(&sp.key, &work.join("out"))
+            .with_context(|| format!("stage `{}`: cannot pull its entry from {}", sp.name, remote.url()))?;
+        match pulled {
+            Some(manifest) => {
+                self.store.publish(&sp.key, manifest, lock)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Uploads the finished local entry to the remote cache unless it is
+    /// there already.
+    fn push(&self, sp: &StagePlan) -> Result<()> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let manifest = self.store.manifest(&sp.key)?.context("a finished entry without manifest")?;
+        if remote
+            .push_entry(&sp.key, &self.store.entry_dir(&sp.key), &manifest)
+            .with_context(|| format!("stage `{}`: cannot push its entry to {}", sp.name, remote.url()))?
+        {
+            tracing::info!(stage = %sp.name, remote = remote.url(), "pushed");
+        }
+        Ok(())
+    }
+}
+
+/// How a stage came to be finished in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Done {
+    Ran,
+    Cached,
+    /// Copied from the remote cache.
+    Pulled,
+    /// Finished in the remote cache and not needed here.
+    Remote,
+}
+
+impl Done {
+    /// The word `run` prints.
+    pub fn verb(self) -> &'static str {
+        match self {
+            Done::Ran => "ran",
+            Done::Cached => "cached",
+            Done::Pulled => "pulled",
+            Done::Remote => "remote",
+        }
+    }
+}
+
+/// What happened to one stage in a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageOutcome {
+    pub name: String,
+    pub key: CacheKey,
+    pub done: Done,
+    pub seconds: f64,
+}
+
+impl StageOutcome {
+    /// Whether the stage ran here (rather than being reused).
+    pub fn ran(&self) -> bool {
+        self.done == Done::Ran
+    }
+}
+
+/// The stages in a valid execution order (inputs first), restricted to
+/// `until` and its ancestors. Cycles and unknown `until` names are recipe
+/// errors; so are references to a stage of the wrong kind.
+pub fn execution_order(recipe: &Recipe, until: Option<&str>) -> Result<Vec<String>, RecipeError> {
+    let mut graph: DiGraph<&str, ()> = DiGraph::new();
+    let nodes: BTreeMap<&str, NodeIndex> =
+        recipe.stages.keys().map(|name| (name.as_str(), graph.add_node(name.as_str()))).collect();
+    for (name, spec) in &recipe.stages {
+        for input in spec.inputs() {
+            graph.add_edge(nodes[input.stage], nodes[name.as_str()], ());
+        }
+    }
+    let sorted = toposort(&graph, None).map_err(|cycle| {
+        let scc = tarjan_scc(&graph).into_iter().find(|c| c.contains(&cycle.node_id())).unwrap_or_default();
+        let mut names: Vec<&str> = scc.iter().map(|n| graph[*n]).collect();
+        names.sort();
+        let first = names.first().copied().unwrap_or(graph[cycle.node_id()]);
+        let path = cycle_path(recipe, first);
+        RecipeError::new(format!("the stages form a cycle: {}", path.join(" → ")))
+            .at(recipe.locate(&["stages", first]))
+            .in_file(&recipe.path)
+            .key(format!("stages.{first}"))
+            .help("a stage cannot read its own output, directly or through others; fix the references")
+    })?;
+    recipe.check_input_kinds(std::fs::read_to_string(&recipe.path).ok().as_deref())?;
+
+    let keep: Option<std::collections::BTreeSet<NodeIndex>> = match until {
+        None => None,
+        Some(u) => {
+            let Some(&target) = nodes.get(u) else {
+                let mut e = RecipeError::new(format!("--until `{u}`: no stage has that name")).in_file(&recipe.path);
+                e.help = Some(match did_you_mean(u, nodes.keys().copied()) {
+                    Some(s) => format!("did you mean `{s}`?"),
+                    None => format!("stages: {}", nodes.keys().copied().collect::<Vec<_>>().join(", ")),
+                });
+                return Err(e);
+            };
+            let mut rev = graph.clone();
+            rev.reverse();
+            let mut dfs = petgraph::visit::Dfs::new(&rev, target);
+            let mut set = std::collections::BTreeSet::new();
+            while let Some(n) = dfs.next(&rev) {
+                set.insert(n);
+            }
+            Some(set)
+        }
+    };
+    Ok(sorted
+        .into_iter()
+        .filter(|n| keep.as_ref().is_none_or(|k| k.contains(n)))
+        .map(|n| graph[n].to_string())
+        .collect())
+}
+
+/// Follows references from `start` back to itself, for the cycle message.
+fn cycle_path(recipe: &Recipe, start: &str) -> Vec<String> {
+    let mut path = vec![start.to_string()];
+    let mut cur = start.to_string();
+    for _ in 0..recipe.stages.len() {
+        let Some(next) = recipe.stages[&cur].inputs().first().map(|i| i.stage.to_string()) else {
+            break;
+        };
+        path.push(next.clone());
+        if next == start {
+            break;
+        }
+        cur = next;
+    }
+    path
+}

@@ -1,0 +1,34 @@
+//! `pipeline`: turn a TOML recipe into a fine-tuned, quantized, ready-to-serve
+//! small language model.
+//!
+//! This crate is the orchestration layer over the crates that do the work
+//! (`pipeline-model`, `-train`, `-infer`, `-export`, `-cache`, `-data`; see
+//! ARCHITECTURE.md). Read it top-down:
+//!
+//! - [`recipe`]: the TOML recipe: its types (which also generate
+//!   `schema/recipe.schema.json`), parsing with located errors, `--set` overrides.
+//! - [`stages`]: the stage kinds, listed once in [`stages::registry`]; each
+//!   module maps its parameters onto a call into the crates below.
+//! - [`executor`]: the DAG of stages (petgraph), `plan`, `run`, the finished
+//!   entry of a stage, garbage collection.
+//! - [`model_source`]: `[model] base` → files on disk (local or hub).
+//! - [`session`]: a model + tokenizer + template loaded for generation;
+//!   [`export`]: copying finished artifacts out of the cache.
+//! - [`report`]: where progress and result lines go (the library itself
+//!   never prints); [`threads`] and [`allocator`]: process-wide settings a
+//!   program using the library should apply first.
+
+pub mod allocator;
+pub mod error;
+pub mod executor;
+pub mod export;
+pub mod model_source;
+pub mod recipe;
+pub mod report;
+pub mod session;
+pub mod stages;
+pub mod threads;
+
+pub use error::RecipeError;
+pub use executor::{Executor, Plan, StagePlan, Status};
+pub use recipe::Recipe;

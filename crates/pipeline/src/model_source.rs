@@ -1,0 +1,88 @@
+//! Resolving `[model] base` (or `--model`) to files on disk.
+//!
+//! A base model is one of:
+//! - `hf://OWNER/NAME[@REV]`: fetched with `hf-hub` into the Hugging Face
+//!   cache (`HF_HOME`); with `HF_HUB_OFFLINE=1` only the cache is read;
+//! - a local directory in Hugging Face layout (`config.json`,
+//!   `tokenizer.json`, `tokenizer_config.json`, `*.safetensors`, or a `.gguf`);
+//! - a local `.gguf` file (tokenizer files beside it or via `[model] tokenizer`).
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use crate::recipe::{ModelSpec, Recipe, resolve_against};
+use pipeline_data::hub::{self, HubRepo};
+pub use pipeline_model::ModelFiles;
+
+/// The small files every model directory may carry.
+const MODEL_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "model.safetensors.index.json",
+];
+
+/// Finds the model files for a recipe's `[model]` table.
+pub fn resolve(recipe: &Recipe) -> Result<ModelFiles> {
+    resolve_spec(&recipe.model, &recipe.base_dir(), &recipe.path)
+}
+
+/// Finds the model files for a path or `hf://` id given on the command line.
+pub fn from_path(path: &Path) -> Result<ModelFiles> {
+    let spec = ModelSpec { base: path.display().to_string(), tokenizer: None, chat_template: None };
+    resolve_spec(&spec, Path::new("."), Path::new("--model"))
+}
+
+/// `spec`'s files, relative paths resolved against `base_dir`; `origin`
+/// (the recipe file) is named in messages.
+fn resolve_spec(spec: &ModelSpec, base_dir: &Path, origin: &Path) -> Result<ModelFiles> {
+    let resolve_path = |p: &str| resolve_against(base_dir, p);
+    let mut model = if let Some(rest) = spec.base.strip_prefix("hf://") {
+        let repo = HubRepo::parse_model(rest).with_context(|| format!("[model] base = \"{}\"", spec.base))?;
+        let snapshot = hub::fetch_files(
+            &repo,
+            |name| MODEL_FILES.contains(&name) || name.ends_with(".safetensors"),
+            crate::report::draws_bars(),
+        )
+        .with_context(|| format!("cannot fetch the model `{}` ([model] base)", spec.base))?;
+        let mut m = ModelFiles::from_dir(&spec.base, &snapshot.dir)?;
+        m.revision = Some(snapshot.revision);
+        m
+    } else {
+        let path = resolve_path(&spec.base);
+        if path.is_dir() {
+            ModelFiles::from_dir(&spec.base, &path)?
+        } else if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+            let mut m = ModelFiles::from_dir(&spec.base, &dir)?;
+            m.weights = vec![path];
+            m
+        } else {
+            bail!(
+                "{}: [model] base = \"{}\" is not a directory, a .gguf file or an hf:// id \
+                 (resolved to {}); run scripts/fetch-models.sh to provision the local models",
+                origin.display(),
+                spec.base,
+                path.display()
+            );
+        }
+    };
+    if let Some(tok) = &spec.tokenizer {
+        let p = resolve_path(tok);
+        let (json, cfg) = if p.is_dir() {
+            (p.join("tokenizer.json"), p.join("tokenizer_config.json"))
+        } else {
+            (p.clone(), p.with_file_name("tokenizer_config.json"))
+        };
+        if !json.is_file() {
+            bail!("{}: [model] tokenizer = \"{tok}\": no tokenizer.json at {}", origin.display(), json.display());
+        }
+        model.tokenizer_json = Some(json);
+        model.tokenizer_config = cfg.is_file().then_some(cfg);
+    }
+    Ok(model)
+}

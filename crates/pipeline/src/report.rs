@@ -1,0 +1,138 @@
+//! How the library tells people what it is doing: progress of long work and
+//! result lines, through one [`Reporter`] the program installs.
+//!
+//! The library never writes to the console itself. By default
+//! ([`LogReporter`]) lines and progress go to `tracing` (`RUST_LOG`), about
+//! twenty progress lines per unit of work; the `pipeline` binary installs
+//! one that draws indicatif bars on a terminal ([`set_reporter`]).
+
+use std::sync::RwLock;
+use std::time::Instant;
+
+/// Where progress and result lines go.
+pub trait Reporter: Send + Sync {
+    /// A unit of work of `len` steps, labelled `what` (e.g. "tokenize train").
+    fn start(&self, what: &str, len: u64) -> Box<dyn Progress>;
+    /// A line for the people running the program (a result, a note).
+    fn line(&self, line: &str);
+    /// Whether progress is drawn as live bars (then third-party bars, such
+    /// as hf-hub's downloads, may be shown too).
+    fn draws_bars(&self) -> bool {
+        false
+    }
+}
+
+/// One unit of work in progress.
+pub trait Progress: Send + Sync {
+    fn set_position(&self, pos: u64);
+    fn inc(&self, n: u64);
+    /// A short status (e.g. `loss 1.23 lr 2e-4 812 tok/s`).
+    fn set_message(&self, message: String);
+    /// Done: a bar disappears, a log says so.
+    fn finish(&self);
+}
+
+static REPORTER: RwLock<Option<Box<dyn Reporter>>> = RwLock::new(None);
+
+/// Installs the reporter every later call uses (the binary does this once
+/// at start; library users may install their own).
+pub fn set_reporter(reporter: Box<dyn Reporter>) {
+    *REPORTER.write().expect("reporter lock") = Some(reporter);
+}
+
+fn with<R>(f: impl FnOnce(&dyn Reporter) -> R) -> R {
+    let guard = REPORTER.read().expect("reporter lock");
+    match guard.as_deref() {
+        Some(r) => f(r),
+        None => f(&LogReporter),
+    }
+}
+
+/// Starts a unit of work of `len` steps.
+pub fn bar(len: u64, what: &str) -> Box<dyn Progress> {
+    with(|r| r.start(what, len))
+}
+
+/// Reports a line.
+pub fn println(line: &str) {
+    with(|r| r.line(line))
+}
+
+/// Whether the installed reporter draws live bars.
+pub fn draws_bars() -> bool {
+    with(|r| r.draws_bars())
+}
+
+/// The default: everything through `tracing` at `info`.
+pub struct LogReporter;
+
+impl Reporter for LogReporter {
+    fn start(&self, what: &str, len: u64) -> Box<dyn Progress> {
+        Box::new(LogProgress::new(what, len))
+    }
+    fn line(&self, line: &str) {
+        tracing::info!("{}", line.trim_start());
+    }
+}
+
+/// Progress as log lines: one each time another twentieth of the work is
+/// done (and at the end), with the latest message and the time left.
+pub struct LogProgress {
+    what: String,
+    len: u64,
+    started: Instant,
+    state: std::sync::Mutex<LogState>,
+}
+
+struct LogState {
+    pos: u64,
+    first: u64,
+    message: String,
+    logged: u64,
+}
+
+impl LogProgress {
+    pub fn new(what: &str, len: u64) -> LogProgress {
+        let state = LogState { pos: 0, first: 0, message: String::new(), logged: 0 };
+        LogProgress { what: what.to_string(), len, started: Instant::now(), state: std::sync::Mutex::new(state) }
+    }
+
+    fn log_if_due(&self, s: &mut LogState) {
+        let every = (self.len / 20).max(1);
+        if s.pos / every > s.logged / every || (s.pos == self.len && s.logged < self.len) {
+            s.logged = s.pos;
+            let done = s.pos.saturating_sub(s.first);
+            let eta = if done > 0 {
+                format!(
+                    ", {:.0} s left",
+                    (self.len - s.pos.min(self.len)) as f64 * self.started.elapsed().as_secs_f64() / done as f64
+                )
+            } else {
+                String::new()
+            };
+            tracing::info!("{}: {}/{} {}{eta}", self.what, s.pos, self.len, s.message);
+        }
+    }
+}
+
+impl Progress for LogProgress {
+    fn set_position(&self, pos: u64) {
+        let mut s = self.state.lock().expect("progress lock");
+        if s.pos == 0 && s.logged == 0 {
+            // Resumed work: the time left counts from here.
+            s.first = pos;
+            s.logged = pos;
+        }
+        s.pos = pos;
+        self.log_if_due(&mut s);
+    }
+    fn inc(&self, n: u64) {
+        let mut s = self.state.lock().expect("progress lock");
+        s.pos += n;
+        self.log_if_due(&mut s);
+    }
+    fn set_message(&self, message: String) {
+        self.state.lock().expect("progress lock").message = message;
+    }
+    fn finish(&self) {}
+}

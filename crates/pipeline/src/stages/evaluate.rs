@@ -1,0 +1,666 @@
+//! `evaluate`: generate an answer for every conversation of a split and
+//! score it against the conversation's own gold turn; eval loss and
+//! perplexity on the same conversations.
+//!
+//! For each row the prompt is the conversation up to its first assistant
+//! turn, rendered with the chat template that `format-chat` used for
+//! training (read from its artifact, so evaluation sees what training saw).
+//! One forward pass over the whole conversation scores the loss of its
+//! assistant tokens and fills the KV cache; the cache is cut back to the
+//! prompt and the answer is decoded from there. Rows run in token order,
+//! each starting from the prefix it shares with the previous row (copied
+//! out of that row's cache), and are decoded `batch` at a time. `compare =
+//! ["base", "adapter"]` reports the base model and base + adapter (unmerged)
+//! side by side; the base model's half is the implicit stage `NAME.base`,
+//! cached on its own so that retraining does not evaluate it again. Outputs: `report.json`, `report.md`, `predictions.jsonl`
+//! (in the split's order).
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, bail};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::format_chat::Conversation;
+use super::{Env, RunContext, Stage};
+use pipeline_infer::chat::{ChatTemplate, Message};
+use pipeline_infer::eval::{Metric, Tally, Task, markdown_table, rouge_l, score_tool_call};
+use pipeline_infer::generate::{Generation, GenerationParams, Generator};
+use pipeline_model::{self as model, CausalLm, KvCache};
+
+/// Parameters of an `evaluate` stage.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    /// The `format-chat` stage whose conversations are evaluated.
+    pub conversations: String,
+    /// The `lora-train` stage whose adapter is evaluated (leave out to
+    /// evaluate the base model alone).
+    #[serde(default)]
+    pub adapter: Option<String>,
+    /// The split to evaluate (default: `validation`, else `test`).
+    #[serde(default)]
+    pub split: Option<String>,
+    /// Models to evaluate side by side: `base`, `adapter` (default: the
+    /// adapter when there is one, else the base).
+    #[serde(default)]
+    pub compare: Vec<Subject>,
+    /// `tool-call`, `qa`, or `auto` (tool calling when any gold turn calls a tool).
+    #[serde(default)]
+    pub task: Task,
+    /// Evaluate only the first N rows.
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Prompts longer than this many tokens are skipped and counted in the
+    /// report (default: the model's context minus `max_new_tokens`).
+    #[serde(default)]
+    pub max_prompt_tokens: Option<usize>,
+    /// Compute eval loss and perplexity over the assistant turns.
+    #[serde(default = "yes")]
+    pub loss: bool,
+    /// Row column whose values break the metrics down (default: `query_type`
+    /// when rows have it).
+    #[serde(default)]
+    pub group_by: Option<String>,
+    /// Decoding (greedy by default).
+    #[serde(default)]
+    pub generation: GenerationParams,
+    /// Rows decoded together (one step runs a token of each): faster, and
+    /// the same answers up to float rounding, so it is not part of the
+    /// stage's cache key. Each row holds a KV cache of its whole prompt.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    /// Spot checks: each prompt is sent as a user turn (after the split's
+    /// system prompt, with its tools, when the conversations have them) to
+    /// every compared model; the report lists what each generated and the
+    /// tool calls parsed from it.
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    /// The implicit stage that evaluates the base model when `compare` has
+    /// both models (see [`Params::split_off_base`]); its results are read
+    /// instead of evaluating the base model again.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub baseline: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_batch() -> usize {
+    8
+}
+
+/// A model to evaluate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Subject {
+    Base,
+    Adapter,
+}
+
+impl Subject {
+    fn name(self) -> &'static str {
+        match self {
+            Subject::Base => "base",
+            Subject::Adapter => "adapter",
+        }
+    }
+}
+
+impl Params {
+    pub fn check(&self) -> Result<(), (&'static str, String, String)> {
+        if self.compare.contains(&Subject::Adapter) && self.adapter.is_none() {
+            return Err((
+                "compare",
+                "`adapter` is compared but no adapter stage is named".into(),
+                "set `adapter = \"<lora-train stage>\"` or compare only \"base\"".into(),
+            ));
+        }
+        if self.generation.max_new_tokens == 0 {
+            return Err(("generation.max_new_tokens", "0".into(), "generate at least 1 token".into()));
+        }
+        if self.batch == 0 {
+            return Err(("batch", "0".into(), "decode at least 1 row at a time (default 8)".into()));
+        }
+        if self.limit == Some(0) {
+            return Err(("limit", "0".into(), "evaluate at least 1 row, or leave `limit` out".into()));
+        }
+        if let Some(i) = self.prompts.iter().position(|p| p.trim().is_empty()) {
+            return Err(("prompts", format!("prompt {i} is empty"), "write the user's request".into()));
+        }
+        self.generation.check().map_err(|(k, v, h)| (k, v, h))
+    }
+
+    /// When `compare` has both the base model and the adapter, the base
+    /// model's half of the work is its own stage: it does not depend on the
+    /// adapter, so retraining (new steps, rank, learning rate…) reuses it
+    /// from the cache instead of evaluating the unchanged base model again.
+    /// Returns that stage's parameters (those of this stage without the
+    /// adapter: its cache key is the one of a base-only `evaluate` stage
+    /// written in the recipe) and points this stage's `baseline` at `name`.
+    pub fn split_off_base(&mut self, name: &str) -> Option<Params> {
+        if !(self.subjects().contains(&Subject::Base) && self.subjects().contains(&Subject::Adapter)) {
+            return None;
+        }
+        let base = Params { adapter: None, compare: Vec::new(), baseline: None, ..self.clone() };
+        self.baseline = Some(name.to_string());
+        Some(base)
+    }
+
+    fn subjects(&self) -> Vec<Subject> {
+        match (self.compare.is_empty(), &self.adapter) {
+            (false, _) => self.compare.clone(),
+            (true, Some(_)) => vec![Subject::Adapter],
+            (true, None) => vec![Subject::Base],
+        }
+    }
+}
+
+impl Stage for Params {
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn params(&self, env: &Env) -> Value {
+        let mut v = serde_json::to_value(self).expect("params serialize");
+        v.as_object_mut().expect("an object").remove("batch");
+        v["seed"] = env.recipe.recipe.seed.into();
+        v["device"] = env.recipe.recipe.device.clone().into();
+        v
+    }
+
+    fn outside_inputs(&self, env: &Env) -> Result<BTreeMap<String, String>> {
+        env.base_model_inputs(true)
+    }
+
+    fn run(&self, ctx: &RunContext) -> Result<Value> {
+        Evaluation::new(self, ctx)?.run()
+    }
+}
+
+/// The chat template `format-chat` trained with, from its artifact.
+pub fn trained_template(conversations_dir: &std::path::Path) -> Result<ChatTemplate> {
+    let source = std::fs::read_to_string(conversations_dir.join("chat_template.jinja"))
+        .with_context(|| format!("{}: no chat_template.jinja", conversations_dir.display()))?;
+    let t: Value = serde_json::from_slice(&std::fs::read(conversations_dir.join("template.json"))?)?;
+    let s = |k: &str| t.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    ChatTemplate::new(&source, &s("bos_token"), &s("eos_token"))
+}
+
+/// One row, ready to run.
+struct Row {
+    conv: Conversation,
+    /// Tokens of the prompt (conversation up to the first assistant turn,
+    /// with the generation prompt).
+    prompt: Vec<u32>,
+    /// Tokens of the whole conversation and its loss mask.
+    full: Vec<u32>,
+    mask: Vec<u8>,
+    gold_text: String,
+    gold: pipeline_infer::toolcall::ParsedCalls,
+    group: Option<String>,
+}
+
+struct Evaluation<'a> {
+    p: &'a Params,
+    ctx: &'a RunContext<'a>,
+    split: String,
+    rows: Vec<Row>,
+    task: Task,
+    tokenizer: tokenizers::Tokenizer,
+    template: ChatTemplate,
+    model: Box<dyn CausalLm>,
+    /// Adapter weights, attached for `adapter` and detached for `base`.
+    adapter: Option<pipeline_model::adapter::LoadedAdapter>,
+    max_prompt: usize,
+    /// The column the per-group tables break down by, if any.
+    group_by: Option<String>,
+}
+
+impl<'a> Evaluation<'a> {
+    fn new(p: &'a Params, ctx: &'a RunContext<'a>) -> Result<Self> {
+        let conv_dir = ctx.input("conversations");
+        let found = super::splits_in(&conv_dir.join("conversations"), "jsonl")?;
+        let split = match &p.split {
+            Some(s) => s.clone(),
+            None => ["validation", "test"]
+                .iter()
+                .find(|s| found.iter().any(|(f, _)| f == *s))
+                .map(|s| s.to_string())
+                .with_context(|| {
+                format!(
+                    "stage `{}`: no `validation` or `test` split to evaluate (found: {}); set `split`",
+                    ctx.name,
+                    found.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>().join(", ")
+                )
+            })?,
+        };
+        let path = &super::select_splits(found, std::slice::from_ref(&split), ctx.name)?[0].1;
+        let mut convs: Vec<Conversation> = pipeline_data::read_jsonl_as(path)?;
+        if let Some(n) = p.limit {
+            convs.truncate(n);
+        }
+        if convs.is_empty() {
+            bail!("stage `{}`: split `{split}` has no rows to evaluate ({})", ctx.name, path.display());
+        }
+        let template = trained_template(conv_dir)?;
+        let resolved = ctx.env.model()?;
+        let tok_path = resolved.tokenizer_json()?;
+        let tokenizer = tokenizers::Tokenizer::from_file(tok_path)
+            .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tok_path.display()))?;
+        let group_by = p
+            .group_by
+            .clone()
+            .or_else(|| convs.first().filter(|c| c.meta.contains_key("query_type")).map(|_| "query_type".to_string()));
+        let mut rows = Vec::with_capacity(convs.len());
+        for conv in convs {
+            let first = conv.messages.iter().position(|m| m.role == "assistant").with_context(|| {
+                format!("stage `{}`: row `{}` has no assistant turn to compare with", ctx.name, conv.id)
+            })?;
+            let gold_msg = &conv.messages[first];
+            let prompt_text = template.render(&conv.messages[..first], conv.tools.as_ref(), true)?;
+            let prompt = pipeline_infer::generate::encode(&tokenizer, &prompt_text)?;
+            let (full, mask) = super::tokenize::encode_with_mask(&tokenizer, &conv)?;
+            let group = group_by.as_ref().map(|g| match conv.meta.get(g) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Null) | None => "(none)".into(),
+                Some(v) => v.to_string(),
+            });
+            rows.push(Row {
+                gold_text: gold_msg.content.clone(),
+                gold: pipeline_infer::eval::gold_calls(&gold_msg.content, gold_msg.tool_calls.as_ref()),
+                prompt,
+                full,
+                mask,
+                group,
+                conv,
+            });
+        }
+        let task = match p.task {
+            Task::Auto if rows.iter().any(|r| r.gold.attempted()) => Task::ToolCall,
+            Task::Auto => Task::Qa,
+            t => t,
+        };
+        let device = model::device(&ctx.env.recipe.recipe.device)?;
+        let model = model::load_for_inference(resolved, &device)?;
+        let adapter = match &p.adapter {
+            Some(_) => Some(pipeline_model::adapter::LoadedAdapter::read(ctx.input("adapter"), &device)?),
+            None => None,
+        };
+        let limit = model.max_positions().min(model.max_position_embeddings());
+        let max_prompt = p.max_prompt_tokens.unwrap_or(limit.saturating_sub(p.generation.max_new_tokens));
+        Ok(Evaluation { p, ctx, split, rows, task, tokenizer, template, model, adapter, max_prompt, group_by })
+    }
+
+    fn run(mut self) -> Result<Value> {
+        let mut per_model = serde_json::Map::new();
+        let mut predictions = Vec::new();
+        let mut tables: Vec<(String, BTreeMap<String, Metric>, BTreeMap<String, BTreeMap<String, Metric>>)> =
+            Vec::new();
+        let mut skipped = 0;
+        let mut spot_checks = Vec::new();
+        for subject in self.p.subjects() {
+            let r = match (subject, &self.p.baseline) {
+                (Subject::Base, Some(_)) => ModelResult::read(self.ctx.input("baseline"), subject)?,
+                _ => {
+                    match (subject, &self.adapter) {
+                        (Subject::Adapter, Some(a)) => a.attach(self.model.as_mut())?,
+                        _ => pipeline_model::adapter::detach(self.model.as_mut()),
+                    }
+                    self.evaluate(subject)?
+                }
+            };
+            skipped = r.skipped;
+            per_model.insert(
+                subject.name().into(),
+                json!({"overall": r.overall, "by_group": r.groups, "skipped_overlong": r.skipped, "seconds": r.seconds}),
+            );
+            predictions.extend(r.predictions);
+            tables.push((subject.name().to_string(), r.overall, r.groups));
+            spot_checks.extend(r.spot_checks);
+        }
+        pipeline_data::write_jsonl(&self.ctx.out.join("predictions.jsonl"), &predictions)?;
+        let report = json!({
+            "split": self.split,
+            "rows": self.rows.len(),
+            "task": self.task,
+            "group_by": self.group_by,
+            "max_prompt_tokens": self.max_prompt,
+            "generation": self.p.generation,
+            "models": per_model,
+            "prompts": spot_checks,
+        });
+        std::fs::write(self.ctx.out.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
+        std::fs::write(self.ctx.out.join("report.md"), self.markdown(&tables, skipped, &spot_checks))?;
+        let summary: serde_json::Map<String, Value> = tables
+            .iter()
+            .map(|(name, overall, _)| {
+                let pick = |k: &str| overall.get(k).map(|m| m.value);
+                (
+                    name.clone(),
+                    json!({"exact_match": pick("exact_match"), "rouge_l": pick("rouge_l"), "loss": pick("loss")}),
+                )
+            })
+            .collect();
+        for (name, overall, _) in &tables {
+            let line = pipeline_infer::eval::METRICS
+                .iter()
+                .filter_map(|(k, _, pct)| {
+                    overall.get(*k).map(|m| {
+                        if *pct { format!("{k} {:.1}%", 100.0 * m.value) } else { format!("{k} {:.3}", m.value) }
+                    })
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            crate::report::println(&format!("  evaluate {name}: {line}"));
+        }
+        for c in &spot_checks {
+            crate::report::println(&format!("  prompt [{}] {:?} → {}", c.model, c.prompt, c.calls_summary()));
+        }
+        Ok(json!({"split": self.split, "rows": self.rows.len(), "skipped_overlong": skipped, "models": summary}))
+    }
+
+    /// Every row with the model as it is now: rows run in token order, so
+    /// that neighbours share their system prompt and tool list, which each
+    /// row copies from the previous row's cache instead of recomputing it;
+    /// they are scored one by one and decoded `batch` at a time.
+    fn evaluate(&self, subject: Subject) -> Result<ModelResult> {
+        let t0 = std::time::Instant::now();
+        let generator = self.generator();
+        let seed = self.ctx.env.recipe.recipe.seed;
+        let pb = crate::report::bar(self.rows.len() as u64, &format!("evaluate {}", subject.name()));
+        let mut records: Vec<(usize, Tally, Value)> = Vec::with_capacity(self.rows.len());
+        let mut last: Option<Scored> = None;
+        for group in self.order().chunks(self.p.batch.max(1)) {
+            let mut scored: Vec<Scored> = Vec::with_capacity(group.len());
+            for &i in group {
+                let prev = scored.last().or(last.as_ref());
+                scored.push(self.score(i, prev)?);
+                pb.inc(1);
+            }
+            let decode: Vec<usize> =
+                (0..scored.len()).filter(|&k| self.rows[scored[k].row].prompt.len() <= self.max_prompt).collect();
+            let mut jobs: Vec<(&[u32], &mut KvCache)> = scored
+                .iter_mut()
+                .enumerate()
+                .filter(|(k, _)| decode.contains(k))
+                .map(|(_, s)| (self.rows[s.row].prompt.as_slice(), &mut s.cache))
+                .collect();
+            let mut generations = generator.generate_batch(&mut jobs, &self.p.generation, seed)?.into_iter();
+            for (k, s) in scored.iter_mut().enumerate() {
+                let row = &self.rows[s.row];
+                let g = if decode.contains(&k) { generations.next() } else { None };
+                records.push(self.record(subject, s, g.as_ref())?);
+                // The cache now holds the prompt and what was fed back of the answer.
+                let text: Vec<u32> = row.prompt.iter().chain(g.iter().flat_map(|g| &g.tokens)).copied().collect();
+                s.held = text[..s.cache.len().min(text.len())].to_vec();
+            }
+            last = scored.pop();
+        }
+        pb.finish();
+        records.sort_by_key(|(i, _, _)| *i);
+        let (mut overall, mut groups) = (Tally::default(), BTreeMap::new());
+        let mut skipped = 0;
+        let mut preds = Vec::with_capacity(records.len());
+        for (i, tally, record) in records {
+            skipped += usize::from(record.get("skipped").is_some());
+            merge(&mut overall, &mut groups, self.rows[i].group.as_deref(), &tally);
+            preds.push(record);
+        }
+        Ok(ModelResult {
+            overall: overall.metrics(),
+            groups: groups.into_iter().map(|(k, t)| (k, t.metrics())).collect(),
+            predictions: preds,
+            skipped,
+            seconds: t0.elapsed().as_secs_f64(),
+            spot_checks: self.spot_checks(subject)?,
+        })
+    }
+
+    /// Row indices sorted by the tokens each row runs through the model.
+    fn order(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.rows.len()).collect();
+        order.sort_by(|&a, &b| self.scored_tokens(&self.rows[a]).cmp(self.scored_tokens(&self.rows[b])));
+        order
+    }
+
+    /// Whether row's loss is computed (then the whole conversation runs
+    /// through the model, else only its prompt).
+    fn scores_loss(&self, row: &Row) -> bool {
+        self.p.loss && row.full.len() <= self.model.max_positions() && row.mask.contains(&1)
+    }
+
+    fn scored_tokens<'r>(&self, row: &'r Row) -> &'r [u32] {
+        if self.scores_loss(row) { &row.full } else { &row.prompt }
+    }
+
+    /// Row `i`'s loss over its assistant tokens, from a cache that starts
+    /// with what `prev`'s cache shares with it; the cache is left holding
+    /// the row's prompt (or a prefix of it) for decoding.
+    fn score(&self, i: usize, prev: Option<&Scored>) -> Result<Scored> {
+        let t = std::time::Instant::now();
+        let row = &self.rows[i];
+        let tokens = self.scored_tokens(row);
+        let mut reuse = prev.map_or(0, |p| common_prefix(&p.held, tokens));
+        let scoring = self.scores_loss(row);
+        if scoring {
+            // The loss needs hidden states from the position before the first
+            // scored token on.
+            let first = row.mask.iter().position(|&m| m == 1).expect("a scored token");
+            reuse = reuse.min(first.saturating_sub(1));
+        }
+        let mut cache = match prev {
+            Some(p) if reuse > 0 => p.cache.prefix_copy(reuse)?,
+            _ => self.model.new_cache(),
+        };
+        let mut tally = Tally::default();
+        let mut loss = None;
+        if scoring {
+            let hidden = self.model.prefill(&row.full, &mut cache)?;
+            let s = row.full.len() - hidden.dim(0)?;
+            let (l, n) = pipeline_train::masked_loss(self.model.as_ref(), &hidden, &row.full[s..], &row.mask[s..])?;
+            let l = l.to_scalar::<f32>()? as f64;
+            tally.loss(l * n as f64, n);
+            loss = Some(l);
+            cache.truncate(common_prefix(&row.prompt, &row.full));
+        }
+        let held = tokens[..cache.len()].to_vec();
+        Ok(Scored { row: i, cache, held, tally, loss, loss_s: t.elapsed().as_secs_f64() })
+    }
+
+    /// The prediction record of a scored row, with its generation (none when
+    /// its prompt is too long), and the row's tally.
+    fn record(&self, subject: Subject, s: &mut Scored, g: Option<&Generation>) -> Result<(usize, Tally, Value)> {
+        let row = &self.rows[s.row];
+        let mut tally = std::mem::take(&mut s.tally);
+        let Some(g) = g else {
+            let record = json!({
+                "id": row.conv.id, "model": subject.name(), "group": row.group,
+                "prompt_tokens": row.prompt.len(), "skipped": "prompt longer than max_prompt_tokens",
+                "loss": s.loss,
+            });
+            return Ok((s.row, tally, record));
+        };
+        let pred = pipeline_infer::toolcall::parse(&g.text);
+        let mut record = json!({
+            "id": row.conv.id, "model": subject.name(), "group": row.group,
+            "prompt_tokens": row.prompt.len(), "generated": g.text, "finish": g.finish,
+            "parsed": pred, "gold": row.gold, "loss": s.loss,
+            "seconds": {"loss": s.loss_s, "prefill": g.prefill_s, "decode": g.decode_s},
+            "new_tokens": g.tokens.len(),
+        });
+        match self.task {
+            Task::Qa => {
+                let f1 = rouge_l(&g.text, &row.gold_text);
+                tally.rouge(f1);
+                record["rouge_l"] = json!(f1);
+            }
+            _ => {
+                let v = score_tool_call(&pred, &row.gold, &row.gold_text, &g.text);
+                tally.tool(&v);
+                record["verdict"] = serde_json::to_value(&v)?;
+            }
+        }
+        Ok((s.row, tally, record))
+    }
+
+    /// Decoding with the model as it is now (base or adapter attached),
+    /// stopping at the trained template's end of turn.
+    fn generator(&self) -> Generator<'_> {
+        Generator::for_template(self.model.as_ref(), &self.tokenizer, &self.template)
+    }
+
+    /// Generates for each of `prompts`, rendered like the split's rows.
+    fn spot_checks(&self, subject: Subject) -> Result<Vec<SpotCheck>> {
+        if self.p.prompts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let first = &self.rows[0].conv;
+        let system: Vec<Message> = first.messages.iter().take_while(|m| m.role == "system").cloned().collect();
+        let generator = self.generator();
+        let mut out = Vec::new();
+        for prompt in &self.p.prompts {
+            let mut messages = system.clone();
+            messages.push(Message::new("user", prompt));
+            let text = self.template.render(&messages, first.tools.as_ref(), true)?;
+            let ids = pipeline_infer::generate::encode(&self.tokenizer, &text)?;
+            let g = generator.generate(&ids, &self.p.generation, self.ctx.env.recipe.recipe.seed, &mut |_| {})?;
+            let parsed = pipeline_infer::toolcall::parse(&g.text);
+            out.push(SpotCheck { model: subject.name().into(), prompt: prompt.clone(), generated: g.text, parsed });
+        }
+        Ok(out)
+    }
+
+    fn markdown(
+        &self,
+        tables: &[(String, BTreeMap<String, Metric>, BTreeMap<String, BTreeMap<String, Metric>>)],
+        skipped: usize,
+        spot_checks: &[SpotCheck],
+    ) -> String {
+        let mut s = format!(
+            "# Evaluation of `{}` on split `{}`\n\n{} rows, task `{}`, greedy = {}, max_new_tokens = {}.\n",
+            self.ctx.env.recipe.recipe.name,
+            self.split,
+            self.rows.len(),
+            serde_json::to_value(self.task).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            self.p.generation.temperature == 0.0,
+            self.p.generation.max_new_tokens,
+        );
+        if skipped > 0 {
+            s += &format!(
+                "\n**{skipped} rows skipped**: their prompt is longer than {} tokens (max_prompt_tokens).\n",
+                self.max_prompt
+            );
+        }
+        s += "\n## Overall\n\n";
+        let cols: Vec<(&str, &BTreeMap<String, Metric>)> = tables.iter().map(|(n, o, _)| (n.as_str(), o)).collect();
+        s += &markdown_table(&cols);
+        let groups: std::collections::BTreeSet<&String> = tables.iter().flat_map(|(_, _, g)| g.keys()).collect();
+        if !groups.is_empty() {
+            s += &format!("\n## By `{}`\n", self.group_by.as_deref().unwrap_or_default());
+            let empty = BTreeMap::new();
+            for g in groups {
+                s += &format!("\n### {g}\n\n");
+                let cols: Vec<(&str, &BTreeMap<String, Metric>)> =
+                    tables.iter().map(|(n, _, gs)| (n.as_str(), gs.get(g).unwrap_or(&empty))).collect();
+                s += &markdown_table(&cols);
+            }
+        }
+        if !spot_checks.is_empty() {
+            s += "\n## Prompts\n\n| model | prompt | parsed calls | generated |\n|---|---|---|---|\n";
+            for c in spot_checks {
+                let cell = |t: &str| t.replace('|', "\\|").replace('\n', "<br>");
+                s += &format!(
+                    "| {} | {} | {} | {} |\n",
+                    c.model,
+                    cell(&c.prompt),
+                    cell(&c.calls_summary()),
+                    cell(&c.generated)
+                );
+            }
+        }
+        s += "\nPer-row generations and verdicts: `predictions.jsonl`.\n";
+        s
+    }
+}
+
+/// What evaluating one model gave.
+struct ModelResult {
+    overall: BTreeMap<String, Metric>,
+    groups: BTreeMap<String, BTreeMap<String, Metric>>,
+    /// Its records of `predictions.jsonl`, in the split's order.
+    predictions: Vec<Value>,
+    /// Rows whose prompt was too long to decode.
+    skipped: usize,
+    seconds: f64,
+    spot_checks: Vec<SpotCheck>,
+}
+
+impl ModelResult {
+    /// `subject`'s results from the artifact of an `evaluate` stage that
+    /// evaluated it (with the same rows and settings: the same key but for
+    /// the adapter).
+    fn read(dir: &std::path::Path, subject: Subject) -> Result<ModelResult> {
+        let path = dir.join("report.json");
+        let report: Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        let name = subject.name();
+        let m = report["models"].get(name).with_context(|| format!("{}: no results of `{name}`", path.display()))?;
+        let of = |v: &Value| v.as_str() == Some(name);
+        let predictions: Vec<Value> = pipeline_data::read_jsonl_as(&dir.join("predictions.jsonl"))?;
+        let spot_checks: Vec<SpotCheck> = serde_json::from_value(report["prompts"].clone())?;
+        Ok(ModelResult {
+            overall: serde_json::from_value(m["overall"].clone())?,
+            groups: serde_json::from_value(m["by_group"].clone())?,
+            predictions: predictions.into_iter().filter(|p| of(&p["model"])).collect(),
+            skipped: m["skipped_overlong"].as_u64().unwrap_or(0) as usize,
+            seconds: m["seconds"].as_f64().unwrap_or(0.0),
+            spot_checks: spot_checks.into_iter().filter(|c| c.model == name).collect(),
+        })
+    }
+}
+
+/// One prompt of `prompts`, answered by one model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SpotCheck {
+    model: String,
+    prompt: String,
+    generated: String,
+    parsed: pipeline_infer::toolcall::ParsedCalls,
+}
+
+impl SpotCheck {
+    /// `get_weather({"location":"北京"}); calculate(…)`, or why there is none.
+    fn calls_summary(&self) -> String {
+        if !self.parsed.attempted() {
+            return "(no tool call)".into();
+        }
+        let mut parts: Vec<String> = self.parsed.calls.iter().map(|c| format!("{}({})", c.name, c.arguments)).collect();
+        parts.extend(self.parsed.invalid.iter().map(|t| format!("invalid: {t}")));
+        parts.join("; ")
+    }
+}
+
+/// A row after its loss pass: its cache (holding `held`), tally and loss.
+struct Scored {
+    row: usize,
+    cache: KvCache,
+    held: Vec<u32>,
+    tally: Tally,
+    loss: Option<f64>,
+    loss_s: f64,
+}
+
+/// How many leading tokens `a` and `b` share.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+fn merge(overall: &mut Tally, groups: &mut BTreeMap<String, Tally>, group: Option<&str>, row: &Tally) {
+    overall.merge(row);
+    if let Some(g) = group {
+        groups.entry(g.to_string()).or_default().merge(row);
+    }
+}

@@ -1,0 +1,325 @@
+//! `format-chat`: turn dataset rows into conversations rendered with the
+//! model's chat template, recording which byte spans are trained on.
+//!
+//! Input shapes: a messages column (`messages`, or this dataset's `trace`;
+//! OpenAI `tool_calls` and a `tools` column included; ShareGPT `from`/`value`
+//! accepted), instruction rows (alpaca `instruction`/`input`/`output`), and
+//! question/answer rows. Output per split: `conversations/<split>.jsonl`
+//! ([`Conversation`]), plus `chat_template.jinja` and `template.json`: the
+//! exact template and special tokens used, which later stages write into the
+//! served model so that serving renders what training saw.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, bail};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{Env, RunContext, Stage, select_splits, splits_in};
+use pipeline_data::{self as data, Row};
+use pipeline_infer::chat::{ChatTemplate, Message, TurnSpan};
+
+/// Parameters of a `format-chat` stage.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    /// The `fetch-dataset` stage whose rows are formatted.
+    pub dataset: String,
+    /// Splits to format (default: all).
+    #[serde(default)]
+    pub splits: Vec<String>,
+    /// The shape of a row (default: detected from the first row).
+    #[serde(default)]
+    pub input: InputShape,
+    /// Column holding the list of messages (shape `messages`; default
+    /// `messages`, else `conversations`).
+    #[serde(default)]
+    pub messages_column: Option<String>,
+    /// Column holding an OpenAI-style tool catalogue passed to the template
+    /// as `tools` (a list, or a JSON string of one).
+    #[serde(default)]
+    pub tools_column: Option<String>,
+    /// Treat a leading `user` message as the system prompt (datasets that
+    /// put instructions and the tool catalogue in a first user turn).
+    #[serde(default)]
+    pub first_user_is_system: bool,
+    /// A system prompt for conversations that have none.
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+    /// Prompt column for shapes `instruction` (default `instruction`) and
+    /// `qa` (default `question`).
+    #[serde(default)]
+    pub prompt_column: Option<String>,
+    /// Optional extra-input column for shape `instruction` (default `input`).
+    #[serde(default)]
+    pub input_column: Option<String>,
+    /// Answer column for shapes `instruction` (default `output`) and `qa`
+    /// (default `answer`).
+    #[serde(default)]
+    pub response_column: Option<String>,
+    /// Which turns carry the loss.
+    #[serde(default)]
+    pub train_on: TrainOn,
+}
+
+/// How a row is turned into messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum InputShape {
+    /// Detect from the first row: a messages column, else instruction/output,
+    /// else question/answer.
+    #[default]
+    Auto,
+    /// A list of `{role, content}` messages.
+    Messages,
+    /// Alpaca rows: `instruction`, optional `input`, `output`.
+    Instruction,
+    /// `question` / `answer` rows.
+    Qa,
+}
+
+/// Which assistant turns are trained on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrainOn {
+    /// Every assistant turn (each including its end-of-turn marker).
+    #[default]
+    AllAssistant,
+    /// Only the last assistant turn.
+    LastAssistant,
+}
+
+/// One formatted example, a line of `conversations/<split>.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conversation {
+    /// `<split>-<row index>`.
+    pub id: String,
+    /// The rendered text, exactly as the template produced it.
+    pub text: String,
+    /// Byte spans of `text` that are trained on.
+    pub spans: Vec<TurnSpan>,
+    pub messages: Vec<Message>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Value>,
+    /// The row's other scalar columns (e.g. `query_type`), kept for reports.
+    #[serde(default)]
+    pub meta: Row,
+}
+
+impl Stage for Params {
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn params(&self, _env: &Env) -> Value {
+        serde_json::to_value(self).expect("params serialize")
+    }
+
+    fn outside_inputs(&self, env: &Env) -> Result<BTreeMap<String, String>> {
+        let t = template(env)?;
+        let mut h = blake3::Hasher::new();
+        for part in [&t.source, &t.bos_token, &t.eos_token] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        Ok(BTreeMap::from([("chat template".to_string(), h.finalize().to_hex().to_string())]))
+    }
+
+    fn run(&self, ctx: &RunContext) -> Result<Value> {
+        let template = template(ctx.env)?;
+        let splits = select_splits(splits_in(&ctx.input("dataset").join("rows"), "jsonl")?, &self.splits, ctx.name)?;
+        let dir = ctx.out.join("conversations");
+        std::fs::create_dir_all(&dir)?;
+        let mut metrics = serde_json::Map::new();
+        for (split, path) in splits {
+            let rows: Vec<Row> = data::read_jsonl_as(&path)?;
+            let shape = self.shape_for(rows.first(), &split)?;
+            let pb = crate::report::bar(rows.len() as u64, &format!("format {split}"));
+            let mut out = Vec::with_capacity(rows.len());
+            let mut turns = 0;
+            for (i, row) in rows.iter().enumerate() {
+                let conv = self
+                    .format_row(&template, row, shape, &split, i)
+                    .with_context(|| format!("split `{split}`, row {i}"))?;
+                turns += conv.spans.len();
+                out.push(conv);
+                pb.inc(1);
+            }
+            pb.finish();
+            data::write_jsonl(&dir.join(format!("{split}.jsonl")), &out)?;
+            metrics.insert(split, serde_json::json!({"conversations": out.len(), "trained_turns": turns}));
+        }
+        std::fs::write(ctx.out.join("chat_template.jinja"), &template.source)?;
+        std::fs::write(
+            ctx.out.join("template.json"),
+            serde_json::to_vec_pretty(&serde_json::json!({
+                "bos_token": template.bos_token,
+                "eos_token": template.eos_token,
+                "end_of_turn": template.end_of_turn,
+            }))?,
+        )?;
+        Ok(serde_json::json!({"splits": metrics, "end_of_turn": template.end_of_turn}))
+    }
+}
+
+fn template(env: &Env) -> Result<ChatTemplate> {
+    let model = env.model()?;
+    ChatTemplate::for_model(model, env.recipe.model.chat_template.as_deref(), &env.recipe.base_dir())
+}
+
+impl Params {
+    fn messages_column<'a>(&'a self, row: &Row) -> &'a str {
+        match &self.messages_column {
+            Some(c) => c,
+            None if !row.contains_key("messages") && row.contains_key("conversations") => "conversations",
+            None => "messages",
+        }
+    }
+
+    fn shape_for(&self, first: Option<&Row>, split: &str) -> Result<InputShape> {
+        if self.input != InputShape::Auto {
+            return Ok(self.input);
+        }
+        let Some(row) = first else { bail!("split `{split}` is empty") };
+        if self.messages_column.is_some() || row.contains_key("messages") || row.contains_key("conversations") {
+            Ok(InputShape::Messages)
+        } else if row.contains_key("instruction") && row.contains_key("output") {
+            Ok(InputShape::Instruction)
+        } else if row.contains_key("question") && row.contains_key("answer") {
+            Ok(InputShape::Qa)
+        } else {
+            bail!(
+                "split `{split}`: cannot tell the row shape from its columns ({}); set `input` \
+                 (messages, instruction, qa) and the column names (messages_column, prompt_column, response_column)",
+                row.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+            )
+        }
+    }
+
+    fn format_row(
+        &self,
+        template: &ChatTemplate,
+        row: &Row,
+        shape: InputShape,
+        split: &str,
+        i: usize,
+    ) -> Result<Conversation> {
+        let (mut messages, used): (Vec<Message>, Vec<String>) = match shape {
+            InputShape::Messages | InputShape::Auto => {
+                let col = self.messages_column(row);
+                let v = row.get(col).with_context(|| format!("no column `{col}` (set messages_column)"))?;
+                (parse_messages(v).with_context(|| format!("column `{col}`"))?, vec![col.to_string()])
+            }
+            InputShape::Instruction => {
+                let p = self.prompt_column.as_deref().unwrap_or("instruction");
+                let x = self.input_column.as_deref().unwrap_or("input");
+                let r = self.response_column.as_deref().unwrap_or("output");
+                let mut prompt = text_column(row, p)?;
+                let extra = row.get(x).and_then(Value::as_str).unwrap_or_default().trim().to_string();
+                if !extra.is_empty() {
+                    prompt = format!("{prompt}\n### Input:\n{extra}");
+                }
+                let msgs = vec![Message::new("user", &prompt), Message::new("assistant", &text_column(row, r)?)];
+                (msgs, vec![p.into(), x.into(), r.into()])
+            }
+            InputShape::Qa => {
+                let p = self.prompt_column.as_deref().unwrap_or("question");
+                let r = self.response_column.as_deref().unwrap_or("answer");
+                let msgs =
+                    vec![Message::new("user", &text_column(row, p)?), Message::new("assistant", &text_column(row, r)?)];
+                (msgs, vec![p.into(), r.into()])
+            }
+        };
+        if self.first_user_is_system && messages.first().is_some_and(|m| m.role == "user") {
+            messages[0].role = "system".into();
+        }
+        if let Some(sys) = &self.system_prompt {
+            if messages.first().is_none_or(|m| m.role != "system") {
+                messages.insert(0, Message::new("system", sys));
+            }
+        }
+        if !messages.iter().any(|m| m.role == "assistant") {
+            bail!("the conversation has no assistant turn to train on");
+        }
+        let tools = match &self.tools_column {
+            Some(c) => match row.get(c) {
+                Some(Value::String(s)) if !s.trim().is_empty() => {
+                    Some(serde_json::from_str(s).with_context(|| format!("column `{c}` is not valid JSON"))?)
+                }
+                Some(Value::Null) | None => None,
+                Some(Value::String(_)) => None,
+                Some(v) => Some(v.clone()),
+            },
+            None => None,
+        };
+        let (text, mut spans) = template.render_with_spans(&messages, tools.as_ref())?;
+        if self.train_on == TrainOn::LastAssistant {
+            spans = spans.split_off(spans.len() - 1);
+        }
+        let meta: Row = row
+            .iter()
+            .filter(|(k, v)| {
+                !used.contains(k) && self.tools_column.as_ref() != Some(*k) && !v.is_array() && !v.is_object()
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Ok(Conversation { id: format!("{split}-{i}"), text, spans, messages, tools, meta })
+    }
+}
+
+fn text_column(row: &Row, col: &str) -> Result<String> {
+    match row.get(col) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Null) | None => {
+            bail!("no column `{col}` (columns: {})", row.keys().map(String::as_str).collect::<Vec<_>>().join(", "))
+        }
+        Some(other) => Ok(other.to_string()),
+    }
+}
+
+/// Reads a list of messages: `{role, content}` (OpenAI, with `tool_calls`),
+/// or ShareGPT `{from, value}`. Content may be a string or a list of parts.
+pub fn parse_messages(v: &Value) -> Result<Vec<Message>> {
+    let v = match v {
+        Value::String(s) => serde_json::from_str(s).context("a string that is not a JSON list of messages")?,
+        other => other.clone(),
+    };
+    let Value::Array(items) = v else { bail!("expected a list of messages") };
+    items
+        .iter()
+        .enumerate()
+        .map(|(j, m)| {
+            let obj = m.as_object().with_context(|| format!("message {j} is not an object"))?;
+            let role = obj
+                .get("role")
+                .or_else(|| obj.get("from"))
+                .and_then(Value::as_str)
+                .with_context(|| format!("message {j} has no `role`"))?;
+            let role = match role {
+                "human" => "user",
+                "gpt" | "model" | "bot" => "assistant",
+                "function" | "observation" | "ipython" => "tool",
+                r => r,
+            };
+            if !["system", "user", "assistant", "tool"].contains(&role) {
+                bail!("message {j} has role `{role}`; expected system, user, assistant or tool");
+            }
+            let content = match obj.get("content").or_else(|| obj.get("value")) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => {
+                    parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("")
+                }
+                Some(Value::Null) | None => String::new(),
+                Some(other) => bail!("message {j}: content is {other}, expected text"),
+            };
+            Ok(Message {
+                role: role.to_string(),
+                content,
+                tool_calls: obj.get("tool_calls").filter(|t| !t.is_null()).cloned(),
+                name: obj.get("name").and_then(Value::as_str).map(str::to_string),
+                tool_call_id: obj.get("tool_call_id").and_then(Value::as_str).map(str::to_string),
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,228 @@
+//! `ollama-modelfile`: an Ollama `Modelfile` beside the GGUF it serves, with
+//! a `TEMPLATE` (Ollama's Go-template syntax) that renders conversations as
+//! the training chat template did, `PARAMETER stop` for every end-of-turn
+//! and EOS string, sampling defaults and an optional `SYSTEM`.
+//!
+//! The Go template is chosen by the family of the trained Jinja template
+//! (Gemma's turns with the system prompt folded into the first user turn,
+//! ChatML, Alpaca); tests render both on the same conversations and compare.
+//! When an `ollama` binary is on PATH, `ollama create` registers the model.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, bail};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{Env, RunContext, Stage};
+
+/// Parameters of an `ollama-modelfile` stage.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    /// The `quantize` stage whose GGUF is served.
+    pub gguf: String,
+    /// Which of its files (`q4_k_m`, `q8_0`, …; default: the first it wrote).
+    #[serde(default)]
+    pub file: Option<String>,
+    /// The `format-chat` stage whose template and stop tokens are served.
+    pub chat: String,
+    /// The model name for `ollama create` (default: the recipe's name).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// A default system prompt (`SYSTEM`).
+    #[serde(default)]
+    pub system: Option<String>,
+    /// Sampling defaults (`PARAMETER temperature` …).
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub repeat_penalty: Option<f64>,
+    /// Context window Ollama allocates (`num_ctx`).
+    #[serde(default = "default_num_ctx")]
+    pub num_ctx: usize,
+    /// Run `ollama create` when `ollama` is on PATH.
+    #[serde(default = "yes")]
+    pub create: bool,
+}
+
+fn default_temperature() -> f64 {
+    0.7
+}
+fn default_num_ctx() -> usize {
+    4096
+}
+fn yes() -> bool {
+    true
+}
+
+/// The chat-template families there is a Go template for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Gemma,
+    ChatMl,
+    Alpaca,
+}
+
+impl Family {
+    /// Recognizes the family of a Jinja chat template.
+    pub fn of(jinja: &str) -> Option<Family> {
+        if jinja.contains("<start_of_turn>") {
+            Some(Family::Gemma)
+        } else if jinja.contains("<|im_start|>") {
+            Some(Family::ChatMl)
+        } else if jinja.contains("### Instruction") {
+            Some(Family::Alpaca)
+        } else {
+            None
+        }
+    }
+
+    /// The Go template (Ollama's `TEMPLATE`). Ollama's tokenizer adds BOS
+    /// itself, so the template does not write it.
+    pub fn go_template(self, eos: &str) -> String {
+        match self {
+            Family::Gemma => concat!(
+                "{{- range $i, $m := .Messages }}\n",
+                "{{- if eq $m.Role \"user\" }}<start_of_turn>user\n",
+                "{{ if and (eq $i 1) (eq (index $.Messages 0).Role \"system\") }}{{ (index $.Messages 0).Content }}\n\n",
+                "{{ end }}{{ $m.Content }}<end_of_turn>\n",
+                "{{ else if eq $m.Role \"assistant\" }}<start_of_turn>model\n",
+                "{{ $m.Content }}<end_of_turn>\n",
+                "{{ end }}\n",
+                "{{- end }}<start_of_turn>model\n"
+            )
+            .to_string(),
+            Family::ChatMl => concat!(
+                "{{- range .Messages }}<|im_start|>{{ .Role }}\n",
+                "{{ .Content }}<|im_end|>\n",
+                "{{ end }}<|im_start|>assistant\n"
+            )
+            .to_string(),
+            Family::Alpaca => format!(
+                concat!(
+                    "{{{{- range .Messages }}}}\n",
+                    "{{{{- if eq .Role \"system\" }}}}{{{{ .Content }}}}\n\n",
+                    "{{{{ else if eq .Role \"user\" }}}}### Instruction:\n{{{{ .Content }}}}\n\n### Input:\n\n### Response:\n",
+                    "{{{{ else if eq .Role \"assistant\" }}}}{{{{ .Content }}}}{eos}\n\n",
+                    "{{{{ end }}}}\n",
+                    "{{{{- end }}}}"
+                ),
+                eos = eos
+            ),
+        }
+    }
+}
+
+impl Stage for Params {
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn params(&self, env: &Env) -> Value {
+        let mut v = serde_json::to_value(self).expect("params serialize");
+        v["recipe_name"] = env.recipe.recipe.name.clone().into();
+        v
+    }
+
+    fn outside_inputs(&self, _env: &Env) -> Result<BTreeMap<String, String>> {
+        Ok(BTreeMap::new())
+    }
+
+    fn run(&self, ctx: &RunContext) -> Result<Value> {
+        let gguf_dir = ctx.input("gguf");
+        let file = match &self.file {
+            Some(t) => format!("model-{t}.gguf"),
+            None => {
+                let mut found: Vec<String> = std::fs::read_dir(gguf_dir)?
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.ends_with(".gguf"))
+                    .collect();
+                found.sort();
+                found.into_iter().next().with_context(|| format!("{}: no GGUF file", gguf_dir.display()))?
+            }
+        };
+        let src = gguf_dir.join(&file);
+        if !src.is_file() {
+            bail!("stage `{}`: the quantize stage wrote no `{file}`; set `file` to one of its types", ctx.name);
+        }
+        let template = super::evaluate::trained_template(ctx.input("chat"))?;
+        let family = Family::of(&template.source).with_context(|| {
+            format!(
+                "stage `{}`: no Ollama template is known for this chat template (supported: Gemma, ChatML, Alpaca)",
+                ctx.name
+            )
+        })?;
+        // The GGUF beside the Modelfile (a hard link: both are immutable).
+        let dest = ctx.out.join("model.gguf");
+        if std::fs::hard_link(&src, &dest).is_err() {
+            std::fs::copy(&src, &dest).with_context(|| format!("cannot copy {}", src.display()))?;
+        }
+        let stops = pipeline_infer::generate::stop_tokens(&template.end_of_turn, &template.eos_token);
+        let modelfile = self.modelfile(&ctx.env.recipe.recipe.name, family, &template.eos_token, &stops);
+        std::fs::write(ctx.out.join("Modelfile"), &modelfile)?;
+        let name = self.name.clone().unwrap_or_else(|| ctx.env.recipe.recipe.name.clone());
+        let created = self.create && ollama_create(&name, &ctx.out, ctx.name)?;
+        Ok(
+            json!({"gguf": file, "family": format!("{family:?}"), "stop": stops, "ollama_created": created, "name": name}),
+        )
+    }
+}
+
+impl Params {
+    /// The Modelfile text.
+    pub fn modelfile(&self, recipe: &str, family: Family, eos: &str, stops: &[String]) -> String {
+        let mut s = format!(
+            "# Generated by pipeline from recipe `{recipe}`: the template renders conversations as training did.\n\
+             FROM ./model.gguf\n\nTEMPLATE \"\"\"{}\"\"\"\n\n",
+            family.go_template(eos)
+        );
+        for stop in stops {
+            s += &format!("PARAMETER stop {}\n", serde_json::to_string(stop).expect("string"));
+        }
+        s += &format!("PARAMETER temperature {}\n", self.temperature);
+        if let Some(k) = self.top_k {
+            s += &format!("PARAMETER top_k {k}\n");
+        }
+        if let Some(p) = self.top_p {
+            s += &format!("PARAMETER top_p {p}\n");
+        }
+        if let Some(r) = self.repeat_penalty {
+            s += &format!("PARAMETER repeat_penalty {r}\n");
+        }
+        s += &format!("PARAMETER num_ctx {}\n", self.num_ctx);
+        if let Some(sys) = &self.system {
+            s += &format!("\nSYSTEM \"\"\"{sys}\"\"\"\n");
+        }
+        s
+    }
+}
+
+/// `ollama create NAME -f Modelfile` when `ollama` is installed; returns
+/// whether it ran. `stage` names the directory `pipeline export` gives it.
+fn ollama_create(name: &str, dir: &std::path::Path, stage: &str) -> Result<bool> {
+    let Ok(out) = std::process::Command::new("ollama")
+        .arg("create")
+        .arg(name)
+        .arg("-f")
+        .arg("Modelfile")
+        .current_dir(dir)
+        .output()
+    else {
+        crate::report::println(&format!(
+            "  ollama-modelfile: `ollama` is not on PATH; skipped `ollama create`. Later: \
+             pipeline export RECIPE --to DIR && cd DIR/{} && ollama create {name} -f Modelfile",
+            stage
+        ));
+        return Ok(false);
+    };
+    if !out.status.success() {
+        bail!("`ollama create {name}` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(true)
+}

@@ -1,0 +1,99 @@
+//! Training checkpoints in a stage's work dir.
+//!
+//! `checkpoints/step-000040/` holds `adapter.safetensors` (the LoRA
+//! matrices), `optimizer.safetensors` (AdamW moments and step count) and
+//! `state.json` (step, loss log). A checkpoint is written into a `.tmp`
+//! directory, `state.json` last, then renamed into place: a directory named
+//! `step-N` is always complete. The newest two are kept.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// One row of the loss log (also a line of `loss.csv`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogRow {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Supervised tokens in this step.
+    pub tokens: u64,
+    /// Validation loss, when evaluated at this step.
+    pub eval_loss: Option<f64>,
+}
+
+/// What `state.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub log: Vec<LogRow>,
+    /// Validation loss before the first step.
+    #[serde(default)]
+    pub initial_eval_loss: Option<f64>,
+}
+
+pub fn dir(work: &Path) -> PathBuf {
+    work.join("checkpoints")
+}
+
+/// The newest complete checkpoint: (step, directory).
+pub fn latest(work: &Path) -> Option<(u64, PathBuf)> {
+    let mut best: Option<(u64, PathBuf)> = None;
+    for e in std::fs::read_dir(dir(work)).ok()? {
+        let p = e.ok()?.path();
+        let Some(step) =
+            p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-")).and_then(|s| s.parse().ok())
+        else {
+            continue;
+        };
+        if p.join("state.json").is_file() && best.as_ref().is_none_or(|(b, _)| step > *b) {
+            best = Some((step, p));
+        }
+    }
+    best
+}
+
+/// Writes checkpoint `step`: `write_files` fills the directory, then
+/// `state.json` is written and the directory renamed into place. Returns
+/// the checkpoint's directory.
+pub fn save(work: &Path, state: &State, write_files: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    let root = dir(work);
+    std::fs::create_dir_all(&root)?;
+    let name = format!("step-{:06}", state.step);
+    let tmp = root.join(format!("{name}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    write_files(&tmp)?;
+    pipeline_fs::fault::point("lora-train.mid-checkpoint");
+    pipeline_fs::write_atomic(&tmp.join("state.json"), &serde_json::to_vec(state)?)?;
+    let dest = root.join(&name);
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest)?;
+    }
+    std::fs::rename(&tmp, &dest).with_context(|| format!("cannot write checkpoint {}", dest.display()))?;
+    // Keep the newest two.
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(&root)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-") && !n.ends_with(".tmp"))
+        })
+        .collect();
+    steps.sort();
+    for old in steps.iter().rev().skip(2) {
+        std::fs::remove_dir_all(old).ok();
+    }
+    Ok(dest)
+}
+
+/// Reads `state.json` of a checkpoint directory.
+pub fn load_state(dir: &Path) -> Result<State> {
+    let p = dir.join("state.json");
+    serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?)
+        .with_context(|| format!("corrupt checkpoint state {}", p.display()))
+}
