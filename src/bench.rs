@@ -1,8 +1,8 @@
 //! Benchmarks that print tokens/s and peak memory (never timed assertions
 //! in tests).
 //!
-//! `pipeline bench train`: LoRA r=16, α=32 on q,k,v,o,gate,up,down, batch 1,
-//! AdamW, on tool-use examples tokenized at `max_len` by the real data
+//! `pipeline bench train`: the real [`Trainer`] (LoRA r=16, α=32 on
+//! q,k,v,o,gate,up,down, batch 1, AdamW, gradient clipping) on tool-use examples tokenized at `max_len` by the real data
 //! stages (cached in the normal cache), the same setup as the PyTorch + PEFT
 //! reference numbers in `../shared/reference/numbers.md`.
 
@@ -13,9 +13,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use pipeline::recipe::Recipe;
-use pipeline::stages::tokenize::TokenizedSplit;
-use pipeline_train::optim::AdamW;
-use pipeline_train::{DataOrder, SeededDropout, attach_lora, example_grads};
+use pipeline_train::{TokenizedSplit, TrainConfig, Trainer};
 
 /// What `bench train --json` prints.
 #[derive(Debug, Clone, Serialize)]
@@ -43,28 +41,29 @@ pub struct TrainOptions {
 pub fn train(opts: &TrainOptions) -> Result<TrainBench> {
     let split = tokenized_examples(&opts.model, &opts.dataset, opts.max_len, &opts.cache)?;
     let device = pipeline_model::device(&opts.device)?;
-    let resolved = pipeline::model_source::from_path(&opts.model)?;
-    let mut model = pipeline_model::load(&resolved, &device, opts.max_len)?;
-    let targets: Vec<String> = pipeline_model::TARGETS.iter().map(|s| s.to_string()).collect();
-    let (params, _) = attach_lora(model.as_mut(), &targets, 16, 32.0 / 16.0, 0.05, 0)?;
-    let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
-    let mut order = DataOrder::new(0, split.len());
+    let files = pipeline::model_source::from_path(&opts.model)?;
+    let model = pipeline_model::load(&files, &device, opts.max_len)?;
+    // The trainer users run, as the quickstart configures it (r = 16, α = 32
+    // on all linears, AdamW, clipping), with a constant learning rate.
+    let cfg = TrainConfig {
+        learning_rate: 1e-4,
+        gradient_checkpointing: opts.gradient_checkpointing,
+        max_steps: Some(opts.steps + 1),
+        seed: 0,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(model, split, None, cfg)?;
 
     // One warm-up step, then the measured ones.
     let pb = pipeline::report::bar(opts.steps as u64 + 1, "bench train");
-    let (mut tokens, mut seconds) = (0usize, 0f64);
+    let (mut tokens, mut seconds) = (0u64, 0f64);
     for step in 0..=opts.steps {
-        let (_, idx) = order.get(step as u64);
-        let (ids, mask) = split.example(idx);
         let t0 = Instant::now();
-        let dropout = SeededDropout::new(0, step as u64, 0);
-        let (_, _, grads) =
-            example_grads(model.as_ref(), ids, mask, Some(&dropout), 1.0, &params, opts.gradient_checkpointing)?;
-        opt.step(&params, &grads, 1e-4)?;
+        let (_, n) = trainer.step()?;
         device.synchronize()?;
         let dt = t0.elapsed().as_secs_f64();
         if step > 0 {
-            tokens += ids.len();
+            tokens += n;
             seconds += dt;
             pb.set_message(format!("{:.0} tok/s", tokens as f64 / seconds));
         }

@@ -591,7 +591,7 @@ fn dispatch(command: Command) -> Result<()> {
                 );
             }
             if done.stages.is_empty() {
-                bail!("nothing to export: no finished stage of kind {}", pipeline::export::EXPORTED_KINDS.join(", "));
+                bail!("nothing to export: no finished stage of kind {}", pipeline::stages::registry::exported_kinds().join(", "));
             }
             Ok(())
         }

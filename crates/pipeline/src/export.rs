@@ -15,9 +15,6 @@ use anyhow::{Context, Result, bail};
 use crate::executor::{Executor, Status};
 use crate::recipe::Recipe;
 
-/// The stage kinds whose outputs are worth exporting.
-pub const EXPORTED_KINDS: &[&str] = &["lora-train", "evaluate", "merge", "quantize", "ollama-modelfile"];
-
 /// What was exported: (stage, directory, files).
 pub struct Exported {
     pub stages: Vec<(String, PathBuf, usize)>,
@@ -29,7 +26,7 @@ pub fn export(exec: &Executor, recipe: &Recipe, dest: &Path, force: bool, link: 
     let plan = exec.plan(recipe, None)?;
     let mut out = Exported { stages: Vec::new(), missing: Vec::new() };
     for sp in &plan.stages {
-        if !EXPORTED_KINDS.contains(&sp.kind.as_str()) {
+        if !recipe.stages[&sp.name].is_exported() {
             continue;
         }
         if sp.status != Status::Cached {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::recipe::Recipe;
+use crate::stages::{Kind, lora_train};
 use pipeline_infer::chat::{ChatTemplate, Message};
 use pipeline_infer::generate::{Generation, GenerationParams, Generator};
 use pipeline_model::{self as model, CausalLm, KvCache};
@@ -108,12 +109,12 @@ fn recipe_output(recipe: &Recipe, choice: &ModelChoice) -> Result<Option<PathBuf
     let stage = match &choice.stage {
         Some(s) => {
             let spec = recipe.stages.get(s).with_context(|| format!("the recipe has no stage `{s}`"))?;
-            if spec.kind() != "lora-train" {
+            if spec.kind() != lora_train::Params::KIND {
                 bail!("stage `{s}` is a `{}` stage; --stage takes a lora-train stage", spec.kind());
             }
             Some(s.clone())
         }
-        None => recipe.stages.iter().find(|(_, s)| s.kind() == "lora-train").map(|(n, _)| n.clone()),
+        None => recipe.stages.iter().find(|(_, s)| s.kind() == lora_train::Params::KIND).map(|(n, _)| n.clone()),
     };
     let Some(stage) = stage else { return Ok(None) };
     let exec = choice.cache.open()?;

@@ -1,6 +1,8 @@
-//! Pieces of LoRA training that the `lora-train` stage puts together:
-//! the optimizer and schedules ([`optim`]), checkpoints ([`checkpoint`]),
-//! deterministic data order and dropout, the loss, and the loss plot.
+//! LoRA training: the [`Trainer`] (the loop, configured by a plain
+//! [`TrainConfig`]), the optimizer and schedules ([`optim`]), checkpoints
+//! ([`checkpoint`]), the examples it reads ([`TokenizedSplit`]),
+//! deterministic data order and dropout, one example's loss and gradients
+//! (whole graph or with activation checkpointing), and the loss plot.
 //!
 //! Determinism is what makes resume exact: the data order of an epoch and
 //! every dropout mask are *derived* from (seed, epoch) and (seed, step,
@@ -11,6 +13,7 @@ pub mod checkpoint;
 pub mod examples;
 pub mod optim;
 pub mod plot;
+pub mod trainer;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -21,6 +24,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 pub use examples::TokenizedSplit;
+pub use trainer::{LoraConfig, Observer, Summary, TrainConfig, Trainer};
 
 use pipeline_model::CausalLm;
 use pipeline_model::lora::{DropoutMask, Keep};

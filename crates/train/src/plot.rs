@@ -83,3 +83,13 @@ pub fn loss_curve(path: &Path, title: &str, log: &[LogRow], initial_eval: Option
     root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     Ok(())
 }
+
+/// The loss log as `loss.csv` (one row per optimizer step).
+pub fn loss_csv(log: &[LogRow]) -> String {
+    let mut csv = String::from("step,epoch,loss,lr,grad_norm,supervised_tokens,eval_loss\n");
+    for r in log {
+        let eval = r.eval_loss.map(|l| format!("{l:.6}")).unwrap_or_default();
+        csv += &format!("{},{},{:.6},{:.6e},{:.6},{},{eval}\n", r.step, r.epoch, r.loss, r.lr, r.grad_norm, r.tokens);
+    }
+    csv
+}

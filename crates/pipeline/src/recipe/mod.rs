@@ -32,7 +32,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Location, RecipeError, did_you_mean};
-use crate::stages::{evaluate, fetch_dataset, format_chat, lora_train, merge, ollama_modelfile, quantize, tokenize};
+pub use crate::stages::registry::{Input, KINDS, StageSpec};
 
 pub use overrides::Override;
 
@@ -101,111 +101,6 @@ pub struct ModelSpec {
     #[serde(default)]
     pub chat_template: Option<String>,
 }
-
-/// One `[stages.NAME]` table: a `kind` and that kind's parameters.
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum StageSpec {
-    /// Read a dataset (hub or local files) into normalized rows per split.
-    FetchDataset(fetch_dataset::Params),
-    /// Render rows as conversations with the model's chat template.
-    FormatChat(format_chat::Params),
-    /// Tokenize conversations into ids and a loss mask.
-    Tokenize(tokenize::Params),
-    /// Train a LoRA adapter on tokenized examples.
-    LoraTrain(lora_train::Params),
-    /// Generate answers for a split and score them (tool calls, QA), with eval loss.
-    Evaluate(evaluate::Params),
-    /// Fold a LoRA adapter into the base weights: an HF model directory.
-    Merge(merge::Params),
-    /// Write GGUF files (f32 … q4_k_m) for llama.cpp and Ollama.
-    Quantize(quantize::Params),
-    /// An Ollama Modelfile serving a GGUF with the trained chat template.
-    OllamaModelfile(ollama_modelfile::Params),
-    /// A kind registered by a program using the library
-    /// ([`crate::stages::custom`]); not part of the schema.
-    #[serde(skip)]
-    #[schemars(skip)]
-    Custom(crate::stages::custom::CustomSpec),
-}
-
-impl StageSpec {
-    /// The `kind` string as written in recipes.
-    pub fn kind(&self) -> &str {
-        match self {
-            StageSpec::Custom(c) => &c.kind,
-            StageSpec::FetchDataset(_) => "fetch-dataset",
-            StageSpec::FormatChat(_) => "format-chat",
-            StageSpec::Tokenize(_) => "tokenize",
-            StageSpec::LoraTrain(_) => "lora-train",
-            StageSpec::Evaluate(_) => "evaluate",
-            StageSpec::Merge(_) => "merge",
-            StageSpec::Quantize(_) => "quantize",
-            StageSpec::OllamaModelfile(_) => "ollama-modelfile",
-        }
-    }
-
-    /// The stages this one reads: (parameter name, stage name, kinds allowed).
-    pub fn inputs(&self) -> Vec<Input<'_>> {
-        match self {
-            StageSpec::FetchDataset(_) => vec![],
-            StageSpec::FormatChat(p) => {
-                vec![Input { role: "dataset", stage: &p.dataset, kinds: &["fetch-dataset"] }]
-            }
-            StageSpec::Tokenize(p) => {
-                vec![Input { role: "conversations", stage: &p.conversations, kinds: &["format-chat"] }]
-            }
-            StageSpec::LoraTrain(p) => vec![Input { role: "tokens", stage: &p.tokens, kinds: &["tokenize"] }],
-            StageSpec::Evaluate(p) => {
-                let mut v = vec![Input { role: "conversations", stage: &p.conversations, kinds: &["format-chat"] }];
-                if let Some(a) = &p.adapter {
-                    v.push(Input { role: "adapter", stage: a, kinds: &["lora-train"] });
-                }
-                if let Some(b) = &p.baseline {
-                    v.push(Input { role: "baseline", stage: b, kinds: &["evaluate"] });
-                }
-                v
-            }
-            StageSpec::Merge(p) => {
-                let mut v = vec![Input { role: "adapter", stage: &p.adapter, kinds: &["lora-train"] }];
-                if let Some(c) = &p.chat {
-                    v.push(Input { role: "chat", stage: c, kinds: &["format-chat"] });
-                }
-                v
-            }
-            StageSpec::Quantize(p) => {
-                let mut v = Vec::new();
-                if let Some(m) = &p.model {
-                    v.push(Input { role: "model", stage: m, kinds: &["merge"] });
-                }
-                if let Some(a) = &p.lora_adapter {
-                    v.push(Input { role: "lora_adapter", stage: a, kinds: &["lora-train"] });
-                }
-                v
-            }
-            StageSpec::OllamaModelfile(p) => vec![
-                Input { role: "gguf", stage: &p.gguf, kinds: &["quantize"] },
-                Input { role: "chat", stage: &p.chat, kinds: &["format-chat"] },
-            ],
-            StageSpec::Custom(c) => c.inputs().iter().map(|(role, stage)| Input { role, stage, kinds: &[] }).collect(),
-        }
-    }
-}
-
-/// A reference from one stage to another, by parameter ("role").
-#[derive(Debug, Clone, Copy)]
-pub struct Input<'a> {
-    /// The parameter that holds the reference, e.g. `dataset`.
-    pub role: &'static str,
-    /// The referenced stage's name.
-    pub stage: &'a str,
-    /// Which kinds that stage may be (empty: any).
-    pub kinds: &'static [&'static str],
-}
-
-/// All stage kinds, for "did you mean" on `kind`.
-pub const KINDS: &[&str] =
-    &["fetch-dataset", "format-chat", "tokenize", "lora-train", "evaluate", "merge", "quantize", "ollama-modelfile"];
 
 impl Recipe {
     /// Reads and validates a recipe file, applying `--set` overrides.
@@ -350,7 +245,7 @@ impl Recipe {
                     return Err(e);
                 }
             }
-            stage_rules(name, stage).map_err(|(key, msg, help)| {
+            stage.check().map_err(|(key, msg, help)| {
                 let e = err(&["stages", name, key], msg);
                 if help.is_empty() { e } else { e.help(help) }
             })?;
@@ -410,44 +305,10 @@ fn is_valid_device(d: &str) -> bool {
         || d.strip_prefix("cuda:").is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
 }
 
-/// Per-kind parameter rules serde cannot express: (key, message, help).
-fn stage_rules(_name: &str, stage: &StageSpec) -> Result<(), (&'static str, String, String)> {
-    match stage {
-        StageSpec::FetchDataset(p) => p.check(),
-        StageSpec::FormatChat(_) => Ok(()),
-        StageSpec::Tokenize(p) => p.check(),
-        StageSpec::LoraTrain(p) => p.check(),
-        StageSpec::Evaluate(p) => p.check(),
-        StageSpec::Merge(_) => Ok(()),
-        StageSpec::Quantize(p) if p.types.is_empty() => {
-            Err(("types", "no quantization types".into(), "e.g. [\"q8_0\", \"q4_k_m\"]".into()))
-        }
-        StageSpec::Quantize(_) | StageSpec::OllamaModelfile(_) | StageSpec::Custom(_) => Ok(()),
-    }
-}
-
 /// Reads one stage table (in an otherwise blank document) as the parameters
 /// of `kind`, returning the error if it fails. See `locate::toml_error`.
 fn read_stage_params(kind: &str, doc: &str) -> Option<toml::de::Error> {
-    #[derive(Deserialize)]
-    #[allow(dead_code)] // read only for its errors
-    struct Only<P> {
-        stages: IndexMap<String, P>,
-    }
-    fn read<P: serde::de::DeserializeOwned>(doc: &str) -> Option<toml::de::Error> {
-        toml::from_str::<Only<P>>(doc).err()
-    }
-    match kind {
-        "fetch-dataset" => read::<fetch_dataset::Params>(doc),
-        "format-chat" => read::<format_chat::Params>(doc),
-        "tokenize" => read::<tokenize::Params>(doc),
-        "lora-train" => read::<lora_train::Params>(doc),
-        "evaluate" => read::<evaluate::Params>(doc),
-        "merge" => read::<merge::Params>(doc),
-        "quantize" => read::<quantize::Params>(doc),
-        "ollama-modelfile" => read::<ollama_modelfile::Params>(doc),
-        _ => None,
-    }
+    crate::stages::registry::params_error(kind, doc)
 }
 
 /// The JSON schema of recipes, as written to `schema/recipe.schema.json`.

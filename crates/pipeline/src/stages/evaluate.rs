@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::format_chat::Conversation;
-use super::{Env, RunContext, Stage};
+use super::format_chat;
+use super::lora_train;
+use super::{Input, Kind, Rule, StageKind, Env, RunContext, Stage};
 use pipeline_infer::chat::{ChatTemplate, Message};
 use pipeline_infer::eval::{Metric, Tally, Task, markdown_table, rouge_l, score_tool_call};
 use pipeline_infer::generate::{Generation, GenerationParams, Generator};
@@ -111,7 +113,7 @@ impl Subject {
 }
 
 impl Params {
-    pub fn check(&self) -> Result<(), (&'static str, String, String)> {
+    fn check_params(&self) -> Result<(), (&'static str, String, String)> {
         if self.compare.contains(&Subject::Adapter) && self.adapter.is_none() {
             return Err((
                 "compare",
@@ -156,6 +158,25 @@ impl Params {
             (true, Some(_)) => vec![Subject::Adapter],
             (true, None) => vec![Subject::Base],
         }
+    }
+}
+
+impl StageKind for Params {
+    const EXPORTED: bool = true;
+
+    fn inputs(&self) -> Vec<Input<'_>> {
+        let mut v = vec![Input { role: "conversations", stage: &self.conversations, kinds: &[format_chat::Params::KIND] }];
+        if let Some(a) = &self.adapter {
+            v.push(Input { role: "adapter", stage: a, kinds: &[lora_train::Params::KIND] });
+        }
+        if let Some(b) = &self.baseline {
+            v.push(Input { role: "baseline", stage: b, kinds: &[Params::KIND] });
+        }
+        v
+    }
+
+    fn check(&self) -> Result<(), Rule> {
+        self.check_params()
     }
 }
 

@@ -20,7 +20,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Env, RunContext, Stage};
+use super::{Input, Rule, StageKind, Env, RunContext, Stage};
 use pipeline_data::{self as data, Row, hub};
 
 /// Parameters of a `fetch-dataset` stage.
@@ -82,7 +82,7 @@ fn one() -> f64 {
 
 impl Params {
     /// Checks what serde cannot: (key, message, help).
-    pub fn check(&self) -> Result<(), (&'static str, String, String)> {
+    fn check_params(&self) -> Result<(), (&'static str, String, String)> {
         match (&self.source, self.files.is_empty()) {
             (None, true) => {
                 return Err((
@@ -212,6 +212,16 @@ fn expand_local(path: &std::path::Path) -> Result<Vec<(String, PathBuf)>> {
 
 fn file_label(p: &std::path::Path) -> String {
     p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+impl StageKind for Params {
+    fn inputs(&self) -> Vec<Input<'_>> {
+        vec![]
+    }
+
+    fn check(&self) -> Result<(), Rule> {
+        self.check_params()
+    }
 }
 
 impl Stage for Params {

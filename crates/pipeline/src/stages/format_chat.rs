@@ -16,7 +16,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Env, RunContext, Stage, select_splits, splits_in};
+use super::fetch_dataset;
+use super::{Input, Kind, StageKind, Env, RunContext, Stage, select_splits, splits_in};
 use pipeline_data::{self as data, Row};
 use pipeline_infer::chat::{ChatTemplate, Message, TurnSpan};
 
@@ -105,6 +106,12 @@ pub struct Conversation {
     /// The row's other scalar columns (e.g. `query_type`), kept for reports.
     #[serde(default)]
     pub meta: Row,
+}
+
+impl StageKind for Params {
+    fn inputs(&self) -> Vec<Input<'_>> {
+        vec![Input { role: "dataset", stage: &self.dataset, kinds: &[fetch_dataset::Params::KIND] }]
+    }
 }
 
 impl Stage for Params {

@@ -17,7 +17,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{Env, RunContext, Stage};
+use super::format_chat;
+use super::lora_train;
+use super::{Input, Kind, StageKind, Env, RunContext, Stage};
 use pipeline_model::ModelFiles;
 use pipeline_model::adapter::{AdapterConfig, LoraTensors};
 
@@ -60,6 +62,18 @@ impl WeightDtype {
             WeightDtype::Bf16 => "bfloat16",
             WeightDtype::F16 => "float16",
         }
+    }
+}
+
+impl StageKind for Params {
+    const EXPORTED: bool = true;
+
+    fn inputs(&self) -> Vec<Input<'_>> {
+        let mut v = vec![Input { role: "adapter", stage: &self.adapter, kinds: &[lora_train::Params::KIND] }];
+        if let Some(c) = &self.chat {
+            v.push(Input { role: "chat", stage: c, kinds: &[format_chat::Params::KIND] });
+        }
+        v
     }
 }
 

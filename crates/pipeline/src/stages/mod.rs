@@ -14,6 +14,7 @@ pub mod lora_train;
 pub mod merge;
 pub mod ollama_modelfile;
 pub mod quantize;
+pub mod registry;
 pub mod tokenize;
 
 use std::cell::OnceCell;
@@ -22,7 +23,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use crate::recipe::{Recipe, StageSpec};
+use crate::recipe::Recipe;
+pub use registry::{Input, Kind, Rule, StageKind};
 use pipeline_cache::{CacheKey, HashMemo};
 use pipeline_model::ModelFiles;
 
@@ -48,23 +50,6 @@ pub trait Stage {
     /// checkpoint (stages that checkpoint override this).
     fn resume_point(&self, _work: &Path) -> Option<u64> {
         None
-    }
-}
-
-impl StageSpec {
-    /// The implementation of this stage's kind.
-    pub fn stage(&self) -> &dyn Stage {
-        match self {
-            StageSpec::FetchDataset(p) => p,
-            StageSpec::FormatChat(p) => p,
-            StageSpec::Tokenize(p) => p,
-            StageSpec::LoraTrain(p) => p,
-            StageSpec::Evaluate(p) => p,
-            StageSpec::Merge(p) => p,
-            StageSpec::Quantize(p) => p,
-            StageSpec::OllamaModelfile(p) => p,
-            StageSpec::Custom(c) => c.stage.as_ref(),
-        }
     }
 }
 

@@ -15,7 +15,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{Env, RunContext, Stage};
+use super::format_chat;
+use super::quantize;
+use super::{Input, Kind, StageKind, Env, RunContext, Stage};
 
 /// Parameters of an `ollama-modelfile` stage.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -116,6 +118,17 @@ impl Family {
                 eos = eos
             ),
         }
+    }
+}
+
+impl StageKind for Params {
+    const EXPORTED: bool = true;
+
+    fn inputs(&self) -> Vec<Input<'_>> {
+        vec![
+            Input { role: "gguf", stage: &self.gguf, kinds: &[quantize::Params::KIND] },
+            Input { role: "chat", stage: &self.chat, kinds: &[format_chat::Params::KIND] },
+        ]
     }
 }
 

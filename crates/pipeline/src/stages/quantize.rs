@@ -20,7 +20,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
 
-use super::{Env, RunContext, Stage};
+use super::lora_train;
+use super::merge;
+use super::{Input, Kind, Rule, StageKind, Env, RunContext, Stage};
 use pipeline_export::gguf_writer::{TensorData, Value};
 use pipeline_model::ModelFiles;
 use pipeline_model::{Arch, qwen};
@@ -139,6 +141,28 @@ pub fn tensor_type(target: QuantType, name: &str, ne0: usize, rank: usize, layer
         t => t,
     };
     if ne0 % t.block_size() != 0 { F16 } else { t }
+}
+
+impl StageKind for Params {
+    const EXPORTED: bool = true;
+
+    fn inputs(&self) -> Vec<Input<'_>> {
+        let mut v = Vec::new();
+        if let Some(m) = &self.model {
+            v.push(Input { role: "model", stage: m, kinds: &[merge::Params::KIND] });
+        }
+        if let Some(a) = &self.lora_adapter {
+            v.push(Input { role: "lora_adapter", stage: a, kinds: &[lora_train::Params::KIND] });
+        }
+        v
+    }
+
+    fn check(&self) -> Result<(), Rule> {
+        if self.types.is_empty() {
+            return Err(("types", "no quantization types".into(), "e.g. [\"q8_0\", \"q4_k_m\"]".into()));
+        }
+        Ok(())
+    }
 }
 
 impl Stage for Params {

@@ -21,7 +21,8 @@ use serde_json::Value;
 pub use pipeline_train::TokenizedSplit;
 
 use super::format_chat::Conversation;
-use super::{Env, RunContext, Stage, select_splits, splits_in};
+use super::format_chat;
+use super::{Input, Kind, Rule, StageKind, Env, RunContext, Stage, select_splits, splits_in};
 use pipeline_data as data;
 
 /// Parameters of a `tokenize` stage.
@@ -59,11 +60,21 @@ pub enum Truncation {
 }
 
 impl Params {
-    pub fn check(&self) -> Result<(), (&'static str, String, String)> {
+    fn check_params(&self) -> Result<(), (&'static str, String, String)> {
         if self.max_len < 2 {
             return Err(("max_len", format!("max_len = {} is too small", self.max_len), "use at least 2".into()));
         }
         Ok(())
+    }
+}
+
+impl StageKind for Params {
+    fn inputs(&self) -> Vec<Input<'_>> {
+        vec![Input { role: "conversations", stage: &self.conversations, kinds: &[format_chat::Params::KIND] }]
+    }
+
+    fn check(&self) -> Result<(), Rule> {
+        self.check_params()
     }
 }
 

@@ -1,0 +1,440 @@
+//! The training loop: LoRA on a causal LM, one example per micro-batch.
+//!
+//! [`Trainer::run`] reads top to bottom: evaluate once, then for each
+//! optimizer step accumulate the gradients of `gradient_accumulation`
+//! examples, clip their global norm, take an AdamW step at the scheduled
+//! learning rate, log, evaluate and checkpoint now and then. Everything
+//! random is derived from the seed (see the crate docs), so a run resumed
+//! from a checkpoint ([`Trainer::resume`]) computes what the uninterrupted
+//! run computes.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use pipeline_train::{TrainConfig, Trainer, TokenizedSplit};
+//! let files = pipeline_model::ModelFiles::from_dir("gemma", "models/gemma-3-270m".as_ref())?;
+//! let model = pipeline_model::load(&files, &candle_core::Device::Cpu, 2048)?;
+//! let train = TokenizedSplit::load("train.safetensors".as_ref())?;
+//! let mut trainer = Trainer::new(model, train, None, TrainConfig { max_steps: Some(60), ..TrainConfig::default() })?;
+//! trainer.run(None, &mut ())?;
+//! trainer.save_adapter("adapter".as_ref(), "google/gemma-3-270m")?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{Tensor, Var};
+use pipeline_model::CausalLm;
+use pipeline_model::adapter::{self, AdapterConfig, LoraTensors};
+use serde::Serialize;
+
+use crate::checkpoint::{self, LogRow, State};
+use crate::optim::{AdamW, Schedule, learning_rate};
+use crate::{DataOrder, SeededDropout, TokenizedSplit, attach_lora, example_grads, example_loss};
+
+/// Which modules get LoRA matrices, and their shape.
+#[derive(Debug, Clone)]
+pub struct LoraConfig {
+    /// Short module names (`q_proj`, …); default: every linear layer.
+    pub targets: Vec<String>,
+    pub rank: usize,
+    pub alpha: f64,
+    /// Dropout on the LoRA input.
+    pub dropout: f64,
+    /// Scale by α/√r instead of α/r (rsLoRA).
+    pub rslora: bool,
+}
+
+impl Default for LoraConfig {
+    /// PEFT's usual choice for small models: r = 16, α = 32 on all linears.
+    fn default() -> Self {
+        let targets = pipeline_model::TARGETS.iter().map(|s| s.to_string()).collect();
+        LoraConfig { targets, rank: 16, alpha: 32.0, dropout: 0.05, rslora: false }
+    }
+}
+
+impl LoraConfig {
+    /// The adapter files' configuration for a base model id.
+    pub fn adapter_config(&self, base: &str, targets: Vec<String>) -> AdapterConfig {
+        AdapterConfig::lora(base, self.rank, self.alpha, self.dropout, targets, self.rslora)
+    }
+}
+
+/// Everything a training run is configured by (no recipe involved: the
+/// `lora-train` stage maps its parameters onto this). Defaults follow
+/// PEFT + TRL.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub lora: LoraConfig,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    /// Learning-rate schedule after warmup.
+    pub schedule: Schedule,
+    /// Warmup steps; when 0, `warmup_ratio` of all steps.
+    pub warmup_steps: usize,
+    pub warmup_ratio: f64,
+    /// Examples per optimizer step.
+    pub gradient_accumulation: usize,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub max_grad_norm: f64,
+    /// Passes over the training examples.
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (overrides `epochs`).
+    pub max_steps: Option<usize>,
+    /// Validation loss every N steps (0: only before and after training).
+    pub eval_every: usize,
+    /// A resumable checkpoint every N steps (when `run` is given a work dir).
+    pub checkpoint_every: usize,
+    /// Keep only each layer's input in the forward pass and recompute the
+    /// layer in the backward pass (much less memory, one more forward pass).
+    pub gradient_checkpointing: bool,
+    /// Seed of the data order, dropout masks and LoRA initialisation.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lora: LoraConfig::default(),
+            learning_rate: 2e-4,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            schedule: Schedule::default(),
+            warmup_steps: 0,
+            warmup_ratio: 0.0,
+            gradient_accumulation: 1,
+            max_grad_norm: 1.0,
+            epochs: 1,
+            max_steps: None,
+            eval_every: 0,
+            checkpoint_every: 20,
+            gradient_checkpointing: false,
+            seed: 42,
+        }
+    }
+}
+
+/// Told about a run as it goes (progress, remote copies of checkpoints).
+pub trait Observer {
+    /// Training starts at `step` (non-zero after a resume) of `total`.
+    fn started(&mut self, _step: u64, _total: u64) {}
+    /// After each optimizer step; `tokens_per_s` over this run so far.
+    fn step(&mut self, _row: &LogRow, _tokens_per_s: f64) -> Result<()> {
+        Ok(())
+    }
+    /// After a checkpoint was written to `dir`.
+    fn checkpoint(&mut self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// No observer.
+impl Observer for () {}
+
+/// What a finished run reports (the `lora-train` stage's metrics).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub steps: u64,
+    pub trainable_parameters: usize,
+    pub modules: usize,
+    /// Mean training loss of the last ten steps.
+    pub train_loss_last10: f64,
+    pub eval_loss_before: Option<f64>,
+    pub eval_loss_after: Option<f64>,
+    pub resumed_from_step: Option<u64>,
+    pub seconds_this_run: f64,
+    pub tokens_per_s_this_run: f64,
+}
+
+/// One LoRA training run: the model with its adapter, the optimizer, the
+/// data, and where the run stands.
+pub struct Trainer {
+    cfg: TrainConfig,
+    model: Box<dyn CausalLm>,
+    /// (PEFT-style name `<module>.lora_A` / `.lora_B`, variable).
+    params: Vec<(String, Var)>,
+    modules: Vec<String>,
+    opt: AdamW,
+    train: TokenizedSplit,
+    eval: Option<TokenizedSplit>,
+    order: DataOrder,
+    state: State,
+    total_steps: u64,
+    warmup: u64,
+    resumed_from: Option<u64>,
+}
+
+impl Trainer {
+    /// Attaches fresh LoRA matrices to `model` and prepares a run over
+    /// `train` (validation loss on `eval`, when given).
+    pub fn new(
+        mut model: Box<dyn CausalLm>,
+        train: TokenizedSplit,
+        eval: Option<TokenizedSplit>,
+        cfg: TrainConfig,
+    ) -> Result<Trainer> {
+        if train.is_empty() {
+            bail!("no training examples");
+        }
+        let longest = (0..train.len())
+            .map(|i| train.example(i).0.len())
+            .chain(eval.iter().flat_map(|e| (0..e.len()).map(|i| e.example(i).0.len())))
+            .max()
+            .unwrap_or(1);
+        if longest > model.max_position_embeddings() {
+            bail!(
+                "examples are up to {longest} tokens but the model's context is {}; lower `max_len` of the tokenize stage",
+                model.max_position_embeddings()
+            );
+        }
+        let l = &cfg.lora;
+        let scale = l.adapter_config("", vec![]).scale();
+        let (params, modules) = attach_lora(model.as_mut(), &l.targets, l.rank, scale, l.dropout as f32, cfg.seed)?;
+        if modules.is_empty() {
+            bail!("targets {:?} match no module of this model", l.targets);
+        }
+        let per_epoch = train.len().div_ceil(cfg.gradient_accumulation) as u64;
+        let total_steps = cfg.max_steps.map_or(per_epoch * cfg.epochs as u64, |s| s as u64);
+        let warmup = if cfg.warmup_steps > 0 {
+            cfg.warmup_steps as u64
+        } else {
+            (cfg.warmup_ratio * total_steps as f64).ceil() as u64
+        };
+        let opt = AdamW::new(cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay);
+        let order = DataOrder::new(cfg.seed, train.len());
+        let state = State { step: 0, log: vec![], initial_eval_loss: None };
+        Ok(Trainer {
+            cfg,
+            model,
+            params,
+            modules,
+            opt,
+            train,
+            eval,
+            order,
+            state,
+            total_steps,
+            warmup,
+            resumed_from: None,
+        })
+    }
+
+    /// Continues from the newest checkpoint in `work`, if it has one;
+    /// returns its step.
+    pub fn resume(&mut self, work: &Path) -> Result<Option<u64>> {
+        let Some((step, dir)) = checkpoint::latest(work) else { return Ok(None) };
+        let device = self.model.device().clone();
+        let saved = candle_core::safetensors::load(dir.join("adapter.safetensors"), &device)?;
+        for (name, var) in &self.params {
+            let t = saved.get(name).with_context(|| format!("checkpoint {} lacks `{name}`", dir.display()))?;
+            var.set(t)?;
+        }
+        self.opt.load(&dir.join("optimizer.safetensors"), &device)?;
+        self.state = checkpoint::load_state(&dir)?;
+        self.resumed_from = Some(step);
+        tracing::info!(step, "resumed from checkpoint");
+        Ok(Some(step))
+    }
+
+    /// Trains to the last step. With `work`, writes a checkpoint every
+    /// `checkpoint_every` steps and at the end (call [`Trainer::resume`]
+    /// first to continue an interrupted run).
+    pub fn run(&mut self, work: Option<&Path>, observer: &mut dyn Observer) -> Result<Summary> {
+        if self.state.initial_eval_loss.is_none() {
+            self.state.initial_eval_loss = self.eval_loss()?;
+        }
+        tracing::info!(
+            steps = self.total_steps,
+            trainable = self.trainable_parameters(),
+            modules = self.modules.len(),
+            "training"
+        );
+        observer.started(self.state.step, self.total_steps);
+        let started = Instant::now();
+        let mut tokens_seen = 0u64;
+        while self.state.step < self.total_steps {
+            let (mut row, tokens) = self.step().map_err(|e| match work {
+                Some(w) => {
+                    let kept = checkpoint::latest(w).map_or("none".to_string(), |(s, _)| format!("step {s}"));
+                    e.context(format!(
+                        "stopped. The last good checkpoint ({kept}) is kept and a rerun resumes from it: \
+                         lower `learning_rate` or set `max_grad_norm` first"
+                    ))
+                }
+                None => e,
+            })?;
+            tokens_seen += tokens;
+            let done = row.step;
+            let every = self.cfg.eval_every as u64;
+            if done == self.total_steps || (every > 0 && done % every == 0) {
+                row.eval_loss = self.eval_loss()?;
+            }
+            observer.step(&row, tokens_seen as f64 / started.elapsed().as_secs_f64())?;
+            self.state.log.push(row);
+            if let Some(work) = work
+                && (done % self.cfg.checkpoint_every.max(1) as u64 == 0 || done == self.total_steps)
+            {
+                let dir = self.save_checkpoint(work)?;
+                observer.checkpoint(&dir)?;
+            }
+            pipeline_fs::fault::point(&format!("lora-train.step-{done}"));
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let last: Vec<f64> = self.state.log.iter().rev().take(10).map(|r| r.loss).collect();
+        Ok(Summary {
+            steps: self.total_steps,
+            trainable_parameters: self.trainable_parameters(),
+            modules: self.modules.len(),
+            train_loss_last10: last.iter().sum::<f64>() / last.len().max(1) as f64,
+            eval_loss_before: self.state.initial_eval_loss,
+            eval_loss_after: self.state.log.last().and_then(|r| r.eval_loss),
+            resumed_from_step: self.resumed_from,
+            seconds_this_run: seconds,
+            tokens_per_s_this_run: tokens_seen as f64 / seconds.max(1e-9),
+        })
+    }
+
+    /// One optimizer step over `gradient_accumulation` examples; returns its
+    /// log row (without validation loss) and the tokens it read.
+    pub fn step(&mut self) -> Result<(LogRow, u64)> {
+        let step = self.state.step;
+        let lr = learning_rate(
+            self.cfg.schedule,
+            self.cfg.learning_rate,
+            step as usize,
+            self.total_steps as usize,
+            self.warmup as usize,
+        );
+        let accum = self.cfg.gradient_accumulation as u64;
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        let (mut loss_sum, mut supervised, mut tokens, mut epoch) = (0f64, 0u64, 0u64, 0u64);
+        for micro in 0..accum {
+            let (e, idx) = self.order.get(step * accum + micro);
+            epoch = e;
+            let (ids, mask) = self.train.example(idx);
+            let dropout = SeededDropout::new(self.cfg.seed, step, micro);
+            let (value, n, micro_grads) = example_grads(
+                self.model.as_ref(),
+                ids,
+                mask,
+                Some(&dropout),
+                1.0 / accum as f64,
+                &self.params,
+                self.cfg.gradient_checkpointing,
+            )?;
+            if !value.is_finite() {
+                bail!("the loss became {value} at step {} (example {})", step + 1, self.train.ids[idx]);
+            }
+            loss_sum += value;
+            supervised += n as u64;
+            tokens += ids.len() as u64;
+            for (name, g) in micro_grads {
+                let sum = match grads.remove(&name) {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                };
+                grads.insert(name, sum);
+            }
+        }
+        // Clip the global norm as torch.nn.utils.clip_grad_norm_ does.
+        let mut sq = 0f64;
+        for g in grads.values() {
+            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let grad_norm = sq.sqrt();
+        if self.cfg.max_grad_norm > 0.0 {
+            let coef = self.cfg.max_grad_norm / (grad_norm + 1e-6);
+            if coef < 1.0 {
+                for g in grads.values_mut() {
+                    *g = (&*g * coef)?;
+                }
+            }
+        }
+        self.opt.step(&self.params, &grads, lr)?;
+        self.state.step = step + 1;
+        let row = LogRow {
+            step: step + 1,
+            epoch,
+            loss: loss_sum / accum as f64,
+            lr,
+            grad_norm,
+            tokens: supervised,
+            eval_loss: None,
+        };
+        Ok((row, tokens))
+    }
+
+    /// Token-weighted mean loss over the validation examples (no dropout).
+    pub fn eval_loss(&self) -> Result<Option<f64>> {
+        let Some(eval) = &self.eval else { return Ok(None) };
+        let (mut total, mut count) = (0f64, 0usize);
+        for i in 0..eval.len() {
+            let (ids, mask) = eval.example(i);
+            let (loss, n) = example_loss(self.model.as_ref(), ids, mask, None)?;
+            total += loss.to_scalar::<f32>()? as f64 * n as f64;
+            count += n;
+        }
+        Ok(Some(total / count.max(1) as f64))
+    }
+
+    /// Writes a checkpoint of the current step into `work`.
+    pub fn save_checkpoint(&self, work: &Path) -> Result<PathBuf> {
+        checkpoint::save(work, &self.state, |dir| {
+            let named: HashMap<String, Tensor> =
+                self.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+            candle_core::safetensors::save(&named, dir.join("adapter.safetensors"))?;
+            self.opt.save(&dir.join("optimizer.safetensors"))
+        })
+    }
+
+    /// The adapter as PEFT files describe it, for base model id `base`.
+    pub fn adapter(&self, base: &str) -> (AdapterConfig, LoraTensors) {
+        let mut targets: Vec<String> =
+            self.modules.iter().filter_map(|m| m.rsplit('.').next().map(str::to_string)).collect();
+        targets.sort();
+        targets.dedup();
+        let cfg = self.cfg.lora.adapter_config(base, targets);
+        let mut tensors = LoraTensors::new();
+        // `attach_lora` lists each module's A, then its B.
+        for pair in self.params.chunks(2) {
+            let module = pair[0].0.trim_end_matches(".lora_A").to_string();
+            tensors.insert(module, (pair[0].1.as_tensor().clone(), pair[1].1.as_tensor().clone()));
+        }
+        (cfg, tensors)
+    }
+
+    /// Writes the adapter in PEFT's layout (`adapter_model.safetensors`,
+    /// `adapter_config.json`) into `dir`.
+    pub fn save_adapter(&self, dir: &Path, base: &str) -> Result<()> {
+        let (cfg, tensors) = self.adapter(base);
+        adapter::save(dir, &cfg, &tensors, None)
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+    pub fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+    pub fn model(&self) -> &dyn CausalLm {
+        self.model.as_ref()
+    }
+    /// The adapted modules' paths (`model.layers.3.self_attn.q_proj`).
+    pub fn modules(&self) -> &[String] {
+        &self.modules
+    }
+    pub fn trainable_parameters(&self) -> usize {
+        self.params.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}
