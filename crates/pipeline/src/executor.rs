@@ -64,6 +64,24 @@ impl Plan {
     }
 }
 
+/// Whether a stage has a finished entry.
+#[derive(Debug, Clone)]
+pub enum Finished {
+    /// Its directory in the local store.
+    Entry(PathBuf),
+    /// Not finished for this recipe and cache: why (what changed).
+    NotYet(String),
+}
+
+/// What [`Executor::gc`] removed (or would remove) and kept.
+#[derive(Debug, Clone, Default)]
+pub struct Collected {
+    pub removed: Vec<PathBuf>,
+    pub kept: usize,
+    /// Entries a running process holds.
+    pub busy: usize,
+}
+
 /// Where a command's cache lives: `--cache-dir` (a directory, or an
 /// object-store URL) and, for a URL, the local working copy.
 #[derive(Debug, Clone)]
@@ -352,6 +370,60 @@ impl Executor {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// The finished entry of `stage` for `recipe` (pulled from the remote
+    /// cache if only it has one), or why there is none.
+    pub fn finished(&self, recipe: &Recipe, stage: &str) -> Result<Finished> {
+        if !recipe.stages.contains_key(stage) {
+            let e = RecipeError::new(format!("no stage named `{stage}`")).in_file(&recipe.path);
+            return Err(match did_you_mean(stage, recipe.stages.keys().map(String::as_str)) {
+                Some(s) => e.help(format!("did you mean `{s}`?")),
+                None => e,
+            }
+            .into());
+        }
+        self.pull_finished(recipe, Some(stage))?;
+        let plan = self.plan(recipe, Some(stage))?;
+        let sp = plan.stage(stage).expect("planned");
+        Ok(if sp.status == Status::Cached && self.store.is_finished(&sp.key) {
+            Finished::Entry(self.store.entry_dir(&sp.key))
+        } else {
+            Finished::NotYet(sp.reason.clone().unwrap_or_else(|| "not run".into()))
+        })
+    }
+
+    /// Removes the local entries (finished and unfinished) that none of
+    /// `keep` would use, skipping those another process holds; with
+    /// `dry_run` only says what it would remove. Entries in a remote cache
+    /// are never deleted here.
+    pub fn gc(&self, keep: &[Recipe], dry_run: bool) -> Result<Collected> {
+        let mut used = std::collections::BTreeSet::new();
+        for recipe in keep {
+            let plan = self.plan(recipe, None).with_context(|| format!("cannot plan {}", recipe.path.display()))?;
+            used.extend(plan.stages.into_iter().map(|s| s.key));
+        }
+        let store = &self.store;
+        let mut out = Collected::default();
+        let entries = store.entries()?.into_iter().map(|k| (store.entry_dir(&k), k));
+        let works = store.work_entries()?.into_iter().map(|k| (store.work_dir(&k), k));
+        for (dir, key) in entries.chain(works) {
+            if used.contains(&key) {
+                out.kept += 1;
+                continue;
+            }
+            // Never remove what a running process is writing.
+            let Some(_lock) = store.try_lock(&key)? else {
+                out.busy += 1;
+                continue;
+            };
+            if !dry_run {
+                store.remove(&dir)?;
+            }
+            out.removed.push(dir);
+        }
+        store.empty_trash()?;
+        Ok(out)
     }
 
     /// Copies one entry the plan found in the remote cache into the local one.

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+use crate::executor::Finished;
 use crate::recipe::Recipe;
 use crate::stages::{Kind, lora_train};
 use pipeline_infer::chat::{ChatTemplate, Message};
@@ -117,21 +118,17 @@ fn recipe_output(recipe: &Recipe, choice: &ModelChoice) -> Result<Option<PathBuf
         None => recipe.stages.iter().find(|(_, s)| s.kind() == lora_train::Params::KIND).map(|(n, _)| n.clone()),
     };
     let Some(stage) = stage else { return Ok(None) };
-    let exec = choice.cache.open()?;
-    exec.pull_finished(recipe, Some(&stage))?;
-    let plan = exec.plan(recipe, Some(&stage))?;
-    let key = &plan.stage(&stage).expect("planned").key;
-    if !exec.store().is_finished(key) {
-        if choice.stage.is_some() {
-            bail!(
-                "stage `{stage}` has not run yet (with this recipe and cache); run `pipeline run {}` first",
-                recipe.path.display()
-            );
+    match choice.cache.open()?.finished(recipe, &stage)? {
+        Finished::Entry(dir) => Ok(Some(dir)),
+        Finished::NotYet(_) if choice.stage.is_some() => bail!(
+            "stage `{stage}` has not run yet (with this recipe and cache); run `pipeline run {}` first",
+            recipe.path.display()
+        ),
+        Finished::NotYet(_) => {
+            crate::report::println(&format!("note: `{stage}` has not run yet; using the base model"));
+            Ok(None)
         }
-        eprintln!("note: `{stage}` has not run yet; using the base model");
-        return Ok(None);
     }
-    Ok(Some(exec.store().entry_dir(key)))
 }
 
 /// Prompts for `generate --prompts FILE.jsonl`: each line `{"prompt": …}` or

@@ -22,10 +22,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::format_chat::Conversation;
 use super::format_chat;
+use super::format_chat::Conversation;
 use super::lora_train;
-use super::{Input, Kind, Rule, StageKind, Env, RunContext, Stage};
+use super::{Env, Input, Kind, Rule, RunContext, Stage, StageKind};
 use pipeline_infer::chat::{ChatTemplate, Message};
 use pipeline_infer::eval::{Metric, Tally, Task, markdown_table, rouge_l, score_tool_call};
 use pipeline_infer::generate::{Generation, GenerationParams, Generator};
@@ -165,7 +165,8 @@ impl StageKind for Params {
     const EXPORTED: bool = true;
 
     fn inputs(&self) -> Vec<Input<'_>> {
-        let mut v = vec![Input { role: "conversations", stage: &self.conversations, kinds: &[format_chat::Params::KIND] }];
+        let mut v =
+            vec![Input { role: "conversations", stage: &self.conversations, kinds: &[format_chat::Params::KIND] }];
         if let Some(a) = &self.adapter {
             v.push(Input { role: "adapter", stage: a, kinds: &[lora_train::Params::KIND] });
         }

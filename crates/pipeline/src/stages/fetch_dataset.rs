@@ -20,7 +20,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Input, Rule, StageKind, Env, RunContext, Stage};
+use super::{Env, Input, Rule, RunContext, Stage, StageKind};
 use pipeline_data::{self as data, Row, hub};
 
 /// Parameters of a `fetch-dataset` stage.

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::fetch_dataset;
-use super::{Input, Kind, StageKind, Env, RunContext, Stage, select_splits, splits_in};
+use super::{Env, Input, Kind, RunContext, Stage, StageKind, select_splits, splits_in};
 use pipeline_data::{self as data, Row};
 use pipeline_infer::chat::{ChatTemplate, Message, TurnSpan};
 

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::tokenize;
-use super::{Input, Kind, Rule, StageKind, Env, RunContext, Stage};
+use super::{Env, Input, Kind, Rule, RunContext, Stage, StageKind};
 
 /// Parameters of a `lora-train` stage. Defaults follow PEFT + TRL.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]

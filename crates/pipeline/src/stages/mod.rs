@@ -24,9 +24,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 
 use crate::recipe::Recipe;
-pub use registry::{Input, Kind, Rule, StageKind};
 use pipeline_cache::{CacheKey, HashMemo};
 use pipeline_model::ModelFiles;
+pub use registry::{Input, Kind, Rule, StageKind};
 
 /// What every stage kind implements.
 pub trait Stage {

@@ -11,7 +11,9 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Stage, custom, evaluate, fetch_dataset, format_chat, lora_train, merge, ollama_modelfile, quantize, tokenize};
+use super::{
+    Stage, custom, evaluate, fetch_dataset, format_chat, lora_train, merge, ollama_modelfile, quantize, tokenize,
+};
 
 /// A kind's name as recipes write it (`kind = "lora-train"`); generated
 /// from the registry.

@@ -20,9 +20,9 @@ use serde_json::Value;
 
 pub use pipeline_train::TokenizedSplit;
 
-use super::format_chat::Conversation;
 use super::format_chat;
-use super::{Input, Kind, Rule, StageKind, Env, RunContext, Stage, select_splits, splits_in};
+use super::format_chat::Conversation;
+use super::{Env, Input, Kind, Rule, RunContext, Stage, StageKind, select_splits, splits_in};
 use pipeline_data as data;
 
 /// Parameters of a `tokenize` stage.

@@ -1,0 +1,457 @@
+//! GGUF files for llama.cpp and Ollama, one per quantization type.
+//!
+//! Per-tensor types follow llama-quantize: 1-D tensors stay f32; for the
+//! `_M` K-quant mixes, `attn_v` and `ffn_down` get Q6_K on the layers
+//! llama.cpp's `use_more_bits` picks and the (tied) embeddings get Q6_K;
+//! K-quants need rows that are multiples of 256, so narrower matrices fall
+//! back the way llama-quantize does (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0).
+//! Gemma norms are stored as `w + 1` (llama.cpp multiplies by `w`). The
+//! metadata holds the hyper-parameters, the tokenizer (tokens, scores, token
+//! types, merges for BPE models, special ids) and the trained chat template.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use candle_core::quantized::{GgmlDType, QTensor};
+use pipeline_model::ModelFiles;
+use pipeline_model::{Arch, qwen};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value as Json, json};
+
+use crate::gguf_writer::{TensorData, Value};
+
+/// A GGUF file type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantType {
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+    Q4_0,
+    Q4KM,
+    Q5KM,
+    Q6K,
+}
+
+impl QuantType {
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantType::F32 => "f32",
+            QuantType::F16 => "f16",
+            QuantType::Bf16 => "bf16",
+            QuantType::Q8_0 => "q8_0",
+            QuantType::Q4_0 => "q4_0",
+            QuantType::Q4KM => "q4_k_m",
+            QuantType::Q5KM => "q5_k_m",
+            QuantType::Q6K => "q6_k",
+        }
+    }
+
+    /// llama.cpp's `general.file_type` (LlamaFileType).
+    fn file_type(self) -> u32 {
+        match self {
+            QuantType::F32 => 0,
+            QuantType::F16 => 1,
+            QuantType::Bf16 => 32,
+            QuantType::Q8_0 => 7,
+            QuantType::Q4_0 => 2,
+            QuantType::Q4KM => 15,
+            QuantType::Q5KM => 17,
+            QuantType::Q6K => 18,
+        }
+    }
+}
+
+/// llama.cpp's `use_more_bits`: the layers a `_M` mix gives more bits.
+fn use_more_bits(layer: usize, layers: usize) -> bool {
+    layer < layers / 8 || layer >= 7 * layers / 8 || (layer as isize - (layers / 8) as isize) % 3 == 2
+}
+
+/// The type of one tensor (GGUF name, ne0 = row length) in a `target` file,
+/// as llama-quantize chooses it (`llama_tensor_get_type`): `tied` when the
+/// model has no `output.weight`, so that `token_embd` is also the LM head
+/// and gets the output tensor's type.
+pub fn tensor_type(target: QuantType, name: &str, ne0: usize, rank: usize, layers: usize, tied: bool) -> GgmlDType {
+    use GgmlDType::*;
+    let base = match target {
+        QuantType::F32 => F32,
+        QuantType::F16 => F16,
+        QuantType::Bf16 => BF16,
+        QuantType::Q8_0 => Q8_0,
+        QuantType::Q4_0 => Q4_0,
+        QuantType::Q4KM => Q4K,
+        QuantType::Q5KM => Q5K,
+        QuantType::Q6K => Q6K,
+    };
+    if rank == 1 {
+        return F32;
+    }
+    if matches!(base, F32 | F16 | BF16) {
+        return base;
+    }
+    let layer = name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok());
+    let more_bits =
+        (name.contains(".attn_v.") || name.contains(".ffn_down.")) && layer.is_some_and(|l| use_more_bits(l, layers));
+    let is_head = name == "output.weight" || (tied && name == "token_embd.weight");
+    let t = if is_head {
+        // The output tensor: Q6_K unless the file is Q8_0, or its rows do
+        // not fit the file type's blocks (then Q8_0).
+        if ne0 % base.block_size() != 0 || base == Q8_0 { Q8_0 } else { Q6K }
+    } else {
+        match target {
+            QuantType::Q4KM | QuantType::Q5KM if more_bits => Q6K,
+            _ => base,
+        }
+    };
+    // Rows that do not fit a type's blocks fall back to a smaller block.
+    let t = match t {
+        Q4K if ne0 % 256 != 0 => Q5_0,
+        Q5K if ne0 % 256 != 0 => Q5_1,
+        Q6K if ne0 % 256 != 0 => Q8_0,
+        t => t,
+    };
+    if ne0 % t.block_size() != 0 { F16 } else { t }
+}
+
+/// Writes `model` as a GGUF file of type `target`; returns per-file stats.
+pub fn write_gguf(model: &ModelFiles, target: QuantType, name: &str, path: &Path) -> Result<Json> {
+    let device = Device::Cpu;
+    let (arch, weights) = pipeline_model::load_weights(model, &device, false)?;
+    let (arch_name, layers) = match &arch {
+        Arch::Gemma3(c) => ("gemma3", c.num_hidden_layers),
+        Arch::Qwen(qwen::Variant::Qwen2, c) => ("qwen2", c.num_hidden_layers),
+        Arch::Qwen(qwen::Variant::Qwen3, c) => ("qwen3", c.num_hidden_layers),
+    };
+    let mut map: Vec<(String, candle_core::Tensor)> = weights.into_map().into_iter().collect();
+    map.sort_by(|a, b| a.0.cmp(&b.0));
+    let tied = !map.iter().any(|(hf, _)| hf == "lm_head.weight");
+    let mut tensors = Vec::new();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut vocab_rows = 0;
+    for (hf, t) in map {
+        let Some(gname) = pipeline_model::gguf::gguf_name_for(arch_name, &hf) else {
+            bail!("{}: tensor `{hf}` has no GGUF name for {arch_name}", model.source);
+        };
+        if hf == "model.embed_tokens.weight" {
+            vocab_rows = t.dim(0)?;
+        }
+        // llama.cpp multiplies Gemma norms by `w`, HF by `1 + w`.
+        let t = if arch_name == "gemma3" && hf.ends_with("norm.weight") { (t + 1.0)? } else { t };
+        let dims = t.dims().to_vec();
+        let dtype = tensor_type(target, &gname, *dims.last().unwrap_or(&1), dims.len(), layers, tied);
+        let bytes = encode(&t, dtype).with_context(|| format!("quantizing `{gname}` to {dtype:?}"))?;
+        *counts.entry(format!("{dtype:?}")).or_default() += 1;
+        tensors.push(TensorData { name: gname, dtype, dims, bytes });
+    }
+    // llama.cpp orders tensors as converters write them: embeddings first.
+    tensors.sort_by_key(|t| (t.name != "token_embd.weight", layer_of(&t.name), t.name.clone()));
+    let mut md = architecture_metadata(&arch, arch_name, name, target);
+    md.extend(tokenizer_metadata(model, arch_name, vocab_rows)?);
+    crate::gguf_writer::write(path, &md, &tensors)?;
+    Ok(json!({
+        "type": target.name(),
+        "tensors": tensors.len(),
+        "tensor_types": counts,
+        "size_bytes": std::fs::metadata(path)?.len(),
+    }))
+}
+
+/// A tensor's data as `dtype` blocks: K-quants with llama.cpp's reference
+/// encoders ([`crate::kquants`]), the rest with candle's (which equal ggml's).
+fn encode(t: &candle_core::Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
+    let kquant: Option<fn(&[f32]) -> Vec<u8>> = match dtype {
+        GgmlDType::Q4K => Some(crate::kquants::q4_k),
+        GgmlDType::Q5K => Some(crate::kquants::q5_k),
+        GgmlDType::Q6K => Some(crate::kquants::q6_k),
+        _ => None,
+    };
+    match kquant {
+        Some(f) => {
+            let x: Vec<f32> = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+            // Rows are independent: encode them on every core.
+            let row = *t.dims().last().unwrap_or(&1);
+            use rayon::prelude::*;
+            Ok(x.par_chunks(row).flat_map_iter(f).collect())
+        }
+        None => Ok(QTensor::quantize(t, dtype)?.data()?.to_vec()),
+    }
+}
+
+/// `gemma3`, `qwen2` or `qwen3`: the GGUF architecture of a model.
+pub fn gguf_arch_name(model: &ModelFiles) -> Result<String> {
+    let arch = if model.is_gguf() {
+        let path = &model.weights[0];
+        let mut f = std::fs::File::open(path)?;
+        let c = candle_core::quantized::gguf_file::Content::read(&mut f)
+            .with_context(|| format!("{}: not a GGUF file", path.display()))?;
+        return Ok(c
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default());
+    } else {
+        pipeline_model::read_config(model.config_json.as_ref().context("no config.json")?)?
+    };
+    Ok(match arch {
+        Arch::Gemma3(_) => "gemma3",
+        Arch::Qwen(qwen::Variant::Qwen2, _) => "qwen2",
+        Arch::Qwen(qwen::Variant::Qwen3, _) => "qwen3",
+    }
+    .into())
+}
+
+/// Writes a PEFT adapter as a GGUF LoRA adapter: `general.type = adapter`,
+/// `adapter.type = lora`, `adapter.lora.alpha`, and per module
+/// `<base tensor>.lora_a` (HF A `[r, in]` as is, ggml `[in, r]`) and
+/// `.lora_b` (HF B `[out, r]`, ggml `[r, out]`), in f32. rsLoRA's α/√r is
+/// expressed as the α that gives the same scale with llama.cpp's α/r.
+pub fn write_adapter_gguf(adapter_dir: &Path, arch: &str, path: &Path) -> Result<Json> {
+    let pipeline_model::adapter::LoadedAdapter { config, tensors, .. } =
+        pipeline_model::adapter::load(adapter_dir, &Device::Cpu)?;
+    let alpha = config.scale() * config.r as f64;
+    let md = vec![
+        ("general.architecture".to_string(), Value::Str(arch.into())),
+        ("general.type".into(), Value::Str("adapter".into())),
+        ("adapter.type".into(), Value::Str("lora".into())),
+        ("adapter.lora.alpha".into(), Value::F32(alpha as f32)),
+    ];
+    let mut out = Vec::new();
+    for (module, (a, b)) in &tensors {
+        let base = pipeline_model::gguf::gguf_name_for(arch, &format!("{module}.weight"))
+            .with_context(|| format!("{}: module `{module}` has no GGUF name", adapter_dir.display()))?;
+        for (suffix, t) in [("lora_a", a), ("lora_b", b)] {
+            let q = QTensor::quantize(t, GgmlDType::F32)?;
+            out.push(TensorData {
+                name: format!("{base}.{suffix}"),
+                dtype: GgmlDType::F32,
+                dims: t.dims().to_vec(),
+                bytes: q.data()?.to_vec(),
+            });
+        }
+    }
+    out.sort_by_key(|t| (layer_of(&t.name), t.name.clone()));
+    crate::gguf_writer::write(path, &md, &out)?;
+    Ok(
+        json!({"type": "lora adapter", "tensors": out.len(), "alpha": alpha, "size_bytes": std::fs::metadata(path)?.len()}),
+    )
+}
+
+fn layer_of(name: &str) -> usize {
+    name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|n| n.parse().ok()).unwrap_or(usize::MAX)
+}
+
+fn architecture_metadata(arch: &Arch, a: &str, name: &str, target: QuantType) -> Vec<(String, Value)> {
+    let k = |key: &str| format!("{a}.{key}");
+    let mut md = vec![
+        ("general.architecture".to_string(), Value::Str(a.into())),
+        ("general.type".into(), Value::Str("model".into())),
+        ("general.name".into(), Value::Str(name.into())),
+        ("general.file_type".into(), Value::U32(target.file_type())),
+        ("general.quantization_version".into(), Value::U32(2)),
+    ];
+    match arch {
+        Arch::Gemma3(c) => {
+            md.extend([
+                (k("context_length"), Value::U32(c.max_position_embeddings as u32)),
+                (k("embedding_length"), Value::U32(c.hidden_size as u32)),
+                (k("block_count"), Value::U32(c.num_hidden_layers as u32)),
+                (k("feed_forward_length"), Value::U32(c.intermediate_size as u32)),
+                (k("attention.head_count"), Value::U32(c.num_attention_heads as u32)),
+                (k("attention.head_count_kv"), Value::U32(c.num_key_value_heads as u32)),
+                (k("attention.key_length"), Value::U32(c.head_dim as u32)),
+                (k("attention.value_length"), Value::U32(c.head_dim as u32)),
+                (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps as f32)),
+                (k("rope.freq_base"), Value::F32(c.rope_theta as f32)),
+                (k("rope.freq_base_swa"), Value::F32(c.rope_local_base_freq as f32)),
+                (k("attention.sliding_window"), Value::U32(c.sliding_window as u32)),
+            ]);
+            if let Some(cap) = c.final_logit_softcapping {
+                md.push((k("final_logit_softcapping"), Value::F32(cap as f32)));
+            }
+        }
+        Arch::Qwen(_, c) => md.extend([
+            (k("context_length"), Value::U32(c.max_position_embeddings as u32)),
+            (k("embedding_length"), Value::U32(c.hidden_size as u32)),
+            (k("block_count"), Value::U32(c.num_hidden_layers as u32)),
+            (k("feed_forward_length"), Value::U32(c.intermediate_size as u32)),
+            (k("attention.head_count"), Value::U32(c.num_attention_heads as u32)),
+            (k("attention.head_count_kv"), Value::U32(c.num_key_value_heads as u32)),
+            (k("attention.key_length"), Value::U32(c.head_dim() as u32)),
+            (k("attention.value_length"), Value::U32(c.head_dim() as u32)),
+            (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps as f32)),
+            (k("rope.freq_base"), Value::F32(c.rope_theta as f32)),
+        ]),
+    }
+    md
+}
+
+/// Added tokens that llama.cpp's converter makes CONTROL even when the
+/// tokenizer does not mark them special (`does_token_look_special`).
+fn looks_like_control(t: &str) -> bool {
+    ["<pad>", "<mask>", "<2mass>", "[@BOS@]"].contains(&t)
+        || (t.starts_with("<|") && t.ends_with("|>"))
+        || (t.starts_with("<｜") && t.ends_with("｜>"))
+        || (t.starts_with("<unused") && t.ends_with('>'))
+}
+
+/// The tokenizer as llama.cpp reads it, from `tokenizer.json` and
+/// `tokenizer_config.json`: SentencePiece-style (`llama`) for Gemma, GPT-2
+/// BPE with merges for Qwen; `vocab_rows` entries (the embedding's rows).
+fn tokenizer_metadata(model: &ModelFiles, arch: &str, vocab_rows: usize) -> Result<Vec<(String, Value)>> {
+    let tok_path = model.tokenizer_json()?;
+    let tj: Json = serde_json::from_slice(&std::fs::read(tok_path)?)
+        .with_context(|| format!("{} is not JSON", tok_path.display()))?;
+    let tc = model.tokenizer_config()?;
+    let vocab = tj["model"]["vocab"].as_object().with_context(|| format!("{}: no model.vocab", tok_path.display()))?;
+    let mut tokens: Vec<Option<String>> = vec![None; vocab_rows];
+    for (piece, id) in vocab {
+        if let Some(slot) = id.as_u64().and_then(|i| tokens.get_mut(i as usize)) {
+            *slot = Some(piece.clone());
+        }
+    }
+    // Added tokens, as llama.cpp's converter reads them: tokenizer_config's
+    // `added_tokens_decoder` (else tokenizer.json's `added_tokens`). A
+    // special token, or one that looks like a control token, is CONTROL;
+    // any other is USER_DEFINED, and its text is pre-normalized (`▁` → space)
+    // because llama.cpp matches user-defined tokens against the raw text.
+    let added_list: Vec<(usize, &Json)> = match tc.get("added_tokens_decoder").and_then(Json::as_object) {
+        Some(m) => m.iter().filter_map(|(id, a)| Some((id.parse().ok()?, a))).collect(),
+        None => tj["added_tokens"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| Some((a["id"].as_u64()? as usize, a)))
+            .collect(),
+    };
+    let mut added: BTreeMap<usize, bool> = BTreeMap::new();
+    for (id, a) in added_list {
+        let (Some(content), Some(slot)) = (a["content"].as_str(), tokens.get_mut(id)) else { continue };
+        let control = a["special"].as_bool().unwrap_or(false) || looks_like_control(content);
+        *slot = Some(if control { content.to_string() } else { content.replace('\u{2581}', " ") });
+        added.insert(id, control);
+    }
+    let token_name = |k: &str| pipeline_infer::chat::special_token(&tc, k);
+    let id_of = |name: Option<String>| name.and_then(|n| tokens.iter().position(|t| t.as_deref() == Some(&n)));
+    let is_byte = |t: &str| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>');
+    let types: Vec<i32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match (added.get(&i), t.as_deref()) {
+            (_, None) => 5,
+            (Some(true), _) => 3,
+            (Some(false), _) => 4,
+            (None, Some(t)) if arch == "gemma3" && is_byte(t) => 6,
+            (None, _) => 1,
+        })
+        .collect();
+    let pieces: Vec<String> =
+        tokens.iter().enumerate().map(|(i, t)| t.clone().unwrap_or_else(|| format!("[PAD{i}]"))).collect();
+    let mut md = Vec::new();
+    if arch == "gemma3" {
+        // SentencePiece BPE scores rank the pieces: -rank for normal pieces,
+        // 0 for byte pieces, -1000 for control and user-defined ones, and
+        // -10000 for rows the tokenizer does not fill. (tokenizer.json keeps
+        // the ranks of the merged pieces, in id order, which is all that
+        // llama.cpp's tokenizer compares; Gemma's own `tokenizer.model`
+        // numbers its single characters 31 ranks further down, which no
+        // tokenization reads.)
+        let mut rank = 0f32;
+        let scores: Vec<f32> = types
+            .iter()
+            .map(|&ty| match ty {
+                1 => {
+                    rank += 1.0;
+                    -(rank - 1.0)
+                }
+                6 => 0.0,
+                5 => -10000.0,
+                _ => -1000.0,
+            })
+            .collect();
+        md.extend([
+            ("tokenizer.ggml.model".to_string(), Value::Str("llama".into())),
+            ("tokenizer.ggml.pre".into(), Value::Str("default".into())),
+            ("tokenizer.ggml.tokens".into(), Value::Strs(pieces)),
+            ("tokenizer.ggml.scores".into(), Value::F32s(scores)),
+            ("tokenizer.ggml.token_type".into(), Value::I32s(types)),
+            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
+            ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
+            ("tokenizer.ggml.add_sep_token".into(), Value::Bool(false)),
+            ("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false)),
+        ]);
+    } else {
+        let merges: Vec<String> = tj["model"]["merges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| match m {
+                Json::String(s) => Some(s.clone()),
+                Json::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+                _ => None,
+            })
+            .collect();
+        md.extend([
+            ("tokenizer.ggml.model".to_string(), Value::Str("gpt2".into())),
+            ("tokenizer.ggml.pre".into(), Value::Str("qwen2".into())),
+            ("tokenizer.ggml.tokens".into(), Value::Strs(pieces)),
+            ("tokenizer.ggml.token_type".into(), Value::I32s(types)),
+            ("tokenizer.ggml.merges".into(), Value::Strs(merges)),
+            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+        ]);
+    }
+    for (key, name) in [
+        ("bos_token_id", token_name("bos_token")),
+        ("eos_token_id", token_name("eos_token")),
+        ("unknown_token_id", token_name("unk_token")),
+        ("padding_token_id", token_name("pad_token")),
+    ] {
+        if let Some(id) = id_of(name) {
+            md.push((format!("tokenizer.ggml.{key}"), Value::U32(id as u32)));
+        }
+    }
+    let template = match tc.get("chat_template") {
+        Some(Json::String(s)) => Some(s.clone()),
+        _ => model.chat_template_file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()),
+    };
+    if let Some(t) = template {
+        let probe = pipeline_infer::chat::ChatTemplate::new(&t, "", &token_name("eos_token").unwrap_or_default());
+        if let Some(eot) = probe.ok().and_then(|p| id_of(Some(p.end_of_turn))) {
+            md.push(("tokenizer.ggml.eot_token_id".into(), Value::U32(eot as u32)));
+        }
+        md.push(("tokenizer.chat_template".into(), Value::Str(t)));
+    }
+    Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_tensor_types_follow_llama_quantize() {
+        use GgmlDType::*;
+        let t = |target, name: &str, ne0| tensor_type(target, name, ne0, 2, 18, true);
+        assert_eq!(t(QuantType::Q4KM, "blk.0.ffn_down.weight", 2048), Q6K, "use_more_bits layer 0");
+        assert_eq!(t(QuantType::Q4KM, "blk.2.ffn_down.weight", 2048), Q4K);
+        assert_eq!(t(QuantType::Q4KM, "blk.4.ffn_down.weight", 2048), Q6K);
+        assert_eq!(t(QuantType::Q4KM, "blk.3.attn_q.weight", 640), Q5_0, "Q4_K falls back for 640-wide rows");
+        assert_eq!(t(QuantType::Q4KM, "blk.0.attn_v.weight", 640), Q8_0, "Q6_K falls back to Q8_0");
+        assert_eq!(t(QuantType::Q4KM, "token_embd.weight", 640), Q8_0);
+        assert_eq!(t(QuantType::Q4KM, "token_embd.weight", 1024), Q6K, "the tied head of a 1024-wide model");
+        assert_eq!(t(QuantType::Q4_0, "token_embd.weight", 640), Q8_0, "the tied head: Q6_K, which falls back");
+        assert_eq!(t(QuantType::Q4_0, "token_embd.weight", 1024), Q6K);
+        assert_eq!(t(QuantType::Q4_0, "blk.0.ffn_down.weight", 2048), Q4_0, "Q4_0 is not a mix");
+        assert_eq!(tensor_type(QuantType::Q4_0, "token_embd.weight", 1024, 2, 18, false), Q4_0, "untied embeddings");
+        assert_eq!(tensor_type(QuantType::Q4_0, "output.weight", 1024, 2, 18, false), Q6K, "the untied head");
+        assert_eq!(t(QuantType::Q8_0, "token_embd.weight", 640), Q8_0);
+        assert_eq!(t(QuantType::F16, "token_embd.weight", 640), F16);
+        assert_eq!(t(QuantType::Q5KM, "blk.3.attn_q.weight", 640), Q5_1);
+        assert_eq!(tensor_type(QuantType::Q8_0, "blk.0.attn_norm.weight", 640, 1, 18, true), F32, "1-D stays f32");
+        assert_eq!(t(QuantType::Q8_0, "blk.0.attn_q.weight", 100), F16, "rows not a multiple of 32");
+    }
+}

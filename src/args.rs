@@ -1,0 +1,320 @@
+//! The command line's arguments (clap): every command, its options and
+//! their help text.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use pipeline::error::RecipeError;
+use pipeline::executor::{CacheLocation, Executor};
+use pipeline::recipe::Override;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pipeline",
+    version,
+    about = "Turn a TOML recipe into a fine-tuned, quantized, ready-to-serve small language model"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options shared by commands that read a recipe and the cache.
+#[derive(Debug, clap::Args)]
+pub struct RecipeArgs {
+    /// The recipe file.
+    pub recipe: PathBuf,
+    /// Override a recipe key, e.g. `--set stages.train.rank=8` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_override)]
+    pub set: Vec<Override>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+impl RecipeArgs {
+    pub fn executor(&self) -> Result<Executor> {
+        self.cache.location().open()
+    }
+}
+
+/// `--cache-dir` and `--local-cache`, for every command that uses the cache.
+#[derive(Debug, clap::Args)]
+pub struct CacheArgs {
+    /// The cache: a directory, or an object-store URL (`s3://BUCKET/PREFIX`,
+    /// `gs://…`, `az://…`, `http(s)://…` WebDAV, `file:///…`) whose entries
+    /// and checkpoints are shared by every machine that names it.
+    #[arg(long, env = "PIPELINE_CACHE_DIR", default_value = ".pipeline")]
+    pub cache_dir: String,
+    /// With a remote `--cache-dir`: the local working copy.
+    #[arg(long, env = "PIPELINE_LOCAL_CACHE", default_value = ".pipeline", value_name = "DIR")]
+    pub local_cache: PathBuf,
+}
+
+impl CacheArgs {
+    pub fn location(&self) -> CacheLocation {
+        CacheLocation { cache_dir: self.cache_dir.clone(), local_cache: self.local_cache.clone() }
+    }
+}
+
+/// Which model `generate` and `chat` load.
+#[derive(Debug, clap::Args)]
+pub struct ModelArgs {
+    /// A model directory (HF layout) or a .gguf file.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A PEFT LoRA adapter directory to apply (unmerged).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// A recipe: its base model, its chat template and its trained adapter.
+    #[arg(long, conflicts_with = "model")]
+    pub recipe: Option<PathBuf>,
+    /// The recipe's lora-train stage whose adapter to apply (default: the first).
+    #[arg(long, requires = "recipe")]
+    pub stage: Option<String>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Decoding options.
+#[derive(Debug, clap::Args)]
+pub struct GenerationArgs {
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// A string that ends the answer (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+impl GenerationArgs {
+    pub fn params(&self) -> Result<pipeline_infer::generate::GenerationParams> {
+        let p = pipeline_infer::generate::GenerationParams {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            stop: self.stop.clone(),
+            ..Default::default()
+        };
+        if let Err((k, v, h)) = p.check() {
+            return Err(RecipeError::new(format!("--{} {v}: {h}", k.replace('_', "-"))).into());
+        }
+        Ok(p)
+    }
+}
+
+impl ModelArgs {
+    pub fn choice(&self) -> pipeline::session::ModelChoice {
+        pipeline::session::ModelChoice {
+            model: self.model.clone(),
+            adapter: self.adapter.clone(),
+            recipe: self.recipe.clone(),
+            stage: self.stage.clone(),
+            cache: self.cache.location(),
+            device: self.device.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a recipe: reuse cached stages, run (or resume) the rest.
+    Run {
+        #[command(flatten)]
+        args: RecipeArgs,
+        /// Stop after this stage (and what it needs).
+        #[arg(long, value_name = "STAGE")]
+        until: Option<String>,
+    },
+    /// Show what `run` would do: per stage, cached / run / resume, and why.
+    Plan {
+        #[command(flatten)]
+        args: RecipeArgs,
+        /// Print JSON: {"stages": [{"name", "kind", "key", "status", "reason"}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check recipes without reading data or models.
+    Validate {
+        /// Recipe files.
+        #[arg(required = true)]
+        recipes: Vec<PathBuf>,
+        /// Overrides to check together with the recipes.
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_override)]
+        set: Vec<Override>,
+    },
+    /// Print the JSON schema of recipes (editors validate with it).
+    Schema,
+    /// Remove cache entries that none of the given recipes uses.
+    Gc {
+        /// Recipes whose entries are kept.
+        recipes: Vec<PathBuf>,
+        /// Remove every entry (no recipe needed).
+        #[arg(long, conflicts_with = "recipes")]
+        all: bool,
+        /// Only list what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Measure speed: tokens/s and peak memory.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Generate answers for one prompt or a jsonl of prompts (streamed).
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The user message.
+        #[arg(long, conflicts_with = "prompts")]
+        prompt: Option<String>,
+        /// A jsonl file: one `{"prompt": …}` or `{"messages": […]}` per line.
+        #[arg(long)]
+        prompts: Option<PathBuf>,
+        /// A system prompt put before each conversation.
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        generation: GenerationArgs,
+        /// Print one JSON object per prompt (text, parsed tool calls, speed).
+        #[arg(long)]
+        json: bool,
+        /// With --json: prompts decoded together (one step runs a token of
+        /// each; same answers as one by one, up to float rounding).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+        batch: u64,
+    },
+    /// Chat with a model in the terminal (history, streaming; /reset, /system TEXT, /exit).
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        generation: GenerationArgs,
+    },
+    /// Developer tools.
+    #[command(subcommand, hide = true)]
+    Dev(DevCommand),
+    /// Copy a recipe's finished artifacts (adapter, eval report, merged model,
+    /// GGUF, Modelfile) into DIR/<stage>/.
+    Export {
+        #[command(flatten)]
+        args: RecipeArgs,
+        /// The output directory.
+        #[arg(long, short = 'o')]
+        to: PathBuf,
+        /// Replace files that exist with other content.
+        #[arg(long)]
+        force: bool,
+        /// Hard-link instead of copying (no extra disk; do not edit the files in place).
+        #[arg(long)]
+        link: bool,
+    },
+    /// Print the artifact directory of a finished stage.
+    Show {
+        #[command(flatten)]
+        args: RecipeArgs,
+        /// The stage's name in the recipe.
+        stage: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// LoRA training steps (r=16 on all linear layers, batch 1) on tool-use examples.
+    Train {
+        /// A model directory (HF layout) or a .gguf file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Tokenize the examples at this maximum length.
+        #[arg(long, default_value_t = 512)]
+        max_len: usize,
+        /// Measured steps (after one warm-up step).
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// The dataset whose traces are trained on.
+        #[arg(long, default_value = "hf://datasets/shawhin/tool-use-finetuning")]
+        dataset: String,
+        /// Print {"tokens_per_s", "peak_rss_bytes", "max_len", "mean_tokens", …} as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Recompute each layer's activations in the backward pass instead
+        /// of keeping them (lora-train's `gradient_checkpointing = true`).
+        #[arg(long)]
+        gradient_checkpointing: bool,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Prefill and decode speed on a tool-use prompt.
+    Generate {
+        /// A model directory (HF layout) or a .gguf file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt length in tokens.
+        #[arg(long, default_value_t = 1500)]
+        prompt_tokens: usize,
+        /// Tokens decoded after the prompt.
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        /// Decode a GGUF with its dequantized f32 weights instead of its quantized blocks.
+        #[arg(long)]
+        f32: bool,
+        /// Also decode N sequences together (batched decoding, as `evaluate`
+        /// does) and report their combined tokens/s.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        batch: u64,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// The dataset whose traces make the prompt.
+        #[arg(long, default_value = "hf://datasets/shawhin/tool-use-finetuning")]
+        dataset: String,
+        /// Print {"prefill_tokens_per_s", "decode_tokens_per_s", …} as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Write a random-weight checkpoint in real HF layout (for tests, CI and
+    /// speed measurements where the real weights are not available).
+    RandomModel {
+        /// gemma3, gemma3-270m (the real 270M shape), qwen3 or qwen2.
+        #[arg(long)]
+        arch: String,
+        /// A directory holding tokenizer.json and tokenizer_config.json to copy.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Vocabulary size (must cover the tokenizer's ids).
+        #[arg(long, default_value_t = 151_936)]
+        vocab: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output directory.
+        out: PathBuf,
+    },
+}
+
+fn parse_override(s: &str) -> Result<Override, String> {
+    s.parse::<Override>().map_err(|e| e.to_string())
+}
