@@ -16,10 +16,11 @@
 use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::kv::{KvCache, Rows, Seq, is_step, per_sequence};
+use super::Weights;
+use super::decoder::Decoder;
+use super::kv::{Seq, is_step, per_sequence};
 use super::lora::{DropoutMask, LoraLinear};
 use super::ops::{Rope, cached_attention, gelu_tanh, rms_norm};
-use super::{CausalLm, Weights, layer_linears};
 
 /// The hyper-parameters of a Gemma 3 text model (HF `Gemma3TextConfig`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -209,18 +210,9 @@ impl Gemma3 {
         let [out] = LoraLinear::forward_in([&l.o], &out, dropout, step)?;
         Ok(out)
     }
-
-    /// Final hidden states for `ids`, the rows of `rows`.
-    fn run(&self, ids: &[u32], mut rows: Rows<'_, '_>, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
-        let mut x = self.embed_tokens(ids)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer(layer, &x, &mut rows.seqs(i, ids.len()), dropout)?;
-        }
-        self.final_norm(&x)
-    }
 }
 
-impl CausalLm for Gemma3 {
+impl Decoder for Gemma3 {
     fn device(&self) -> &Device {
         &self.device
     }
@@ -229,21 +221,19 @@ impl CausalLm for Gemma3 {
         self.cfg.max_position_embeddings
     }
 
-    fn linears_mut(&mut self) -> Vec<(String, &mut LoraLinear)> {
-        let layers = self.layers.iter_mut().enumerate();
-        layers
-            .flat_map(|(i, l)| {
-                layer_linears(i, [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down])
-            })
+    fn max_positions(&self) -> usize {
+        self.rope_global.cos.dim(0).unwrap_or(0)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn layer_linears(&mut self) -> Vec<[&mut LoraLinear; 7]> {
+        self.layers
+            .iter_mut()
+            .map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down])
             .collect()
-    }
-
-    fn hidden(&self, ids: &[u32], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
-        self.run(ids, Rows::One { start: 0, cache: None }, dropout)
-    }
-
-    fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
     }
 
     fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
@@ -251,32 +241,15 @@ impl CausalLm for Gemma3 {
         self.embed.index_select(&ids, 0)? * (self.cfg.hidden_size as f64).sqrt()
     }
 
-    fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn layer_forward(&self, i: usize, x: &Tensor, dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
-        self.layer(&self.layers[i], x, &mut [Seq { len: x.dim(0)?, start: 0, kv: None }], dropout)
+    fn layer(&self, i: usize, x: &Tensor, seqs: &mut [Seq<'_>], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {
+        Gemma3::layer(self, &self.layers[i], x, seqs, dropout)
     }
 
     fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         rms_norm(x, &self.norm, self.cfg.rms_norm_eps, 1.0)
     }
 
-    fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        self.run(ids, Rows::One { start: cache.len(), cache: Some(cache) }, None)
-    }
-
-    fn forward_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        self.run(ids, Rows::Step(caches), None)
-    }
-
-    fn max_positions(&self) -> usize {
-        self.rope_global.cos.dim(0).unwrap_or(0)
-    }
-
-    /// Logits for the given rows of `hidden` (`[N, hidden]` → `[N, vocab]`):
-    /// the LM head is the embedding matrix.
+    /// The LM head is the embedding matrix.
     fn loss(&self, hidden: &Tensor, targets: &[u32]) -> Result<Tensor> {
         match self.cfg.final_logit_softcapping {
             None => super::ops::linear_cross_entropy(hidden, &self.embed, targets),

@@ -6,6 +6,7 @@
 //! models interoperate with transformers and PEFT.
 
 pub mod adapter;
+pub mod decoder;
 pub mod files;
 pub mod gemma3;
 pub mod gguf;
@@ -127,18 +128,6 @@ pub const PREFILL_CHUNK: usize = 256;
 
 /// The linear modules LoRA can target, by their HF names.
 pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-
-/// The seven LoRA-capable linears of decoder layer `i`, named by their HF
-/// module paths (`model.layers.3.self_attn.q_proj`, …, `mlp.down_proj`).
-pub(crate) fn layer_linears(
-    i: usize,
-    linears: [&mut LoraLinear; 7],
-) -> impl Iterator<Item = (String, &mut LoraLinear)> {
-    linears.into_iter().zip(TARGETS).map(move |(l, name)| {
-        let block = if ["gate_proj", "up_proj", "down_proj"].contains(&name) { "mlp" } else { "self_attn" };
-        (format!("model.layers.{i}.{block}.{name}"), l)
-    })
-}
 
 /// Named base weights, f32, on one device; for GGUF files loaded for
 /// inference, also the quantized matrices (used where one row at a time is

@@ -27,6 +27,20 @@ impl TokenizedSplit {
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }
+    /// Examples from (id, token ids, loss mask) triples; the mask marks with
+    /// 1 the tokens trained on (predicted from the ones before).
+    pub fn from_examples(examples: impl IntoIterator<Item = (String, Vec<u32>, Vec<u8>)>) -> TokenizedSplit {
+        let mut split = TokenizedSplit { ids: vec![], input_ids: vec![], loss_mask: vec![], offsets: vec![0] };
+        for (id, ids, mask) in examples {
+            assert_eq!(ids.len(), mask.len(), "example `{id}`: one mask value per token");
+            split.ids.push(id);
+            split.input_ids.extend(ids);
+            split.loss_mask.extend(mask);
+            split.offsets.push(split.input_ids.len() as i64);
+        }
+        split
+    }
+
     /// Keeps the first `n` examples.
     pub fn truncate(&mut self, n: usize) {
         if n < self.len() {

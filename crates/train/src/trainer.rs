@@ -412,9 +412,10 @@ impl Trainer {
     }
 
     /// Writes the adapter in PEFT's layout (`adapter_model.safetensors`,
-    /// `adapter_config.json`) into `dir`.
+    /// `adapter_config.json`) into `dir` (created if missing).
     pub fn save_adapter(&self, dir: &Path, base: &str) -> Result<()> {
         let (cfg, tensors) = self.adapter(base);
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         adapter::save(dir, &cfg, &tensors, None)
     }
 
