@@ -18,6 +18,11 @@ use pipeline::recipe::Override;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log what happens inside stages (`-v`: info, `-vv`: debug; `RUST_LOG`
+    /// overrides). By default only a status line per stage, progress and
+    /// warnings are shown.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
 }
 
 /// Options shared by commands that read a recipe and the cache.

@@ -28,7 +28,7 @@ pub fn main() -> ExitCode {
     };
     // SAFETY: nothing has started a thread yet.
     unsafe { pipeline::threads::pin_thread_count() };
-    crate::console::init();
+    crate::console::init(cli.verbose);
     match pipeline::threads::run(|| dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

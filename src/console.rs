@@ -4,9 +4,9 @@
 //!
 //! Bars are drawn on stderr when it is a terminal; `PIPELINE_PROGRESS=0`
 //! turns them off, `PIPELINE_PROGRESS=1` forces them on. Without bars,
-//! progress is logged as plain lines (about twenty per unit of work). Logs
-//! follow `RUST_LOG` (default `warn,pipeline=info`), with colour codes only
-//! on a terminal.
+//! progress is printed as plain lines (about twenty per unit of work). Logs
+//! are warnings only unless `-v` (info) or `-vv` (debug); `RUST_LOG`
+//! overrides; colour codes only on a terminal.
 
 use std::io::Write;
 use std::sync::OnceLock;
@@ -15,9 +15,10 @@ use std::time::Duration;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pipeline::report::{LogProgress, Progress, Reporter};
 
-/// Installs the tracing subscriber and the console reporter.
-pub fn init() {
-    init_logging();
+/// Installs the tracing subscriber (`verbose`: how many `-v`) and the
+/// console reporter.
+pub fn init(verbose: u8) {
+    init_logging(verbose);
     pipeline::report::set_reporter(Box::new(Console { bars: bars_enabled() }));
 }
 
@@ -47,7 +48,7 @@ struct Console {
 impl Reporter for Console {
     fn start(&self, what: &str, len: u64) -> Box<dyn Progress> {
         if !self.bars {
-            return Box::new(LogProgress::new(what, len));
+            return Box::new(LogProgress::new(what, len, |line| println(&format!("  {line}"))));
         }
         let pb = multi().add(ProgressBar::new(len));
         pb.set_style(
@@ -94,11 +95,17 @@ pub fn println(line: &str) {
     });
 }
 
-/// Installs the tracing subscriber (stderr, `RUST_LOG`, bars suspended).
-fn init_logging() {
+/// Installs the tracing subscriber (stderr, bars suspended): warnings, or
+/// with `-v` the library's info lines, `-vv` debug; `RUST_LOG` overrides.
+fn init_logging(verbose: u8) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,pipeline=info"));
+    let default = match verbose {
+        0 => "warn",
+        1 => "warn,pipeline=info",
+        _ => "warn,pipeline=debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

@@ -12,7 +12,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::UNIX_EPOCH;
 
-use anyhow::{Context, Result};
+use pipeline_fs::IoContext;
+
+use crate::store::Result;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -39,7 +41,7 @@ impl HashMemo {
 
     /// The blake3 hex digest of the file's content.
     pub fn file(&self, path: &Path) -> Result<String> {
-        let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let meta = std::fs::metadata(path).on("read", path)?;
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         let id = canon.to_string_lossy().into_owned();
         let mtime_ns = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
@@ -62,18 +64,18 @@ impl HashMemo {
         if !self.dirty.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let bytes = serde_json::to_vec(&*self.entries.lock().unwrap())?;
-        pipeline_fs::write_atomic(path, &bytes)
+        let bytes = serde_json::to_vec(&*self.entries.lock().unwrap()).expect("serializes");
+        Ok(pipeline_fs::write_atomic(path, &bytes)?)
     }
 }
 
 /// blake3 of a file's content, streamed.
 pub fn hash_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f = std::fs::File::open(path).on("open", path)?;
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+        let n = f.read(&mut buf).on("read", path)?;
         if n == 0 {
             break;
         }

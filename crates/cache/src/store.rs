@@ -25,12 +25,30 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use pipeline_fs::IoContext;
 use serde::{Deserialize, Serialize};
 
 use super::hash::hash_file;
 use super::key::{CacheKey, Fingerprint};
 pub use pipeline_fs::{list_files, sync_dir, sync_file, write_atomic};
+
+/// What can go wrong with the local store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Io(#[from] pipeline_fs::Error),
+    #[error("corrupt manifest {}", path.display())]
+    CorruptManifest {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A finished entry is never modified (two writers without the lock).
+    #[error("refusing to overwrite the finished entry {}", .0.display())]
+    Exists(PathBuf),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Version of the manifest layout.
 pub const MANIFEST_FORMAT: u32 = 1;
@@ -72,8 +90,7 @@ impl Store {
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
         for d in ["store", "work", "locks", "refs", "trash"] {
-            fs::create_dir_all(root.join(d))
-                .with_context(|| format!("cannot create the cache directory {}", root.join(d).display()))?;
+            fs::create_dir_all(root.join(d)).on("create the cache directory", &root.join(d))?;
         }
         Ok(Store { root })
     }
@@ -101,11 +118,11 @@ impl Store {
     pub fn manifest(&self, key: &CacheKey) -> Result<Option<Manifest>> {
         let path = self.entry_dir(key).join("manifest.json");
         match fs::read(&path) {
-            Ok(bytes) => Ok(Some(
-                serde_json::from_slice(&bytes).with_context(|| format!("corrupt manifest {}", path.display()))?,
-            )),
+            Ok(bytes) => {
+                Ok(Some(serde_json::from_slice(&bytes).map_err(|source| Error::CorruptManifest { path, source })?))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+            Err(e) => Err(e).on("read", &path)?,
         }
     }
 
@@ -123,20 +140,16 @@ impl Store {
     /// holds it. `on_wait` is called once if we have to wait.
     pub fn lock(&self, key: &CacheKey, on_wait: impl FnOnce()) -> Result<KeyLock> {
         let path = self.root.join("locks").join(format!("{}.lock", key.as_str()));
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        let file =
+            File::options().create(true).truncate(false).write(true).open(&path).on("open the lock file", &path)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
                 on_wait();
-                file.lock().with_context(|| format!("cannot lock {}", path.display()))?;
+                file.lock().on("lock", &path)?;
             }
             Err(fs::TryLockError::Error(e)) => {
-                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+                return Err(e).on("lock", &path)?;
             }
         }
         Ok(KeyLock { _file: file })
@@ -145,11 +158,12 @@ impl Store {
     /// Like [`Store::lock`] but gives up at once if another process holds it.
     pub fn try_lock(&self, key: &CacheKey) -> Result<Option<KeyLock>> {
         let path = self.root.join("locks").join(format!("{}.lock", key.as_str()));
-        let file = File::options().create(true).truncate(false).write(true).open(&path)?;
+        let file =
+            File::options().create(true).truncate(false).write(true).open(&path).on("open the lock file", &path)?;
         match file.try_lock() {
             Ok(()) => Ok(Some(KeyLock { _file: file })),
             Err(fs::TryLockError::WouldBlock) => Ok(None),
-            Err(fs::TryLockError::Error(e)) => Err(e.into()),
+            Err(fs::TryLockError::Error(e)) => Err(e).on("lock", &path)?,
         }
     }
 
@@ -160,10 +174,10 @@ impl Store {
         let work = self.work_dir(key);
         let out = work.join("out");
         if out.exists() {
-            fs::remove_dir_all(&out).with_context(|| format!("cannot clear {}", out.display()))?;
+            fs::remove_dir_all(&out).on("clear", &out)?;
         }
-        fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-        write_atomic(&work.join("fingerprint.json"), &serde_json::to_vec_pretty(fingerprint)?)?;
+        fs::create_dir_all(&out).on("create", &out)?;
+        write_atomic(&work.join("fingerprint.json"), &serde_json::to_vec_pretty(fingerprint).expect("serializes"))?;
         Ok(work)
     }
 
@@ -178,18 +192,18 @@ impl Store {
             .into_iter()
             .map(|rel| {
                 let p = out.join(&rel);
-                let size = fs::metadata(&p)?.len();
+                let size = fs::metadata(&p).on("read", &p)?.len();
                 sync_file(&p)?;
                 Ok(FileEntry { path: rel, size, blake3: hash_file(&p)? })
             })
             .collect::<Result<_>>()?;
-        write_atomic(&out.join("manifest.json"), &serde_json::to_vec_pretty(&manifest)?)?;
+        write_atomic(&out.join("manifest.json"), &serde_json::to_vec_pretty(&manifest).expect("serializes"))?;
         pipeline_fs::fault::point("publish.before-rename");
         let dest = self.entry_dir(key);
         if dest.exists() {
-            bail!("refusing to overwrite the finished entry {}", dest.display());
+            return Err(Error::Exists(dest));
         }
-        fs::rename(&out, &dest).with_context(|| format!("cannot publish {}", dest.display()))?;
+        fs::rename(&out, &dest).on("publish", &dest)?;
         sync_dir(&self.root.join("store"))?;
         fs::remove_dir_all(&work).ok();
         Ok(dest)
@@ -198,8 +212,8 @@ impl Store {
     /// Remembers that `stage` of `recipe` last resolved to `key`.
     pub fn set_ref(&self, recipe: &str, stage: &str, key: &CacheKey) -> Result<()> {
         let dir = self.root.join("refs").join(sanitize(recipe));
-        fs::create_dir_all(&dir)?;
-        write_atomic(&dir.join(sanitize(stage)), key.as_str().as_bytes())
+        fs::create_dir_all(&dir).on("create", &dir)?;
+        Ok(write_atomic(&dir.join(sanitize(stage)), key.as_str().as_bytes())?)
     }
 
     /// The key `stage` of `recipe` last resolved to, if any.
@@ -223,8 +237,8 @@ impl Store {
     pub fn remove(&self, dir: &Path) -> Result<()> {
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let trash = self.root.join("trash").join(format!("{name}.{}", std::process::id()));
-        fs::rename(dir, &trash).with_context(|| format!("cannot remove {}", dir.display()))?;
-        fs::remove_dir_all(&trash).with_context(|| format!("cannot delete {}", trash.display()))
+        fs::rename(dir, &trash).on("remove", dir)?;
+        Ok(fs::remove_dir_all(&trash).on("delete", &trash)?)
     }
 
     /// Deletes leftovers in `trash/` (from a gc that was interrupted).
@@ -249,9 +263,9 @@ fn sanitize(s: &str) -> String {
 
 fn subdirs(dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
-    for e in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let e = e?;
-        if e.file_type()?.is_dir() {
+    for e in fs::read_dir(dir).on("list", dir)? {
+        let e = e.on("list", dir)?;
+        if e.file_type().on("list", dir)?.is_dir() {
             names.push(e.file_name().to_string_lossy().into_owned());
         }
     }

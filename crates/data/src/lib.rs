@@ -9,8 +9,28 @@ pub mod hub;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use pipeline_fs::IoContext;
 use serde_json::{Map, Value};
+
+/// A data file that cannot be read as rows.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Io(#[from] pipeline_fs::Error),
+    /// What is at `at` (a line, `line:column`, `row N`, `item N`; empty for
+    /// the whole file) is not what the format or the caller expects.
+    #[error("{}{}: {message}", path.display(), if at.is_empty() { String::new() } else { format!(":{at}") })]
+    Malformed { path: std::path::PathBuf, at: String, message: String },
+    #[error("{}: unsupported data file type `.{ext}`; use .jsonl, .json, .csv or .parquet", path.display())]
+    Unsupported { path: std::path::PathBuf, ext: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A [`Error::Malformed`] for `path` at `at`.
+fn malformed(path: &Path, at: impl ToString, message: impl ToString) -> Error {
+    Error::Malformed { path: path.to_path_buf(), at: at.to_string(), message: message.to_string() }
+}
 
 /// One dataset row.
 pub type Row = Map<String, Value>;
@@ -23,7 +43,7 @@ pub fn read_file(path: &Path) -> Result<Vec<Row>> {
         "json" => read_json(path),
         "csv" => read_csv(path),
         "parquet" => read_parquet(path),
-        _ => bail!("{}: unsupported data file type `.{ext}`; use .jsonl, .json, .csv or .parquet", path.display()),
+        _ => Err(Error::Unsupported { path: path.to_path_buf(), ext }),
     }
 }
 
@@ -34,54 +54,59 @@ pub fn is_data_file(path: &str) -> bool {
 }
 
 fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
-    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let f = std::fs::File::open(path).on("open", path)?;
     let mut rows = Vec::new();
     for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line = line.with_context(|| format!("{}:{}: cannot read line", path.display(), i + 1))?;
+        let line = line.map_err(|e| malformed(path, i + 1, format!("cannot read line: {e}")))?;
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(&line).with_context(|| {
-            format!("{}:{}: not valid JSON; each line must be one JSON object", path.display(), i + 1)
-        })?;
+        let v: Value = serde_json::from_str(&line)
+            .map_err(|e| malformed(path, i + 1, format!("not valid JSON; each line must be one JSON object: {e}")))?;
         match v {
             Value::Object(m) => rows.push(m),
-            other => bail!("{}:{}: expected a JSON object, found {}", path.display(), i + 1, type_name(&other)),
+            other => {
+                return Err(malformed(path, i + 1, format!("expected a JSON object, found {}", type_name(&other))));
+            }
         }
     }
     Ok(rows)
 }
 
 fn read_json(path: &Path) -> Result<Vec<Row>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = std::fs::read(path).on("read", path)?;
     let v: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}:{}:{}: not valid JSON: {e}", path.display(), e.line(), e.column()))?;
+        .map_err(|e| malformed(path, format!("{}:{}", e.line(), e.column()), format!("not valid JSON: {e}")))?;
     let items = match v {
         Value::Array(items) => items,
         Value::Object(mut m) => match m.remove("data").or_else(|| m.remove("rows")) {
             Some(Value::Array(items)) => items,
-            _ => bail!("{}: expected a JSON array of objects (or {{\"data\": [...]}})", path.display()),
+            _ => return Err(malformed(path, "", "expected a JSON array of objects (or {\"data\": [...]})")),
         },
-        other => bail!("{}: expected a JSON array of objects, found {}", path.display(), type_name(&other)),
+        other => {
+            return Err(malformed(path, "", format!("expected a JSON array of objects, found {}", type_name(&other))));
+        }
     };
     items
         .into_iter()
         .enumerate()
         .map(|(i, v)| match v {
             Value::Object(m) => Ok(m),
-            other => bail!("{}: item {i}: expected a JSON object, found {}", path.display(), type_name(&other)),
+            other => Err(malformed(path, "", format!("item {i}: expected a JSON object, found {}", type_name(&other)))),
         })
         .collect()
 }
 
 fn read_csv(path: &Path) -> Result<Vec<Row>> {
-    let mut reader = csv::Reader::from_path(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let headers = reader.headers().with_context(|| format!("{}: cannot read the header row", path.display()))?.clone();
+    let f = std::fs::File::open(path).on("open", path)?;
+    let mut reader = csv::Reader::from_reader(f);
+    let headers =
+        reader.headers().map_err(|e| malformed(path, "", format!("cannot read the header row: {e}")))?.clone();
     let mut rows = Vec::new();
     for (i, rec) in reader.records().enumerate() {
         let rec = rec.map_err(|e| {
             let line = e.position().map_or(i + 2, |p| p.line() as usize);
-            anyhow::anyhow!("{}:{line}: malformed CSV row: {e}", path.display())
+            malformed(path, line, format!("malformed CSV row: {e}"))
         })?;
         let row: Row =
             headers.iter().zip(rec.iter()).map(|(h, v)| (h.to_string(), Value::String(v.to_string()))).collect();
@@ -92,15 +117,16 @@ fn read_csv(path: &Path) -> Result<Vec<Row>> {
 
 fn read_parquet(path: &Path) -> Result<Vec<Row>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
-    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let reader =
-        SerializedFileReader::new(f).with_context(|| format!("{}: not a readable parquet file", path.display()))?;
+    let f = std::fs::File::open(path).on("open", path)?;
+    let unreadable =
+        |e: parquet::errors::ParquetError| malformed(path, "", format!("not a readable parquet file: {e}"));
+    let reader = SerializedFileReader::new(f).map_err(unreadable)?;
     let mut rows = Vec::new();
-    for (i, row) in reader.get_row_iter(None)?.enumerate() {
-        let row = row.with_context(|| format!("{}: row {i}: cannot decode", path.display()))?;
+    for (i, row) in reader.get_row_iter(None).map_err(unreadable)?.enumerate() {
+        let row = row.map_err(|e| malformed(path, "", format!("row {i}: cannot decode: {e}")))?;
         match row.to_json_value() {
             Value::Object(m) => rows.push(m),
-            _ => bail!("{}: row {i}: not a record", path.display()),
+            _ => return Err(malformed(path, "", format!("row {i}: not a record"))),
         }
     }
     Ok(rows)
@@ -108,28 +134,28 @@ fn read_parquet(path: &Path) -> Result<Vec<Row>> {
 
 /// Writes rows as jsonl.
 pub fn write_jsonl<T: serde::Serialize>(path: &Path, rows: impl IntoIterator<Item = T>) -> Result<usize> {
-    let f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let f = std::fs::File::create(path).on("create", path)?;
     let mut w = BufWriter::new(f);
     let mut n = 0;
     for row in rows {
-        serde_json::to_writer(&mut w, &row)?;
-        w.write_all(b"\n")?;
+        serde_json::to_writer(&mut w, &row).map_err(std::io::Error::from).on("write", path)?;
+        w.write_all(b"\n").on("write", path)?;
         n += 1;
     }
-    w.flush()?;
+    w.flush().on("write", path)?;
     Ok(n)
 }
 
 /// Reads a jsonl file of values of type `T` (artifacts written by stages).
 pub fn read_jsonl_as<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let f = std::fs::File::open(path).on("open", path)?;
     BufReader::new(f)
         .lines()
         .enumerate()
         .filter(|(_, l)| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
         .map(|(i, l)| {
-            let l = l?;
-            serde_json::from_str(&l).with_context(|| format!("{}:{}: unexpected content", path.display(), i + 1))
+            let l = l.on("read", path)?;
+            serde_json::from_str(&l).map_err(|e| malformed(path, i + 1, format!("unexpected content: {e}")))
         })
         .collect()
 }

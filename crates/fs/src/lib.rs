@@ -9,15 +9,38 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+/// A file operation that failed, with the path it failed on.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} {}", path.display())]
+pub struct Error {
+    /// What was being done: `write`, `list`, `flush … to disk`.
+    pub action: &'static str,
+    pub path: std::path::PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attaches the action and path to an I/O error:
+/// `fs::read(p).on("read", p)?`.
+pub trait IoContext<T> {
+    fn on(self, action: &'static str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn on(self, action: &'static str, path: &Path) -> Result<T> {
+        self.map_err(|source| Error { action, path: path.to_path_buf(), source })
+    }
+}
 
 /// All files below `dir`, as sorted '/'-separated relative paths.
 pub fn list_files(dir: &Path) -> Result<Vec<String>> {
     fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
-        for e in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-            let e = e?;
+        for e in fs::read_dir(dir).on("list", dir)? {
+            let e = e.on("list", dir)?;
             let p = e.path();
-            if e.file_type()?.is_dir() {
+            if e.file_type().on("list", &p)?.is_dir() {
                 walk(base, &p, out)?;
             } else {
                 let rel = p.strip_prefix(base).expect("below base");
@@ -40,11 +63,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         std::process::id()
     ));
     {
-        let mut f = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.sync_all().with_context(|| format!("cannot flush {} to disk", tmp.display()))?;
+        let mut f = File::create(&tmp).on("write", &tmp)?;
+        f.write_all(bytes).on("write", &tmp)?;
+        f.sync_all().on("flush to disk", &tmp)?;
     }
-    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    fs::rename(&tmp, path).on("write", path)?;
     if let Some(parent) = path.parent() {
         sync_dir(parent)?;
     }
@@ -54,7 +77,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Flushes a file to disk; an error (EIO: the data may be lost) stops the
 /// publication that needed it.
 pub fn sync_file(p: &Path) -> Result<()> {
-    File::open(p)?.sync_all().with_context(|| format!("cannot flush {} to disk", p.display()))
+    File::open(p).and_then(|f| f.sync_all()).on("flush to disk", p)
 }
 
 /// Flushes a directory's entries (a rename) to disk. Filesystems that cannot
@@ -64,7 +87,7 @@ pub fn sync_dir(p: &Path) -> Result<()> {
     let Ok(d) = File::open(p) else { return Ok(()) };
     match d.sync_all() {
         Err(e) if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOTSUP)) => {
-            Err(e).with_context(|| format!("cannot flush directory {} to disk", p.display()))
+            Err(e).on("flush to disk the directory", p)
         }
         _ => Ok(()),
     }

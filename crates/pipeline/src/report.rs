@@ -2,9 +2,10 @@
 //! result lines, through one [`Reporter`] the program installs.
 //!
 //! The library never writes to the console itself. By default
-//! ([`LogReporter`]) lines and progress go to `tracing` (`RUST_LOG`), about
+//! ([`LogReporter`]) lines and progress go to `tracing` at info level, about
 //! twenty progress lines per unit of work; the `pipeline` binary installs
-//! one that draws indicatif bars on a terminal ([`set_reporter`]).
+//! one ([`set_reporter`]) that draws indicatif bars on a terminal and prints
+//! plain lines otherwise.
 
 use std::sync::RwLock;
 use std::time::Instant;
@@ -68,16 +69,18 @@ pub struct LogReporter;
 
 impl Reporter for LogReporter {
     fn start(&self, what: &str, len: u64) -> Box<dyn Progress> {
-        Box::new(LogProgress::new(what, len))
+        Box::new(LogProgress::new(what, len, |line| tracing::info!("{line}")))
     }
     fn line(&self, line: &str) {
         tracing::info!("{}", line.trim_start());
     }
 }
 
-/// Progress as log lines: one each time another twentieth of the work is
-/// done (and at the end), with the latest message and the time left.
+/// Progress as plain lines: one each time another twentieth of the work is
+/// done (and at the end), with the latest message and the time left, handed
+/// to `sink` (a log, or stderr).
 pub struct LogProgress {
+    sink: fn(&str),
     what: String,
     len: u64,
     started: Instant,
@@ -92,9 +95,10 @@ struct LogState {
 }
 
 impl LogProgress {
-    pub fn new(what: &str, len: u64) -> LogProgress {
+    pub fn new(what: &str, len: u64, sink: fn(&str)) -> LogProgress {
         let state = LogState { pos: 0, first: 0, message: String::new(), logged: 0 };
-        LogProgress { what: what.to_string(), len, started: Instant::now(), state: std::sync::Mutex::new(state) }
+        let state = std::sync::Mutex::new(state);
+        LogProgress { sink, what: what.to_string(), len, started: Instant::now(), state }
     }
 
     fn log_if_due(&self, s: &mut LogState) {
@@ -110,7 +114,7 @@ impl LogProgress {
             } else {
                 String::new()
             };
-            tracing::info!("{}: {}/{} {}{eta}", self.what, s.pos, self.len, s.message);
+            (self.sink)(&format!("{}: {}/{} {}{eta}", self.what, s.pos, self.len, s.message));
         }
     }
 }

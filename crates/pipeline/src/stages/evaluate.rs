@@ -113,29 +113,6 @@ impl Subject {
 }
 
 impl Params {
-    fn check_params(&self) -> Result<(), (&'static str, String, String)> {
-        if self.compare.contains(&Subject::Adapter) && self.adapter.is_none() {
-            return Err((
-                "compare",
-                "`adapter` is compared but no adapter stage is named".into(),
-                "set `adapter = \"<lora-train stage>\"` or compare only \"base\"".into(),
-            ));
-        }
-        if self.generation.max_new_tokens == 0 {
-            return Err(("generation.max_new_tokens", "0".into(), "generate at least 1 token".into()));
-        }
-        if self.batch == 0 {
-            return Err(("batch", "0".into(), "decode at least 1 row at a time (default 8)".into()));
-        }
-        if self.limit == Some(0) {
-            return Err(("limit", "0".into(), "evaluate at least 1 row, or leave `limit` out".into()));
-        }
-        if let Some(i) = self.prompts.iter().position(|p| p.trim().is_empty()) {
-            return Err(("prompts", format!("prompt {i} is empty"), "write the user's request".into()));
-        }
-        self.generation.check().map_err(|(k, v, h)| (k, v, h))
-    }
-
     /// When `compare` has both the base model and the adapter, the base
     /// model's half of the work is its own stage: it does not depend on the
     /// adapter, so retraining (new steps, rank, learning rate…) reuses it
@@ -177,7 +154,26 @@ impl StageKind for Params {
     }
 
     fn check(&self) -> Result<(), Rule> {
-        self.check_params()
+        if self.compare.contains(&Subject::Adapter) && self.adapter.is_none() {
+            return Err((
+                "compare",
+                "`adapter` is compared but no adapter stage is named".into(),
+                "set `adapter = \"<lora-train stage>\"` or compare only \"base\"".into(),
+            ));
+        }
+        if self.generation.max_new_tokens == 0 {
+            return Err(("generation.max_new_tokens", "0".into(), "generate at least 1 token".into()));
+        }
+        if self.batch == 0 {
+            return Err(("batch", "0".into(), "decode at least 1 row at a time (default 8)".into()));
+        }
+        if self.limit == Some(0) {
+            return Err(("limit", "0".into(), "evaluate at least 1 row, or leave `limit` out".into()));
+        }
+        if let Some(i) = self.prompts.iter().position(|p| p.trim().is_empty()) {
+            return Err(("prompts", format!("prompt {i} is empty"), "write the user's request".into()));
+        }
+        self.generation.check().map_err(|(k, v, h)| (k, v, h))
     }
 }
 

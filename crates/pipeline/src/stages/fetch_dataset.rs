@@ -81,38 +81,6 @@ fn one() -> f64 {
 }
 
 impl Params {
-    /// Checks what serde cannot: (key, message, help).
-    fn check_params(&self) -> Result<(), (&'static str, String, String)> {
-        match (&self.source, self.files.is_empty()) {
-            (None, true) => {
-                return Err((
-                    "source",
-                    "a fetch-dataset stage needs `source` or `files`".into(),
-                    "e.g. source = \"hf://datasets/shawhin/tool-use-finetuning\" or source = \"data/train.jsonl\""
-                        .into(),
-                ));
-            }
-            (Some(_), false) => {
-                return Err(("files", "give either `source` or `files`, not both".into(), String::new()));
-            }
-            _ => {}
-        }
-        for r in &self.keep {
-            if !(r.fraction > 0.0 && r.fraction <= 1.0) {
-                return Err(("keep", format!("fraction {} is not in (0, 1]", r.fraction), String::new()));
-            }
-        }
-        if let Some(f) = self.validation_fraction {
-            if !(f > 0.0 && f < 1.0) {
-                return Err(("validation_fraction", format!("{f} is not in (0, 1)"), String::new()));
-            }
-        }
-        if self.limit == Some(0) {
-            return Err(("limit", "limit must be at least 1".into(), String::new()));
-        }
-        Ok(())
-    }
-
     fn uses_seed(&self) -> bool {
         self.validation_fraction.is_some() || self.keep.iter().any(|r| r.fraction < 1.0)
     }
@@ -219,8 +187,36 @@ impl StageKind for Params {
         vec![]
     }
 
+    /// Checks what serde cannot: (key, message, help).
     fn check(&self) -> Result<(), Rule> {
-        self.check_params()
+        match (&self.source, self.files.is_empty()) {
+            (None, true) => {
+                return Err((
+                    "source",
+                    "a fetch-dataset stage needs `source` or `files`".into(),
+                    "e.g. source = \"hf://datasets/shawhin/tool-use-finetuning\" or source = \"data/train.jsonl\""
+                        .into(),
+                ));
+            }
+            (Some(_), false) => {
+                return Err(("files", "give either `source` or `files`, not both".into(), String::new()));
+            }
+            _ => {}
+        }
+        for r in &self.keep {
+            if !(r.fraction > 0.0 && r.fraction <= 1.0) {
+                return Err(("keep", format!("fraction {} is not in (0, 1]", r.fraction), String::new()));
+            }
+        }
+        if let Some(f) = self.validation_fraction {
+            if !(f > 0.0 && f < 1.0) {
+                return Err(("validation_fraction", format!("{f} is not in (0, 1)"), String::new()));
+            }
+        }
+        if self.limit == Some(0) {
+            return Err(("limit", "limit must be at least 1".into(), String::new()));
+        }
+        Ok(())
     }
 }
 

@@ -160,7 +160,22 @@ impl Targets {
 }
 
 impl Params {
-    fn check_params(&self) -> Result<(), (&'static str, String, String)> {
+    fn eval_split_name(&self, dir: &std::path::Path) -> Option<String> {
+        match &self.eval_split {
+            Some(s) => Some(s.clone()),
+            None => dir.join("validation.safetensors").is_file().then(|| "validation".to_string()),
+        }
+    }
+}
+
+impl StageKind for Params {
+    const EXPORTED: bool = true;
+
+    fn inputs(&self) -> Vec<Input<'_>> {
+        vec![Input { role: "tokens", stage: &self.tokens, kinds: &[tokenize::Params::KIND] }]
+    }
+
+    fn check(&self) -> Result<(), Rule> {
         let err = |k: &'static str, m: String, h: &str| Err((k, m, h.to_string()));
         match &self.targets {
             Targets::Preset(p) if p != "all-linear" => {
@@ -209,25 +224,6 @@ impl Params {
             return err("warmup_ratio", format!("{} is not in [0, 1)", self.warmup_ratio), "");
         }
         Ok(())
-    }
-
-    fn eval_split_name(&self, dir: &std::path::Path) -> Option<String> {
-        match &self.eval_split {
-            Some(s) => Some(s.clone()),
-            None => dir.join("validation.safetensors").is_file().then(|| "validation".to_string()),
-        }
-    }
-}
-
-impl StageKind for Params {
-    const EXPORTED: bool = true;
-
-    fn inputs(&self) -> Vec<Input<'_>> {
-        vec![Input { role: "tokens", stage: &self.tokens, kinds: &[tokenize::Params::KIND] }]
-    }
-
-    fn check(&self) -> Result<(), Rule> {
-        self.check_params()
     }
 }
 

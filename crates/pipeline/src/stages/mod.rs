@@ -99,7 +99,7 @@ impl<'a> Env<'a> {
 
     /// Content hash of a file outside the cache (memoized).
     pub fn hash_file(&self, path: &Path) -> Result<String> {
-        self.memo.file(path)
+        Ok(self.memo.file(path)?)
     }
 }
 

@@ -59,22 +59,16 @@ pub enum Truncation {
     Drop,
 }
 
-impl Params {
-    fn check_params(&self) -> Result<(), (&'static str, String, String)> {
-        if self.max_len < 2 {
-            return Err(("max_len", format!("max_len = {} is too small", self.max_len), "use at least 2".into()));
-        }
-        Ok(())
-    }
-}
-
 impl StageKind for Params {
     fn inputs(&self) -> Vec<Input<'_>> {
         vec![Input { role: "conversations", stage: &self.conversations, kinds: &[format_chat::Params::KIND] }]
     }
 
     fn check(&self) -> Result<(), Rule> {
-        self.check_params()
+        if self.max_len < 2 {
+            return Err(("max_len", format!("max_len = {} is too small", self.max_len), "use at least 2".into()));
+        }
+        Ok(())
     }
 }
 
