@@ -199,7 +199,7 @@ max_len = {max_len}
     exec.run(&recipe, Some("tokens"))?;
     let plan = exec.plan(&recipe, Some("tokens"))?;
     let entry = exec.store().entry_dir(&plan.stage("tokens").expect("planned").key);
-    TokenizedSplit::load(&entry.join("tokens/train.safetensors"))
+    Ok(TokenizedSplit::load(&entry.join("tokens/train.safetensors"))?)
 }
 
 /// Peak resident memory of this process (Linux: `VmHWM`), 0 if unknown.

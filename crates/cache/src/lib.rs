@@ -9,5 +9,5 @@ pub mod store;
 
 pub use hash::HashMemo;
 pub use key::{CacheKey, Fingerprint};
-pub use remote::Remote;
+pub use remote::{Remote, RemoteError};
 pub use store::{Manifest, Store};

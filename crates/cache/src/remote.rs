@@ -31,10 +31,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
 use futures_util::TryStreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use pipeline_fs::IoContext;
 use serde::{Deserialize, Serialize};
 
 use super::hash::hash_file;
@@ -84,17 +84,17 @@ impl Remote {
     /// Connects with explicit options (`aws_endpoint`, `aws_access_key_id`,
     /// … as object_store names them) instead of the environment.
     pub fn open_with(url: &str, mut options: Vec<(String, String)>) -> Result<Remote> {
-        let parsed = url::Url::parse(url).with_context(|| format!("--cache-dir {url}: not a valid URL"))?;
+        let parsed = url::Url::parse(url).doing(|| format!("--cache-dir {url}: not a valid URL"))?;
         if parsed.scheme() == "http" {
             options.push(("allow_http".into(), "true".into()));
         }
-        let (store, prefix) = object_store::parse_url_opts(&parsed, options).map_err(flat).with_context(|| {
+        let (store, prefix) = object_store::parse_url_opts(&parsed, options).doing(|| {
             format!("--cache-dir {url}: cannot open the object store (schemes: s3, gs, az, http(s), file)")
         })?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .context("cannot start the I/O runtime for the remote cache")?;
+            .doing(|| "cannot start the I/O runtime for the remote cache".into())?;
         Ok(Remote { url: url.to_string(), store: Arc::from(store), prefix, runtime })
     }
 
@@ -111,8 +111,7 @@ impl Remote {
                 self.store.put(&path, PutPayload::from_static(b"probe")).await?;
                 self.store.delete(&path).await
             })
-            .map_err(flat)
-            .with_context(|| {
+            .doing(|| {
                 format!(
                     "the remote cache {} is not writable (does the bucket exist? are the credentials in the \
                      environment?)",
@@ -129,11 +128,9 @@ impl Remote {
         let path = self.path(rel);
         self.runtime.block_on(async {
             match self.store.get(&path).await {
-                Ok(r) => Ok(Some(
-                    r.bytes().await.map_err(flat).with_context(|| format!("cannot read {}/{rel}", self.url))?.to_vec(),
-                )),
+                Ok(r) => Ok(Some(r.bytes().await.doing(|| format!("cannot read {}/{rel}", self.url))?.to_vec())),
                 Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(flat(e)).with_context(|| format!("cannot read {}/{rel}", self.url)),
+                Err(e) => Err(e).doing(|| format!("cannot read {}/{rel}", self.url)),
             }
         })
     }
@@ -142,20 +139,20 @@ impl Remote {
     /// multipart uploads, as plain WebDAV), else in parts of [`PART_SIZE`]
     /// so that a multi-GB model never sits in memory at once.
     fn put_file(&self, rel: &str, file: &Path) -> Result<()> {
-        let size = std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?.len();
+        let size = std::fs::metadata(file).doing(|| format!("cannot read {}", file.display()))?.len();
         let path = self.path(rel);
         let context = || format!("cannot upload {} to {}/{rel}", file.display(), self.url);
         if size > PART_SIZE as u64 {
             match self.runtime.block_on(self.store.put_multipart(&path)) {
                 Ok(upload) => {
-                    return self.runtime.block_on(write_parts(upload, file)).map_err(flat).with_context(context);
+                    return self.runtime.block_on(write_parts(upload, file)).doing(context);
                 }
                 Err(object_store::Error::NotImplemented { .. }) => {}
-                Err(e) => return Err(flat(e)).with_context(context),
+                Err(e) => return Err(e).doing(context),
             }
         }
-        let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-        self.runtime.block_on(self.store.put(&path, PutPayload::from(bytes))).map_err(flat).with_context(context)?;
+        let bytes = std::fs::read(file).doing(|| format!("cannot read {}", file.display()))?;
+        self.runtime.block_on(self.store.put(&path, PutPayload::from(bytes))).doing(context)?;
         Ok(())
     }
 
@@ -168,17 +165,17 @@ impl Remote {
             let result = match self.store.get(&path).await {
                 Ok(r) => r,
                 Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                Err(e) => return Err(flat(e)).with_context(context),
+                Err(e) => return Err(e).doing(context),
             };
             if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)?;
+                std::fs::create_dir_all(parent).on("create", parent)?;
             }
-            let mut out = std::io::BufWriter::new(std::fs::File::create(dest).with_context(context)?);
+            let mut out = std::io::BufWriter::new(std::fs::File::create(dest).doing(context)?);
             let mut stream = result.into_stream();
-            while let Some(chunk) = stream.try_next().await.map_err(flat).with_context(context)? {
-                out.write_all(&chunk).with_context(context)?;
+            while let Some(chunk) = stream.try_next().await.doing(context)? {
+                out.write_all(&chunk).doing(context)?;
             }
-            out.flush().with_context(context)?;
+            out.flush().doing(context)?;
             Ok(Some(()))
         })
     }
@@ -189,8 +186,7 @@ impl Remote {
         let metas: Vec<object_store::ObjectMeta> = self
             .runtime
             .block_on(self.store.list(Some(&base)).try_collect())
-            .map_err(flat)
-            .with_context(|| format!("cannot list {}/{rel}", self.url))?;
+            .doing(|| format!("cannot list {}/{rel}", self.url))?;
         let mut out: Vec<String> = metas
             .into_iter()
             .filter_map(|m| {
@@ -208,7 +204,7 @@ impl Remote {
             let p = self.path(&format!("{rel}/{f}"));
             match self.runtime.block_on(self.store.delete(&p)) {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(flat(e)).with_context(|| format!("cannot delete {}/{rel}/{f}", self.url)),
+                Err(e) => return Err(e).doing(|| format!("cannot delete {}/{rel}/{f}", self.url)),
             }
         }
         Ok(())
@@ -220,7 +216,7 @@ impl Remote {
             None => Ok(None),
             Some(bytes) => Ok(Some(
                 serde_json::from_slice(&bytes)
-                    .with_context(|| format!("corrupt remote manifest {}/{rel}", self.url))?,
+                    .map_err(|e| RemoteError::Corrupt(format!("corrupt remote manifest {}/{rel}: {e}", self.url)))?,
             )),
         }
     }
@@ -231,7 +227,7 @@ impl Remote {
         match self.runtime.block_on(self.store.head(&path)) {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(flat(e)).with_context(|| format!("cannot reach the remote cache {}", self.url)),
+            Err(e) => Err(e).doing(|| format!("cannot reach the remote cache {}", self.url)),
         }
     }
 
@@ -245,11 +241,15 @@ impl Remote {
         for f in &remote.manifest.files {
             let rel = format!("entries/{}/{}/{}", key.as_str(), remote.upload, f.path);
             let dest = out.join(&f.path);
-            self.get_file(&rel, &dest)?
-                .with_context(|| format!("{}/{rel}: listed in the manifest but missing", self.url))?;
+            self.get_file(&rel, &dest)?.ok_or_else(|| {
+                RemoteError::Corrupt(format!("{}/{rel}: listed in the manifest but missing", self.url))
+            })?;
             let got = hash_file(&dest)?;
             if got != f.blake3 {
-                bail!("{}/{rel}: content does not match its manifest (blake3 {got}, expected {})", self.url, f.blake3);
+                return Err(RemoteError::Corrupt(format!(
+                    "{}/{rel}: content does not match its manifest (blake3 {got}, expected {})",
+                    self.url, f.blake3
+                )));
             }
         }
         Ok(Some(remote.manifest))
@@ -269,7 +269,8 @@ impl Remote {
             }
             self.put_file(&format!("{dir}/{}", f.path), &entry.join(&f.path))?;
         }
-        let body = serde_json::to_vec_pretty(&RemoteManifest { upload: upload.clone(), manifest: manifest.clone() })?;
+        let body = serde_json::to_vec_pretty(&RemoteManifest { upload: upload.clone(), manifest: manifest.clone() })
+            .expect("serializes");
         let path = self.path(&format!("entries/{}/manifest.json", key.as_str()));
         let create = PutOptions { mode: PutMode::Create, ..Default::default() };
         let result = self.runtime.block_on(self.store.put_opts(&path, PutPayload::from(body.clone()), create));
@@ -289,11 +290,10 @@ impl Remote {
                 }
                 self.runtime
                     .block_on(self.store.put(&path, PutPayload::from(body)))
-                    .map_err(flat)
-                    .with_context(|| format!("cannot publish {}/entries/{}", self.url, key.as_str()))?;
+                    .doing(|| format!("cannot publish {}/entries/{}", self.url, key.as_str()))?;
                 Ok(true)
             }
-            Err(e) => Err(flat(e)).with_context(|| format!("cannot publish {}/entries/{}", self.url, key.as_str())),
+            Err(e) => Err(e).doing(|| format!("cannot publish {}/entries/{}", self.url, key.as_str())),
         }
     }
 
@@ -301,7 +301,10 @@ impl Remote {
     /// stage `key`, `state.json` last, then drops all but the newest two on
     /// the remote.
     pub fn push_checkpoint(&self, key: &CacheKey, dir: &Path) -> Result<()> {
-        let name = dir.file_name().and_then(|n| n.to_str()).context("checkpoint directory without a name")?;
+        let name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| RemoteError::Corrupt(format!("{}: checkpoint directory without a name", dir.display())))?;
         let base = format!("work/{}/checkpoints/{name}", key.as_str());
         let mut files = list_files(dir)?;
         files.retain(|f| f != "state.json");
@@ -348,22 +351,22 @@ impl Remote {
         let base = format!("work/{}/checkpoints/{name}", key.as_str());
         let tmp = checkpoints.join(format!("{name}.tmp"));
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
+            std::fs::remove_dir_all(&tmp).on("clear", &tmp)?;
         }
-        std::fs::create_dir_all(&tmp)?;
+        std::fs::create_dir_all(&tmp).on("create", &tmp)?;
         let mut files = self.list(&base)?;
         // state.json last: the directory is complete once it is there.
         files.retain(|f| f != "state.json");
         files.push("state.json".into());
         for f in files {
             self.get_file(&format!("{base}/{f}"), &tmp.join(&f))?
-                .with_context(|| format!("{}/{base}/{f} vanished", self.url))?;
+                .ok_or_else(|| RemoteError::Corrupt(format!("{}/{base}/{f} vanished", self.url)))?;
         }
         let dest = checkpoints.join(&name);
         if dest.exists() {
-            std::fs::remove_dir_all(&dest)?;
+            std::fs::remove_dir_all(&dest).on("replace", &dest)?;
         }
-        std::fs::rename(&tmp, &dest)?;
+        std::fs::rename(&tmp, &dest).on("write", &dest)?;
         Ok(name.trim_start_matches("step-").parse().ok())
     }
 
@@ -373,10 +376,34 @@ impl Remote {
     }
 }
 
-/// An object_store error as one message: its `Display` already holds its
-/// sources, which `{:#}` would otherwise print again.
-fn flat(e: object_store::Error) -> anyhow::Error {
-    anyhow::anyhow!("{e}")
+/// What can go wrong with the remote cache.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The object store could not be set up, reached, read or written: what
+    /// was being done, and the store's answer (one message: object_store's
+    /// `Display` already holds its sources).
+    #[error("{0}")]
+    Unavailable(String),
+    /// What the remote holds does not match its manifest.
+    #[error("{0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Io(#[from] pipeline_fs::Error),
+    #[error(transparent)]
+    Store(#[from] crate::store::Error),
+}
+
+pub type Result<T, E = RemoteError> = std::result::Result<T, E>;
+
+/// Says what was being done when the object store (or its setup) failed.
+trait Doing<T> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: std::fmt::Display> Doing<T> for std::result::Result<T, E> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| RemoteError::Unavailable(format!("{}: {e}", what())))
+    }
 }
 
 /// Uploads larger than this go in parts of this size.

@@ -7,7 +7,9 @@
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use pipeline_fs::IoContext;
+
+use crate::error::Result;
 use candle_core::quantized::GgmlDType;
 
 /// A metadata value.
@@ -132,14 +134,14 @@ pub fn write(path: &Path, metadata: &[(String, Value)], tensors: &[TensorData]) 
         offset += t.bytes.len().next_multiple_of(ALIGNMENT);
     }
     head.resize(head.len().next_multiple_of(ALIGNMENT), 0);
-    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let file = std::fs::File::create(path).on("create", path)?;
     let mut w = std::io::BufWriter::new(file);
-    w.write_all(&head)?;
+    w.write_all(&head).on("write", path)?;
     for t in tensors {
-        w.write_all(&t.bytes)?;
+        w.write_all(&t.bytes).on("write", path)?;
         let pad = t.bytes.len().next_multiple_of(ALIGNMENT) - t.bytes.len();
-        w.write_all(&vec![0u8; pad])?;
+        w.write_all(&vec![0u8; pad]).on("write", path)?;
     }
-    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    w.into_inner().map_err(|e| e.into_error()).and_then(|f| f.sync_all()).on("write", path)?;
     Ok(())
 }

@@ -10,8 +10,11 @@
 //! - [`kquants`]: llama.cpp's reference K-quant encoders (files byte-equal to
 //!   `llama-quantize`'s).
 
+pub mod error;
 pub mod gguf_writer;
 pub mod kquants;
 pub mod merge;
 pub mod modelfile;
 pub mod quantize;
+
+pub use error::{Error, Result};

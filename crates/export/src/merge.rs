@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use pipeline_fs::IoContext;
+
+use crate::error::{Error, Result, bad_file};
 use candle_core::{DType, Device, Tensor};
 use pipeline_model::ModelFiles;
 use pipeline_model::adapter::{AdapterConfig, LoraTensors};
@@ -62,27 +64,28 @@ pub fn merge(
     if let Some(trained_on) = &adapter.base_weights_blake3
         && trained_on != base_hash
     {
-        bail!(
+        return Err(Error::Mismatch(format!(
             "the adapter in {} was trained on other base weights (blake3 {}…) than {} ({}…); merge it onto the \
              model it was trained on",
             adapter_dir.display(),
             &trained_on[..12.min(trained_on.len())],
             base.source,
             &base_hash[..12.min(base_hash.len())]
-        );
+        )));
     }
     let from_gguf = base.is_gguf();
     let (arch, weights) = pipeline_model::load_weights(base, &device, false)?;
     let mut map = weights.into_map();
     let merged = apply(&mut map, config, tensors, adapter_dir)?;
 
-    std::fs::create_dir_all(out)?;
+    std::fs::create_dir_all(out).on("create", out)?;
     let stored: HashMap<String, Tensor> =
         map.into_iter().map(|(k, v)| Ok((k, v.to_dtype(dtype.dtype())?))).collect::<Result<_>>()?;
     pipeline_model::save_safetensors(stored.iter().map(|(k, t)| (k.as_str(), t)), &out.join("model.safetensors"))?;
 
     let mut hf_config = match (&base.config_json, from_gguf) {
-        (Some(c), false) => serde_json::from_slice(&std::fs::read(c)?)?,
+        (Some(c), false) => serde_json::from_slice(&std::fs::read(c).on("read", c)?)
+            .map_err(|e| bad_file(c, format!("not JSON: {e}")))?,
         _ => arch.hf_config(),
     };
     // transformers 5 names the weights' dtype `dtype` (`torch_dtype` before).
@@ -119,21 +122,21 @@ fn apply(
 ) -> Result<usize> {
     for (module, (a, b)) in tensors {
         let name = format!("{module}.weight");
-        let w = map.get(&name).with_context(|| {
-            format!(
+        let w = map.get(&name).ok_or_else(|| {
+            Error::Mismatch(format!(
                 "{}: the adapter adapts `{module}`, which the base model does not have; was it trained on another \
                  base model?",
                 adapter_dir.display()
-            )
+            ))
         })?;
         let delta = (b.matmul(a)? * config.scale())?;
         if delta.dims() != w.dims() {
-            bail!(
+            return Err(Error::Mismatch(format!(
                 "{}: `{module}` has B·A {:?} but the base weight is {:?}; was it trained on another base model?",
                 adapter_dir.display(),
                 delta.dims(),
                 w.dims()
-            );
+            )));
         }
         let merged = (w + delta)?;
         map.insert(name, merged);
@@ -151,7 +154,7 @@ fn tokenizer_files(
     out: &Path,
 ) -> Result<Vec<(&'static str, Value)>> {
     let tok = base.tokenizer_json()?;
-    std::fs::copy(tok, out.join("tokenizer.json")).with_context(|| format!("cannot copy {}", tok.display()))?;
+    std::fs::copy(tok, out.join("tokenizer.json")).on("copy", tok)?;
     let mut tc = base.tokenizer_config()?;
     if let Some(t) = chat_template {
         tc["chat_template"] = t.source.clone().into();
@@ -166,11 +169,11 @@ fn tokenizer_files(
     write_json(&out.join("special_tokens_map.json"), &Value::Object(special))?;
     let generation = base.dir.join("generation_config.json");
     let g = if generation.is_file() {
-        std::fs::copy(&generation, out.join("generation_config.json"))?;
-        serde_json::from_slice(&std::fs::read(&generation)?)
-            .with_context(|| format!("{} is not JSON", generation.display()))?
+        std::fs::copy(&generation, out.join("generation_config.json")).on("copy", &generation)?;
+        serde_json::from_slice(&std::fs::read(&generation).on("read", &generation)?)
+            .map_err(|e| bad_file(&generation, format!("not JSON: {e}")))?
     } else {
-        let tokenizer = tokenizers::Tokenizer::from_file(tok).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let tokenizer = tokenizers::Tokenizer::from_file(tok).map_err(|e| bad_file(tok, e))?;
         let id = |k: &str| pipeline_infer::chat::special_token(&tc, k).and_then(|name| tokenizer.token_to_id(&name));
         let mut g = json!({"_from_model_config": true});
         for (k, t) in [("bos_token_id", "bos_token"), ("pad_token_id", "pad_token")] {
@@ -194,7 +197,7 @@ fn tokenizer_files(
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let mut bytes = serde_json::to_vec_pretty(v)?;
+    let mut bytes = serde_json::to_vec_pretty(v).expect("serializes");
     bytes.push(b'\n');
-    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+    Ok(std::fs::write(path, bytes).on("write", path)?)
 }

@@ -12,7 +12,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use pipeline_fs::IoContext;
+
+use crate::error::{Error, Result, bad_file};
 use candle_core::Device;
 use candle_core::quantized::{GgmlDType, QTensor};
 use pipeline_model::ModelFiles;
@@ -134,7 +136,10 @@ pub fn write_gguf(model: &ModelFiles, target: QuantType, name: &str, path: &Path
     let mut vocab_rows = 0;
     for (hf, t) in map {
         let Some(gname) = pipeline_model::gguf::gguf_name_for(arch_name, &hf) else {
-            bail!("{}: tensor `{hf}` has no GGUF name for {arch_name}", model.source);
+            return Err(Error::Unsupported(format!(
+                "{}: tensor `{hf}` has no GGUF name for {arch_name}",
+                model.source
+            )));
         };
         if hf == "model.embed_tokens.weight" {
             vocab_rows = t.dim(0)?;
@@ -143,7 +148,7 @@ pub fn write_gguf(model: &ModelFiles, target: QuantType, name: &str, path: &Path
         let t = if arch_name == "gemma3" && hf.ends_with("norm.weight") { (t + 1.0)? } else { t };
         let dims = t.dims().to_vec();
         let dtype = tensor_type(target, &gname, *dims.last().unwrap_or(&1), dims.len(), layers, tied);
-        let bytes = encode(&t, dtype).with_context(|| format!("quantizing `{gname}` to {dtype:?}"))?;
+        let bytes = encode(&t, dtype)?;
         *counts.entry(format!("{dtype:?}")).or_default() += 1;
         tensors.push(TensorData { name: gname, dtype, dims, bytes });
     }
@@ -156,7 +161,7 @@ pub fn write_gguf(model: &ModelFiles, target: QuantType, name: &str, path: &Path
         "type": target.name(),
         "tensors": tensors.len(),
         "tensor_types": counts,
-        "size_bytes": std::fs::metadata(path)?.len(),
+        "size_bytes": std::fs::metadata(path).on("read", path)?.len(),
     }))
 }
 
@@ -185,9 +190,9 @@ fn encode(t: &candle_core::Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
 pub fn gguf_arch_name(model: &ModelFiles) -> Result<String> {
     let arch = if model.is_gguf() {
         let path = &model.weights[0];
-        let mut f = std::fs::File::open(path)?;
+        let mut f = std::fs::File::open(path).on("open", path)?;
         let c = candle_core::quantized::gguf_file::Content::read(&mut f)
-            .with_context(|| format!("{}: not a GGUF file", path.display()))?;
+            .map_err(|e| bad_file(path, format!("not a GGUF file: {e}")))?;
         return Ok(c
             .metadata
             .get("general.architecture")
@@ -195,7 +200,8 @@ pub fn gguf_arch_name(model: &ModelFiles) -> Result<String> {
             .cloned()
             .unwrap_or_default());
     } else {
-        pipeline_model::read_config(model.config_json.as_ref().context("no config.json")?)?
+        let config = model.config_json.as_ref().ok_or_else(|| bad_file(&model.dir, "no config.json"))?;
+        pipeline_model::read_config(config)?
     };
     Ok(match arch {
         Arch::Gemma3(_) => "gemma3",
@@ -222,8 +228,9 @@ pub fn write_adapter_gguf(adapter_dir: &Path, arch: &str, path: &Path) -> Result
     ];
     let mut out = Vec::new();
     for (module, (a, b)) in &tensors {
-        let base = pipeline_model::gguf::gguf_name_for(arch, &format!("{module}.weight"))
-            .with_context(|| format!("{}: module `{module}` has no GGUF name", adapter_dir.display()))?;
+        let base = pipeline_model::gguf::gguf_name_for(arch, &format!("{module}.weight")).ok_or_else(|| {
+            Error::Unsupported(format!("{}: module `{module}` has no GGUF name", adapter_dir.display()))
+        })?;
         for (suffix, t) in [("lora_a", a), ("lora_b", b)] {
             let q = QTensor::quantize(t, GgmlDType::F32)?;
             out.push(TensorData {
@@ -237,7 +244,7 @@ pub fn write_adapter_gguf(adapter_dir: &Path, arch: &str, path: &Path) -> Result
     out.sort_by_key(|t| (layer_of(&t.name), t.name.clone()));
     crate::gguf_writer::write(path, &md, &out)?;
     Ok(
-        json!({"type": "lora adapter", "tensors": out.len(), "alpha": alpha, "size_bytes": std::fs::metadata(path)?.len()}),
+        json!({"type": "lora adapter", "tensors": out.len(), "alpha": alpha, "size_bytes": std::fs::metadata(path).on("read", path)?.len()}),
     )
 }
 
@@ -304,10 +311,10 @@ fn looks_like_control(t: &str) -> bool {
 /// BPE with merges for Qwen; `vocab_rows` entries (the embedding's rows).
 fn tokenizer_metadata(model: &ModelFiles, arch: &str, vocab_rows: usize) -> Result<Vec<(String, Value)>> {
     let tok_path = model.tokenizer_json()?;
-    let tj: Json = serde_json::from_slice(&std::fs::read(tok_path)?)
-        .with_context(|| format!("{} is not JSON", tok_path.display()))?;
+    let tj: Json = serde_json::from_slice(&std::fs::read(tok_path).on("read", tok_path)?)
+        .map_err(|e| bad_file(tok_path, format!("not JSON: {e}")))?;
     let tc = model.tokenizer_config()?;
-    let vocab = tj["model"]["vocab"].as_object().with_context(|| format!("{}: no model.vocab", tok_path.display()))?;
+    let vocab = tj["model"]["vocab"].as_object().ok_or_else(|| bad_file(tok_path, "no model.vocab"))?;
     let mut tokens: Vec<Option<String>> = vec![None; vocab_rows];
     for (piece, id) in vocab {
         if let Some(slot) = id.as_u64().and_then(|i| tokens.get_mut(i as usize)) {

@@ -10,7 +10,9 @@
 //! `json.dumps(…, ensure_ascii=False)` (no HTML escaping). Built-in templates
 //! (`gemma`, `chatml`, `alpaca`) exist for models without one or by choice.
 
-use anyhow::{Context, Result, bail};
+use pipeline_fs::IoContext;
+
+use crate::error::Result;
 use minijinja::value::{Kwargs, Serde};
 use minijinja::{Environment, Error, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
@@ -72,23 +74,24 @@ impl ChatTemplate {
     pub fn for_model(model: &ModelFiles, choice: Option<&str>, recipe_dir: &std::path::Path) -> Result<ChatTemplate> {
         let config = model.tokenizer_config()?;
         let token = |k: &str| special_token(&config, k).unwrap_or_default();
-        let source = match choice.unwrap_or("model") {
-            "model" => model_template(model, &config)?,
-            name => match BUILTIN.iter().find(|(n, _)| *n == name) {
-                Some((_, text)) => text.to_string(),
-                None => {
-                    let p = recipe_dir.join(name);
-                    std::fs::read_to_string(&p).with_context(|| {
-                        format!(
+        let source =
+            match choice.unwrap_or("model") {
+                "model" => model_template(model, &config)?,
+                name => match BUILTIN.iter().find(|(n, _)| *n == name) {
+                    Some((_, text)) => text.to_string(),
+                    None => {
+                        let p = recipe_dir.join(name);
+                        std::fs::read_to_string(&p).map_err(|e| {
+                        crate::Error::Template(format!(
                             "[model] chat_template = \"{name}\" is neither `model`, a built-in ({}) nor a readable \
                              file ({})",
                             BUILTIN.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
                             p.display()
-                        )
+                        ) + &format!(": {e}"))
                     })?
-                }
-            },
-        };
+                    }
+                },
+            };
         ChatTemplate::new(&source, &token("bos_token"), &token("eos_token"))
     }
 
@@ -109,7 +112,7 @@ impl ChatTemplate {
         env.add_function("strftime_now", |fmt: String| -> String { strftime_now(&fmt) });
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
-            .map_err(|e| anyhow::anyhow!("the chat template does not compile: {e}"))?;
+            .map_err(|e| crate::Error::Template(format!("the chat template does not compile: {e}")))?;
         let mut t = ChatTemplate {
             env,
             source: source.to_string(),
@@ -141,7 +144,7 @@ impl ChatTemplate {
                 ErrorKind::InvalidOperation => e.detail().unwrap_or_default().to_string(),
                 _ => format!("{e:#}"),
             };
-            anyhow::anyhow!("the chat template raised: {detail}")
+            crate::Error::Template(format!("the chat template raised: {detail}"))
         })
     }
 
@@ -159,10 +162,10 @@ impl ChatTemplate {
         };
         let marker = if marker.is_empty() { self.eos_token.clone() } else { marker };
         if marker.is_empty() {
-            bail!(
+            return Err(crate::Error::Template(format!(
                 "the chat template ends assistant turns with no marker and the tokenizer has no eos_token; \
                    the model could never learn to stop"
-            );
+            )));
         }
         Ok(marker)
     }
@@ -183,19 +186,21 @@ impl ChatTemplate {
             // content starts where that prefix ends.
             let prefix = self.render(&messages[..i], tools, true)?;
             if !full.starts_with(&prefix) || prefix.len() < cursor {
-                bail!(
+                return Err(crate::Error::Template(format!(
                     "message {i}: the template renders this conversation's prefix differently from the whole \
                      conversation, so the assistant turn cannot be located"
-                );
+                )));
             }
             let start = prefix.len();
-            let end = full[start..]
-                .find(&self.end_of_turn)
-                .map(|p| start + p + self.end_of_turn.len())
-                .with_context(|| format!("message {i}: no `{}` after the assistant turn", self.end_of_turn))?;
+            let end =
+                full[start..].find(&self.end_of_turn).map(|p| start + p + self.end_of_turn.len()).ok_or_else(|| {
+                    crate::Error::Template(format!("message {i}: no `{}` after the assistant turn", self.end_of_turn))
+                })?;
             let content = m.content.trim();
             if !content.is_empty() && !full[start..end].contains(content) {
-                bail!("message {i}: the assistant text is not where the template put the turn");
+                return Err(crate::Error::Template(format!(
+                    "message {i}: the assistant text is not where the template put the turn"
+                )));
             }
             spans.push(TurnSpan { message: i, start, end });
             cursor = end;
@@ -217,7 +222,7 @@ pub struct TurnSpan {
 /// `chat_template` (a string, or a list of named templates: `default`).
 fn model_template(model: &ModelFiles, config: &serde_json::Value) -> Result<String> {
     if let Some(p) = &model.chat_template_file {
-        return std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()));
+        return Ok(std::fs::read_to_string(p).on("read", p)?);
     }
     match config.get("chat_template") {
         Some(serde_json::Value::String(s)) => Ok(s.clone()),
@@ -226,12 +231,16 @@ fn model_template(model: &ModelFiles, config: &serde_json::Value) -> Result<Stri
             .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
             .and_then(|t| t.get("template")?.as_str())
             .map(str::to_string)
-            .context("tokenizer_config.json lists chat templates but none is named `default`"),
-        _ => bail!(
-            "the model `{}` has no chat template (tokenizer_config.json has no `chat_template`); set \
+            .ok_or_else(|| {
+                crate::Error::Template("tokenizer_config.json lists chat templates but none is named `default`".into())
+            }),
+        _ => {
+            return Err(crate::Error::Template(format!(
+                "the model `{}` has no chat template (tokenizer_config.json has no `chat_template`); set \
              [model] chat_template to a built-in (gemma, chatml, alpaca) or a .jinja file",
-            model.source
-        ),
+                model.source
+            )));
+        }
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use crate::error::{Error, Result};
 use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use schemars::JsonSchema;
@@ -276,11 +276,15 @@ impl<'a> Generator<'a> {
     /// prefill runs.
     fn check(&self, prompt: &[u32], cache: &KvCache) -> Result<usize> {
         if prompt.is_empty() {
-            bail!("the prompt is empty");
+            return Err(Error::Prompt("the prompt is empty".into()));
         }
         let max_positions = self.model.max_positions();
         if prompt.len() >= max_positions {
-            bail!("the prompt has {} tokens; the model takes at most {}", prompt.len(), max_positions - 1);
+            return Err(Error::Prompt(format!(
+                "the prompt has {} tokens; the model takes at most {}",
+                prompt.len(),
+                max_positions - 1
+            )));
         }
         Ok(prompt.len() - cache.resume_point(prompt.len() - 1))
     }
@@ -349,7 +353,7 @@ impl<'p> Decoding<'p> {
             return Ok(None);
         }
         self.tokens.push(next);
-        let text = g.tokenizer.decode(&self.tokens, false).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
+        let text = g.tokenizer.decode(&self.tokens, false).map_err(|e| Error::Tokenizer(format!("decode: {e}")))?;
         if self.stream.push(&text, on_text) {
             self.finish = Finish::StopString;
             return Ok(None);
@@ -426,8 +430,7 @@ pub fn stop_tokens(end_of_turn: &str, eos: &str) -> Vec<String> {
 pub fn encode(tokenizer: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
     Ok(tokenizer
         .encode(text, false)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .context("tokenizing the prompt")?
+        .map_err(|e| Error::Tokenizer(format!("tokenizing the prompt: {e}")))?
         .get_ids()
         .to_vec())
 }

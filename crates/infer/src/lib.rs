@@ -8,6 +8,9 @@
 //! - [`eval`]: scoring answers (tool-call verdicts, ROUGE-L) and tallies.
 
 pub mod chat;
+pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod toolcall;
+
+pub use error::{Error, Result};

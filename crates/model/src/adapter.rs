@@ -20,7 +20,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use pipeline_fs::IoContext;
+
+use crate::error::{Error, Result, bad_file};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -109,10 +111,10 @@ impl AdapterConfig {
     /// Refuses what this crate would apply wrongly, naming the field.
     fn check_supported(&self, path: &Path) -> Result<()> {
         let refuse = |what: &str| -> Result<()> {
-            bail!(
+            Err(Error::Unsupported(format!(
                 "{}: {what}; pipeline applies plain LoRA adapters (one rank and alpha for all modules)",
                 path.display()
-            )
+            )))
         };
         if self.peft_type != "LORA" {
             refuse(&format!("`peft_type` is {:?}, not \"LORA\"", self.peft_type))?;
@@ -158,7 +160,7 @@ pub fn save(
         named.push((peft_name(module, 'B'), b.clone()));
     }
     crate::save_safetensors(named.iter().map(|(k, t)| (k.as_str(), t)), &dir.join(WEIGHTS_FILE))?;
-    write_json(&dir.join(CONFIG_FILE), &serde_json::to_value(config)?)?;
+    write_json(&dir.join(CONFIG_FILE), &serde_json::to_value(config).expect("serializes"))?;
     if let Some(hash) = base_weights_blake3 {
         write_json(&dir.join(BASE_WEIGHTS_FILE), &serde_json::json!({ "blake3": hash }))?;
     }
@@ -166,64 +168,64 @@ pub fn save(
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let mut json = serde_json::to_vec_pretty(value)?;
+    let mut json = serde_json::to_vec_pretty(value).expect("serializes");
     json.push(b'\n');
-    std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))
+    Ok(std::fs::write(path, json).on("write", path)?)
 }
 
 /// Reads an adapter directory written by [`save`] or by PEFT.
 pub fn load(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
     let cfg_path = dir.join(CONFIG_FILE);
-    let config: AdapterConfig = serde_json::from_slice(
-        &std::fs::read(&cfg_path)
-            .with_context(|| format!("cannot read {} (not an adapter directory?)", cfg_path.display()))?,
-    )
-    .with_context(|| format!("{} is not a PEFT LoRA config", cfg_path.display()))?;
+    let bytes = std::fs::read(&cfg_path)
+        .map_err(|e| bad_file(&cfg_path, format!("cannot read ({e}); not an adapter directory?")))?;
+    let config: AdapterConfig =
+        serde_json::from_slice(&bytes).map_err(|e| bad_file(&cfg_path, format!("not a PEFT LoRA config: {e}")))?;
     config.check_supported(&cfg_path)?;
     let base_path = dir.join(BASE_WEIGHTS_FILE);
     let base_weights_blake3 = match std::fs::read(&base_path) {
         Ok(bytes) => {
             let v: serde_json::Value =
-                serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", base_path.display()))?;
-            Some(v["blake3"].as_str().with_context(|| format!("{}: no `blake3`", base_path.display()))?.to_string())
+                serde_json::from_slice(&bytes).map_err(|e| bad_file(&base_path, format!("not JSON: {e}")))?;
+            Some(v["blake3"].as_str().ok_or_else(|| bad_file(&base_path, "no `blake3`"))?.to_string())
         }
         Err(_) => None,
     };
     let weights_path = dir.join(WEIGHTS_FILE);
     let weights = candle_core::safetensors::load(&weights_path, device)
-        .with_context(|| format!("cannot read {}", weights_path.display()))?;
+        .map_err(|e| bad_file(&weights_path, format!("cannot read: {e}")))?;
     let mut tensors = LoraTensors::new();
     for (name, a) in &weights {
         if name.ends_with(".lora_B.weight") {
             continue; // found through its A
         }
         let Some(module) = name.strip_prefix("base_model.model.").and_then(|n| n.strip_suffix(".lora_A.weight")) else {
-            bail!(
+            return Err(Error::Unsupported(format!(
                 "{}: `{name}` is not a LoRA matrix (`base_model.model.MODULE.lora_A.weight` / `lora_B.weight`); \
                  pipeline applies plain LoRA adapters of linear layers",
                 weights_path.display()
-            );
+            )));
         };
         let b = weights
             .get(&peft_name(module, 'B'))
-            .with_context(|| format!("{}: `{name}` has no matching lora_B", dir.display()))?;
+            .ok_or_else(|| bad_file(dir, format!("`{name}` has no matching lora_B")))?;
         if a.dim(0)? != config.r {
-            bail!(
-                "{}: `{name}` has rank {} but `r` in {} is {}; the scale α/r would be wrong",
-                weights_path.display(),
-                a.dim(0)?,
-                CONFIG_FILE,
-                config.r
-            );
+            return Err(bad_file(
+                &weights_path,
+                format!(
+                    "`{name}` has rank {} but `r` in {CONFIG_FILE} is {}; the scale α/r would be wrong",
+                    a.dim(0)?,
+                    config.r
+                ),
+            ));
         }
         tensors.insert(module.to_string(), (a.clone(), b.clone()));
     }
     if tensors.is_empty() {
-        bail!("{} holds no LoRA matrices (`base_model.model.….lora_A.weight`)", weights_path.display());
+        return Err(bad_file(&weights_path, "holds no LoRA matrices (`base_model.model.….lora_A.weight`)"));
     }
     let paired: std::collections::HashSet<String> = tensors.keys().map(|m| peft_name(m, 'B')).collect();
     if let Some(orphan) = weights.keys().find(|n| n.ends_with(".lora_B.weight") && !paired.contains(*n)) {
-        bail!("{}: `{orphan}` has no matching lora_A", weights_path.display());
+        return Err(bad_file(&weights_path, format!("`{orphan}` has no matching lora_A")));
     }
     Ok(LoadedAdapter { config, tensors, base_weights_blake3, dir: dir.to_path_buf() })
 }
@@ -258,7 +260,7 @@ impl LoadedAdapter {
             let (r, inp) = a.dims2()?;
             let (out, r2) = b.dims2()?;
             if inp != linear.in_features() || out != linear.out_features() || r != r2 {
-                anyhow::bail!(
+                return Err(Error::Mismatch(format!(
                     "{}: `{name}` has A {:?} and B {:?}, but the model's layer is {}×{}; was the adapter trained on \
                      another base model?",
                     self.dir.display(),
@@ -266,7 +268,7 @@ impl LoadedAdapter {
                     b.dims(),
                     linear.out_features(),
                     linear.in_features()
-                );
+                )));
             }
             linear.lora = Some(Lora {
                 a: candle_core::Var::from_tensor(a)?,
@@ -279,11 +281,11 @@ impl LoadedAdapter {
         if found != self.tensors.len() {
             let names: std::collections::HashSet<String> = model.linears_mut().into_iter().map(|(n, _)| n).collect();
             let missing = self.tensors.keys().find(|k| !names.contains(*k)).cloned().unwrap_or_default();
-            anyhow::bail!(
+            return Err(Error::Mismatch(format!(
                 "{}: the adapter has a module `{missing}` that this model does not have; was it trained on another \
                  base model?",
                 self.dir.display()
-            );
+            )));
         }
         Ok(())
     }

@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use pipeline_fs::IoContext;
+
+use crate::error::{Error, Result, bad_file};
 
 /// The files of a base model, as found on disk.
 #[derive(Debug, Clone)]
@@ -29,13 +31,14 @@ impl ModelFiles {
     pub fn from_dir(source: &str, dir: &Path) -> Result<ModelFiles> {
         let file = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
         let mut weights: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("cannot list the model directory {}", dir.display()))?
+            .on("list the model directory", dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
             .collect();
         weights.sort();
         if weights.is_empty() {
-            let mut ggufs: Vec<PathBuf> = std::fs::read_dir(dir)?
+            let mut ggufs: Vec<PathBuf> = std::fs::read_dir(dir)
+                .on("list the model directory", dir)?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
                 .collect();
@@ -61,13 +64,13 @@ impl ModelFiles {
 
     /// `tokenizer.json`, or an error saying how to provide one.
     pub fn tokenizer_json(&self) -> Result<&Path> {
-        self.tokenizer_json.as_deref().with_context(|| {
-            format!(
+        self.tokenizer_json.as_deref().ok_or_else(|| {
+            Error::Missing(format!(
                 "the model `{}` has no tokenizer.json (looked in {}); set [model] tokenizer = \"DIR\" \
                  to a directory holding tokenizer.json and tokenizer_config.json",
                 self.source,
                 self.dir.display()
-            )
+            ))
         })
     }
 
@@ -75,8 +78,8 @@ impl ModelFiles {
     pub fn tokenizer_config(&self) -> Result<serde_json::Value> {
         match &self.tokenizer_config {
             Some(p) => {
-                let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
-                serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid JSON", p.display()))
+                let bytes = std::fs::read(p).on("read", p)?;
+                serde_json::from_slice(&bytes).map_err(|e| bad_file(p, format!("not valid JSON: {e}")))
             }
             None => Ok(serde_json::json!({})),
         }

@@ -127,7 +127,7 @@ pub struct Gemma3 {
 
 impl Gemma3 {
     /// Builds the model from HF-named weights (`model.layers.N.…`).
-    pub fn new(cfg: Config, w: &mut Weights, max_positions: usize) -> anyhow::Result<Gemma3> {
+    pub fn new(cfg: Config, w: &mut Weights, max_positions: usize) -> crate::Result<Gemma3> {
         let device = w.device().clone();
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
@@ -149,7 +149,7 @@ impl Gemma3 {
                     sliding: cfg.is_sliding(i),
                 })
             })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect::<crate::Result<Vec<_>>>()?;
         let embed = w.take("model.embed_tokens.weight")?;
         let embed_q = w.take_quantized("model.embed_tokens.weight");
         let norm = w.take("model.norm.weight")?;

@@ -9,7 +9,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use pipeline_fs::IoContext;
+
+use crate::error::{Error, Result, bad_file};
 use candle_core::Device;
 use candle_core::quantized::{GgmlDType, gguf_file};
 use pipeline_kernels::gemv::QuantLinear;
@@ -85,9 +87,8 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
 /// Loads a GGUF model: architecture, config from the metadata, and weights
 /// (dequantized to f32; with `keep_quantized`, the quantized matrices too).
 pub fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<(Arch, Weights)> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let content =
-        gguf_file::Content::read(&mut file).with_context(|| format!("{}: not a GGUF file", path.display()))?;
+    let mut file = std::fs::File::open(path).on("open", path)?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| bad_file(path, format!("not a GGUF file: {e}")))?;
     let arch = read_arch(&content, path)?;
     let arch_name = match &arch {
         Arch::Gemma3(_) => "gemma3",
@@ -124,11 +125,11 @@ fn read_arch(content: &gguf_file::Content, path: &Path) -> Result<Arch> {
     let arch = md
         .get("general.architecture")
         .and_then(|v| v.to_string().ok())
-        .with_context(|| format!("{}: no general.architecture", path.display()))?
+        .ok_or_else(|| bad_file(path, "no general.architecture"))?
         .clone();
     let u = |k: &str| -> Result<usize> {
         let key = format!("{arch}.{k}");
-        Ok(md.get(&key).with_context(|| format!("{}: missing metadata `{key}`", path.display()))?.to_u32()? as usize)
+        Ok(md.get(&key).ok_or_else(|| bad_file(path, format!("missing metadata `{key}`")))?.to_u32()? as usize)
     };
     let f = |k: &str, default: f64| -> f64 {
         // The f32's shortest decimal (1e-6, not 9.999999974752427e-7), as
@@ -139,7 +140,7 @@ fn read_arch(content: &gguf_file::Content, path: &Path) -> Result<Arch> {
     let vocab = content
         .tensor_infos
         .get("token_embd.weight")
-        .with_context(|| format!("{}: no token_embd.weight", path.display()))?
+        .ok_or_else(|| bad_file(path, "no token_embd.weight"))?
         .shape
         .dims()[0];
     let heads = u("attention.head_count")?;
@@ -192,7 +193,10 @@ fn read_arch(content: &gguf_file::Content, path: &Path) -> Result<Arch> {
             ))
         }
         other => {
-            bail!("{}: GGUF architecture `{other}` is not supported (supported: gemma3, qwen2, qwen3)", path.display())
+            return Err(Error::Unsupported(format!(
+                "{}: GGUF architecture `{other}` is not supported (supported: gemma3, qwen2, qwen3)",
+                path.display()
+            )));
         }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod adapter;
 pub mod decoder;
+pub mod error;
 pub mod files;
 pub mod gemma3;
 pub mod gguf;
@@ -20,8 +21,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
+use error::bad_file;
+pub use error::{Error, Result};
+use pipeline_fs::IoContext;
 use pipeline_kernels::gemv::QuantLinear;
 
 pub use files::ModelFiles;
@@ -166,9 +169,9 @@ impl Weights {
 
     /// Removes and returns a tensor, failing with the file's name if missing.
     pub fn take(&mut self, name: &str) -> Result<Tensor> {
-        self.map
-            .remove(name)
-            .with_context(|| format!("{}: no tensor `{name}` (is this the architecture the config says?)", self.source))
+        self.map.remove(name).ok_or_else(|| {
+            bad_file(&self.source, format!("no tensor `{name}` (is this the architecture the config says?)"))
+        })
     }
 
     /// The linear layer `<name>.weight` (and `<name>.bias` when `bias`).
@@ -197,20 +200,25 @@ pub fn device(name: &str) -> Result<Device> {
         }
         "metal" => {
             if !candle_core::utils::metal_is_available() {
-                bail!(
+                return Err(Error::Device(
                     "device = \"metal\", but this build has no Metal support: rebuild with `--features metal` on macOS"
-                );
+                        .into(),
+                ));
             }
             Ok(Device::new_metal(0)?)
         }
         cuda => {
             let ordinal = match cuda.strip_prefix("cuda") {
                 Some("") => 0,
-                Some(n) => n.trim_start_matches(':').parse().with_context(|| format!("bad device `{cuda}`"))?,
-                None => bail!("unknown device `{cuda}`"),
+                Some(n) => {
+                    n.trim_start_matches(':').parse().map_err(|_| Error::Device(format!("bad device `{cuda}`")))?
+                }
+                None => return Err(Error::Device(format!("unknown device `{cuda}`"))),
             };
             if !candle_core::utils::cuda_is_available() {
-                bail!("device = \"{cuda}\", but this build has no CUDA support: rebuild with `--features cuda`");
+                return Err(Error::Device(format!(
+                    "device = \"{cuda}\", but this build has no CUDA support: rebuild with `--features cuda`"
+                )));
             }
             Ok(Device::new_cuda(ordinal)?)
         }
@@ -357,23 +365,19 @@ fn load_with(
 /// GGUF file or safetensors + `config.json`; with `keep_quantized`, a
 /// GGUF's quantized matrices are kept too (for decoding).
 pub fn load_weights(model: &ModelFiles, device: &Device, keep_quantized: bool) -> Result<(Arch, Weights)> {
-    let weights = model.weights.first().with_context(|| {
-        format!(
+    let weights = model.weights.first().ok_or_else(|| {
+        Error::Missing(format!(
             "the model `{}` has no weights (no *.safetensors or *.gguf in {}); run scripts/fetch-models.sh or fix \
              [model] base",
             model.source,
             model.dir.display()
-        )
+        ))
     })?;
     if weights.extension().is_some_and(|e| e == "gguf") {
         gguf::load(weights, device, keep_quantized)
     } else {
-        let config = model.config_json.as_ref().with_context(|| {
-            format!(
-                "the model `{}` has safetensors weights but no config.json in {}",
-                model.source,
-                model.dir.display()
-            )
+        let config = model.config_json.as_ref().ok_or_else(|| {
+            bad_file(&model.dir, format!("the model `{}` has safetensors weights but no config.json", model.source))
         })?;
         Ok((read_config(config)?, load_safetensors(&model.weights, device)?))
     }
@@ -381,22 +385,24 @@ pub fn load_weights(model: &ModelFiles, device: &Device, keep_quantized: bool) -
 
 /// Reads an HF `config.json` (text config of multimodal checkpoints too).
 pub fn read_config(path: &Path) -> Result<Arch> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(path).on("read", path)?;
     let mut v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| bad_file(path, format!("not valid JSON: {e}")))?;
     if let Some(text_cfg) = v.get("text_config").cloned() {
         v = text_cfg;
     }
     legacy_rope_keys(&mut v);
     let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or_default();
-    let bad = |what: &str| format!("{}: not a valid {what} config", path.display());
+    let bad =
+        |what: &'static str| move |e: serde_json::Error| bad_file(path, format!("not a valid {what} config: {e}"));
     match model_type {
-        "gemma3_text" | "gemma3" => Ok(Arch::Gemma3(serde_json::from_value(v).with_context(|| bad("Gemma 3"))?)),
-        "qwen3" => Ok(Arch::Qwen(qwen::Variant::Qwen3, serde_json::from_value(v).with_context(|| bad("Qwen3"))?)),
-        "qwen2" => Ok(Arch::Qwen(qwen::Variant::Qwen2, serde_json::from_value(v).with_context(|| bad("Qwen2"))?)),
-        other => {
-            bail!("{}: model_type `{other}` is not supported (supported: gemma3_text, qwen3, qwen2)", path.display())
-        }
+        "gemma3_text" | "gemma3" => Ok(Arch::Gemma3(serde_json::from_value(v).map_err(bad("Gemma 3"))?)),
+        "qwen3" => Ok(Arch::Qwen(qwen::Variant::Qwen3, serde_json::from_value(v).map_err(bad("Qwen3"))?)),
+        "qwen2" => Ok(Arch::Qwen(qwen::Variant::Qwen2, serde_json::from_value(v).map_err(bad("Qwen2"))?)),
+        other => Err(Error::Unsupported(format!(
+            "{}: model_type `{other}` is not supported (supported: gemma3_text, qwen3, qwen2)",
+            path.display()
+        ))),
     }
 }
 
@@ -432,7 +438,7 @@ pub fn save_safetensors<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a Tens
     sorted.sort_by_key(|(name, _)| *name);
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(sorted, Some(metadata), path)
-        .with_context(|| format!("cannot write {}", path.display()))
+        .map_err(|e| bad_file(path, format!("cannot write: {e}")))
 }
 
 /// Loads every tensor of the safetensors files as f32 on `device`.
@@ -441,7 +447,7 @@ pub fn load_safetensors(files: &[std::path::PathBuf], device: &Device) -> Result
     for f in files {
         // SAFETY: the file is not modified while mapped (it is an input).
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }
-            .with_context(|| format!("cannot read {}", f.display()))?;
+            .map_err(|e| bad_file(f, format!("cannot read: {e}")))?;
         for (name, _) in st.tensors() {
             let t = st.load(&name, device)?.to_dtype(DType::F32)?;
             map.insert(name, t);

@@ -111,12 +111,18 @@ pub struct Qwen {
 }
 
 impl Qwen {
-    pub fn new(variant: Variant, cfg: Config, w: &mut Weights, max_positions: usize) -> anyhow::Result<Qwen> {
+    pub fn new(variant: Variant, cfg: Config, w: &mut Weights, max_positions: usize) -> crate::Result<Qwen> {
         if cfg.use_sliding_window {
-            anyhow::bail!("{}: sliding-window Qwen models are not supported", w.source);
+            return Err(crate::Error::Unsupported(format!(
+                "{}: sliding-window Qwen models are not supported",
+                w.source
+            )));
         }
         if cfg.hidden_act != "silu" {
-            anyhow::bail!("{}: hidden_act `{}` is not supported (Qwen uses silu)", w.source, cfg.hidden_act);
+            return Err(crate::Error::Unsupported(format!(
+                "{}: hidden_act `{}` is not supported (Qwen uses silu)",
+                w.source, cfg.hidden_act
+            )));
         }
         let device = w.device().clone();
         let qkv_bias = variant == Variant::Qwen2 || cfg.attention_bias;

@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use pipeline_fs::IoContext;
+
+use crate::error::Result;
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
@@ -228,12 +230,13 @@ impl RandomWeights {
     }
 
     fn save(self, dir: &Path, config: &serde_json::Value, tokenizer_dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir)?;
-        std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(config)?)?;
+        std::fs::create_dir_all(dir).on("create", dir)?;
+        let config_path = dir.join("config.json");
+        std::fs::write(&config_path, serde_json::to_vec_pretty(config).expect("serializes"))
+            .on("write", &config_path)?;
         candle_core::safetensors::save(&self.map, dir.join("model.safetensors"))?;
         for f in ["tokenizer.json", "tokenizer_config.json"] {
-            std::fs::copy(tokenizer_dir.join(f), dir.join(f))
-                .with_context(|| format!("cannot copy {}", tokenizer_dir.join(f).display()))?;
+            std::fs::copy(tokenizer_dir.join(f), dir.join(f)).on("copy", &tokenizer_dir.join(f))?;
         }
         Ok(())
     }

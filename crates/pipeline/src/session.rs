@@ -75,7 +75,7 @@ impl Session {
     /// The prompt tokens of a conversation, ready for the assistant's turn.
     pub fn prompt(&self, messages: &[Message], tools: Option<&serde_json::Value>) -> Result<Vec<u32>> {
         let text = self.template.render(messages, tools, true)?;
-        pipeline_infer::generate::encode(&self.tokenizer, &text)
+        Ok(pipeline_infer::generate::encode(&self.tokenizer, &text)?)
     }
 
     /// Generates after `prompt`, reusing the cached tokens it starts with.
@@ -100,7 +100,7 @@ impl Session {
         let generator = Generator::for_template(self.model.as_ref(), &self.tokenizer, &self.template);
         let mut caches: Vec<KvCache> = prompts.iter().map(|_| self.model.new_cache()).collect();
         let mut jobs: Vec<(&[u32], &mut KvCache)> = prompts.iter().map(Vec::as_slice).zip(caches.iter_mut()).collect();
-        generator.generate_batch(&mut jobs, params, self.seed)
+        Ok(generator.generate_batch(&mut jobs, params, self.seed)?)
     }
 }
 

@@ -8,7 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use pipeline_fs::IoContext;
+
+use crate::error::{Result, bad_file};
 use serde::{Deserialize, Serialize};
 
 /// One row of the loss log (also a line of `loss.csv`).
@@ -62,23 +64,24 @@ pub fn latest(work: &Path) -> Option<(u64, PathBuf)> {
 /// the checkpoint's directory.
 pub fn save(work: &Path, state: &State, write_files: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
     let root = dir(work);
-    std::fs::create_dir_all(&root)?;
+    std::fs::create_dir_all(&root).on("create", &root)?;
     let name = format!("step-{:06}", state.step);
     let tmp = root.join(format!("{name}.tmp"));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
+        std::fs::remove_dir_all(&tmp).on("clear", &tmp)?;
     }
-    std::fs::create_dir_all(&tmp)?;
+    std::fs::create_dir_all(&tmp).on("create", &tmp)?;
     write_files(&tmp)?;
     pipeline_fs::fault::point("lora-train.mid-checkpoint");
-    pipeline_fs::write_atomic(&tmp.join("state.json"), &serde_json::to_vec(state)?)?;
+    pipeline_fs::write_atomic(&tmp.join("state.json"), &serde_json::to_vec(state).expect("serializes"))?;
     let dest = root.join(&name);
     if dest.exists() {
-        std::fs::remove_dir_all(&dest)?;
+        std::fs::remove_dir_all(&dest).on("replace", &dest)?;
     }
-    std::fs::rename(&tmp, &dest).with_context(|| format!("cannot write checkpoint {}", dest.display()))?;
+    std::fs::rename(&tmp, &dest).on("write checkpoint", &dest)?;
     // Keep the newest two.
-    let mut steps: Vec<PathBuf> = std::fs::read_dir(&root)?
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(&root)
+        .on("list", &root)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-") && !n.ends_with(".tmp"))
@@ -94,6 +97,6 @@ pub fn save(work: &Path, state: &State, write_files: impl FnOnce(&Path) -> Resul
 /// Reads `state.json` of a checkpoint directory.
 pub fn load_state(dir: &Path) -> Result<State> {
     let p = dir.join("state.json");
-    serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?)
-        .with_context(|| format!("corrupt checkpoint state {}", p.display()))
+    serde_json::from_slice(&std::fs::read(&p).on("read", &p)?)
+        .map_err(|e| bad_file(&p, format!("corrupt checkpoint state: {e}")))
 }

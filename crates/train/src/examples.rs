@@ -7,7 +7,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use pipeline_fs::IoContext;
+
+use crate::error::{Result, bad_file};
 use safetensors::tensor::{Dtype, TensorView};
 
 /// The tokenized examples of one split, as stored.
@@ -63,22 +65,25 @@ impl TokenizedSplit {
         let offs: Vec<u8> = self.offsets.iter().flat_map(|x| x.to_le_bytes()).collect();
         let n = self.input_ids.len();
         let tensors = [
-            ("input_ids", TensorView::new(Dtype::U32, vec![n], &ids)?),
-            ("loss_mask", TensorView::new(Dtype::U8, vec![n], &self.loss_mask)?),
-            ("offsets", TensorView::new(Dtype::I64, vec![self.offsets.len()], &offs)?),
+            ("input_ids", TensorView::new(Dtype::U32, vec![n], &ids).expect("sizes match")),
+            ("loss_mask", TensorView::new(Dtype::U8, vec![n], &self.loss_mask).expect("sizes match")),
+            ("offsets", TensorView::new(Dtype::I64, vec![self.offsets.len()], &offs).expect("sizes match")),
         ];
-        let meta = HashMap::from([("ids".to_string(), serde_json::to_string(&self.ids)?)]);
+        let meta = HashMap::from([("ids".to_string(), serde_json::to_string(&self.ids).expect("serializes"))]);
         safetensors::serialize_to_file(tensors, Some(meta), path)
-            .with_context(|| format!("cannot write {}", path.display()))
+            .map_err(|e| bad_file(path, format!("cannot write: {e}")))
     }
 
     pub fn load(path: &Path) -> Result<TokenizedSplit> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)?;
+        let bytes = std::fs::read(path).on("read", path)?;
+        let not_examples = |e: safetensors::SafeTensorError| bad_file(path, format!("not a tokenized split: {e}"));
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(not_examples)?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(not_examples)?;
+        let ids =
+            meta.metadata().as_ref().and_then(|m| m.get("ids")).ok_or_else(|| bad_file(path, "no `ids` metadata"))?;
         let ids: Vec<String> =
-            serde_json::from_str(meta.metadata().as_ref().and_then(|m| m.get("ids")).context("no `ids` metadata")?)?;
-        let get = |name: &str| st.tensor(name).with_context(|| format!("{}: no tensor `{name}`", path.display()));
+            serde_json::from_str(ids).map_err(|e| bad_file(path, format!("bad `ids` metadata: {e}")))?;
+        let get = |name: &str| st.tensor(name).map_err(|_| bad_file(path, format!("no tensor `{name}`")));
         let input_ids =
             get("input_ids")?.data().chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
         let loss_mask = get("loss_mask")?.data().to_vec();

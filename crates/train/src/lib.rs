@@ -10,6 +10,7 @@
 //! N computes exactly what an uninterrupted run computes from step N.
 
 pub mod checkpoint;
+pub mod error;
 pub mod examples;
 pub mod optim;
 pub mod plot;
@@ -18,11 +19,12 @@ pub mod trainer;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use candle_core::{Result, Tensor};
+use candle_core::Tensor;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+pub use error::{Error, Result};
 pub use examples::TokenizedSplit;
 pub use trainer::{LoraConfig, Observer, Summary, TrainConfig, Trainer};
 

@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use pipeline_fs::IoContext;
+
+use crate::error::{Result, bad_file};
 use candle_core::{Tensor, Var};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -68,19 +70,20 @@ impl AdamW {
         let meta = [("t".to_string(), self.t.to_string())].into_iter().collect::<HashMap<_, _>>();
         let data: Vec<(String, candle_core::Tensor)> = map.into_iter().collect();
         safetensors::serialize_to_file(data.iter().map(|(k, t)| (k.as_str(), t)), Some(meta), path)
-            .with_context(|| format!("cannot write {}", path.display()))
+            .map_err(|e| bad_file(path, format!("cannot write: {e}")))
     }
 
     /// Restores what [`AdamW::save`] wrote.
     pub fn load(&mut self, path: &Path, device: &candle_core::Device) -> Result<()> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
+        let bytes = std::fs::read(path).on("read", path)?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad_file(path, format!("not an optimizer state: {e}")))?;
         self.t = meta
             .metadata()
             .as_ref()
             .and_then(|m| m.get("t"))
             .and_then(|t| t.parse().ok())
-            .context("optimizer state without a step count")?;
+            .ok_or_else(|| bad_file(path, "optimizer state without a step count"))?;
         for (name, t) in candle_core::safetensors::load_buffer(&bytes, device)? {
             if let Some(k) = name.strip_prefix("m.") {
                 self.m.insert(k.to_string(), t);

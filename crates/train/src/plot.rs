@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use crate::error::{Error, Result};
 use plotters::prelude::*;
 
 use super::checkpoint::LogRow;
@@ -14,7 +14,7 @@ pub fn loss_curve(path: &Path, title: &str, log: &[LogRow], initial_eval: Option
         return Ok(());
     }
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    root.fill(&WHITE).map_err(|e| Error::Plot { file: path.to_path_buf(), message: e.to_string() })?;
     let max_step = log.last().map_or(1, |r| r.step).max(1) as f64;
     let losses = log
         .iter()
@@ -30,18 +30,18 @@ pub fn loss_curve(path: &Path, title: &str, log: &[LogRow], initial_eval: Option
         .x_label_area_size(36)
         .y_label_area_size(52)
         .build_cartesian_2d(0f64..max_step, (lo - pad).max(0.0)..hi + pad)
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        .map_err(|e| Error::Plot { file: path.to_path_buf(), message: e.to_string() })?;
     chart
         .configure_mesh()
         .x_desc("optimizer step")
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("loss")
         .draw()
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        .map_err(|e| Error::Plot { file: path.to_path_buf(), message: e.to_string() })?;
     let faint = BLUE.mix(0.25);
     chart
         .draw_series(LineSeries::new(log.iter().map(|r| (r.step as f64, r.loss)), faint))
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?
+        .map_err(|e| Error::Plot { file: path.to_path_buf(), message: e.to_string() })?
         .label("train (per step)")
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], faint));
     // Exponential moving average, as TensorBoard's smoothing (weight 0.9).
@@ -56,7 +56,7 @@ pub fn loss_curve(path: &Path, title: &str, log: &[LogRow], initial_eval: Option
         .collect();
     chart
         .draw_series(LineSeries::new(smoothed, BLUE.stroke_width(2)))
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?
+        .map_err(|e| Error::Plot { file: path.to_path_buf(), message: e.to_string() })?
         .label("train (smoothed)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE.stroke_width(2)));
     let eval: Vec<(f64, f64)> = initial_eval
@@ -67,20 +67,20 @@ pub fn loss_curve(path: &Path, title: &str, log: &[LogRow], initial_eval: Option
     if !eval.is_empty() {
         chart
             .draw_series(LineSeries::new(eval.iter().copied(), RED.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("plot: {e}"))?
+            .map_err(|e| Error::Plot { file: path.to_path_buf(), message: e.to_string() })?
             .label("validation")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
         chart
             .draw_series(eval.iter().map(|&p| Circle::new(p, 3, RED.filled())))
-            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+            .map_err(|e| Error::Plot { file: path.to_path_buf(), message: e.to_string() })?;
     }
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        .map_err(|e| Error::Plot { file: path.to_path_buf(), message: e.to_string() })?;
+    root.present().map_err(|e| Error::Plot { file: path.to_path_buf(), message: e.to_string() })?;
     Ok(())
 }
 

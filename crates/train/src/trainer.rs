@@ -9,7 +9,7 @@
 //! run computes.
 //!
 //! ```no_run
-//! # fn main() -> anyhow::Result<()> {
+//! # fn main() -> pipeline_train::Result<()> {
 //! use pipeline_train::{TrainConfig, Trainer, TokenizedSplit};
 //! let files = pipeline_model::ModelFiles::from_dir("gemma", "models/gemma-3-270m".as_ref())?;
 //! let model = pipeline_model::load(&files, &candle_core::Device::Cpu, 2048)?;
@@ -24,7 +24,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use pipeline_fs::IoContext;
+
+use crate::error::{Error, Result, bad_file};
 use candle_core::{Tensor, Var};
 use pipeline_model::CausalLm;
 use pipeline_model::adapter::{self, AdapterConfig, LoraTensors};
@@ -127,14 +129,18 @@ pub trait Observer {
     /// Training starts at `step` (non-zero after a resume) of `total`.
     fn started(&mut self, _step: u64, _total: u64) {}
     /// After each optimizer step; `tokens_per_s` over this run so far.
-    fn step(&mut self, _row: &LogRow, _tokens_per_s: f64) -> Result<()> {
+    fn step(&mut self, _row: &LogRow, _tokens_per_s: f64) -> Result<(), ObserverError> {
         Ok(())
     }
     /// After a checkpoint was written to `dir`.
-    fn checkpoint(&mut self, _dir: &Path) -> Result<()> {
+    fn checkpoint(&mut self, _dir: &Path) -> Result<(), ObserverError> {
         Ok(())
     }
 }
+
+/// What an observer may fail with (any error; `anyhow::Error` converts
+/// with `.into()`).
+pub type ObserverError = Box<dyn std::error::Error + Send + Sync>;
 
 /// No observer.
 impl Observer for () {}
@@ -182,7 +188,7 @@ impl Trainer {
         cfg: TrainConfig,
     ) -> Result<Trainer> {
         if train.is_empty() {
-            bail!("no training examples");
+            return Err(Error::Config("no training examples".into()));
         }
         let longest = (0..train.len())
             .map(|i| train.example(i).0.len())
@@ -190,16 +196,16 @@ impl Trainer {
             .max()
             .unwrap_or(1);
         if longest > model.max_position_embeddings() {
-            bail!(
+            return Err(Error::Config(format!(
                 "examples are up to {longest} tokens but the model's context is {}; lower `max_len` of the tokenize stage",
                 model.max_position_embeddings()
-            );
+            )));
         }
         let l = &cfg.lora;
         let scale = l.adapter_config("", vec![]).scale();
         let (params, modules) = attach_lora(model.as_mut(), &l.targets, l.rank, scale, l.dropout as f32, cfg.seed)?;
         if modules.is_empty() {
-            bail!("targets {:?} match no module of this model", l.targets);
+            return Err(Error::Config(format!("targets {:?} match no module of this model", l.targets)));
         }
         let per_epoch = train.len().div_ceil(cfg.gradient_accumulation) as u64;
         let total_steps = cfg.max_steps.map_or(per_epoch * cfg.epochs as u64, |s| s as u64);
@@ -234,7 +240,7 @@ impl Trainer {
         let device = self.model.device().clone();
         let saved = candle_core::safetensors::load(dir.join("adapter.safetensors"), &device)?;
         for (name, var) in &self.params {
-            let t = saved.get(name).with_context(|| format!("checkpoint {} lacks `{name}`", dir.display()))?;
+            let t = saved.get(name).ok_or_else(|| bad_file(&dir, format!("the checkpoint lacks `{name}`")))?;
             var.set(t)?;
         }
         self.opt.load(&dir.join("optimizer.safetensors"), &device)?;
@@ -261,15 +267,12 @@ impl Trainer {
         let started = Instant::now();
         let mut tokens_seen = 0u64;
         while self.state.step < self.total_steps {
-            let (mut row, tokens) = self.step().map_err(|e| match work {
-                Some(w) => {
+            let (mut row, tokens) = self.step().map_err(|e| match (e, work) {
+                (Error::Diverged { value, step, example, .. }, Some(w)) => {
                     let kept = checkpoint::latest(w).map_or("none".to_string(), |(s, _)| format!("step {s}"));
-                    e.context(format!(
-                        "stopped. The last good checkpoint ({kept}) is kept and a rerun resumes from it: \
-                         lower `learning_rate` or set `max_grad_norm` first"
-                    ))
+                    Error::Diverged { value, step, example, kept: Some(kept) }
                 }
-                None => e,
+                (e, _) => e,
             })?;
             tokens_seen += tokens;
             let done = row.step;
@@ -277,13 +280,13 @@ impl Trainer {
             if done == self.total_steps || (every > 0 && done % every == 0) {
                 row.eval_loss = self.eval_loss()?;
             }
-            observer.step(&row, tokens_seen as f64 / started.elapsed().as_secs_f64())?;
+            observer.step(&row, tokens_seen as f64 / started.elapsed().as_secs_f64()).map_err(Error::Observer)?;
             self.state.log.push(row);
             if let Some(work) = work
                 && (done % self.cfg.checkpoint_every.max(1) as u64 == 0 || done == self.total_steps)
             {
                 let dir = self.save_checkpoint(work)?;
-                observer.checkpoint(&dir)?;
+                observer.checkpoint(&dir).map_err(Error::Observer)?;
             }
             pipeline_fs::fault::point(&format!("lora-train.step-{done}"));
         }
@@ -331,7 +334,8 @@ impl Trainer {
                 self.cfg.gradient_checkpointing,
             )?;
             if !value.is_finite() {
-                bail!("the loss became {value} at step {} (example {})", step + 1, self.train.ids[idx]);
+                let example = self.train.ids[idx].clone();
+                return Err(Error::Diverged { value, step: step + 1, example, kept: None });
             }
             loss_sum += value;
             supervised += n as u64;
@@ -415,8 +419,8 @@ impl Trainer {
     /// `adapter_config.json`) into `dir` (created if missing).
     pub fn save_adapter(&self, dir: &Path, base: &str) -> Result<()> {
         let (cfg, tensors) = self.adapter(base);
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        adapter::save(dir, &cfg, &tensors, None)
+        std::fs::create_dir_all(dir).on("create", dir)?;
+        Ok(adapter::save(dir, &cfg, &tensors, None)?)
     }
 
     pub fn state(&self) -> &State {

@@ -205,7 +205,7 @@ pub fn trained_template(conversations_dir: &std::path::Path) -> Result<ChatTempl
         .with_context(|| format!("{}: no chat_template.jinja", conversations_dir.display()))?;
     let t: Value = serde_json::from_slice(&std::fs::read(conversations_dir.join("template.json"))?)?;
     let s = |k: &str| t.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
-    ChatTemplate::new(&source, &s("bos_token"), &s("eos_token"))
+    Ok(ChatTemplate::new(&source, &s("bos_token"), &s("eos_token"))?)
 }
 
 /// One row, ready to run.

@@ -172,7 +172,7 @@ impl Stage for Params {
 
 fn template(env: &Env) -> Result<ChatTemplate> {
     let model = env.model()?;
-    ChatTemplate::for_model(model, env.recipe.model.chat_template.as_deref(), &env.recipe.base_dir())
+    Ok(ChatTemplate::for_model(model, env.recipe.model.chat_template.as_deref(), &env.recipe.base_dir())?)
 }
 
 impl Params {

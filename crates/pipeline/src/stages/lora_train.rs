@@ -14,6 +14,7 @@ use pipeline_model::TARGETS;
 use pipeline_model::adapter;
 use pipeline_train::checkpoint::{self, LogRow};
 use pipeline_train::optim::Schedule;
+use pipeline_train::trainer::ObserverError;
 use pipeline_train::{LoraConfig, Observer, TokenizedSplit, TrainConfig, Trainer, plot};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -342,15 +343,15 @@ impl Observer for Progress<'_> {
         self.bar.set_position(step);
     }
 
-    fn step(&mut self, row: &LogRow, tokens_per_s: f64) -> Result<()> {
+    fn step(&mut self, row: &LogRow, tokens_per_s: f64) -> Result<(), ObserverError> {
         let eval = row.eval_loss.map(|l| format!(" eval {l:.4}")).unwrap_or_default();
         self.bar.set_message(format!("loss {:.4} lr {:.2e} {tokens_per_s:.0} tok/s{eval}", row.loss, row.lr));
         self.bar.set_position(row.step);
         Ok(())
     }
 
-    fn checkpoint(&mut self, dir: &std::path::Path) -> Result<()> {
-        self.ctx.checkpoint_saved(dir)
+    fn checkpoint(&mut self, dir: &std::path::Path) -> Result<(), ObserverError> {
+        Ok(self.ctx.checkpoint_saved(dir)?)
     }
 }
 

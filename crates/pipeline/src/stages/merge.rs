@@ -69,6 +69,6 @@ impl Stage for Params {
             None => None,
         };
         let weights = base.weights.first().with_context(|| format!("the model `{}` has no weights", base.source))?;
-        merge(base, &ctx.env.hash_file(weights)?, ctx.input("adapter"), template.as_ref(), self.dtype, &ctx.out)
+        Ok(merge(base, &ctx.env.hash_file(weights)?, ctx.input("adapter"), template.as_ref(), self.dtype, &ctx.out)?)
     }
 }

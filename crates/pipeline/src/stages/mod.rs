@@ -125,7 +125,7 @@ impl RunContext<'_> {
     /// that a job on another machine resumes from it.
     pub fn checkpoint_saved(&self, dir: &Path) -> Result<()> {
         match self.remote {
-            Some(r) => r.push_checkpoint(self.key, dir),
+            Some(r) => Ok(r.push_checkpoint(self.key, dir)?),
             None => Ok(()),
         }
     }
