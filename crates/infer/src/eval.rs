@@ -265,6 +265,46 @@ pub fn markdown_table(columns: &[(&str, &BTreeMap<String, Metric>)]) -> String {
     s
 }
 
+/// The same table as aligned text for a terminal: one row per metric, one
+/// column per model, percentages without their counts.
+pub fn text_table(columns: &[(&str, &BTreeMap<String, Metric>)]) -> String {
+    let rows: Vec<(&str, Vec<String>)> = METRICS
+        .iter()
+        .filter(|(key, _, _)| columns.iter().any(|(_, m)| m.contains_key(*key)))
+        .map(|(key, label, pct)| {
+            let cells = columns
+                .iter()
+                .map(|(_, m)| match m.get(*key) {
+                    Some(v) if *pct => format!("{:.1} %", 100.0 * v.value),
+                    Some(v) => format!("{:.4}", v.value),
+                    None => "–".into(),
+                })
+                .collect();
+            (*label, cells)
+        })
+        .collect();
+    let label_w = rows.iter().map(|(l, _)| l.chars().count()).max().unwrap_or(0).max("metric".len());
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            rows.iter().map(|(_, c)| c[i].chars().count()).chain([name.chars().count()]).max().unwrap_or(0)
+        })
+        .collect();
+    let line = |label: &str, cells: Vec<&str>| {
+        let mut s = format!("{label:<label_w$}");
+        for (c, w) in cells.iter().zip(&widths) {
+            s += &format!("  {c:>w$}");
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line("metric", columns.iter().map(|(n, _)| *n).collect());
+    for (label, cells) in &rows {
+        out += &line(label, cells.iter().map(String::as_str).collect());
+    }
+    out
+}
+
 /// The gold calls of an assistant message: OpenAI `tool_calls` if present,
 /// else parsed from its text.
 pub fn gold_calls(content: &str, tool_calls: Option<&Value>) -> ParsedCalls {

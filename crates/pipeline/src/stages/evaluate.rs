@@ -363,17 +363,16 @@ impl<'a> Evaluation<'a> {
                 )
             })
             .collect();
-        for (name, overall, _) in &tables {
-            let line = pipeline_infer::eval::METRICS
-                .iter()
-                .filter_map(|(k, _, pct)| {
-                    overall.get(*k).map(|m| {
-                        if *pct { format!("{k} {:.1}%", 100.0 * m.value) } else { format!("{k} {:.3}", m.value) }
-                    })
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            crate::report::println(&format!("  evaluate {name}: {line}"));
+        let columns: Vec<(&str, &BTreeMap<String, Metric>)> =
+            tables.iter().map(|(name, overall, _)| (name.as_str(), overall)).collect();
+        crate::report::println(&format!(
+            "  evaluate `{}` on {} ({} rows):",
+            self.ctx.name,
+            self.split,
+            self.rows.len()
+        ));
+        for line in pipeline_infer::eval::text_table(&columns).lines() {
+            crate::report::println(&format!("    {line}"));
         }
         for c in &spot_checks {
             crate::report::println(&format!("  prompt [{}] {:?} → {}", c.model, c.prompt, c.calls_summary()));
