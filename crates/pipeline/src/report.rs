@@ -114,7 +114,8 @@ impl LogProgress {
             } else {
                 String::new()
             };
-            (self.sink)(&format!("{}: {}/{} {}{eta}", self.what, s.pos, self.len, s.message));
+            let message = if s.message.is_empty() { String::new() } else { format!(" {}", s.message) };
+            (self.sink)(&format!("{}: {}/{}{message}{eta}", self.what, s.pos, self.len));
         }
     }
 }
