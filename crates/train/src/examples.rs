@@ -43,6 +43,11 @@ impl TokenizedSplit {
         split
     }
 
+    /// Tokens in the longest example (0 when there are none).
+    pub fn longest(&self) -> usize {
+        self.offsets.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0)
+    }
+
     /// Keeps the first `n` examples.
     pub fn truncate(&mut self, n: usize) {
         if n < self.len() {

@@ -190,11 +190,7 @@ impl Trainer {
         if train.is_empty() {
             return Err(Error::Config("no training examples".into()));
         }
-        let longest = (0..train.len())
-            .map(|i| train.example(i).0.len())
-            .chain(eval.iter().flat_map(|e| (0..e.len()).map(|i| e.example(i).0.len())))
-            .max()
-            .unwrap_or(1);
+        let longest = train.longest().max(eval.as_ref().map_or(0, TokenizedSplit::longest));
         if longest > model.max_position_embeddings() {
             return Err(Error::Config(format!(
                 "examples are up to {longest} tokens but the model's context is {}; lower `max_len` of the tokenize stage",

@@ -264,11 +264,8 @@ impl Stage for Params {
             }
             None => None,
         };
-        let longest = (0..train.len())
-            .map(|i| train.example(i).0.len())
-            .chain(eval.iter().flat_map(|e| (0..e.len()).map(|i| e.example(i).0.len())))
-            .max()
-            .unwrap_or(1);
+        // Rotary tables for the longest example (the trainer checks it fits).
+        let longest = train.longest().max(eval.as_ref().map_or(0, TokenizedSplit::longest)).max(1);
         let base = ctx.env.model()?;
         let model = pipeline_model::load(base, &pipeline_model::device(&ctx.env.recipe.recipe.device)?, longest)?;
 
@@ -328,25 +325,29 @@ impl Params {
 /// The run's progress for the reporter; checkpoints go to the remote cache.
 struct Progress<'a> {
     ctx: &'a RunContext<'a>,
-    bar: Box<dyn crate::report::Progress>,
+    /// Started with the run (its length is known then).
+    bar: Option<Box<dyn crate::report::Progress>>,
 }
 
 impl<'a> Progress<'a> {
     fn new(ctx: &'a RunContext<'a>) -> Progress<'a> {
-        Progress { ctx, bar: crate::report::bar(0, "train") }
+        Progress { ctx, bar: None }
     }
 }
 
 impl Observer for Progress<'_> {
     fn started(&mut self, step: u64, total: u64) {
-        self.bar = crate::report::bar(total, "train");
-        self.bar.set_position(step);
+        let bar = crate::report::bar(total, "train");
+        bar.set_position(step);
+        self.bar = Some(bar);
     }
 
     fn step(&mut self, row: &LogRow, tokens_per_s: f64) -> Result<(), ObserverError> {
-        let eval = row.eval_loss.map(|l| format!(" eval {l:.4}")).unwrap_or_default();
-        self.bar.set_message(format!("loss {:.4} lr {:.2e} {tokens_per_s:.0} tok/s{eval}", row.loss, row.lr));
-        self.bar.set_position(row.step);
+        if let Some(bar) = &self.bar {
+            let eval = row.eval_loss.map(|l| format!(" eval {l:.4}")).unwrap_or_default();
+            bar.set_message(format!("loss {:.4} lr {:.2e} {tokens_per_s:.0} tok/s{eval}", row.loss, row.lr));
+            bar.set_position(row.step);
+        }
         Ok(())
     }
 
@@ -357,6 +358,8 @@ impl Observer for Progress<'_> {
 
 impl Drop for Progress<'_> {
     fn drop(&mut self) {
-        self.bar.finish();
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
     }
 }
