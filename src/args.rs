@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use pipeline::error::RecipeError;
 use pipeline::executor::{CacheLocation, Executor};
 use pipeline::recipe::Override;
+use pipeline::sweep::Axis;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,6 +34,16 @@ pub struct RecipeArgs {
     /// Override a recipe key, e.g. `--set stages.train.rank=8` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_override)]
     pub set: Vec<Override>,
+    /// Sweep a recipe key over values, e.g. `--sweep
+    /// stages.train.learning_rate=1e-4,2e-4` (repeatable; adds to, or
+    /// replaces an axis of, the recipe's `[sweep]` table). Every combination
+    /// is a variant.
+    #[arg(long = "sweep", value_name = "KEY=V1,V2,…", value_parser = parse_axis)]
+    pub sweep: Vec<Axis>,
+    /// Of a sweep, only this variant: its number or its label, as `plan`
+    /// lists them.
+    #[arg(long, value_name = "N|LABEL")]
+    pub variant: Option<String>,
     #[command(flatten)]
     pub cache: CacheArgs,
 }
@@ -231,6 +242,20 @@ pub enum Command {
         #[arg(long)]
         link: bool,
     },
+    /// Rank a sweep's variants by their evaluation: a table (best first),
+    /// written with the variants' overlaid loss curves to DIR.
+    Compare {
+        #[command(flatten)]
+        args: RecipeArgs,
+        /// The metric to rank by (default: call_success, else exact_match,
+        /// rouge_l, loss); any key of the evaluation's report.json.
+        #[arg(long, value_name = "METRIC")]
+        by: Option<String>,
+        /// Where compare.md, compare.json and loss.svg go (default:
+        /// sweeps/<recipe name>).
+        #[arg(long, short = 'o', value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Print the artifact directory of a finished stage.
     Show {
         #[command(flatten)]
@@ -318,6 +343,10 @@ pub enum DevCommand {
         /// Output directory.
         out: PathBuf,
     },
+}
+
+fn parse_axis(s: &str) -> Result<Axis, String> {
+    s.parse::<Axis>().map_err(|e| e.to_string())
 }
 
 fn parse_override(s: &str) -> Result<Override, String> {

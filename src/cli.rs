@@ -53,8 +53,9 @@ fn render_error(e: &anyhow::Error) -> String {
     out.join(": ")
 }
 
+/// The one recipe a command works on (a sweep's variant with `--variant`).
 fn load(args: &RecipeArgs) -> Result<Recipe> {
-    Ok(Recipe::load(&args.recipe, &args.set)?)
+    crate::sweep::one(args)
 }
 
 fn dispatch(command: Command) -> Result<()> {
@@ -100,13 +101,21 @@ fn dispatch(command: Command) -> Result<()> {
             chat_repl(session, system, &params)
         }
         Command::Export { args, to, force, link } => export(args, to, force, link),
+        Command::Compare { args, by, out } => crate::sweep::compare(&args, by, out),
         Command::Show { args, stage } => show(args, stage),
     }
 }
 
 /// `pipeline run`: runs the stages whose results are not cached.
 fn run(args: RecipeArgs, until: Option<String>) -> Result<()> {
-    let recipe = load(&args)?;
+    let recipe = match crate::sweep::target(&args)? {
+        crate::sweep::Target::Recipe(r) => r,
+        crate::sweep::Target::Sweep(variants) => {
+            let exec = args.executor()?;
+            eprintln!("pipeline: sweep of {} ({} variants)", variants[0].recipe.recipe.name, variants.len());
+            return crate::sweep::run(&exec, &variants, until.as_deref());
+        }
+    };
     let exec = args.executor()?;
     eprintln!("pipeline: {} ({})", recipe.recipe.name, args.recipe.display());
     if let Some(r) = exec.remote() {
@@ -133,7 +142,10 @@ fn run(args: RecipeArgs, until: Option<String>) -> Result<()> {
 
 /// `pipeline plan`: what `run` would do, and why.
 fn plan(args: RecipeArgs, json: bool) -> Result<()> {
-    let recipe = load(&args)?;
+    let recipe = match crate::sweep::target(&args)? {
+        crate::sweep::Target::Recipe(r) => r,
+        crate::sweep::Target::Sweep(variants) => return crate::sweep::plan(&args.executor()?, &variants, json),
+    };
     let plan = args.executor()?.plan(&recipe, None)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&plan)?);

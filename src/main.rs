@@ -5,6 +5,7 @@ mod args;
 mod bench;
 mod cli;
 mod console;
+mod sweep;
 
 fn main() -> std::process::ExitCode {
     cli::main()

@@ -121,6 +121,36 @@ fn keep_rules_sample_a_seeded_fraction_and_validation_is_carved() {
 }
 
 #[test]
+fn a_contains_condition_with_fraction_zero_drops_rows() {
+    // The tool-use dataset's `no_tool` rows whose trace calls a tool anyway.
+    let p = Project::new();
+    let mut text = String::new();
+    for i in 0..12 {
+        let (kind, answer) = match i % 3 {
+            0 => ("no_tool", "<final_answer>hi</final_answer>"),
+            1 => ("no_tool", "<tool_call>{}</tool_call>"),
+            _ => ("easy", "<tool_call>{}</tool_call>"),
+        };
+        // The instructions show the call format: only the answer counts.
+        let instructions = "Call tools as <tool_call>{...}</tool_call>.";
+        let trace =
+            serde_json::json!([{"role": "user", "content": instructions}, {"role": "assistant", "content": answer}]);
+        text += &format!("{{\"i\": {i}, \"query_type\": \"{kind}\", \"trace\": {trace}}}\n");
+    }
+    p.write("train.jsonl", &text);
+    p.write("validation.jsonl", &text);
+    // Rules for `train` only: the evaluated split stays whole.
+    let rules = "[[stages.data.keep]]\nwhere = { query_type = \"no_tool\", trace = { contains = \"<tool_call>\", role = \"assistant\" } }\n\
+                 fraction = 0\nsplits = [\"train\"]\n[[stages.data.keep]]\nsplits = [\"train\"]\n";
+    p.write("r.toml", &fetch_recipe("*.jsonl", rules));
+    p.ok(&["run", "r.toml"]);
+    let dir = show(&p, "r.toml", "data");
+    let ids = |split| rows(&p, &dir, split).iter().map(|r| r["i"].as_i64().unwrap()).collect::<Vec<_>>();
+    assert_eq!(ids("train"), [0, 2, 3, 5, 6, 8, 9, 11]);
+    assert_eq!(ids("validation"), (0..12).collect::<Vec<_>>());
+}
+
+#[test]
 fn row_shapes_instruction_qa_and_sharegpt_render_with_spans() {
     let Some(models) = models_dir() else { return };
     let p = Project::new();

@@ -73,7 +73,7 @@ fn reports_base_and_adapter_side_by_side() {
     }
     let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert!(md.contains("| metric | base | adapter |"), "{md}");
-    assert!(md.contains("### even") && md.contains("tool called when needed"), "{md}");
+    assert!(md.contains("### even") && md.contains("decision: call iff needed"), "{md}");
 
     // Cached on a second run, also with another decoding batch size (not
     // part of the key: it does not change the answers).

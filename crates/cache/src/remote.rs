@@ -14,6 +14,7 @@
 //!   entries/<key>/manifest.json        the entry exists once this exists
 //!   entries/<key>/<upload>/<file>...   the files of one upload
 //!   work/<key>/checkpoints/step-N/...  a training's checkpoints, state.json last
+//!   claims/<name>.json                 a job working on a sweep variant (refreshed)
 //! ```
 //!
 //! Invariants:
@@ -429,6 +430,109 @@ async fn write_parts(upload: Box<dyn object_store::MultipartUpload>, file: &Path
 }
 
 /// A name no other job picks: time, process and a random part.
+/// How often a claim's holder refreshes it, and how long a claim lives
+/// without a refresh before another job may take it over (its holder died).
+const CLAIM_REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
+const CLAIM_STALE_S: u64 = 5 * 60;
+
+/// `claims/<name>.json`: who works on a variant, and when they last said so.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimHolder {
+    pub host: String,
+    pub pid: u32,
+    pub since: u64,
+    pub refreshed: u64,
+}
+
+impl ClaimHolder {
+    fn me() -> ClaimHolder {
+        let now = unix_now();
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unknown host".into());
+        ClaimHolder { host, pid: std::process::id(), since: now, refreshed: now }
+    }
+}
+
+impl std::fmt::Display for ClaimHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ago = unix_now().saturating_sub(self.since);
+        write!(f, "process {} on {} (for {} min)", self.pid, self.host, ago / 60)
+    }
+}
+
+/// A claim this job holds: refreshed in the background, deleted on drop.
+pub struct RemoteClaim {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for RemoteClaim {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            t.join().ok();
+        }
+    }
+}
+
+/// Whether a claim was taken.
+pub enum Claimed {
+    Ours(RemoteClaim),
+    /// Another live job holds it.
+    Theirs(ClaimHolder),
+}
+
+impl Remote {
+    /// Claims `name` for this job (create-only, so two jobs racing for it
+    /// cannot both win; a claim not refreshed for 5 minutes is taken over).
+    pub fn claim(&self, name: &str) -> Result<Claimed> {
+        let rel = format!("claims/{name}.json");
+        let path = self.path(&rel);
+        let me = ClaimHolder::me();
+        let body = serde_json::to_vec(&me).expect("serializes");
+        let create = PutOptions { mode: PutMode::Create, ..Default::default() };
+        let context = || format!("cannot claim {}/{rel}", self.url);
+        match self.runtime.block_on(self.store.put_opts(&path, PutPayload::from(body.clone()), create)) {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::NotImplemented { .. }) => {
+                if let Some(bytes) = self.get(&rel)? {
+                    if let Ok(holder) = serde_json::from_slice::<ClaimHolder>(&bytes) {
+                        let alive = unix_now().saturating_sub(holder.refreshed) < CLAIM_STALE_S;
+                        if alive && !(holder.pid == me.pid && holder.host == me.host) {
+                            return Ok(Claimed::Theirs(holder));
+                        }
+                    }
+                }
+                self.runtime.block_on(self.store.put(&path, PutPayload::from(body))).doing(context)?;
+            }
+            Err(e) => return Err(e).doing(context),
+        }
+        // Refresh in the background until dropped, then delete.
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let store = self.store.clone();
+        let thread = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            let mut holder = me;
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CLAIM_REFRESH) {
+                holder.refreshed = unix_now();
+                let body = serde_json::to_vec(&holder).expect("serializes");
+                // A refresh that fails lets the claim go stale: at worst another
+                // job runs the variant too (entries are published create-only).
+                rt.block_on(store.put(&path, PutPayload::from(body))).ok();
+            }
+            rt.block_on(store.delete(&path)).ok();
+        });
+        Ok(Claimed::Ours(RemoteClaim { stop: Some(stop), thread: Some(thread) }))
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 fn upload_id() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     format!("upload-{nanos:x}-{}-{:08x}", std::process::id(), rand::random::<u32>())

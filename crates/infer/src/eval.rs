@@ -1,18 +1,28 @@
 //! Scoring generated answers against the gold turn of a conversation, and
 //! the report tables.
 //!
-//! Tool calls are scored BFCL-style on the parsed calls (not the raw text):
-//! whether a call was made when one was needed (and not when none was), the
-//! tool name, argument exact match and per-argument precision/recall (values
-//! compared as JSON), JSON validity, and full-call exact match. QA answers
-//! are scored with ROUGE-L F1. Every metric carries its denominator, so a
-//! rate over 3 rows is not read like one over 300.
+//! Tool calls are scored on the parsed calls (not the raw text), with the
+//! metrics the published tool-use evaluations report:
+//!
+//! - **decision accuracy** (all rows): a call was made iff one is needed —
+//!   what the shawhin/tool-use-finetuning evaluation calls "tool called when
+//!   needed";
+//! - **correct tool** (tool-needed rows): the called tools are the gold ones;
+//! - **call success** (tool-needed rows): a call was made and every call
+//!   could run against the dataset's tool [`Catalogue`] (known tool, required
+//!   arguments present, none unknown, values of the declared JSON types);
+//!
+//! and BFCL-style ones beside them: argument exact match and per-argument
+//! precision/recall (values compared as JSON), JSON validity, full-call
+//! exact match. QA answers are scored with ROUGE-L F1. Every metric carries
+//! its denominator, so a rate over 3 rows is not read like one over 300.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::catalogue::Catalogue;
 use crate::toolcall::{ParsedCalls, ToolCall};
 
 /// What is measured.
@@ -26,6 +36,30 @@ pub enum Task {
     Qa,
 }
 
+/// The gold turn a tool-calling answer is compared with.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Gold {
+    pub calls: ParsedCalls,
+    pub text: String,
+    /// Whether a call is needed: a dataset's own label (`tool_needed`) when
+    /// it has one, else whether the gold turn calls a tool.
+    pub needs_call: bool,
+}
+
+impl Gold {
+    /// The gold turn of an assistant message: its OpenAI `tool_calls` if
+    /// present, else the calls parsed from its text; `needs_call` overrides
+    /// whether that turn calling a tool means one is needed.
+    pub fn new(content: &str, tool_calls: Option<&Value>, needs_call: Option<bool>) -> Gold {
+        let calls = match tool_calls {
+            Some(tc) => crate::toolcall::from_openai(tc),
+            None => crate::toolcall::parse(content),
+        };
+        let needs_call = needs_call.unwrap_or_else(|| calls.attempted());
+        Gold { calls, text: content.to_string(), needs_call }
+    }
+}
+
 /// The verdict on one tool-calling answer.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ToolVerdict {
@@ -35,6 +69,13 @@ pub struct ToolVerdict {
     pub json_valid: Option<bool>,
     /// The called tool names are the gold ones (only when `needs_call`).
     pub name_correct: Option<bool>,
+    /// A call was made and every call could run against the catalogue
+    /// (only when `needs_call` and there is a catalogue).
+    #[serde(default)]
+    pub call_success: Option<bool>,
+    /// Why a call could not run, when one could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_error: Option<String>,
     /// Same names and exactly the same arguments (only when `needs_call`).
     pub args_exact: Option<bool>,
     /// Arguments equal to gold ones / predicted / gold, summed over calls.
@@ -47,23 +88,30 @@ pub struct ToolVerdict {
     pub final_answer: Option<bool>,
 }
 
-/// Scores `pred` against the gold calls / text of the same turn.
-pub fn score_tool_call(pred: &ParsedCalls, gold: &ParsedCalls, gold_text: &str, pred_text: &str) -> ToolVerdict {
-    let needs_call = !gold.calls.is_empty();
+/// Scores `pred` (parsed from `pred_text`) against `gold`; call success is
+/// judged against `catalogue` (not at all when it is empty).
+pub fn score_tool_call(pred: &ParsedCalls, pred_text: &str, gold: &Gold, catalogue: &Catalogue) -> ToolVerdict {
+    let needs_call = gold.needs_call;
     let called = pred.attempted();
     let mut v = ToolVerdict { needs_call, called, json_valid: called.then(|| pred.all_valid()), ..Default::default() };
+    if let Some(err) = call_error(pred, catalogue) {
+        v.call_error = Some(err);
+    }
     if needs_call {
         fn names(c: &[ToolCall]) -> Vec<&str> {
             let mut n: Vec<&str> = c.iter().map(|c| c.name.as_str()).collect();
             n.sort_unstable();
             n
         }
-        let name_ok = pred.all_valid() && names(&pred.calls) == names(&gold.calls);
+        let name_ok = called && pred.all_valid() && names(&pred.calls) == names(&gold.calls.calls);
         v.name_correct = Some(name_ok);
+        if !catalogue.is_empty() {
+            v.call_success = Some(called && v.call_error.is_none());
+        }
         // Match each gold call to an unused predicted call of the same name.
         let mut used = vec![false; pred.calls.len()];
         let mut all_args_equal = name_ok;
-        for g in &gold.calls {
+        for g in &gold.calls.calls {
             let g_args = g.arguments.as_object().cloned().unwrap_or_default();
             v.args_gold += g_args.len();
             let m = pred.calls.iter().enumerate().position(|(i, p)| !used[i] && p.name == g.name);
@@ -82,9 +130,7 @@ pub fn score_tool_call(pred: &ParsedCalls, gold: &ParsedCalls, gold_text: &str, 
         v.exact = all_args_equal;
     } else {
         v.exact = !called;
-    }
-    if !needs_call {
-        let wants_tag = gold_text.contains("<final_answer>");
+        let wants_tag = gold.text.contains("<final_answer>");
         let has = if wants_tag {
             crate::toolcall::final_answer(pred_text).is_some_and(|a| !a.is_empty())
         } else {
@@ -94,6 +140,18 @@ pub fn score_tool_call(pred: &ParsedCalls, gold: &ParsedCalls, gold_text: &str, 
         v.exact &= has;
     }
     v
+}
+
+/// Why the calls of `pred` could not run against `catalogue` (`None` when
+/// they could, when none was attempted, or when there is no catalogue).
+fn call_error(pred: &ParsedCalls, catalogue: &Catalogue) -> Option<String> {
+    if !pred.attempted() || catalogue.is_empty() {
+        return None;
+    }
+    if let Some(bad) = pred.invalid.first() {
+        return Some(format!("unreadable call: {}", bad.chars().take(80).collect::<String>()));
+    }
+    pred.calls.iter().find_map(|c| catalogue.check(c).err().map(|e| format!("{}: {e}", c.name)))
 }
 
 /// ROUGE-L F1 between two texts: longest common subsequence over words
@@ -167,9 +225,11 @@ impl Tally {
     }
 
     pub fn tool(&mut self, v: &ToolVerdict) {
+        self.rate("decision_accuracy", Some(v.called == v.needs_call));
+        self.rate("correct_tool", v.name_correct);
+        self.rate("call_success", v.call_success);
         self.rate("called_when_needed", v.needs_call.then_some(v.called));
         self.rate("no_call_when_not_needed", (!v.needs_call).then_some(!v.called));
-        self.rate("tool_name_accuracy", v.name_correct);
         self.rate("args_exact_match", v.args_exact);
         self.rate("json_validity", v.json_valid);
         self.rate("final_answer_presence", v.final_answer);
@@ -224,9 +284,11 @@ impl Tally {
 
 /// Metric names in report order, with their labels; rates print as %.
 pub const METRICS: &[(&str, &str, bool)] = &[
-    ("called_when_needed", "tool called when needed", true),
+    ("decision_accuracy", "decision: call iff needed", true),
+    ("correct_tool", "correct tool", true),
+    ("call_success", "call success", true),
+    ("called_when_needed", "call made when needed", true),
     ("no_call_when_not_needed", "no call when none needed", true),
-    ("tool_name_accuracy", "correct tool name", true),
     ("args_exact_match", "arguments exact match", true),
     ("arg_precision", "argument precision", true),
     ("arg_recall", "argument recall", true),
@@ -305,44 +367,44 @@ pub fn text_table(columns: &[(&str, &BTreeMap<String, Metric>)]) -> String {
     out
 }
 
-/// The gold calls of an assistant message: OpenAI `tool_calls` if present,
-/// else parsed from its text.
-pub fn gold_calls(content: &str, tool_calls: Option<&Value>) -> ParsedCalls {
-    match tool_calls {
-        Some(tc) => crate::toolcall::from_openai(tc),
-        None => crate::toolcall::parse(content),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::toolcall::parse;
 
+    fn gold(text: &str) -> Gold {
+        Gold::new(text, None, None)
+    }
+
+    fn none() -> Catalogue {
+        Catalogue::default()
+    }
+
     #[test]
     fn scores_calls_field_by_field() {
-        let gold = parse(r#"<tool_call>{"tool_name": "w", "args": {"city": "Paris", "unit": "c"}}</tool_call>"#);
+        let gold = gold(r#"<tool_call>{"tool_name": "w", "args": {"city": "Paris", "unit": "c"}}</tool_call>"#);
         let exact = parse(r#"<tool_call>{"name": "w", "arguments": {"unit": "c", "city": "Paris"}}</tool_call>"#);
-        let v = score_tool_call(&exact, &gold, "", "");
+        let v = score_tool_call(&exact, "", &gold, &none());
         assert!(v.exact && v.args_exact == Some(true) && v.name_correct == Some(true));
+        assert_eq!(v.call_success, None, "no catalogue, no verdict on running");
         let half =
             parse(r#"<tool_call>{"name": "w", "arguments": {"city": "Paris", "unit": "f", "x": 1}}</tool_call>"#);
-        let v = score_tool_call(&half, &gold, "", "");
+        let v = score_tool_call(&half, "", &gold, &none());
         assert_eq!((v.args_matched, v.args_predicted, v.args_gold), (1, 3, 2));
         assert_eq!((v.name_correct, v.args_exact, v.exact), (Some(true), Some(false), false));
         let wrong = parse(r#"<tool_call>{"name": "v", "arguments": {"city": "Paris"}}</tool_call>"#);
-        let v = score_tool_call(&wrong, &gold, "", "");
+        let v = score_tool_call(&wrong, "", &gold, &none());
         assert_eq!((v.name_correct, v.args_matched), (Some(false), 0));
         let broken = parse("<tool_call>{\"name\": \"w\",</tool_call>");
-        let v = score_tool_call(&broken, &gold, "", "");
+        let v = score_tool_call(&broken, "", &gold, &none());
         assert_eq!((v.called, v.json_valid, v.name_correct), (true, Some(false), Some(false)));
-        let none = parse("<final_answer>no</final_answer>");
-        let v = score_tool_call(&none, &gold, "", "<final_answer>no</final_answer>");
+        let no_call = parse("<final_answer>no</final_answer>");
+        let v = score_tool_call(&no_call, "<final_answer>no</final_answer>", &gold, &none());
         assert_eq!((v.called, v.exact), (false, false));
 
         let mut t = Tally::default();
         for p in [&exact, &half] {
-            t.tool(&score_tool_call(p, &gold, "", ""));
+            t.tool(&score_tool_call(p, "", &gold, &none()));
         }
         let m = t.metrics();
         assert_eq!(m["called_when_needed"], Metric { value: 1.0, n: 2 });
@@ -352,14 +414,71 @@ mod tests {
     }
 
     #[test]
+    fn published_metrics_on_hand_made_predictions() {
+        // The dataset's catalogue: the union of its rows' <tools> blocks.
+        let mut catalogue = Catalogue::default();
+        catalogue.add_text(
+            r#"<tools>[{"tool_name": "get_weather", "input_args": {"city": "string - City."}},
+                       {"tool_name": "convert_bases", "input_args": {"number": "string - N.", "to_base": "integer - B."}}]</tools>"#,
+        );
+        let weather = gold(r#"<tool_call>{"tool_name": "get_weather", "args": {"city": "Paris"}}</tool_call>"#);
+        let bases =
+            gold(r#"<tool_call>{"tool_name": "convert_bases", "args": {"number": "ff", "to_base": 2}}</tool_call>"#);
+        let chat = gold("<final_answer>Hello!</final_answer>");
+        // A trace that calls a tool although the dataset labels the query as
+        // needing none (`tool_needed = false`): the label decides.
+        let labelled =
+            Gold::new(r#"<tool_call>{"tool_name": "web_search", "args": {}}</tool_call>"#, None, Some(false));
+        let rows: Vec<(&str, &Gold)> = vec![
+            // 1. right tool, runs.
+            (r#"<tool_call>{"tool_name": "get_weather", "args": {"city": "Tokyo"}}</tool_call>"#, &weather),
+            // 2. a tool outside the catalogue: the decision is right, the call cannot run.
+            (r#"<tool_call>{"tool_name": "search", "args": {"q": "Paris weather"}}</tool_call>"#, &weather),
+            // 3. right tool, required argument missing.
+            (r#"<tool_call>{"tool_name": "convert_bases", "args": {"number": "ff"}}</tool_call>"#, &bases),
+            // 4. wrong tool, but one that runs: success without the correct tool.
+            (r#"<tool_call>{"tool_name": "get_weather", "args": {"city": "ff"}}</tool_call>"#, &bases),
+            // 5. no call where one is needed.
+            ("<final_answer>I cannot check.</final_answer>", &weather),
+            // 6. a no-tool row answered without a call.
+            ("<final_answer>Hi!</final_answer>", &chat),
+            // 7. a no-tool row answered with a call.
+            (r#"<tool_call>{"tool_name": "get_weather", "args": {"city": "x"}}</tool_call>"#, &chat),
+            // 8. labelled no-tool, answered directly: right, whatever the trace did.
+            ("<final_answer>Sure.</final_answer>", &labelled),
+        ];
+        let mut t = Tally::default();
+        let mut verdicts = Vec::new();
+        for (text, g) in &rows {
+            let v = score_tool_call(&parse(text), text, g, &catalogue);
+            t.tool(&v);
+            verdicts.push(v);
+        }
+        assert_eq!(verdicts[1].call_error.as_deref(), Some("search: no tool `search` in the catalogue"));
+        assert_eq!(verdicts[2].call_error.as_deref(), Some("convert_bases: required argument `to_base` missing"));
+        assert_eq!((verdicts[3].name_correct, verdicts[3].call_success), (Some(false), Some(true)));
+        assert_eq!((verdicts[4].called, verdicts[4].call_success), (false, Some(false)));
+        assert!(verdicts[5].exact && verdicts[7].exact && !verdicts[6].exact);
+        let m = t.metrics();
+        // Decisions: rows 1-4 call (needed), 5 does not (needed), 6 and 8
+        // do not (not needed), 7 calls (not needed): 6 of 8.
+        assert_eq!(m["decision_accuracy"], Metric { value: 6.0 / 8.0, n: 8 });
+        // Tool-needed rows 1-5: correct tool in 1 and 3, success in 1 and 4.
+        assert_eq!(m["correct_tool"], Metric { value: 2.0 / 5.0, n: 5 });
+        assert_eq!(m["call_success"], Metric { value: 2.0 / 5.0, n: 5 });
+        assert_eq!(m["called_when_needed"], Metric { value: 4.0 / 5.0, n: 5 });
+        assert_eq!(m["no_call_when_not_needed"], Metric { value: 2.0 / 3.0, n: 3 });
+    }
+
+    #[test]
     fn no_call_rows_need_a_final_answer_and_no_call() {
         let gold_text = "<final_answer>\nHello\n</final_answer>";
-        let gold = parse(gold_text);
+        let gold = gold(gold_text);
         let ok = "<final_answer>\nHi there\n</final_answer>";
-        let v = score_tool_call(&parse(ok), &gold, gold_text, ok);
+        let v = score_tool_call(&parse(ok), ok, &gold, &none());
         assert!(v.exact && v.final_answer == Some(true) && !v.needs_call);
         let bad = "<tool_call>{\"name\": \"x\", \"arguments\": {}}</tool_call>";
-        let v = score_tool_call(&parse(bad), &gold, gold_text, bad);
+        let v = score_tool_call(&parse(bad), bad, &gold, &none());
         assert!(!v.exact && v.called && v.final_answer == Some(false));
     }
 

@@ -5,8 +5,10 @@
 //! - [`generate`]: prefill + decoding through the KV cache, sampling, stop
 //!   tokens and strings, streaming, batched decoding;
 //! - [`toolcall`]: tool calls parsed out of generated text;
+//! - [`catalogue`]: the tools a dataset knows, and whether a call could run;
 //! - [`eval`]: scoring answers (tool-call verdicts, ROUGE-L) and tallies.
 
+pub mod catalogue;
 pub mod chat;
 pub mod error;
 pub mod eval;

@@ -52,6 +52,20 @@ pub struct StagePlan {
     pub inputs: Vec<(String, String)>,
 }
 
+/// The outcome of [`Executor::claim`].
+pub enum Claim {
+    /// Held until dropped.
+    Ours(ClaimGuard),
+    /// Who holds it.
+    Theirs(String),
+}
+
+/// A claim this process holds; released on drop.
+pub struct ClaimGuard {
+    _local: KeyLock,
+    _remote: Option<pipeline_cache::remote::RemoteClaim>,
+}
+
 /// The plan for a recipe, in execution order.
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
@@ -138,6 +152,27 @@ impl Executor {
         Ok(e)
     }
 
+    /// Claims `name` (a sweep variant, see [`crate::sweep::claim_name`]) for
+    /// this process: a lock file in the local cache, which the OS drops if
+    /// the process dies, and with a remote cache a create-only claim object
+    /// the process refreshes (taken over once stale). `Theirs` says who holds
+    /// it.
+    pub fn claim(&self, name: &str) -> Result<Claim> {
+        let Some(local) = self.store.try_lock(&CacheKey(name.to_string()))? else {
+            return Ok(Claim::Theirs("another process using this cache directory".into()));
+        };
+        let remote = match &self.remote {
+            None => None,
+            Some(r) => match r.claim(name)? {
+                pipeline_cache::remote::Claimed::Ours(c) => Some(c),
+                pipeline_cache::remote::Claimed::Theirs(holder) => {
+                    return Ok(Claim::Theirs(format!("{holder}, through {}", r.url())));
+                }
+            },
+        };
+        Ok(Claim::Ours(ClaimGuard { _local: local, _remote: remote }))
+    }
+
     pub fn remote(&self) -> Option<&Remote> {
         self.remote.as_ref()
     }
@@ -185,7 +220,7 @@ impl Executor {
             } else if let Some(remote) = self.remote.as_ref().filter(|r| r.has_entry(&key).unwrap_or(false)) {
                 (Status::Cached, Some(format!("in the remote cache {}", remote.url())), None)
             } else {
-                let reason = self.why(&recipe.recipe.name, &name, &key, &fingerprint);
+                let reason = self.why(&recipe.ref_name(), &name, &key, &fingerprint);
                 let local = stage.resume_point(&self.store.work_dir(&key));
                 let remote = match (&local, &self.remote) {
                     (None, Some(r)) => r.latest_checkpoint(&key).unwrap_or(None),
@@ -274,7 +309,7 @@ impl Executor {
                 self.run_stage(&env, sp, &dirs)?
             };
             let elapsed = started.elapsed().as_secs_f64();
-            self.store.set_ref(&recipe.recipe.name, &sp.name, &sp.key)?;
+            self.store.set_ref(&recipe.ref_name(), &sp.name, &sp.key)?;
             crate::report::println(&format!(
                 "  {:<7} {:<16} {:<16} {}  {elapsed:.2}s",
                 done.verb(),

@@ -11,6 +11,8 @@
 //!   module maps its parameters onto a call into the crates below.
 //! - [`executor`]: the DAG of stages (petgraph), `plan`, `run`, the finished
 //!   entry of a stage, garbage collection.
+//! - [`sweep`]: variants of a recipe along axes of its keys, sharing the
+//!   stages they do not change; claims let several processes split them.
 //! - [`model_source`]: `[model] base` → files on disk (local or hub).
 //! - [`session`]: a model + tokenizer + template loaded for generation;
 //!   [`export`]: copying finished artifacts out of the cache.
@@ -27,6 +29,7 @@ pub mod recipe;
 pub mod report;
 pub mod session;
 pub mod stages;
+pub mod sweep;
 pub mod threads;
 
 pub use error::RecipeError;

@@ -48,11 +48,22 @@ pub struct Recipe {
     /// The stages, by name. Each names the stages it reads; together they
     /// form a DAG.
     pub stages: IndexMap<String, StageSpec>,
+    /// Sweep axes: each key a recipe key as `--set` names it
+    /// (`"stages.train.learning_rate"`), each value the list of values it
+    /// takes. `pipeline run` runs every combination, sharing the stages they
+    /// do not change; `pipeline compare` ranks them (see `pipeline::sweep`).
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub sweep: IndexMap<String, Vec<serde_json::Value>>,
     /// Where the recipe was read from (relative paths in it resolve against
     /// this file's directory). Not part of the TOML.
     #[serde(skip)]
     #[schemars(skip)]
     pub path: PathBuf,
+    /// For a variant of a sweep: its label (`learning_rate=0.0002 rank=8`).
+    /// Not part of the TOML, nor of any key.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub variant: Option<String>,
 }
 
 /// The `[recipe]` table.
@@ -167,6 +178,15 @@ impl Recipe {
         self.validate(source)?;
         self.add_implicit_stages();
         Ok(self)
+    }
+
+    /// The name the cache remembers this recipe's last entries by: the
+    /// recipe's name, and a variant's label.
+    pub fn ref_name(&self) -> String {
+        match &self.variant {
+            Some(v) => format!("{} [{v}]", self.recipe.name),
+            None => self.recipe.name.clone(),
+        }
     }
 
     /// Whether a stage name is one `add_implicit_stages` made.

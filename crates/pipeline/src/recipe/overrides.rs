@@ -40,6 +40,20 @@ impl Override {
     /// Sets the value in a parsed recipe table, creating tables on the way.
     pub fn apply(&self, table: &mut toml::Table) -> Result<(), RecipeError> {
         let (last, parents) = self.keys.split_last().expect("non-empty keys");
+        // `stages.NAME.KEY` must name a stage the recipe has: a typo would
+        // otherwise create a stage without a kind.
+        if let [first, stage, _, ..] = self.keys.as_slice() {
+            let stages = table.get("stages").and_then(toml::Value::as_table);
+            if first == "stages" && stages.is_some_and(|t| !t.contains_key(stage)) {
+                let names: Vec<&str> = stages.map_or(Vec::new(), |t| t.keys().map(String::as_str).collect());
+                let e = RecipeError::new(format!("`{}`: the recipe has no stage `{stage}`", self.raw))
+                    .key(self.keys.join("."));
+                return Err(match crate::error::did_you_mean(stage, names.iter().copied()) {
+                    Some(s) => e.help(format!("did you mean `stages.{s}`?")),
+                    None => e.help(format!("its stages: {}", names.join(", "))),
+                });
+            }
+        }
         let mut t = table;
         for (i, k) in parents.iter().enumerate() {
             let entry = t.entry(k.clone()).or_insert_with(|| toml::Value::Table(Default::default()));

@@ -26,8 +26,9 @@ use super::format_chat;
 use super::format_chat::Conversation;
 use super::lora_train;
 use super::{Env, Input, Kind, Rule, RunContext, Stage, StageKind};
+use pipeline_infer::catalogue::Catalogue;
 use pipeline_infer::chat::{ChatTemplate, Message};
-use pipeline_infer::eval::{Metric, Tally, Task, markdown_table, rouge_l, score_tool_call};
+use pipeline_infer::eval::{Gold, Metric, Tally, Task, markdown_table, rouge_l, score_tool_call};
 use pipeline_infer::generate::{Generation, GenerationParams, Generator};
 use pipeline_model::{self as model, CausalLm, KvCache};
 
@@ -65,6 +66,10 @@ pub struct Params {
     /// when rows have it).
     #[serde(default)]
     pub group_by: Option<String>,
+    /// Boolean row column saying whether a query needs a tool (default:
+    /// `tool_needed` when rows have it, else whether the gold turn calls one).
+    #[serde(default)]
+    pub needs_call_column: Option<String>,
     /// Decoding (greedy by default).
     #[serde(default)]
     pub generation: GenerationParams,
@@ -179,7 +184,8 @@ impl StageKind for Params {
 
 impl Stage for Params {
     fn version(&self) -> u32 {
-        1
+        // 2: decision accuracy, correct tool, call success against the catalogue.
+        2
     }
 
     fn params(&self, env: &Env) -> Value {
@@ -208,6 +214,23 @@ pub fn trained_template(conversations_dir: &std::path::Path) -> Result<ChatTempl
     Ok(ChatTemplate::new(&source, &s("bos_token"), &s("eos_token"))?)
 }
 
+/// The tool catalogue of a dataset: the union of every split's `<tools>`
+/// blocks (in any message) and OpenAI `tools` lists.
+fn catalogue_of(splits: &[(String, std::path::PathBuf)]) -> Result<Catalogue> {
+    let mut catalogue = Catalogue::default();
+    for (_, path) in splits {
+        for conv in pipeline_data::read_jsonl_as::<Conversation>(path)? {
+            if let Some(tools) = &conv.tools {
+                catalogue.add_list(tools);
+            }
+            for m in &conv.messages {
+                catalogue.add_text(&m.content);
+            }
+        }
+    }
+    Ok(catalogue)
+}
+
 /// One row, ready to run.
 struct Row {
     conv: Conversation,
@@ -217,8 +240,7 @@ struct Row {
     /// Tokens of the whole conversation and its loss mask.
     full: Vec<u32>,
     mask: Vec<u8>,
-    gold_text: String,
-    gold: pipeline_infer::toolcall::ParsedCalls,
+    gold: Gold,
     group: Option<String>,
 }
 
@@ -236,6 +258,10 @@ struct Evaluation<'a> {
     max_prompt: usize,
     /// The column the per-group tables break down by, if any.
     group_by: Option<String>,
+    /// The column labelling whether a row needs a call, if any.
+    needs_call_column: Option<String>,
+    /// The tools of every split's rows: what a call must run against.
+    catalogue: Catalogue,
 }
 
 impl<'a> Evaluation<'a> {
@@ -256,6 +282,7 @@ impl<'a> Evaluation<'a> {
                 )
             })?,
         };
+        let catalogue = catalogue_of(&found)?;
         let path = &super::select_splits(found, std::slice::from_ref(&split), ctx.name)?[0].1;
         let mut convs: Vec<Conversation> = pipeline_data::read_jsonl_as(path)?;
         if let Some(n) = p.limit {
@@ -273,6 +300,12 @@ impl<'a> Evaluation<'a> {
             .group_by
             .clone()
             .or_else(|| convs.first().filter(|c| c.meta.contains_key("query_type")).map(|_| "query_type".to_string()));
+        let needs_call_column = p.needs_call_column.clone().or_else(|| {
+            convs
+                .first()
+                .filter(|c| c.meta.get("tool_needed").is_some_and(Value::is_boolean))
+                .map(|_| "tool_needed".into())
+        });
         let mut rows = Vec::with_capacity(convs.len());
         for conv in convs {
             let first = conv.messages.iter().position(|m| m.role == "assistant").with_context(|| {
@@ -287,9 +320,17 @@ impl<'a> Evaluation<'a> {
                 Some(Value::Null) | None => "(none)".into(),
                 Some(v) => v.to_string(),
             });
+            let needs_call = match &needs_call_column {
+                Some(c) => Some(conv.meta.get(c).and_then(Value::as_bool).with_context(|| {
+                    format!(
+                        "stage `{}`: row `{}` has no boolean `{c}` (needs_call_column): set it for every row or leave the key out",
+                        ctx.name, conv.id
+                    )
+                })?),
+                None => None,
+            };
             rows.push(Row {
-                gold_text: gold_msg.content.clone(),
-                gold: pipeline_infer::eval::gold_calls(&gold_msg.content, gold_msg.tool_calls.as_ref()),
+                gold: Gold::new(&gold_msg.content, gold_msg.tool_calls.as_ref(), needs_call),
                 prompt,
                 full,
                 mask,
@@ -298,7 +339,7 @@ impl<'a> Evaluation<'a> {
             });
         }
         let task = match p.task {
-            Task::Auto if rows.iter().any(|r| r.gold.attempted()) => Task::ToolCall,
+            Task::Auto if rows.iter().any(|r| r.gold.calls.attempted()) => Task::ToolCall,
             Task::Auto => Task::Qa,
             t => t,
         };
@@ -310,7 +351,21 @@ impl<'a> Evaluation<'a> {
         };
         let limit = model.max_positions().min(model.max_position_embeddings());
         let max_prompt = p.max_prompt_tokens.unwrap_or(limit.saturating_sub(p.generation.max_new_tokens));
-        Ok(Evaluation { p, ctx, split, rows, task, tokenizer, template, model, adapter, max_prompt, group_by })
+        Ok(Evaluation {
+            p,
+            ctx,
+            split,
+            rows,
+            task,
+            tokenizer,
+            template,
+            model,
+            adapter,
+            max_prompt,
+            group_by,
+            needs_call_column,
+            catalogue,
+        })
     }
 
     fn run(mut self) -> Result<Value> {
@@ -346,6 +401,8 @@ impl<'a> Evaluation<'a> {
             "rows": self.rows.len(),
             "task": self.task,
             "group_by": self.group_by,
+            "needs_call_column": self.needs_call_column,
+            "catalogue": self.catalogue.tools.keys().collect::<Vec<_>>(),
             "max_prompt_tokens": self.max_prompt,
             "generation": self.p.generation,
             "models": per_model,
@@ -505,18 +562,18 @@ impl<'a> Evaluation<'a> {
         let mut record = json!({
             "id": row.conv.id, "model": subject.name(), "group": row.group,
             "prompt_tokens": row.prompt.len(), "generated": g.text, "finish": g.finish,
-            "parsed": pred, "gold": row.gold, "loss": s.loss,
+            "parsed": pred, "gold": row.gold.calls, "loss": s.loss,
             "seconds": {"loss": s.loss_s, "prefill": g.prefill_s, "decode": g.decode_s},
             "new_tokens": g.tokens.len(),
         });
         match self.task {
             Task::Qa => {
-                let f1 = rouge_l(&g.text, &row.gold_text);
+                let f1 = rouge_l(&g.text, &row.gold.text);
                 tally.rouge(f1);
                 record["rouge_l"] = json!(f1);
             }
             _ => {
-                let v = score_tool_call(&pred, &row.gold, &row.gold_text, &g.text);
+                let v = score_tool_call(&pred, &g.text, &row.gold, &self.catalogue);
                 tally.tool(&v);
                 record["verdict"] = serde_json::to_value(&v)?;
             }
@@ -570,6 +627,20 @@ impl<'a> Evaluation<'a> {
             s += &format!(
                 "\n**{skipped} rows skipped**: their prompt is longer than {} tokens (max_prompt_tokens).\n",
                 self.max_prompt
+            );
+        }
+        if self.task == Task::ToolCall {
+            let needed = match &self.needs_call_column {
+                Some(c) => format!("its `{c}` column"),
+                None => "whether its gold turn calls a tool".into(),
+            };
+            s += &format!(
+                "\nA row needs a call by {needed}. **Decision**: a call was made iff one is needed (all rows; \
+                 published as \"tool called when needed\"). **Correct tool** and **call success** are over the \
+                 tool-needed rows; a call succeeds when it could run against the dataset's {} tools (the union of \
+                 its rows' catalogues): a known tool, every required argument, no unknown one, values of the \
+                 declared JSON types.\n",
+                self.catalogue.len()
             );
         }
         s += "\n## Overall\n\n";

@@ -69,11 +69,21 @@ pub struct Params {
 #[serde(deny_unknown_fields)]
 pub struct KeepRule {
     /// Column = value conditions, all of which must hold (empty: every row).
+    /// A value `{ contains = "TEXT" }` holds when a string in the column
+    /// (at any depth of a list or struct) contains TEXT; `{ contains =
+    /// "TEXT", role = "assistant" }` looks only at the content of a list's
+    /// messages with that role. With `fraction = 0` such a rule drops rows,
+    /// e.g. traces whose answer calls a tool.
     #[serde(rename = "where", default)]
     pub conditions: IndexMap<String, Value>,
     /// The share of matching rows to keep, chosen by a seeded shuffle.
     #[serde(default = "one")]
     pub fraction: f64,
+    /// The splits the rule applies to (default: every split). Rules for
+    /// `train` alone leave the evaluated splits whole; a split none of
+    /// whose rules apply keeps every row.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub splits: Vec<String>,
 }
 
 fn one() -> f64 {
@@ -82,7 +92,7 @@ fn one() -> f64 {
 
 impl Params {
     fn uses_seed(&self) -> bool {
-        self.validation_fraction.is_some() || self.keep.iter().any(|r| r.fraction < 1.0)
+        self.validation_fraction.is_some() || self.keep.iter().any(|r| r.fraction > 0.0 && r.fraction < 1.0)
     }
 
     /// The data files, each with its split and a stable label.
@@ -204,8 +214,12 @@ impl StageKind for Params {
             _ => {}
         }
         for r in &self.keep {
-            if !(r.fraction > 0.0 && r.fraction <= 1.0) {
-                return Err(("keep", format!("fraction {} is not in (0, 1]", r.fraction), String::new()));
+            if !(0.0..=1.0).contains(&r.fraction) {
+                return Err((
+                    "keep",
+                    format!("fraction {} is not in [0, 1]", r.fraction),
+                    "0 drops the rows a rule matches, 1 keeps them all".into(),
+                ));
             }
         }
         if let Some(f) = self.validation_fraction {
@@ -343,12 +357,13 @@ impl Params {
     /// Applies the `keep` rules: each row goes to the first rule it matches;
     /// each rule keeps a seeded `fraction` of its rows; order is preserved.
     fn apply_keep(&self, rows: Vec<Row>, seed: u64, split: &str) -> Result<Vec<Row>> {
-        if self.keep.is_empty() {
+        let applies = |rule: &KeepRule| rule.splits.is_empty() || rule.splits.iter().any(|s| s == split);
+        if !self.keep.iter().any(applies) {
             return Ok(rows);
         }
         let mut by_rule: Vec<Vec<usize>> = vec![Vec::new(); self.keep.len()];
         for (i, row) in rows.iter().enumerate() {
-            for (r, rule) in self.keep.iter().enumerate() {
+            for (r, rule) in self.keep.iter().enumerate().filter(|(_, rule)| applies(rule)) {
                 if rule_matches(rule, row).with_context(|| format!("split `{split}`, row {i}: keep[{r}]"))? {
                     by_rule[r].push(i);
                     break;
@@ -374,6 +389,12 @@ impl Params {
 fn rule_matches(rule: &KeepRule, row: &Row) -> Result<bool> {
     for (col, want) in &rule.conditions {
         let got = row.get(col).with_context(|| format!("no column `{col}` (columns: {})", cols(row)))?;
+        if let Some(test) = contains_condition(want) {
+            if !test.holds(got).with_context(|| format!("column `{col}`"))? {
+                return Ok(false);
+            }
+            continue;
+        }
         let equal = got == want
             || match (got, want) {
                 (Value::String(s), w) if !w.is_string() => *s == w.to_string(),
@@ -385,6 +406,43 @@ fn rule_matches(rule: &KeepRule, row: &Row) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// A `{ contains = "TEXT" }` condition, optionally `role = "assistant"`:
+/// some string in the column (or, with `role`, in the content of one of its
+/// messages with that role) contains TEXT.
+struct Contains<'a> {
+    text: &'a str,
+    role: Option<&'a str>,
+}
+
+fn contains_condition(want: &Value) -> Option<Contains<'_>> {
+    let o = want.as_object()?;
+    let text = o.get("contains")?.as_str()?;
+    let role = o.get("role").and_then(Value::as_str);
+    (o.len() == 1 + usize::from(role.is_some())).then_some(Contains { text, role })
+}
+
+impl Contains<'_> {
+    fn holds(&self, got: &Value) -> Result<bool> {
+        let Some(role) = self.role else { return Ok(any_string(got, &|s| s.contains(self.text))) };
+        let Value::Array(messages) = got else { bail!("`role = \"{role}\"` needs a list of messages") };
+        Ok(messages.iter().any(|m| {
+            let has_role = ["role", "from"].iter().any(|k| m.get(*k).and_then(Value::as_str) == Some(role));
+            let content = ["content", "value"].iter().find_map(|k| m.get(*k));
+            has_role && content.is_some_and(|c| any_string(c, &|s| s.contains(self.text)))
+        }))
+    }
+}
+
+/// Whether any string in `v` (at any depth) satisfies `test`.
+fn any_string(v: &Value, test: &dyn Fn(&str) -> bool) -> bool {
+    match v {
+        Value::String(s) => test(s),
+        Value::Array(items) => items.iter().any(|x| any_string(x, test)),
+        Value::Object(o) => o.values().any(|x| any_string(x, test)),
+        _ => false,
+    }
 }
 
 /// Splits `rows` into (rest, validation) with a seeded shuffle; order within

@@ -89,6 +89,11 @@ pub enum TrainOn {
     AllAssistant,
     /// Only the last assistant turn.
     LastAssistant,
+    /// Only the first assistant turn, and the conversation ends there: what
+    /// follows it would carry no loss, so it is neither rendered nor
+    /// tokenized (tool-use traces: the call, without the tool's result and
+    /// the final answer).
+    FirstAssistant,
 }
 
 /// One formatted example, a line of `conversations/<split>.jsonl`.
@@ -246,8 +251,11 @@ impl Params {
                 messages.insert(0, Message::new("system", sys));
             }
         }
-        if !messages.iter().any(|m| m.role == "assistant") {
+        let Some(first_answer) = messages.iter().position(|m| m.role == "assistant") else {
             bail!("the conversation has no assistant turn to train on");
+        };
+        if self.train_on == TrainOn::FirstAssistant {
+            messages.truncate(first_answer + 1);
         }
         let tools = match &self.tools_column {
             Some(c) => match row.get(c) {

@@ -1,0 +1,368 @@
+//! Sweeps: variants of one recipe along axes of its keys.
+//!
+//! ```toml
+//! [sweep]
+//! "stages.train.learning_rate" = [1e-4, 2e-4, 4e-4]
+//! "stages.train.rank" = [8, 16]
+//! ```
+//!
+//! or `pipeline run R --sweep stages.train.rank=8,16`. Each axis is a recipe
+//! key (as `--set` names it) and the values it takes; the variants are every
+//! combination, in order (the last axis varies fastest). A variant *is* the
+//! recipe with those `--set` overrides, so its cache keys are those of the
+//! same recipe edited by hand, and variants share every entry their edits
+//! do not reach (the data stages of a learning-rate sweep, the base model's
+//! evaluation).
+//!
+//! Running a sweep runs its variants one after another. Processes sharing a
+//! cache (or a remote `--cache-dir`) each claim a variant before running it
+//! and pass over variants claimed by another live process, so several
+//! machines split a sweep between them; [`Executor::claim`] says how.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use crate::error::RecipeError;
+use crate::executor::{Executor, Plan};
+use crate::recipe::{Override, Recipe};
+
+/// One axis: a recipe key and the values it takes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Axis {
+    pub keys: Vec<String>,
+    pub values: Vec<toml::Value>,
+}
+
+impl Axis {
+    pub fn key(&self) -> String {
+        self.keys.join(".")
+    }
+}
+
+impl FromStr for Axis {
+    type Err = RecipeError;
+
+    /// `KEY=V1,V2,…` (each value read as `--set` reads one), or
+    /// `KEY=[V1, V2]` as a TOML list.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let usage = || {
+            RecipeError::new(format!("--sweep `{s}` is not KEY=V1,V2,…"))
+                .help("write e.g. --sweep stages.train.learning_rate=1e-4,2e-4 (or KEY=[…] for values with commas)")
+        };
+        let (key, list) = s.split_once('=').ok_or_else(usage)?;
+        let whole: Override = format!("{key}={list}").parse().map_err(|_| usage())?;
+        let values = match whole.value {
+            toml::Value::Array(items) if list.trim_start().starts_with('[') => items,
+            _ => list
+                .split(',')
+                .map(|v| format!("{key}={v}").parse::<Override>().map(|o| o.value))
+                .collect::<Result<_, _>>()
+                .map_err(|_| usage())?,
+        };
+        Axis::new(whole.keys, values, "--sweep")
+    }
+}
+
+impl Axis {
+    fn new(keys: Vec<String>, values: Vec<toml::Value>, origin: &str) -> Result<Axis, RecipeError> {
+        let key = keys.join(".");
+        if values.is_empty() {
+            return Err(RecipeError::new(format!("{origin} `{key}` has no values")).key(key));
+        }
+        if keys.first().is_some_and(|k| k == "sweep") {
+            return Err(RecipeError::new(format!("{origin} `{key}`: a sweep cannot vary itself")).key(key));
+        }
+        Ok(Axis { keys, values })
+    }
+}
+
+/// The axes of a recipe: its `[sweep]` table, then `extra` (an axis given
+/// again replaces the recipe's).
+pub fn axes(recipe: &Recipe, extra: &[Axis]) -> Result<Vec<Axis>, RecipeError> {
+    let mut out = Vec::new();
+    for (key, values) in &recipe.sweep {
+        let values =
+            values.iter().map(|v| toml::Value::try_from(v.clone())).collect::<Result<Vec<_>, _>>().map_err(|e| {
+                RecipeError::new(format!("[sweep] `{key}`: {e}")).in_file(&recipe.path).key(format!("sweep.{key}"))
+            })?;
+        let axis = Axis::new(key.split('.').map(str::to_string).collect(), values, "[sweep]")
+            .map_err(|e| e.in_file(&recipe.path))?;
+        out.push(axis);
+    }
+    for a in extra {
+        out.retain(|b: &Axis| b.keys != a.keys);
+        out.push(a.clone());
+    }
+    Ok(out)
+}
+
+/// One variant of a sweep.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    /// 1-based, in sweep order.
+    pub index: usize,
+    /// `learning_rate=0.0002 rank=8`: each axis by its last key (the whole
+    /// key where two axes end alike); lists and tables by their position.
+    pub label: String,
+    /// The value of each axis, as overrides of the recipe.
+    pub settings: Vec<Override>,
+    pub recipe: Recipe,
+}
+
+/// Every combination of `axes` applied to the recipe at `path` (after
+/// `set`), in order: the first axis varies slowest.
+pub fn variants(path: &Path, set: &[Override], axes: &[Axis]) -> Result<Vec<Variant>, RecipeError> {
+    let source = std::fs::read_to_string(path)
+        .map_err(|e| RecipeError::new(format!("cannot read the recipe: {e}")).in_file(path).help("check the path"))?;
+    let short: Vec<String> = axes
+        .iter()
+        .map(|a| {
+            let last = a.keys.last().cloned().unwrap_or_default();
+            let clash = axes.iter().filter(|b| b.keys.last() == a.keys.last()).count() > 1;
+            if clash { a.key() } else { last }
+        })
+        .collect();
+    let total: usize = axes.iter().map(|a| a.values.len()).product();
+    let mut out = Vec::with_capacity(total);
+    for n in 0..total {
+        // Mixed-radix digits of n, the last axis fastest.
+        let mut rest = n;
+        let mut picks = vec![0; axes.len()];
+        for (i, a) in axes.iter().enumerate().rev() {
+            picks[i] = rest % a.values.len();
+            rest /= a.values.len();
+        }
+        let mut settings = Vec::new();
+        let mut label = Vec::new();
+        for ((a, &k), name) in axes.iter().zip(&picks).zip(&short) {
+            let value = a.values[k].clone();
+            label.push(format!("{name}={}", show_value(&value, k)));
+            settings.push(Override { keys: a.keys.clone(), raw: format!("{}={value}", a.key()), value });
+        }
+        let all: Vec<Override> = set.iter().cloned().chain(settings.iter().cloned()).collect();
+        let label = label.join(" ");
+        let mut recipe = Recipe::parse(&source, path, &all)
+            .map_err(|e| RecipeError { message: format!("sweep variant {} ({label}): {}", n + 1, e.message), ..e })?;
+        recipe.sweep.clear();
+        recipe.variant = Some(label.clone());
+        out.push(Variant { index: n + 1, label, settings, recipe });
+    }
+    Ok(out)
+}
+
+/// A value in a label: scalars as written, lists and tables by position.
+fn show_value(v: &toml::Value, index: usize) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Array(_) | toml::Value::Table(_) => format!("#{}", index + 1),
+        other => other.to_string(),
+    }
+}
+
+/// The name a variant's claim goes by: a hash of every stage key of its
+/// plan, so every process that plans the same variant agrees on it.
+pub fn claim_name(plan: &Plan) -> String {
+    let mut h = blake3::Hasher::new();
+    for s in &plan.stages {
+        h.update(s.name.as_bytes());
+        h.update(b"=");
+        h.update(s.key.as_str().as_bytes());
+        h.update(b"\n");
+    }
+    format!("variant-{}", &h.finalize().to_hex()[..32])
+}
+
+/// How many variants use each key, for `plan`'s "shared by" column.
+pub fn sharing(plans: &[Plan]) -> std::collections::HashMap<String, usize> {
+    let mut n = std::collections::HashMap::new();
+    for p in plans {
+        for s in &p.stages {
+            *n.entry(s.key.as_str().to_string()).or_insert(0) += 1;
+        }
+    }
+    n
+}
+
+/// The plans of every variant (up to `until`).
+pub fn plans(exec: &Executor, variants: &[Variant], until: Option<&str>) -> anyhow::Result<Vec<Plan>> {
+    variants.iter().map(|v| exec.plan(&v.recipe, until)).collect()
+}
+
+/// What one variant gave: its evaluation metrics and its training.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VariantResult {
+    pub index: usize,
+    pub label: String,
+    /// Axis key → value, as written in the recipe.
+    pub settings: Vec<(String, String)>,
+    /// The evaluation's metrics (of the adapter, else the base model);
+    /// empty until the variant's `evaluate` stage has finished.
+    pub metrics: std::collections::BTreeMap<String, pipeline_infer::eval::Metric>,
+    /// Per `query_type` (or the evaluation's `group_by`).
+    pub groups: std::collections::BTreeMap<String, std::collections::BTreeMap<String, pipeline_infer::eval::Metric>>,
+    /// The `lora-train` stage's run time (its last run, when resumed).
+    pub train_seconds: Option<f64>,
+    pub eval_loss_after: Option<f64>,
+    #[serde(skip)]
+    pub log: Vec<pipeline_train::checkpoint::LogRow>,
+    /// Why there are no metrics yet.
+    pub missing: Option<String>,
+}
+
+/// Reads the finished results of each variant: the first `evaluate` stage
+/// of the recipe (its adapter's column) and the `lora-train` stage it
+/// evaluates (else the first one).
+pub fn results(exec: &Executor, variants: &[Variant]) -> anyhow::Result<Vec<VariantResult>> {
+    use crate::executor::Finished;
+    use crate::stages::registry::StageSpec;
+    let mut out = Vec::new();
+    for v in variants {
+        let recipe = &v.recipe;
+        let eval = recipe.stages.iter().find(|(n, s)| matches!(s, StageSpec::Evaluate(_)) && !Recipe::is_implied(n));
+        let train = eval
+            .and_then(|(_, s)| match s {
+                StageSpec::Evaluate(p) => p.adapter.clone(),
+                _ => None,
+            })
+            .or_else(|| {
+                recipe.stages.iter().find(|(_, s)| matches!(s, StageSpec::LoraTrain(_))).map(|(n, _)| n.clone())
+            });
+        let mut r = VariantResult {
+            index: v.index,
+            label: v.label.clone(),
+            settings: v.settings.iter().map(|o| (o.keys.join("."), o.value.to_string())).collect(),
+            metrics: Default::default(),
+            groups: Default::default(),
+            train_seconds: None,
+            eval_loss_after: None,
+            log: Vec::new(),
+            missing: None,
+        };
+        if let Some(t) = &train {
+            if let Finished::Entry(dir) = exec.finished(recipe, t)? {
+                let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;
+                r.train_seconds = manifest["duration_s"].as_f64();
+                r.eval_loss_after = manifest["metrics"]["eval_loss_after"].as_f64();
+                if let Ok(csv) = std::fs::read_to_string(dir.join("loss.csv")) {
+                    r.log = pipeline_train::plot::read_loss_csv(&csv);
+                }
+            }
+        }
+        match eval {
+            None => r.missing = Some("the recipe has no evaluate stage".into()),
+            Some((name, _)) => match exec.finished(recipe, name)? {
+                Finished::Entry(dir) => {
+                    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("report.json"))?)?;
+                    let models = &report["models"];
+                    let m = if models.get("adapter").is_some() { &models["adapter"] } else { &models["base"] };
+                    r.metrics = serde_json::from_value(m["overall"].clone()).unwrap_or_default();
+                    r.groups = serde_json::from_value(m["by_group"].clone()).unwrap_or_default();
+                }
+                Finished::NotYet(why) => r.missing = Some(format!("`{name}` not finished ({why})")),
+            },
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// Metrics where lower is better.
+pub fn lower_is_better(metric: &str) -> bool {
+    matches!(metric, "loss" | "perplexity")
+}
+
+/// The metric a comparison ranks by when none is named: the first of call
+/// success, full-call exact match, ROUGE-L, eval loss that every finished
+/// variant has.
+pub fn default_metric(results: &[VariantResult]) -> Option<&'static str> {
+    let done: Vec<&VariantResult> = results.iter().filter(|r| !r.metrics.is_empty()).collect();
+    ["call_success", "exact_match", "rouge_l", "loss"]
+        .into_iter()
+        .find(|m| !done.is_empty() && done.iter().all(|r| r.metrics.contains_key(*m)))
+}
+
+/// Sorts best first by `metric` (finished variants first, then in sweep order).
+pub fn rank(results: &mut [VariantResult], metric: &str) {
+    let lower = lower_is_better(metric);
+    results.sort_by(|a, b| {
+        let (x, y) = (a.metrics.get(metric).map(|m| m.value), b.metrics.get(metric).map(|m| m.value));
+        match (x, y) {
+            (Some(x), Some(y)) => {
+                let o = if lower { x.total_cmp(&y) } else { y.total_cmp(&x) };
+                o.then(a.index.cmp(&b.index))
+            }
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => a.index.cmp(&b.index),
+        }
+    });
+}
+
+/// The comparison's columns: (metric key, header).
+pub const COLUMNS: &[(&str, &str)] = &[
+    ("decision_accuracy", "decision"),
+    ("correct_tool", "correct tool"),
+    ("call_success", "call success"),
+    ("no_call_when_not_needed", "no call when none needed"),
+    ("exact_match", "exact match"),
+    ("rouge_l", "ROUGE-L"),
+    ("loss", "eval loss"),
+];
+
+/// The comparison as rows of cells (header first): rank, variant, the
+/// metrics any variant has, training time.
+pub fn table(results: &[VariantResult]) -> Vec<Vec<String>> {
+    let cols: Vec<&(&str, &str)> =
+        COLUMNS.iter().filter(|(k, _)| results.iter().any(|r| r.metrics.contains_key(*k))).collect();
+    let mut header = vec!["#".to_string(), "variant".to_string()];
+    header.extend(cols.iter().map(|(_, h)| h.to_string()));
+    header.push("train min".into());
+    let mut rows = vec![header];
+    for r in results {
+        let mut row = vec![r.index.to_string(), r.label.clone()];
+        for (k, _) in &cols {
+            row.push(match r.metrics.get(*k) {
+                Some(m) if lower_is_better(k) || *k == "rouge_l" => format!("{:.4}", m.value),
+                Some(m) => format!("{:.1} %", 100.0 * m.value),
+                None if r.metrics.is_empty() => r.missing.clone().map(|_| "–".into()).unwrap_or_default(),
+                None => "–".into(),
+            });
+        }
+        row.push(r.train_seconds.map_or("–".into(), |s| format!("{:.1}", s / 60.0)));
+        rows.push(row);
+    }
+    rows
+}
+
+/// [`table`] as Markdown.
+pub fn markdown(rows: &[Vec<String>]) -> String {
+    let mut s = String::new();
+    for (i, row) in rows.iter().enumerate() {
+        s += &format!("| {} |\n", row.iter().map(|c| c.replace('|', "\\|")).collect::<Vec<_>>().join(" | "));
+        if i == 0 {
+            s += &format!(
+                "|{}\n",
+                row.iter().enumerate().map(|(j, _)| if j == 1 { "---|" } else { "---:|" }).collect::<String>()
+            );
+        }
+    }
+    s
+}
+
+/// [`table`] as aligned text.
+pub fn text(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..n).map(|j| rows.iter().filter_map(|r| r.get(j)).map(|c| c.chars().count()).max().unwrap_or(0)).collect();
+    let mut s = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(j, c)| if j == 1 { format!("{c:<w$}", w = widths[j]) } else { format!("{c:>w$}", w = widths[j]) })
+            .collect();
+        s += cells.join("  ").trim_end();
+        s += "\n";
+    }
+    s
+}
