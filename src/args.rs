@@ -210,6 +210,11 @@ pub enum Command {
         /// Print one JSON object per prompt (text, parsed tool calls, speed).
         #[arg(long)]
         json: bool,
+        /// Decode tool calls under the grammar of the tools the prompts list
+        /// (their `<tools>` blocks and `tools`, together): valid JSON, known
+        /// tool and argument names, declared types, required arguments.
+        #[arg(long)]
+        constrain_calls: bool,
         /// With --json: prompts decoded together (one step runs a token of
         /// each; same answers as one by one, up to float rounding).
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]

@@ -131,8 +131,7 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateBench> {
     let tokenizer =
         tokenizers::Tokenizer::from_file(tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
     // No stop tokens: always decode `new_tokens`.
-    let generator =
-        pipeline_infer::generate::Generator { model: model.as_ref(), tokenizer: &tokenizer, stop_tokens: vec![] };
+    let generator = pipeline_infer::generate::Generator::new(model.as_ref(), &tokenizer, &[]);
     let params = |n| pipeline_infer::generate::GenerationParams { max_new_tokens: n, ..Default::default() };
     // Warm-up (thread pools, repacked weights), then the measured run.
     generator.generate(&prompt[..32], &params(4), 0, &mut |_| {})?;

@@ -18,6 +18,13 @@ use crate::args::*;
 
 /// Runs the CLI and maps errors to exit codes.
 pub fn main() -> ExitCode {
+    // `pipeline plan R | head`: end quietly when the reader goes away, as
+    // Unix tools do (Rust ignores SIGPIPE, and println! would panic).
+    #[cfg(unix)]
+    // SAFETY: nothing has started a thread yet; SIG_DFL is always valid.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     pipeline::allocator::tune();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -92,8 +99,8 @@ fn dispatch(command: Command) -> Result<()> {
             json,
             cache,
         }) => bench_generate(model, prompt_tokens, new_tokens, f32, batch, device, dataset, json, cache),
-        Command::Generate { model, prompt, prompts, system, generation, json, batch } => {
-            generate(model, prompt, prompts, system, generation, json, batch)
+        Command::Generate { model, prompt, prompts, system, generation, json, constrain_calls, batch } => {
+            generate(model, prompt, prompts, system, generation, json, constrain_calls, batch)
         }
         Command::Chat { model, system, generation } => {
             let params = generation.params()?;
@@ -289,6 +296,7 @@ fn generate(
     system: Option<String>,
     generation: GenerationArgs,
     json: bool,
+    constrain_calls: bool,
     batch: u64,
 ) -> Result<()> {
     let params = generation.params()?;
@@ -299,6 +307,25 @@ fn generate(
     };
     let mut session = pipeline::session::Session::load(&model.choice())?;
     eprintln!("pipeline: {}", session.description);
+    if constrain_calls {
+        let mut catalogue = pipeline_infer::catalogue::Catalogue::default();
+        for (_, messages, tools) in &conversations {
+            messages.iter().for_each(|m| catalogue.add_text(&m.content));
+            if let Some(t) = tools {
+                catalogue.add_list(t);
+            }
+        }
+        if let Some(sys) = &system {
+            catalogue.add_text(sys);
+        }
+        if catalogue.is_empty() {
+            return Err(RecipeError::new("--constrain-calls: the prompts list no tools")
+                .help("give the tools in a <tools>[…]</tools> block of a message, or as `tools` in --prompts lines")
+                .into());
+        }
+        eprintln!("pipeline: tool calls constrained to {} tools", catalogue.len());
+        session.grammar = Some(pipeline_infer::constrain::CallGrammar::new(catalogue));
+    }
     let mut rendered = Vec::with_capacity(conversations.len());
     for (id, mut messages, tools) in conversations {
         if let Some(sys) = &system {

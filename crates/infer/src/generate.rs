@@ -146,6 +146,8 @@ pub struct Generator<'a> {
     pub tokenizer: &'a tokenizers::Tokenizer,
     /// Token ids that end a generation.
     pub stop_tokens: Vec<u32>,
+    /// Tool calls only as this grammar allows ([`crate::constrain`]).
+    pub grammar: Option<&'a crate::constrain::CallGrammar>,
 }
 
 impl<'a> Generator<'a> {
@@ -155,7 +157,14 @@ impl<'a> Generator<'a> {
         let mut ids: Vec<u32> = stop_tokens.iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
         ids.sort_unstable();
         ids.dedup();
-        Generator { model, tokenizer, stop_tokens: ids }
+        Generator { model, tokenizer, stop_tokens: ids, grammar: None }
+    }
+
+    /// Decodes tool calls under `grammar`: inside a `<tool_call>` block each
+    /// step takes the likeliest token that keeps the call one that can run.
+    pub fn constrained(mut self, grammar: Option<&'a crate::constrain::CallGrammar>) -> Self {
+        self.grammar = grammar;
+        self
     }
 
     /// A generator that stops where `template`'s turns end (its end-of-turn
@@ -347,7 +356,10 @@ impl<'p> Decoding<'p> {
             let recent = &context[context.len().saturating_sub(params.repeat_last_n)..];
             logits = candle_transformers::utils::apply_repeat_penalty(&logits, params.repetition_penalty, recent)?;
         }
-        let next = self.sampler.sample(&logits)?;
+        let next = match g.grammar {
+            None => self.sampler.sample(&logits)?,
+            Some(grammar) => self.constrained(g, grammar, &logits)?,
+        };
         if g.stop_tokens.contains(&next) {
             self.finish = Finish::Stop;
             return Ok(None);
@@ -363,6 +375,64 @@ impl<'p> Decoding<'p> {
             return Ok(None);
         }
         Ok((self.tokens.len() < params.max_new_tokens).then_some(next))
+    }
+
+    /// The next token under `grammar`: of the likeliest candidates (all
+    /// tokens if none of the first 64 will do), those whose text keeps the
+    /// answer valid; greedy takes the first, sampling draws among them.
+    fn constrained(
+        &mut self,
+        g: &Generator<'_>,
+        grammar: &crate::constrain::CallGrammar,
+        logits: &Tensor,
+    ) -> Result<u32> {
+        const CANDIDATES: usize = 64;
+        let v: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        let by_logit = |a: &u32, b: &u32| v[*b as usize].total_cmp(&v[*a as usize]);
+        let mut order: Vec<u32> = (0..v.len() as u32).collect();
+        let k = CANDIDATES.min(order.len());
+        order.select_nth_unstable_by(k - 1, by_logit);
+        order[..k].sort_unstable_by(by_logit);
+        let open = |text: &str| text.rfind("<tool_call>").is_some_and(|i| !text[i..].contains("</tool_call>"));
+        let now = self.stream.text.clone();
+        let greedy = self.params.temperature <= 0.0;
+        let mut allowed = Vec::new();
+        for pass in 0..2 {
+            let range = if pass == 0 {
+                0..k
+            } else {
+                order[k..].sort_unstable_by(by_logit);
+                k..order.len()
+            };
+            for &t in &order[range] {
+                let ok = if g.stop_tokens.contains(&t) {
+                    !open(&now)
+                } else {
+                    let mut ids = self.tokens.clone();
+                    ids.push(t);
+                    let text = g.tokenizer.decode(&ids, false).map_err(|e| Error::Tokenizer(format!("decode: {e}")))?;
+                    grammar.allows(&text)
+                };
+                if ok {
+                    if greedy {
+                        return Ok(t);
+                    }
+                    allowed.push(t);
+                }
+            }
+            if !allowed.is_empty() {
+                break;
+            }
+        }
+        if allowed.is_empty() {
+            // Nothing keeps the call valid: decode unconstrained.
+            return Ok(self.sampler.sample(logits)?);
+        }
+        let mut masked = vec![f32::NEG_INFINITY; v.len()];
+        for &t in &allowed {
+            masked[t as usize] = v[t as usize];
+        }
+        Ok(self.sampler.sample(&Tensor::new(masked, logits.device())?)?)
     }
 
     fn finish(self, prefill_tokens: usize, prefill_s: f64, decode_s: f64, on_text: &mut dyn FnMut(&str)) -> Generation {

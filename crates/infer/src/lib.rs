@@ -6,10 +6,12 @@
 //!   tokens and strings, streaming, batched decoding;
 //! - [`toolcall`]: tool calls parsed out of generated text;
 //! - [`catalogue`]: the tools a dataset knows, and whether a call could run;
+//! - [`constrain`]: constrained decoding of tool calls against a catalogue;
 //! - [`eval`]: scoring answers (tool-call verdicts, ROUGE-L) and tallies.
 
 pub mod catalogue;
 pub mod chat;
+pub mod constrain;
 pub mod error;
 pub mod eval;
 pub mod generate;

@@ -36,6 +36,8 @@ pub struct Session {
     /// What was loaded, for the banner.
     pub description: String,
     pub seed: u64,
+    /// Decode tool calls under this grammar (constrained decoding).
+    pub grammar: Option<pipeline_infer::constrain::CallGrammar>,
     cache: KvCache,
     /// The tokens the cache holds.
     cached: Vec<u32>,
@@ -69,7 +71,7 @@ impl Session {
             description += &format!(" + adapter {}", dir.display());
         }
         let cache = model.new_cache();
-        Ok(Session { model, tokenizer, template, description, seed, cache, cached: Vec::new() })
+        Ok(Session { model, tokenizer, template, description, seed, grammar: None, cache, cached: Vec::new() })
     }
 
     /// The prompt tokens of a conversation, ready for the assistant's turn.
@@ -87,7 +89,8 @@ impl Session {
     ) -> Result<Generation> {
         let shared = self.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count();
         self.cache.truncate(shared);
-        let generator = Generator::for_template(self.model.as_ref(), &self.tokenizer, &self.template);
+        let generator = Generator::for_template(self.model.as_ref(), &self.tokenizer, &self.template)
+            .constrained(self.grammar.as_ref());
         let g = generator.generate_cached(prompt, &mut self.cache, params, self.seed, on_text)?;
         self.cached = prompt.iter().chain(&g.tokens).copied().collect();
         self.cached.truncate(self.cache.len());
@@ -97,7 +100,8 @@ impl Session {
     /// Generates for several prompts decoded together (batched decoding,
     /// see [`Generator::generate_batch`]), each from a fresh cache.
     pub fn generate_batch(&self, prompts: &[Vec<u32>], params: &GenerationParams) -> Result<Vec<Generation>> {
-        let generator = Generator::for_template(self.model.as_ref(), &self.tokenizer, &self.template);
+        let generator = Generator::for_template(self.model.as_ref(), &self.tokenizer, &self.template)
+            .constrained(self.grammar.as_ref());
         let mut caches: Vec<KvCache> = prompts.iter().map(|_| self.model.new_cache()).collect();
         let mut jobs: Vec<(&[u32], &mut KvCache)> = prompts.iter().map(Vec::as_slice).zip(caches.iter_mut()).collect();
         Ok(generator.generate_batch(&mut jobs, params, self.seed)?)

@@ -28,6 +28,7 @@ use super::lora_train;
 use super::{Env, Input, Kind, Rule, RunContext, Stage, StageKind};
 use pipeline_infer::catalogue::Catalogue;
 use pipeline_infer::chat::{ChatTemplate, Message};
+use pipeline_infer::constrain::CallGrammar;
 use pipeline_infer::eval::{Gold, Metric, Tally, Task, markdown_table, rouge_l, score_tool_call};
 use pipeline_infer::generate::{Generation, GenerationParams, Generator};
 use pipeline_model::{self as model, CausalLm, KvCache};
@@ -73,6 +74,13 @@ pub struct Params {
     /// Decoding (greedy by default).
     #[serde(default)]
     pub generation: GenerationParams,
+    /// Constrained decoding of tool calls: inside a `<tool_call>` block the
+    /// model may only write a JSON call naming a tool of the dataset's
+    /// catalogue, with that tool's arguments of their declared types (it
+    /// still decides freely whether to call). Compare with an unconstrained
+    /// `evaluate` stage to see what the constraint buys.
+    #[serde(default)]
+    pub constrained_calls: bool,
     /// Rows decoded together (one step runs a token of each): faster, and
     /// the same answers up to float rounding, so it is not part of the
     /// stage's cache key. Each row holds a KV cache of its whole prompt.
@@ -164,6 +172,13 @@ impl StageKind for Params {
                 "compare",
                 "`adapter` is compared but no adapter stage is named".into(),
                 "set `adapter = \"<lora-train stage>\"` or compare only \"base\"".into(),
+            ));
+        }
+        if self.constrained_calls && self.task == Task::Qa {
+            return Err((
+                "constrained_calls",
+                "constrained decoding of tool calls in a `qa` evaluation".into(),
+                "constrain calls only where the task is tool calling".into(),
             ));
         }
         if self.generation.max_new_tokens == 0 {
@@ -262,6 +277,8 @@ struct Evaluation<'a> {
     needs_call_column: Option<String>,
     /// The tools of every split's rows: what a call must run against.
     catalogue: Catalogue,
+    /// With `constrained_calls`: the grammar decoding follows.
+    grammar: Option<CallGrammar>,
 }
 
 impl<'a> Evaluation<'a> {
@@ -364,6 +381,7 @@ impl<'a> Evaluation<'a> {
             max_prompt,
             group_by,
             needs_call_column,
+            grammar: p.constrained_calls.then(|| CallGrammar::new(catalogue.clone())),
             catalogue,
         })
     }
@@ -405,6 +423,7 @@ impl<'a> Evaluation<'a> {
             "catalogue": self.catalogue.tools.keys().collect::<Vec<_>>(),
             "max_prompt_tokens": self.max_prompt,
             "generation": self.p.generation,
+            "constrained_calls": self.p.constrained_calls,
             "models": per_model,
             "prompts": spot_checks,
         });
@@ -584,7 +603,7 @@ impl<'a> Evaluation<'a> {
     /// Decoding with the model as it is now (base or adapter attached),
     /// stopping at the trained template's end of turn.
     fn generator(&self) -> Generator<'_> {
-        Generator::for_template(self.model.as_ref(), &self.tokenizer, &self.template)
+        Generator::for_template(self.model.as_ref(), &self.tokenizer, &self.template).constrained(self.grammar.as_ref())
     }
 
     /// Generates for each of `prompts`, rendered like the split's rows.
@@ -615,13 +634,14 @@ impl<'a> Evaluation<'a> {
         spot_checks: &[SpotCheck],
     ) -> String {
         let mut s = format!(
-            "# Evaluation of `{}` on split `{}`\n\n{} rows, task `{}`, greedy = {}, max_new_tokens = {}.\n",
+            "# Evaluation of `{}` on split `{}`\n\n{} rows, task `{}`, greedy = {}, max_new_tokens = {}{}.\n",
             self.ctx.env.recipe.recipe.name,
             self.split,
             self.rows.len(),
             serde_json::to_value(self.task).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
             self.p.generation.temperature == 0.0,
             self.p.generation.max_new_tokens,
+            if self.p.constrained_calls { ", tool calls decoded under the catalogue's grammar" } else { "" },
         );
         if skipped > 0 {
             s += &format!(

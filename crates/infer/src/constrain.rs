@@ -1,0 +1,509 @@
+//! Constrained decoding of tool calls: inside a `<tool_call>` block the
+//! model may only write a JSON object naming a tool of the [`Catalogue`]
+//! (`"tool_name"`/`"name"`), with arguments (`"args"`/`"arguments"`) among
+//! that tool's, each value of its declared JSON type, every required one
+//! present before the object closes. Outside a block the text is free, so
+//! the model still decides whether to call at all.
+//!
+//! [`CallGrammar::allows`] checks whether a text is a prefix of such an
+//! answer; decoding ([`crate::generate`]) takes, at each step, the most
+//! likely token whose text keeps it so. The check re-reads the open block
+//! (a few hundred characters) per candidate token, which costs far less
+//! than the model's step.
+
+use crate::catalogue::{Catalogue, JsonType};
+
+const OPEN: &str = "<tool_call>";
+const CLOSE: &str = "</tool_call>";
+const NAME_KEYS: [&str; 2] = ["tool_name", "name"];
+const ARGS_KEYS: [&str; 2] = ["args", "arguments"];
+
+/// The grammar of calls to the tools of one catalogue.
+#[derive(Debug, Clone)]
+pub struct CallGrammar {
+    catalogue: Catalogue,
+}
+
+impl CallGrammar {
+    pub fn new(catalogue: Catalogue) -> CallGrammar {
+        CallGrammar { catalogue }
+    }
+
+    /// Whether `text` (an answer so far) can still become a valid answer.
+    pub fn allows(&self, text: &str) -> bool {
+        let Some(i) = text.rfind(OPEN) else { return true };
+        let body = &text[i + OPEN.len()..];
+        if body.contains(CLOSE) {
+            return true;
+        }
+        Parser { g: self, stack: Vec::new(), done: false, tail: String::new() }.feed(body)
+    }
+}
+
+/// What an object is, for the rules on its keys and values.
+#[derive(Debug, Clone, PartialEq)]
+enum Role {
+    /// The call itself: a name and arguments.
+    Call { name: Option<String> },
+    /// The arguments of the named tool (`None`: not named yet).
+    Args { tool: Option<String> },
+    /// Anything nested in an argument's value.
+    Free,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Obj {
+    /// After `{` or `,`: a key (or `}` right after `{`).
+    Key {
+        first: bool,
+    },
+    /// Inside a key string.
+    InKey(String, bool),
+    Colon(String),
+    /// Before a value of `key`.
+    Value(String),
+    /// After a value: `,` or `}`.
+    Next,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Arr {
+    Value { first: bool },
+    Next,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Scalar {
+    /// A string (its content so far, after an escape?) for a value that
+    /// must be a tool name when `names` is set.
+    Str {
+        content: String,
+        escape: bool,
+        tool_name: bool,
+    },
+    Number {
+        integer: bool,
+        text: String,
+    },
+    Literal(&'static str, usize),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Frame {
+    Object { role: Role, keys: Vec<String>, state: Obj },
+    Array(Arr),
+    Scalar(Scalar),
+}
+
+struct Parser<'g> {
+    g: &'g CallGrammar,
+    stack: Vec<Frame>,
+    /// The top-level object has closed.
+    done: bool,
+    /// What follows the closed object (only whitespace, then the start of
+    /// the closing tag).
+    tail: String,
+}
+
+impl Parser<'_> {
+    fn feed(mut self, body: &str) -> bool {
+        let mut started = false;
+        for c in body.chars() {
+            if self.done {
+                self.tail.push(c);
+                let t = self.tail.trim_start();
+                if !CLOSE.starts_with(t) {
+                    return false;
+                }
+                continue;
+            }
+            if !started {
+                if c.is_whitespace() {
+                    continue;
+                }
+                if c != '{' {
+                    return false;
+                }
+                started = true;
+                self.stack.push(Frame::Object {
+                    role: Role::Call { name: None },
+                    keys: Vec::new(),
+                    state: Obj::Key { first: true },
+                });
+                continue;
+            }
+            if !self.char(c) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Allowed keys of an object with `role`, given the keys it has.
+    fn key_ok(&self, role: &Role, keys: &[String], key: &str, complete: bool) -> bool {
+        if keys.iter().any(|k| k == key) {
+            return false;
+        }
+        let fits = |cands: &mut dyn Iterator<Item = &str>| {
+            for k in cands {
+                if if complete { k == key } else { k.starts_with(key) } {
+                    return true;
+                }
+            }
+            false
+        };
+        match role {
+            Role::Call { .. } => {
+                let has_name = keys.iter().any(|k| NAME_KEYS.contains(&k.as_str()));
+                let has_args = keys.iter().any(|k| ARGS_KEYS.contains(&k.as_str()));
+                let mut c =
+                    NAME_KEYS.iter().filter(|_| !has_name).chain(ARGS_KEYS.iter().filter(|_| !has_args)).copied();
+                fits(&mut c)
+            }
+            Role::Args { tool: Some(t) } => match self.g.catalogue.tools.get(t) {
+                Some(tool) => fits(&mut tool.arguments.keys().map(String::as_str)),
+                None => true,
+            },
+            Role::Args { tool: None } | Role::Free => true,
+        }
+    }
+
+    /// Whether an object with `role` and `keys` may close now.
+    fn close_ok(&self, role: &Role, keys: &[String]) -> bool {
+        match role {
+            Role::Call { .. } => keys.iter().any(|k| NAME_KEYS.contains(&k.as_str())),
+            Role::Args { tool: Some(t) } => self
+                .g
+                .catalogue
+                .tools
+                .get(t)
+                .is_none_or(|tool| tool.arguments.iter().filter(|(_, a)| a.required).all(|(n, _)| keys.contains(n))),
+            _ => true,
+        }
+    }
+
+    /// The declared type of the value of `key` in an object with `role`.
+    fn value_type(&self, role: &Role, key: &str) -> Option<JsonType> {
+        match role {
+            Role::Call { .. } if NAME_KEYS.contains(&key) => Some(JsonType::String),
+            Role::Call { .. } => Some(JsonType::Object),
+            Role::Args { tool: Some(t) } => self.g.catalogue.tools.get(t)?.arguments.get(key)?.kind,
+            _ => None,
+        }
+    }
+
+    /// Starts a value with `c`; `expected` its type if declared, `role` of
+    /// an object value, `tool_name` whether it names the tool.
+    fn start_value(&mut self, c: char, expected: Option<JsonType>, role: Role, tool_name: bool) -> bool {
+        if c.is_whitespace() {
+            return true;
+        }
+        let kind = match c {
+            '"' => JsonType::String,
+            '{' => JsonType::Object,
+            '[' => JsonType::Array,
+            't' | 'f' => JsonType::Boolean,
+            '-' | '0'..='9' => JsonType::Number,
+            'n' => {
+                // null only where no type is declared.
+                if expected.is_some() {
+                    return false;
+                }
+                self.stack.push(Frame::Scalar(Scalar::Literal("null", 1)));
+                return true;
+            }
+            _ => return false,
+        };
+        let ok = match expected {
+            None => true,
+            Some(JsonType::Integer) => kind == JsonType::Number,
+            Some(e) => e == kind,
+        };
+        if !ok {
+            return false;
+        }
+        let frame = match c {
+            '"' => Frame::Scalar(Scalar::Str { content: String::new(), escape: false, tool_name }),
+            '{' => Frame::Object { role, keys: Vec::new(), state: Obj::Key { first: true } },
+            '[' => Frame::Array(Arr::Value { first: true }),
+            't' => Frame::Scalar(Scalar::Literal("true", 1)),
+            'f' => Frame::Scalar(Scalar::Literal("false", 1)),
+            _ => Frame::Scalar(Scalar::Number { integer: expected == Some(JsonType::Integer), text: c.to_string() }),
+        };
+        self.stack.push(frame);
+        true
+    }
+
+    /// A value just ended: the enclosing frame moves on.
+    fn value_done(&mut self) {
+        match self.stack.last_mut() {
+            None => self.done = true,
+            Some(Frame::Object { state, .. }) => *state = Obj::Next,
+            Some(Frame::Array(a)) => *a = Arr::Next,
+            Some(Frame::Scalar(_)) => unreachable!("scalars hold no values"),
+        }
+    }
+
+    fn char(&mut self, c: char) -> bool {
+        let Some(top) = self.stack.last().cloned() else { return false };
+        match top {
+            Frame::Scalar(s) => self.scalar(s, c),
+            Frame::Array(a) => match a {
+                Arr::Value { first } => {
+                    if c == ']' && first {
+                        self.stack.pop();
+                        self.value_done();
+                        return true;
+                    }
+                    if c.is_whitespace() {
+                        return true;
+                    }
+                    if let Some(Frame::Array(a)) = self.stack.last_mut() {
+                        *a = Arr::Next;
+                    }
+                    self.start_value(c, None, Role::Free, false)
+                }
+                Arr::Next => match c {
+                    ',' => {
+                        *self.stack.last_mut().unwrap() = Frame::Array(Arr::Value { first: false });
+                        true
+                    }
+                    ']' => {
+                        self.stack.pop();
+                        self.value_done();
+                        true
+                    }
+                    c => c.is_whitespace(),
+                },
+            },
+            Frame::Object { role, keys, state } => self.object(role, keys, state, c),
+        }
+    }
+
+    fn set_state(&mut self, s: Obj) {
+        if let Some(Frame::Object { state, .. }) = self.stack.last_mut() {
+            *state = s;
+        }
+    }
+
+    fn object(&mut self, role: Role, keys: Vec<String>, state: Obj, c: char) -> bool {
+        match state {
+            Obj::Key { first } => match c {
+                '"' => {
+                    self.set_state(Obj::InKey(String::new(), false));
+                    true
+                }
+                '}' if first => {
+                    if !self.close_ok(&role, &keys) {
+                        return false;
+                    }
+                    self.stack.pop();
+                    self.value_done();
+                    true
+                }
+                c => c.is_whitespace(),
+            },
+            Obj::InKey(mut key, escape) => {
+                if escape {
+                    key.push(c);
+                    self.set_state(Obj::InKey(key, false));
+                    return true;
+                }
+                match c {
+                    '\\' => {
+                        self.set_state(Obj::InKey(key, true));
+                        true
+                    }
+                    '"' => {
+                        if !self.key_ok(&role, &keys, &key, true) {
+                            return false;
+                        }
+                        self.set_state(Obj::Colon(key));
+                        true
+                    }
+                    c => {
+                        key.push(c);
+                        if !self.key_ok(&role, &keys, &key, false) {
+                            return false;
+                        }
+                        self.set_state(Obj::InKey(key, false));
+                        true
+                    }
+                }
+            }
+            Obj::Colon(key) => match c {
+                ':' => {
+                    self.set_state(Obj::Value(key));
+                    true
+                }
+                c => c.is_whitespace(),
+            },
+            Obj::Value(key) => {
+                if c.is_whitespace() {
+                    return true;
+                }
+                let expected = self.value_type(&role, &key);
+                let child_role = match &role {
+                    Role::Call { name } if ARGS_KEYS.contains(&key.as_str()) => Role::Args { tool: name.clone() },
+                    _ => Role::Free,
+                };
+                let tool_name = matches!(role, Role::Call { .. }) && NAME_KEYS.contains(&key.as_str());
+                if let Some(Frame::Object { keys, state, .. }) = self.stack.last_mut() {
+                    keys.push(key);
+                    *state = Obj::Next;
+                }
+                self.start_value(c, expected, child_role, tool_name)
+            }
+            Obj::Next => match c {
+                ',' => {
+                    self.set_state(Obj::Key { first: false });
+                    true
+                }
+                '}' => {
+                    if !self.close_ok(&role, &keys) {
+                        return false;
+                    }
+                    self.stack.pop();
+                    self.value_done();
+                    true
+                }
+                c => c.is_whitespace(),
+            },
+        }
+    }
+
+    fn scalar(&mut self, s: Scalar, c: char) -> bool {
+        match s {
+            Scalar::Str { mut content, escape, tool_name } => {
+                if escape {
+                    content.push(c);
+                    *self.stack.last_mut().unwrap() = Frame::Scalar(Scalar::Str { content, escape: false, tool_name });
+                    return true;
+                }
+                match c {
+                    '\\' => {
+                        *self.stack.last_mut().unwrap() =
+                            Frame::Scalar(Scalar::Str { content, escape: true, tool_name });
+                        true
+                    }
+                    '"' => {
+                        if tool_name && !self.g.catalogue.tools.contains_key(&content) {
+                            return false;
+                        }
+                        self.stack.pop();
+                        if tool_name {
+                            self.name_tool(&content);
+                        }
+                        self.value_done();
+                        true
+                    }
+                    c => {
+                        content.push(c);
+                        if tool_name && !self.g.catalogue.tools.keys().any(|n| n.starts_with(&content)) {
+                            return false;
+                        }
+                        *self.stack.last_mut().unwrap() =
+                            Frame::Scalar(Scalar::Str { content, escape: false, tool_name });
+                        true
+                    }
+                }
+            }
+            Scalar::Number { integer, mut text } => {
+                let part = c.is_ascii_digit() || (!integer && matches!(c, '.' | 'e' | 'E' | '+' | '-'));
+                if part {
+                    text.push(c);
+                    *self.stack.last_mut().unwrap() = Frame::Scalar(Scalar::Number { integer, text });
+                    return true;
+                }
+                if text == "-" {
+                    return false;
+                }
+                // The number ended: the character belongs to the enclosing frame.
+                self.stack.pop();
+                self.value_done();
+                self.char(c)
+            }
+            Scalar::Literal(word, n) => {
+                if word[n..].starts_with(c) {
+                    if n + 1 == word.len() {
+                        self.stack.pop();
+                        self.value_done();
+                    } else {
+                        *self.stack.last_mut().unwrap() = Frame::Scalar(Scalar::Literal(word, n + 1));
+                    }
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+
+    /// The call object now names `tool`: its arguments object (if already
+    /// open, it cannot be: frames above are closed) takes its rules from it.
+    fn name_tool(&mut self, tool: &str) {
+        if let Some(Frame::Object { role: Role::Call { name }, .. }) = self.stack.last_mut() {
+            *name = Some(tool.to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grammar() -> CallGrammar {
+        let mut c = Catalogue::default();
+        c.add_text(
+            r#"<tools>[{"tool_name": "get_weather", "input_args": {"city": "string - City."}},
+                      {"tool_name": "convert_bases", "input_args": {"number": "string - N.", "to_base": "integer - B."}}]</tools>"#,
+        );
+        CallGrammar::new(c)
+    }
+
+    #[test]
+    fn free_text_and_closed_calls_are_allowed() {
+        let g = grammar();
+        assert!(g.allows("<final_answer>Hello</final_answer>"));
+        assert!(g.allows("<tool_call>{\"tool_name\": \"get_weather\", \"args\": {\"city\": \"Paris\"}}</tool_call>"));
+    }
+
+    #[test]
+    fn valid_call_prefixes_are_allowed() {
+        let g = grammar();
+        let full = "<tool_call>\n{\n  \"tool_name\": \"convert_bases\",\n  \"args\": {\n    \"number\": \"ff\",\n    \"to_base\": 2\n  }\n}\n</tool_call>";
+        for end in 0..=full.len() {
+            if full.is_char_boundary(end) {
+                assert!(g.allows(&full[..end]), "prefix {:?}", &full[..end]);
+            }
+        }
+    }
+
+    #[test]
+    fn what_cannot_run_is_refused_as_it_is_written() {
+        let g = grammar();
+        let call = |s: &str| format!("<tool_call>{s}");
+        // An unknown tool, as soon as its name leaves every catalogue name.
+        assert!(g.allows(&call(r#"{"tool_name": "get_w"#)));
+        assert!(!g.allows(&call(r#"{"tool_name": "search"#)));
+        assert!(!g.allows(&call(r#"{"tool_name": "get_weather_now"#)));
+        // An unknown argument, a value of the wrong type, a missing required one.
+        let w = r#"{"tool_name": "get_weather", "args": {"#;
+        assert!(g.allows(&call(&format!("{w}\"ci"))));
+        assert!(!g.allows(&call(&format!("{w}\"when"))));
+        assert!(!g.allows(&call(&format!("{w}\"city\": 3"))));
+        assert!(!g.allows(&call(&format!("{w}}}"))));
+        let b = r#"{"tool_name": "convert_bases", "args": {"number": "ff", "to_base": "#;
+        assert!(g.allows(&call(&format!("{b}16}}"))));
+        assert!(!g.allows(&call(&format!("{b}1.5"))));
+        assert!(!g.allows(&call(&format!("{b}\"16\""))));
+        // Broken JSON and text after the object.
+        assert!(!g.allows(&call(r#"{"tool_name" "get"#)));
+        assert!(!g.allows(&call(r#"{"tool_name": "get_weather"}} x"#)));
+        assert!(g.allows(&call("{\"tool_name\": \"get_weather\", \"args\": {\"city\": \"x\"}}\n</tool_")));
+        // The call needs a name; a key appears once.
+        assert!(!g.allows(&call(r#"{"args": {}}"#)));
+        assert!(!g.allows(&call(r#"{"tool_name": "get_weather", "tool_name"#)));
+        assert!(!g.allows(&call("x")));
+    }
+}
