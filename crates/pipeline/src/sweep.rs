@@ -366,3 +366,29 @@ pub fn text(rows: &[Vec<String>]) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn axes_from_the_command_line() {
+        let a: Axis = "stages.train.learning_rate=1e-4,2e-4".parse().unwrap();
+        assert_eq!(a.keys, ["stages", "train", "learning_rate"]);
+        assert_eq!(a.values, [toml::Value::Float(1e-4), toml::Value::Float(2e-4)]);
+        let b: Axis = "stages.train.targets=[\"all-linear\", [\"q_proj\", \"v_proj\"]]".parse().unwrap();
+        assert_eq!(b.values.len(), 2);
+        assert!(b.values[1].is_array());
+        let c: Axis = "stages.chat.train_on=all-assistant,first-assistant".parse().unwrap();
+        assert_eq!(c.values[1], toml::Value::String("first-assistant".into()));
+        assert!("stages.train.rank".parse::<Axis>().is_err());
+        assert!("sweep.x=1,2".parse::<Axis>().is_err());
+    }
+
+    #[test]
+    fn labels_name_each_axis_by_its_last_key_and_lists_by_position() {
+        assert_eq!(show_value(&toml::Value::Float(0.0002), 0), "0.0002");
+        assert_eq!(show_value(&toml::Value::Array(vec![]), 1), "#2");
+        assert_eq!(show_value(&toml::Value::String("drop".into()), 0), "drop");
+    }
+}
