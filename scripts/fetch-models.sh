@@ -102,6 +102,9 @@ pip_install "wsgidav.server.server_cli, cheroot" wsgidav cheroot
 # transformers loads the merged models (config, tokenizer, chat template)
 # as users do; without torch it reads everything but the weights.
 pip_install "transformers, jinja2" "transformers>=5,<6" jinja2
+# huggingface_hub reads the model cards `export` writes (ModelCard,
+# metadata_load), as the hub does.
+pip_install huggingface_hub huggingface_hub
 
 # --- llama.cpp, the runtime the GGUF files are checked in -----------------
 # Built once per machine outside the clone (scripts/build-llama-cpp.sh);

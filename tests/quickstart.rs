@@ -51,4 +51,39 @@ fn quickstart_runs_every_stage_offline() {
         std::fs::metadata(ollama.join("model.gguf")).unwrap().len(),
         std::fs::metadata(show("gguf").join("model-q4_k_m.gguf")).unwrap().len()
     );
+
+    // `export` writes model cards that huggingface_hub reads as the hub does.
+    let mut a = vec!["export", "quickstart.toml", "--to", "out"];
+    for s in &set {
+        a.extend(["--set", s]);
+    }
+    p.ok(&a);
+    let script = r#"
+import sys
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard import metadata_load
+for sub, library in [("train", "peft"), ("merged", "transformers")]:
+    path = sys.argv[1] + "/" + sub + "/README.md"
+    card = ModelCard.load(path)
+    d = card.data
+    assert d.base_model == "google/gemma-3-270m", d.base_model
+    assert d.library_name == library, d.library_name
+    assert d.license == "gemma", d.license
+    assert d.pipeline_tag == "text-generation"
+    assert d.datasets == ["shawhin/tool-use-finetuning"], d.datasets
+    assert "tool-calling" in d.tags, d.tags
+    results = d.eval_results
+    assert results, "model-index results"
+    names = {r.metric_type: r.metric_value for r in results}
+    assert "decision_accuracy" in names and "loss" in names, names
+    assert all(r.dataset_type == "shawhin/tool-use-finetuning" and r.dataset_split == "validation" for r in results)
+    assert metadata_load(path)["model-index"][0]["name"] == "quickstart"
+    print(sub, len(results), names["decision_accuracy"])
+"#;
+    let out = common::python_check("huggingface_hub", script, &[p.path("out").to_str().unwrap()]);
+    if let Some(out) = out {
+        assert!(out.contains("train ") && out.contains("merged "), "{out}");
+    }
+    let card = std::fs::read_to_string(p.path("out/train/README.md")).unwrap();
+    assert!(card.contains("PeftModel.from_pretrained") && card.contains("| metric | base | fine-tuned |"), "{card}");
 }

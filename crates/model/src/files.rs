@@ -85,3 +85,55 @@ impl ModelFiles {
         }
     }
 }
+
+/// What a model says about itself, for the model card of a fine-tune:
+/// from the front matter of its `README.md` (a hub snapshot's model card)
+/// or a GGUF's `general.*` metadata.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Provenance {
+    /// A hub id (`google/gemma-3-270m`), when the files name one.
+    pub hub_id: Option<String>,
+    pub license: Option<String>,
+    /// `gemma3`, `qwen3`…
+    pub architecture: Option<String>,
+    /// A human name (`Gemma 3 270m`).
+    pub name: Option<String>,
+}
+
+impl ModelFiles {
+    /// Reads [`Provenance`] from the model's card and weights; what they do
+    /// not say stays `None`.
+    pub fn provenance(&self) -> Provenance {
+        let mut p = Provenance::default();
+        if let Ok(readme) = std::fs::read_to_string(self.dir.join("README.md")) {
+            let front = readme.strip_prefix("---\n").and_then(|r| r.split("\n---").next()).unwrap_or_default();
+            for line in front.lines() {
+                if let Some(v) = line.strip_prefix("license:") {
+                    p.license = Some(v.trim().trim_matches('"').to_string()).filter(|v| !v.is_empty());
+                }
+            }
+        }
+        if let Some(c) = self.config_json.as_ref().and_then(|c| std::fs::read(c).ok()) {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&c) {
+                p.architecture = v.get("model_type").and_then(|t| t.as_str()).map(str::to_string);
+            }
+        }
+        if self.is_gguf() {
+            if let Some(meta) = self.weights.first().and_then(|w| gguf_metadata(w)) {
+                let s = |k: &str| meta.get(k).and_then(|v| v.to_string().ok()).cloned();
+                p.license = p.license.or_else(|| s("general.license"));
+                p.architecture = p.architecture.or_else(|| s("general.architecture"));
+                p.name = s("general.name");
+                p.hub_id = s("general.base_model.0.repo_url")
+                    .or_else(|| s("general.source.huggingface.repository"))
+                    .and_then(|u| u.strip_prefix("https://huggingface.co/").map(str::to_string));
+            }
+        }
+        p
+    }
+}
+
+fn gguf_metadata(path: &Path) -> Option<std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>> {
+    let mut f = std::fs::File::open(path).ok()?;
+    Some(candle_core::quantized::gguf_file::Content::read(&mut f).ok()?.metadata)
+}

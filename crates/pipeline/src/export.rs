@@ -7,13 +7,19 @@
 //! in place would change the cache entry too). An existing file with other
 //! content is never overwritten (unless `force`); re-exporting the same
 //! results is a no-op.
+//!
+//! Beside the adapter (`lora-train`) and the merged model (`merge`) goes a
+//! model card, `README.md` ([`crate::model_card`]), so each directory is a
+//! complete hub repository.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
 use crate::executor::{Executor, Status};
+use crate::model_card::{self, Artifact, CardFacts, Evaluation};
 use crate::recipe::Recipe;
+use crate::stages::registry::StageSpec;
 
 /// What was exported: (stage, directory, files).
 pub struct Exported {
@@ -57,9 +63,71 @@ pub fn export(exec: &Executor, recipe: &Recipe, dest: &Path, force: bool, link: 
                 std::fs::copy(&from, &to).with_context(|| format!("cannot copy {}", from.display()))?;
             }
         }
-        out.stages.push((sp.name.clone(), dir, files.len()));
+        let mut n = files.len();
+        if let Some(artifact) = match &recipe.stages[&sp.name] {
+            StageSpec::LoraTrain(_) => Some(Artifact::Adapter),
+            StageSpec::Merge(_) => Some(Artifact::Merged),
+            _ => None,
+        } {
+            let facts = card_facts(exec, recipe, &plan, &sp.name)?;
+            write_new(&dir.join("README.md"), &model_card::render(recipe, artifact, &facts), force)?;
+            n += 1;
+        }
+        out.stages.push((sp.name.clone(), dir, n));
     }
     Ok(out)
+}
+
+/// Writes `text` to `path` unless it holds other content (then only with `force`).
+fn write_new(path: &Path, text: &str, force: bool) -> Result<()> {
+    if path.exists() && std::fs::read_to_string(path).is_ok_and(|t| t == text) {
+        return Ok(());
+    }
+    if path.exists() && !force {
+        bail!("{} exists with other content; export to another directory, or pass --force to replace it", path.display());
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// What the model card of stage `stage` (a lora-train or merge) says: the
+/// base model's identity, the datasets, the training that made the adapter
+/// and the recipe's first finished evaluation of it.
+fn card_facts(exec: &Executor, recipe: &Recipe, plan: &crate::executor::Plan, stage: &str) -> Result<CardFacts> {
+    let provenance = crate::model_source::resolve(recipe).map(|m| m.provenance()).unwrap_or_default();
+    let mut facts = CardFacts {
+        base_model: model_card::base_model_id(recipe, provenance.hub_id),
+        license: provenance.license,
+        architecture: provenance.architecture,
+        datasets: model_card::datasets(recipe),
+        ..Default::default()
+    };
+    let entry = |name: &str| {
+        plan.stage(name).filter(|s| s.status == Status::Cached).map(|s| exec.store().entry_dir(&s.key))
+    };
+    let train = match &recipe.stages[stage] {
+        StageSpec::Merge(p) => Some(p.adapter.clone()),
+        _ => Some(stage.to_string()),
+    };
+    if let Some(dir) = train.as_deref().and_then(entry) {
+        let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;
+        facts.training = Some((manifest["fingerprint"]["params"].clone(), manifest["metrics"].clone()));
+    }
+    let eval = recipe.stages.iter().find(|(name, s)| {
+        matches!(s, StageSpec::Evaluate(p) if p.adapter.as_deref() == train.as_deref()) && !Recipe::is_implied(name)
+    });
+    if let Some(dir) = eval.and_then(|(name, _)| entry(name)) {
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("report.json"))?)?;
+        let overall = |m: &str| serde_json::from_value(report["models"][m]["overall"].clone()).ok();
+        if let Some(tuned) = overall("adapter") {
+            facts.eval = Some(Evaluation {
+                split: report["split"].as_str().unwrap_or_default().to_string(),
+                task: report["task"].as_str().unwrap_or_default().to_string(),
+                tuned,
+                base: overall("base"),
+            });
+        }
+    }
+    Ok(facts)
 }
 
 fn same_content(a: &Path, b: &Path) -> Result<bool> {

@@ -15,7 +15,8 @@
 //!   stages they do not change; claims let several processes split them.
 //! - [`model_source`]: `[model] base` → files on disk (local or hub).
 //! - [`session`]: a model + tokenizer + template loaded for generation;
-//!   [`export`]: copying finished artifacts out of the cache.
+//!   [`export`]: copying finished artifacts out of the cache, with a
+//!   [`model_card`] beside the adapter and the merged model.
 //! - [`report`]: where progress and result lines go (the library itself
 //!   never prints); [`threads`] and [`allocator`]: process-wide settings a
 //!   program using the library should apply first.
@@ -24,6 +25,7 @@ pub mod allocator;
 pub mod error;
 pub mod executor;
 pub mod export;
+pub mod model_card;
 pub mod model_source;
 pub mod recipe;
 pub mod report;

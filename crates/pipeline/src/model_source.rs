@@ -33,7 +33,7 @@ pub fn resolve(recipe: &Recipe) -> Result<ModelFiles> {
 
 /// Finds the model files for a path or `hf://` id given on the command line.
 pub fn from_path(path: &Path) -> Result<ModelFiles> {
-    let spec = ModelSpec { base: path.display().to_string(), tokenizer: None, chat_template: None };
+    let spec = ModelSpec { base: path.display().to_string(), tokenizer: None, chat_template: None, hub_id: None };
     resolve_spec(&spec, Path::new("."), Path::new("--model"))
 }
 

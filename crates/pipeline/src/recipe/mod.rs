@@ -111,6 +111,12 @@ pub struct ModelSpec {
     /// (`gemma`, `chatml`, `alpaca`), or the path of a Jinja file.
     #[serde(default)]
     pub chat_template: Option<String>,
+    /// The base model's Hugging Face id, for the model cards `export`
+    /// writes, when `base` is a local path (e.g. `google/gemma-3-270m`;
+    /// default: the id of an `hf://` base, else what its files say). Not
+    /// part of any cache key.
+    #[serde(default)]
+    pub hub_id: Option<String>,
 }
 
 impl Recipe {
