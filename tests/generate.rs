@@ -42,7 +42,7 @@ fn greedy_with_and_without_kv_cache_agree_on_every_architecture() {
         let resolved = pipeline::model_source::from_path(dir.path()).unwrap();
         let m = model::load_for_inference(&resolved, &Device::Cpu).unwrap();
         let expected = greedy_without_cache(m.as_ref(), &prompt, 40);
-        let generator = Generator { model: m.as_ref(), tokenizer: &tok, stop_tokens: vec![] };
+        let generator = Generator::new(m.as_ref(), &tok, &[]);
         let params = GenerationParams { max_new_tokens: 40, ..Default::default() };
         let got = generator.generate(&prompt, &params, 0, &mut |_| {}).unwrap();
         assert_eq!(got.tokens, expected, "{arch}: cached and uncached greedy decoding differ");
@@ -119,7 +119,7 @@ fn batched_decoding_matches_decoding_alone(m: &dyn CausalLm, tok: &tokenizers::T
     }
 
     // Greedy generation, batched from the copied prefixes, one by one from fresh caches.
-    let generator = Generator { model: m, tokenizer: tok, stop_tokens: vec![] };
+    let generator = Generator::new(m, tok, &[]);
     let params = GenerationParams { max_new_tokens: 12, ..Default::default() };
     let alone: Vec<Vec<u32>> =
         prompts.iter().map(|p| generator.generate(p, &params, 0, &mut |_| {}).unwrap().tokens).collect();

@@ -418,7 +418,7 @@ fn our_greedy(gguf: &Path, tok: &tokenizers::Tokenizer, prompt: &[u32], n: usize
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    let generator = pipeline_infer::generate::Generator { model: m.as_ref(), tokenizer: tok, stop_tokens: vec![] };
+    let generator = pipeline_infer::generate::Generator::new(m.as_ref(), tok, &[]);
     let params = pipeline_infer::generate::GenerationParams { max_new_tokens: n, ..Default::default() };
     generator.generate(prompt, &params, 0, &mut |_| {}).unwrap().tokens
 }
