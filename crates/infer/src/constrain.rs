@@ -25,6 +25,11 @@ pub struct CallGrammar {
 }
 
 impl CallGrammar {
+    /// Bumped whenever what the grammar allows changes (it is part of the
+    /// cache key of a constrained evaluation). 2: JSON escapes only, at most
+    /// one line break and 16 blanks between tokens, numbers of 24 characters.
+    pub const VERSION: u32 = 2;
+
     pub fn new(catalogue: Catalogue) -> CallGrammar {
         CallGrammar { catalogue }
     }
@@ -95,6 +100,12 @@ enum Frame {
     Scalar(Scalar),
 }
 
+/// Limits that JSON does not have but decoding needs: a model held back
+/// from closing an object would otherwise pad it with whitespace forever,
+/// or write a number without end.
+const MAX_BLANK_RUN: usize = 16;
+const MAX_NUMBER_LEN: usize = 24;
+
 struct Parser<'g> {
     g: &'g CallGrammar,
     stack: Vec<Frame>,
@@ -108,7 +119,23 @@ struct Parser<'g> {
 impl Parser<'_> {
     fn feed(mut self, body: &str) -> bool {
         let mut started = false;
+        let (mut blanks, mut newlines) = (0usize, 0usize);
         for c in body.chars() {
+            // Between tokens (not inside a string): at most one line break
+            // and a little indentation at a time.
+            let in_text = matches!(
+                self.stack.last(),
+                Some(Frame::Scalar(Scalar::Str { .. })) | Some(Frame::Object { state: Obj::InKey(..), .. })
+            );
+            if c.is_whitespace() && !in_text {
+                blanks += 1;
+                newlines += usize::from(c == '\n');
+                if blanks > MAX_BLANK_RUN || newlines > 1 {
+                    return false;
+                }
+            } else {
+                (blanks, newlines) = (0, 0);
+            }
             if self.done {
                 self.tail.push(c);
                 let t = self.tail.trim_start();
@@ -305,9 +332,9 @@ impl Parser<'_> {
             },
             Obj::InKey(mut key, escape) => {
                 if escape {
-                    key.push(c);
-                    self.set_state(Obj::InKey(key, false));
-                    return true;
+                    // Keys are argument names: no escapes in them.
+                    let _ = (&mut key, c);
+                    return false;
                 }
                 match c {
                     '\\' => {
@@ -376,9 +403,26 @@ impl Parser<'_> {
         match s {
             Scalar::Str { mut content, escape, tool_name } => {
                 if escape {
+                    // JSON's escapes only; `\u` takes four hex digits.
+                    if tool_name || !"\"\\/bfnrtu".contains(c) {
+                        return false;
+                    }
+                    content.push('\\');
                     content.push(c);
                     *self.stack.last_mut().unwrap() = Frame::Scalar(Scalar::Str { content, escape: false, tool_name });
                     return true;
+                }
+                if let Some(i) = content.rfind("\\u") {
+                    let hex = &content[i + 2..];
+                    if hex.len() < 4 && !content[..i].ends_with('\\') {
+                        if !c.is_ascii_hexdigit() {
+                            return false;
+                        }
+                        content.push(c);
+                        *self.stack.last_mut().unwrap() =
+                            Frame::Scalar(Scalar::Str { content, escape: false, tool_name });
+                        return true;
+                    }
                 }
                 match c {
                     '\\' => {
@@ -410,6 +454,9 @@ impl Parser<'_> {
             }
             Scalar::Number { integer, mut text } => {
                 let part = c.is_ascii_digit() || (!integer && matches!(c, '.' | 'e' | 'E' | '+' | '-'));
+                if part && text.len() >= MAX_NUMBER_LEN {
+                    return false;
+                }
                 if part {
                     text.push(c);
                     *self.stack.last_mut().unwrap() = Frame::Scalar(Scalar::Number { integer, text });
@@ -505,5 +552,23 @@ mod tests {
         assert!(!g.allows(&call(r#"{"args": {}}"#)));
         assert!(!g.allows(&call(r#"{"tool_name": "get_weather", "tool_name"#)));
         assert!(!g.allows(&call("x")));
+    }
+
+    #[test]
+    fn no_endless_padding_numbers_or_broken_escapes() {
+        let g = grammar();
+        let w = "<tool_call>{\"tool_name\": \"get_weather\", \"args\": {\"city\": \"";
+        assert!(g.allows(&format!("{w}a\\nb\\u00e9\"")));
+        assert!(!g.allows(&format!("{w}\\-")));
+        assert!(!g.allows(&format!("{w}\\u00g")));
+        // Inside a string, whitespace is text.
+        assert!(g.allows(&format!("{w}{}", " ".repeat(40))));
+        let open = "<tool_call>{\"tool_name\": \"get_weather\", \"args\": {\"city\": \"x\"";
+        assert!(g.allows(&format!("{open}\n    ")));
+        assert!(!g.allows(&format!("{open}\n  \n  ")));
+        assert!(!g.allows(&format!("{open}{}", " ".repeat(17))));
+        let b = "<tool_call>{\"tool_name\": \"convert_bases\", \"args\": {\"number\": \"1\", \"to_base\": ";
+        assert!(g.allows(&format!("{b}{}", "1".repeat(24))));
+        assert!(!g.allows(&format!("{b}{}", "1".repeat(25))));
     }
 }

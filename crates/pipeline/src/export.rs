@@ -84,7 +84,10 @@ fn write_new(path: &Path, text: &str, force: bool) -> Result<()> {
         return Ok(());
     }
     if path.exists() && !force {
-        bail!("{} exists with other content; export to another directory, or pass --force to replace it", path.display());
+        bail!(
+            "{} exists with other content; export to another directory, or pass --force to replace it",
+            path.display()
+        );
     }
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
@@ -101,9 +104,8 @@ fn card_facts(exec: &Executor, recipe: &Recipe, plan: &crate::executor::Plan, st
         datasets: model_card::datasets(recipe),
         ..Default::default()
     };
-    let entry = |name: &str| {
-        plan.stage(name).filter(|s| s.status == Status::Cached).map(|s| exec.store().entry_dir(&s.key))
-    };
+    let entry =
+        |name: &str| plan.stage(name).filter(|s| s.status == Status::Cached).map(|s| exec.store().entry_dir(&s.key));
     let train = match &recipe.stages[stage] {
         StageSpec::Merge(p) => Some(p.adapter.clone()),
         _ => Some(stage.to_string()),

@@ -142,9 +142,15 @@ pub fn render(recipe: &Recipe, artifact: Artifact, facts: &CardFacts) -> String 
                 s += &format!("| {k} | {} |\n", v.to_string().trim_matches('"'));
             }
         }
-        for (k, label) in [("steps", "optimizer steps"), ("eval_loss_before", "validation loss before"), ("eval_loss_after", "validation loss after")] {
+        for (k, label) in [
+            ("steps", "optimizer steps"),
+            ("eval_loss_before", "validation loss before"),
+            ("eval_loss_after", "validation loss after"),
+        ] {
             if let Some(v) = summary.get(k).filter(|v| !v.is_null()) {
-                let v = v.as_f64().map_or(v.to_string(), |f| if f.fract() == 0.0 { format!("{f}") } else { format!("{f:.4}") });
+                let v = v
+                    .as_f64()
+                    .map_or(v.to_string(), |f| if f.fract() == 0.0 { format!("{f}") } else { format!("{f:.4}") });
                 s += &format!("| {label} | {v} |\n");
             }
         }

@@ -206,6 +206,11 @@ impl Stage for Params {
     fn params(&self, env: &Env) -> Value {
         let mut v = serde_json::to_value(self).expect("params serialize");
         v.as_object_mut().expect("an object").remove("batch");
+        if self.constrained_calls {
+            // What the grammar allows decides the answers: its revisions are
+            // part of the key (of constrained evaluations only).
+            v["call_grammar"] = CallGrammar::VERSION.into();
+        }
         v["seed"] = env.recipe.recipe.seed.into();
         v["device"] = env.recipe.recipe.device.clone().into();
         v
