@@ -118,6 +118,39 @@ fn gemma3_finance_runs_on_the_real_270m() {
 }
 
 #[test]
+fn gemma3_270m_tool_use_runs_on_the_real_270m_with_and_without_constrained_calls() {
+    let Some(models) = models_dir() else { return };
+    let p = Project::new();
+    let sets = [
+        base(&models.join("gemma-3-270m")),
+        set("stages.tokens.max_len", 1024),
+        set("stages.train.max_steps", 2),
+        set("stages.train.gradient_accumulation", 1),
+        set("stages.train.eval_examples", 2),
+        set("stages.eval.limit", 3),
+        set("stages.eval.generation.max_new_tokens", 24),
+        set("stages.eval-constrained.limit", 3),
+        set("stages.eval-constrained.generation.max_new_tokens", 24),
+    ];
+    let (stderr, dirs) = run(&p, &recipe("gemma3-270m-tool-use.toml"), &sets);
+    assert!(stderr.contains("ran     ollama"), "{stderr}");
+    let rows = |stage: &str| {
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir(&dirs, stage).join("report.json")).unwrap()).unwrap();
+        assert_eq!(r["needs_call_column"], "tool_needed", "{stage}: the dataset's own label decides");
+        assert_eq!(r["catalogue"].as_array().unwrap().len(), 40, "{stage}: the union of the rows' tool lists");
+        r["models"]["adapter"]["overall"]["decision_accuracy"]["n"].clone()
+    };
+    assert_eq!(rows("eval"), 3);
+    assert_eq!(rows("eval-constrained"), 3);
+    // Only the train split is sampled: the validation split stays whole.
+    let data: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir(&dirs, "data").join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(data["metrics"]["splits"]["validation"]["rows"], 60);
+    assert!(data["metrics"]["splits"]["train"]["rows"].as_u64().unwrap() < 477);
+}
+
+#[test]
 fn gemma3_1b_tool_use_runs_end_to_end_on_a_small_gemma3() {
     let Some(models) = models_dir() else { return };
     let p = Project::new();

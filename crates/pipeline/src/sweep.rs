@@ -101,8 +101,9 @@ pub fn axes(recipe: &Recipe, extra: &[Axis]) -> Result<Vec<Axis>, RecipeError> {
 pub struct Variant {
     /// 1-based, in sweep order.
     pub index: usize,
-    /// `learning_rate=0.0002 rank=8`: each axis by its last key (the whole
-    /// key where two axes end alike); lists and tables by their position.
+    /// `learning_rate=0.0002 rank=8`: each axis by its last key (from the
+    /// list's name through an index: `keep.1.fraction`; the whole key where
+    /// two axes end alike); list and table values by their position.
     pub label: String,
     /// The value of each axis, as overrides of the recipe.
     pub settings: Vec<Override>,
@@ -114,12 +115,17 @@ pub struct Variant {
 pub fn variants(path: &Path, set: &[Override], axes: &[Axis]) -> Result<Vec<Variant>, RecipeError> {
     let source = std::fs::read_to_string(path)
         .map_err(|e| RecipeError::new(format!("cannot read the recipe: {e}")).in_file(path).help("check the path"))?;
+    // An axis by its last key; through a list index, from the list's name
+    // (`keep.1.fraction`); by its whole key where two would read alike.
+    let name = |a: &Axis| match a.keys.iter().rposition(|k| k.parse::<usize>().is_ok()) {
+        Some(i) if i > 0 => a.keys[i - 1..].join("."),
+        _ => a.keys.last().cloned().unwrap_or_default(),
+    };
     let short: Vec<String> = axes
         .iter()
         .map(|a| {
-            let last = a.keys.last().cloned().unwrap_or_default();
-            let clash = axes.iter().filter(|b| b.keys.last() == a.keys.last()).count() > 1;
-            if clash { a.key() } else { last }
+            let clash = axes.iter().filter(|b| name(b) == name(a)).count() > 1;
+            if clash { a.key() } else { name(a) }
         })
         .collect();
     let total: usize = axes.iter().map(|a| a.values.len()).product();
