@@ -117,6 +117,8 @@ pub fn render(recipe: &Recipe, artifact: Artifact, facts: &CardFacts) -> String 
     let base = facts.base_model.as_deref().unwrap_or(&recipe.model.base);
     s += &format!("# {}\n\n", recipe.recipe.name);
     if let Some(d) = &recipe.recipe.description {
+        // Markdown would take `<tool_call>` for an HTML tag and hide it.
+        let d = d.trim().trim_end_matches('.').replace('<', "&lt;").replace('>', "&gt;");
         s += &format!("{d}.\n\n");
     }
     s += &format!("This is {what} for [`{base}`](https://huggingface.co/{base}), trained with `pipeline`");
