@@ -89,11 +89,12 @@ pub fn render(recipe: &Recipe, artifact: Artifact, facts: &CardFacts) -> String 
     if let Some(l) = &facts.license {
         meta.insert("license".into(), l.clone().into());
     }
-    let mut tags = vec!["pipeline".to_string(), "lora".to_string()];
-    if artifact == Artifact::Adapter {
-        tags.insert(0, "base_model:adapter:".to_string() + facts.base_model.as_deref().unwrap_or("unknown"));
-        tags.retain(|t| !t.ends_with(":unknown"));
+    let mut tags = Vec::new();
+    if let (Artifact::Adapter, Some(b)) = (artifact, &facts.base_model) {
+        // The tag the hub links an adapter to its base model by.
+        tags.push(format!("base_model:adapter:{b}"));
     }
+    tags.extend(["pipeline".to_string(), "lora".to_string()]);
     tags.extend(facts.architecture.clone());
     if facts.eval.as_ref().is_some_and(|e| e.task == "tool-call") {
         tags.push("tool-calling".into());

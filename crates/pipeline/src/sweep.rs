@@ -330,7 +330,6 @@ pub fn table(results: &[VariantResult]) -> Vec<Vec<String>> {
             row.push(match r.metrics.get(*k) {
                 Some(m) if lower_is_better(k) || *k == "rouge_l" => format!("{:.4}", m.value),
                 Some(m) => format!("{:.1} %", 100.0 * m.value),
-                None if r.metrics.is_empty() => r.missing.clone().map(|_| "–".into()).unwrap_or_default(),
                 None => "–".into(),
             });
         }
