@@ -320,14 +320,7 @@ impl Parser<'_> {
                     self.set_state(Obj::InKey(String::new(), false));
                     true
                 }
-                '}' if first => {
-                    if !self.close_ok(&role, &keys) {
-                        return false;
-                    }
-                    self.stack.pop();
-                    self.value_done();
-                    true
-                }
+                '}' if first => self.close_object(&role, &keys),
                 c => c.is_whitespace(),
             },
             Obj::InKey(mut key, escape) => {
@@ -386,17 +379,20 @@ impl Parser<'_> {
                     self.set_state(Obj::Key { first: false });
                     true
                 }
-                '}' => {
-                    if !self.close_ok(&role, &keys) {
-                        return false;
-                    }
-                    self.stack.pop();
-                    self.value_done();
-                    true
-                }
+                '}' => self.close_object(&role, &keys),
                 c => c.is_whitespace(),
             },
         }
+    }
+
+    /// `}`: closes the object on top if its rules allow it now.
+    fn close_object(&mut self, role: &Role, keys: &[String]) -> bool {
+        if !self.close_ok(role, keys) {
+            return false;
+        }
+        self.stack.pop();
+        self.value_done();
+        true
     }
 
     fn scalar(&mut self, s: Scalar, c: char) -> bool {
