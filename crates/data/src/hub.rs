@@ -1,13 +1,23 @@
-//! The Hugging Face hub through `hf-hub`, with a real offline mode.
+//! The Hugging Face hub through `hf-hub`, with a real offline mode and the
+//! hub's answers turned into errors that say what to do.
 //!
-//! `HF_HOME` picks the cache, `HF_ENDPOINT` the server, `HF_TOKEN` (or the
-//! cache's `token` file) the credentials. `HF_HUB_OFFLINE=1` resolves
-//! everything from the cache alone, without any network attempt (hf-hub does
-//! not read that variable itself, so we honour it here).
+//! The environment is read as `huggingface_hub` reads it: `HF_HOME` (or
+//! `HF_HUB_CACHE`) picks the cache, `HF_ENDPOINT` the server, `HF_TOKEN` (or
+//! the token file `huggingface-cli login` writes, `HF_TOKEN_PATH`) the
+//! credentials. `HF_HUB_OFFLINE=1` resolves everything from the cache alone,
+//! without any network attempt (hf-hub does not read that variable itself,
+//! so we honour it here).
+//!
+//! As `huggingface_hub` does, a failed request for a repository (no network,
+//! a gated or private repository, a server error) falls back to the cache
+//! when the cache holds the revision, and reports the hub's own answer when
+//! it does not: a gated repository names its licence page and whether a
+//! token was sent, a missing one suggests checking the id.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use hf_hub::api::sync::ApiError;
 use hf_hub::{Cache, Repo, RepoType};
 
 /// A repository on the hub, with an optional revision (branch, tag, commit).
@@ -52,12 +62,93 @@ impl HubRepo {
         }
     }
 
-    fn display(&self) -> String {
+    /// `hf://[datasets/]OWNER/NAME[@REV]`, as a recipe writes it.
+    pub fn display(&self) -> String {
         let prefix = if matches!(self.kind, RepoType::Dataset) { "datasets/" } else { "" };
         match &self.revision {
             Some(r) => format!("hf://{prefix}{}@{r}", self.id),
             None => format!("hf://{prefix}{}", self.id),
         }
+    }
+
+    /// The repository's page on `endpoint` (where its licence is accepted).
+    pub fn page(&self, endpoint: &str) -> String {
+        let prefix = if matches!(self.kind, RepoType::Dataset) { "datasets/" } else { "" };
+        format!("{}/{prefix}{}", endpoint.trim_end_matches('/'), self.id)
+    }
+}
+
+/// Where the token sent to the hub came from (named in messages).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// No token: anonymous requests.
+    None,
+    /// The `HF_TOKEN` environment variable.
+    Env,
+    /// A token file (`$HF_HOME/token`, written by `huggingface-cli login`).
+    File(PathBuf),
+}
+
+impl TokenSource {
+    fn describe(&self) -> String {
+        match self {
+            TokenSource::None => "without a token (HF_TOKEN is not set and there is no token file)".into(),
+            TokenSource::Env => "with the token in HF_TOKEN".into(),
+            TokenSource::File(p) => format!("with the token in {}", p.display()),
+        }
+    }
+}
+
+/// What the hub answered that stops a fetch; the messages say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error(
+        "{repo} is gated: the hub answered {status} to a request sent {}. {}{}",
+        token.describe(),
+        if *token == TokenSource::None {
+            format!("Accept its licence at {page} (logged in), then create a read token at https://huggingface.co/settings/tokens and set HF_TOKEN (or run `huggingface-cli login`)")
+        } else {
+            format!("Accept its licence at {page} as the user this token belongs to (access may take a moment to be granted), and check that the token may read gated repositories")
+        },
+        hub_says(message)
+    )]
+    Gated { repo: String, page: String, status: u16, token: TokenSource, message: Option<String> },
+    #[error(
+        "{repo} was not found{}: the hub answered {status} to a request sent {}. Check the id (its page would be {page}){}{}",
+        if *token == TokenSource::None { " (or it is private)" } else { ", or the token cannot see it" },
+        token.describe(),
+        if *token == TokenSource::None { "; for a private repository set HF_TOKEN (or run `huggingface-cli login`)" } else { "" },
+        hub_says(message)
+    )]
+    RepoNotFound { repo: String, page: String, status: u16, token: TokenSource, message: Option<String> },
+    #[error(
+        "{repo}: the revision `{revision}` does not exist (the hub answered 404); check the branch, tag or commit after `@`{}",
+        hub_says(message)
+    )]
+    RevisionNotFound { repo: String, revision: String, message: Option<String> },
+    #[error("{repo} has no file `{file}` at this revision (the hub answered 404){}", hub_says(message))]
+    EntryNotFound { repo: String, file: String, message: Option<String> },
+    #[error(
+        "{repo}: the hub refused the token (answered {status} to a request sent {}); it may be mistyped, revoked or expired: create a new one at https://huggingface.co/settings/tokens{}",
+        token.describe(),
+        hub_says(message)
+    )]
+    BadToken { repo: String, status: u16, token: TokenSource, message: Option<String> },
+    #[error("{repo}: the hub at {endpoint} answered {status}{}; try again later", hub_says(message))]
+    Status { repo: String, endpoint: String, status: u16, message: Option<String> },
+    #[error("cannot reach the hub at {endpoint} for {repo} ({reason})")]
+    Unreachable { repo: String, endpoint: String, reason: String },
+}
+
+fn hub_says(message: &Option<String>) -> String {
+    message.as_ref().map(|m| format!(" (the hub says: {m})")).unwrap_or_default()
+}
+
+impl HubError {
+    /// Whether the cache may answer instead (as `huggingface_hub` does for
+    /// everything but a missing revision or file).
+    fn cache_may_answer(&self) -> bool {
+        !matches!(self, HubError::RevisionNotFound { .. } | HubError::EntryNotFound { .. })
     }
 }
 
@@ -79,48 +170,164 @@ pub fn offline() -> bool {
 }
 
 /// Resolves `repo` and makes the files accepted by `want` available locally;
-/// `progress` shows hf-hub's download bars (on a terminal).
+/// `progress` shows hf-hub's download bars (on a terminal). The hub, cache and
+/// token come from the environment ([`Hub::from_env`]).
 pub fn fetch_files(repo: &HubRepo, want: impl Fn(&str) -> bool, progress: bool) -> Result<Snapshot> {
-    let cache = Cache::from_env();
-    if offline() {
-        return from_cache(&cache, repo, &want);
-    }
-    let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()).or_else(|| cache.token());
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_token(token)
-        .with_progress(progress)
-        .build()
-        .context("cannot set up the Hugging Face hub client")?;
-    let api_repo = api.repo(repo.repo());
-    let info = match api_repo.info() {
-        Ok(info) => info,
-        Err(e) => {
-            // No network: fall back to the cache when it has the revision.
-            return from_cache(&cache, repo, &want).with_context(|| {
-                format!("cannot reach the hub for {} ({e}), and the local cache does not have it", repo.display())
-            });
+    Hub { progress, ..Hub::from_env() }.fetch(repo, want)
+}
+
+/// One hub and one cache, as the environment (or a test) sets them.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    /// The local cache (`HF_HOME/hub`, or `HF_HUB_CACHE`).
+    pub cache: Cache,
+    /// The server (`HF_ENDPOINT`, default `https://huggingface.co`).
+    pub endpoint: String,
+    /// The token sent, if any, and where it came from.
+    pub token: Option<String>,
+    pub token_source: TokenSource,
+    /// Cache only, no request (`HF_HUB_OFFLINE`).
+    pub offline: bool,
+    /// Download bars.
+    pub progress: bool,
+}
+
+impl Hub {
+    /// The hub the environment describes, as `huggingface_hub` reads it.
+    pub fn from_env() -> Hub {
+        let cache = match std::env::var("HF_HUB_CACHE").ok().filter(|c| !c.is_empty()) {
+            Some(dir) => Cache::new(PathBuf::from(dir)),
+            None => Cache::from_env(),
+        };
+        let endpoint = std::env::var("HF_ENDPOINT")
+            .ok()
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| "https://huggingface.co".into());
+        let (token, token_source) = match std::env::var("HF_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
+            Some(t) => (Some(t.trim().to_string()), TokenSource::Env),
+            None => {
+                let path = token_path();
+                match std::fs::read_to_string(&path).map(|t| t.trim().to_string()) {
+                    Ok(t) if !t.is_empty() => (Some(t), TokenSource::File(path)),
+                    _ => (None, TokenSource::None),
+                }
+            }
+        };
+        Hub {
+            cache,
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            token,
+            token_source,
+            offline: offline(),
+            progress: false,
         }
-    };
-    let mut files: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).filter(|f| want(f)).collect();
-    files.sort();
-    let mut dir = None;
-    for f in &files {
-        tracing::info!(repo = %repo.id, file = %f, "fetching");
-        let local = api_repo.get(f).with_context(|| format!("cannot download {f} from {}", repo.display()))?;
-        if dir.is_none() {
-            let depth = Path::new(f).components().count();
-            dir = local.ancestors().nth(depth).map(Path::to_path_buf);
+    }
+
+    /// Resolves `repo` and makes the files accepted by `want` available in
+    /// the cache: online, the revision's file list comes from the hub and
+    /// missing files are downloaded; offline, or when the hub cannot answer,
+    /// the cache alone.
+    pub fn fetch(&self, repo: &HubRepo, want: impl Fn(&str) -> bool) -> Result<Snapshot> {
+        if self.offline {
+            return from_cache(&self.cache, repo, &want, true);
+        }
+        match self.fetch_online(repo, &want) {
+            Ok(snapshot) => Ok(snapshot),
+            Err(e) if e.cache_may_answer() => match from_cache(&self.cache, repo, &want, false) {
+                Ok(snapshot) => {
+                    tracing::warn!("{e}; using revision {} from the local cache", snapshot.revision);
+                    Ok(snapshot)
+                }
+                Err(cache) => Err(anyhow::anyhow!("{e}\n(and the local cache cannot stand in: {cache:#})")),
+            },
+            Err(e) => Err(e.into()),
         }
     }
-    let dir = dir.unwrap_or_else(|| snapshot_dir(&cache, repo, &info.sha));
-    Ok(Snapshot { revision: info.sha, dir, files })
+
+    fn fetch_online(&self, repo: &HubRepo, want: &dyn Fn(&str) -> bool) -> Result<Snapshot, HubError> {
+        let api = hf_hub::api::sync::ApiBuilder::from_cache(self.cache.clone())
+            .with_endpoint(self.endpoint.clone())
+            .with_token(self.token.clone())
+            .with_progress(self.progress)
+            .build()
+            .map_err(|e| self.classify(repo, None, e))?;
+        let api_repo = api.repo(repo.repo());
+        let info = api_repo.info().map_err(|e| self.classify(repo, None, e))?;
+        let mut files: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).filter(|f| want(f)).collect();
+        files.sort();
+        let mut dir = None;
+        for f in &files {
+            tracing::info!(repo = %repo.id, file = %f, "fetching");
+            let local = api_repo.get(f).map_err(|e| self.classify(repo, Some(f), e))?;
+            if dir.is_none() {
+                let depth = Path::new(f).components().count();
+                dir = local.ancestors().nth(depth).map(Path::to_path_buf);
+            }
+        }
+        let dir = dir.unwrap_or_else(|| snapshot_dir(&self.cache, repo, &info.sha));
+        Ok(Snapshot { revision: info.sha, dir, files })
+    }
+
+    /// What an hf-hub error means, from the status and the hub's
+    /// `X-Error-Code` / `X-Error-Message` headers.
+    fn classify(&self, repo: &HubRepo, file: Option<&str>, error: ApiError) -> HubError {
+        let (name, endpoint, token) = (repo.display(), self.endpoint.clone(), self.token_source.clone());
+        let response = match error {
+            ApiError::TooManyRetries(inner) => return self.classify(repo, file, *inner),
+            ApiError::RequestError(e) => match *e {
+                ureq::Error::Status(status, response) => (status, response),
+                ureq::Error::Transport(t) => {
+                    return HubError::Unreachable { repo: name, endpoint, reason: t.to_string() };
+                }
+            },
+            other => return HubError::Unreachable { repo: name, endpoint, reason: other.to_string() },
+        };
+        let (status, response) = response;
+        let code = response.header("x-error-code").map(str::to_string);
+        let message = response.header("x-error-message").map(str::to_string);
+        let page = repo.page(&self.endpoint);
+        let gated = code.as_deref() == Some("GatedRepo")
+            || (status == 403 && message.as_deref().is_some_and(|m| m.contains("gated")));
+        match (status, code.as_deref()) {
+            (401 | 403, _) if gated => HubError::Gated { repo: name, page, status, token, message },
+            (_, Some("RepoNotFound")) | (404, None) if file.is_none() => {
+                HubError::RepoNotFound { repo: name, page, status, token, message }
+            }
+            (_, Some("RevisionNotFound")) => HubError::RevisionNotFound {
+                repo: name,
+                revision: repo.revision.clone().unwrap_or_else(|| "main".into()),
+                message,
+            },
+            (404, _) if file.is_some() => {
+                HubError::EntryNotFound { repo: name, file: file.unwrap_or_default().to_string(), message }
+            }
+            (401, _) if token != TokenSource::None => HubError::BadToken { repo: name, status, token, message },
+            (401 | 403, _) => HubError::RepoNotFound { repo: name, page, status, token, message },
+            _ => HubError::Status { repo: name, endpoint, status, message },
+        }
+    }
+}
+
+/// Where `huggingface-cli login` keeps the token (`HF_TOKEN_PATH`, or
+/// `$HF_HOME/token`).
+fn token_path() -> PathBuf {
+    if let Ok(p) = std::env::var("HF_TOKEN_PATH") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HF_HOME").map(PathBuf::from).unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+        PathBuf::from(home).join(".cache").join("huggingface")
+    });
+    home.join("token")
 }
 
 fn snapshot_dir(cache: &Cache, repo: &HubRepo, commit: &str) -> PathBuf {
     cache.path().join(repo.repo().folder_name()).join("snapshots").join(commit)
 }
 
-fn from_cache(cache: &Cache, repo: &HubRepo, want: &dyn Fn(&str) -> bool) -> Result<Snapshot> {
+/// The revision's files from the cache alone; `offline` adds the advice to
+/// unset `HF_HUB_OFFLINE`.
+fn from_cache(cache: &Cache, repo: &HubRepo, want: &dyn Fn(&str) -> bool, offline: bool) -> Result<Snapshot> {
     let repo_dir = cache.path().join(repo.repo().folder_name());
     let rev = repo.revision.clone().unwrap_or_else(|| "main".into());
     let commit = if rev.len() == 40 && rev.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -134,7 +341,7 @@ fn from_cache(cache: &Cache, repo: &HubRepo, want: &dyn Fn(&str) -> bool) -> Res
                 repo.display(),
                 cache.path().display(),
                 ref_path.display(),
-                if offline() { ", or unset HF_HUB_OFFLINE to download it" } else { "" }
+                if offline { ", or unset HF_HUB_OFFLINE to download it" } else { "" }
             )
         })?
     };
