@@ -105,6 +105,8 @@ pip_install "transformers, jinja2" "transformers>=5,<6" jinja2
 # huggingface_hub reads the model cards `export` writes (ModelCard,
 # metadata_load), as the hub does.
 pip_install huggingface_hub huggingface_hub
+# TensorBoard's own EventAccumulator reads back the training event files.
+pip_install "tensorboard.backend.event_processing.event_accumulator" tensorboard
 
 # --- llama.cpp, the runtime the GGUF files are checked in -----------------
 # Built once per machine outside the clone (scripts/build-llama-cpp.sh);

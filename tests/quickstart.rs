@@ -84,6 +84,35 @@ for sub, library in [("train", "peft"), ("merged", "transformers")]:
     if let Some(out) = out {
         assert!(out.contains("train ") && out.contains("merged "), "{out}");
     }
+    // The training log as HF Trainer and TensorBoard users read it.
+    let script = r#"
+import sys, csv
+from transformers import TrainerState
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+d = sys.argv[1] + "/train"
+rows = list(csv.DictReader(open(d + "/loss.csv")))
+state = TrainerState.load_from_json(d + "/trainer_state.json")
+steps = [h for h in state.log_history if "loss" in h]
+assert [h["step"] for h in steps] == [int(r["step"]) for r in rows], steps
+assert all(abs(h["loss"] - float(r["loss"])) < 1e-5 for h, r in zip(steps, rows))
+assert all("learning_rate" in h and "grad_norm" in h and "epoch" in h for h in steps)
+assert state.global_step == int(rows[-1]["step"]) == state.max_steps
+evals = [h for h in state.log_history if "eval_loss" in h]
+assert [h["step"] for h in evals] == [0] + [int(r["step"]) for r in rows if r["eval_loss"]], evals
+ea = EventAccumulator(d + "/runs")
+ea.Reload()
+tags = set(ea.Tags()["scalars"])
+assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/epoch", "eval/loss"} <= tags, tags
+loss = ea.Scalars("train/loss")
+assert [e.step for e in loss] == [int(r["step"]) for r in rows]
+assert all(abs(e.value - float(r["loss"])) < 1e-4 for e, r in zip(loss, rows))
+assert [e.step for e in ea.Scalars("eval/loss")] == [h["step"] for h in evals]
+print("logs", len(loss), len(evals))
+"#;
+    let out = common::python_check("tensorboard", script, &[p.path("out").to_str().unwrap()]);
+    if let Some(out) = out {
+        assert_eq!(out, "logs 2 2");
+    }
     let card = std::fs::read_to_string(p.path("out/train/README.md")).unwrap();
     assert!(card.contains("PeftModel.from_pretrained") && card.contains("| metric | base | fine-tuned |"), "{card}");
 }

@@ -25,6 +25,10 @@ pub struct LogRow {
     pub tokens: u64,
     /// Validation loss, when evaluated at this step.
     pub eval_loss: Option<f64>,
+    /// When the step finished (seconds since the Unix epoch); absent in
+    /// logs read back from `loss.csv`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<f64>,
 }
 
 /// What `state.json` holds.

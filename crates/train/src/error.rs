@@ -29,6 +29,8 @@ pub enum Error {
     Observer(Box<dyn std::error::Error + Send + Sync>),
     #[error("cannot draw {}: {message}", file.display())]
     Plot { file: PathBuf, message: String },
+    #[error("cannot write the training logs in {}: {message}", dir.display())]
+    Logs { dir: PathBuf, message: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

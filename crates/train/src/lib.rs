@@ -2,7 +2,8 @@
 //! [`TrainConfig`]), the optimizer and schedules ([`optim`]), checkpoints
 //! ([`checkpoint`]), the examples it reads ([`TokenizedSplit`]),
 //! deterministic data order and dropout, one example's loss and gradients
-//! (whole graph or with activation checkpointing), and the loss plot.
+//! (whole graph or with activation checkpointing), the loss plot, and the
+//! logs HF Trainer and TensorBoard users read ([`logs`]).
 //!
 //! Determinism is what makes resume exact: the data order of an epoch and
 //! every dropout mask are *derived* from (seed, epoch) and (seed, step,
@@ -12,6 +13,7 @@
 pub mod checkpoint;
 pub mod error;
 pub mod examples;
+pub mod logs;
 pub mod optim;
 pub mod plot;
 pub mod trainer;

@@ -112,6 +112,7 @@ pub fn read_loss_csv(text: &str) -> Vec<LogRow> {
                 grad_norm: f[4].parse().ok()?,
                 tokens: f[5].parse().ok()?,
                 eval_loss: f[6].trim().parse().ok(),
+                time: None,
             })
         })
         .collect()

@@ -368,6 +368,7 @@ impl Trainer {
             grad_norm,
             tokens: supervised,
             eval_loss: None,
+            time: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs_f64()),
         };
         Ok((row, tokens))
     }
@@ -424,6 +425,10 @@ impl Trainer {
     }
     pub fn total_steps(&self) -> u64 {
         self.total_steps
+    }
+    /// Optimizer steps in one pass over the training examples.
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.train.len().div_ceil(self.cfg.gradient_accumulation) as u64
     }
     pub fn config(&self) -> &TrainConfig {
         &self.cfg

@@ -84,6 +84,25 @@ pub struct RecipeMeta {
     /// dropout). Same seed, same inputs: same result.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Where trainings also log as they run, as transformers' `report_to`:
+    /// `["tensorboard"]` (the default: event files in the training's work
+    /// dir, whose path is logged) or `["none"]`. A finished training holds
+    /// `trainer_state.json` and TensorBoard files either way; this is not
+    /// part of any key.
+    #[serde(default = "default_report_to")]
+    pub report_to: Vec<ReportTo>,
+}
+
+/// A logging integration for `report_to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportTo {
+    Tensorboard,
+    None,
+}
+
+fn default_report_to() -> Vec<ReportTo> {
+    vec![ReportTo::Tensorboard]
 }
 
 fn default_device() -> String {

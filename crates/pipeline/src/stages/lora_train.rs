@@ -5,7 +5,11 @@
 //! `pipeline-train`), resuming from the newest checkpoint in its work dir.
 //! Output (PEFT layout, loadable by `PeftModel.from_pretrained`):
 //! `adapter_model.safetensors`, `adapter_config.json`, plus `base_weights.json`
-//! (the base weights' blake3, for `merge`), `loss.csv` and `loss.svg`.
+//! (the base weights' blake3, for `merge`), `loss.csv` and `loss.svg`, and the
+//! same log as HF Trainer's `trainer_state.json` and as TensorBoard event
+//! files in `runs/`. With `[recipe] report_to = ["tensorboard"]` (the
+//! default) a running training also writes events live into its work dir,
+//! whose path is logged (`tensorboard --logdir …`).
 
 use std::collections::BTreeMap;
 
@@ -13,6 +17,7 @@ use anyhow::{Context, Result};
 use pipeline_model::TARGETS;
 use pipeline_model::adapter;
 use pipeline_train::checkpoint::{self, LogRow};
+use pipeline_train::logs::{self, RunShape, TensorBoard};
 use pipeline_train::optim::Schedule;
 use pipeline_train::trainer::ObserverError;
 use pipeline_train::{LoraConfig, Observer, TokenizedSplit, TrainConfig, Trainer, plot};
@@ -271,7 +276,22 @@ impl Stage for Params {
 
         let mut trainer = Trainer::new(model, train, eval, self.config(ctx.env.recipe.recipe.seed))?;
         trainer.resume(&ctx.work)?;
-        let summary = trainer.run(Some(&ctx.work), &mut Progress::new(ctx))?;
+        let shape = RunShape {
+            steps_per_epoch: trainer.steps_per_epoch(),
+            total_steps: trainer.total_steps(),
+            epochs: self.epochs,
+            eval_every: self.eval_every,
+            checkpoint_every: self.checkpoint_every,
+            examples_per_step: self.gradient_accumulation,
+        };
+        let live = if ctx.env.recipe.recipe.report_to.contains(&crate::recipe::ReportTo::Tensorboard) {
+            let dir = ctx.work.join("runs");
+            tracing::info!("training curves live: tensorboard --logdir {}", dir.display());
+            Some(TensorBoard::create(&dir, shape)?)
+        } else {
+            None
+        };
+        let summary = trainer.run(Some(&ctx.work), &mut Progress::new(ctx, live))?;
 
         // Outputs: the adapter in PEFT's layout, the loss log and its plot.
         let base_id = base.source.strip_prefix("hf://").unwrap_or(&base.source).to_string();
@@ -281,6 +301,9 @@ impl Stage for Params {
         adapter::save(&ctx.out, &cfg, &tensors, base_weights_blake3.as_deref())?;
         let state = trainer.state();
         std::fs::write(ctx.out.join("loss.csv"), plot::loss_csv(&state.log))?;
+        let trainer_state = logs::trainer_state(&state.log, state.initial_eval_loss, shape);
+        std::fs::write(ctx.out.join("trainer_state.json"), serde_json::to_string_pretty(&trainer_state)? + "\n")?;
+        logs::write_tensorboard(&ctx.out.join("runs"), &state.log, state.initial_eval_loss, shape)?;
         plot::loss_curve(
             &ctx.out.join("loss.svg"),
             &format!("{} — LoRA r={} on {}", ctx.name, self.rank, base_id),
@@ -322,16 +345,18 @@ impl Params {
     }
 }
 
-/// The run's progress for the reporter; checkpoints go to the remote cache.
+/// The run's progress for the reporter and the live TensorBoard file;
+/// checkpoints go to the remote cache.
 struct Progress<'a> {
     ctx: &'a RunContext<'a>,
     /// Started with the run (its length is known then).
     bar: Option<Box<dyn crate::report::Progress>>,
+    live: Option<TensorBoard>,
 }
 
 impl<'a> Progress<'a> {
-    fn new(ctx: &'a RunContext<'a>) -> Progress<'a> {
-        Progress { ctx, bar: None }
+    fn new(ctx: &'a RunContext<'a>, live: Option<TensorBoard>) -> Progress<'a> {
+        Progress { ctx, bar: None, live }
     }
 }
 
@@ -347,6 +372,9 @@ impl Observer for Progress<'_> {
             let eval = row.eval_loss.map(|l| format!(" eval {l:.4}")).unwrap_or_default();
             bar.set_message(format!("loss {:.4} lr {:.2e} {tokens_per_s:.0} tok/s{eval}", row.loss, row.lr));
             bar.set_position(row.step);
+        }
+        if let Some(tb) = &mut self.live {
+            tb.row(row)?;
         }
         Ok(())
     }
