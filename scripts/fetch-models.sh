@@ -105,6 +105,9 @@ pip_install "transformers, jinja2" "transformers>=5,<6" jinja2
 # huggingface_hub reads the model cards `export` writes (ModelCard,
 # metadata_load), as the hub does.
 pip_install huggingface_hub huggingface_hub
+# olah, a self-hosted Hugging Face hub mirror: the online hub tests serve
+# local git repositories through it (HF_ENDPOINT on loopback).
+pip_install olah.server olah
 # TensorBoard's own EventAccumulator reads back the training event files.
 pip_install "tensorboard.backend.event_processing.event_accumulator" tensorboard
 

@@ -14,11 +14,13 @@
 //! it does not: a gated repository names its licence page and whether a
 //! token was sent, a missing one suggests checking the id.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use hf_hub::api::sync::ApiError;
 use hf_hub::{Cache, Repo, RepoType};
+
+mod download;
 
 /// A repository on the hub, with an optional revision (branch, tag, commit).
 #[derive(Debug, Clone)]
@@ -138,6 +140,10 @@ pub enum HubError {
     Status { repo: String, endpoint: String, status: u16, message: Option<String> },
     #[error("cannot reach the hub at {endpoint} for {repo} ({reason})")]
     Unreachable { repo: String, endpoint: String, reason: String },
+    #[error("{repo}: the server at {endpoint} does not answer as the hub does: {message}")]
+    Protocol { repo: String, endpoint: String, message: String },
+    #[error("cannot write the Hugging Face cache at {}: {message}", path.display())]
+    Cache { path: PathBuf, message: String },
 }
 
 fn hub_says(message: &Option<String>) -> String {
@@ -148,7 +154,7 @@ impl HubError {
     /// Whether the cache may answer instead (as `huggingface_hub` does for
     /// everything but a missing revision or file).
     fn cache_may_answer(&self) -> bool {
-        !matches!(self, HubError::RevisionNotFound { .. } | HubError::EntryNotFound { .. })
+        !matches!(self, HubError::RevisionNotFound { .. } | HubError::EntryNotFound { .. } | HubError::Cache { .. })
     }
 }
 
@@ -255,34 +261,46 @@ impl Hub {
         let info = api_repo.info().map_err(|e| self.classify(repo, None, e))?;
         let mut files: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).filter(|f| want(f)).collect();
         files.sort();
-        let mut dir = None;
+        let dir = snapshot_dir(&self.cache, repo, &info.sha);
         for f in &files {
-            tracing::info!(repo = %repo.id, file = %f, "fetching");
-            let local = api_repo.get(f).map_err(|e| self.classify(repo, Some(f), e))?;
-            if dir.is_none() {
-                let depth = Path::new(f).components().count();
-                dir = local.ancestors().nth(depth).map(Path::to_path_buf);
+            if dir.join(f).exists() {
+                continue;
             }
+            tracing::info!(repo = %repo.id, file = %f, "fetching");
+            self.download(repo, &info.sha, f)?;
         }
-        let dir = dir.unwrap_or_else(|| snapshot_dir(&self.cache, repo, &info.sha));
+        if repo.revision.as_deref() != Some(info.sha.as_str()) {
+            let rev = repo.revision.as_deref().unwrap_or("main");
+            let refs = self.cache.path().join(repo.repo().folder_name()).join("refs");
+            let io = |e: std::io::Error| HubError::Cache { path: refs.clone(), message: e.to_string() };
+            std::fs::create_dir_all(refs.join(rev).parent().unwrap_or(&refs)).map_err(io)?;
+            std::fs::write(refs.join(rev), &info.sha).map_err(io)?;
+        }
         Ok(Snapshot { revision: info.sha, dir, files })
     }
 
     /// What an hf-hub error means, from the status and the hub's
     /// `X-Error-Code` / `X-Error-Message` headers.
     fn classify(&self, repo: &HubRepo, file: Option<&str>, error: ApiError) -> HubError {
+        let (name, endpoint) = (repo.display(), self.endpoint.clone());
+        match error {
+            ApiError::TooManyRetries(inner) => self.classify(repo, file, *inner),
+            ApiError::RequestError(e) => self.classify_request(repo, file, *e),
+            ApiError::MissingHeader(h) | ApiError::InvalidHeader(h) => {
+                HubError::Protocol { repo: name, endpoint, message: format!("its answer lacks a valid `{h}` header") }
+            }
+            other => HubError::Unreachable { repo: name, endpoint, reason: other.to_string() },
+        }
+    }
+
+    /// What a failed request means, from the status and the hub's
+    /// `X-Error-Code` / `X-Error-Message` headers.
+    fn classify_request(&self, repo: &HubRepo, file: Option<&str>, error: ureq::Error) -> HubError {
         let (name, endpoint, token) = (repo.display(), self.endpoint.clone(), self.token_source.clone());
-        let response = match error {
-            ApiError::TooManyRetries(inner) => return self.classify(repo, file, *inner),
-            ApiError::RequestError(e) => match *e {
-                ureq::Error::Status(status, response) => (status, response),
-                ureq::Error::Transport(t) => {
-                    return HubError::Unreachable { repo: name, endpoint, reason: t.to_string() };
-                }
-            },
-            other => return HubError::Unreachable { repo: name, endpoint, reason: other.to_string() },
+        let (status, response) = match error {
+            ureq::Error::Status(status, response) => (status, response),
+            ureq::Error::Transport(t) => return HubError::Unreachable { repo: name, endpoint, reason: t.to_string() },
         };
-        let (status, response) = response;
         let code = response.header("x-error-code").map(str::to_string);
         let message = response.header("x-error-message").map(str::to_string);
         let page = repo.page(&self.endpoint);

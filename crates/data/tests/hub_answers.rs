@@ -281,10 +281,10 @@ fn a_download_resumes_from_its_partial_file_into_the_hub_cache_layout() {
         (206, headers, body[start..=end].to_vec())
     });
     let cache = tempfile::tempdir().unwrap();
-    // A download killed midway left the first 12,345 bytes.
+    // A download killed midway left the first 12,345 bytes (as huggingface_hub names a partial blob).
     let blobs = cache.path().join("models--owner--tiny/blobs");
     std::fs::create_dir_all(&blobs).unwrap();
-    std::fs::write(blobs.join(format!("{etag}.part")), &content[..12_345]).unwrap();
+    std::fs::write(blobs.join(format!("{etag}.incomplete")), &content[..12_345]).unwrap();
 
     let snapshot = hub(&endpoint, cache.path(), None).fetch(&model("owner/tiny"), |_| true).unwrap();
     assert_eq!(snapshot.revision, COMMIT);
@@ -298,5 +298,5 @@ fn a_download_resumes_from_its_partial_file_into_the_hub_cache_layout() {
     assert_eq!(std::fs::read_to_string(repo.join("refs/main")).unwrap(), COMMIT);
     let link = std::fs::read_link(repo.join("snapshots").join(COMMIT).join("model.safetensors")).unwrap();
     assert!(link.ends_with(Path::new("blobs").join(etag)), "{}", link.display());
-    assert!(!blobs.join(format!("{etag}.part")).exists());
+    assert!(!blobs.join(format!("{etag}.incomplete")).exists());
 }
