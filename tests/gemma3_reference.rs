@@ -19,6 +19,7 @@ fn load() -> Option<(Box<dyn CausalLm>, tokenizers::Tokenizer)> {
         chat_template_file: None,
         weights: vec![dir.join("gemma-3-270m-q4_k_m.gguf")],
         revision: None,
+        weight_ids: Default::default(),
     };
     let m = model::load(&resolved, &Device::Cpu, 512).unwrap();
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();

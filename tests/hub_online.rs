@@ -5,8 +5,10 @@
 //! with a `v1` tag and a later commit, and the real tool-use dataset's
 //! parquet files as a dataset repo.
 //!
-//! Shown: a recipe runs end to end online with `@v1` pinned (the adapter
-//! records v1's commit, not main's); a half-written blob left by a killed
+//! Shown: planning online fetches the small files but not the weights (the
+//! stages are keyed on the hub's etag of them, the same offline later); a
+//! recipe runs end to end online with `@v1` pinned (the adapter records
+//! v1's commit, not main's); a half-written blob left by a killed
 //! download is replaced by the whole file (olah's mirror ignores `Range`,
 //! so the download starts over — the byte-range resume itself is tested
 //! against a hub-like handler in `crates/data/tests/hub_answers.rs`);
@@ -204,6 +206,13 @@ fn an_online_recipe_runs_against_a_hub_server_and_shares_its_cache_with_huggingf
     let size = std::fs::metadata(&weights).unwrap().len() as usize;
     std::fs::write(blobs.join(format!("{etag}.incomplete")), vec![0u8; size / 2]).unwrap();
 
+    // Planning online downloads the small files, not the weights: stages
+    // are keyed on the hub's identity of them.
+    let planned = plan(&ok(pipeline(&p, &hf_home, Some(&olah.endpoint), &["plan", "--json", "online.toml"])));
+    assert!(!blobs.join(&etag).exists(), "plan must not download the weights");
+    assert_eq!(std::fs::metadata(blobs.join(format!("{etag}.incomplete"))).unwrap().len() as usize, size / 2);
+    assert!(hf_home.join("hub/models--pipeline-test--tiny-gemma3/snapshots").join(&v1).join("config.json").exists());
+
     ok(pipeline(&p, &hf_home, Some(&olah.endpoint), &["run", "online.toml"]));
     assert_eq!(std::fs::read(blobs.join(&etag)).unwrap(), std::fs::read(&weights).unwrap(), "the blob is whole");
     assert!(!blobs.join(format!("{etag}.incomplete")).exists());
@@ -220,6 +229,8 @@ fn an_online_recipe_runs_against_a_hub_server_and_shares_its_cache_with_huggingf
     let ours = plan(&ok(pipeline(&p, &hf_home, None, &["plan", "--json", "online.toml"])));
     assert_eq!(ours.len(), 4, "{ours:?}");
     assert!(ours.iter().all(|(_, _, status)| status == "cached"), "{ours:?}");
+    let key = |v: &[(String, String, String)]| v.iter().map(|(n, k, _)| (n.clone(), k.clone())).collect::<Vec<_>>();
+    assert_eq!(key(&planned), key(&ours), "online before the download and offline after it: the same keys");
 
     // huggingface_hub reads our cache, and writes one we read.
     let theirs_home = p.path("hf-theirs");
@@ -248,7 +259,6 @@ print("ok", len(model.revisions))
     );
     if out.is_some() {
         let theirs = plan(&ok(pipeline(&p, &theirs_home, None, &["plan", "--json", "online.toml"])));
-        let key = |v: &[(String, String, String)]| v.iter().map(|(n, k, _)| (n.clone(), k.clone())).collect::<Vec<_>>();
         assert_eq!(key(&theirs), key(&ours), "the same files give the same keys, whoever downloaded them");
     }
 }

@@ -20,6 +20,7 @@ fn resolved(dir: &std::path::Path) -> ModelFiles {
         chat_template_file: None,
         weights: vec![dir.join("model.safetensors")],
         revision: None,
+        weight_ids: Default::default(),
     }
 }
 

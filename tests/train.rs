@@ -358,6 +358,7 @@ fn full_model_gradients_match_finite_differences() {
         chat_template_file: None,
         weights: vec![p.path("tiny/model.safetensors")],
         revision: None,
+        weight_ids: Default::default(),
     };
     let mut model = pipeline_model::load(&resolved, &Device::Cpu, 64).unwrap();
     // LoRA on every module of both layers (one sliding, one global), with a

@@ -167,6 +167,27 @@ pub struct Snapshot {
     pub dir: PathBuf,
     /// Paths relative to `dir`, sorted.
     pub files: Vec<String>,
+    /// The hub's identity of each file whose identity is known (its etag:
+    /// the LFS sha256, or the git blob id of a small file), from the
+    /// cache's `snapshots/… -> blobs/ETAG` links or, for a file not
+    /// downloaded yet, the hub's `HEAD` answer.
+    pub etags: std::collections::BTreeMap<String, String>,
+}
+
+impl Snapshot {
+    /// Whether every listed file is on disk (an [`identify`] snapshot may
+    /// list files not downloaded yet).
+    pub fn complete(&self) -> bool {
+        self.files.iter().all(|f| self.dir.join(f).is_file())
+    }
+}
+
+/// The etag a cache link names: `snapshots/C/F -> ../../blobs/ETAG`.
+fn linked_etag(path: &std::path::Path) -> Option<String> {
+    let target = std::fs::read_link(path).ok()?;
+    let name = target.file_name()?.to_str()?.to_string();
+    let parent = target.parent()?.file_name()?;
+    (parent == "blobs").then_some(name)
 }
 
 /// Whether `HF_HUB_OFFLINE` asks for cache-only resolution.
@@ -176,10 +197,17 @@ pub fn offline() -> bool {
 }
 
 /// Resolves `repo` and makes the files accepted by `want` available locally;
-/// `progress` shows hf-hub's download bars (on a terminal). The hub, cache and
+/// `progress` shows download bars (on a terminal). The hub, cache and
 /// token come from the environment ([`Hub::from_env`]).
 pub fn fetch_files(repo: &HubRepo, want: impl Fn(&str) -> bool, progress: bool) -> Result<Snapshot> {
     Hub { progress, ..Hub::from_env() }.fetch(repo, want)
+}
+
+/// Resolves `repo` and the hub's identity (etag) of the files accepted by
+/// `want`, downloading none of them: what a plan needs to key stages on
+/// large weights it may never read.
+pub fn identify(repo: &HubRepo, want: impl Fn(&str) -> bool) -> Result<Snapshot> {
+    Hub::from_env().identify(repo, want)
 }
 
 /// One hub and one cache, as the environment (or a test) sets them.
@@ -234,10 +262,20 @@ impl Hub {
     /// missing files are downloaded; offline, or when the hub cannot answer,
     /// the cache alone.
     pub fn fetch(&self, repo: &HubRepo, want: impl Fn(&str) -> bool) -> Result<Snapshot> {
+        self.resolve(repo, &want, true)
+    }
+
+    /// As [`Hub::fetch`], but only the files' identities: nothing is
+    /// downloaded (a `HEAD` per file not in the cache).
+    pub fn identify(&self, repo: &HubRepo, want: impl Fn(&str) -> bool) -> Result<Snapshot> {
+        self.resolve(repo, &want, false)
+    }
+
+    fn resolve(&self, repo: &HubRepo, want: &dyn Fn(&str) -> bool, download: bool) -> Result<Snapshot> {
         if self.offline {
             return from_cache(&self.cache, repo, &want, true);
         }
-        match self.fetch_online(repo, &want) {
+        match self.fetch_online(repo, &want, download) {
             Ok(snapshot) => Ok(snapshot),
             Err(e) if e.cache_may_answer() => match from_cache(&self.cache, repo, &want, false) {
                 Ok(snapshot) => {
@@ -250,7 +288,7 @@ impl Hub {
         }
     }
 
-    fn fetch_online(&self, repo: &HubRepo, want: &dyn Fn(&str) -> bool) -> Result<Snapshot, HubError> {
+    fn fetch_online(&self, repo: &HubRepo, want: &dyn Fn(&str) -> bool, download: bool) -> Result<Snapshot, HubError> {
         let api = hf_hub::api::sync::ApiBuilder::from_cache(self.cache.clone())
             .with_endpoint(self.endpoint.clone())
             .with_token(self.token.clone())
@@ -262,12 +300,21 @@ impl Hub {
         let mut files: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).filter(|f| want(f)).collect();
         files.sort();
         let dir = snapshot_dir(&self.cache, repo, &info.sha);
+        let mut etags = std::collections::BTreeMap::new();
         for f in &files {
-            if dir.join(f).exists() {
-                continue;
+            if !dir.join(f).exists() {
+                if download {
+                    tracing::info!(repo = %repo.id, file = %f, "fetching");
+                    self.download(repo, &info.sha, f)?;
+                } else {
+                    let url = format!("{}/{}/resolve/{}/{f}", self.endpoint, repo.repo().url(), info.sha);
+                    etags.insert(f.clone(), self.head(repo, f, &url)?.etag);
+                    continue;
+                }
             }
-            tracing::info!(repo = %repo.id, file = %f, "fetching");
-            self.download(repo, &info.sha, f)?;
+            if let Some(etag) = linked_etag(&dir.join(f)) {
+                etags.insert(f.clone(), etag);
+            }
         }
         if repo.revision.as_deref() != Some(info.sha.as_str()) {
             let rev = repo.revision.as_deref().unwrap_or("main");
@@ -276,7 +323,7 @@ impl Hub {
             std::fs::create_dir_all(refs.join(rev).parent().unwrap_or(&refs)).map_err(io)?;
             std::fs::write(refs.join(rev), &info.sha).map_err(io)?;
         }
-        Ok(Snapshot { revision: info.sha, dir, files })
+        Ok(Snapshot { revision: info.sha, dir, files, etags })
     }
 
     /// What an hf-hub error means, from the status and the hub's
@@ -367,8 +414,9 @@ fn from_cache(cache: &Cache, repo: &HubRepo, want: &dyn Fn(&str) -> bool, offlin
     if !dir.is_dir() {
         bail!("{}: revision {commit} is not in the cache ({} is missing)", repo.display(), dir.display());
     }
-    let files = pipeline_fs::list_files(&dir)?.into_iter().filter(|f| want(f)).collect();
-    Ok(Snapshot { revision: commit, dir, files })
+    let files: Vec<String> = pipeline_fs::list_files(&dir)?.into_iter().filter(|f| want(f)).collect();
+    let etags = files.iter().filter_map(|f| linked_etag(&dir.join(f)).map(|e| (f.clone(), e))).collect();
+    Ok(Snapshot { revision: commit, dir, files, etags })
 }
 
 #[cfg(test)]

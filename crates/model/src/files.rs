@@ -24,6 +24,10 @@ pub struct ModelFiles {
     pub weights: Vec<PathBuf>,
     /// The hub revision a `hf://` source resolved to.
     pub revision: Option<String>,
+    /// The hub's identity (etag: LFS sha256) of weights files by name, for
+    /// a `hf://` source: stages are keyed on it, so the weights need not be
+    /// on disk (nor hashed) to plan; they are fetched when a stage runs.
+    pub weight_ids: std::collections::BTreeMap<String, String>,
 }
 
 impl ModelFiles {
@@ -54,6 +58,7 @@ impl ModelFiles {
             chat_template_file: file("chat_template.jinja"),
             weights,
             revision: None,
+            weight_ids: Default::default(),
         })
     }
 

@@ -45,7 +45,7 @@ impl Hub {
         Ok(pointer)
     }
 
-    fn head(&self, repo: &HubRepo, file: &str, url: &str) -> Result<Head, HubError> {
+    pub(super) fn head(&self, repo: &HubRepo, file: &str, url: &str) -> Result<Head, HubError> {
         let agent = ureq::AgentBuilder::new().redirects(0).timeout_connect(Duration::from_secs(15)).build();
         let mut target = url.to_string();
         for _ in 0..10 {
@@ -180,8 +180,8 @@ impl Hub {
 }
 
 /// What `HEAD` says of a file.
-struct Head {
-    etag: String,
+pub(super) struct Head {
+    pub(super) etag: String,
     commit: String,
     size: Option<u64>,
     /// Where to `GET` it (the CDN an absolute redirect names, or the hub).

@@ -314,7 +314,7 @@ impl<'a> Evaluation<'a> {
             bail!("stage `{}`: split `{split}` has no rows to evaluate ({})", ctx.name, path.display());
         }
         let template = trained_template(conv_dir)?;
-        let resolved = ctx.env.model()?;
+        let resolved = ctx.env.model_weights()?;
         let tok_path = resolved.tokenizer_json()?;
         let tokenizer = tokenizers::Tokenizer::from_file(tok_path)
             .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tok_path.display()))?;

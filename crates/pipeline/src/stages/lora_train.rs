@@ -271,7 +271,7 @@ impl Stage for Params {
         };
         // Rotary tables for the longest example (the trainer checks it fits).
         let longest = train.longest().max(eval.as_ref().map_or(0, TokenizedSplit::longest)).max(1);
-        let base = ctx.env.model()?;
+        let base = ctx.env.model_weights()?;
         let model = pipeline_model::load(base, &pipeline_model::device(&ctx.env.recipe.recipe.device)?, longest)?;
 
         let mut trainer = Trainer::new(model, train, eval, self.config(ctx.env.recipe.recipe.seed))?;

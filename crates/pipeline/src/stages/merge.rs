@@ -63,7 +63,7 @@ impl Stage for Params {
     }
 
     fn run(&self, ctx: &RunContext) -> Result<Value> {
-        let base = ctx.env.model()?;
+        let base = ctx.env.model_weights()?;
         let template = match &self.chat {
             Some(_) => Some(crate::stages::evaluate::trained_template(ctx.input("chat"))?),
             None => None,

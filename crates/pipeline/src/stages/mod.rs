@@ -66,7 +66,16 @@ impl<'a> Env<'a> {
         Env { recipe, memo, model: OnceCell::new() }
     }
 
-    /// The base model's files, resolved once per run.
+    /// The base model's weights on disk: [`Env::model`], with the weights
+    /// of a `hf://` model downloaded (what a stage that reads them runs on).
+    pub fn model_weights(&self) -> Result<&ModelFiles> {
+        let m = self.model()?;
+        crate::model_source::fetch_weights(m)?;
+        Ok(m)
+    }
+
+    /// The base model's files, resolved once per run; the weights of a
+    /// `hf://` model may not be on disk yet ([`Env::model_weights`]).
     pub fn model(&self) -> Result<&ModelFiles> {
         self.model
             .get_or_init(|| crate::model_source::resolve(self.recipe).map_err(|e| format!("{e:#}")))
@@ -83,7 +92,13 @@ impl<'a> Env<'a> {
         let mut out = BTreeMap::new();
         for w in &m.weights {
             let name = w.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            out.insert(format!("base weights {name}"), self.hash_file(w)?);
+            // A hub file is keyed on the hub's identity of it (nothing to
+            // download or hash to plan); a local one on its content.
+            let id = match m.weight_ids.get(&name) {
+                Some(etag) => format!("hub etag {etag}"),
+                None => self.hash_file(w)?,
+            };
+            out.insert(format!("base weights {name}"), id);
         }
         if let Some(c) = &m.config_json {
             out.insert("config.json".into(), self.hash_file(c)?);

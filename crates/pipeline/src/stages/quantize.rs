@@ -91,7 +91,7 @@ impl Stage for Params {
         }
         let model = match &self.model {
             Some(_) => crate::model_source::from_path(ctx.input("model"))?,
-            None => ctx.env.model()?.clone(),
+            None => ctx.env.model_weights()?.clone(),
         };
         let name = ctx.env.recipe.recipe.name.clone();
         let mut files = serde_json::Map::new();
