@@ -165,6 +165,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Download what a recipe reads from the Hugging Face hub (the base
+    /// model's weights, `hf://` datasets) into the cache (`HF_HOME`), so that
+    /// it runs offline later (`HF_HUB_OFFLINE=1`). An interrupted download
+    /// resumes where it stopped.
+    Fetch {
+        #[command(flatten)]
+        args: RecipeArgs,
+    },
     /// Check recipes without reading data or models.
     Validate {
         /// Recipe files.

@@ -69,6 +69,7 @@ fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Run { args, until } => run(args, until),
         Command::Plan { args, json } => plan(args, json),
+        Command::Fetch { args } => fetch(args),
         Command::Validate { recipes, set } => validate(recipes, set),
         Command::Schema => {
             print!("{}", pipeline::recipe::json_schema());
@@ -166,6 +167,29 @@ fn plan(args: RecipeArgs, json: bool) -> Result<()> {
             let reason = s.reason.as_deref().map(|r| format!("  ({r})")).unwrap_or_default();
             println!("{:<16} {:<16} {}  {status}{reason}", s.name, s.kind, s.key.short());
         }
+    }
+    Ok(())
+}
+
+/// `pipeline fetch`: planning resolves every `hf://` source (datasets are
+/// downloaded then, models' small files too); the base model's weights,
+/// otherwise fetched when a stage reads them, are downloaded here.
+fn fetch(args: RecipeArgs) -> Result<()> {
+    let recipes = match crate::sweep::target(&args)? {
+        crate::sweep::Target::Recipe(r) => vec![r],
+        crate::sweep::Target::Sweep(variants) => variants.into_iter().map(|v| v.recipe).collect(),
+    };
+    let exec = args.executor()?;
+    for recipe in &recipes {
+        exec.plan(recipe, None)?;
+        let model = pipeline::model_source::resolve_with_weights(recipe)?;
+        println!(
+            "{}: {} ({} weights file(s) in {})",
+            recipe.recipe.name,
+            model.source,
+            model.weights.len(),
+            model.dir.display()
+        );
     }
     Ok(())
 }

@@ -14,7 +14,9 @@
 //! against a hub-like handler in `crates/data/tests/hub_answers.rs`);
 //! `huggingface_hub` reads the cache we wrote (`scan_cache_dir`,
 //! `hf_hub_download(local_files_only=True)`), and we read, offline, the
-//! cache `huggingface_hub` wrote, with the same stage keys.
+//! cache `huggingface_hub` wrote, with the same stage keys. And against a
+//! hub-like server that honours `Range`: `pipeline fetch` killed halfway
+//! through the weights resumes from the byte where it stopped.
 
 mod common;
 
@@ -261,4 +263,147 @@ print("ok", len(model.revisions))
         let theirs = plan(&ok(pipeline(&p, &theirs_home, None, &["plan", "--json", "online.toml"])));
         assert_eq!(key(&theirs), key(&ours), "the same files give the same keys, whoever downloaded them");
     }
+}
+
+/// A hub-like server on loopback for one model, `owner/big`, whose weights
+/// download stalls halfway until `stall` is cleared, and which honours
+/// `Range` (as the hub's CDN does). Returns the endpoint and the `Range`
+/// headers of the weights requests it saw.
+fn stalling_hub(
+    weights: std::sync::Arc<Vec<u8>>,
+    stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    const COMMIT: &str = "c0ffee0000000000000000000000000000000001";
+    const ETAG: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let ranges = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = ranges.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let (weights, stall, seen) = (weights.clone(), stall.clone(), seen.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(&stream);
+                let mut line = String::new();
+                reader.read_line(&mut line).ok();
+                let mut parts = line.split_whitespace();
+                let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+                let mut range = None;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = h.split_once(':') {
+                        if k.eq_ignore_ascii_case("range") {
+                            range = Some(v.trim().to_string());
+                        }
+                    }
+                }
+                let mut out = &stream;
+                if path.starts_with("/api/models/owner/big") {
+                    let body = format!(
+                        r#"{{"id":"owner/big","sha":"{COMMIT}","siblings":[{{"rfilename":"config.json"}},{{"rfilename":"model.safetensors"}}]}}"#
+                    );
+                    let _ = write!(
+                        out,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    return;
+                }
+                let (body, etag): (Vec<u8>, &str) = if path.ends_with("/config.json") {
+                    (br#"{"model_type":"gemma3_text"}"#.to_vec(), "0123456789abcdef0123456789abcdef01234567")
+                } else if path.ends_with("/model.safetensors") {
+                    (weights.to_vec(), ETAG)
+                } else {
+                    let _ = write!(out, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    return;
+                };
+                let head = format!("ETag: \"{etag}\"\r\nX-Repo-Commit: {COMMIT}\r\nConnection: close\r\n");
+                if method == "HEAD" {
+                    let _ = write!(out, "HTTP/1.1 200 OK\r\n{head}Content-Length: {}\r\n\r\n", body.len());
+                    return;
+                }
+                if etag == ETAG {
+                    seen.lock().unwrap().push(range.clone().unwrap_or_default());
+                }
+                let start: usize = range
+                    .as_deref()
+                    .and_then(|r| r.strip_prefix("bytes="))
+                    .and_then(|r| r.split('-').next())
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                let status = if range.is_some() { "206 Partial Content" } else { "200 OK" };
+                let _ = write!(
+                    out,
+                    "HTTP/1.1 {status}\r\n{head}Content-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\n\r\n",
+                    body.len() - start,
+                    body.len() - 1,
+                    body.len()
+                );
+                if etag == ETAG && stall.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Half the file, then nothing: the client waits until it is killed.
+                    let _ = out.write_all(&body[start..body.len() / 2]);
+                    let _ = out.flush();
+                    std::thread::sleep(Duration::from_secs(600));
+                    return;
+                }
+                let _ = out.write_all(&body[start..]);
+            });
+        }
+    });
+    (endpoint, ranges)
+}
+
+#[test]
+fn a_download_killed_midway_resumes_from_where_it_stopped() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let weights: Arc<Vec<u8>> = Arc::new((0..4_000_000u32).map(|i| (i * 7 % 251) as u8).collect());
+    let stall = Arc::new(AtomicBool::new(true));
+    let (endpoint, ranges) = stalling_hub(weights.clone(), stall.clone());
+    let p = Project::new();
+    p.write("data.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n");
+    p.write(
+        "fetch.toml",
+        "[recipe]\nname = \"fetch\"\n\n[model]\nbase = \"hf://owner/big\"\n\n\
+         [stages.data]\nkind = \"fetch-dataset\"\nsource = \"data.jsonl\"\n",
+    );
+    let hf_home = p.path("hf");
+    let partial = hf_home.join(
+        "hub/models--owner--big/blobs/9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08.incomplete",
+    );
+
+    // `pipeline fetch`, killed once half the weights are on disk.
+    let mut cmd = p.cmd(&["fetch", "fetch.toml"]);
+    cmd.env("HF_HOME", &hf_home).env("HF_ENDPOINT", &endpoint).env_remove("HF_HUB_OFFLINE").env_remove("HF_TOKEN");
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let t0 = Instant::now();
+    while std::fs::metadata(&partial).map_or(0, |m| m.len()) < weights.len() as u64 / 2 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "the download did not start");
+        assert!(child.try_wait().unwrap().is_none(), "fetch ended before it was killed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(std::fs::metadata(&partial).unwrap().len(), weights.len() as u64 / 2);
+
+    // Run again: only the missing half is asked for, and the file is whole.
+    stall.store(false, Ordering::SeqCst);
+    let mut cmd = p.cmd(&["fetch", "fetch.toml"]);
+    cmd.env("HF_HOME", &hf_home).env("HF_ENDPOINT", &endpoint).env_remove("HF_HUB_OFFLINE").env_remove("HF_TOKEN");
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(*ranges.lock().unwrap(), vec![String::new(), format!("bytes={}-", weights.len() / 2)]);
+    let snapshot = hf_home.join("hub/models--owner--big/snapshots/c0ffee0000000000000000000000000000000001");
+    assert_eq!(std::fs::read(snapshot.join("model.safetensors")).unwrap(), *weights);
+    assert!(!partial.exists());
+    // And offline, the recipe's model resolves from the cache alone.
+    let mut cmd = p.cmd(&["fetch", "fetch.toml"]);
+    cmd.env("HF_HOME", &hf_home).env("HF_HUB_OFFLINE", "1");
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ranges.lock().unwrap().len(), 2, "offline sends nothing");
 }
