@@ -292,7 +292,7 @@ impl Hub {
         let api = hf_hub::api::sync::ApiBuilder::from_cache(self.cache.clone())
             .with_endpoint(self.endpoint.clone())
             .with_token(self.token.clone())
-            .with_progress(self.progress)
+            .with_progress(false)
             .build()
             .map_err(|e| self.classify(repo, None, e))?;
         let api_repo = api.repo(repo.repo());
@@ -326,8 +326,7 @@ impl Hub {
         Ok(Snapshot { revision: info.sha, dir, files, etags })
     }
 
-    /// What an hf-hub error means, from the status and the hub's
-    /// `X-Error-Code` / `X-Error-Message` headers.
+    /// What an error of hf-hub (its repository info call) means.
     fn classify(&self, repo: &HubRepo, file: Option<&str>, error: ApiError) -> HubError {
         let (name, endpoint) = (repo.display(), self.endpoint.clone());
         match error {
@@ -353,21 +352,19 @@ impl Hub {
         let page = repo.page(&self.endpoint);
         let gated = code.as_deref() == Some("GatedRepo")
             || (status == 403 && message.as_deref().is_some_and(|m| m.contains("gated")));
-        match (status, code.as_deref()) {
-            (401 | 403, _) if gated => HubError::Gated { repo: name, page, status, token, message },
-            (_, Some("RepoNotFound")) | (404, None) if file.is_none() => {
+        match (status, code.as_deref(), file) {
+            (401 | 403, _, _) if gated => HubError::Gated { repo: name, page, status, token, message },
+            (_, Some("RepoNotFound"), None) | (404, None, None) => {
                 HubError::RepoNotFound { repo: name, page, status, token, message }
             }
-            (_, Some("RevisionNotFound")) => HubError::RevisionNotFound {
+            (_, Some("RevisionNotFound"), _) => HubError::RevisionNotFound {
                 repo: name,
                 revision: repo.revision.clone().unwrap_or_else(|| "main".into()),
                 message,
             },
-            (404, _) if file.is_some() => {
-                HubError::EntryNotFound { repo: name, file: file.unwrap_or_default().to_string(), message }
-            }
-            (401, _) if token != TokenSource::None => HubError::BadToken { repo: name, status, token, message },
-            (401 | 403, _) => HubError::RepoNotFound { repo: name, page, status, token, message },
+            (404, _, Some(file)) => HubError::EntryNotFound { repo: name, file: file.to_string(), message },
+            (401, _, _) if token != TokenSource::None => HubError::BadToken { repo: name, status, token, message },
+            (401 | 403, _, _) => HubError::RepoNotFound { repo: name, page, status, token, message },
             _ => HubError::Status { repo: name, endpoint, status, message },
         }
     }

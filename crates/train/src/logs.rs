@@ -98,7 +98,7 @@ pub fn trainer_state(log: &[LogRow], initial_eval_loss: Option<f64>, shape: RunS
     })
 }
 
-/// A TensorBoard event file (`events.out.tfevents.<time>.<host>.pipeline`)
+/// A TensorBoard event file (`events.out.tfevents.<time>.pipeline.<pid>`)
 /// in a log directory, written as a run goes.
 pub struct TensorBoard {
     writer: EventWriter<BufWriter<File>>,
@@ -112,9 +112,10 @@ impl TensorBoard {
     pub fn create(dir: &Path, shape: RunShape) -> Result<TensorBoard> {
         let err = |e: tfrecord::Error| Error::Logs { dir: dir.to_path_buf(), message: e.to_string() };
         std::fs::create_dir_all(dir).map_err(|e| Error::Logs { dir: dir.to_path_buf(), message: e.to_string() })?;
-        let prefix = format!("{}/events", dir.display());
-        let mut writer =
-            EventWriter::from_prefix(prefix, ".pipeline", EventWriterConfig { auto_flush: true }).map_err(err)?;
+        // TensorBoard reads every file whose name holds `tfevents`.
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let path = dir.join(format!("events.out.tfevents.{secs}.pipeline.{}", std::process::id()));
+        let mut writer = EventWriter::create(&path, EventWriterConfig { auto_flush: true }).map_err(err)?;
         // The first record names the format version, as TensorFlow's writer does.
         let version = Event {
             wall_time: now(),
@@ -123,7 +124,6 @@ impl TensorBoard {
             source_metadata: None,
         };
         writer.write_event(version).map_err(err)?;
-        let path = newest_event_file(dir).unwrap_or_else(|| dir.to_path_buf());
         Ok(TensorBoard { writer, path, shape })
     }
 
@@ -166,14 +166,6 @@ pub fn write_tensorboard(dir: &Path, log: &[LogRow], initial_eval_loss: Option<f
 
 fn now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
-}
-
-fn newest_event_file(dir: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("events.out.tfevents.")))
-        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
 }
 
 #[cfg(test)]
@@ -229,7 +221,10 @@ mod tests {
             examples_per_step: 1,
         };
         write_tensorboard(dir.path(), &[row(1, None), row(2, Some(0.7))], Some(1.0), shape).unwrap();
-        let file = newest_event_file(dir.path()).expect("an events.out.tfevents.* file");
-        assert!(std::fs::metadata(&file).unwrap().len() > 100);
+        let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let name = files[0].file_name().unwrap().to_str().unwrap().to_string();
+        assert!(name.starts_with("events.out.tfevents."), "{name}");
+        assert!(std::fs::metadata(&files[0]).unwrap().len() > 100);
     }
 }
