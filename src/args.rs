@@ -303,6 +303,11 @@ pub enum BenchCommand {
         /// of keeping them (lora-train's `gradient_checkpointing = true`).
         #[arg(long)]
         gradient_checkpointing: bool,
+        /// The frozen base weights' format (lora-train's `precision`):
+        /// f32, bf16 (mixed precision) or auto (bf16 where the CPU has
+        /// native bf16 dot products).
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "auto"])]
+        precision: String,
         #[command(flatten)]
         cache: CacheArgs,
     },

@@ -25,6 +25,12 @@ pub struct TrainBench {
     pub steps: usize,
     pub seconds_per_step: f64,
     pub device: String,
+    /// The frozen weights' format: `f32` or `bf16`.
+    pub precision: String,
+    /// The CPU's model name.
+    pub cpu: String,
+    /// The instruction paths the kernels took ([`pipeline_model::cpu_paths`]).
+    pub kernels: String,
 }
 
 /// Options of `bench train`.
@@ -36,13 +42,14 @@ pub struct TrainOptions {
     pub dataset: String,
     pub cache: pipeline::executor::CacheLocation,
     pub gradient_checkpointing: bool,
+    pub precision: pipeline_model::Precision,
 }
 
 pub fn train(opts: &TrainOptions) -> Result<TrainBench> {
     let split = tokenized_examples(&opts.model, &opts.dataset, opts.max_len, &opts.cache)?;
     let device = pipeline_model::device(&opts.device)?;
     let files = pipeline::model_source::from_path(&opts.model)?;
-    let model = pipeline_model::load(&files, &device, opts.max_len)?;
+    let model = pipeline_model::load_in(&files, &device, opts.max_len, opts.precision)?;
     // The trainer users run, as the quickstart configures it (r = 16, α = 32
     // on all linears, AdamW, clipping), with a constant learning rate.
     let cfg = TrainConfig {
@@ -78,6 +85,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainBench> {
         steps: opts.steps,
         seconds_per_step: seconds / opts.steps as f64,
         device: opts.device.clone(),
+        precision: opts.precision.name().into(),
+        cpu: cpu_name(),
+        kernels: pipeline_model::cpu_paths(),
     })
 }
 
@@ -98,6 +108,10 @@ pub struct GenerateBench {
     pub weights: String,
     pub peak_rss_bytes: u64,
     pub device: String,
+    /// The CPU's model name.
+    pub cpu: String,
+    /// The instruction paths the kernels took ([`pipeline_model::cpu_paths`]).
+    pub kernels: String,
 }
 
 /// Options of `bench generate`.
@@ -161,7 +175,22 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateBench> {
         weights: if opts.f32 || !resolved.is_gguf() { "f32".into() } else { "quantized".into() },
         peak_rss_bytes: peak_rss_bytes(),
         device: opts.device.clone(),
+        cpu: cpu_name(),
+        kernels: pipeline_model::cpu_paths(),
     })
+}
+
+/// The CPU's model name (`/proc/cpuinfo`), with its core count.
+fn cpu_name() -> String {
+    let name = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    format!("{name}, {} threads", std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Runs fetch → format → tokenize for the benchmark dataset (cached).

@@ -87,8 +87,9 @@ fn dispatch(command: Command) -> Result<()> {
             dataset,
             json,
             gradient_checkpointing,
+            precision,
             cache,
-        }) => bench_train(model, max_len, steps, device, dataset, json, gradient_checkpointing, cache),
+        }) => bench_train(model, max_len, steps, device, dataset, json, gradient_checkpointing, precision, cache),
         Command::Bench(BenchCommand::Generate {
             model,
             prompt_tokens,
@@ -240,9 +241,13 @@ fn bench_train(
     dataset: String,
     json: bool,
     gradient_checkpointing: bool,
+    precision: String,
     cache: CacheArgs,
 ) -> Result<()> {
+    let precision: pipeline::stages::lora_train::PrecisionChoice =
+        serde_json::from_value(serde_json::Value::String(precision))?;
     let opts = crate::bench::TrainOptions {
+        precision: precision.resolve(&device),
         model,
         max_len,
         steps: steps.max(1),
@@ -256,13 +261,17 @@ fn bench_train(
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "bench train ({}, max_len {}): {:.1} tokens/s, {:.2} s/step, mean {:.0} tokens/step, peak RSS {:.2} GiB",
+            "bench train ({}, {} weights, max_len {}): {:.1} tokens/s, {:.2} s/step, mean {:.0} tokens/step, peak \
+             RSS {:.2} GiB\n  cpu: {} ({})",
             r.device,
+            r.precision,
             r.max_len,
             r.tokens_per_s,
             r.seconds_per_step,
             r.mean_tokens,
-            r.peak_rss_bytes as f64 / (1u64 << 30) as f64
+            r.peak_rss_bytes as f64 / (1u64 << 30) as f64,
+            r.cpu,
+            r.kernels
         );
     }
     Ok(())

@@ -276,8 +276,8 @@ const HEAD_CHUNK: usize = 64;
 /// 64-row ones.
 const HEAD_CHUNK_NO_GRAD: usize = 256;
 
-/// Mean cross-entropy of `h·Wᵀ` (`h: [N, H]`, `W: [V, H]` frozen) against
-/// `targets`, without ever holding the `[N, V]` logits. The logits are
+/// Mean cross-entropy of `h·Wᵀ` (`h: [N, H]`, `W: [V, H]` frozen, f32 or
+/// bf16) against `targets`, without ever holding the `[N, V]` logits. The logits are
 /// formed chunk by chunk; since the loss is the end of the graph, each
 /// chunk's gradient `(softmax − onehot)·W / N` is formed right away too (the
 /// trick of Liger's fused linear cross-entropy), and backward only scales
@@ -293,12 +293,12 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<T
     for start in (0..n).step_by(chunk) {
         let c = chunk.min(n - start);
         let t = &targets[start..start + c];
-        let z = hd.narrow(0, start, c)?.matmul(&w.t()?)?;
+        let z = crate::bf16::linear(&hd.narrow(0, start, c)?, w)?;
         total += cross_entropy(&z, t)?.to_scalar::<f32>()? as f64 * c as f64;
         if track {
             // CrossEntropyBwd divides by its own row count: scale to 1/N overall.
             let op = CrossEntropyBwd { targets: t.to_vec(), scale: c as f32 / n as f32 };
-            grads.push(z.apply_op1_no_bwd(&op)?.matmul(w)?);
+            grads.push(crate::bf16::matmul(&z.apply_op1_no_bwd(&op)?, w)?);
         }
     }
     let loss = (total / n as f64) as f32;

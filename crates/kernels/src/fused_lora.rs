@@ -27,7 +27,8 @@ use crate::keep::Keep;
 use rayon::prelude::*;
 
 /// `y = x·Wᵀ + bias + scale·((x⊙mask)·Aᵀ)·Bᵀ` for a 2-d `x`, differentiable in
-/// `x`, `A` and `B` (`W`, the bias and the mask are constants).
+/// `x`, `A` and `B` (`W`, the bias and the mask are constants). `W` is f32
+/// or bf16 (mixed precision, [`crate::bf16`]); everything else is f32.
 pub fn lora_linear(
     x: &Tensor,
     a: &Tensor,
@@ -81,6 +82,45 @@ fn data<'a, G: Deref<Target = Storage>>((s, l): &'a (G, &Layout)) -> Result<&'a 
     match &**s {
         Storage::Cpu(s) => slice(s, l),
         _ => candle_core::bail!("lora op: tensors must be on the CPU"),
+    }
+}
+
+/// The frozen weight `W: [n, k]`, f32 or bf16 ([`crate::bf16`]).
+enum Frozen<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+/// The data of a contiguous frozen weight on the CPU.
+fn frozen<'a, G: Deref<Target = Storage>>((s, l): &'a (G, &Layout)) -> Result<Frozen<'a>> {
+    match &**s {
+        Storage::Cpu(CpuStorage::BF16(w)) => Ok(Frozen::Bf16(crate::bf16::contiguous(w, l)?)),
+        Storage::Cpu(s) => Ok(Frozen::F32(slice(s, l)?)),
+        _ => candle_core::bail!("lora op: tensors must be on the CPU"),
+    }
+}
+
+impl Frozen<'_> {
+    /// `y (m×n) = x·Wᵀ` for `x: m×k`.
+    fn times_transposed(&self, m: usize, n: usize, k: usize, x: &[f32], y: &mut [f32]) {
+        match *self {
+            Frozen::F32(w) => gemm(m, n, k, y, false, mat(x, k), mat(w, k).t(), 1.0),
+            Frozen::Bf16(w) => {
+                use crate::bf16::Operand;
+                crate::bf16::gemm(m, n, k, y, n, false, Operand::rows(x, k), Operand::rows(w, k).t(), 1.0)
+            }
+        }
+    }
+
+    /// `dx (m×k) = g·W` for `g: m×n`.
+    fn times(&self, m: usize, k: usize, n: usize, g: &[f32], dx: &mut [f32]) {
+        match *self {
+            Frozen::F32(w) => gemm(m, k, n, dx, false, mat(g, n), mat(w, k), 1.0),
+            Frozen::Bf16(w) => {
+                use crate::bf16::Operand;
+                crate::bf16::gemm(m, k, n, dx, k, false, Operand::rows(g, n), Operand::rows(w, k), 1.0)
+            }
+        }
     }
 }
 
@@ -177,9 +217,9 @@ impl CustomOp3 for LoraOp {
         let (m, k) = lx.shape().dims2()?;
         let (r, n) = (la.dims()[0], lb.dims()[0]);
         let (w, mask) = (self.w.storage_and_layout(), self.mask.as_ref());
-        let w = data(&w)?;
+        let w = frozen(&w)?;
         let mut y = vec![0f32; m * n];
-        gemm(m, n, k, &mut y, false, mat(x, k), mat(w, k).t(), 1.0);
+        w.times_transposed(m, n, k, x, &mut y);
         if let Some(bias) = &self.bias {
             y.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(bias).for_each(|(y, b)| *y += b));
         }
@@ -202,9 +242,11 @@ impl CustomOp3 for LoraOp {
         let (m, k) = x.dims2()?;
         let (r, n) = (a.dim(0)?, b.dim(0)?);
         let g = g.contiguous()?;
-        let guards = [x, a, b, &g, &self.w].map(|t| t.storage_and_layout());
-        let [xd, ad, bd, gd, w] = [0, 1, 2, 3, 4].map(|i| data(&guards[i]));
-        let (xd, ad, bd, gd, w) = (xd?, ad?, bd?, gd?, w?);
+        let guards = [x, a, b, &g].map(|t| t.storage_and_layout());
+        let [xd, ad, bd, gd] = [0, 1, 2, 3].map(|i| data(&guards[i]));
+        let (xd, ad, bd, gd) = (xd?, ad?, bd?, gd?);
+        let w = self.w.storage_and_layout();
+        let w = frozen(&w)?;
         let mask = self.mask.as_ref();
         let mut buf = Vec::new();
         let xm = masked(xd, mask, &mut buf);
@@ -219,7 +261,7 @@ impl CustomOp3 for LoraOp {
         gemm(r, k, m, &mut da, false, mat(&du, r).t(), mat(xm, k), 1.0);
         // ∂x = g·W + (du·A)⊙m.
         let mut dx = vec![0f32; m * k];
-        gemm(m, k, n, &mut dx, false, mat(gd, n), mat(w, k), 1.0);
+        w.times(m, k, n, gd, &mut dx);
         match mask {
             None => gemm(m, k, r, &mut dx, true, mat(&du, r), mat(ad, k), 1.0),
             Some(mask) => {

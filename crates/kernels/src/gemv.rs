@@ -161,6 +161,20 @@ fn quantize_q8k(x: &[f32]) -> Vec<BlockQ8K> {
 }
 
 /// `f` over an array of N items, giving N tensors or the first error.
+/// The instruction set the quantized products use on this CPU.
+pub fn path() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            return "avx2+fma+f16c";
+        }
+    }
+    "portable"
+}
+
 pub fn try_map<T, const N: usize>(items: [T; N], f: impl FnMut(T) -> Result<Tensor>) -> Result<[Tensor; N]> {
     try_map_iter(items.into_iter().map(f))
 }

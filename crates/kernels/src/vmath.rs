@@ -6,10 +6,58 @@
 //! classic Cephes range reduction (`x = n·ln2 + r`, a degree-6 polynomial for
 //! `eʳ`, `2ⁿ` built in the exponent bits), accurate to ~2 ulp, branch-free
 //! so that loops over slices become SIMD code. On x86-64 the loops are
-//! compiled a second time for AVX2+FMA and picked at run time.
+//! compiled again for AVX2+FMA and for AVX-512 and the best [`Tier`] the CPU
+//! has is picked at run time (aarch64 builds have NEON as their baseline,
+//! which the portable loops vectorise to).
 
-/// Defines `pub fn $name` from a portable body, compiled a second time
-/// for AVX2+FMA on x86-64 and picked at run time.
+/// The instruction-set tiers the loops here are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tier {
+    Portable,
+    /// AVX2 + FMA (x86-64-v3).
+    Avx2,
+    /// AVX-512 F/BW/VL + FMA (x86-64-v4): 16-lane vectors.
+    Avx512,
+}
+
+impl Tier {
+    /// The best tier this CPU runs (detected once).
+    pub fn best() -> Tier {
+        static BEST: std::sync::OnceLock<Tier> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let all = Tier::available();
+            *all.last().expect("portable is always there")
+        })
+    }
+
+    /// Every tier this CPU runs, worst first.
+    pub fn available() -> Vec<Tier> {
+        let mut tiers = vec![Tier::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                tiers.push(Tier::Avx2);
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
+                    tiers.push(Tier::Avx512);
+                }
+            }
+        }
+        tiers
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Portable => "portable",
+            Tier::Avx2 => "avx2+fma",
+            Tier::Avx512 => "avx512",
+        }
+    }
+}
+
+/// Defines `pub fn $name` from a portable body, compiled again for each
+/// x86-64 [`Tier`] and picked at run time (the best the CPU has), and
+/// `$name::at(tier, …)`, the same at a given tier (tests run them all).
 macro_rules! simd_fn {
     ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),*) $body:block) => {
         simd_fn! { $(#[$m])* fn $name($($a: $t),*) -> () $body }
@@ -17,20 +65,40 @@ macro_rules! simd_fn {
     ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),*) -> $r:ty $body:block) => {
         $(#[$m])*
         pub fn $name($($a: $t),*) -> $r {
+            $name::at(Tier::best(), $($a),*)
+        }
+
+        #[doc = concat!("[`", stringify!($name), "`] compiled for each [`Tier`].")]
+        pub mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
             #[inline(always)]
             fn portable($($a: $t),*) -> $r $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($a: $t),*) -> $r {
-                    portable($($a),*)
+
+            /// At `tier` (or the best below it that this CPU has).
+            pub fn at(tier: Tier, $($a: $t),*) -> $r {
+                let tier = tier.min(Tier::best());
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn avx2($($a: $t),*) -> $r {
+                        portable($($a),*)
+                    }
+                    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                    unsafe fn avx512($($a: $t),*) -> $r {
+                        portable($($a),*)
+                    }
+                    // SAFETY: `tier` is at most what the CPU has (`Tier::best`).
+                    match tier {
+                        Tier::Avx512 => return unsafe { avx512($($a),*) },
+                        Tier::Avx2 => return unsafe { avx2($($a),*) },
+                        Tier::Portable => {}
+                    }
                 }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has the features just checked.
-                    return unsafe { avx2($($a),*) };
-                }
+                let _ = tier;
+                portable($($a),*)
             }
-            portable($($a),*)
         }
     };
 }
@@ -207,8 +275,26 @@ fn gelu_gate(v: f32) -> f32 {
 mod tests {
     use super::*;
 
+    /// The tiers under test, printed so that a missing one shows.
+    fn tiers() -> Vec<Tier> {
+        let all = Tier::available();
+        for t in [Tier::Avx2, Tier::Avx512] {
+            if !all.contains(&t) {
+                eprintln!("SKIPPED: vmath tier {} (this CPU lacks it)", t.name());
+            }
+        }
+        all
+    }
+
     #[test]
     fn exp_is_within_a_few_ulp_of_libm() {
+        for tier in tiers() {
+            exp_at(tier);
+        }
+    }
+
+    fn exp_at(tier: Tier) {
+        let exp_shifted = |x: &[f32], s: f32, o: &mut [f32]| exp_shifted::at(tier, x, s, o);
         let mut worst = 0f32;
         for i in -870_000..887_000 {
             let x = i as f32 * 1e-4;
@@ -217,7 +303,7 @@ mod tests {
             let want = x.exp();
             worst = worst.max(((v[0] - want) / want).abs());
         }
-        assert!(worst < 5e-7, "relative error {worst}");
+        assert!(worst < 5e-7, "{}: relative error {worst}", tier.name());
         let mut edges = [0f32; 7];
         exp_shifted(&[-1000.0, -87.0, 0.0, 88.0, 89.0, 1000.0, f32::NEG_INFINITY], 0.0, &mut edges);
         assert!(edges[0] == 0.0 && edges[6] == 0.0 && edges[1] > 0.0);
@@ -227,6 +313,16 @@ mod tests {
 
     #[test]
     fn reductions_match_the_naive_ones() {
+        for tier in tiers() {
+            reductions_at(tier);
+        }
+    }
+
+    fn reductions_at(tier: Tier) {
+        let max = |x: &[f32]| max::at(tier, x);
+        let exp_shifted = |x: &[f32], s: f32, o: &mut [f32]| exp_shifted::at(tier, x, s, o);
+        let logsumexp = |x: &[f32]| logsumexp::at(tier, x);
+        let softmax_in_place = |x: &mut [f32]| softmax_in_place::at(tier, x);
         for n in [1, 7, 8, 29, 1000] {
             let x: Vec<f32> = (0..n).map(|i| ((i * 7919 % 101) as f32 - 50.0) * 0.37).collect();
             let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -241,11 +337,27 @@ mod tests {
             let mut p = x.clone();
             softmax_in_place(&mut p);
             assert!(p.iter().zip(&x).all(|(&pv, &v)| ((pv as f64) - ((v - m) as f64).exp() / want).abs() < 1e-6));
+            let (q, k): (Vec<f32>, Vec<f32>) = (x.iter().map(|v| v * 0.1).collect(), x.iter().rev().copied().collect());
+            let mut d = [0f32];
+            dots::at(tier, &q, &k, &mut d);
+            let want_dot: f64 = q.iter().zip(&k).map(|(a, b)| *a as f64 * *b as f64).sum();
+            assert!((d[0] as f64 - want_dot).abs() < 1e-4 * (1.0 + want_dot.abs()), "{}: dot", tier.name());
+            let mut ws = vec![0f32; 1];
+            weighted_sum::at(tier, &q, &k, &mut ws);
+            assert!((ws[0] as f64 - want_dot).abs() < 1e-4 * (1.0 + want_dot.abs()), "{}: weighted sum", tier.name());
         }
     }
 
     #[test]
     fn gelu_matches_the_tanh_formula_and_its_derivative() {
+        for tier in tiers() {
+            gelu_at(tier);
+        }
+    }
+
+    fn gelu_at(tier: Tier) {
+        let gelu_tanh = |x: &[f32], y: &mut [f32]| gelu_tanh::at(tier, x, y);
+        let gelu_tanh_bwd = |x: &[f32], dy: &[f32], dx: &mut [f32]| gelu_tanh_bwd::at(tier, x, dy, dx);
         let x: Vec<f32> = (-4000..4000).map(|i| i as f32 * 2e-3).collect();
         let mut y = vec![0f32; x.len()];
         gelu_tanh(&x, &mut y);

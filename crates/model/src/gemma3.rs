@@ -13,7 +13,7 @@
 //! layers (five local, then one global). Embeddings are scaled by
 //! `sqrt(hidden)`, tied to the LM head. Every RMSNorm multiplies by `1 + w`.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::Weights;
@@ -150,7 +150,7 @@ impl Gemma3 {
                 })
             })
             .collect::<crate::Result<Vec<_>>>()?;
-        let embed = w.take("model.embed_tokens.weight")?;
+        let embed = w.frozen("model.embed_tokens.weight")?;
         let embed_q = w.take_quantized("model.embed_tokens.weight");
         let norm = w.take("model.norm.weight")?;
         let rope_local = Rope::new(cfg.rope_local_base_freq, cfg.head_dim, max_positions, 1.0, &device)?;
@@ -238,7 +238,7 @@ impl Decoder for Gemma3 {
 
     fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
         let ids = Tensor::new(ids, &self.device)?;
-        self.embed.index_select(&ids, 0)? * (self.cfg.hidden_size as f64).sqrt()
+        self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)? * (self.cfg.hidden_size as f64).sqrt()
     }
 
     fn layer(&self, i: usize, x: &Tensor, seqs: &mut [Seq<'_>], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {

@@ -129,23 +129,40 @@ pub trait CausalLm {
 /// reused prefix.
 pub const PREFILL_CHUNK: usize = 256;
 
+/// The instruction paths the CPU kernels take on this machine.
+pub use pipeline_kernels::cpu_paths;
+
 /// The linear modules LoRA can target, by their HF names.
 pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 /// Named base weights, f32, on one device; for GGUF files loaded for
 /// inference, also the quantized matrices (used where one row at a time is
-/// multiplied: decoding).
+/// multiplied: decoding). The frozen matrices (linear layers, embeddings,
+/// LM head) are handed out in the [`Precision`] asked for.
 pub struct Weights {
     map: HashMap<String, Tensor>,
     quantized: HashMap<String, Arc<QuantLinear>>,
     device: Device,
+    precision: Precision,
     /// Where they came from, for messages.
     pub source: String,
 }
 
 impl Weights {
     pub fn new(map: HashMap<String, Tensor>, device: Device, source: String) -> Weights {
-        Weights { map, quantized: HashMap::new(), device, source }
+        Weights { map, quantized: HashMap::new(), device, source, precision: Precision::F32 }
+    }
+
+    /// Hands out the frozen matrices in `precision` from now on.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
+
+    /// A frozen matrix (embeddings, LM head, a linear layer's weight) in the
+    /// weights' [`Precision`]; norms and biases stay f32 ([`Weights::take`]).
+    pub fn frozen(&mut self, name: &str) -> Result<Tensor> {
+        let t = self.take(name)?;
+        Ok(t.to_dtype(self.precision.dtype())?)
     }
 
     /// Adds the quantized form of weight `name` (a GGUF tensor).
@@ -176,7 +193,7 @@ impl Weights {
 
     /// The linear layer `<name>.weight` (and `<name>.bias` when `bias`).
     pub fn linear(&mut self, name: &str, bias: bool) -> Result<LoraLinear> {
-        let mut l = LoraLinear::new(self.take(&format!("{name}.weight"))?);
+        let mut l = LoraLinear::new(self.frozen(&format!("{name}.weight"))?);
         l.quantized = self.take_quantized(&format!("{name}.weight"));
         if bias {
             l.bias = Some(self.take(&format!("{name}.bias"))?);
@@ -336,14 +353,67 @@ impl Arch {
 /// Loads the base model of a recipe, ready for training or inference.
 /// `max_positions` bounds the rotary tables (the longest sequence used).
 pub fn load(model: &ModelFiles, device: &Device, max_positions: usize) -> Result<Box<dyn CausalLm>> {
-    load_with(model, device, max_positions, false)
+    load_with(model, device, max_positions, false, Precision::F32)
+}
+
+/// [`load`] with the frozen matrices in `precision` (training in mixed
+/// precision: bf16 base weights, everything trained in f32).
+pub fn load_in(
+    model: &ModelFiles,
+    device: &Device,
+    max_positions: usize,
+    precision: Precision,
+) -> Result<Box<dyn CausalLm>> {
+    load_with(model, device, max_positions, false, precision)
+}
+
+/// The number format of a model's frozen base matrices.
+///
+/// `Bf16` halves their memory; on a CPU with AVX512-BF16 the products with
+/// them also run on native bf16 dot products (twice the multiply-adds per
+/// instruction), elsewhere they are widened to f32 block by block
+/// ([`pipeline_kernels::bf16`]). Activations, the LoRA matrices, their
+/// gradients and the optimizer state stay f32: PyTorch's autocast split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// What `precision = "auto"` means on `device`: bf16 where the hardware
+    /// multiplies it natively (a CPU with AVX512-BF16, CUDA), f32 elsewhere.
+    pub fn auto(device: &Device) -> Precision {
+        let native = match device {
+            Device::Cpu => pipeline_kernels::bf16::native_available(),
+            Device::Cuda(_) => true,
+            _ => false,
+        };
+        if native { Precision::Bf16 } else { Precision::F32 }
+    }
 }
 
 /// Loads a model for inference: as [`load`], and a GGUF file's quantized
 /// matrices are kept for decoding (prefill multiplies many rows at once and
 /// uses the dequantized f32 copies, which is faster on a CPU).
 pub fn load_for_inference(model: &ModelFiles, device: &Device) -> Result<Box<dyn CausalLm>> {
-    load_with(model, device, INFERENCE_POSITIONS, true)
+    load_with(model, device, INFERENCE_POSITIONS, true, Precision::F32)
 }
 
 /// The longest sequence inference supports (rotary tables are built for
@@ -355,8 +425,10 @@ fn load_with(
     device: &Device,
     max_positions: usize,
     keep_quantized: bool,
+    precision: Precision,
 ) -> Result<Box<dyn CausalLm>> {
     let (arch, mut w) = load_weights(model, device, keep_quantized)?;
+    w.set_precision(precision);
     let positions = max_positions.min(arch.max_position_embeddings());
     arch.build(&mut w, positions)
 }

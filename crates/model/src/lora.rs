@@ -14,7 +14,17 @@ pub use pipeline_kernels::keep::Keep;
 /// `x·Wᵀ` for a frozen `W`: backward gives `x` its gradient and skips the
 /// (large, useless) gradient of `W` that candle's matmul would compute. The
 /// op computes the product itself, so the graph keeps only `x` alive.
+///
+/// A bf16 `W` (mixed-precision training) goes through
+/// [`pipeline_kernels::bf16`] on the CPU, both ways.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.dtype() != x.dtype() && w.device().is_cpu() {
+        let w = w.contiguous()?;
+        if !x.track_op() {
+            return on_rows(x, w.dim(0)?, |x2| pipeline_kernels::bf16::linear(x2, &w));
+        }
+        return on_rows(x, w.dim(0)?, |x2| x2.contiguous()?.apply_op1(FrozenLinear { w }));
+    }
     if !x.track_op() {
         return x.broadcast_matmul(&w.t()?);
     }
@@ -32,7 +42,7 @@ pub fn head_logits(hidden: &Tensor, w: &Tensor, quantized: Option<&QuantLinear>)
     let few = hidden.dim(0)? <= MAX_DECODE_BATCH;
     match quantized {
         Some(q) if few => q.forward(hidden),
-        None if few && cpu_f32(hidden) => pipeline_kernels::gemv::f32_rows(hidden, w),
+        None if few && cpu_f32(hidden) && w.dtype() == DType::F32 => pipeline_kernels::gemv::f32_rows(hidden, w),
         _ => frozen_linear(hidden, w),
     }
 }
@@ -73,6 +83,16 @@ impl CustomOp1 for FrozenLinear {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (w, lw) = self.w.storage_and_layout();
         match &*w {
+            Storage::Cpu(CpuStorage::BF16(wd)) => {
+                let (m, k) = l.shape().dims2()?;
+                let n = lw.dims()[0];
+                let x = pipeline_kernels::bf16::contiguous(s.as_slice::<f32>()?, l)?;
+                let w = pipeline_kernels::bf16::contiguous(wd, lw)?;
+                let mut y = vec![0f32; m * n];
+                use pipeline_kernels::bf16::{Operand, gemm};
+                gemm(m, n, k, &mut y, n, false, Operand::rows(x, k), Operand::rows(w, k).t(), 1.0);
+                Ok((CpuStorage::F32(y), Shape::from((m, n))))
+            }
             Storage::Cpu(w) => matmul_wt(s, l, w, lw),
             _ => candle_core::bail!("frozen-linear: input on the CPU, weight elsewhere"),
         }
@@ -97,7 +117,7 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w)?))
+        Ok(Some(pipeline_kernels::bf16::matmul(grad, &self.w)?))
     }
 }
 
@@ -128,7 +148,7 @@ pub const MAX_DECODE_BATCH: usize = 16;
 
 /// A linear layer that LoRA may adapt.
 pub struct LoraLinear {
-    /// Frozen base weight, `[out, in]`.
+    /// Frozen base weight, `[out, in]` (f32, or bf16 in mixed precision).
     pub weight: Tensor,
     /// The same weight quantized, as read from a GGUF file (inference only).
     pub quantized: Option<std::sync::Arc<pipeline_kernels::gemv::QuantLinear>>,
@@ -195,7 +215,7 @@ impl LoraLinear {
                 try_map(bases, |y| ms.next().expect("N layers").adapt(y, x, dropout))
             }
             // A decoding step on f32 weights: row by row (see `f32_rows`).
-            _ if step && dropout.is_none() && cpu_f32(x) => {
+            _ if step && dropout.is_none() && cpu_f32(x) && ms.iter().all(|m| m.weight.dtype() == DType::F32) => {
                 try_map(ms, |m| m.adapt(pipeline_kernels::gemv::f32_rows(x, &m.weight)?, x, None))
             }
             _ => try_map(ms, |m| m.linear(x, dropout)),

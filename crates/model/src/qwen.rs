@@ -15,7 +15,7 @@
 //! offset). The LM head is tied to the embeddings unless `lm_head.weight`
 //! exists.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use pipeline_kernels::gemv::QuantLinear;
@@ -156,9 +156,9 @@ impl Qwen {
                 down,
             });
         }
-        let embed = w.take("model.embed_tokens.weight")?;
+        let embed = w.frozen("model.embed_tokens.weight")?;
         let embed_q = w.take_quantized("model.embed_tokens.weight");
-        let lm_head = if cfg.tie_word_embeddings { None } else { w.take("lm_head.weight").ok() };
+        let lm_head = if cfg.tie_word_embeddings { None } else { w.frozen("lm_head.weight").ok() };
         let lm_head_q = w.take_quantized("lm_head.weight");
         let norm = w.take("model.norm.weight")?;
         let rope = Rope::new(cfg.rope_theta, cfg.head_dim(), max_positions, 1.0, &device)?;
@@ -248,7 +248,7 @@ impl Decoder for Qwen {
 
     fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
         let ids = Tensor::new(ids, &self.device)?;
-        self.embed.index_select(&ids, 0)
+        self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)
     }
 
     fn layer(&self, i: usize, x: &Tensor, seqs: &mut [Seq<'_>], dropout: Option<&dyn DropoutMask>) -> Result<Tensor> {

@@ -14,8 +14,8 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
-use pipeline_model::TARGETS;
 use pipeline_model::adapter;
+use pipeline_model::{Precision, TARGETS};
 use pipeline_train::checkpoint::{self, LogRow};
 use pipeline_train::logs::{self, RunShape, TensorBoard};
 use pipeline_train::optim::Schedule;
@@ -103,6 +103,48 @@ pub struct Params {
     /// 1.7 instead of 9 GiB) for one extra forward pass (~30 % slower).
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Number format of the frozen base weights: `"f32"` (default),
+    /// `"bf16"` (half their memory; mixed precision — activations, LoRA
+    /// matrices, gradients and optimizer state stay f32), or `"auto"` (bf16
+    /// where the device multiplies it natively: a CPU with AVX512-BF16, or
+    /// CUDA). The cache key holds the precision as resolved on the machine.
+    #[serde(default)]
+    pub precision: PrecisionChoice,
+}
+
+/// `precision` as a recipe writes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionChoice {
+    #[default]
+    F32,
+    Bf16,
+    Auto,
+}
+
+impl PrecisionChoice {
+    /// The precision this choice means for a recipe's `device` on this
+    /// machine.
+    pub fn resolve(self, device: &str) -> Precision {
+        match self {
+            PrecisionChoice::F32 => Precision::F32,
+            PrecisionChoice::Bf16 => Precision::Bf16,
+            PrecisionChoice::Auto => {
+                let cuda = device.starts_with("cuda") || (device == "auto" && candle_core::utils::cuda_is_available());
+                let cpu = device == "cpu"
+                    || (device == "auto"
+                        && !candle_core::utils::cuda_is_available()
+                        && !candle_core::utils::metal_is_available());
+                if cuda {
+                    Precision::Bf16
+                } else if cpu {
+                    Precision::auto(&candle_core::Device::Cpu)
+                } else {
+                    Precision::F32
+                }
+            }
+        }
+    }
 }
 
 fn d_rank() -> usize {
@@ -243,6 +285,14 @@ impl Stage for Params {
         let mut v = serde_json::to_value(self).expect("params serialize");
         v["seed"] = env.recipe.recipe.seed.into();
         v["device"] = env.recipe.recipe.device.clone().into();
+        // The resolved precision, not the choice (`auto` differs between
+        // machines); f32, the default, leaves the key as it was before the
+        // option existed.
+        v.as_object_mut().expect("params are a table").remove("precision");
+        let precision = self.precision.resolve(&env.recipe.recipe.device);
+        if precision != Precision::F32 {
+            v["precision"] = precision.name().into();
+        }
         v
     }
 
@@ -272,7 +322,10 @@ impl Stage for Params {
         // Rotary tables for the longest example (the trainer checks it fits).
         let longest = train.longest().max(eval.as_ref().map_or(0, TokenizedSplit::longest)).max(1);
         let base = ctx.env.model_weights()?;
-        let model = pipeline_model::load(base, &pipeline_model::device(&ctx.env.recipe.recipe.device)?, longest)?;
+        let device = pipeline_model::device(&ctx.env.recipe.recipe.device)?;
+        let precision = self.precision.resolve(&ctx.env.recipe.recipe.device);
+        tracing::info!("frozen base weights in {}; CPU kernels: {}", precision.name(), pipeline_model::cpu_paths());
+        let model = pipeline_model::load_in(base, &device, longest, precision)?;
 
         let mut trainer = Trainer::new(model, train, eval, self.config(ctx.env.recipe.recipe.seed))?;
         trainer.resume(&ctx.work)?;

@@ -1,0 +1,546 @@
+//! Frozen weights kept in bf16 — half the memory of f32 — multiplied with
+//! f32 activations: mixed precision as PyTorch's CPU autocast does it.
+//!
+//! A LoRA layer over a frozen `W: [n, k]` needs two products of it: the
+//! forward `y = x·Wᵀ` and the backward `∂x = g·W` (`W` gets no gradient).
+//! [`gemm`] computes `C (+)= α·A·B` for an f32 `A` and a bf16 `B` read with
+//! any strides, by the path [`path`] picks once per process:
+//!
+//! - **AVX512-BF16** (AMD Zen 4 and later, Intel Cooper Lake / Sapphire
+//!   Rapids and later): `A` is rounded to bf16 (nearest-even) once per call,
+//!   and `vdpbf16ps` multiplies pairs of bf16 and accumulates them in f32 —
+//!   32 multiply-adds per instruction, twice an f32 FMA's 16. The loop nest
+//!   is BLIS's: a `KC×NC` block of `B` is packed into `NR`-column panels of
+//!   k-pairs, and each micro-kernel call keeps an `MR×NR` tile of `C` in
+//!   registers while it walks `KC` (L1-resident `B` panel, L2-resident `A`
+//!   rows);
+//! - **widen** (every other CPU): `B` is widened to f32 `NC` columns at a
+//!   time and multiplied by the `gemm` crate, so the memory saving holds
+//!   everywhere; the speed is f32's.
+//!
+//! Both accumulate in f32. The two paths round differently (the first
+//! rounds `A` too), so the precision a run used is part of its cache key
+//! upstream, never swapped silently.
+
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+/// How [`gemm`] multiplies on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// `vdpbf16ps` micro-kernels (AVX512-BF16).
+    Avx512Bf16,
+    /// bf16 widened to f32, then the `gemm` crate.
+    Widen,
+}
+
+impl Path {
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Avx512Bf16 => "avx512bf16",
+            Path::Widen => "widen-f32",
+        }
+    }
+}
+
+/// The fastest path this CPU runs (detected once).
+pub fn path() -> Path {
+    static PATH: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+    *PATH.get_or_init(|| {
+        if native_available() && std::env::var_os("PIPELINE_BF16_WIDEN").is_none() {
+            Path::Avx512Bf16
+        } else {
+            Path::Widen
+        }
+    })
+}
+
+/// Whether the CPU has native bf16 dot products (AVX512-BF16).
+pub fn native_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A matrix operand: element `(i, j)` is `data[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+pub struct Operand<'a, T> {
+    pub data: &'a [T],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a, T: Copy> Operand<'a, T> {
+    /// A row-major matrix with `cols` columns.
+    pub fn rows(data: &'a [T], cols: usize) -> Self {
+        Operand { data, rs: cols, cs: 1 }
+    }
+    /// The same matrix read transposed.
+    pub fn t(self) -> Self {
+        Operand { data: self.data, rs: self.cs, cs: self.rs }
+    }
+    fn at(&self, i: usize, j: usize) -> T {
+        self.data[i * self.rs + j * self.cs]
+    }
+    fn check(&self, rows: usize, cols: usize, what: &str) {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1) * self.rs + (cols - 1) * self.cs;
+            assert!(last < self.data.len(), "bf16 gemm: operand {what} ({rows}×{cols}) out of bounds");
+        }
+    }
+}
+
+/// `C (m×n, row stride ldc) = [C +] α·A·B` for `A: m×k` (f32) and `B: k×n`
+/// (bf16), on rayon's pool, by [`path`]'s method.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    a: Operand<f32>,
+    b: Operand<bf16>,
+    alpha: f32,
+) {
+    gemm_with(path(), m, n, k, c, ldc, accumulate, a, b, alpha)
+}
+
+/// [`gemm`] by a given path (tests run every path the CPU has).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_with(
+    path: Path,
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    a: Operand<f32>,
+    b: Operand<bf16>,
+    alpha: f32,
+) {
+    a.check(m, k, "A");
+    b.check(k, n, "B");
+    assert!(m == 0 || n == 0 || (m - 1) * ldc + n <= c.len(), "bf16 gemm: C out of bounds");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c.par_chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512Bf16 if native_available() => native::gemm(m, n, k, c, ldc, accumulate, a, b, alpha),
+        _ => widen_gemm(m, n, k, c, ldc, accumulate, a, b, alpha),
+    }
+}
+
+/// Columns of `B` widened to f32 per `gemm` call on the widen path.
+const WIDEN_NC: usize = 512;
+
+#[allow(clippy::too_many_arguments)]
+fn widen_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    a: Operand<f32>,
+    b: Operand<bf16>,
+    alpha: f32,
+) {
+    let mut wide = vec![0f32; k * WIDEN_NC.min(n)];
+    for j0 in (0..n).step_by(WIDEN_NC) {
+        let nc = WIDEN_NC.min(n - j0);
+        wide[..k * nc].par_chunks_mut(nc).enumerate().for_each(|(i, row)| {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = b.at(i, j0 + j).to_f32();
+            }
+        });
+        let parallelism = if m * nc * k >= 1 << 18 {
+            gemm::Parallelism::Rayon(rayon::current_num_threads())
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: `check` above bounds every element the strides reach; the
+        // destination block `C[.., j0..j0+nc]` lies inside `c`.
+        unsafe {
+            gemm::gemm(
+                m,
+                nc,
+                k,
+                c.as_mut_ptr().add(j0),
+                1,
+                ldc as isize,
+                accumulate,
+                a.data.as_ptr(),
+                a.cs as isize,
+                a.rs as isize,
+                wide.as_ptr(),
+                1,
+                nc as isize,
+                1.0,
+                alpha,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod native {
+    //! The AVX512-BF16 path: bf16 pairs packed as `u32` words (element `2p`
+    //! in the low half, `2p+1` in the high half, as `vdpbf16ps` pairs them).
+    use super::*;
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    /// Rows of `C` per micro-kernel tile.
+    const MR: usize = 8;
+    /// Columns of `C` per tile (two 16-lane registers).
+    const NR: usize = 32;
+    /// k-pairs per packed block of `B` (512 values of k).
+    const KCP: usize = 256;
+    /// Columns per packed block of `B`.
+    const NC: usize = 512;
+    /// Rows of `C` per parallel task.
+    const MC: usize = 64;
+
+    /// Two bf16 as one word, `lo` first.
+    fn pair(lo: bf16, hi: bf16) -> u32 {
+        lo.to_bits() as u32 | (hi.to_bits() as u32) << 16
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+        a: Operand<f32>,
+        b: Operand<bf16>,
+        alpha: f32,
+    ) {
+        let kp = k.div_ceil(2);
+        let m_pad = m.next_multiple_of(MR);
+        // `A` rounded to bf16 once, row-major in k-pairs, zero-padded to
+        // whole tiles (the micro-kernel always reads MR rows).
+        let mut a16 = vec![0u32; m_pad * kp];
+        a16.par_chunks_mut(kp).take(m).enumerate().for_each(|(i, row)| {
+            if a.cs == 1 {
+                let src = &a.data[i * a.rs..i * a.rs + k];
+                // SAFETY: `native_available()` was checked by the caller.
+                unsafe { round_row(src, row) }
+            } else {
+                for (p, w) in row.iter_mut().enumerate() {
+                    let hi = if 2 * p + 1 < k { a.at(i, 2 * p + 1) } else { 0.0 };
+                    *w = pair(bf16::from_f32(a.at(i, 2 * p)), bf16::from_f32(hi));
+                }
+            }
+        });
+        let c_addr = c.as_mut_ptr() as usize;
+        let mut packed = vec![0u32; KCP * NC.min(n).next_multiple_of(NR)];
+        for j0 in (0..n).step_by(NC) {
+            let nc = NC.min(n - j0);
+            let panels = nc.div_ceil(NR);
+            for p0 in (0..kp).step_by(KCP) {
+                let kcp = KCP.min(kp - p0);
+                let bp = &mut packed[..panels * kcp * NR];
+                bp.par_chunks_mut(kcp * NR)
+                    .enumerate()
+                    .for_each(|(q, panel)| pack_b(b, k, p0, kcp, j0 + q * NR, (j0 + nc).min(j0 + q * NR + NR), panel));
+                let bp = &*bp;
+                let load = accumulate || p0 > 0;
+                let row_blocks = m.div_ceil(MC);
+                // Enough tasks for every thread even when `m` is small (the LM
+                // head's 64-row chunks): split columns as well as rows.
+                let col_groups = (4 * rayon::current_num_threads()).div_ceil(row_blocks).clamp(1, panels);
+                let per_group = panels.div_ceil(col_groups);
+                (0..row_blocks * col_groups).into_par_iter().for_each(|task| {
+                    let (rb, cg) = (task / col_groups, task % col_groups);
+                    let rows = rb * MC..(rb * MC + MC).min(m);
+                    for q in cg * per_group..(cg * per_group + per_group).min(panels) {
+                        let col = j0 + q * NR;
+                        let nr = NR.min(j0 + nc - col);
+                        let panel = &bp[q * kcp * NR..(q + 1) * kcp * NR];
+                        for i in rows.clone().step_by(MR) {
+                            let mr = MR.min(m - i);
+                            // SAFETY: tiles of different tasks are disjoint;
+                            // `a16` has `m_pad` rows; the tile's `mr×nr`
+                            // elements lie inside `c` (checked by the caller).
+                            unsafe {
+                                tile(
+                                    kcp,
+                                    a16.as_ptr().add(i * kp + p0),
+                                    kp,
+                                    panel.as_ptr(),
+                                    (c_addr as *mut f32).add(i * ldc + col),
+                                    ldc,
+                                    mr,
+                                    nr,
+                                    load,
+                                    alpha,
+                                )
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    /// Packs `B[2·p0.., j0..j1]` (`kcp` k-pairs) into one panel: word
+    /// `[p][lane]` pairs `B[2p][j0+lane]` with `B[2p+1][j0+lane]`; lanes
+    /// past `j1` and k past the end are zero.
+    fn pack_b(b: Operand<bf16>, k: usize, p0: usize, kcp: usize, j0: usize, j1: usize, panel: &mut [u32]) {
+        let zero = bf16::ZERO;
+        for p in 0..kcp {
+            let (k0, k1) = (2 * (p0 + p), 2 * (p0 + p) + 1);
+            let dst = &mut panel[p * NR..(p + 1) * NR];
+            for (lane, w) in dst.iter_mut().enumerate() {
+                let j = j0 + lane;
+                *w = if j < j1 { pair(b.at(k0, j), if k1 < k { b.at(k1, j) } else { zero }) } else { 0 };
+            }
+        }
+    }
+
+    /// `row[p] = pair(src[2p], src[2p+1])`, rounded to nearest-even.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    unsafe fn round_row(src: &[f32], row: &mut [u32]) {
+        let full = src.len() / 32;
+        for blk in 0..full {
+            // SAFETY: 32 floats at 32·blk lie inside `src`, 16 words inside `row`.
+            unsafe {
+                let lo = _mm512_loadu_ps(src.as_ptr().add(32 * blk));
+                let hi = _mm512_loadu_ps(src.as_ptr().add(32 * blk + 16));
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(row.as_mut_ptr().add(16 * blk) as *mut _, v);
+            }
+        }
+        for p in 16 * full..row.len() {
+            let hi = if 2 * p + 1 < src.len() { src[2 * p + 1] } else { 0.0 };
+            row[p] = pair(bf16::from_f32(src[2 * p]), bf16::from_f32(hi));
+        }
+    }
+
+    /// One `MR×NR` tile: `C = [C +] α·Σ_p A[.., p]·B[p, ..]` over `kcp`
+    /// k-pairs; `a` reads rows `lda` words apart, `b` is one packed panel.
+    /// Only the first `mr` rows and `nr` columns are written.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile(
+        kcp: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        load: bool,
+        alpha: f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        // SAFETY (whole body): the caller guarantees `kcp` words per row of
+        // `a` (MR rows), `kcp·NR` words of `b`, and the `mr×nr` tile of `c`.
+        unsafe {
+            for p in 0..kcp {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const _));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const _));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r * lda + p) as i32));
+                    acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+                }
+            }
+            let alpha = _mm512_set1_ps(alpha);
+            let masks = [lanes(nr.min(16)), lanes(nr.saturating_sub(16))];
+            for (r, acc) in acc.iter().enumerate().take(mr) {
+                for h in 0..2 {
+                    if masks[h] == 0 {
+                        continue;
+                    }
+                    let dst = c.add(r * ldc + 16 * h);
+                    let mut v = _mm512_mul_ps(acc[h], alpha);
+                    if load {
+                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(masks[h], dst));
+                    }
+                    _mm512_mask_storeu_ps(dst, masks[h], v);
+                }
+            }
+        }
+    }
+
+    /// A mask of the first `n` (≤ 16) lanes.
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 { 0xffff } else { (1u16 << n) - 1 }
+    }
+}
+
+// ---------------------------------------------------------------- tensors
+
+/// `x·Wᵀ` for `x: [m, k]` (f32) and a frozen `W: [n, k]` of any float dtype
+/// (f32 goes through candle's matmul; bf16 on the CPU through [`gemm`]).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.dtype() != DType::BF16 || !w.device().is_cpu() {
+        return x.matmul(&w.t()?);
+    }
+    let (m, k) = x.dims2()?;
+    let n = w.dim(0)?;
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let mut y = vec![0f32; m * n];
+    with_data(&x, &w, |xd, wd| gemm(m, n, k, &mut y, n, false, Operand::rows(xd, k), Operand::rows(wd, k).t(), 1.0))?;
+    Tensor::from_vec(y, (m, n), x.device())
+}
+
+/// `g·W` for `g: [m, n]` (f32) and a frozen `W: [n, k]` of any float dtype.
+pub fn matmul(g: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.dtype() != DType::BF16 || !w.device().is_cpu() {
+        return g.matmul(w);
+    }
+    let (m, n) = g.dims2()?;
+    let k = w.dim(1)?;
+    let (g, w) = (g.contiguous()?, w.contiguous()?);
+    let mut y = vec![0f32; m * k];
+    with_data(&g, &w, |gd, wd| gemm(m, k, n, &mut y, k, false, Operand::rows(gd, n), Operand::rows(wd, k), 1.0))?;
+    Tensor::from_vec(y, (m, k), g.device())
+}
+
+/// Runs `f` on the data of a contiguous f32 CPU tensor and a bf16 one.
+fn with_data<R>(x: &Tensor, w: &Tensor, f: impl FnOnce(&[f32], &[bf16]) -> R) -> Result<R> {
+    let ((sx, lx), (sw, lw)) = (x.storage_and_layout(), w.storage_and_layout());
+    match (&*sx, &*sw) {
+        (Storage::Cpu(CpuStorage::F32(xd)), Storage::Cpu(CpuStorage::BF16(wd))) => {
+            Ok(f(contiguous(xd, lx)?, contiguous(wd, lw)?))
+        }
+        _ => candle_core::bail!("bf16 linear: expected f32 activations and bf16 weights on the CPU"),
+    }
+}
+
+/// The elements of a contiguous layout.
+pub fn contiguous<'a, T>(data: &'a [T], l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("bf16 linear: tensor must be contiguous"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// `C = [C0 +] α·A·B` in f64 from `A` as the path reads it (rounded to
+    /// bf16 on the native path) and the bf16 `B`.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        m: usize,
+        n: usize,
+        k: usize,
+        c0: Option<&[f32]>,
+        a: Operand<f32>,
+        b: Operand<bf16>,
+        alpha: f32,
+        round_a: bool,
+    ) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for p in 0..k {
+                    let av = if round_a { bf16::from_f32(a.at(i, p)).to_f32() } else { a.at(i, p) };
+                    s += av as f64 * b.at(p, j).to_f32() as f64;
+                }
+                c[i * n + j] = (alpha as f64 * s + c0.map_or(0.0, |c0| c0[i * n + j] as f64)) as f32;
+            }
+        }
+        c
+    }
+
+    /// Every path this CPU has, on shapes with partial tiles, odd k, both
+    /// layouts of `B` (`Wᵀ` for the forward, `W` for the backward), several
+    /// k-blocks and column blocks, with and without accumulation.
+    #[test]
+    fn every_path_matches_the_f64_reference() {
+        let mut paths = vec![Path::Widen];
+        if native_available() {
+            paths.push(Path::Avx512Bf16);
+        } else {
+            eprintln!("SKIPPED: the avx512bf16 path (this CPU has no AVX512-BF16); tested: widen");
+        }
+        for path in paths {
+            for &(m, n, k) in &[(1, 1, 1), (7, 33, 5), (13, 70, 600), (70, 530, 1030), (3, 17, 2)] {
+                for transposed in [false, true] {
+                    let av = values(m * k, 1);
+                    let bv: Vec<bf16> = values(k * n, 2).into_iter().map(bf16::from_f32).collect();
+                    let a = Operand::rows(&av, k);
+                    // B as k×n: either stored row-major, or stored n×k and read transposed.
+                    let b = if transposed { Operand::rows(&bv, k).t() } else { Operand::rows(&bv, n) };
+                    for accumulate in [false, true] {
+                        let c0 = values(m * n, 3);
+                        let mut c = c0.clone();
+                        gemm_with(path, m, n, k, &mut c, n, accumulate, a, b, 0.5);
+                        let want = reference(m, n, k, accumulate.then_some(&c0), a, b, 0.5, path == Path::Avx512Bf16);
+                        let worst = c.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                        // f32 accumulation of up to ~1000 products of size ≤ 1.
+                        let tol = 1e-5 * (k as f32).max(1.0) + 1e-5;
+                        assert!(
+                            worst <= tol,
+                            "{} path, {m}×{n}×{k}, transposed B {transposed}, accumulate {accumulate}: off by {worst} (> {tol})",
+                            path.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The tensor entry points equal candle's matmul on the widened weight
+    /// (up to the rounding of the activations on the native path).
+    #[test]
+    fn linear_and_matmul_match_candle_on_the_widened_weight() {
+        let dev = candle_core::Device::Cpu;
+        let (m, n, k) = (37, 45, 130);
+        let x = Tensor::from_vec(values(m * k, 5), (m, k), &dev).unwrap();
+        let g = Tensor::from_vec(values(m * n, 6), (m, n), &dev).unwrap();
+        let w = Tensor::from_vec(values(n * k, 7), (n, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let wide = w.to_dtype(DType::F32).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        };
+        let y = linear(&x, &w).unwrap();
+        assert!(diff(&y, &x.matmul(&wide.t().unwrap()).unwrap()) < 0.05);
+        let dx = matmul(&g, &w).unwrap();
+        assert!(diff(&dx, &g.matmul(&wide).unwrap()) < 0.05);
+        // f32 weights take candle's own matmul.
+        assert!(diff(&linear(&x, &wide).unwrap(), &x.matmul(&wide.t().unwrap()).unwrap()) == 0.0);
+    }
+}
