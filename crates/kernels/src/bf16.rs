@@ -238,6 +238,9 @@ mod native {
         b: Operand<bf16>,
         alpha: f32,
     ) {
+        if m <= SWAP_MAX_M && n >= 8 * m && b.rs == 1 && k % 2 == 0 && b.cs % 2 == 0 {
+            return swapped(m, n, k, c, ldc, accumulate, a, b, alpha);
+        }
         let kp = k.div_ceil(2);
         let m_pad = m.next_multiple_of(MR);
         // `A` rounded to bf16 once, row-major in k-pairs, zero-padded to
@@ -311,12 +314,167 @@ mod native {
     /// past `j1` and k past the end are zero.
     fn pack_b(b: Operand<bf16>, k: usize, p0: usize, kcp: usize, j0: usize, j1: usize, panel: &mut [u32]) {
         let zero = bf16::ZERO;
-        for p in 0..kcp {
+        let mut from = 0;
+        if b.cs == 1 && j1 - j0 == NR {
+            // Rows of `B` contiguous (the backward's `W`): interleave two rows
+            // 32 columns at a time.
+            from = kcp.min((k / 2).saturating_sub(p0));
+            // SAFETY: the caller checked the CPU; rows 2·(p0+p)+1 < k for p < from.
+            unsafe { interleave_rows(b, p0, from, j0, panel) };
+        }
+        for p in from..kcp {
             let (k0, k1) = (2 * (p0 + p), 2 * (p0 + p) + 1);
             let dst = &mut panel[p * NR..(p + 1) * NR];
             for (lane, w) in dst.iter_mut().enumerate() {
                 let j = j0 + lane;
                 *w = if j < j1 { pair(b.at(k0, j), if k1 < k { b.at(k1, j) } else { zero }) } else { 0 };
+            }
+        }
+    }
+
+    /// `panel[p][lane] = pair(B[2(p0+p)][j0+lane], B[2(p0+p)+1][j0+lane])` for
+    /// `p < kcp`, a full panel of a `B` whose rows are contiguous.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn interleave_rows(b: Operand<bf16>, p0: usize, kcp: usize, j0: usize, panel: &mut [u32]) {
+        // Word l of the low half pairs element l of both rows; the high half, l + 16.
+        let lo: [u16; 32] = std::array::from_fn(|i| if i % 2 == 0 { i as u16 / 2 } else { 32 + i as u16 / 2 });
+        let hi: [u16; 32] = std::array::from_fn(|i| lo[i] + 16);
+        // SAFETY: the caller guarantees rows 2·(p0+p) and 2·(p0+p)+1 hold
+        // columns j0..j0+32 for p < kcp, and `panel` holds kcp·NR words.
+        unsafe {
+            let (lo, hi) = (_mm512_loadu_si512(lo.as_ptr() as *const _), _mm512_loadu_si512(hi.as_ptr() as *const _));
+            for p in 0..kcp {
+                let r0 = b.data.as_ptr().add(2 * (p0 + p) * b.rs + j0);
+                let (x, y) = (_mm512_loadu_si512(r0 as *const _), _mm512_loadu_si512(r0.add(b.rs) as *const _));
+                let dst = panel.as_mut_ptr().add(p * NR);
+                _mm512_storeu_si512(dst as *mut _, _mm512_permutex2var_epi16(x, lo, y));
+                _mm512_storeu_si512(dst.add(16) as *mut _, _mm512_permutex2var_epi16(x, hi, y));
+            }
+        }
+    }
+
+    /// Largest `m` multiplied with the operands swapped (see [`swapped`]).
+    const SWAP_MAX_M: usize = 256;
+
+    /// `C = [C +] α·A·Wᵀ` for few rows of `A` and a wide row-major `W`
+    /// (`B = Wᵀ`: the LM head on a 64-row chunk) computed as
+    /// `Cᵀ = W·Aᵀ`: `W`'s rows are already k-pairs, so the micro-kernel
+    /// broadcasts them straight from memory and only the small `A` is
+    /// packed — packing all of `W` per call would cost as much as the
+    /// product.
+    #[allow(clippy::too_many_arguments)]
+    fn swapped(
+        m: usize,
+        n: usize,
+        k: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+        a: Operand<f32>,
+        b: Operand<bf16>,
+        alpha: f32,
+    ) {
+        let kp = k / 2;
+        let ldw = b.cs / 2;
+        let w = b.data.as_ptr() as usize;
+        // The last rows of `W` copied into a whole zero-padded group (the
+        // micro-kernel always reads MR rows).
+        let full = n / MR * MR;
+        let mut tail = vec![0u32; MR * kp];
+        for (r, j) in (full..n).enumerate() {
+            for p in 0..kp {
+                tail[r * kp + p] = pair(b.at(2 * p, j), b.at(2 * p + 1, j));
+            }
+        }
+        // `Aᵀ` as NR-token panels of k-pairs.
+        let panels = m.div_ceil(NR);
+        let mut ap = vec![0u32; panels * kp * NR];
+        ap.par_chunks_mut(kp * NR).enumerate().for_each(|(q, panel)| {
+            for t in q * NR..(q * NR + NR).min(m) {
+                for p in 0..kp {
+                    panel[p * NR + t - q * NR] =
+                        pair(bf16::from_f32(a.at(t, 2 * p)), bf16::from_f32(a.at(t, 2 * p + 1)));
+                }
+            }
+        });
+        let c_addr = c.as_mut_ptr() as usize;
+        const ROWS_PER_TASK: usize = 64;
+        (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+            let rows = task * ROWS_PER_TASK..(task * ROWS_PER_TASK + ROWS_PER_TASK).min(n);
+            for p0 in (0..kp).step_by(KCP) {
+                let kcp = KCP.min(kp - p0);
+                for j in rows.clone().step_by(MR) {
+                    let (src, lda) = if j < full {
+                        ((w as *const u32).wrapping_add(j * ldw + p0), ldw)
+                    } else {
+                        (tail.as_ptr().wrapping_add(p0), kp)
+                    };
+                    for q in 0..panels {
+                        // SAFETY: `W` rows j..j+MR (or the padded tail) hold
+                        // kp words from p0; the panel holds kp·NR words; the
+                        // transposed tile lies inside `c`; tasks own disjoint
+                        // columns of `C`.
+                        unsafe {
+                            tile_t(
+                                kcp,
+                                src,
+                                lda,
+                                ap.as_ptr().add(q * kp * NR + p0 * NR),
+                                (c_addr as *mut f32).add(q * NR * ldc + j),
+                                ldc,
+                                MR.min(n - j),
+                                NR.min(m - q * NR),
+                                accumulate || p0 > 0,
+                                alpha,
+                            )
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// [`tile`] with the result transposed: tile row `r` (a row of `W`) is
+    /// column `r` of `C`, tile column `t` (a row of `A`) is row `t`; `a`
+    /// may be unaligned.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile_t(
+        kcp: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        load: bool,
+        alpha: f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut out = [[0f32; NR]; MR];
+        // SAFETY: as for `tile`, with `mr` columns and `nr` rows of `c`.
+        unsafe {
+            for p in 0..kcp {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const _));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const _));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(a.add(r * lda + p).read_unaligned() as i32));
+                    acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+                }
+            }
+            for (o, acc) in out.iter_mut().zip(&acc) {
+                _mm512_storeu_ps(o.as_mut_ptr(), acc[0]);
+                _mm512_storeu_ps(o.as_mut_ptr().add(16), acc[1]);
+            }
+            for t in 0..nr {
+                let row = c.add(t * ldc);
+                for (r, o) in out.iter().enumerate().take(mr) {
+                    let v = alpha * o[t];
+                    *row.add(r) = if load { *row.add(r) + v } else { v };
+                }
             }
         }
     }
@@ -485,7 +643,8 @@ mod tests {
         c
     }
 
-    /// Every path this CPU has, on shapes with partial tiles, odd k, both
+    /// Every path this CPU has (and the native path's swapped form for few
+    /// rows and a wide `Wᵀ`), on shapes with partial tiles, odd k, both
     /// layouts of `B` (`Wᵀ` for the forward, `W` for the backward), several
     /// k-blocks and column blocks, with and without accumulation.
     #[test]
@@ -497,7 +656,16 @@ mod tests {
             eprintln!("SKIPPED: the avx512bf16 path (this CPU has no AVX512-BF16); tested: widen");
         }
         for path in paths {
-            for &(m, n, k) in &[(1, 1, 1), (7, 33, 5), (13, 70, 600), (70, 530, 1030), (3, 17, 2)] {
+            for &(m, n, k) in &[
+                (1, 1, 1),
+                (7, 33, 5),
+                (13, 70, 600),
+                (70, 530, 1030),
+                (3, 17, 2),
+                (5, 83, 38),
+                (40, 700, 520),
+                (64, 2048, 64),
+            ] {
                 for transposed in [false, true] {
                     let av = values(m * k, 1);
                     let bv: Vec<bf16> = values(k * n, 2).into_iter().map(bf16::from_f32).collect();

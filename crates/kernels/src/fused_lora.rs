@@ -322,6 +322,30 @@ mod tests {
         }
     }
 
+    /// With a bf16 `W` (mixed precision) the output and gradients equal the
+    /// composed ops on the widened weight, to bf16 rounding of the input.
+    #[test]
+    fn a_bf16_weight_matches_the_composed_ops_on_its_f32_widening() {
+        let (m, k, r, n, s) = (70, 64, 4, 40, 2.0);
+        let w16 = rand(&[n, k], 3).to_dtype(candle_core::DType::BF16).unwrap();
+        let w = w16.to_dtype(candle_core::DType::F32).unwrap();
+        let proj = rand(&[m, n], 5);
+        let vars = [rand(&[m, k], 1), rand(&[r, k], 6), rand(&[n, r], 7)].map(|t| Var::from_tensor(&t).unwrap());
+        let [x, a, b] = [0, 1, 2].map(|i| vars[i].as_tensor().clone());
+        let fused = lora_linear(&x, &a, &b, &w16, None, None, s).unwrap();
+        let delta = x.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap();
+        let composed = (x.matmul(&w.t().unwrap()).unwrap() + (delta * s).unwrap()).unwrap();
+        assert!(max_diff(&fused, &composed) < 0.05, "forward differs by {}", max_diff(&fused, &composed));
+        let gf = (fused * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (composed * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        for (var, name) in vars.iter().zip(["x", "A", "B"]) {
+            let (f, c) = (gf.get(var).unwrap(), gc.get(var).unwrap());
+            // bf16 keeps 8 bits: within 1 % of the gradient's scale.
+            let scale = c.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(max_diff(f, c) < 0.01 * scale, "∂{name} differs by {} (scale {scale})", max_diff(f, c));
+        }
+    }
+
     #[test]
     fn a_keep_mask_scales_kept_elements_and_zeroes_the_others() {
         let mut i = 0;
