@@ -434,6 +434,29 @@ mod native {
         });
     }
 
+    /// The `MR×NR` products of one tile over `kcp` k-pairs, in registers:
+    /// `a` has MR rows `lda` words apart (read unaligned: `W`'s own rows on
+    /// the swapped path), `b` one packed panel.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn accumulate(kcp: usize, a: *const u32, lda: usize, b: *const u32) -> [[__m512; 2]; MR] {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        // SAFETY: the callers' (`tile`, `tile_t`) bounds.
+        unsafe {
+            for p in 0..kcp {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const _));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const _));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(a.add(r * lda + p).read_unaligned() as i32));
+                    acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+                }
+            }
+        }
+        acc
+    }
+
     /// [`tile`] with the result transposed: tile row `r` (a row of `W`) is
     /// column `r` of `C`, tile column `t` (a row of `A`) is row `t`; `a`
     /// may be unaligned.
@@ -451,20 +474,10 @@ mod native {
         load: bool,
         alpha: f32,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let mut out = [[0f32; NR]; MR];
         // SAFETY: as for `tile`, with `mr` columns and `nr` rows of `c`.
         unsafe {
-            for p in 0..kcp {
-                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const _));
-                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const _));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let av: __m512bh =
-                        std::mem::transmute(_mm512_set1_epi32(a.add(r * lda + p).read_unaligned() as i32));
-                    acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
-                    acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
-                }
-            }
+            let acc = accumulate(kcp, a, lda, b);
             for (o, acc) in out.iter_mut().zip(&acc) {
                 _mm512_storeu_ps(o.as_mut_ptr(), acc[0]);
                 _mm512_storeu_ps(o.as_mut_ptr().add(16), acc[1]);
@@ -515,19 +528,10 @@ mod native {
         load: bool,
         alpha: f32,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         // SAFETY (whole body): the caller guarantees `kcp` words per row of
         // `a` (MR rows), `kcp·NR` words of `b`, and the `mr×nr` tile of `c`.
         unsafe {
-            for p in 0..kcp {
-                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const _));
-                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const _));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r * lda + p) as i32));
-                    acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
-                    acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
-                }
-            }
+            let acc = accumulate(kcp, a, lda, b);
             let alpha = _mm512_set1_ps(alpha);
             let masks = [lanes(nr.min(16)), lanes(nr.saturating_sub(16))];
             for (r, acc) in acc.iter().enumerate().take(mr) {
@@ -564,8 +568,13 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let n = w.dim(0)?;
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let mut y = vec![0f32; m * n];
-    with_data(&x, &w, |xd, wd| gemm(m, n, k, &mut y, n, false, Operand::rows(xd, k), Operand::rows(wd, k).t(), 1.0))?;
+    with_data(&x, &w, |xd, wd| times_transposed(m, n, k, xd, wd, &mut y))?;
     Tensor::from_vec(y, (m, n), x.device())
+}
+
+/// `y (m×n) = x·Wᵀ` for row-major `x: m×k` and `W: n×k`, on slices.
+pub fn times_transposed(m: usize, n: usize, k: usize, x: &[f32], w: &[bf16], y: &mut [f32]) {
+    gemm(m, n, k, y, n, false, Operand::rows(x, k), Operand::rows(w, k).t(), 1.0);
 }
 
 /// `g·W` for `g: [m, n]` (f32) and a frozen `W: [n, k]` of any float dtype.

@@ -105,10 +105,7 @@ impl Frozen<'_> {
     fn times_transposed(&self, m: usize, n: usize, k: usize, x: &[f32], y: &mut [f32]) {
         match *self {
             Frozen::F32(w) => gemm(m, n, k, y, false, mat(x, k), mat(w, k).t(), 1.0),
-            Frozen::Bf16(w) => {
-                use crate::bf16::Operand;
-                crate::bf16::gemm(m, n, k, y, n, false, Operand::rows(x, k), Operand::rows(w, k).t(), 1.0)
-            }
+            Frozen::Bf16(w) => crate::bf16::times_transposed(m, n, k, x, w, y),
         }
     }
 

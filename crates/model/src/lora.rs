@@ -89,8 +89,7 @@ impl CustomOp1 for FrozenLinear {
                 let x = pipeline_kernels::bf16::contiguous(s.as_slice::<f32>()?, l)?;
                 let w = pipeline_kernels::bf16::contiguous(wd, lw)?;
                 let mut y = vec![0f32; m * n];
-                use pipeline_kernels::bf16::{Operand, gemm};
-                gemm(m, n, k, &mut y, n, false, Operand::rows(x, k), Operand::rows(w, k).t(), 1.0);
+                pipeline_kernels::bf16::times_transposed(m, n, k, x, w, &mut y);
                 Ok((CpuStorage::F32(y), Shape::from((m, n))))
             }
             Storage::Cpu(w) => matmul_wt(s, l, w, lw),
