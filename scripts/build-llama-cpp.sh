@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the llama.cpp programs the runtime tests run our artifacts in
 # (llama-tokenize, llama-perplexity, llama-quantize, llama-server,
-# llama-completion), from package registries only: the llama-cpp-python
+# llama-completion) and llama-bench (for `scripts/bench-compare.sh`), from package registries only: the llama-cpp-python
 # sdist on PyPI vendors the whole llama.cpp tree, and cmake comes from PyPI.
 #
 # The build lives outside the clone (default ~/.cache/pipeline-runtimes), one
@@ -19,8 +19,14 @@ die() { say "error: $*"; exit 1; }
 
 cpu=$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | sha256sum | cut -c1-12)
 prefix="$root/llama.cpp-$version-$cpu"
-bins=(llama-tokenize llama-perplexity llama-quantize llama-server llama-completion)
-if [ -f "$prefix/.complete" ]; then
+bins=(llama-tokenize llama-perplexity llama-quantize llama-server llama-completion llama-bench)
+# Complete when every program is there: a build made before a program was
+# added to the list gets just that program built (the cmake tree is reused).
+missing=()
+for b in "${bins[@]}"; do
+  [ -x "$prefix/bin/$b" ] || missing+=("$b")
+done
+if [ -f "$prefix/.complete" ] && [ ${#missing[@]} -eq 0 ]; then
   say "present: $prefix/bin"
   echo "$prefix/bin"
   exit 0
