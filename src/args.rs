@@ -340,6 +340,35 @@ pub enum BenchCommand {
         #[command(flatten)]
         cache: CacheArgs,
     },
+    /// Prefill and decode against llama.cpp's `llama-bench` on the same GGUF,
+    /// measured one after the other in the same minutes, with the ratios.
+    Compare {
+        /// A .gguf file (llama.cpp runs the same file).
+        #[arg(long)]
+        model: PathBuf,
+        /// The `llama-bench` program (default: `$PIPELINE_LLAMA_CPP_BIN/llama-bench`,
+        /// then the build `scripts/fetch-models.sh` recorded in
+        /// `models/llama-cpp-bin`, then `llama-bench` on PATH).
+        #[arg(long)]
+        llama_bench: Option<PathBuf>,
+        /// Prompt length in tokens (llama-bench `-p`).
+        #[arg(long, default_value_t = 1500)]
+        prompt_tokens: usize,
+        /// Tokens decoded (llama-bench `-n`).
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        /// Runs of each engine (llama-bench `-r`); means and spreads are printed.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+        repetitions: u64,
+        /// The dataset whose traces make our prompt.
+        #[arg(long, default_value = "hf://datasets/shawhin/tool-use-finetuning")]
+        dataset: String,
+        /// Print both engines' runs and the ratios as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -347,7 +376,7 @@ pub enum DevCommand {
     /// Write a random-weight checkpoint in real HF layout (for tests, CI and
     /// speed measurements where the real weights are not available).
     RandomModel {
-        /// gemma3, gemma3-270m (the real 270M shape), qwen3 or qwen2.
+        /// gemma3, gemma3-270m or gemma3-1b (the real 270M / 1B shapes), qwen3 or qwen2.
         #[arg(long)]
         arch: String,
         /// A directory holding tokenizer.json and tokenizer_config.json to copy.

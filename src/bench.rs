@@ -242,3 +242,195 @@ pub fn peak_rss_bytes() -> u64 {
         })
         .map_or(0, |kb| kb * 1024)
 }
+
+/// What `bench compare --json` prints: both engines' runs on one GGUF, one
+/// after the other in the same minutes, and our speed over theirs.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompareBench {
+    pub model: String,
+    pub cpu: String,
+    pub kernels: String,
+    pub threads: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// llama.cpp's build (`build_commit` of llama-bench's report).
+    pub llama_cpp_build: String,
+    pub prefill: Versus,
+    pub decode: Versus,
+}
+
+/// One measure (tokens/s) of both engines.
+#[derive(Debug, Clone, Serialize)]
+pub struct Versus {
+    pub pipeline: Runs,
+    pub llama_cpp: Runs,
+    /// `pipeline.mean / llama_cpp.mean`.
+    pub ratio: f64,
+}
+
+/// Tokens/s of repeated runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Runs {
+    pub mean: f64,
+    pub stddev: f64,
+    pub runs: Vec<f64>,
+}
+
+impl Runs {
+    fn new(runs: Vec<f64>) -> Runs {
+        let n = runs.len().max(1) as f64;
+        let mean = runs.iter().sum::<f64>() / n;
+        let var = runs.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+        Runs { mean, stddev: var.sqrt(), runs }
+    }
+}
+
+impl Versus {
+    fn new(pipeline: Vec<f64>, llama_cpp: Vec<f64>) -> Versus {
+        let (pipeline, llama_cpp) = (Runs::new(pipeline), Runs::new(llama_cpp));
+        Versus { ratio: pipeline.mean / llama_cpp.mean, pipeline, llama_cpp }
+    }
+}
+
+/// Options of `bench compare`.
+pub struct CompareOptions {
+    pub generate: GenerateOptions,
+    pub llama_bench: Option<PathBuf>,
+    pub repetitions: usize,
+}
+
+/// `bench generate` and llama.cpp's `llama-bench` (pp P, tg N at depth P) on the same
+/// file and thread count, alternating run by run so that both see the same
+/// machine (a neighbour's load, the clock) within a few seconds.
+pub fn compare(opts: &CompareOptions) -> Result<CompareBench> {
+    let g = &opts.generate;
+    anyhow::ensure!(
+        g.model.extension().is_some_and(|e| e == "gguf"),
+        "bench compare needs a .gguf file (llama.cpp runs the same file): {}",
+        g.model.display()
+    );
+    let llama_bench = find_llama_bench(opts.llama_bench.as_deref())?;
+    let threads = candle_core::utils::get_num_threads();
+    let pb = pipeline::report::bar(opts.repetitions as u64 * 2, "bench compare");
+    let (mut ours, mut theirs) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    let mut build = String::new();
+    for _ in 0..opts.repetitions {
+        pb.set_message("pipeline".into());
+        let r = generate(g)?;
+        ours.0.push(r.prefill_tokens_per_s);
+        ours.1.push(r.decode_tokens_per_s);
+        pb.inc(1);
+        pb.set_message("llama.cpp".into());
+        let l = run_llama_bench(&llama_bench, &g.model, threads, g.prompt_tokens, g.new_tokens)?;
+        theirs.0.push(l.prefill);
+        theirs.1.push(l.decode);
+        build = l.build;
+        pb.inc(1);
+    }
+    pb.finish();
+    Ok(CompareBench {
+        model: g.model.display().to_string(),
+        cpu: cpu_name(),
+        kernels: pipeline_model::cpu_paths(),
+        threads,
+        prompt_tokens: g.prompt_tokens,
+        new_tokens: g.new_tokens,
+        llama_cpp_build: build,
+        prefill: Versus::new(ours.0, theirs.0),
+        decode: Versus::new(ours.1, theirs.1),
+    })
+}
+
+/// `--llama-bench`, else `$PIPELINE_LLAMA_CPP_BIN/llama-bench`, else the
+/// build recorded by `scripts/fetch-models.sh`, else `llama-bench` on PATH.
+fn find_llama_bench(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        anyhow::ensure!(p.is_file(), "--llama-bench {}: no such file", p.display());
+        return Ok(p.to_path_buf());
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PIPELINE_LLAMA_CPP_BIN").map(PathBuf::from).into_iter().collect();
+    if let Ok(recorded) = std::fs::read_to_string("models/llama-cpp-bin") {
+        dirs.push(PathBuf::from(recorded.trim()));
+    }
+    dirs.extend(std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default());
+    dirs.iter().map(|d| d.join("llama-bench")).find(|p| p.is_file()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "llama-bench not found: build it with scripts/build-llama-cpp.sh (it prints the bin directory), \
+             then pass --llama-bench DIR/llama-bench or set PIPELINE_LLAMA_CPP_BIN=DIR"
+        )
+    })
+}
+
+/// One llama-bench run's tokens/s.
+struct LlamaRun {
+    prefill: f64,
+    decode: f64,
+    build: String,
+}
+
+/// Runs llama-bench once per test (`-r 1`, its own warm-up included):
+/// prompt processing of `prompt` tokens, then generation of `decoded`
+/// tokens after a context of `prompt` tokens (`-d`), which is what
+/// `bench generate` decodes after; reads both tokens/s.
+fn run_llama_bench(bin: &Path, model: &Path, threads: usize, prompt: usize, decoded: usize) -> Result<LlamaRun> {
+    let (p, n) = (prompt.to_string(), decoded.to_string());
+    let mut tests = Vec::new();
+    for test in [["-p", &p, "-n", "0", "-d", "0"], ["-p", "0", "-n", &n, "-d", &p]] {
+        let out = std::process::Command::new(bin)
+            .args(["-m".as_ref(), model.as_os_str()])
+            .args(["-t", &threads.to_string()])
+            .args(test)
+            .args(["-r", "1", "-o", "json"])
+            .output()
+            .with_context(|| format!("running {}", bin.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{} {} failed ({}): {}",
+            bin.display(),
+            test.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+        );
+        let json: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("reading the JSON report of {} {}", bin.display(), test.join(" ")))?;
+        tests.extend(json);
+    }
+    parse_llama_bench(&serde_json::to_string(&tests)?)
+}
+
+/// llama-bench's JSON report: one object per test, `n_prompt`/`n_gen` say
+/// which, `avg_ts` is its tokens/s.
+fn parse_llama_bench(json: &str) -> Result<LlamaRun> {
+    let tests: Vec<serde_json::Value> = serde_json::from_str(json)?;
+    let speed = |prefill: bool| {
+        tests
+            .iter()
+            .find(|t| {
+                let (p, g) = (t["n_prompt"].as_u64().unwrap_or(0), t["n_gen"].as_u64().unwrap_or(0));
+                if prefill { p > 0 && g == 0 } else { g > 0 && p == 0 }
+            })
+            .and_then(|t| t["avg_ts"].as_f64())
+            .ok_or_else(|| anyhow::anyhow!("no {} test with avg_ts", if prefill { "prompt" } else { "generation" }))
+    };
+    let build = tests.first().and_then(|t| t["build_commit"].as_str()).unwrap_or("unknown").to_string();
+    Ok(LlamaRun { prefill: speed(true)?, decode: speed(false)?, build })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama_bench_reports_are_read_by_test_kind() {
+        let json = r#"[
+          {"build_commit": "0c1e570", "n_prompt": 1500, "n_gen": 0, "avg_ts": 950.5},
+          {"build_commit": "0c1e570", "n_prompt": 0, "n_gen": 64, "avg_ts": 94.25}
+        ]"#;
+        let r = parse_llama_bench(json).unwrap();
+        assert_eq!((r.prefill, r.decode, r.build.as_str()), (950.5, 94.25, "0c1e570"));
+        let err = parse_llama_bench(r#"[{"n_prompt": 0, "n_gen": 64, "avg_ts": 9.0}]"#).err().unwrap();
+        assert!(err.to_string().contains("no prompt test"), "{err}");
+        let v = Versus::new(vec![100.0, 120.0], vec![50.0, 50.0]);
+        assert_eq!((v.ratio, v.pipeline.mean, v.llama_cpp.stddev), (2.2, 110.0, 0.0));
+    }
+}

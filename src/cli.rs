@@ -101,6 +101,16 @@ fn dispatch(command: Command) -> Result<()> {
             json,
             cache,
         }) => bench_generate(model, prompt_tokens, new_tokens, f32, batch, device, dataset, json, cache),
+        Command::Bench(BenchCommand::Compare {
+            model,
+            llama_bench,
+            prompt_tokens,
+            new_tokens,
+            repetitions,
+            dataset,
+            json,
+            cache,
+        }) => bench_compare(model, llama_bench, prompt_tokens, new_tokens, repetitions, dataset, json, cache),
         Command::Generate { model, prompt, prompts, system, generation, json, constrain_calls, batch } => {
             generate(model, prompt, prompts, system, generation, json, constrain_calls, batch)
         }
@@ -224,11 +234,55 @@ fn random_model(arch: String, tokenizer: PathBuf, vocab: usize, seed: u64, out: 
     match arch.as_str() {
         "gemma3" => TinyGemma3::new(vocab).write(&out, &tokenizer, seed)?,
         "gemma3-270m" => TinyGemma3::gemma3_270m(vocab).write(&out, &tokenizer, seed)?,
+        "gemma3-1b" => TinyGemma3::gemma3_1b(vocab).write(&out, &tokenizer, seed)?,
         "qwen3" => TinyQwen::new(Variant::Qwen3, vocab).write(&out, &tokenizer, seed)?,
         "qwen2" => TinyQwen::new(Variant::Qwen2, vocab).write(&out, &tokenizer, seed)?,
-        other => bail!("unknown --arch `{other}`: use gemma3, gemma3-270m, qwen3 or qwen2"),
+        other => bail!("unknown --arch `{other}`: use gemma3, gemma3-270m, gemma3-1b, qwen3 or qwen2"),
     }
     eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+/// `pipeline bench compare`: our prefill and decode against llama.cpp's.
+#[allow(clippy::too_many_arguments)]
+fn bench_compare(
+    model: PathBuf,
+    llama_bench: Option<PathBuf>,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    repetitions: u64,
+    dataset: String,
+    json: bool,
+    cache: CacheArgs,
+) -> Result<()> {
+    let generate = crate::bench::GenerateOptions {
+        model,
+        prompt_tokens: prompt_tokens.max(32),
+        new_tokens: new_tokens.max(2),
+        f32: false,
+        batch: 1,
+        device: "cpu".into(),
+        dataset,
+        cache: cache.location(),
+    };
+    let r = crate::bench::compare(&crate::bench::CompareOptions {
+        generate,
+        llama_bench,
+        repetitions: repetitions as usize,
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!("bench compare: {} ({}), {} threads; kernels: {}", r.model, r.cpu, r.threads, r.kernels);
+    println!("{:<24} {:>20} {:>22} {:>7}", "", "pipeline", format!("llama.cpp {}", r.llama_cpp_build), "ratio");
+    for (what, v) in [
+        (format!("prefill, {} tokens", r.prompt_tokens), &r.prefill),
+        (format!("decode, {} tokens", r.new_tokens), &r.decode),
+    ] {
+        let cell = |x: &crate::bench::Runs| format!("{:.1} ± {:.1} tok/s", x.mean, x.stddev);
+        println!("{what:<24} {:>20} {:>22} {:>6.2}×", cell(&v.pipeline), cell(&v.llama_cpp), v.ratio);
+    }
     Ok(())
 }
 

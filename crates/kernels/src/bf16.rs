@@ -146,8 +146,20 @@ pub fn gemm_with(
     }
 }
 
-/// Columns of `B` widened to f32 per `gemm` call on the widen path.
+/// The block of `B` widened to f32 per `gemm` call on the widen path:
+/// `WIDEN_KC × WIDEN_NC` (4 MiB), so that even the 262k-row LM head is
+/// never widened whole.
+const WIDEN_KC: usize = 2048;
 const WIDEN_NC: usize = 512;
+
+/// bf16 → f32 is exact: the bf16 bits are the f32's upper half. Written as
+/// a shift so the compiler vectorises it (`half`'s `to_f32` per element
+/// does not).
+fn widen(src: &[bf16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits(u32::from(s.to_bits()) << 16);
+    }
+}
 
 #[allow(clippy::too_many_arguments)]
 fn widen_gemm(
@@ -161,43 +173,67 @@ fn widen_gemm(
     b: Operand<bf16>,
     alpha: f32,
 ) {
-    let mut wide = vec![0f32; k * WIDEN_NC.min(n)];
+    let mut wide = vec![0f32; WIDEN_KC.min(k) * WIDEN_NC.min(n)];
     for j0 in (0..n).step_by(WIDEN_NC) {
         let nc = WIDEN_NC.min(n - j0);
-        wide[..k * nc].par_chunks_mut(nc).enumerate().for_each(|(i, row)| {
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = b.at(i, j0 + j).to_f32();
+        for p0 in (0..k).step_by(WIDEN_KC) {
+            let kc = WIDEN_KC.min(k - p0);
+            // The block `B[p0..p0+kc, j0..j0+nc]` in f32, laid out as `B`
+            // runs in memory so that every copy is a contiguous run: rows
+            // of `B` (`g·W`, `W` row-major), or rows of `Bᵀ` (`x·Wᵀ`: the
+            // weight's own rows). `(rs, cs)` are the block's strides.
+            let wide = &mut wide[..kc * nc];
+            let (rs, cs) = if b.cs == 1 {
+                wide.par_chunks_mut(nc)
+                    .enumerate()
+                    .for_each(|(i, row)| widen(&b.data[(p0 + i) * b.rs + j0..][..nc], row));
+                (nc, 1)
+            } else if b.rs == 1 {
+                wide.par_chunks_mut(kc)
+                    .enumerate()
+                    .for_each(|(j, col)| widen(&b.data[(j0 + j) * b.cs + p0..][..kc], col));
+                (1, kc)
+            } else {
+                wide.par_chunks_mut(nc).enumerate().for_each(|(i, row)| {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = b.at(p0 + i, j0 + j).to_f32();
+                    }
+                });
+                (nc, 1)
+            };
+            let parallelism = if m * nc * kc >= 1 << 18 {
+                gemm::Parallelism::Rayon(rayon::current_num_threads())
+            } else {
+                gemm::Parallelism::None
+            };
+            // SAFETY: `check` above bounds every element of `A` the strides
+            // reach (columns p0..p0+kc of it here); the destination block
+            // `C[.., j0..j0+nc]` lies inside `c`, and the block's strides
+            // `(rs, cs)` stay inside `wide` (kc × nc elements).
+            unsafe {
+                gemm::gemm(
+                    m,
+                    nc,
+                    kc,
+                    c.as_mut_ptr().add(j0),
+                    1,
+                    ldc as isize,
+                    // Later k-blocks add to what the first one wrote.
+                    accumulate || p0 > 0,
+                    a.data.as_ptr().add(p0 * a.cs),
+                    a.cs as isize,
+                    a.rs as isize,
+                    wide.as_ptr(),
+                    cs as isize,
+                    rs as isize,
+                    1.0,
+                    alpha,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                )
             }
-        });
-        let parallelism = if m * nc * k >= 1 << 18 {
-            gemm::Parallelism::Rayon(rayon::current_num_threads())
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: `check` above bounds every element the strides reach; the
-        // destination block `C[.., j0..j0+nc]` lies inside `c`.
-        unsafe {
-            gemm::gemm(
-                m,
-                nc,
-                k,
-                c.as_mut_ptr().add(j0),
-                1,
-                ldc as isize,
-                accumulate,
-                a.data.as_ptr(),
-                a.cs as isize,
-                a.rs as isize,
-                wide.as_ptr(),
-                1,
-                nc as isize,
-                1.0,
-                alpha,
-                false,
-                false,
-                false,
-                parallelism,
-            )
         }
     }
 }
@@ -674,6 +710,7 @@ mod tests {
                 (5, 83, 38),
                 (40, 700, 520),
                 (64, 2048, 64),
+                (3, 520, 4200),
             ] {
                 for transposed in [false, true] {
                     let av = values(m * k, 1);

@@ -18,9 +18,9 @@
 //! - **Q4_K and Q6_K** rows go through candle's block dot products.
 //! - Other types, and other devices, use candle's `QMatMul`.
 //!
-//! Work is split into 64-row tasks over rayon's pool (candle's own
-//! quantized matmul runs a second, spinning thread pool next to it, which
-//! on two cores costs more than it gains). Layers that read the same input
+//! Work is split into 64-row tasks over the spinning [`super::team`]
+//! (rayon's sleeping workers cost a wake-up per product, candle's own
+//! quantized matmul a second pool that spins next to rayon's). Layers that read the same input
 //! (q, k, v; gate, up) go through [`QuantLinear::forward_many`]: the input
 //! is quantized once and all their tasks share one parallel pass.
 
@@ -28,7 +28,6 @@ use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8K, GgmlType};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
 use half::f16;
-use rayon::prelude::*;
 
 /// A quantized `[out, in]` weight that multiplies inputs `[..., in]`.
 pub struct QuantLinear {
@@ -94,7 +93,7 @@ impl QuantLinear {
             .zip(&mut outs)
             .flat_map(|(w, out)| out.chunks_mut(ROWS_PER_TASK * n).enumerate().map(move |(c, t)| (*w, c, t)))
             .collect();
-        tasks.into_par_iter().for_each(|(w, c, out)| match (&w.kind, &input) {
+        super::team::for_each(tasks, |(w, c, out)| match (&w.kind, &input) {
             (Kind::Q32(b), Input::Q32(x)) => {
                 // Up to INPUTS_PER_PASS inputs share each pass over the rows.
                 let rows = out.len() / n;
@@ -120,7 +119,7 @@ impl QuantLinear {
 /// `x: [..., in]`: each input row's products are [`super::vmath::dots`]'s,
 /// whatever the number of rows, so a sequence's numbers in a batched step
 /// are those it gets alone (a GEMM picks its kernel, and so its summation
-/// order, by shape). Tasks of 64 weight rows run on rayon's pool; each
+/// order, by shape). Tasks of 64 weight rows run on the [`super::team`]; each
 /// task's rows stay in cache while every input multiplies them.
 pub fn f32_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
@@ -133,7 +132,8 @@ pub fn f32_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         _ => candle_core::bail!("f32_rows: the weight must be a contiguous f32 CPU tensor"),
     };
     let mut tasks = vec![0f32; n * out];
-    tasks.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(c, t)| {
+    let chunks: Vec<(usize, &mut [f32])> = tasks.chunks_mut(ROWS_PER_TASK * n).enumerate().collect();
+    super::team::for_each(chunks, |(c, t)| {
         let rows = t.len() / n;
         let wc = &wd[c * ROWS_PER_TASK * inp..][..rows * inp];
         for (xi, yi) in xs.chunks_exact(inp).zip(t.chunks_mut(rows)) {
@@ -300,7 +300,7 @@ fn blocks<T: GgmlType>(data: &[u8]) -> Vec<T> {
     out
 }
 
-/// Rows per rayon task: enough to amortise scheduling, small enough to
+/// Rows per task: enough to amortise scheduling, small enough to
 /// balance two cores.
 const ROWS_PER_TASK: usize = 64;
 

@@ -13,6 +13,8 @@
 //!   when the CPU has them, portable otherwise);
 //! - [`bf16`]: products of f32 activations with bf16 frozen weights
 //!   (AVX512-BF16 dot products, or widened to f32);
+//! - [`team`]: threads that poll for decoding's many short parallel loops
+//!   instead of sleeping between them;
 //! - [`composed`]: the same operations built from candle primitives, the
 //!   reference in tests and the path off the CPU.
 //!
@@ -25,6 +27,7 @@ pub mod fused;
 pub mod fused_lora;
 pub mod gemv;
 pub mod keep;
+pub mod team;
 pub mod vmath;
 
 /// The instruction paths the kernels take on this CPU, as `bench` and the

@@ -47,6 +47,13 @@ impl TinyGemma3 {
         }
     }
 
+    /// The shape of the real Gemma 3 1B (26 layers, 1152 wide, 4 heads of
+    /// 256, one kv head, MLP 6912, window 512), for the 1B recipe's speed
+    /// and memory without the real weights.
+    pub fn gemma3_1b(vocab_size: usize) -> TinyGemma3 {
+        TinyGemma3 { hidden_size: 1152, intermediate_size: 6912, layers: 26, ..TinyGemma3::gemma3_270m(vocab_size) }
+    }
+
     /// A two-layer model (one sliding, one global) with a window of 8.
     pub fn new(vocab_size: usize) -> TinyGemma3 {
         TinyGemma3 {
