@@ -158,7 +158,9 @@ impl Team {
 
     /// A helper's life: wait for an epoch, take tasks, check out.
     fn help(&self) {
-        let mut seen = self.epoch.load(Ordering::Acquire);
+        // The epoch the team was created with, not the current one: the
+        // first loop may have started before this thread ran.
+        let mut seen = 0;
         loop {
             seen = self.wait_past(seen);
             // SAFETY: see `impl Sync`.
