@@ -354,10 +354,10 @@ pub enum BenchCommand {
         /// Prompt length in tokens (llama-bench `-p`).
         #[arg(long, default_value_t = 1500)]
         prompt_tokens: usize,
-        /// Tokens decoded (llama-bench `-n`).
+        /// Tokens decoded after the prompt (llama-bench `-n`, at depth `-d` = the prompt length).
         #[arg(long, default_value_t = 64)]
         new_tokens: usize,
-        /// Runs of each engine (llama-bench `-r`); means and spreads are printed.
+        /// Runs of each engine, alternating (llama-bench with `-r 1` each); means and spreads are printed.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
         repetitions: u64,
         /// The dataset whose traces make our prompt.

@@ -54,24 +54,8 @@ fn team() -> Option<&'static Team> {
         if helpers == 0 {
             return None;
         }
-        let team: &'static Team = Box::leak(Box::new(Team {
-            helpers,
-            running: Mutex::new(()),
-            job: UnsafeCell::new(None),
-            epoch: AtomicU64::new(0),
-            next: AtomicUsize::new(0),
-            len: AtomicUsize::new(0),
-            pending: AtomicUsize::new(0),
-            panicked: AtomicBool::new(false),
-            sleep: Mutex::new(()),
-            wake: Condvar::new(),
-        }));
-        for h in 0..helpers {
-            std::thread::Builder::new()
-                .name(format!("pipeline-team-{h}"))
-                .spawn(move || team.help())
-                .expect("spawn a team thread");
-        }
+        let team = Team::new(helpers);
+        team.spawn_helpers();
         Some(team)
     })
 }
@@ -103,6 +87,32 @@ struct Team {
 unsafe impl Sync for Team {}
 
 impl Team {
+    /// A team of `helpers` (leaked: it lives as long as the process); no
+    /// helper runs before [`Team::spawn_helpers`].
+    fn new(helpers: usize) -> &'static Team {
+        Box::leak(Box::new(Team {
+            helpers,
+            running: Mutex::new(()),
+            job: UnsafeCell::new(None),
+            epoch: AtomicU64::new(0),
+            next: AtomicUsize::new(0),
+            len: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            sleep: Mutex::new(()),
+            wake: Condvar::new(),
+        }))
+    }
+
+    fn spawn_helpers(&'static self) {
+        for h in 0..self.helpers {
+            std::thread::Builder::new()
+                .name(format!("pipeline-team-{h}"))
+                .spawn(move || self.help())
+                .expect("spawn a team thread");
+        }
+    }
+
     fn run(&self, len: usize, task: &(dyn Fn(usize) + Sync)) {
         let _running = match self.running.try_lock() {
             Ok(g) => g,
@@ -219,6 +229,29 @@ mod tests {
             for_each(items, |(i, o)| *o = i * round + 1);
             assert!(outs.iter().enumerate().all(|(i, &o)| o == i * round + 1), "round {round}");
         }
+    }
+
+    #[test]
+    fn a_loop_started_before_the_helpers_ran_finishes() {
+        let team = Team::new(2);
+        let n = std::sync::Arc::new(AtomicUsize::new(0));
+        let (done, finished) = std::sync::mpsc::channel();
+        let counter = n.clone();
+        // Not scoped: if the loop hangs, the test fails instead of hanging.
+        std::thread::spawn(move || {
+            team.run(16, &|_| {
+                counter.fetch_add(1, Ordering::Relaxed);
+            });
+            done.send(()).unwrap();
+        });
+        // The loop has begun (its epoch is out) before any helper runs.
+        while team.epoch.load(Ordering::Acquire) == 0 {
+            std::hint::spin_loop();
+        }
+        team.spawn_helpers();
+        let waited = finished.recv_timeout(Duration::from_secs(10));
+        assert!(waited.is_ok(), "the loop never finished: a helper missed its epoch");
+        assert_eq!(n.load(Ordering::Relaxed), 16);
     }
 
     #[test]
