@@ -170,6 +170,19 @@ struct RowBlock {
     c1: usize,
 }
 
+/// Runs `f` on every row block of `dims`, in parallel: a decoding step's
+/// few one-row blocks (one per query head) on the spinning
+/// [`super::team`], whose threads are awake between the step's matrix ×
+/// vector products (rayon's would first have to be woken), longer
+/// sequences' blocks over rayon's pool.
+fn for_each_block(dims: Dims, f: impl Fn(RowBlock) + Sync + Send) {
+    if dims.band.t <= SMALL {
+        super::team::for_each(dims.row_blocks(), f)
+    } else {
+        dims.row_blocks().into_par_iter().for_each(f)
+    }
+}
+
 /// `[G, R, total]`: `a·bᵀ` inside the band (`a: [G, R, D]`, `b: [G, total, D]`),
 /// and, with `softmax`, the row-wise softmax over each row's visible keys.
 /// Outside the band: 0.
@@ -178,7 +191,7 @@ fn band_scores(a: &[f32], b: &[f32], dims: Dims, softmax: bool) -> Vec<f32> {
     let total = band.total();
     let mut out = vec![0f32; dims.g * r * total];
     let dst = Out(out.as_mut_ptr());
-    dims.row_blocks().into_par_iter().for_each(|RowBlock { g, rows, row0, i0, c0, c1 }| {
+    for_each_block(dims, |RowBlock { g, rows, row0, i0, c0, c1 }| {
         let dst = dst;
         // SAFETY: this item alone writes rows row0..row0+rows of `out`;
         // reads stay inside `a` and `b`.
@@ -216,7 +229,7 @@ fn band_times(p: &[f32], b: &[f32], dims: Dims) -> Vec<f32> {
     let total = band.total();
     let mut out = vec![0f32; dims.g * r * d];
     let dst = Out(out.as_mut_ptr());
-    dims.row_blocks().into_par_iter().for_each(|RowBlock { g, rows, row0, c0, c1, .. }| {
+    for_each_block(dims, |RowBlock { g, rows, row0, c0, c1, .. }| {
         let dst = dst;
         // SAFETY: this item alone writes rows row0..row0+rows of `out`.
         unsafe {

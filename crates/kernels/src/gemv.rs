@@ -33,6 +33,8 @@ use half::f16;
 pub struct QuantLinear {
     out: usize,
     inp: usize,
+    /// Rows per parallel task ([`task_rows`]).
+    rows: usize,
     kind: Kind,
 }
 
@@ -50,13 +52,14 @@ const Q5_0_BYTES: usize = 22;
 impl QuantLinear {
     pub fn new(q: QTensor, device: &Device) -> Result<QuantLinear> {
         let (out, inp) = q.shape().dims2()?;
+        let rows = task_rows(out, q.storage_size_in_bytes() / out.max(1));
         let kind = match q.dtype() {
             GgmlDType::Q8_0 | GgmlDType::Q5_0 if device.is_cpu() => Kind::Q32(Blocks32::new(&q.data()?, q.dtype())),
             GgmlDType::Q4K if device.is_cpu() => Kind::Q4K(blocks(&q.data()?)),
             GgmlDType::Q6K if device.is_cpu() => Kind::Q6K(blocks(&q.data()?)),
             _ => Kind::Candle(QMatMul::from_qtensor(q)?),
         };
-        Ok(QuantLinear { out, inp, kind })
+        Ok(QuantLinear { out, inp, rows, kind })
     }
 
     /// `x·Wᵀ` for `x: [..., in]`. Meant for a few rows (decoding one or a
@@ -85,29 +88,29 @@ impl QuantLinear {
             Kind::Q32(_) => Input::Q32(Quantized::new(&xs, inp)),
             _ => Input::Q8K(xs.chunks(inp).flat_map(|x| quantize_q8k(x)).collect()),
         };
-        // Task c of weight i fills its rows c·64.. of Wᵢ·xⱼ for every input
-        // j, input by input.
+        // Task c of weight i fills its rows c·rows.. of Wᵢ·xⱼ for every
+        // input j, input by input.
         let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.out]).collect();
         let tasks: Vec<(&QuantLinear, usize, &mut [f32])> = ws
             .iter()
             .zip(&mut outs)
-            .flat_map(|(w, out)| out.chunks_mut(ROWS_PER_TASK * n).enumerate().map(move |(c, t)| (*w, c, t)))
+            .flat_map(|(w, out)| out.chunks_mut(w.rows * n).enumerate().map(move |(c, t)| (*w, c * w.rows, t)))
             .collect();
-        super::team::for_each(tasks, |(w, c, out)| match (&w.kind, &input) {
+        super::team::for_each(tasks, |(w, r0, out)| match (&w.kind, &input) {
             (Kind::Q32(b), Input::Q32(x)) => {
                 // Up to INPUTS_PER_PASS inputs share each pass over the rows.
                 let rows = out.len() / n;
                 for (g, y) in out.chunks_mut(INPUTS_PER_PASS * rows).enumerate() {
-                    b.rows(c * ROWS_PER_TASK, x.inputs(g * INPUTS_PER_PASS, y.len() / rows), y)
+                    b.rows(r0, x.inputs(g * INPUTS_PER_PASS, y.len() / rows), y)
                 }
             }
-            (Kind::Q4K(b), Input::Q8K(x)) => rows_blocks(b, inp, x, c, out),
-            (Kind::Q6K(b), Input::Q8K(x)) => rows_blocks(b, inp, x, c, out),
+            (Kind::Q4K(b), Input::Q8K(x)) => rows_blocks(b, inp, x, r0, out),
+            (Kind::Q6K(b), Input::Q8K(x)) => rows_blocks(b, inp, x, r0, out),
             _ => unreachable!("one kind of input per call"),
         });
         let mut dims = x.dims().to_vec();
         let ys = ws.iter().zip(outs).map(|(w, out)| {
-            let y = if n == 1 { out } else { input_major(&out, n, w.out) };
+            let y = if n == 1 { out } else { input_major(&out, n, w.out, w.rows) };
             *dims.last_mut().expect("at least 1-d") = w.out;
             Tensor::from_vec(y, dims.clone(), x.device())
         });
@@ -140,7 +143,7 @@ pub fn f32_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             super::vmath::dots(xi, wc, yi);
         }
     });
-    let y = if n == 1 { tasks } else { input_major(&tasks, n, out) };
+    let y = if n == 1 { tasks } else { input_major(&tasks, n, out, ROWS_PER_TASK) };
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("at least 1-d") = out;
     Tensor::from_vec(y, dims, x.device())
@@ -184,14 +187,14 @@ fn try_map_iter<const N: usize>(ys: impl Iterator<Item = Result<Tensor>>) -> Res
     Ok(ys.try_into().unwrap_or_else(|_| unreachable!("N outputs")))
 }
 
-/// `[n, out]` from the per-task layout of [`QuantLinear::forward`] (task c
-/// holds its rows for input 0, then for input 1, …).
-fn input_major(tasks: &[f32], n: usize, out: usize) -> Vec<f32> {
+/// `[n, out]` from the per-task layout of [`QuantLinear::forward`] (task c,
+/// of `task_rows` rows, holds its rows for input 0, then for input 1, …).
+fn input_major(tasks: &[f32], n: usize, out: usize, task_rows: usize) -> Vec<f32> {
     let mut y = vec![0f32; n * out];
-    for (c, chunk) in tasks.chunks(ROWS_PER_TASK * n).enumerate() {
+    for (c, chunk) in tasks.chunks(task_rows * n).enumerate() {
         let rows = chunk.len() / n;
         for (i, part) in chunk.chunks(rows).enumerate() {
-            y[i * out + c * ROWS_PER_TASK..][..rows].copy_from_slice(part);
+            y[i * out + c * task_rows..][..rows].copy_from_slice(part);
         }
     }
     y
@@ -300,22 +303,38 @@ fn blocks<T: GgmlType>(data: &[u8]) -> Vec<T> {
     out
 }
 
-/// Rows per task: enough to amortise scheduling, small enough to
-/// balance two cores.
+/// Rows per task for a weight of `out` rows of `row_bytes` each: about
+/// 128 KiB of weights, so that each task is a long sequential stream
+/// (the LM head's 262 144 rows in 64-row tasks of 43 KB read at ~20 GB/s,
+/// in 192-row ones at ~30), but at least 32 tasks to balance the cores
+/// over a small layer, and at least 64 rows; a multiple of 8 (the
+/// kernels store eight rows at a time).
+fn task_rows(out: usize, row_bytes: usize) -> usize {
+    let rows = ((128 << 10) / row_bytes.max(1)).min(out / 32).max(64);
+    rows / 8 * 8
+}
+
+/// Rows per task of the f32 products ([`f32_rows`]).
 const ROWS_PER_TASK: usize = 64;
 
 /// Inputs multiplied in one pass over a task's rows of `W` (a batched
 /// decoding step has several): each weight block is loaded once for all.
 const INPUTS_PER_PASS: usize = 4;
 
-/// Task `c` of [`QuantLinear::forward_many`] for a K-quant `W` (blocks of
-/// 256), through candle's dot products.
-fn rows_blocks<T: GgmlType<VecDotType = BlockQ8K>>(w: &[T], inp: usize, xq: &[BlockQ8K], c: usize, out: &mut [f32]) {
+/// How many 32-value blocks ahead of the one multiplied the kernels ask for
+/// the weights (software prefetch): the rows of a task are one stream, but
+/// the hardware prefetchers alone left the LM head at ~20 GB/s of the
+/// ~30 GB/s two cores read (measured with `examples/gemv_speed.rs`).
+const PREFETCH_BLOCKS: usize = 64;
+
+/// The task of [`QuantLinear::forward_many`] from row `r0` on for a
+/// K-quant `W` (blocks of 256), through candle's dot products.
+fn rows_blocks<T: GgmlType<VecDotType = BlockQ8K>>(w: &[T], inp: usize, xq: &[BlockQ8K], r0: usize, out: &mut [f32]) {
     let nb = inp / T::BLCK_SIZE;
     let n = xq.len() / nb;
     for (i, y) in out.chunks_mut(out.len() / n).enumerate() {
         for (j, yv) in y.iter_mut().enumerate() {
-            let r = c * ROWS_PER_TASK + j;
+            let r = r0 + j;
             *yv = T::vec_dot(inp, &w[r * nb..(r + 1) * nb], &xq[i * nb..(i + 1) * nb]);
         }
     }
@@ -384,7 +403,13 @@ impl Inputs<'_> {
 unsafe fn rows_i8_avx2(v: &[i8], s: &[f16], r0: usize, x: Inputs<'_>, y: &mut [f32]) {
     use std::arch::x86_64::*;
     // SAFETY (loads): block i's 32 values lie inside `v`.
-    unsafe { rows_avx2::<false>(s, r0, x, y, |i| _mm256_loadu_si256(v.as_ptr().add(i * 32) as *const __m256i)) }
+    unsafe {
+        rows_avx2::<false>(s, r0, x, y, |i| {
+            // Weights stream from memory once per step: ask for them ahead.
+            _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().wrapping_add((i + PREFETCH_BLOCKS) * 32));
+            _mm256_loadu_si256(v.as_ptr().add(i * 32) as *const __m256i)
+        })
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -397,6 +422,7 @@ unsafe fn rows_q5_avx2(lo: &[u8], hi: &[u32], s: &[f16], r0: usize, x: Inputs<'_
     let spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
     let bit = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
     let load = |i: usize| {
+        _mm_prefetch::<_MM_HINT_T0>(lo.as_ptr().wrapping_add((i + PREFETCH_BLOCKS) * 16) as *const i8);
         // SAFETY: block i's 16 nibble bytes lie inside `lo`.
         let nib = unsafe { _mm_loadu_si128(lo.as_ptr().add(i * 16) as *const __m128i) };
         let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(nib, 4), nib), low4);
@@ -563,11 +589,15 @@ mod tests {
 
     /// Each kind agrees with the dequantized weights times the input (up to
     /// the input's own 8-bit quantization), for 1, 3 and 9 rows; 203
-    /// output rows leave a last task of 11 (a group of eight and 3 more).
+    /// output rows leave a last task of 11 (a group of eight and 3 more),
+    /// 4099 rows make tasks of 128 rows ([`task_rows`]) and a last one of 3.
     #[test]
     fn matches_the_dequantized_product() {
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q4_0] {
-            let (out, inp) = (203, 512);
+        let kinds = [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q4_0];
+        let shapes =
+            kinds.map(|d| (d, 203, 512)).into_iter().chain([(GgmlDType::Q8_0, 4099, 256), (GgmlDType::Q4K, 4099, 256)]);
+        assert_eq!(task_rows(4099, 272), 128);
+        for (dtype, out, inp) in shapes {
             let q = QTensor::quantize(&weights(out, inp), dtype).unwrap();
             let deq = q.dequantize(&Device::Cpu).unwrap();
             let lin = QuantLinear::new(q, &Device::Cpu).unwrap();
