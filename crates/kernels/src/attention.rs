@@ -187,6 +187,9 @@ fn for_each_block(dims: Dims, f: impl Fn(RowBlock) + Sync + Send) {
 /// and, with `softmax`, the row-wise softmax over each row's visible keys.
 /// Outside the band: 0.
 fn band_scores(a: &[f32], b: &[f32], dims: Dims, softmax: bool) -> Vec<f32> {
+    if dims.band.t == 1 {
+        return step_scores(a, b, dims, softmax);
+    }
     let Dims { g: _, r, d, band } = dims;
     let total = band.total();
     let mut out = vec![0f32; dims.g * r * total];
@@ -223,8 +226,87 @@ fn band_scores(a: &[f32], b: &[f32], dims: Dims, softmax: bool) -> Vec<f32> {
     out
 }
 
+/// Keys per block of a decoding step's products: 16 rows of 256 (16 KiB)
+/// stay in L1 while every head of the group uses them.
+const STEP_KEYS: usize = 16;
+
+/// [`band_scores`] for a decoding step (one position, `R` = the group's
+/// heads): every head's scores are [`super::vmath::dots`]'s, as with one
+/// row block per head, but each block of keys is read from memory once
+/// for all the heads of its group (the cache streams in once per step,
+/// not once per head), and the key range is split over the
+/// [`super::team`].
+fn step_scores(a: &[f32], b: &[f32], dims: Dims, softmax: bool) -> Vec<f32> {
+    let Dims { g: groups, r: heads, d, band } = dims;
+    let (total, pos) = (band.total(), band.start);
+    let lo = band.first(pos);
+    let mut out = vec![0f32; groups * heads * total];
+    let dst = Out(out.as_mut_ptr());
+    let per_task = 16 * STEP_KEYS;
+    let items: Vec<(usize, usize)> =
+        (0..groups).flat_map(|g| (lo..=pos).step_by(per_task).map(move |j0| (g, j0))).collect();
+    super::team::for_each(items, |(g, j0)| {
+        let dst = dst;
+        let j1 = (j0 + per_task).min(pos + 1);
+        for k0 in (j0..j1).step_by(STEP_KEYS) {
+            let k1 = (k0 + STEP_KEYS).min(j1);
+            let keys = &b[(g * total + k0) * d..(g * total + k1) * d];
+            for h in 0..heads {
+                let row = g * heads + h;
+                // SAFETY: this item alone writes columns j0..j1 of the
+                // group's rows.
+                let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row * total + k0), k1 - k0) };
+                super::vmath::dots(&a[row * d..][..d], keys, o);
+            }
+        }
+    });
+    if softmax {
+        let rows: Vec<&mut [f32]> = out.chunks_mut(total).map(|row| &mut row[lo..=pos]).collect();
+        super::team::for_each(rows, super::vmath::softmax_in_place);
+    }
+    out
+}
+
+/// [`band_times`] for a decoding step: each head's output is
+/// [`super::vmath::weighted_sum`]'s sum, in its order (value rows one after
+/// another), taken a block of value rows at a time for all the heads of a
+/// task, so that a block is read once per task; the group's heads are split
+/// over the [`super::team`] in two halves.
+fn step_times(p: &[f32], b: &[f32], dims: Dims) -> Vec<f32> {
+    let Dims { g: groups, r: heads, d, band } = dims;
+    let (total, pos) = (band.total(), band.start);
+    let lo = band.first(pos);
+    let mut out = vec![0f32; groups * heads * d];
+    let half = heads.div_ceil(2);
+    // (first row, its outputs): each group's heads in two halves.
+    let items: Vec<(usize, &mut [f32])> = out
+        .chunks_mut(heads * d)
+        .enumerate()
+        .flat_map(|(g, o)| {
+            let (a, b) = o.split_at_mut(half * d);
+            [(g * heads, a), (g * heads + half, b)]
+        })
+        .filter(|(_, o)| !o.is_empty())
+        .collect();
+    super::team::for_each(items, |(row0, o)| {
+        let g = row0 / heads;
+        for k0 in (lo..=pos).step_by(STEP_KEYS) {
+            let k1 = (k0 + STEP_KEYS).min(pos + 1);
+            let values = &b[(g * total + k0) * d..(g * total + k1) * d];
+            for (i, oh) in o.chunks_mut(d).enumerate() {
+                let row = row0 + i;
+                super::vmath::weighted_sum_add(&p[row * total + k0..row * total + k1], values, oh);
+            }
+        }
+    });
+    out
+}
+
 /// `[G, R, D]`: `p·b` over the band (`p: [G, R, total]`, `b: [G, total, D]`).
 fn band_times(p: &[f32], b: &[f32], dims: Dims) -> Vec<f32> {
+    if dims.band.t == 1 {
+        return step_times(p, b, dims);
+    }
     let Dims { g: _, r, d, band } = dims;
     let total = band.total();
     let mut out = vec![0f32; dims.g * r * d];
@@ -412,6 +494,40 @@ mod tests {
     use super::*;
     use crate::fused::tests::{max_diff, rand};
     use candle_core::{Device, Var};
+
+    /// A decoding step's probabilities and outputs are, bit for bit, those
+    /// of one query row at a time (`dots`, `softmax_in_place`,
+    /// `weighted_sum` over the row's visible keys), for odd and even head
+    /// counts, several groups, global and sliding layers.
+    #[test]
+    fn a_decoding_step_sums_as_one_row_at_a_time() {
+        for (groups, heads, d, start, window) in
+            [(1, 4, 256, 1499, None), (2, 3, 64, 700, Some(512)), (1, 1, 32, 0, None)]
+        {
+            let band = Band { t: 1, start, window };
+            let total = band.total();
+            let q: Vec<f32> = (0..groups * heads * d).map(|i| ((i * 7919 % 101) as f32 - 50.0) * 0.01).collect();
+            let k: Vec<f32> = (0..groups * total * d).map(|i| ((i * 104_729 % 211) as f32 - 105.0) * 0.013).collect();
+            let dims = Dims::new(groups, heads, d, band).unwrap();
+            let p = band_scores(&q, &k, dims, true);
+            let out = band_times(&p, &k, dims);
+            let lo = band.first(start);
+            for g in 0..groups {
+                for h in 0..heads {
+                    let row = g * heads + h;
+                    let keys = &k[(g * total + lo) * d..(g * total + total) * d];
+                    let mut want = vec![0f32; total - lo];
+                    crate::vmath::dots(&q[row * d..][..d], keys, &mut want);
+                    crate::vmath::softmax_in_place(&mut want);
+                    assert_eq!(&p[row * total + lo..(row + 1) * total], &want[..], "probs, row {row}");
+                    assert!(p[row * total..row * total + lo].iter().all(|&v| v == 0.0));
+                    let mut o = vec![0f32; d];
+                    crate::vmath::weighted_sum(&want, keys, &mut o);
+                    assert_eq!(&out[row * d..(row + 1) * d], &o[..], "outputs, row {row}");
+                }
+            }
+        }
+    }
 
     /// The reference: full scores, additive mask, softmax, `p·v`, composed
     /// from candle ops (each with its own backward).

@@ -159,11 +159,24 @@ simd_fn! {
     /// `out = Σ_j p[j]·v_j` for the rows `v_j` of `v` (row length `out.len()`).
     fn weighted_sum(p: &[f32], v: &[f32], out: &mut [f32]) {
         out.fill(0.0);
-        let d = out.len();
-        for (&w, vr) in p.iter().zip(v.chunks_exact(d)) {
-            for (o, x) in out.iter_mut().zip(vr) {
-                *o += w * x;
-            }
+        add_weighted(p, v, out);
+    }
+}
+
+simd_fn! {
+    /// `out += Σ_j p[j]·v_j`, the rows added one after another: a
+    /// [`weighted_sum`] taken over consecutive blocks of rows gives its bits.
+    fn weighted_sum_add(p: &[f32], v: &[f32], out: &mut [f32]) {
+        add_weighted(p, v, out);
+    }
+}
+
+#[inline(always)]
+fn add_weighted(p: &[f32], v: &[f32], out: &mut [f32]) {
+    let d = out.len();
+    for (&w, vr) in p.iter().zip(v.chunks_exact(d)) {
+        for (o, x) in out.iter_mut().zip(vr) {
+            *o += w * x;
         }
     }
 }
