@@ -1,7 +1,9 @@
 //! GB/s of the quantized decoding products ([`pipeline_kernels::gemv`]) at
 //! Gemma 3 270M's shapes (hidden 640, MLP 2048, vocabulary 262 144), one
-//! input row, against a plain two-thread read of the same bytes (what the
-//! memory gives). Decoding is bound by how fast the weights stream in.
+//! input row, and of a decoding step's attention products. Decoding is
+//! bound by how fast the weights stream in: the LM head (178 MB, never in
+//! cache) is the line to hold against what the machine's memory gives two
+//! threads (~30 GB/s on the 2-core build VMs).
 //!
 //! `cargo run --release -p pipeline-kernels --example gemv_speed`
 

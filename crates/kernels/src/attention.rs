@@ -170,11 +170,12 @@ struct RowBlock {
     c1: usize,
 }
 
-/// Runs `f` on every row block of `dims`, in parallel: a decoding step's
-/// few one-row blocks (one per query head) on the spinning
-/// [`super::team`], whose threads are awake between the step's matrix ×
-/// vector products (rayon's would first have to be woken), longer
-/// sequences' blocks over rayon's pool.
+/// Runs `f` on every row block of `dims`, in parallel: the few small
+/// blocks of a short continuation (at most [`SMALL`] positions; a
+/// one-position decoding step has its own [`step_scores`] and
+/// [`step_times`]) on the spinning [`super::team`], whose threads are awake
+/// between decoding's matrix × vector products (rayon's would first have to
+/// be woken), longer sequences' blocks over rayon's pool.
 fn for_each_block(dims: Dims, f: impl Fn(RowBlock) + Sync + Send) {
     if dims.band.t <= SMALL {
         super::team::for_each(dims.row_blocks(), f)
