@@ -36,7 +36,14 @@ pub struct QuantLinear {
     /// Rows per parallel task ([`task_rows`]).
     rows: usize,
     kind: Kind,
+    /// The weight repacked for many input rows ([`QuantLinear::with_prefill`]).
+    panels: Option<super::qgemm::Panels>,
 }
+
+/// Up to this many input rows (a decoding step, batched or not) are
+/// multiplied row by row, each exactly as it would be alone; more rows (a
+/// prompt) go through the weight's prefill panels when it has them.
+pub const MAX_DECODE_ROWS: usize = 16;
 
 enum Kind {
     /// Blocks of 32 values with one f16 scale each (Q8_0, Q5_0).
@@ -59,7 +66,26 @@ impl QuantLinear {
             GgmlDType::Q6K if device.is_cpu() => Kind::Q6K(blocks(&q.data()?)),
             _ => Kind::Candle(QMatMul::from_qtensor(q)?),
         };
-        Ok(QuantLinear { out, inp, rows, kind })
+        Ok(QuantLinear { out, inp, rows, kind, panels: None })
+    }
+
+    /// The same weight, also repacked for prefill ([`super::qgemm`]) when it
+    /// is Q8_0 or Q5_0 on the CPU: one more byte per weight, kept for the
+    /// layers a prompt multiplies in full (not the LM head, which a prompt
+    /// needs for its last position only).
+    pub fn with_prefill(mut self) -> QuantLinear {
+        if let Kind::Q32(b) = &self.kind {
+            let nb = self.inp / 32;
+            let unsigned = matches!(b.values, Values::Five { .. });
+            self.panels = Some(super::qgemm::Panels::new(self.out, nb, unsigned, |i| (b.scales[i], b.block(i))));
+        }
+        self
+    }
+
+    /// Whether many input rows are multiplied on the quantized weight
+    /// ([`QuantLinear::with_prefill`]) rather than needing an f32 copy.
+    pub fn prefills(&self) -> bool {
+        self.panels.is_some()
     }
 
     /// `x·Wᵀ` for `x: [..., in]`. Meant for a few rows (decoding one or a
@@ -84,6 +110,9 @@ impl QuantLinear {
         }
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let n = xs.len() / inp;
+        if n > MAX_DECODE_ROWS && ws.iter().all(|w| w.panels.is_some()) {
+            return prefill(ws, x, &xs);
+        }
         let input = match &ws[0].kind {
             Kind::Q32(_) => Input::Q32(Quantized::new(&xs, inp)),
             _ => Input::Q8K(xs.chunks(inp).flat_map(|x| quantize_q8k(x)).collect()),
@@ -116,6 +145,20 @@ impl QuantLinear {
         });
         try_map_iter(ys)
     }
+}
+
+/// [`QuantLinear::forward_many`] for a prompt: the input quantized once,
+/// each weight's product on its [`super::qgemm::Panels`].
+fn prefill<const N: usize>(ws: [&QuantLinear; N], x: &Tensor, xs: &[f32]) -> Result<[Tensor; N]> {
+    let input = Quantized::new(xs, ws[0].inp);
+    let n = xs.len() / ws[0].inp;
+    let mut dims = x.dims().to_vec();
+    try_map(ws, |w| {
+        let mut y = vec![0f32; n * w.out];
+        w.panels.as_ref().expect("checked").matmul(&input, &mut y);
+        *dims.last_mut().expect("at least 1-d") = w.out;
+        Tensor::from_vec(y, dims.clone(), x.device())
+    })
 }
 
 /// `x·Wᵀ` for a few rows (decoding steps) on an f32 weight `w: [out, in]`,
@@ -344,29 +387,28 @@ fn rows_blocks<T: GgmlType<VecDotType = BlockQ8K>>(w: &[T], inp: usize, xq: &[Bl
 /// activations: scale `d = max|x|/127` kept as f16, values `round(x/d)`
 /// with the unrounded `d`; plus each block's `16·Σq`, which turns the dot
 /// product with Q5_0's unsigned `q` into the one with `q − 16`.
-struct Quantized {
-    q: Vec<i8>,
-    d: Vec<f32>,
+pub(crate) struct Quantized {
+    pub(crate) q: Vec<i8>,
+    pub(crate) d: Vec<f32>,
     /// `16·Σq` per block, then 8 zeros (the kernels read 8 at a time).
-    sums: Vec<i32>,
+    pub(crate) sums: Vec<i32>,
     nb: usize,
 }
 
 impl Quantized {
-    /// `x` holds inputs of `inp` values each.
-    fn new(x: &[f32], inp: usize) -> Quantized {
+    /// `x` holds inputs of `inp` values each. A prompt's many rows are
+    /// quantized in parallel, in tasks of 64 rows.
+    pub(crate) fn new(x: &[f32], inp: usize) -> Quantized {
         let blocks = x.len() / 32;
         let (mut q, mut d, mut sums) = (vec![0i8; x.len()], vec![0f32; blocks], vec![0i32; blocks + 8]);
-        for (((xb, qb), db), sb) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(&mut d).zip(&mut sums) {
-            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
-            *db = f16::from_f32(scale).to_f32();
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            for (qv, v) in qb.iter_mut().zip(xb) {
-                *qv = (v * inv).round() as i8;
-            }
-            *sb = 16 * qb.iter().map(|&v| v as i32).sum::<i32>();
-        }
+        let per_task = 64 * inp;
+        let tasks: Vec<_> = x
+            .chunks(per_task)
+            .zip(q.chunks_mut(per_task))
+            .zip(d.chunks_mut(per_task / 32))
+            .zip(sums.chunks_mut(per_task / 32))
+            .collect();
+        super::team::for_each(tasks, |(((x, q), d), sums)| quantize_blocks(x, q, d, sums));
         Quantized { q, d, sums, nb: inp / 32 }
     }
 
@@ -378,6 +420,70 @@ impl Quantized {
             d: &self.d[i * nb..(i + k) * nb],
             sums: &self.sums[i * nb..],
             nb,
+        }
+    }
+}
+
+/// Blocks of 32 values of `x` into `q` (`round(x/d)`, ties to even as
+/// llama.cpp's AVX2 quantization rounds), their scales `d = max|x|/127` (as
+/// f16) into `d`, and `16·Σq` into `sums`, block by block.
+fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if path() == "avx2+fma+f16c" {
+            // SAFETY: the CPU has AVX2; the slices hold x.len() / 32 blocks.
+            return unsafe { quantize_blocks_avx2(x, q, d, sums) };
+        }
+    }
+    quantize_blocks_portable(x, q, d, sums)
+}
+
+/// [`quantize_blocks`] in plain Rust.
+fn quantize_blocks_portable(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
+    for (((xb, qb), db), sb) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(d).zip(sums) {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        *db = f16::from_f32(scale).to_f32();
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        for (qv, v) in qb.iter_mut().zip(xb) {
+            *qv = (v * inv).round_ties_even() as i8;
+        }
+        *sb = 16 * qb.iter().map(|&v| v as i32).sum::<i32>();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_blocks_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
+    use std::arch::x86_64::*;
+    let sign = _mm256_set1_ps(-0.0);
+    for (((xb, qb), db), sb) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(d).zip(sums) {
+        // SAFETY: each block has 32 values and 32 bytes.
+        unsafe {
+            let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xb.as_ptr().add(8 * i)));
+            let abs = v.map(|v| _mm256_andnot_ps(sign, v));
+            let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let scale = amax / 127.0;
+            *db = f16::from_f32(scale).to_f32();
+            let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+            // Products rounded to nearest (ties to even), as i32.
+            let i = v.map(|v| {
+                _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+                    v, inv,
+                )))
+            });
+            let total = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+            let t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+            let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
+            let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01));
+            *sb = 16 * _mm_cvtsi128_si32(t);
+            // i32 → i16 → i8 packs interleave 128-bit lanes; undo it.
+            let packed = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+            let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(qb.as_mut_ptr() as *mut __m256i, ordered);
         }
     }
 }
@@ -585,6 +691,77 @@ mod tests {
     fn weights(out: usize, inp: usize) -> Tensor {
         let v: Vec<f32> = (0..out * inp).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 0.2).collect();
         Tensor::from_vec(v, (out, inp), &Device::Cpu).unwrap()
+    }
+
+    /// The AVX2 quantization of the input gives the portable one's values,
+    /// scales and sums bit for bit, ties (x/d exactly k + ½) included.
+    #[test]
+    fn simd_quantization_equals_the_portable_one() {
+        let mut x: Vec<f32> = (0..64 * 32).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0).collect();
+        // A block whose scale is 1 (max 127) and whose values end in ½.
+        for (j, v) in x[..32].iter_mut().enumerate() {
+            *v = if j == 0 { 127.0 } else { j as f32 - 60.5 };
+        }
+        x[32..64].fill(0.0);
+        let blocks = x.len() / 32;
+        let run = |simd: bool| {
+            let (mut q, mut d, mut s) = (vec![0i8; x.len()], vec![0f32; blocks], vec![0i32; blocks]);
+            if simd && path() == "avx2+fma+f16c" {
+                // SAFETY: the CPU has AVX2; the arrays hold `blocks` blocks.
+                unsafe { quantize_blocks_avx2(&x, &mut q, &mut d, &mut s) }
+            } else {
+                quantize_blocks_portable(&x, &mut q, &mut d, &mut s)
+            }
+            (q, d, s)
+        };
+        if path() != "avx2+fma+f16c" {
+            println!("SKIPPED simd_quantization_equals_the_portable_one: this CPU has no AVX2 path");
+        }
+        let (simd, portable) = (run(true), run(false));
+        assert_eq!(simd, portable);
+        assert_eq!(&portable.0[1..4], &[-60, -58, -58], "ties go to even");
+    }
+
+    /// A prompt's rows (more than [`MAX_DECODE_ROWS`]) multiplied on the
+    /// prefill panels agree with the dequantized weights times the input (up
+    /// to the input's 8-bit quantization), and each row gets the numbers
+    /// it gets in any other prompt: 17, 40 and 133 rows (a last tile of 1),
+    /// 203 output rows (a last panel of 3).
+    #[test]
+    fn prefill_matches_the_dequantized_product() {
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0] {
+            let (out, inp) = (203, 512);
+            let q = QTensor::quantize(&weights(out, inp), dtype).unwrap();
+            let deq = q.dequantize(&Device::Cpu).unwrap();
+            let lin = QuantLinear::new(q, &Device::Cpu).unwrap().with_prefill();
+            assert!(lin.prefills());
+            let all: Vec<f32> = (0..133 * inp).map(|i| ((i * 31 % 97) as f32 / 97.0 - 0.5) * 2.0).collect();
+            let x = Tensor::from_vec(all, (133, inp), &Device::Cpu).unwrap();
+            let full = lin.forward(&x).unwrap();
+            for rows in [17, 40, 133] {
+                let x = x.narrow(0, 133 - rows, rows).unwrap();
+                let got = lin.forward(&x).unwrap();
+                let want = x.matmul(&deq.t().unwrap()).unwrap();
+                let err: f32 = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                assert!(err < 0.01 * scale, "{dtype:?} × {rows} rows: error {err} (scale {scale})");
+                // The decoding kernel, on the same quantized input, differs
+                // only in the order of its float additions.
+                let decoded = Tensor::cat(
+                    &(0..rows)
+                        .step_by(8)
+                        .map(|i| lin.forward(&x.narrow(0, i, 8.min(rows - i)).unwrap()).unwrap())
+                        .collect::<Vec<_>>(),
+                    0,
+                )
+                .unwrap();
+                let err: f32 = (&got - &decoded).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                assert!(err < 1e-5 * scale, "{dtype:?} × {rows} rows: {err} from the decoding kernel (scale {scale})");
+                let tail = full.narrow(0, 133 - rows, rows).unwrap();
+                let same: f32 = (&got - &tail).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                assert_eq!(same, 0.0, "{dtype:?}: a row's products depend on the prompt around it");
+            }
+        }
     }
 
     /// Each kind agrees with the dequantized weights times the input (up to

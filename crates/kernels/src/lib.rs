@@ -27,6 +27,7 @@ pub mod fused;
 pub mod fused_lora;
 pub mod gemv;
 pub mod keep;
+pub(crate) mod qgemm;
 pub mod team;
 pub mod vmath;
 

@@ -108,7 +108,11 @@ pub fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<(Arch,
             t = (t - 1.0)?;
         }
         if keep_quantized && t.rank() == 2 && !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-            quantized.push((hf.clone(), QuantLinear::new(q, device)?));
+            // A prompt multiplies the layers' weights in full, the LM head
+            // (tied to the embedding) at its last position only.
+            let q = QuantLinear::new(q, device)?;
+            let q = if hf.contains(".layers.") { q.with_prefill() } else { q };
+            quantized.push((hf.clone(), q));
         }
         map.insert(hf, t);
     }

@@ -131,10 +131,10 @@ pub struct Lora {
 
 /// Inputs with at most this many rows use a layer's quantized weight when it
 /// has one: a matrix-vector product is bound by reading the weight, which
-/// the quantized form makes 4–8× smaller; larger products are bound by
-/// arithmetic, where the f32 matmul is faster. (A prompt's prefill keeps
-/// f32 activations from 5 rows on, which keeps greedy text closer to the
-/// f32 model's.)
+/// the quantized form makes 4–8× smaller. Larger products are bound by
+/// arithmetic: they use the quantized weight when it is repacked for
+/// prefill (Q8_0 / Q5_0, [`QuantLinear::prefills`]: 8-bit integer products,
+/// as llama.cpp runs a prompt), the f32 matmul otherwise.
 pub const QUANTIZED_MAX_ROWS: usize = 4;
 
 /// A batched decoding step (one new token for each of up to this many
@@ -143,7 +143,7 @@ pub const QUANTIZED_MAX_ROWS: usize = 4;
 /// reads each weight once for all rows. (Gemma 3 270M, 2 cores: at 16 rows
 /// the quantized LM head takes 2/3 of the f32 time, the 640×2048 layers
 /// about the same.)
-pub const MAX_DECODE_BATCH: usize = 16;
+pub const MAX_DECODE_BATCH: usize = pipeline_kernels::gemv::MAX_DECODE_ROWS;
 
 /// A linear layer that LoRA may adapt.
 pub struct LoraLinear {
@@ -206,8 +206,10 @@ impl LoraLinear {
         step: bool,
     ) -> Result<[Tensor; N]> {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
-        let quantized = step || (dropout.is_none() && rows <= QUANTIZED_MAX_ROWS);
-        match ms.map(|m| m.quantized.as_deref()) {
+        let qs = ms.map(|m| m.quantized.as_deref());
+        let prefills = qs.iter().all(|q| q.is_some_and(QuantLinear::prefills));
+        let quantized = step || (dropout.is_none() && (rows <= QUANTIZED_MAX_ROWS || prefills));
+        match qs {
             qs if quantized && qs.iter().all(Option::is_some) => {
                 let bases = QuantLinear::forward_many(qs.map(|q| q.expect("checked")), x)?;
                 let mut ms = ms.into_iter();

@@ -66,6 +66,10 @@ pub fn cached_attention(
 ) -> Result<Tensor> {
     if fused(q) && softcap.is_none() {
         let band = pipeline_kernels::attention::Band { t, start, window };
+        if ![q, k, v].iter().any(|x| x.track_op()) {
+            // Inference: no probabilities kept for a backward pass.
+            return pipeline_kernels::attention::attend(q, k, v, band);
+        }
         return pipeline_kernels::attention::apply(&pipeline_kernels::attention::probs(q, k, band)?, v, band);
     }
     if start == 0 && softcap.is_none() {

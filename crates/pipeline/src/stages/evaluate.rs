@@ -200,7 +200,9 @@ impl StageKind for Params {
 impl Stage for Params {
     fn version(&self) -> u32 {
         // 2: decision accuracy, correct tool, call success against the catalogue.
-        2
+        // 3: a GGUF base's prompts multiply on its quantized weights (8-bit
+        //    activations, as llama.cpp), not on f32 copies.
+        3
     }
 
     fn params(&self, env: &Env) -> Value {
