@@ -18,7 +18,11 @@ say() { printf 'build-llama-cpp: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 cpu=$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | sha256sum | cut -c1-12)
-prefix="$root/llama.cpp-$version-$cpu"
+# Built without ggml's AMX backend: on Sapphire Rapids CPUs its matrix
+# product segfaults on these models' Q4_K/Q5_0 weights (llama.cpp issue
+# 20824, closed unfixed), which GGML_NATIVE would otherwise switch on.
+variant=noamx
+prefix="$root/llama.cpp-$version-$variant-$cpu"
 bins=(llama-tokenize llama-perplexity llama-quantize llama-server llama-completion llama-bench)
 # Complete when every program is there: a build made before a program was
 # added to the list gets just that program built (the cmake tree is reused).
@@ -49,8 +53,11 @@ fi
 command -v cmake >/dev/null 2>&1 || die "cmake is not on PATH after pip install cmake"
 
 build="$prefix/build"
+no_amx=""
+[ "$(uname -m)" = x86_64 ] && no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 say "building llama.cpp ($(nproc) jobs) in $build"
 cmake -S "$src/vendor/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+  -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
   -DBUILD_SHARED_LIBS=OFF >"$prefix.log" 2>&1 || { tail -30 "$prefix.log" >&2; die "cmake configure failed"; }
 cmake --build "$build" -j "$(nproc)" --target "${bins[@]}" >>"$prefix.log" 2>&1 \

@@ -1,6 +1,6 @@
 //! Multiply-adds per second of a prompt's products at Gemma 3 270M's
 //! shapes (1500 rows): the quantized prefill panels ([`QuantLinear`] with
-//! [`QuantLinear::with_prefill`], 8-bit integer dot products) against the
+//! [`QuantLinear::with_prefill`]: 8-bit integer dot products) against the
 //! f32 GEMM on the dequantized weight (what prefill used before).
 //!
 //! `cargo run --release -p pipeline-kernels --example prefill_speed`
@@ -17,6 +17,9 @@ fn main() -> candle_core::Result<()> {
         (2048, 640, GgmlDType::Q5_0, "gate / up"),
         (640, 2048, GgmlDType::Q5_0, "down"),
         (640, 2048, GgmlDType::Q8_0, "down (Q8_0)"),
+        (640, 2048, GgmlDType::Q4K, "down (Q4_K)"),
+        (640, 2048, GgmlDType::Q6K, "down (Q6_K)"),
+        (640, 1024, GgmlDType::Q4K, "o (Q4_K)"),
         (1024, 640, GgmlDType::Q5_0, "q"),
         (256, 640, GgmlDType::Q8_0, "v (Q8_0)"),
     ];
@@ -24,7 +27,7 @@ fn main() -> candle_core::Result<()> {
         let w: Vec<f32> = (0..out * inp).map(|i| ((i * 104_729) % 1000) as f32 * 1e-3 - 0.5).collect();
         let q = QTensor::quantize(&Tensor::from_vec(w, (out, inp), &Device::Cpu)?, dtype)?;
         let deq = q.dequantize(&Device::Cpu)?;
-        let lin = QuantLinear::new(q, &Device::Cpu)?.with_prefill();
+        let lin = QuantLinear::with_prefill(q, &Device::Cpu)?;
         let x: Vec<f32> = (0..rows * inp).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
         let x = Tensor::from_vec(x, (rows, inp), &Device::Cpu)?;
         let wt = deq.t()?;

@@ -35,9 +35,10 @@ pub mod vmath;
 /// training log print them.
 pub fn cpu_paths() -> String {
     format!(
-        "vmath {}, quantized gemv {}, bf16 gemm {}, f32 gemm {}",
+        "vmath {}, quantized gemv {}, quantized prefill {}, bf16 gemm {}, f32 gemm {}",
         vmath::Tier::best().name(),
         gemv::path(),
+        qgemm::Path::best().name(),
         bf16::path().name(),
         f32_gemm_path()
     )

@@ -1,24 +1,32 @@
-//! Prefill on quantized weights: a Q8_0 / Q5_0 matrix times many rows with
-//! 8-bit integer dot products, as llama.cpp multiplies a prompt.
+//! Prefill on quantized weights: a Q8_0 / Q5_0 / Q4_K / Q6_K matrix times
+//! many rows with 8-bit integer dot products, as llama.cpp multiplies a
+//! prompt.
 //!
 //! A prompt's products are bound by arithmetic, not by reading weights. An
-//! f32 FMA does 8 multiply-adds; AVX2's `maddubs` (unsigned × signed bytes
-//! into pairs of `i16`) does 32, so with the input quantized to `i8` per 32
-//! values (f16 scale, as decoding and llama.cpp quantize it) the products run
-//! on integers, and each block's sum is scaled once.
+//! f32 FMA does 8 (AVX2) or 16 (AVX-512) multiply-adds; AVX2's `maddubs`
+//! (unsigned × signed bytes into pairs of `i16`) does 32, AVX-512 VNNI's
+//! `vpdpbusd` 64 (into `i32` lanes, four products each). So with the input
+//! quantized to `i8` per 32 values (f16 scale, as decoding and llama.cpp
+//! quantize it) the products run on integers, and each block's sum is
+//! scaled once.
 //!
-//! The weights are repacked once into [`Panels`] of eight rows: for each
-//! block of 32 columns, eight 32-byte vectors, vector `j` holding values
-//! `4j..4j+4` of each of the eight rows. One load then serves eight rows, and
-//! one broadcast of four input bytes multiplies all of them: the kernel
-//! keeps a vector of eight row sums per input row, with no horizontal
-//! reduction. Four input rows share each weight load ([`TILE`]).
+//! The weights are repacked once into [`Panels`] of sixteen rows: for each
+//! block of 32 columns, eight 64-byte vectors, vector `j` holding values
+//! `4j..4j+4` of each of the sixteen rows. One load then serves sixteen
+//! rows (AVX2 takes each half of it for eight), and one broadcast of four
+//! input bytes multiplies all of them: the kernel keeps a vector of row
+//! sums per input row, with no horizontal reduction. Several input rows
+//! share each weight load ([`TILE`], eight on AVX-512).
 //!
-//! Q5_0's values are kept unsigned (`q`, 0..31, value `q − 16`): `maddubs`
-//! takes them as they are and `16·Σx` per block is subtracted afterwards, as
-//! in [`super::gemv`]. Q8_0's signed values are multiplied as `|w|` times
-//! `x·sign(w)`.
+//! Q5_0's values are kept unsigned (`q`, 0..31, value `q − 16`): the
+//! products take them as they are and `16·Σx` per block is subtracted
+//! afterwards, as in [`super::gemv`]; Q4_K's (0..15) likewise, less
+//! `dmin·m·Σx`. Signed values (Q8_0, Q6_K's `q − 32`) are multiplied on
+//! AVX2 as `|w|` times `x·sign(w)`, on AVX-512 as `w` times `x + 128` less
+//! `128·Σw`. Every path gives the same integer sums and adds them in the
+//! same order: the results are equal bit for bit.
 
+use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use super::gemv::Quantized;
@@ -29,40 +37,223 @@ const TILE: usize = 4;
 /// Input rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
 
-/// A `[out, in]` Q8_0 or Q5_0 weight repacked for [`Panels::matmul`].
+/// The weight formats with panels, and how their 32-value blocks multiply.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Format {
+    /// `d·w`, `w` in −127..127.
+    Q8_0,
+    /// `d·(q − 16)`, `q` in 0..31 kept unsigned.
+    Q5_0,
+    /// `(d·sc)·q − dmin·m` per block of 32, `q` in 0..15.
+    Q4K,
+    /// `(d·sc)·(q − 32)` per half block of 16, `q − 32` kept signed.
+    Q6K,
+}
+
+impl Format {
+    pub(crate) fn of(dtype: GgmlDType) -> Option<Format> {
+        Some(match dtype {
+            GgmlDType::Q8_0 => Format::Q8_0,
+            GgmlDType::Q5_0 => Format::Q5_0,
+            GgmlDType::Q4K => Format::Q4K,
+            GgmlDType::Q6K => Format::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// Values as unsigned bytes (`maddubs` takes them as they are) rather
+    /// than signed ones (multiplied as `|w|` times `x·sign(w)`).
+    fn unsigned(self) -> bool {
+        matches!(self, Format::Q5_0 | Format::Q4K)
+    }
+}
+
+/// One block of 32 values of a row, as a panel keeps it.
+pub(crate) struct Block32 {
+    /// The values, in the format's byte form ([`Format::unsigned`]).
+    pub(crate) q: [u8; 32],
+    /// The scale of the block (Q6_K: of its first and second 16 values).
+    pub(crate) scale: [f32; 2],
+    /// Q4_K's `dmin·m`, subtracted from every value.
+    pub(crate) min: f32,
+}
+
+/// The 32-value block `b` of a GGUF row `row` (raw bytes) of `format`.
+pub(crate) fn block32(format: Format, row: &[u8], b: usize) -> Block32 {
+    let f = |i: usize| f16::from_le_bytes([row[i], row[i + 1]]).to_f32();
+    match format {
+        Format::Q8_0 => {
+            let at = b * 34;
+            Block32 { q: std::array::from_fn(|i| row[at + 2 + i]), scale: [f(at); 2], min: 0.0 }
+        }
+        Format::Q5_0 => {
+            let at = b * 22;
+            let qh = u32::from_le_bytes([row[at + 2], row[at + 3], row[at + 4], row[at + 5]]);
+            let q = std::array::from_fn(|j| {
+                let lo = row[at + 6 + j % 16];
+                let nibble = if j < 16 { lo & 0x0F } else { lo >> 4 };
+                nibble | ((((qh >> j) & 1) << 4) as u8)
+            });
+            Block32 { q, scale: [f(at); 2], min: 0.0 }
+        }
+        Format::Q4K => {
+            // 144 bytes per 256: d, dmin, 12 bytes of 6-bit scales and
+            // mins, 128 of nibbles (blocks 2j and 2j + 1 share 32 bytes).
+            let (at, sub) = ((b / 8) * 144, b % 8);
+            let (d, dmin, scales) = (f(at), f(at + 2), &row[at + 4..at + 16]);
+            let (sc, m) = if sub < 4 {
+                (scales[sub] & 63, scales[sub + 4] & 63)
+            } else {
+                (
+                    (scales[sub + 4] & 0xF) | ((scales[sub - 4] >> 6) << 4),
+                    (scales[sub + 4] >> 4) | ((scales[sub] >> 6) << 4),
+                )
+            };
+            let qs = &row[at + 16 + (sub / 2) * 32..][..32];
+            let q = std::array::from_fn(|l| if sub % 2 == 0 { qs[l] & 0xF } else { qs[l] >> 4 });
+            Block32 { q, scale: [d * sc as f32; 2], min: dmin * m as f32 }
+        }
+        Format::Q6K => {
+            // 210 bytes per 256: 128 of low nibbles, 64 of high bit pairs,
+            // 16 signed scales (one per 16 values), d. Block `sub` is
+            // quarter `sub % 4` of half `sub / 4`.
+            let (at, sub) = ((b / 8) * 210, b % 8);
+            let (half, quarter) = (sub / 4, sub % 4);
+            let (ql, qh) = (&row[at + 64 * half..][..64], &row[at + 128 + 32 * half..][..32]);
+            let d = f(at + 208);
+            let q = std::array::from_fn(|l| {
+                let low = if quarter % 2 == 0 { ql[l] & 0xF } else { ql[l + 32] & 0xF };
+                let low = if quarter < 2 {
+                    low
+                } else if quarter == 2 {
+                    ql[l] >> 4
+                } else {
+                    ql[l + 32] >> 4
+                };
+                let high = (qh[l] >> (2 * quarter)) & 3;
+                ((low | (high << 4)) as i8 - 32) as u8
+            });
+            let sc = |k: usize| row[at + 192 + 8 * half + 2 * quarter + k] as i8;
+            Block32 { q, scale: [d * sc(0) as f32, d * sc(1) as f32], min: 0.0 }
+        }
+    }
+}
+
+/// Weight rows per panel.
+const PANEL: usize = 16;
+
+/// The instruction set a prefill product runs on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Path {
+    Portable,
+    /// `maddubs` on 256-bit vectors, half a panel at a time.
+    Avx2,
+    /// `vpdpbusd` on 512-bit vectors, a whole panel at a time.
+    Avx512Vnni,
+}
+
+impl Path {
+    /// The best path this CPU runs (detected once).
+    pub(crate) fn best() -> Path {
+        static BEST: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| *Path::available().last().expect("portable is always there"))
+    }
+
+    /// Every path this CPU runs, worst first.
+    pub(crate) fn available() -> Vec<Path> {
+        let mut paths = vec![Path::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                paths.push(Path::Avx2);
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+                    paths.push(Path::Avx512Vnni);
+                }
+            }
+        }
+        paths
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Path::Portable => "portable",
+            Path::Avx2 => "avx2",
+            Path::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    /// Input rows multiplied per pass over a panel's weights.
+    fn tile_rows(self) -> usize {
+        match self {
+            Path::Avx512Vnni => 8,
+            _ => TILE,
+        }
+    }
+}
+
+/// A `[out, in]` quantized weight repacked for [`Panels::matmul`].
 pub(crate) struct Panels {
     out: usize,
     /// Blocks of 32 per row.
     nb: usize,
-    /// Per panel of eight rows, per block: eight vectors of 32 bytes (see the
-    /// module doc). Rows past `out` in the last panel are zero.
+    /// Per panel of [`PANEL`] rows, per block: eight vectors of 64 bytes
+    /// (see the module doc). Rows past `out` in the last panel are zero.
     values: Vec<u8>,
-    /// Per panel, per block: the eight rows' scales.
+    /// Per panel, per block: the 16 rows' scales, then (Q6_K) the 16
+    /// scales of the blocks' second halves.
     scales: Vec<f32>,
-    /// Q5_0 (values `q`, meaning `q − 16`) rather than Q8_0 (`i8` values).
-    unsigned: bool,
+    /// Per panel, per block: the 16 rows' `dmin·m` (Q4_K only).
+    mins: Vec<f32>,
+    /// Signed values (Q8_0, Q6_K), per panel, per block, laid out as
+    /// `scales`: `128·Σw` of the row's values, which the AVX-512 kernel
+    /// subtracts after multiplying them by the input plus 128 (unsigned).
+    bias: Vec<i32>,
+    format: Format,
 }
 
 impl Panels {
-    /// Repacks `out` rows of `nb` blocks; `block(i)` gives block `i`
-    /// (`row·nb + b`): its f16 scale and its 32 values (`q − 16` for Q5_0).
-    pub(crate) fn new(out: usize, nb: usize, unsigned: bool, block: impl Fn(usize) -> (f16, [i8; 32])) -> Panels {
-        let panels = out.div_ceil(8);
-        let mut values = vec![0u8; panels * nb * 256];
-        let mut scales = vec![0f32; panels * nb * 8];
+    /// Repacks `out` rows of `nb` blocks of `format`; `block(r, b)` gives
+    /// block `b` of row `r`.
+    pub(crate) fn new(out: usize, nb: usize, format: Format, block: impl Fn(usize, usize) -> Block32) -> Panels {
+        let panels = out.div_ceil(PANEL);
+        let per = Panels::scales_per_block(format);
+        let mut values = vec![0u8; panels * nb * 32 * PANEL];
+        let mut scales = vec![0f32; panels * nb * per];
+        let mut mins = vec![0f32; if format == Format::Q4K { panels * nb * PANEL } else { 0 }];
+        let mut bias = vec![0i32; if format.unsigned() { 0 } else { panels * nb * per }];
         for r in 0..out {
-            let (p, lane) = (r / 8, r % 8);
+            let (p, lane) = (r / PANEL, r % PANEL);
             for b in 0..nb {
-                let (d, q) = block(r * nb + b);
-                let at = (p * nb + b) * 256;
-                for (i, &v) in q.iter().enumerate() {
-                    let (j, k) = (i / 4, i % 4);
-                    values[at + j * 32 + lane * 4 + k] = if unsigned { (v + 16) as u8 } else { v as u8 };
+                let blk = block(r, b);
+                let at = (p * nb + b) * 32 * PANEL;
+                for (i, &v) in blk.q.iter().enumerate() {
+                    values[at + (i / 4) * 4 * PANEL + lane * 4 + i % 4] = v;
                 }
-                scales[(p * nb + b) * 8 + lane] = d.to_f32();
+                let s = (p * nb + b) * per + lane;
+                scales[s] = blk.scale[0];
+                if format == Format::Q6K {
+                    scales[s + PANEL] = blk.scale[1];
+                }
+                if format == Format::Q4K {
+                    mins[(p * nb + b) * PANEL + lane] = blk.min;
+                }
+                if !format.unsigned() {
+                    let sum = |i: std::ops::Range<usize>| 128 * blk.q[i].iter().map(|&v| v as i8 as i32).sum::<i32>();
+                    if format == Format::Q6K {
+                        (bias[s], bias[s + PANEL]) = (sum(0..16), sum(16..32));
+                    } else {
+                        bias[s] = sum(0..32);
+                    }
+                }
             }
         }
-        Panels { out, nb, values, scales, unsigned }
+        Panels { out, nb, values, scales, mins, bias, format }
+    }
+
+    /// Scales kept per panel and block: one per row, Q6_K two.
+    fn scales_per_block(format: Format) -> usize {
+        if format == Format::Q6K { 2 * PANEL } else { PANEL }
     }
 
     /// `y = x·Wᵀ` for the quantized input rows `x` (`[n][nb·32]`); `y` is
@@ -70,130 +261,219 @@ impl Panels {
     /// [`super::team`]; each takes every panel in turn, which stays in cache
     /// while the task's rows multiply it.
     pub(crate) fn matmul(&self, x: &Quantized, y: &mut [f32]) {
+        self.matmul_on(Path::best(), x, y)
+    }
+
+    /// [`Panels::matmul`] on `path` (which the CPU must have).
+    fn matmul_on(&self, path: Path, x: &Quantized, y: &mut [f32]) {
         let n = y.len() / self.out;
+        let tile = path.tile_rows();
+        // The AVX-512 kernel multiplies signed values by the input plus 128.
+        let shifted: Vec<u8> = if path == Path::Avx512Vnni && !self.format.unsigned() {
+            x.q.iter().map(|&v| (v as u8) ^ 0x80).collect()
+        } else {
+            Vec::new()
+        };
         // Enough tasks for both cores on a short prompt too.
-        let per_task = (n.div_ceil(8).div_ceil(TILE) * TILE).clamp(TILE, ROWS_PER_TASK);
+        let per_task = (n.div_ceil(8).div_ceil(tile) * tile).clamp(tile, ROWS_PER_TASK);
         let tasks: Vec<(usize, &mut [f32])> =
             y.chunks_mut(per_task * self.out).enumerate().map(|(c, t)| (c * per_task, t)).collect();
         super::team::for_each(tasks, |(i0, yt)| {
             let rows = yt.len() / self.out;
-            for p in 0..self.out.div_ceil(8) {
+            for p in 0..self.out.div_ceil(PANEL) {
                 let mut i = 0;
                 while i < rows {
-                    let k = (rows - i).min(TILE);
-                    self.tile(p, x, i0 + i, k, &mut yt[i * self.out..]);
+                    let k = (rows - i).min(tile);
+                    self.tile(path, p, x, &shifted, i0 + i, k, &mut yt[i * self.out..]);
                     i += k;
                 }
             }
         });
     }
 
-    /// Panel `p`'s eight outputs for input rows `i0..i0 + k` (`k ≤ TILE`),
-    /// written to `y[r·out + 8p..]` for input `i0 + r`.
-    fn tile(&self, p: usize, x: &Quantized, i0: usize, k: usize, y: &mut [f32]) {
+    /// Panel `p`'s outputs for input rows `i0..i0 + k` (`k ≤` the path's
+    /// tile rows), written to `y[r·out + 16p..]` for input `i0 + r`;
+    /// `shifted` is `x.q` plus 128 as bytes where the path needs it.
+    #[allow(clippy::too_many_arguments)]
+    fn tile(&self, path: Path, p: usize, x: &Quantized, shifted: &[u8], i0: usize, k: usize, y: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
-            if super::gemv::path() == "avx2+fma+f16c" {
-                // SAFETY: the CPU has AVX2, FMA and F16C; panel p and input
-                // rows i0..i0 + k exist, and y holds k rows of `out`.
-                unsafe {
-                    match (k, self.unsigned) {
-                        (1, true) => self.tile_avx2::<1, true>(p, x, i0, y),
-                        (2, true) => self.tile_avx2::<2, true>(p, x, i0, y),
-                        (3, true) => self.tile_avx2::<3, true>(p, x, i0, y),
-                        (_, true) => self.tile_avx2::<4, true>(p, x, i0, y),
-                        (1, false) => self.tile_avx2::<1, false>(p, x, i0, y),
-                        (2, false) => self.tile_avx2::<2, false>(p, x, i0, y),
-                        (3, false) => self.tile_avx2::<3, false>(p, x, i0, y),
-                        (_, false) => self.tile_avx2::<4, false>(p, x, i0, y),
+            match path {
+                Path::Avx2 => {
+                    for half in 0..2 {
+                        if self.out > p * PANEL + half * 8 {
+                            // SAFETY: the CPU has AVX2, FMA and F16C
+                            // (`Path::available`); panel p and input rows
+                            // i0..i0 + k exist, and y holds k rows of `out`.
+                            unsafe { self.tile_avx2_k(p, half, x, i0, k, y) }
+                        }
                     }
+                    return;
                 }
-                return;
+                Path::Avx512Vnni => {
+                    // SAFETY: the CPU has AVX-512 F/BW/VNNI; as above, and
+                    // `shifted` holds x.q shifted for the signed formats.
+                    unsafe { self.tile_avx512_k(p, x, shifted, i0, k, y) }
+                    return;
+                }
+                Path::Portable => {}
             }
         }
+        let _ = shifted;
         self.tile_portable(p, x, i0, k, y)
     }
 
     /// [`Panels::tile`] in plain Rust: the same integer sums, scaled and
     /// added block by block in the same order.
     fn tile_portable(&self, p: usize, x: &Quantized, i0: usize, k: usize, y: &mut [f32]) {
-        let (nb, w) = (self.nb, &self.values[p * self.nb * 256..]);
+        let (nb, w) = (self.nb, &self.values[p * self.nb * 32 * PANEL..]);
+        let per = Panels::scales_per_block(self.format);
         for r in 0..k {
             let (xq, xd) = (&x.q[(i0 + r) * nb * 32..], &x.d[(i0 + r) * nb..]);
-            let mut acc = [0f32; 8];
+            let mut acc = [0f32; PANEL];
             for b in 0..nb {
+                let at = (p * nb + b) * per;
                 for (lane, a) in acc.iter_mut().enumerate() {
-                    let mut dot = 0i32;
-                    for i in 0..32 {
-                        let v = w[b * 256 + (i / 4) * 32 + lane * 4 + i % 4];
-                        let v = if self.unsigned { v as i32 - 16 } else { v as i8 as i32 };
-                        dot += v * xq[b * 32 + i] as i32;
+                    let dot = |i0: usize, i1: usize| -> i32 {
+                        (i0..i1)
+                            .map(|i| {
+                                let v = w[b * 32 * PANEL + (i / 4) * 4 * PANEL + lane * 4 + i % 4];
+                                let v = if self.format.unsigned() { v as i32 } else { v as i8 as i32 };
+                                v * xq[b * 32 + i] as i32
+                            })
+                            .sum()
+                    };
+                    match self.format {
+                        Format::Q6K => {
+                            *a = (dot(0, 16) as f32).mul_add(self.scales[at + lane] * xd[b], *a);
+                            *a = (dot(16, 32) as f32).mul_add(self.scales[at + PANEL + lane] * xd[b], *a);
+                        }
+                        _ => {
+                            let mut sum = dot(0, 32);
+                            if self.format == Format::Q5_0 {
+                                sum -= x.sums[(i0 + r) * nb + b];
+                            }
+                            *a = (sum as f32).mul_add(self.scales[at + lane] * xd[b], *a);
+                            if self.format == Format::Q4K {
+                                let sx = xd[b] * (x.sums[(i0 + r) * nb + b] / 16) as f32;
+                                *a = (-self.mins[(p * nb + b) * PANEL + lane]).mul_add(sx, *a);
+                            }
+                        }
                     }
-                    *a = (dot as f32).mul_add(self.scales[(p * nb + b) * 8 + lane] * xd[b], *a);
                 }
             }
-            let valid = (self.out - p * 8).min(8);
-            y[r * self.out + p * 8..][..valid].copy_from_slice(&acc[..valid]);
+            let valid = (self.out - p * PANEL).min(PANEL);
+            y[r * self.out + p * PANEL..][..valid].copy_from_slice(&acc[..valid]);
         }
     }
 
+    /// [`Panels::tile_avx2`] for `k` (1..=[`TILE`]) input rows.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn tile_avx2_k(&self, p: usize, half: usize, x: &Quantized, i0: usize, k: usize, y: &mut [f32]) {
+        // SAFETY: as for `tile_avx2`, which the caller checked the CPU for.
+        unsafe {
+            macro_rules! rows {
+                ($f:ident) => {
+                    match k {
+                        1 => self.tile_avx2::<1, $f>(p, half, x, i0, y),
+                        2 => self.tile_avx2::<2, $f>(p, half, x, i0, y),
+                        3 => self.tile_avx2::<3, $f>(p, half, x, i0, y),
+                        _ => self.tile_avx2::<4, $f>(p, half, x, i0, y),
+                    }
+                };
+            }
+            match self.format {
+                Format::Q8_0 => rows!(Q8),
+                Format::Q5_0 => rows!(Q5),
+                Format::Q4K => rows!(Q4K),
+                Format::Q6K => rows!(Q6K),
+            }
+        }
+    }
+
+    /// Rows `8·half..8·half + 8` of panel `p`, for `K` input rows.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile_avx2<const K: usize, const UNSIGNED: bool>(
+    unsafe fn tile_avx2<const K: usize, const F: u8>(
         &self,
         p: usize,
+        half: usize,
         x: &Quantized,
         i0: usize,
         y: &mut [f32],
     ) {
         use std::arch::x86_64::*;
         let nb = self.nb;
-        // SAFETY: panel p's nb·256 values and nb·8 scales lie inside the
-        // arrays; input row i0 + r's nb·32 values, nb scales and nb block
-        // sums lie inside x's; the stores stay inside y (checked).
+        let unsigned = F == Q5 || F == Q4K;
+        let per = if F == Q6K { 2 * PANEL } else { PANEL };
+        // Pairs of products fit an i16 four vectors at a time for Q5_0
+        // (≤ 2·31·127 each), Q4_K (2·15·127) and Q6_K (2·32·127), so they
+        // are widened to i32 once per four; Q8_0's (2·127·127) at once.
+        // Four vectors are 16 values: Q6_K's halves, each with its scale.
+        let group = if F == Q8 { 1 } else { 4 };
+        // SAFETY: panel p's values, scales and (Q4_K) mins lie inside the
+        // arrays, this half's 8 rows at offset 8·half of each 16; input row
+        // i0 + r's nb·32 values, nb scales and nb block sums lie inside x's;
+        // the stores stay inside y (checked).
         unsafe {
-            let w = self.values.as_ptr().add(p * nb * 256);
-            let s = self.scales.as_ptr().add(p * nb * 8);
+            let w = self.values.as_ptr().add(p * nb * 32 * PANEL + half * 32);
+            let s = self.scales.as_ptr().add(p * nb * per + half * 8);
+            let mins = self.mins.as_ptr().wrapping_add(p * nb * PANEL + half * 8);
             let xq: [*const i8; K] = std::array::from_fn(|r| x.q.as_ptr().add((i0 + r) * nb * 32));
             let ones = _mm256_set1_epi16(1);
             let mut acc = [_mm256_setzero_ps(); K];
             for b in 0..nb {
                 let mut dots = [_mm256_setzero_si256(); K];
-                // Q5_0's pairs of products are at most 2·31·127 in magnitude:
-                // four of them still fit an i16, so they are widened to i32
-                // once per four vectors. Q8_0's (up to 2·127·127) are
-                // widened at once.
-                let group = if UNSIGNED { 4 } else { 1 };
                 for j0 in (0..8).step_by(group) {
                     let mut pairs = [_mm256_setzero_si256(); K];
                     for j in j0..j0 + group {
-                        let wv = _mm256_loadu_si256(w.add((b * 8 + j) * 32) as *const __m256i);
-                        let abs = if UNSIGNED { wv } else { _mm256_sign_epi8(wv, wv) };
+                        let wv = _mm256_loadu_si256(w.add((b * 8 + j) * 4 * PANEL) as *const __m256i);
+                        let abs = if unsigned { wv } else { _mm256_sign_epi8(wv, wv) };
                         for r in 0..K {
                             let four = (xq[r].add(b * 32 + j * 4) as *const i32).read_unaligned();
                             let xv = _mm256_set1_epi32(four);
-                            let xv = if UNSIGNED { xv } else { _mm256_sign_epi8(xv, wv) };
+                            let xv = if unsigned { xv } else { _mm256_sign_epi8(xv, wv) };
                             pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(abs, xv));
                         }
                     }
-                    for r in 0..K {
-                        dots[r] = _mm256_add_epi32(dots[r], _mm256_madd_epi16(pairs[r], ones));
+                    if F == Q6K {
+                        // Each half block has its own scale.
+                        let ws = _mm256_loadu_ps(s.add(b * per + (j0 / 4) * PANEL));
+                        for r in 0..K {
+                            let half = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[r], ones));
+                            let scale = _mm256_mul_ps(ws, _mm256_set1_ps(x.d[(i0 + r) * nb + b]));
+                            acc[r] = _mm256_fmadd_ps(half, scale, acc[r]);
+                        }
+                    } else {
+                        for r in 0..K {
+                            dots[r] = _mm256_add_epi32(dots[r], _mm256_madd_epi16(pairs[r], ones));
+                        }
                     }
                 }
-                let ws = _mm256_loadu_ps(s.add(b * 8));
+                if F == Q6K {
+                    continue;
+                }
+                let ws = _mm256_loadu_ps(s.add(b * per));
                 for r in 0..K {
                     let at = (i0 + r) * nb + b;
                     let mut sums = dots[r];
-                    if UNSIGNED {
+                    if F == Q5 {
                         sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(x.sums[at]));
                     }
                     let scale = _mm256_mul_ps(ws, _mm256_set1_ps(x.d[at]));
                     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
+                    if F == Q4K {
+                        // − dmin·m · Σx: the block sums hold 16·Σx.
+                        let sx = _mm256_set1_ps(x.d[at] * (x.sums[at] / 16) as f32);
+                        acc[r] = _mm256_fnmadd_ps(_mm256_loadu_ps(mins.add(b * PANEL)), sx, acc[r]);
+                    }
                 }
             }
-            let valid = (self.out - p * 8).min(8);
+            let first = p * PANEL + half * 8;
+            let valid = (self.out - first).min(8);
             for (r, a) in acc.iter().enumerate() {
-                let row = &mut y[r * self.out + p * 8..][..valid];
+                let row = &mut y[r * self.out + first..][..valid];
                 if valid == 8 {
                     _mm256_storeu_ps(row.as_mut_ptr(), *a);
                 } else {
@@ -204,42 +484,188 @@ impl Panels {
             }
         }
     }
+
+    /// [`Panels::tile_avx512`] for `k` (1..=8) input rows.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn tile_avx512_k(&self, p: usize, x: &Quantized, shifted: &[u8], i0: usize, k: usize, y: &mut [f32]) {
+        // SAFETY: as for `tile_avx512`, which the caller checked the CPU for.
+        unsafe {
+            macro_rules! rows {
+                ($f:ident) => {
+                    match k {
+                        1 => self.tile_avx512::<1, $f>(p, x, shifted, i0, y),
+                        2 => self.tile_avx512::<2, $f>(p, x, shifted, i0, y),
+                        3 => self.tile_avx512::<3, $f>(p, x, shifted, i0, y),
+                        4 => self.tile_avx512::<4, $f>(p, x, shifted, i0, y),
+                        5 => self.tile_avx512::<5, $f>(p, x, shifted, i0, y),
+                        6 => self.tile_avx512::<6, $f>(p, x, shifted, i0, y),
+                        7 => self.tile_avx512::<7, $f>(p, x, shifted, i0, y),
+                        _ => self.tile_avx512::<8, $f>(p, x, shifted, i0, y),
+                    }
+                };
+            }
+            match self.format {
+                Format::Q8_0 => rows!(Q8),
+                Format::Q5_0 => rows!(Q5),
+                Format::Q4K => rows!(Q4K),
+                Format::Q6K => rows!(Q6K),
+            }
+        }
+    }
+
+    /// Panel `p`'s 16 rows for `K` input rows: `vpdpbusd` multiplies
+    /// unsigned by signed bytes and adds each four products to an `i32`
+    /// lane, one lane per weight row. Unsigned values (Q5_0, Q4_K) multiply
+    /// the input as it is; signed ones (Q8_0, Q6_K) multiply the input plus
+    /// 128 (`shifted`), and `128·Σw` ([`Panels::bias`]) is subtracted. The
+    /// integer sums are those of the other paths, scaled in the same order.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile_avx512<const K: usize, const F: u8>(
+        &self,
+        p: usize,
+        x: &Quantized,
+        shifted: &[u8],
+        i0: usize,
+        y: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        let nb = self.nb;
+        let unsigned = F == Q5 || F == Q4K;
+        let per = if F == Q6K { 2 * PANEL } else { PANEL };
+        // SAFETY: panel p's nb·512 values, nb·per scales, (Q4_K) nb·16 mins
+        // and (Q8_0, Q6_K) nb·per biases lie inside the arrays; input row
+        // i0 + r's nb·32 values (in x.q, or shifted for the signed formats),
+        // nb scales and nb block sums lie inside x's; the stores stay inside
+        // y (checked).
+        unsafe {
+            let w = self.values.as_ptr().add(p * nb * 32 * PANEL);
+            let s = self.scales.as_ptr().add(p * nb * per);
+            let mins = self.mins.as_ptr().wrapping_add(p * nb * PANEL);
+            let bias = self.bias.as_ptr().wrapping_add(p * nb * per);
+            let xq: [*const u8; K] = std::array::from_fn(|r| {
+                let at = (i0 + r) * nb * 32;
+                if unsigned { x.q.as_ptr().add(at) as *const u8 } else { shifted.as_ptr().add(at) }
+            });
+            let mut acc = [_mm512_setzero_ps(); K];
+            for b in 0..nb {
+                // Q6_K: the first and second 16 values of the block.
+                let mut dots = [[_mm512_setzero_si512(); K]; 2];
+                for j in 0..8 {
+                    let wv = _mm512_loadu_si512(w.add((b * 8 + j) * 4 * PANEL) as *const __m512i);
+                    let d = if F == Q6K { j / 4 } else { 0 };
+                    for r in 0..K {
+                        let xv = _mm512_set1_epi32((xq[r].add(b * 32 + j * 4) as *const i32).read_unaligned());
+                        dots[d][r] = if unsigned {
+                            _mm512_dpbusd_epi32(dots[d][r], wv, xv)
+                        } else {
+                            _mm512_dpbusd_epi32(dots[d][r], xv, wv)
+                        };
+                    }
+                }
+                let halves = if F == Q6K { 2 } else { 1 };
+                for (h, dots) in dots.iter().enumerate().take(halves) {
+                    let ws = _mm512_loadu_ps(s.add(b * per + h * PANEL));
+                    let wb = if unsigned {
+                        _mm512_setzero_si512()
+                    } else {
+                        _mm512_loadu_si512(bias.add(b * per + h * PANEL) as *const __m512i)
+                    };
+                    for r in 0..K {
+                        let at = (i0 + r) * nb + b;
+                        let mut sums = dots[r];
+                        if F == Q5 {
+                            sums = _mm512_sub_epi32(sums, _mm512_set1_epi32(x.sums[at]));
+                        } else if !unsigned {
+                            sums = _mm512_sub_epi32(sums, wb);
+                        }
+                        let scale = _mm512_mul_ps(ws, _mm512_set1_ps(x.d[at]));
+                        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r]);
+                        if F == Q4K {
+                            let sx = _mm512_set1_ps(x.d[at] * (x.sums[at] / 16) as f32);
+                            acc[r] = _mm512_fnmadd_ps(_mm512_loadu_ps(mins.add(b * PANEL)), sx, acc[r]);
+                        }
+                    }
+                }
+            }
+            let valid = (self.out - p * PANEL).min(PANEL);
+            let mask: __mmask16 = if valid == PANEL { !0 } else { (1u16 << valid) - 1 };
+            for (r, a) in acc.iter().enumerate() {
+                _mm512_mask_storeu_ps(y.as_mut_ptr().add(r * self.out + p * PANEL), mask, *a);
+            }
+        }
+    }
 }
+
+/// [`Format`]s as the kernel's const parameter.
+const Q8: u8 = 0;
+const Q5: u8 = 1;
+const Q4K: u8 = 2;
+const Q6K: u8 = 3;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
 
     fn rows(n: usize, inp: usize, seed: usize) -> Vec<f32> {
         (0..n * inp).map(|i| (((i + seed) * 7919 % 1013) as f32 / 1013.0 - 0.5) * 0.2).collect()
     }
 
-    /// The SIMD tile gives the portable sums bit for bit, for both value
-    /// kinds, 1–4 input rows, and a last panel of 3 rows.
+    /// For every format: the blocks read from the GGUF bytes give candle's
+    /// dequantized values exactly (`scale·q − min`), and every SIMD path
+    /// this CPU has gives the portable sums bit for bit: each tile size, a
+    /// last panel of 3 rows (19 outputs) and one with a partial second half
+    /// (27), and whole products of 21 input rows.
     #[test]
-    fn simd_tiles_equal_the_portable_ones() {
-        let (out, nb) = (19, 5);
-        for unsigned in [false, true] {
-            let w = rows(out, nb * 32, 1);
-            let block = |i: usize| {
-                let v = &w[i * 32..][..32];
-                let d = v.iter().fold(0f32, |m, x| m.max(x.abs())) / if unsigned { 15.0 } else { 127.0 };
-                let q = std::array::from_fn(|j| {
-                    let q = (v[j] / d).round() as i32;
-                    if unsigned { q.clamp(-16, 15) as i8 } else { q as i8 }
-                });
-                (f16::from_f32(d), q)
-            };
-            let panels = Panels::new(out, nb, unsigned, block);
-            let x = Quantized::new(&rows(7, nb * 32, 3), nb * 32);
-            for k in 1..=TILE {
-                for i0 in [0, 7 - k] {
-                    for p in 0..out.div_ceil(8) {
-                        let (mut simd, mut portable) = (vec![0f32; k * out], vec![0f32; k * out]);
-                        panels.tile(p, &x, i0, k, &mut simd);
-                        panels.tile_portable(p, &x, i0, k, &mut portable);
-                        assert_eq!(simd, portable, "unsigned {unsigned}, {k} rows from {i0}, panel {p}");
+    fn blocks_dequantize_as_candle_and_simd_tiles_equal_the_portable_ones() {
+        let inp = 512;
+        let paths = Path::available();
+        println!("prefill paths on this CPU: {paths:?}");
+        for out in [19, 27] {
+            for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+                let w = Tensor::from_vec(rows(out, inp, 1), (out, inp), &Device::Cpu).unwrap();
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let deq: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let data = q.data().unwrap();
+                let row_bytes = data.len() / out;
+                let format = Format::of(dtype).unwrap();
+                let block = |r: usize, b: usize| block32(format, &data[r * row_bytes..][..row_bytes], b);
+                for r in 0..out {
+                    for b in 0..inp / 32 {
+                        let blk = block(r, b);
+                        for (i, &v) in blk.q.iter().enumerate() {
+                            let v = match format {
+                                Format::Q5_0 => v as f32 - 16.0,
+                                Format::Q4K => v as f32,
+                                _ => v as i8 as f32,
+                            };
+                            let got = blk.scale[i / 16] * v - blk.min;
+                            assert_eq!(got, deq[r * inp + b * 32 + i], "{dtype:?}: row {r}, value {}", b * 32 + i);
+                        }
                     }
+                }
+                let panels = Panels::new(out, inp / 32, format, block);
+                let x = Quantized::new(&rows(21, inp, 3), inp);
+                let mut want = vec![0f32; 21 * out];
+                panels.matmul_on(Path::Portable, &x, &mut want);
+                for &path in &paths[1..] {
+                    let shifted: Vec<u8> = x.q.iter().map(|&v| (v as u8) ^ 0x80).collect();
+                    for k in 1..=path.tile_rows() {
+                        for i0 in [0, 21 - k] {
+                            for p in 0..out.div_ceil(PANEL) {
+                                let (mut simd, mut portable) = (vec![0f32; k * out], vec![0f32; k * out]);
+                                panels.tile(path, p, &x, &shifted, i0, k, &mut simd);
+                                panels.tile_portable(p, &x, i0, k, &mut portable);
+                                assert_eq!(simd, portable, "{path:?} {dtype:?}: {k} rows from {i0}, panel {p}");
+                            }
+                        }
+                    }
+                    let mut got = vec![0f32; 21 * out];
+                    panels.matmul_on(path, &x, &mut got);
+                    assert_eq!(got, want, "{path:?} {dtype:?}: {out} outputs");
                 }
             }
         }

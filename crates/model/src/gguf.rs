@@ -110,8 +110,11 @@ pub fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<(Arch,
         if keep_quantized && t.rank() == 2 && !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
             // A prompt multiplies the layers' weights in full, the LM head
             // (tied to the embedding) at its last position only.
-            let q = QuantLinear::new(q, device)?;
-            let q = if hf.contains(".layers.") { q.with_prefill() } else { q };
+            let q = if hf.contains(".layers.") {
+                QuantLinear::with_prefill(q, device)?
+            } else {
+                QuantLinear::new(q, device)?
+            };
             quantized.push((hf.clone(), q));
         }
         map.insert(hf, t);
