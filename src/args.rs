@@ -387,6 +387,10 @@ pub enum DevCommand {
         vocab: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// How the weights are stored: f32, or bf16 as Google ships Gemma 3
+        /// (Gemma 3 architectures only).
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+        dtype: String,
         /// Output directory.
         out: PathBuf,
     },

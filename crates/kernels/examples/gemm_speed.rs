@@ -5,7 +5,7 @@
 //! `cargo run --release -p pipeline-kernels --example gemm_speed`
 
 use half::bf16;
-use pipeline_kernels::bf16::{Operand, Path, gemm_with, native_available};
+use pipeline_kernels::bf16::{Operand, gemm_with, paths};
 use std::time::Instant;
 
 fn main() {
@@ -15,6 +15,7 @@ fn main() {
         (2048, 640, 2048, "x·Wᵀ down / g·W up"),
         (64, 262_144, 640, "LM head chunk"),
     ];
+    println!("bf16 paths: {:?}", paths());
     for &(m, n, k, what) in &shapes {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
         let w32: Vec<f32> = (0..n * k).map(|i| ((i * 104_729) % 1000) as f32 * 1e-3 - 0.5).collect();
@@ -54,11 +55,7 @@ fn main() {
             )
         });
         let mut line = format!("{what:>20} {m}×{n}×{k}: f32 gemm {f32_rate:6.1} GFLOP/s");
-        let mut paths = vec![Path::Widen];
-        if native_available() {
-            paths.push(Path::Avx512Bf16);
-        }
-        for p in paths {
+        for p in paths().into_iter().rev() {
             let r = time(&mut || {
                 gemm_with(p, m, n, k, &mut c, n, false, Operand::rows(&a, k), Operand::rows(&w16, k).t(), 1.0)
             });

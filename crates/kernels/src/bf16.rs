@@ -6,8 +6,11 @@
 //! [`gemm`] computes `C (+)= α·A·B` for an f32 `A` and a bf16 `B` read with
 //! any strides, by the path [`path`] picks once per process:
 //!
-//! - **AVX512-BF16** (AMD Zen 4 and later, Intel Cooper Lake / Sapphire
-//!   Rapids and later): `A` is rounded to bf16 (nearest-even) once per call,
+//! - **AMX-BF16** (Intel Sapphire Rapids and later): 16×16 tiles of `C`
+//!   accumulated by `tdpbf16ps` from the same packed operands, 8,192
+//!   multiply-adds per instruction ([`amx`]); the LM head's `x·Wᵀ` on a
+//!   few rows loads the weight's rows as tiles as they are, unpacked;
+//! - **AVX512-BF16** (AMD Zen 4 and later, Intel Cooper Lake and later): `A` is rounded to bf16 (nearest-even) once per call,
 //!   and `vdpbf16ps` multiplies pairs of bf16 and accumulates them in f32 —
 //!   32 multiply-adds per instruction, twice an f32 FMA's 16. The loop nest
 //!   is BLIS's: a `KC×NC` block of `B` is packed into `NR`-column panels of
@@ -18,8 +21,8 @@
 //!   time and multiplied by the `gemm` crate, so the memory saving holds
 //!   everywhere; the speed is f32's.
 //!
-//! Both accumulate in f32. The two paths round differently (the first
-//! rounds `A` too), so the precision a run used is part of its cache key
+//! All accumulate in f32. The paths round differently (the native ones
+//! round `A` too), so the precision a run used is part of its cache key
 //! upstream, never swapped silently.
 
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
@@ -29,6 +32,8 @@ use rayon::prelude::*;
 /// How [`gemm`] multiplies on this CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
+    /// `tdpbf16ps` on AMX tiles (AMX-BF16), see [`amx`].
+    Amx,
     /// `vdpbf16ps` micro-kernels (AVX512-BF16).
     Avx512Bf16,
     /// bf16 widened to f32, then the `gemm` crate.
@@ -38,6 +43,7 @@ pub enum Path {
 impl Path {
     pub fn name(self) -> &'static str {
         match self {
+            Path::Amx => "amx-bf16",
             Path::Avx512Bf16 => "avx512bf16",
             Path::Widen => "widen-f32",
         }
@@ -47,13 +53,24 @@ impl Path {
 /// The fastest path this CPU runs (detected once).
 pub fn path() -> Path {
     static PATH: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
-    *PATH.get_or_init(|| {
-        if native_available() && std::env::var_os("PIPELINE_BF16_WIDEN").is_none() {
-            Path::Avx512Bf16
-        } else {
-            Path::Widen
+    *PATH.get_or_init(|| *paths().first().expect("widen is always there"))
+}
+
+/// Every path this CPU runs, fastest first. `PIPELINE_BF16_WIDEN=1` leaves
+/// only the widen path, `PIPELINE_BF16_NO_AMX=1` drops the AMX one.
+pub fn paths() -> Vec<Path> {
+    let mut paths = Vec::new();
+    if std::env::var_os("PIPELINE_BF16_WIDEN").is_none() {
+        #[cfg(target_arch = "x86_64")]
+        if std::env::var_os("PIPELINE_BF16_NO_AMX").is_none() && amx::available() {
+            paths.push(Path::Amx);
         }
-    })
+        if native_available() {
+            paths.push(Path::Avx512Bf16);
+        }
+    }
+    paths.push(Path::Widen);
+    paths
 }
 
 /// Whether the CPU has native bf16 dot products (AVX512-BF16).
@@ -140,6 +157,8 @@ pub fn gemm_with(
         return;
     }
     match path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Amx if amx::available() => amx::gemm(m, n, k, c, ldc, accumulate, a, b, alpha),
         #[cfg(target_arch = "x86_64")]
         Path::Avx512Bf16 if native_available() => native::gemm(m, n, k, c, ldc, accumulate, a, b, alpha),
         _ => widen_gemm(m, n, k, c, ldc, accumulate, a, b, alpha),
@@ -239,6 +258,9 @@ fn widen_gemm(
 }
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+
+#[cfg(target_arch = "x86_64")]
 mod native {
     //! The AVX512-BF16 path: bf16 pairs packed as `u32` words (element `2p`
     //! in the low half, `2p+1` in the high half, as `vdpbf16ps` pairs them).
@@ -249,7 +271,7 @@ mod native {
     /// Rows of `C` per micro-kernel tile.
     const MR: usize = 8;
     /// Columns of `C` per tile (two 16-lane registers).
-    const NR: usize = 32;
+    pub(super) const NR: usize = 32;
     /// k-pairs per packed block of `B` (512 values of k).
     const KCP: usize = 256;
     /// Columns per packed block of `B`.
@@ -258,7 +280,7 @@ mod native {
     const MC: usize = 64;
 
     /// Two bf16 as one word, `lo` first.
-    fn pair(lo: bf16, hi: bf16) -> u32 {
+    pub(super) fn pair(lo: bf16, hi: bf16) -> u32 {
         lo.to_bits() as u32 | (hi.to_bits() as u32) << 16
     }
 
@@ -348,7 +370,7 @@ mod native {
     /// Packs `B[2·p0.., j0..j1]` (`kcp` k-pairs) into one panel: word
     /// `[p][lane]` pairs `B[2p][j0+lane]` with `B[2p+1][j0+lane]`; lanes
     /// past `j1` and k past the end are zero.
-    fn pack_b(b: Operand<bf16>, k: usize, p0: usize, kcp: usize, j0: usize, j1: usize, panel: &mut [u32]) {
+    pub(super) fn pack_b(b: Operand<bf16>, k: usize, p0: usize, kcp: usize, j0: usize, j1: usize, panel: &mut [u32]) {
         let zero = bf16::ZERO;
         let mut from = 0;
         if b.cs == 1 && j1 - j0 == NR {
@@ -357,6 +379,18 @@ mod native {
             from = kcp.min((k / 2).saturating_sub(p0));
             // SAFETY: the caller checked the CPU; rows 2·(p0+p)+1 < k for p < from.
             unsafe { interleave_rows(b, p0, from, j0, panel) };
+        } else if b.rs == 1 && b.cs % 2 == 0 {
+            // Columns of `B` contiguous (the forward's `Wᵀ`): column j's
+            // k-pairs are consecutive words of `W`'s row j, copied a row at
+            // a time (sequential reads) into the panel's column.
+            from = kcp.min((k / 2).saturating_sub(p0));
+            panel[..from * NR].fill(0);
+            for (lane, j) in (j0..j1).enumerate() {
+                let words = b.data[j * b.cs + 2 * p0..][..2 * from].chunks_exact(2);
+                for (p, w) in words.enumerate() {
+                    panel[p * NR + lane] = pair(w[0], w[1]);
+                }
+            }
         }
         for p in from..kcp {
             let (k0, k1) = (2 * (p0 + p), 2 * (p0 + p) + 1);
@@ -413,26 +447,11 @@ mod native {
         let kp = k / 2;
         let ldw = b.cs / 2;
         let w = b.data.as_ptr() as usize;
-        // The last rows of `W` copied into a whole zero-padded group (the
+        // The last rows of `W` in a whole zero-padded group (the
         // micro-kernel always reads MR rows).
-        let full = n / MR * MR;
-        let mut tail = vec![0u32; MR * kp];
-        for (r, j) in (full..n).enumerate() {
-            for p in 0..kp {
-                tail[r * kp + p] = pair(b.at(2 * p, j), b.at(2 * p + 1, j));
-            }
-        }
-        // `Aᵀ` as NR-token panels of k-pairs.
+        let (full, tail) = w_tail(b, n, kp, MR);
         let panels = m.div_ceil(NR);
-        let mut ap = vec![0u32; panels * kp * NR];
-        ap.par_chunks_mut(kp * NR).enumerate().for_each(|(q, panel)| {
-            for t in q * NR..(q * NR + NR).min(m) {
-                for p in 0..kp {
-                    panel[p * NR + t - q * NR] =
-                        pair(bf16::from_f32(a.at(t, 2 * p)), bf16::from_f32(a.at(t, 2 * p + 1)));
-                }
-            }
-        });
+        let ap = a_panels(a, m, kp, NR);
         let c_addr = c.as_mut_ptr() as usize;
         const ROWS_PER_TASK: usize = 64;
         (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
@@ -468,6 +487,35 @@ mod native {
                 }
             }
         });
+    }
+
+    /// For the swapped products (`B = Wᵀ`, `W` row-major with `kp` k-pairs
+    /// a row): the rows of `W` past the last whole group of `group`, as
+    /// k-pairs in a zero-padded group of `group` rows, and where they start.
+    pub(super) fn w_tail(b: Operand<bf16>, n: usize, kp: usize, group: usize) -> (usize, Vec<u32>) {
+        let full = n / group * group;
+        let mut tail = vec![0u32; group * kp];
+        for (r, j) in (full..n).enumerate() {
+            for p in 0..kp {
+                tail[r * kp + p] = pair(b.at(2 * p, j), b.at(2 * p + 1, j));
+            }
+        }
+        (full, tail)
+    }
+
+    /// `Aᵀ` (`m` rows of `2·kp` values) rounded to bf16 as panels of
+    /// `width` rows: word `[q][p][t]` pairs `A[q·width + t][2p..2p+2]`.
+    pub(super) fn a_panels(a: Operand<f32>, m: usize, kp: usize, width: usize) -> Vec<u32> {
+        let mut ap = vec![0u32; m.div_ceil(width) * kp * width];
+        ap.par_chunks_mut(kp * width).enumerate().for_each(|(q, panel)| {
+            for t in q * width..(q * width + width).min(m) {
+                for p in 0..kp {
+                    panel[p * width + t - q * width] =
+                        pair(bf16::from_f32(a.at(t, 2 * p)), bf16::from_f32(a.at(t, 2 * p + 1)));
+                }
+            }
+        });
+        ap
     }
 
     /// The `MR×NR` products of one tile over `kcp` k-pairs, in registers:
@@ -530,7 +578,7 @@ mod native {
 
     /// `row[p] = pair(src[2p], src[2p+1])`, rounded to nearest-even.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-    unsafe fn round_row(src: &[f32], row: &mut [u32]) {
+    pub(super) unsafe fn round_row(src: &[f32], row: &mut [u32]) {
         let full = src.len() / 32;
         for blk in 0..full {
             // SAFETY: 32 floats at 32·blk lie inside `src`, 16 words inside `row`.
@@ -694,11 +742,9 @@ mod tests {
     /// k-blocks and column blocks, with and without accumulation.
     #[test]
     fn every_path_matches_the_f64_reference() {
-        let mut paths = vec![Path::Widen];
-        if native_available() {
-            paths.push(Path::Avx512Bf16);
-        } else {
-            eprintln!("SKIPPED: the avx512bf16 path (this CPU has no AVX512-BF16); tested: widen");
+        let paths = paths();
+        for missing in [Path::Amx, Path::Avx512Bf16].into_iter().filter(|p| !paths.contains(p)) {
+            eprintln!("SKIPPED: the {} path (not on this CPU); tested: {paths:?}", missing.name());
         }
         for path in paths {
             for &(m, n, k) in &[
@@ -711,6 +757,9 @@ mod tests {
                 (40, 700, 520),
                 (64, 2048, 64),
                 (3, 520, 4200),
+                (64, 300, 640),
+                (33, 1100, 96),
+                (300, 70, 640),
             ] {
                 for transposed in [false, true] {
                     let av = values(m * k, 1);
@@ -722,7 +771,7 @@ mod tests {
                         let c0 = values(m * n, 3);
                         let mut c = c0.clone();
                         gemm_with(path, m, n, k, &mut c, n, accumulate, a, b, 0.5);
-                        let want = reference(m, n, k, accumulate.then_some(&c0), a, b, 0.5, path == Path::Avx512Bf16);
+                        let want = reference(m, n, k, accumulate.then_some(&c0), a, b, 0.5, path != Path::Widen);
                         let worst = c.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
                         // f32 accumulation of up to ~1000 products of size ≤ 1.
                         let tol = 1e-5 * (k as f32).max(1.0) + 1e-5;

@@ -9,10 +9,12 @@
 //!   op that keeps only its input and a one-bit dropout mask ([`keep`]);
 //! - [`gemv`]: quantized GGUF blocks kept for decoding, and their
 //!   matrix-vector products (a few input rows per pass over the weights);
+//!   a prompt's many rows go through `qgemm` (8-bit integer products,
+//!   AVX-512 VNNI or AVX2);
 //! - [`vmath`]: vectorised exp / GELU / dot products (AVX-512 or AVX2 + FMA
 //!   when the CPU has them, portable otherwise);
 //! - [`bf16`]: products of f32 activations with bf16 frozen weights
-//!   (AVX512-BF16 dot products, or widened to f32);
+//!   (AMX tiles, AVX512-BF16 dot products, or widened to f32);
 //! - [`team`]: threads that poll for decoding's many short parallel loops
 //!   instead of sleeping between them;
 //! - [`composed`]: the same operations built from candle primitives, the

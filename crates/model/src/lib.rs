@@ -161,7 +161,7 @@ impl Weights {
     /// A frozen matrix (embeddings, LM head, a linear layer's weight) in the
     /// weights' [`Precision`]; norms and biases stay f32 ([`Weights::take`]).
     pub fn frozen(&mut self, name: &str) -> Result<Tensor> {
-        let t = self.take(name)?;
+        let t = self.take_as_stored(name)?;
         Ok(t.to_dtype(self.precision.dtype())?)
     }
 
@@ -186,6 +186,11 @@ impl Weights {
 
     /// Removes and returns a tensor, failing with the file's name if missing.
     pub fn take(&mut self, name: &str) -> Result<Tensor> {
+        Ok(self.take_as_stored(name)?.to_dtype(DType::F32)?)
+    }
+
+    /// [`Weights::take`] in the type it was loaded as.
+    fn take_as_stored(&mut self, name: &str) -> Result<Tensor> {
         self.map.remove(name).ok_or_else(|| {
             bad_file(&self.source, format!("no tensor `{name}` (is this the architecture the config says?)"))
         })
@@ -427,8 +432,7 @@ fn load_with(
     keep_quantized: bool,
     precision: Precision,
 ) -> Result<Box<dyn CausalLm>> {
-    let (arch, mut w) = load_weights(model, device, keep_quantized)?;
-    w.set_precision(precision);
+    let (arch, mut w) = load_weights_as(model, device, keep_quantized, precision)?;
     let positions = max_positions.min(arch.max_position_embeddings());
     arch.build(&mut w, positions)
 }
@@ -437,6 +441,19 @@ fn load_with(
 /// GGUF file or safetensors + `config.json`; with `keep_quantized`, a
 /// GGUF's quantized matrices are kept too (for decoding).
 pub fn load_weights(model: &ModelFiles, device: &Device, keep_quantized: bool) -> Result<(Arch, Weights)> {
+    load_weights_as(model, device, keep_quantized, Precision::F32)
+}
+
+/// [`load_weights`] for frozen matrices in `precision`: in bf16, a
+/// safetensors checkpoint's matrices go straight from the file into bf16
+/// (never all of them in f32 at once: a 1B model's peak memory is its bf16
+/// size plus the mapped file, not four bytes a weight more).
+pub fn load_weights_as(
+    model: &ModelFiles,
+    device: &Device,
+    keep_quantized: bool,
+    precision: Precision,
+) -> Result<(Arch, Weights)> {
     let weights = model.weights.first().ok_or_else(|| {
         Error::Missing(format!(
             "the model `{}` has no weights (no *.safetensors or *.gguf in {}); run scripts/fetch-models.sh or fix \
@@ -445,14 +462,16 @@ pub fn load_weights(model: &ModelFiles, device: &Device, keep_quantized: bool) -
             model.dir.display()
         ))
     })?;
-    if weights.extension().is_some_and(|e| e == "gguf") {
-        gguf::load(weights, device, keep_quantized)
+    let (arch, mut w) = if weights.extension().is_some_and(|e| e == "gguf") {
+        gguf::load(weights, device, keep_quantized)?
     } else {
         let config = model.config_json.as_ref().ok_or_else(|| {
             bad_file(&model.dir, format!("the model `{}` has safetensors weights but no config.json", model.source))
         })?;
-        Ok((read_config(config)?, load_safetensors(&model.weights, device)?))
-    }
+        (read_config(config)?, load_safetensors_as(&model.weights, device, precision.dtype())?)
+    };
+    w.set_precision(precision);
+    Ok((arch, w))
 }
 
 /// Reads an HF `config.json` (text config of multimodal checkpoints too).
@@ -515,13 +534,21 @@ pub fn save_safetensors<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a Tens
 
 /// Loads every tensor of the safetensors files as f32 on `device`.
 pub fn load_safetensors(files: &[std::path::PathBuf], device: &Device) -> Result<Weights> {
+    load_safetensors_as(files, device, DType::F32)
+}
+
+/// [`load_safetensors`] with matrices (rank 2) in `matrices` (f32 or bf16);
+/// [`Weights::take`] still hands out f32, [`Weights::frozen`] the
+/// precision's type.
+fn load_safetensors_as(files: &[std::path::PathBuf], device: &Device, matrices: DType) -> Result<Weights> {
     let mut map = HashMap::new();
     for f in files {
         // SAFETY: the file is not modified while mapped (it is an input).
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }
             .map_err(|e| bad_file(f, format!("cannot read: {e}")))?;
-        for (name, _) in st.tensors() {
-            let t = st.load(&name, device)?.to_dtype(DType::F32)?;
+        for (name, view) in st.tensors() {
+            let dtype = if view.shape().len() == 2 { matrices } else { DType::F32 };
+            let t = st.load(&name, device)?.to_dtype(dtype)?;
             map.insert(name, t);
         }
     }

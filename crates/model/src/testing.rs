@@ -11,7 +11,7 @@ use std::path::Path;
 use pipeline_fs::IoContext;
 
 use crate::error::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
@@ -69,9 +69,15 @@ impl TinyGemma3 {
         }
     }
 
-    /// Writes `config.json` and `model.safetensors` into `dir`, and copies
-    /// `tokenizer.json` / `tokenizer_config.json` from `tokenizer_dir`.
+    /// Writes `config.json` and `model.safetensors` (f32) into `dir`, and
+    /// copies `tokenizer.json` / `tokenizer_config.json` from `tokenizer_dir`.
     pub fn write(&self, dir: &Path, tokenizer_dir: &Path, seed: u64) -> Result<()> {
+        self.write_as(dir, tokenizer_dir, seed, DType::F32)
+    }
+
+    /// [`TinyGemma3::write`] with the weights stored as `dtype` (f32, or
+    /// bf16 as Google ships Gemma 3).
+    pub fn write_as(&self, dir: &Path, tokenizer_dir: &Path, seed: u64, dtype: DType) -> Result<()> {
         let config = serde_json::json!({
             "architectures": ["Gemma3ForCausalLM"],
             "model_type": "gemma3_text",
@@ -97,7 +103,7 @@ impl TinyGemma3 {
             "max_position_embeddings": self.max_positions,
             "hidden_activation": "gelu_pytorch_tanh",
             "tie_word_embeddings": true,
-            "torch_dtype": "float32",
+            "torch_dtype": torch_dtype(dtype)?,
         });
         let mut w = RandomWeights::new(seed);
         let (h, i, nh, nkv, hd) = (self.hidden_size, self.intermediate_size, self.heads, self.kv_heads, self.head_dim);
@@ -117,7 +123,7 @@ impl TinyGemma3 {
                 w.add(format!("{p}.{name}"), &[n], 5.0, 0.0)?;
             }
         }
-        w.save(dir, &config, tokenizer_dir)
+        w.save(dir, &config, tokenizer_dir, dtype)
     }
 }
 
@@ -194,7 +200,7 @@ impl TinyQwen {
                 }
             }
         }
-        w.save(dir, &config, tokenizer_dir)
+        w.save(dir, &config, tokenizer_dir, DType::F32)
     }
 }
 
@@ -236,15 +242,26 @@ impl RandomWeights {
         Ok(())
     }
 
-    fn save(self, dir: &Path, config: &serde_json::Value, tokenizer_dir: &Path) -> Result<()> {
+    fn save(self, dir: &Path, config: &serde_json::Value, tokenizer_dir: &Path, dtype: DType) -> Result<()> {
         std::fs::create_dir_all(dir).on("create", dir)?;
         let config_path = dir.join("config.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(config).expect("serializes"))
             .on("write", &config_path)?;
-        candle_core::safetensors::save(&self.map, dir.join("model.safetensors"))?;
+        let map = self.map.into_iter().map(|(k, t)| Ok((k, t.to_dtype(dtype)?))).collect::<Result<HashMap<_, _>>>()?;
+        candle_core::safetensors::save(&map, dir.join("model.safetensors"))?;
         for f in ["tokenizer.json", "tokenizer_config.json"] {
             std::fs::copy(tokenizer_dir.join(f), dir.join(f)).on("copy", &tokenizer_dir.join(f))?;
         }
         Ok(())
     }
+}
+
+/// `config.json`'s name of a weight dtype.
+fn torch_dtype(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        other => return Err(crate::Error::Unsupported(format!("random weights cannot be stored as {other:?}"))),
+    })
 }
