@@ -541,3 +541,39 @@ fn gradient_checkpointing_gives_the_same_gradients_with_the_same_dropout() {
         }
     }
 }
+
+/// A bf16 checkpoint (as Google ships Gemma 3) trained in bf16 keeps its
+/// matrices as stored, never widened on the way; norms come out in f32; in
+/// f32 the same file gives the exact widening; and the model runs either way.
+#[test]
+fn bf16_checkpoints_load_straight_into_bf16() {
+    use candle_core::DType;
+    use pipeline_model::{ModelFiles, Precision, load_weights_as};
+    let Some(models) = models_dir() else { return };
+    let p = Project::new();
+    let tiny = pipeline_model::testing::TinyGemma3::new(151_936);
+    tiny.write_as(&p.path("tiny"), &models.join("qwen3-tokenizer"), 7, DType::BF16).unwrap();
+    let files = ModelFiles::from_dir("tiny", &p.path("tiny")).unwrap();
+    let stored = candle_core::safetensors::load(p.path("tiny/model.safetensors"), &Device::Cpu).unwrap();
+    let name = "model.layers.0.mlp.up_proj.weight";
+    assert_eq!(stored[name].dtype(), DType::BF16);
+    let same = |a: &Tensor, b: &Tensor| {
+        let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
+        d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() == 0.0
+    };
+    let (_, mut w) = load_weights_as(&files, &Device::Cpu, false, Precision::Bf16).unwrap();
+    let up = w.frozen(name).unwrap();
+    assert_eq!(up.dtype(), DType::BF16);
+    assert!(same(&up, &stored[name]));
+    assert_eq!(w.take("model.norm.weight").unwrap().dtype(), DType::F32);
+    let (_, mut w) = load_weights_as(&files, &Device::Cpu, false, Precision::F32).unwrap();
+    let up = w.frozen(name).unwrap();
+    assert_eq!(up.dtype(), DType::F32);
+    assert!(same(&up, &stored[name]));
+    for precision in [Precision::Bf16, Precision::F32] {
+        let m = pipeline_model::load_in(&files, &Device::Cpu, 64, precision).unwrap();
+        let hidden = m.hidden(&[2, 10, 20, 30], None).unwrap();
+        let finite = hidden.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite());
+        assert!(finite, "{precision:?}: hidden states not finite");
+    }
+}
