@@ -10,8 +10,8 @@
 //!   accumulated by `tdpbf16ps` from the same packed operands, 8,192
 //!   multiply-adds per instruction ([`amx`]); the LM head's `x·Wᵀ` on a
 //!   few rows loads the weight's rows as tiles as they are, unpacked;
-//! - **AVX512-BF16** (AMD Zen 4 and later, Intel Cooper Lake and later): `A` is rounded to bf16 (nearest-even) once per call,
-//!   and `vdpbf16ps` multiplies pairs of bf16 and accumulates them in f32 —
+//! - **AVX512-BF16** (AMD Zen 4 and later, Intel Cooper Lake and later):
+//!   `A` is rounded to bf16 (nearest-even) once per call, and `vdpbf16ps` multiplies pairs of bf16 and accumulates them in f32 —
 //!   32 multiply-adds per instruction, twice an f32 FMA's 16. The loop nest
 //!   is BLIS's: a `KC×NC` block of `B` is packed into `NR`-column panels of
 //!   k-pairs, and each micro-kernel call keeps an `MR×NR` tile of `C` in
@@ -304,18 +304,7 @@ mod native {
         // `A` rounded to bf16 once, row-major in k-pairs, zero-padded to
         // whole tiles (the micro-kernel always reads MR rows).
         let mut a16 = vec![0u32; m_pad * kp];
-        a16.par_chunks_mut(kp).take(m).enumerate().for_each(|(i, row)| {
-            if a.cs == 1 {
-                let src = &a.data[i * a.rs..i * a.rs + k];
-                // SAFETY: `native_available()` was checked by the caller.
-                unsafe { round_row(src, row) }
-            } else {
-                for (p, w) in row.iter_mut().enumerate() {
-                    let hi = if 2 * p + 1 < k { a.at(i, 2 * p + 1) } else { 0.0 };
-                    *w = pair(bf16::from_f32(a.at(i, 2 * p)), bf16::from_f32(hi));
-                }
-            }
-        });
+        a16.par_chunks_mut(kp).take(m).enumerate().for_each(|(i, row)| rounded_row(a, i, k, row));
         let c_addr = c.as_mut_ptr() as usize;
         let mut packed = vec![0u32; KCP * NC.min(n).next_multiple_of(NR)];
         for j0 in (0..n).step_by(NC) {
@@ -576,9 +565,24 @@ mod native {
         }
     }
 
+    /// Row `i` of `A` (`k` values) as k-pairs rounded to bf16, into the
+    /// first `⌈k/2⌉` words of `row`. The CPU must have AVX512-BF16.
+    pub(super) fn rounded_row(a: Operand<f32>, i: usize, k: usize, row: &mut [u32]) {
+        let kp = k.div_ceil(2);
+        if a.cs == 1 {
+            // SAFETY: the callers run only where `native_available()`.
+            unsafe { round_row(&a.data[i * a.rs..i * a.rs + k], &mut row[..kp]) }
+        } else {
+            for (p, w) in row[..kp].iter_mut().enumerate() {
+                let hi = if 2 * p + 1 < k { a.at(i, 2 * p + 1) } else { 0.0 };
+                *w = pair(bf16::from_f32(a.at(i, 2 * p)), bf16::from_f32(hi));
+            }
+        }
+    }
+
     /// `row[p] = pair(src[2p], src[2p+1])`, rounded to nearest-even.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-    pub(super) unsafe fn round_row(src: &[f32], row: &mut [u32]) {
+    unsafe fn round_row(src: &[f32], row: &mut [u32]) {
         let full = src.len() / 32;
         for blk in 0..full {
             // SAFETY: 32 floats at 32·blk lie inside `src`, 16 words inside `row`.

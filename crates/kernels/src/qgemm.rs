@@ -383,12 +383,7 @@ impl Panels {
                     }
                 };
             }
-            match self.format {
-                Format::Q8_0 => rows!(Q8),
-                Format::Q5_0 => rows!(Q5),
-                Format::Q4K => rows!(Q4K),
-                Format::Q6K => rows!(Q6K),
-            }
+            by_format!(self.format, rows)
         }
     }
 
@@ -505,12 +500,7 @@ impl Panels {
                     }
                 };
             }
-            match self.format {
-                Format::Q8_0 => rows!(Q8),
-                Format::Q5_0 => rows!(Q5),
-                Format::Q4K => rows!(Q4K),
-                Format::Q6K => rows!(Q6K),
-            }
+            by_format!(self.format, rows)
         }
     }
 
@@ -597,6 +587,21 @@ impl Panels {
         }
     }
 }
+
+/// `$rows!(F)` for the kernels' const parameter `F` of `format`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_format {
+    ($format:expr, $rows:ident) => {
+        match $format {
+            Format::Q8_0 => $rows!(Q8),
+            Format::Q5_0 => $rows!(Q5),
+            Format::Q4K => $rows!(Q4K),
+            Format::Q6K => $rows!(Q6K),
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+use by_format;
 
 /// [`Format`]s as the kernel's const parameter.
 const Q8: u8 = 0;

@@ -15,7 +15,7 @@
 //! The compiler never touches the tile registers, so their state only lives
 //! between the `asm!` blocks of one micro-kernel call on one thread.
 
-use super::native::{NR, a_panels, pack_b, pair, round_row, w_tail};
+use super::native::{NR, a_panels, pack_b, rounded_row, w_tail};
 use super::{Operand, bf16};
 use rayon::prelude::*;
 use std::arch::asm;
@@ -216,20 +216,6 @@ pub(super) fn gemm(
                     }
                 });
             });
-        }
-    }
-}
-
-/// Row `i` of `A` (`k` values) as k-pairs rounded to bf16.
-fn rounded_row(a: Operand<f32>, i: usize, k: usize, row: &mut [u32]) {
-    let kp = k.div_ceil(2);
-    if a.cs == 1 {
-        // SAFETY: the CPU has AVX512-BF16 (`available`).
-        unsafe { round_row(&a.data[i * a.rs..i * a.rs + k], &mut row[..kp]) }
-    } else {
-        for (p, w) in row[..kp].iter_mut().enumerate() {
-            let hi = if 2 * p + 1 < k { a.at(i, 2 * p + 1) } else { 0.0 };
-            *w = pair(bf16::from_f32(a.at(i, 2 * p)), bf16::from_f32(hi));
         }
     }
 }
