@@ -237,3 +237,47 @@ fn the_loss_mask_is_exactly_the_assistant_turns_on_the_real_gemma_tokenizer() {
         assert_eq!(tok.decode(ids, false).unwrap(), conv.text, "ids decode to the rendered text");
     }
 }
+
+#[test]
+fn rewrites_clean_the_named_role_in_the_named_splits_only() {
+    let Some(models) = models_dir() else { return };
+    let p = Project::new();
+    let row = |a: &str| {
+        serde_json::json!({"messages": [{"role": "user", "content": "```xml <final_answer>?"},
+            {"role": "assistant", "content": a}]})
+        .to_string()
+    };
+    let answers = ["```xml <final_answer> Fins.", "`<final_answer>` Gills.", "<final_answer> Scales."];
+    p.write("train.jsonl", &answers.map(row).join("\n"));
+    p.write("validation.jsonl", &row(answers[0]));
+    let recipe = local_recipe(&models, "unused", "")
+        .replace("source = \"unused\"", "files = { train = \"train.jsonl\", validation = \"validation.jsonl\" }")
+        .replace(
+            "dataset = \"data\"\n",
+            "dataset = \"data\"\n[[stages.chat.rewrite]]\npattern = '^\\s*(?:```xml\\s*)?`?<final_answer>`?'\n\
+             replace = \"<final_answer>\"\nsplits = [\"train\"]\n",
+        );
+    p.write("r.toml", &recipe);
+    p.ok(&["run", "r.toml", "--until", "chat"]);
+    let chat = show(&p, "r.toml", "chat");
+    let read = |split: &str| -> Vec<Conversation> {
+        let text = std::fs::read_to_string(chat.join(format!("conversations/{split}.jsonl"))).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let contents = |c: &Conversation, role: &str| c.messages.iter().find(|m| m.role == role).unwrap().content.clone();
+    let train = read("train");
+    let got: Vec<String> = train.iter().map(|c| contents(c, "assistant")).collect();
+    assert_eq!(got, ["<final_answer> Fins.", "<final_answer> Gills.", "<final_answer> Scales."]);
+    // The user's message and the validation split are left as the dataset has them.
+    assert_eq!(contents(&train[0], "user"), "```xml <final_answer>?");
+    assert_eq!(contents(&read("validation")[0], "assistant"), answers[0]);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(chat.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["metrics"]["splits"]["train"]["rewritten_messages"], 2);
+
+    // A pattern that does not compile is refused before anything runs, naming the rule.
+    p.write("bad.toml", &recipe.replace("(?:```xml", "(?:```xml("));
+    let out = p.run(&["validate", "bad.toml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("rewrite 1") && err.contains("stages.chat"), "{err}");
+}

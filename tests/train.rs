@@ -577,3 +577,50 @@ fn bf16_checkpoints_load_straight_into_bf16() {
         assert!(finite, "{precision:?}: hidden states not finite");
     }
 }
+
+/// `loss_averaging = "token"` weighs every supervised token of a step the
+/// same (transformers since 4.46); `"example"` weighs every example the same.
+/// Two examples whose answers differ in length tell the two apart.
+#[test]
+fn token_averaging_weighs_tokens_and_example_averaging_weighs_examples() {
+    use pipeline_train::{LossAveraging, TokenizedSplit, TrainConfig, Trainer};
+    let Some(models) = models_dir() else { return };
+    let p = Project::new();
+    tiny_gemma3(&models, &p.path("tiny"), 64);
+    let resolved = pipeline::model_source::from_path(&p.path("tiny")).unwrap();
+    let ids = |seed: u32| (0..24).map(|i| (i * 7919 + seed) % 151_000).collect::<Vec<u32>>();
+    // 3 supervised tokens against 17.
+    let examples = [
+        (ids(13), (0..24).map(|i| u8::from(i >= 21)).collect::<Vec<u8>>()),
+        (ids(29), { (0..24).map(|i| u8::from(i >= 7)).collect::<Vec<u8>>() }),
+    ];
+    // Before the first update B = 0: the model is the base model.
+    let base = pipeline_model::load(&resolved, &Device::Cpu, 64).unwrap();
+    let (losses, counts): (Vec<f64>, Vec<f64>) = examples
+        .iter()
+        .map(|(ids, mask)| {
+            let (l, n) = pipeline_train::example_loss(base.as_ref(), ids, mask, None).unwrap();
+            (l.to_scalar::<f32>().unwrap() as f64, n as f64)
+        })
+        .unzip();
+    assert_eq!(counts, [3.0, 17.0]);
+    let per_example = (losses[0] + losses[1]) / 2.0;
+    let per_token = (losses[0] * counts[0] + losses[1] * counts[1]) / (counts[0] + counts[1]);
+    assert!((per_example - per_token).abs() > 1e-3, "the two averages coincide; pick other examples");
+    for (averaging, want) in [(LossAveraging::Example, per_example), (LossAveraging::Token, per_token)] {
+        let split = TokenizedSplit::from_examples(
+            examples.iter().enumerate().map(|(i, (ids, mask))| (format!("e{i}"), ids.clone(), mask.clone())),
+        );
+        let model = pipeline_model::load(&resolved, &Device::Cpu, 64).unwrap();
+        let cfg = TrainConfig {
+            gradient_accumulation: 2,
+            loss_averaging: averaging,
+            max_steps: Some(1),
+            lora: pipeline_train::LoraConfig { dropout: 0.0, ..Default::default() },
+            ..TrainConfig::default()
+        };
+        let mut trainer = Trainer::new(model, split, None, cfg).unwrap();
+        let (row, _) = trainer.step().unwrap();
+        assert!((row.loss - want).abs() < 1e-5, "{averaging:?}: step loss {} against {want}", row.loss);
+    }
+}

@@ -28,7 +28,7 @@ use rand_chacha::ChaCha8Rng;
 
 pub use error::{Error, Result};
 pub use examples::TokenizedSplit;
-pub use trainer::{LoraConfig, Observer, Summary, TrainConfig, Trainer};
+pub use trainer::{LoraConfig, LossAveraging, Observer, Summary, TrainConfig, Trainer};
 
 use pipeline_model::CausalLm;
 use pipeline_model::lora::{DropoutMask, Keep};

@@ -83,6 +83,8 @@ pub struct TrainConfig {
     pub warmup_ratio: f64,
     /// Examples per optimizer step.
     pub gradient_accumulation: usize,
+    /// How the examples of one optimizer step are averaged.
+    pub loss_averaging: LossAveraging,
     /// Clip the global gradient norm to this (0: no clipping).
     pub max_grad_norm: f64,
     /// Passes over the training examples.
@@ -113,6 +115,7 @@ impl Default for TrainConfig {
             warmup_steps: 0,
             warmup_ratio: 0.0,
             gradient_accumulation: 1,
+            loss_averaging: LossAveraging::Example,
             max_grad_norm: 1.0,
             epochs: 1,
             max_steps: None,
@@ -122,6 +125,20 @@ impl Default for TrainConfig {
             seed: 42,
         }
     }
+}
+
+/// How the loss of one optimizer step averages its examples' tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LossAveraging {
+    /// Each example's mean over its supervised tokens, then the mean over
+    /// the step's examples: every example weighs the same, however long
+    /// its answer (transformers before 4.46 with gradient accumulation).
+    #[default]
+    Example,
+    /// The mean over every supervised token of the step's examples: every
+    /// token weighs the same (transformers since 4.46, `num_items_in_batch`).
+    /// A long answer no longer dilutes its first tokens against a short one.
+    Token,
 }
 
 /// Told about a run as it goes (progress, remote copies of checkpoints).
@@ -313,19 +330,29 @@ impl Trainer {
             self.warmup as usize,
         );
         let accum = self.cfg.gradient_accumulation as u64;
+        let examples: Vec<(u64, usize)> = (0..accum).map(|micro| self.order.get(step * accum + micro)).collect();
+        // Each example's weight in the step's loss.
+        let weights: Vec<f64> = match self.cfg.loss_averaging {
+            LossAveraging::Example => vec![1.0 / accum as f64; examples.len()],
+            LossAveraging::Token => {
+                let scored = |idx: usize| self.train.example(idx).1[1..].iter().filter(|&&m| m == 1).count() as f64;
+                let counts: Vec<f64> = examples.iter().map(|&(_, idx)| scored(idx)).collect();
+                let total = counts.iter().sum::<f64>().max(1.0);
+                counts.iter().map(|n| n / total).collect()
+            }
+        };
         let mut grads: HashMap<String, Tensor> = HashMap::new();
         let (mut loss_sum, mut supervised, mut tokens, mut epoch) = (0f64, 0u64, 0u64, 0u64);
-        for micro in 0..accum {
-            let (e, idx) = self.order.get(step * accum + micro);
+        for (micro, (&(e, idx), &weight)) in examples.iter().zip(&weights).enumerate() {
             epoch = e;
             let (ids, mask) = self.train.example(idx);
-            let dropout = SeededDropout::new(self.cfg.seed, step, micro);
+            let dropout = SeededDropout::new(self.cfg.seed, step, micro as u64);
             let (value, n, micro_grads) = example_grads(
                 self.model.as_ref(),
                 ids,
                 mask,
                 Some(&dropout),
-                1.0 / accum as f64,
+                weight,
                 &self.params,
                 self.cfg.gradient_checkpointing,
             )?;
@@ -333,7 +360,10 @@ impl Trainer {
                 let example = self.train.ids[idx].clone();
                 return Err(Error::Diverged { value, step: step + 1, example, kept: None });
             }
-            loss_sum += value;
+            loss_sum += match self.cfg.loss_averaging {
+                LossAveraging::Example => value,
+                LossAveraging::Token => value * weight * accum as f64,
+            };
             supervised += n as u64;
             tokens += ids.len() as u64;
             for (name, g) in micro_grads {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::fetch_dataset;
-use super::{Env, Input, Kind, RunContext, Stage, StageKind, select_splits, splits_in};
+use super::{Env, Input, Kind, Rule, RunContext, Stage, StageKind, select_splits, splits_in};
 use pipeline_data::{self as data, Row};
 use pipeline_infer::chat::{ChatTemplate, Message, TurnSpan};
 
@@ -62,6 +62,62 @@ pub struct Params {
     /// Which turns carry the loss.
     #[serde(default)]
     pub train_on: TrainOn,
+    /// Regular-expression replacements applied to message contents before
+    /// rendering, in order: cleaning a dataset's answers without editing
+    /// it (e.g. one opening for every direct answer). Each rewrite names
+    /// its role and, optionally, its splits. (Left out of the key when
+    /// empty, so recipes without rewrites keep their keys.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rewrite: Vec<Rewrite>,
+}
+
+/// One `[[stages.NAME.rewrite]]` rule: in the contents of `role`'s messages
+/// (of `splits`), every match of `pattern` is replaced by `replace`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    /// A regular expression (Rust `regex` syntax: `^`/`$` anchor the whole
+    /// content unless `(?m)`; `(?s)` lets `.` match newlines).
+    pub pattern: String,
+    /// The replacement; `$1` or `${name}` insert a group (`$$` is a `$`).
+    pub replace: String,
+    /// The role whose messages are rewritten (default `assistant`).
+    #[serde(default = "assistant")]
+    pub role: String,
+    /// Splits rewritten (default: all). Leave the evaluated split out to
+    /// score against the dataset as published.
+    #[serde(default)]
+    pub splits: Vec<String>,
+}
+
+fn assistant() -> String {
+    "assistant".into()
+}
+
+impl Rewrite {
+    fn applies(&self, split: &str) -> bool {
+        self.splits.is_empty() || self.splits.iter().any(|s| s == split)
+    }
+}
+
+/// The rewrites of one split, compiled.
+struct Rewrites<'a>(Vec<(regex::Regex, &'a Rewrite)>);
+
+impl Rewrites<'_> {
+    /// Applies every rule to the messages; returns how many messages changed.
+    fn apply(&self, messages: &mut [Message]) -> usize {
+        let mut changed = 0;
+        for m in messages.iter_mut() {
+            let before = m.content.clone();
+            for (re, rule) in self.0.iter().filter(|(_, r)| r.role == m.role) {
+                if let std::borrow::Cow::Owned(s) = re.replace_all(&m.content, rule.replace.as_str()) {
+                    m.content = s;
+                }
+            }
+            changed += usize::from(m.content != before);
+        }
+        changed
+    }
 }
 
 /// How a row is turned into messages.
@@ -117,6 +173,22 @@ impl StageKind for Params {
     fn inputs(&self) -> Vec<Input<'_>> {
         vec![Input { role: "dataset", stage: &self.dataset, kinds: &[fetch_dataset::Params::KIND] }]
     }
+
+    fn check(&self) -> Result<(), Rule> {
+        for (i, r) in self.rewrite.iter().enumerate() {
+            if let Err(e) = regex::Regex::new(&r.pattern) {
+                return Err(("rewrite", format!("rewrite {} (pattern {:?}): {e}", i + 1, r.pattern), String::new()));
+            }
+            if !["system", "user", "assistant", "tool"].contains(&r.role.as_str()) {
+                return Err((
+                    "rewrite",
+                    format!("rewrite {} has role `{}`", i + 1, r.role),
+                    "roles are system, user, assistant and tool".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Stage for Params {
@@ -147,20 +219,26 @@ impl Stage for Params {
         for (split, path) in splits {
             let rows: Vec<Row> = data::read_jsonl_as(&path)?;
             let shape = self.shape_for(rows.first(), &split)?;
+            let rewrites = self.rewrites(&split)?;
             let pb = crate::report::bar(rows.len() as u64, &format!("format {split}"));
             let mut out = Vec::with_capacity(rows.len());
-            let mut turns = 0;
+            let (mut turns, mut rewritten) = (0, 0);
             for (i, row) in rows.iter().enumerate() {
-                let conv = self
-                    .format_row(&template, row, shape, &split, i)
+                let (conv, changed) = self
+                    .format_row(&template, &rewrites, row, shape, &split, i)
                     .with_context(|| format!("split `{split}`, row {i}"))?;
                 turns += conv.spans.len();
+                rewritten += changed;
                 out.push(conv);
                 pb.inc(1);
             }
             pb.finish();
             data::write_jsonl(&dir.join(format!("{split}.jsonl")), &out)?;
-            metrics.insert(split, serde_json::json!({"conversations": out.len(), "trained_turns": turns}));
+            let mut m = serde_json::json!({"conversations": out.len(), "trained_turns": turns});
+            if !rewrites.0.is_empty() {
+                m["rewritten_messages"] = rewritten.into();
+            }
+            metrics.insert(split, m);
         }
         std::fs::write(ctx.out.join("chat_template.jinja"), &template.source)?;
         std::fs::write(
@@ -181,6 +259,18 @@ fn template(env: &Env) -> Result<ChatTemplate> {
 }
 
 impl Params {
+    /// The rewrite rules that apply to `split`, compiled.
+    fn rewrites(&self, split: &str) -> Result<Rewrites<'_>> {
+        let rules = self.rewrite.iter().enumerate().filter(|(_, r)| r.applies(split));
+        Ok(Rewrites(
+            rules
+                .map(|(i, r)| {
+                    regex::Regex::new(&r.pattern).map(|re| (re, r)).with_context(|| format!("rewrite {}", i + 1))
+                })
+                .collect::<Result<_>>()?,
+        ))
+    }
+
     fn messages_column<'a>(&'a self, row: &Row) -> &'a str {
         match &self.messages_column {
             Some(c) => c,
@@ -209,14 +299,16 @@ impl Params {
         }
     }
 
+    /// One row as a conversation, and how many of its messages were rewritten.
     fn format_row(
         &self,
         template: &ChatTemplate,
+        rewrites: &Rewrites,
         row: &Row,
         shape: InputShape,
         split: &str,
         i: usize,
-    ) -> Result<Conversation> {
+    ) -> Result<(Conversation, usize)> {
         let (mut messages, used): (Vec<Message>, Vec<String>) = match shape {
             InputShape::Messages | InputShape::Auto => {
                 let col = self.messages_column(row);
@@ -246,6 +338,7 @@ impl Params {
         if self.first_user_is_system && messages.first().is_some_and(|m| m.role == "user") {
             messages[0].role = "system".into();
         }
+        let rewritten = rewrites.apply(&mut messages);
         if let Some(sys) = &self.system_prompt {
             if messages.first().is_none_or(|m| m.role != "system") {
                 messages.insert(0, Message::new("system", sys));
@@ -279,7 +372,7 @@ impl Params {
             })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        Ok(Conversation { id: format!("{split}-{i}"), text, spans, messages, tools, meta })
+        Ok((Conversation { id: format!("{split}-{i}"), text, spans, messages, tools, meta }, rewritten))
     }
 }
 

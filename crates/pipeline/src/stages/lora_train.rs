@@ -73,6 +73,13 @@ pub struct Params {
     /// Examples per optimizer step (micro-batches of one example each).
     #[serde(default = "d_one")]
     pub gradient_accumulation: usize,
+    /// How one optimizer step averages its examples: `"example"` (default:
+    /// each example's mean token loss, then the mean over examples) or
+    /// `"token"` (the mean over all their supervised tokens, as transformers
+    /// does since 4.46: a long answer no longer dilutes its first tokens,
+    /// e.g. the decision to answer directly rather than call a tool).
+    #[serde(default, skip_serializing_if = "LossAveragingChoice::is_default")]
+    pub loss_averaging: LossAveragingChoice,
     /// Clip the global gradient norm to this (0: no clipping).
     #[serde(default = "d_grad_norm")]
     pub max_grad_norm: f64,
@@ -110,6 +117,21 @@ pub struct Params {
     /// CUDA). The cache key holds the precision as resolved on the machine.
     #[serde(default)]
     pub precision: PrecisionChoice,
+}
+
+/// `loss_averaging` as a recipe writes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LossAveragingChoice {
+    #[default]
+    Example,
+    Token,
+}
+
+impl LossAveragingChoice {
+    fn is_default(&self) -> bool {
+        *self == LossAveragingChoice::Example
+    }
 }
 
 /// `precision` as a recipe writes it.
@@ -387,6 +409,10 @@ impl Params {
             warmup_steps: self.warmup_steps,
             warmup_ratio: self.warmup_ratio,
             gradient_accumulation: self.gradient_accumulation,
+            loss_averaging: match self.loss_averaging {
+                LossAveragingChoice::Example => pipeline_train::LossAveraging::Example,
+                LossAveragingChoice::Token => pipeline_train::LossAveraging::Token,
+            },
             max_grad_norm: self.max_grad_norm,
             epochs: self.epochs,
             max_steps: self.max_steps,
