@@ -174,3 +174,33 @@ fn quantized_greedy_text_follows_the_f32_reference_on_gemma3_270m() {
     attach_random_lora(m.as_mut());
     batched_decoding_matches_decoding_alone(m.as_ref(), &tok, &ref_ids, "gemma3-270m q4_k_m + LoRA");
 }
+
+/// Constrained decoding tries up to a vocabulary of candidates a step; their
+/// texts come from the last few tokens, and must be what decoding the whole
+/// answer gives, on both real tokenizers (SentencePiece with byte fallback,
+/// byte-level BPE), across words, JSON, CJK, emoji and line breaks.
+#[test]
+fn a_candidate_tokens_text_equals_decoding_the_whole_answer() {
+    use pipeline_infer::generate::NextText;
+    let Some(models) = common::models_dir() else { return };
+    let answer =
+        "<tool_call>\n{\n  \"tool_name\": \"get_weather\",\n  \"args\": {\"city\": \"北京\", \"note\": \"🌧️ ok\"}\n}";
+    for dir in ["gemma-3-270m", "qwen3-tokenizer"] {
+        let tok = tokenizers::Tokenizer::from_file(models.join(dir).join("tokenizer.json")).unwrap();
+        let ids = tok.encode(answer, false).unwrap().get_ids().to_vec();
+        let vocab = tok.get_vocab_size(true) as u32;
+        let mut checked = 0;
+        for n in 0..=ids.len() {
+            let tokens = &ids[..n];
+            let text = tok.decode(tokens, false).unwrap();
+            let mut next = NextText::new(&tok, tokens, &text).unwrap();
+            // Every 211th token of the vocabulary, and the answer's own.
+            for t in (0..vocab).step_by(211).chain(ids.iter().copied()) {
+                let whole = tok.decode(&[tokens, &[t]].concat(), false).unwrap();
+                assert_eq!(next.with(t).unwrap(), whole, "{dir}: {n} tokens, then token {t}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 10_000, "{dir}: {checked}");
+    }
+}

@@ -148,6 +148,20 @@ fn gemma3_270m_tool_use_runs_on_the_real_270m_with_and_without_constrained_calls
         serde_json::from_slice(&std::fs::read(dir(&dirs, "data").join("manifest.json")).unwrap()).unwrap();
     assert_eq!(data["metrics"]["splits"]["validation"]["rows"], 60);
     assert!(data["metrics"]["splits"]["train"]["rows"].as_u64().unwrap() < 477);
+    // The direct answers' openings are made one, in the training split only.
+    let chat: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir(&dirs, "chat").join("manifest.json")).unwrap()).unwrap();
+    assert!(chat["metrics"]["splits"]["train"]["rewritten_messages"].as_u64().unwrap() > 0, "{chat}");
+    assert!(chat["metrics"]["splits"]["validation"].get("rewritten_messages").is_none(), "{chat}");
+    // The evaluated rows are fetched apart from the training mix: another mix
+    // trains again but reuses the base model's evaluation.
+    let mut other_mix = sets.to_vec();
+    other_mix.push(set("stages.data.keep.1.fraction", "1.0"));
+    let plan = plan(&p, &recipe("gemma3-270m-tool-use.toml"), &other_mix);
+    let status =
+        |name: &str| plan["stages"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()["status"].clone();
+    assert_eq!((status("eval.base"), status("eval-chat")), ("cached".into(), "cached".into()), "{plan}");
+    assert_eq!(status("train"), "run", "{plan}");
 }
 
 #[test]

@@ -395,6 +395,7 @@ impl<'p> Decoding<'p> {
         order[..k].sort_unstable_by(by_logit);
         let open = |text: &str| text.rfind("<tool_call>").is_some_and(|i| !text[i..].contains("</tool_call>"));
         let now = self.stream.text.clone();
+        let mut next_text = NextText::new(g.tokenizer, &self.tokens, &now)?;
         let greedy = self.params.temperature <= 0.0;
         let mut allowed = Vec::new();
         for pass in 0..2 {
@@ -405,14 +406,7 @@ impl<'p> Decoding<'p> {
                 k..order.len()
             };
             for &t in &order[range] {
-                let ok = if g.stop_tokens.contains(&t) {
-                    !open(&now)
-                } else {
-                    let mut ids = self.tokens.clone();
-                    ids.push(t);
-                    let text = g.tokenizer.decode(&ids, false).map_err(|e| Error::Tokenizer(format!("decode: {e}")))?;
-                    grammar.allows(&text)
-                };
+                let ok = if g.stop_tokens.contains(&t) { !open(&now) } else { grammar.allows(&next_text.with(t)?) };
                 if ok {
                     if greedy {
                         return Ok(t);
@@ -439,6 +433,48 @@ impl<'p> Decoding<'p> {
         let text = self.stream.finish(on_text);
         Generation { tokens: self.tokens, text, finish: self.finish, prefill_tokens, prefill_s, decode_s }
     }
+}
+
+/// The text of an answer with one more token, for trying many candidates:
+/// what the candidate adds to the last few tokens' text, appended to the
+/// answer's (decoding the whole answer again per candidate, up to a whole
+/// vocabulary of them a step, took minutes a step). Where the short decode
+/// does not extend (a decoder that rewrites its start), the whole answer is
+/// decoded.
+pub struct NextText<'a> {
+    tokenizer: &'a tokenizers::Tokenizer,
+    tokens: &'a [u32],
+    text: &'a str,
+    /// The last few tokens, then the candidate.
+    context: Vec<u32>,
+    before: String,
+}
+
+impl<'a> NextText<'a> {
+    /// Tokens decoded again before each candidate.
+    const CONTEXT: usize = 4;
+
+    /// For an answer of `tokens` whose decoded text is `text`.
+    pub fn new(tokenizer: &'a tokenizers::Tokenizer, tokens: &'a [u32], text: &'a str) -> Result<Self> {
+        let context = tokens[tokens.len().saturating_sub(Self::CONTEXT)..].to_vec();
+        let before = decode(tokenizer, &context)?;
+        Ok(NextText { tokenizer, tokens, text, context, before })
+    }
+
+    /// The answer's text with `token` after it.
+    pub fn with(&mut self, token: u32) -> Result<String> {
+        self.context.push(token);
+        let after = decode(self.tokenizer, &self.context);
+        self.context.pop();
+        match after?.strip_prefix(self.before.as_str()) {
+            Some(added) => Ok(format!("{}{added}", self.text)),
+            None => decode(self.tokenizer, &[self.tokens, &[token]].concat()),
+        }
+    }
+}
+
+fn decode(tokenizer: &tokenizers::Tokenizer, ids: &[u32]) -> Result<String> {
+    tokenizer.decode(ids, false).map_err(|e| Error::Tokenizer(format!("decode: {e}")))
 }
 
 /// Streams decoded text, holding back what may still become a stop string
