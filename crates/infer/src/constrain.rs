@@ -28,7 +28,9 @@ impl CallGrammar {
     /// Bumped whenever what the grammar allows changes (it is part of the
     /// cache key of a constrained evaluation). 2: JSON escapes only, at most
     /// one line break and 16 blanks between tokens, numbers of 24 characters.
-    pub const VERSION: u32 = 2;
+    /// 3: a block that decoding had to leave the grammar in is finished
+    /// unconstrained.
+    pub const VERSION: u32 = 3;
 
     pub fn new(catalogue: Catalogue) -> CallGrammar {
         CallGrammar { catalogue }
@@ -41,7 +43,57 @@ impl CallGrammar {
         if body.contains(CLOSE) {
             return true;
         }
-        Parser { g: self, stack: Vec::new(), done: false, tail: String::new() }.feed(body)
+        Parser::new(self).feed(body)
+    }
+
+    /// For trying many continuations of one answer: reads the answer's open
+    /// block once, then each continuation's text alone (what `allows` on
+    /// the whole answer plus the continuation says, without parsing the
+    /// block again per candidate).
+    pub fn after(&self, answer: &str) -> Continuations<'_> {
+        let open = answer.rfind(OPEN).map(|i| &answer[i + OPEN.len()..]).filter(|body| !body.contains(CLOSE));
+        let state = match open {
+            None => State::Free,
+            Some(body) => {
+                let mut p = Parser::new(self);
+                if p.feed(body) { State::Open(p) } else { State::Broken }
+            }
+        };
+        Continuations { g: self, answer: answer.to_string(), state }
+    }
+}
+
+/// The continuations of one answer; see [`CallGrammar::after`].
+pub struct Continuations<'g> {
+    g: &'g CallGrammar,
+    answer: String,
+    state: State<'g>,
+}
+
+enum State<'g> {
+    /// No block is open.
+    Free,
+    /// A block is open and valid so far: its parser.
+    Open(Parser<'g>),
+    /// A block is open that cannot become valid any more (decoding had to
+    /// leave the grammar).
+    Broken,
+}
+
+impl Continuations<'_> {
+    /// The open block can no longer become a valid call.
+    pub fn broken(&self) -> bool {
+        matches!(self.state, State::Broken)
+    }
+
+    /// Whether the answer followed by `added` can still become valid.
+    pub fn allows(&self, added: &str) -> bool {
+        match &self.state {
+            // Without a `<`, `added` neither opens another block nor starts
+            // the closing tag: the parser goes on from where the answer left it.
+            State::Open(p) if !added.contains('<') => p.clone().feed(added),
+            _ => self.g.allows(&format!("{}{added}", self.answer)),
+        }
     }
 }
 
@@ -106,6 +158,7 @@ enum Frame {
 const MAX_BLANK_RUN: usize = 16;
 const MAX_NUMBER_LEN: usize = 24;
 
+#[derive(Clone)]
 struct Parser<'g> {
     g: &'g CallGrammar,
     stack: Vec<Frame>,
@@ -114,12 +167,20 @@ struct Parser<'g> {
     /// What follows the closed object (only whitespace, then the start of
     /// the closing tag).
     tail: String,
+    /// The top-level object has opened.
+    started: bool,
+    /// Blanks and line breaks in the current run between tokens.
+    blanks: usize,
+    newlines: usize,
 }
 
-impl Parser<'_> {
-    fn feed(mut self, body: &str) -> bool {
-        let mut started = false;
-        let (mut blanks, mut newlines) = (0usize, 0usize);
+impl<'g> Parser<'g> {
+    fn new(g: &'g CallGrammar) -> Self {
+        Parser { g, stack: Vec::new(), done: false, tail: String::new(), started: false, blanks: 0, newlines: 0 }
+    }
+
+    /// Reads more of the block; false as soon as it cannot become valid.
+    fn feed(&mut self, body: &str) -> bool {
         for c in body.chars() {
             // Between tokens (not inside a string): at most one line break
             // and a little indentation at a time.
@@ -128,30 +189,34 @@ impl Parser<'_> {
                 Some(Frame::Scalar(Scalar::Str { .. })) | Some(Frame::Object { state: Obj::InKey(..), .. })
             );
             if c.is_whitespace() && !in_text {
-                blanks += 1;
-                newlines += usize::from(c == '\n');
-                if blanks > MAX_BLANK_RUN || newlines > 1 {
+                self.blanks += 1;
+                self.newlines += usize::from(c == '\n');
+                if self.blanks > MAX_BLANK_RUN || self.newlines > 1 {
                     return false;
                 }
             } else {
-                (blanks, newlines) = (0, 0);
+                (self.blanks, self.newlines) = (0, 0);
             }
             if self.done {
                 self.tail.push(c);
                 let t = self.tail.trim_start();
+                if t == CLOSE {
+                    // The block has closed: what follows is free text.
+                    return true;
+                }
                 if !CLOSE.starts_with(t) {
                     return false;
                 }
                 continue;
             }
-            if !started {
+            if !self.started {
                 if c.is_whitespace() {
                     continue;
                 }
                 if c != '{' {
                     return false;
                 }
-                started = true;
+                self.started = true;
                 self.stack.push(Frame::Object {
                     role: Role::Call { name: None },
                     keys: Vec::new(),
@@ -502,6 +567,38 @@ mod tests {
                       {"tool_name": "convert_bases", "input_args": {"number": "string - N.", "to_base": "integer - B."}}]</tools>"#,
         );
         CallGrammar::new(c)
+    }
+
+    /// Reading the answer once and each continuation alone says what
+    /// reading the whole text says, at every split and for every length of
+    /// continuation, on valid and invalid answers, within and across tags.
+    #[test]
+    fn continuations_agree_with_reading_the_whole_text() {
+        let g = grammar();
+        let answers = [
+            "I will check.\n<tool_call>\n{\n  \"tool_name\": \"convert_bases\",\n  \"args\": {\"number\": \"ff\", \"to_base\": 2}\n}\n</tool_call> done <tool_call>{\"name\": \"get_weather\"",
+            "<tool_call>{\"tool_name\": \"get_weather\", \"args\": {\"city\": 12}}</tool_call>",
+            "<tool_call>{\"tool_name\": \"search\"}</tool_call><final_answer>x</final_answer>",
+            "<tool_call>  {\"tool_name\": \"get_weather\", \"args\": {\"city\": \"a\\\"b\"}}   \n </tool_call>",
+        ];
+        let mut checked = 0;
+        for answer in answers {
+            let bounds: Vec<usize> = (0..=answer.len()).filter(|&i| answer.is_char_boundary(i)).collect();
+            for &i in &bounds {
+                let c = g.after(&answer[..i]);
+                for &j in bounds.iter().filter(|&&j| j >= i && j <= i + 24) {
+                    assert_eq!(
+                        c.allows(&answer[i..j]),
+                        g.allows(&answer[..j]),
+                        "{:?} + {:?}",
+                        &answer[..i],
+                        &answer[i..j]
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 4000, "{checked}");
     }
 
     #[test]

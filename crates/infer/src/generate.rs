@@ -396,6 +396,12 @@ impl<'p> Decoding<'p> {
         let open = |text: &str| text.rfind("<tool_call>").is_some_and(|i| !text[i..].contains("</tool_call>"));
         let now = self.stream.text.clone();
         let mut next_text = NextText::new(g.tokenizer, &self.tokens, &now)?;
+        let continuations = grammar.after(&now);
+        if continuations.broken() {
+            // An earlier step found no token that kept the call valid: the
+            // block is finished unconstrained.
+            return Ok(self.sampler.sample(logits)?);
+        }
         let greedy = self.params.temperature <= 0.0;
         let mut allowed = Vec::new();
         for pass in 0..2 {
@@ -406,7 +412,14 @@ impl<'p> Decoding<'p> {
                 k..order.len()
             };
             for &t in &order[range] {
-                let ok = if g.stop_tokens.contains(&t) { !open(&now) } else { grammar.allows(&next_text.with(t)?) };
+                let ok = if g.stop_tokens.contains(&t) {
+                    !open(&now)
+                } else {
+                    match next_text.added(t)? {
+                        Some(added) => continuations.allows(&added),
+                        None => grammar.allows(&next_text.with(t)?),
+                    }
+                };
                 if ok {
                     if greedy {
                         return Ok(t);
@@ -461,12 +474,18 @@ impl<'a> NextText<'a> {
         Ok(NextText { tokenizer, tokens, text, context, before })
     }
 
-    /// The answer's text with `token` after it.
-    pub fn with(&mut self, token: u32) -> Result<String> {
+    /// What `token` adds to the answer's text, when the last few tokens'
+    /// decoding tells (`None`: decode the whole answer, [`Self::with`]).
+    pub fn added(&mut self, token: u32) -> Result<Option<String>> {
         self.context.push(token);
         let after = decode(self.tokenizer, &self.context);
         self.context.pop();
-        match after?.strip_prefix(self.before.as_str()) {
+        Ok(after?.strip_prefix(self.before.as_str()).map(str::to_string))
+    }
+
+    /// The answer's text with `token` after it.
+    pub fn with(&mut self, token: u32) -> Result<String> {
+        match self.added(token)? {
             Some(added) => Ok(format!("{}{added}", self.text)),
             None => decode(self.tokenizer, &[self.tokens, &[token]].concat()),
         }
