@@ -29,7 +29,8 @@ impl CallGrammar {
     /// cache key of a constrained evaluation). 2: JSON escapes only, at most
     /// one line break and 16 blanks between tokens, numbers of 24 characters.
     /// 3: a block that decoding had to leave the grammar in is finished
-    /// unconstrained.
+    /// unconstrained; no backslash in keys; only JSON's whitespace between
+    /// tokens.
     pub const VERSION: u32 = 3;
 
     pub fn new(catalogue: Catalogue) -> CallGrammar {
@@ -115,7 +116,7 @@ enum Obj {
         first: bool,
     },
     /// Inside a key string.
-    InKey(String, bool),
+    InKey(String),
     Colon(String),
     /// Before a value of `key`.
     Value(String),
@@ -150,6 +151,11 @@ enum Frame {
     Object { role: Role, keys: Vec<String>, state: Obj },
     Array(Arr),
     Scalar(Scalar),
+}
+
+/// Whitespace as JSON has it between tokens (not Unicode's other spaces).
+fn json_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\r')
 }
 
 /// Limits that JSON does not have but decoding needs: a model held back
@@ -188,7 +194,7 @@ impl<'g> Parser<'g> {
                 self.stack.last(),
                 Some(Frame::Scalar(Scalar::Str { .. })) | Some(Frame::Object { state: Obj::InKey(..), .. })
             );
-            if c.is_whitespace() && !in_text {
+            if json_space(c) && !in_text {
                 self.blanks += 1;
                 self.newlines += usize::from(c == '\n');
                 if self.blanks > MAX_BLANK_RUN || self.newlines > 1 {
@@ -210,7 +216,7 @@ impl<'g> Parser<'g> {
                 continue;
             }
             if !self.started {
-                if c.is_whitespace() {
+                if json_space(c) {
                     continue;
                 }
                 if c != '{' {
@@ -287,7 +293,7 @@ impl<'g> Parser<'g> {
     /// Starts a value with `c`; `expected` its type if declared, `role` of
     /// an object value, `tool_name` whether it names the tool.
     fn start_value(&mut self, c: char, expected: Option<JsonType>, role: Role, tool_name: bool) -> bool {
-        if c.is_whitespace() {
+        if json_space(c) {
             return true;
         }
         let kind = match c {
@@ -347,7 +353,7 @@ impl<'g> Parser<'g> {
                         self.value_done();
                         return true;
                     }
-                    if c.is_whitespace() {
+                    if json_space(c) {
                         return true;
                     }
                     if let Some(Frame::Array(a)) = self.stack.last_mut() {
@@ -365,7 +371,7 @@ impl<'g> Parser<'g> {
                         self.value_done();
                         true
                     }
-                    c => c.is_whitespace(),
+                    c => json_space(c),
                 },
             },
             Frame::Object { role, keys, state } => self.object(role, keys, state, c),
@@ -382,23 +388,16 @@ impl<'g> Parser<'g> {
         match state {
             Obj::Key { first } => match c {
                 '"' => {
-                    self.set_state(Obj::InKey(String::new(), false));
+                    self.set_state(Obj::InKey(String::new()));
                     true
                 }
                 '}' if first => self.close_object(&role, &keys),
-                c => c.is_whitespace(),
+                c => json_space(c),
             },
-            Obj::InKey(mut key, escape) => {
-                if escape {
-                    // Keys are argument names: no escapes in them.
-                    let _ = (&mut key, c);
-                    return false;
-                }
+            Obj::InKey(mut key) => {
                 match c {
-                    '\\' => {
-                        self.set_state(Obj::InKey(key, true));
-                        true
-                    }
+                    // Keys are argument names: no escapes in them.
+                    '\\' => false,
                     '"' => {
                         if !self.key_ok(&role, &keys, &key, true) {
                             return false;
@@ -411,7 +410,7 @@ impl<'g> Parser<'g> {
                         if !self.key_ok(&role, &keys, &key, false) {
                             return false;
                         }
-                        self.set_state(Obj::InKey(key, false));
+                        self.set_state(Obj::InKey(key));
                         true
                     }
                 }
@@ -421,10 +420,10 @@ impl<'g> Parser<'g> {
                     self.set_state(Obj::Value(key));
                     true
                 }
-                c => c.is_whitespace(),
+                c => json_space(c),
             },
             Obj::Value(key) => {
-                if c.is_whitespace() {
+                if json_space(c) {
                     return true;
                 }
                 let expected = self.value_type(&role, &key);
@@ -445,7 +444,7 @@ impl<'g> Parser<'g> {
                     true
                 }
                 '}' => self.close_object(&role, &keys),
-                c => c.is_whitespace(),
+                c => json_space(c),
             },
         }
     }
@@ -599,6 +598,20 @@ mod tests {
             }
         }
         assert!(checked > 4000, "{checked}");
+    }
+
+    /// What a model wrote when it wanted a key it already had, or padded a
+    /// call: a backslash in a key, carriage-return runs, a no-break space.
+    #[test]
+    fn keys_have_no_escapes_and_only_json_whitespace_separates_tokens() {
+        let g = grammar();
+        let w = "<tool_call>{\"tool_name\": \"get_weather\", \"args\": {";
+        assert!(g.allows(&format!("{w}\"cit")));
+        assert!(!g.allows(&format!("{w}\"cit\\")));
+        assert!(g.allows(&format!("{w}\r\n  \"city\"")));
+        assert!(!g.allows(&format!("{w}\r\n\r\n\"city\"")), "two line breaks in a row");
+        assert!(!g.allows(&format!("{w}\u{a0}\"city\"")), "not JSON whitespace");
+        assert!(g.allows(&format!("{w}\"city\": \"a\u{a0}b\"")), "inside a string it is text");
     }
 
     #[test]
