@@ -7,9 +7,9 @@
 //!
 //! [`CallGrammar::allows`] checks whether a text is a prefix of such an
 //! answer; decoding ([`crate::generate`]) takes, at each step, the most
-//! likely token whose text keeps it so. The check re-reads the open block
-//! (a few hundred characters) per candidate token, which costs far less
-//! than the model's step.
+//! likely token whose text keeps it so. [`CallGrammar::after`] reads the
+//! open block once per step, so that each candidate costs only its own few
+//! characters (a step may try the whole vocabulary).
 
 use crate::catalogue::{Catalogue, JsonType};
 
@@ -29,9 +29,9 @@ impl CallGrammar {
     /// cache key of a constrained evaluation). 2: JSON escapes only, at most
     /// one line break and 16 blanks between tokens, numbers of 24 characters.
     /// 3: a block that decoding had to leave the grammar in is finished
-    /// unconstrained; no backslash in keys; only JSON's whitespace between
-    /// tokens.
-    pub const VERSION: u32 = 3;
+    /// unconstrained. 4: no backslash in keys; only JSON's whitespace
+    /// between tokens.
+    pub const VERSION: u32 = 4;
 
     pub fn new(catalogue: Catalogue) -> CallGrammar {
         CallGrammar { catalogue }
