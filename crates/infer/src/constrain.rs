@@ -82,6 +82,11 @@ enum State<'g> {
 }
 
 impl Continuations<'_> {
+    /// A `<tool_call>` block is open (the answer may not end here).
+    pub fn in_call(&self) -> bool {
+        !matches!(self.state, State::Free)
+    }
+
     /// The open block can no longer become a valid call.
     pub fn broken(&self) -> bool {
         matches!(self.state, State::Broken)

@@ -393,15 +393,14 @@ impl<'p> Decoding<'p> {
         let k = CANDIDATES.min(order.len());
         order.select_nth_unstable_by(k - 1, by_logit);
         order[..k].sort_unstable_by(by_logit);
-        let open = |text: &str| text.rfind("<tool_call>").is_some_and(|i| !text[i..].contains("</tool_call>"));
         let now = self.stream.text.clone();
-        let mut next_text = NextText::new(g.tokenizer, &self.tokens, &now)?;
         let continuations = grammar.after(&now);
         if continuations.broken() {
             // An earlier step found no token that kept the call valid: the
             // block is finished unconstrained.
             return Ok(self.sampler.sample(logits)?);
         }
+        let mut next_text = NextText::new(g.tokenizer, &self.tokens, &now)?;
         let greedy = self.params.temperature <= 0.0;
         let mut allowed = Vec::new();
         for pass in 0..2 {
@@ -413,7 +412,7 @@ impl<'p> Decoding<'p> {
             };
             for &t in &order[range] {
                 let ok = if g.stop_tokens.contains(&t) {
-                    !open(&now)
+                    !continuations.in_call()
                 } else {
                     match next_text.added(t)? {
                         Some(added) => continuations.allows(&added),

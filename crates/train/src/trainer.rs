@@ -128,7 +128,8 @@ impl Default for TrainConfig {
 }
 
 /// How the loss of one optimizer step averages its examples' tokens.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum LossAveraging {
     /// Each example's mean over its supervised tokens, then the mean over
     /// the step's examples: every example weighs the same, however long
@@ -139,6 +140,13 @@ pub enum LossAveraging {
     /// token weighs the same (transformers since 4.46, `num_items_in_batch`).
     /// A long answer no longer dilutes its first tokens against a short one.
     Token,
+}
+
+impl LossAveraging {
+    /// Whether this is the default (left out of cache keys).
+    pub fn is_default(&self) -> bool {
+        *self == LossAveraging::Example
+    }
 }
 
 /// Told about a run as it goes (progress, remote copies of checkpoints).
@@ -360,10 +368,7 @@ impl Trainer {
                 let example = self.train.ids[idx].clone();
                 return Err(Error::Diverged { value, step: step + 1, example, kept: None });
             }
-            loss_sum += match self.cfg.loss_averaging {
-                LossAveraging::Example => value,
-                LossAveraging::Token => value * weight * accum as f64,
-            };
+            loss_sum += value * weight;
             supervised += n as u64;
             tokens += ids.len() as u64;
             for (name, g) in micro_grads {
@@ -393,7 +398,7 @@ impl Trainer {
         let row = LogRow {
             step: step + 1,
             epoch,
-            loss: loss_sum / accum as f64,
+            loss: loss_sum,
             lr,
             grad_norm,
             tokens: supervised,

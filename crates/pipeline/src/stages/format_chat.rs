@@ -71,6 +71,9 @@ pub struct Params {
     pub rewrite: Vec<Rewrite>,
 }
 
+/// The roles a message may have.
+const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
 /// One `[[stages.NAME.rewrite]]` rule: in the contents of `role`'s messages
 /// (of `splits`), every match of `pattern` is replaced by `replace`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -104,17 +107,19 @@ impl Rewrite {
 struct Rewrites<'a>(Vec<(regex::Regex, &'a Rewrite)>);
 
 impl Rewrites<'_> {
-    /// Applies every rule to the messages; returns how many messages changed.
+    /// Applies every rule to the messages; returns how many changed.
     fn apply(&self, messages: &mut [Message]) -> usize {
         let mut changed = 0;
         for m in messages.iter_mut() {
-            let before = m.content.clone();
+            let mut differs = false;
             for (re, rule) in self.0.iter().filter(|(_, r)| r.role == m.role) {
+                // A match replaced by the same text is no change.
                 if let std::borrow::Cow::Owned(s) = re.replace_all(&m.content, rule.replace.as_str()) {
+                    differs |= s != m.content;
                     m.content = s;
                 }
             }
-            changed += usize::from(m.content != before);
+            changed += usize::from(differs);
         }
         changed
     }
@@ -179,7 +184,7 @@ impl StageKind for Params {
             if let Err(e) = regex::Regex::new(&r.pattern) {
                 return Err(("rewrite", format!("rewrite {} (pattern {:?}): {e}", i + 1, r.pattern), String::new()));
             }
-            if !["system", "user", "assistant", "tool"].contains(&r.role.as_str()) {
+            if !ROLES.contains(&r.role.as_str()) {
                 return Err((
                     "rewrite",
                     format!("rewrite {} has role `{}`", i + 1, r.role),
@@ -410,7 +415,7 @@ pub fn parse_messages(v: &Value) -> Result<Vec<Message>> {
                 "function" | "observation" | "ipython" => "tool",
                 r => r,
             };
-            if !["system", "user", "assistant", "tool"].contains(&role) {
+            if !ROLES.contains(&role) {
                 bail!("message {j} has role `{role}`; expected system, user, assistant or tool");
             }
             let content = match obj.get("content").or_else(|| obj.get("value")) {

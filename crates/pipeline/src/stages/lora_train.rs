@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 use pipeline_model::adapter;
 use pipeline_model::{Precision, TARGETS};
+use pipeline_train::LossAveraging;
 use pipeline_train::checkpoint::{self, LogRow};
 use pipeline_train::logs::{self, RunShape, TensorBoard};
 use pipeline_train::optim::Schedule;
@@ -78,8 +79,8 @@ pub struct Params {
     /// `"token"` (the mean over all their supervised tokens, as transformers
     /// does since 4.46: a long answer no longer dilutes its first tokens,
     /// e.g. the decision to answer directly rather than call a tool).
-    #[serde(default, skip_serializing_if = "LossAveragingChoice::is_default")]
-    pub loss_averaging: LossAveragingChoice,
+    #[serde(default, skip_serializing_if = "LossAveraging::is_default")]
+    pub loss_averaging: LossAveraging,
     /// Clip the global gradient norm to this (0: no clipping).
     #[serde(default = "d_grad_norm")]
     pub max_grad_norm: f64,
@@ -117,21 +118,6 @@ pub struct Params {
     /// CUDA). The cache key holds the precision as resolved on the machine.
     #[serde(default)]
     pub precision: PrecisionChoice,
-}
-
-/// `loss_averaging` as a recipe writes it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum LossAveragingChoice {
-    #[default]
-    Example,
-    Token,
-}
-
-impl LossAveragingChoice {
-    fn is_default(&self) -> bool {
-        *self == LossAveragingChoice::Example
-    }
 }
 
 /// `precision` as a recipe writes it.
@@ -409,10 +395,7 @@ impl Params {
             warmup_steps: self.warmup_steps,
             warmup_ratio: self.warmup_ratio,
             gradient_accumulation: self.gradient_accumulation,
-            loss_averaging: match self.loss_averaging {
-                LossAveragingChoice::Example => pipeline_train::LossAveraging::Example,
-                LossAveragingChoice::Token => pipeline_train::LossAveraging::Token,
-            },
+            loss_averaging: self.loss_averaging,
             max_grad_norm: self.max_grad_norm,
             epochs: self.epochs,
             max_steps: self.max_steps,
