@@ -30,8 +30,10 @@ impl CallGrammar {
     /// one line break and 16 blanks between tokens, numbers of 24 characters.
     /// 3: a block that decoding had to leave the grammar in is finished
     /// unconstrained. 4: no backslash in keys; only JSON's whitespace
-    /// between tokens.
-    pub const VERSION: u32 = 4;
+    /// between tokens. 5: no dead ends (a key, or a comma, only while an
+    /// unused key remains; no backslash in a tool name; numbers as JSON
+    /// writes them).
+    pub const VERSION: u32 = 5;
 
     pub fn new(catalogue: Catalogue) -> CallGrammar {
         CallGrammar { catalogue }
@@ -163,6 +165,45 @@ fn json_space(c: char) -> bool {
     matches!(c, ' ' | '\t' | '\n' | '\r')
 }
 
+/// Whether `text` is a JSON number (`Some(true)`), the start of one
+/// (`Some(false)`: `-`, `1.`, `2e+`), or neither (`None`: `01`, `1.e`).
+fn json_number(text: &str) -> Option<bool> {
+    let b = text.as_bytes();
+    let mut i = usize::from(b.first() == Some(&b'-'));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while *i < b.len() && b[*i].is_ascii_digit() {
+            *i += 1;
+        }
+        *i - start
+    };
+    // The integer part: 0, or digits not starting with 0.
+    let int_start = i;
+    let n = digits(&mut i);
+    if n == 0 {
+        return (i == b.len()).then_some(false);
+    }
+    if n > 1 && b[int_start] == b'0' {
+        return None;
+    }
+    if i < b.len() && b[i] == b'.' {
+        i += 1;
+        if digits(&mut i) == 0 {
+            return (i == b.len()).then_some(false);
+        }
+    }
+    if i < b.len() && matches!(b[i], b'e' | b'E') {
+        i += 1;
+        if i < b.len() && matches!(b[i], b'+' | b'-') {
+            i += 1;
+        }
+        if digits(&mut i) == 0 {
+            return (i == b.len()).then_some(false);
+        }
+    }
+    (i == b.len()).then_some(true)
+}
+
 /// Limits that JSON does not have but decoding needs: a model held back
 /// from closing an object would otherwise pad it with whitespace forever,
 /// or write a number without end.
@@ -242,13 +283,15 @@ impl<'g> Parser<'g> {
         true
     }
 
-    /// Allowed keys of an object with `role`, given the keys it has.
+    /// Whether `key` (`complete`, or the start of one) may follow in an
+    /// object with `role` that has `keys`: a name the role allows that it
+    /// does not have yet. `key_ok(role, keys, "", false)` says whether any
+    /// key may follow at all: a key, or the comma before one, is only
+    /// written while one remains, so that decoding never reaches a point
+    /// from which no text is valid.
     fn key_ok(&self, role: &Role, keys: &[String], key: &str, complete: bool) -> bool {
-        if keys.iter().any(|k| k == key) {
-            return false;
-        }
         let fits = |cands: &mut dyn Iterator<Item = &str>| {
-            for k in cands {
+            for k in cands.filter(|k| !keys.iter().any(|have| have == k)) {
                 if if complete { k == key } else { k.starts_with(key) } {
                     return true;
                 }
@@ -267,7 +310,7 @@ impl<'g> Parser<'g> {
                 Some(tool) => fits(&mut tool.arguments.keys().map(String::as_str)),
                 None => true,
             },
-            Role::Args { tool: None } | Role::Free => true,
+            Role::Args { tool: None } | Role::Free => !complete || !keys.iter().any(|k| k == key),
         }
     }
 
@@ -393,6 +436,9 @@ impl<'g> Parser<'g> {
         match state {
             Obj::Key { first } => match c {
                 '"' => {
+                    if !self.key_ok(&role, &keys, "", false) {
+                        return false;
+                    }
                     self.set_state(Obj::InKey(String::new()));
                     true
                 }
@@ -445,6 +491,9 @@ impl<'g> Parser<'g> {
             }
             Obj::Next => match c {
                 ',' => {
+                    if !self.key_ok(&role, &keys, "", false) {
+                        return false;
+                    }
                     self.set_state(Obj::Key { first: false });
                     true
                 }
@@ -469,7 +518,7 @@ impl<'g> Parser<'g> {
             Scalar::Str { mut content, escape, tool_name } => {
                 if escape {
                     // JSON's escapes only; `\u` takes four hex digits.
-                    if tool_name || !"\"\\/bfnrtu".contains(c) {
+                    if !"\"\\/bfnrtu".contains(c) {
                         return false;
                     }
                     content.push('\\');
@@ -490,6 +539,8 @@ impl<'g> Parser<'g> {
                     }
                 }
                 match c {
+                    // Tool names are plain: no escapes in them.
+                    '\\' if tool_name => false,
                     '\\' => {
                         *self.stack.last_mut().unwrap() =
                             Frame::Scalar(Scalar::Str { content, escape: true, tool_name });
@@ -519,15 +570,18 @@ impl<'g> Parser<'g> {
             }
             Scalar::Number { integer, mut text } => {
                 let part = c.is_ascii_digit() || (!integer && matches!(c, '.' | 'e' | 'E' | '+' | '-'));
-                if part && text.len() >= MAX_NUMBER_LEN {
-                    return false;
-                }
                 if part {
+                    if text.len() >= MAX_NUMBER_LEN && json_number(&text) == Some(true) {
+                        return false;
+                    }
                     text.push(c);
+                    if json_number(&text).is_none() {
+                        return false;
+                    }
                     *self.stack.last_mut().unwrap() = Frame::Scalar(Scalar::Number { integer, text });
                     return true;
                 }
-                if text == "-" {
+                if json_number(&text) != Some(true) {
                     return false;
                 }
                 // The number ended: the character belongs to the enclosing frame.
@@ -568,7 +622,9 @@ mod tests {
         let mut c = Catalogue::default();
         c.add_text(
             r#"<tools>[{"tool_name": "get_weather", "input_args": {"city": "string - City."}},
-                      {"tool_name": "convert_bases", "input_args": {"number": "string - N.", "to_base": "integer - B."}}]</tools>"#,
+                      {"tool_name": "convert_bases", "input_args": {"number": "string - N.", "to_base": "integer - B."}},
+                      {"tool_name": "get_time", "input_args": {}},
+                      {"tool_name": "get_ratio", "input_args": {"x": "number - X.", "y": "number - Y."}}]</tools>"#,
         );
         CallGrammar::new(c)
     }
@@ -617,6 +673,67 @@ mod tests {
         assert!(!g.allows(&format!("{w}\r\n\r\n\"city\"")), "two line breaks in a row");
         assert!(!g.allows(&format!("{w}\u{a0}\"city\"")), "not JSON whitespace");
         assert!(g.allows(&format!("{w}\"city\": \"a\u{a0}b\"")), "inside a string it is text");
+    }
+
+    /// Wherever the grammar lets an answer go it lets it go on: seeded
+    /// random walks over the characters it allows (structural ones
+    /// favoured, so that walks write many keys, commas and numbers) never
+    /// reach a text that no character continues before the block closes.
+    /// (Decoding from such a text used to leave the grammar: a comma after
+    /// a tool's last argument, then `"cittad"`; a backslash in a tool name,
+    /// then `\u00b1`.)
+    #[test]
+    fn every_text_the_grammar_allows_can_be_continued() {
+        let g = grammar();
+        let alphabet: Vec<char> = (' '..='~').chain(['\n', '\t', '\r', 'é', '±', '\u{a0}']).collect();
+        let structural = "\"{}[],:-.e0123456789tfn<";
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let (mut closed, mut steps) = (0, 0);
+        for _ in 0..400 {
+            let mut text = String::from("<tool_call>");
+            for _ in 0..300 {
+                let after = g.after(&text);
+                let options: Vec<char> = alphabet.iter().copied().filter(|c| after.allows(&c.to_string())).collect();
+                assert!(!options.is_empty(), "no character continues {text:?}");
+                let favoured: Vec<char> = options.iter().copied().filter(|c| structural.contains(*c)).collect();
+                let pool = if !favoured.is_empty() && next(4) > 0 { &favoured } else { &options };
+                text.push(pool[next(pool.len())]);
+                steps += 1;
+                if !g.after(&text).in_call() {
+                    closed += 1;
+                    break;
+                }
+            }
+        }
+        assert!(closed > 40 && steps > 20_000, "the walks closed {closed} blocks in {steps} steps");
+    }
+
+    /// What decoding wrote where grammar v4 had let it into a dead end.
+    #[test]
+    fn no_key_or_comma_without_a_key_left_and_no_escape_in_tool_names() {
+        let g = grammar();
+        let call = |s: &str| format!("<tool_call>{s}");
+        let w = r#"{"tool_name": "get_weather", "args": {"city": "new york""#;
+        assert!(g.allows(&call(&format!("{w}}}"))));
+        assert!(!g.allows(&call(&format!("{w},"))), "get_weather has no argument left");
+        assert!(!g.allows(&call(&format!("{w}, \"cit"))), "a key once");
+        assert!(!g.allows(&call(r#"{"tool_name": "get_time", "args": {""#)), "get_time has no arguments");
+        assert!(g.allows(&call(r#"{"tool_name": "get_time", "args": {}}"#)));
+        assert!(!g.allows(&call(r#"{"tool_name": "get_time", "args": {}, "#)), "name and arguments are there");
+        assert!(!g.allows(&call(r#"{"tool_name": "get_w\"#)));
+        let r = r#"{"tool_name": "get_ratio", "args": {"x": "#;
+        for ok in ["0", "-1.5e+3", "2E7", "0.25"] {
+            assert!(g.allows(&call(&format!("{r}{ok}, \"y\": 1}}"))), "{ok}");
+        }
+        for bad in ["01", "1.e", "-.5", "1e", "1.", "--1", "1e5.2"] {
+            assert!(!g.allows(&call(&format!("{r}{bad}, \"y\": 1}}"))), "{bad}");
+        }
     }
 
     #[test]
