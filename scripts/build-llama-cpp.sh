@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the llama.cpp programs the runtime tests run our artifacts in
 # (llama-tokenize, llama-perplexity, llama-quantize, llama-server,
-# llama-completion) and llama-bench (for `scripts/bench-compare.sh`), from package registries only: the llama-cpp-python
+# llama-completion) and llama-bench (for `pipeline bench compare`), from package registries only: the llama-cpp-python
 # sdist on PyPI vendors the whole llama.cpp tree, and cmake comes from PyPI.
 #
 # The build lives outside the clone (default ~/.cache/pipeline-runtimes), one

@@ -8,7 +8,11 @@
 #   models/qwen3-tokenizer/     tokenizer.json + tokenizer_config.json
 #
 # It also pip-installs the Python tools the tests check against: the `gguf`
-# and `safetensors` readers, moto's S3 server and the wsgidav WebDAV server.
+# and `safetensors` readers, moto's S3 server and the wsgidav WebDAV server;
+# builds llama.cpp (scripts/build-llama-cpp.sh) and installs PyTorch +
+# transformers + PEFT in their own environment (scripts/install-torch.sh),
+# both outside the clone, recorded in models/llama-cpp-bin and
+# models/torch-python.
 #
 # Re-running is cheap: files whose sha256 already matches are kept.
 # Usage: scripts/fetch-models.sh [DEST]     (or PIPELINE_MODELS_DIR=DEST)
@@ -116,5 +120,9 @@ pip_install "tensorboard.backend.event_processing.event_accumulator" tensorboard
 # the tests find the programs through $dest/llama-cpp-bin.
 bin=$("$(dirname "$0")/build-llama-cpp.sh") || die "llama.cpp did not build (scripts/build-llama-cpp.sh)"
 printf '%s\n' "$bin" > "$dest/llama-cpp-bin"
+
+# --- PyTorch, transformers, PEFT: our adapters and merges run in them -----
+py=$("$(dirname "$0")/install-torch.sh") || die "PyTorch did not install (scripts/install-torch.sh)"
+printf '%s\n' "$py" > "$dest/torch-python"
 
 say "done: $dest"

@@ -236,13 +236,18 @@ fn every_gguf_type_we_write_scores_like_llama_quantizes_file_of_that_type() {
 /// A rank-2 adapter with random A and B on the q and down projections of
 /// every layer of `base` (enough to make a merge change the weights).
 fn random_adapter(base: &pipeline_model::ModelFiles, dir: &Path, std: f32) {
+    random_adapter_on(base, dir, std, &["q_proj", "down_proj"]);
+}
+
+/// A rank-2 adapter with random A and B on the `targets` of every layer.
+fn random_adapter_on(base: &pipeline_model::ModelFiles, dir: &Path, std: f32, targets: &[&str]) {
     use candle_core::{Device, Tensor};
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let mut m = pipeline_model::load(base, &Device::Cpu, 64).unwrap();
     let mut tensors = pipeline_model::adapter::LoraTensors::new();
     for (name, lin) in m.linears_mut() {
-        if !(name.ends_with("q_proj") || name.ends_with("down_proj")) {
+        if !targets.iter().any(|t| name.ends_with(t)) {
             continue;
         }
         // Seeded, so that a failure reproduces: uniform on [-√3·std, √3·std).
@@ -255,7 +260,7 @@ fn random_adapter(base: &pipeline_model::ModelFiles, dir: &Path, std: f32) {
         let b = uniform((lin.out_features(), 2));
         tensors.insert(name, (a, b));
     }
-    let targets = vec!["q_proj".to_string(), "down_proj".to_string()];
+    let targets = targets.iter().map(|t| t.to_string()).collect();
     let config = pipeline_model::adapter::AdapterConfig::lora(&base.source, 2, 4.0, 0.0, targets, false);
     std::fs::create_dir_all(dir).unwrap();
     pipeline_model::adapter::save(dir, &config, &tensors, None).unwrap();
@@ -331,6 +336,173 @@ print(json.dumps({"model_type": config.model_type, "config": config.to_dict(), "
             ids.len()
         );
     }
+}
+
+/// Per position of a sequence: the log-probability of the token that
+/// follows, the likeliest token and its lead over the second likeliest.
+#[derive(Debug, serde::Deserialize)]
+struct Scores {
+    logprob: Vec<f64>,
+    argmax: Vec<u32>,
+    gap: Vec<f64>,
+}
+
+/// `pipeline`'s scores of `ids` (the model's f32 forward pass over the
+/// whole sequence, as training and evaluation run it).
+fn our_scores(m: &dyn pipeline_model::CausalLm, ids: &[u32]) -> Scores {
+    let hidden = m.hidden(ids, None).unwrap();
+    let logits = m.logits(&hidden).unwrap();
+    let log_probs = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1).unwrap();
+    let rows: Vec<Vec<f32>> = log_probs.to_vec2().unwrap();
+    let mut s = Scores { logprob: Vec::new(), argmax: Vec::new(), gap: Vec::new() };
+    for (i, row) in rows.iter().enumerate() {
+        if let Some(&next) = ids.get(i + 1) {
+            s.logprob.push(row[next as usize] as f64);
+        }
+        let (mut best, mut second) = ((0usize, f32::NEG_INFINITY), f32::NEG_INFINITY);
+        for (t, &v) in row.iter().enumerate() {
+            if v > best.1 {
+                second = best.1;
+                best = (t, v);
+            } else if v > second {
+                second = v;
+            }
+        }
+        s.argmax.push(best.0 as u32);
+        s.gap.push((best.1 - second) as f64);
+    }
+    s
+}
+
+/// How far two programs' scores of the same sequences are apart: the
+/// largest log-probability difference, and the positions where their
+/// likeliest tokens differ although `theirs` saw no near-tie.
+fn disagreement(ours: &[Scores], theirs: &[Scores], tie: f64) -> (f64, Vec<String>) {
+    let (mut worst, mut parted) = (0f64, Vec::new());
+    for (k, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        assert_eq!(a.logprob.len(), b.logprob.len());
+        for (x, y) in a.logprob.iter().zip(&b.logprob) {
+            worst = worst.max((x - y).abs());
+        }
+        for i in 0..a.argmax.len() {
+            if a.argmax[i] != b.argmax[i] && b.gap[i] > tie {
+                parted.push(format!(
+                    "sequence {k} position {i}: {} vs {} (gap {:.2e})",
+                    a.argmax[i], b.argmax[i], b.gap[i]
+                ));
+            }
+        }
+    }
+    (worst, parted)
+}
+
+/// PyTorch runs what we ship as we ran it: transformers' Gemma 3 (the base
+/// GGUF dequantized by transformers' own loader) scores sequences as our
+/// forward pass does, PEFT's `PeftModel.from_pretrained` with our adapter
+/// directory scores them as our model with the adapter attached does, and
+/// transformers' `from_pretrained` of our merged directory agrees with both.
+/// The sequences are chat prompts and a 700-token text (past Gemma 3's
+/// 512-token sliding window).
+#[test]
+fn transformers_and_peft_score_our_adapter_and_merged_model_as_we_do() {
+    let (Some(models), Some(python)) = (models_dir(), common::torch_python()) else { return };
+    let p = Project::new();
+    let base_dir = models.join("gemma-3-270m");
+    let base = pipeline::model_source::from_path(&base_dir).unwrap();
+    let adapter = p.path("adapter");
+    let all_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    random_adapter_on(&base, &adapter, 0.03, &all_linear);
+    let merged = p.path("merged");
+    let f32 = pipeline::stages::merge::WeightDtype::F32;
+    pipeline::stages::merge::merge(&base, "", &adapter, None, f32, &merged).unwrap();
+
+    let tok = tokenizers::Tokenizer::from_file(base_dir.join("tokenizer.json")).unwrap();
+    let template = pipeline_infer::chat::ChatTemplate::for_model(&base, None, Path::new(".")).unwrap();
+    let mut sequences: Vec<Vec<u32>> = conversations()
+        .into_iter()
+        .map(|m| {
+            let msgs: Vec<pipeline_infer::chat::Message> = serde_json::from_value(m).unwrap();
+            tok.encode(template.render(&msgs, None, true).unwrap().as_str(), false).unwrap().get_ids().to_vec()
+        })
+        .collect();
+    let text = std::fs::read_to_string(common::shared_dir().join("reference/ppl_text.txt")).unwrap();
+    let mut long = vec![2u32];
+    long.extend(tok.encode(text.as_str(), false).unwrap().get_ids().iter().take(699));
+    assert_eq!(long.len(), 700, "the text is long enough to pass the sliding window");
+    sequences.push(long);
+    let seq_file = p.write("sequences.json", &json!(sequences).to_string());
+
+    let script = r#"
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base_dir, gguf, adapter, merged, seqs = sys.argv[1:6]
+seqs = json.load(open(seqs))
+torch.set_num_threads(2)
+
+def scores(model):
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for ids in seqs:
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+            top = lp.topk(2, -1)
+            out.append({"logprob": lp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist(),
+                        "argmax": top.indices[:, 0].tolist(),
+                        "gap": (top.values[:, 0] - top.values[:, 1]).tolist()})
+    return out
+
+base = AutoModelForCausalLM.from_pretrained(base_dir, gguf_file=gguf, dtype=torch.float32)
+result = {"base": scores(base)}
+result["peft"] = scores(PeftModel.from_pretrained(base, adapter))
+result["merged"] = scores(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32))
+import peft, transformers
+result["versions"] = f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+print(json.dumps(result))
+"#;
+    let out = Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .args([&base_dir, &base_dir.join("gemma-3-270m-q4_k_m.gguf"), &adapter, &merged, &seq_file])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "PyTorch could not run our files:\n{}",
+        String::from_utf8_lossy(&out.stderr).lines().rev().take(30).collect::<Vec<_>>().join("\n")
+    );
+    let report: Value = serde_json::from_slice(out.stdout.rsplit(|&b| b == b'\n').find(|l| !l.is_empty()).unwrap())
+        .expect("the script prints one JSON line");
+    let read = |k: &str| -> Vec<Scores> { serde_json::from_value(report[k].clone()).unwrap() };
+    let (their_base, their_peft, their_merged) = (read("base"), read("peft"), read("merged"));
+
+    let mut m = pipeline_model::load(&base, &candle_core::Device::Cpu, 1024).unwrap();
+    let our_base: Vec<Scores> = sequences.iter().map(|ids| our_scores(m.as_ref(), ids)).collect();
+    pipeline_model::adapter::load(&adapter, &candle_core::Device::Cpu).unwrap().attach(m.as_mut()).unwrap();
+    let our_adapter: Vec<Scores> = sequences.iter().map(|ids| our_scores(m.as_ref(), ids)).collect();
+
+    // Both compute in f32, in other orders: log-probabilities agree to a
+    // few thousandths; an adapter ignored, or scaled other than α/r, moves
+    // them by tenths.
+    const TOLERANCE: f64 = 5e-3;
+    let positions: usize = sequences.iter().map(|s| s.len()).sum();
+    for (what, ours, theirs) in [
+        ("transformers (base GGUF) vs our base", &our_base, &their_base),
+        ("PEFT (base + our adapter) vs our base + adapter", &our_adapter, &their_peft),
+        ("transformers (our merged directory) vs our base + adapter", &our_adapter, &their_merged),
+    ] {
+        let (worst, parted) = disagreement(ours, theirs, 2.0 * TOLERANCE);
+        eprintln!(
+            "{what}: largest log-probability difference {worst:.2e} over {positions} positions; likeliest tokens \
+             part at {} non-tied positions ({})",
+            parted.len(),
+            report["versions"]
+        );
+        assert!(worst < TOLERANCE, "{what}: log-probabilities differ by {worst:.2e}");
+        assert!(parted.is_empty(), "{what}: other likeliest tokens: {parted:?}");
+    }
+    let (moved, _) = disagreement(&our_base, &our_adapter, f64::INFINITY);
+    assert!(moved > 0.1, "the adapter moves no log-probability by 0.1 ({moved:.2e}): the test would prove nothing");
 }
 
 /// A `llama-server` on a free loopback port, stopped when dropped.
@@ -429,7 +601,6 @@ const TIE: f32 = 0.1;
 /// How far below token `a`'s logit token `b`'s is, after `context`, with
 /// `pipeline`'s model of `gguf`.
 fn logit_gap(gguf: &Path, context: &[u32], a: u32, b: u32) -> f32 {
-    use pipeline_model::CausalLm;
     let m = pipeline_model::load_for_inference(
         &pipeline::model_source::from_path(gguf).unwrap(),
         &candle_core::Device::Cpu,

@@ -264,3 +264,22 @@ pub fn llama_cpp(program: &str) -> Option<PathBuf> {
     }
     bin
 }
+
+/// The Python of the PyTorch + transformers + PEFT environment that
+/// `scripts/fetch-models.sh` installs (`scripts/install-torch.sh`, recorded
+/// in `models/torch-python`), or `PIPELINE_TORCH_PYTHON`; `None` when it is
+/// missing and skipping is allowed ([`missing`]).
+pub fn torch_python() -> Option<PathBuf> {
+    let python = std::env::var_os("PIPELINE_TORCH_PYTHON").map(PathBuf::from).or_else(|| {
+        let recorded = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/torch-python");
+        std::fs::read_to_string(recorded).ok().map(|s| PathBuf::from(s.trim()))
+    });
+    let python = python.filter(|p| p.is_file());
+    if python.is_none() {
+        missing(
+            "PyTorch, transformers and PEFT are not installed",
+            "run scripts/fetch-models.sh (scripts/install-torch.sh)",
+        );
+    }
+    python
+}
