@@ -308,6 +308,19 @@ pub enum BenchCommand {
         /// native bf16 dot products).
         #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "auto"])]
         precision: String,
+        /// Also train the same examples, in the same order, with PyTorch +
+        /// transformers + PEFT (bf16: under torch.autocast), alternating
+        /// run by run, and print both speeds and the ratio.
+        #[arg(long)]
+        compare_peft: bool,
+        /// The Python that has torch, transformers and peft (default:
+        /// `$PIPELINE_TORCH_PYTHON`, then the environment
+        /// `scripts/fetch-models.sh` recorded in `models/torch-python`).
+        #[arg(long, value_name = "PATH", requires = "compare_peft")]
+        python: Option<PathBuf>,
+        /// With --compare-peft: runs of each, alternating.
+        #[arg(long, default_value_t = 2, requires = "compare_peft")]
+        repetitions: u64,
         #[command(flatten)]
         cache: CacheArgs,
     },

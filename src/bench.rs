@@ -4,7 +4,11 @@
 //! `pipeline bench train`: the real [`Trainer`] (LoRA r=16, α=32 on
 //! q,k,v,o,gate,up,down, batch 1, AdamW, gradient clipping) on tool-use examples tokenized at `max_len` by the real data
 //! stages (cached in the normal cache), the same setup as the PyTorch + PEFT
-//! reference numbers in `../shared/reference/numbers.md`.
+//! reference numbers in `../shared/reference/numbers.md`; with
+//! `--compare-peft` it also runs that reference (`scripts/peft_bench.py`,
+//! PyTorch + transformers + PEFT) on the same examples in the same minutes.
+//! `pipeline bench generate` and `bench compare` (against llama.cpp's
+//! `llama-bench`): prefill and decode.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -89,6 +93,152 @@ pub fn train(opts: &TrainOptions) -> Result<TrainBench> {
         cpu: cpu_name(),
         kernels: pipeline_model::cpu_paths(),
     })
+}
+
+/// What `bench train --compare-peft --json` prints: our trainer and
+/// PyTorch + PEFT on the same examples, alternating run by run.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainCompareBench {
+    pub model: String,
+    pub cpu: String,
+    pub kernels: String,
+    pub threads: usize,
+    pub max_len: usize,
+    pub steps: usize,
+    pub mean_tokens: f64,
+    pub precision: String,
+    pub gradient_checkpointing: bool,
+    /// torch, transformers and peft versions of the reference.
+    pub peft_versions: String,
+    pub tokens_per_s: PeftVersus,
+    /// The largest peak of each side's runs.
+    pub peak_rss_bytes: Both<u64>,
+}
+
+/// Training tokens/s of both.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeftVersus {
+    pub pipeline: Runs,
+    pub peft: Runs,
+    /// `pipeline.mean / peft.mean`.
+    pub ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Both<T> {
+    pub pipeline: T,
+    pub peft: T,
+}
+
+/// The reference script, embedded so that an installed binary runs it too.
+const PEFT_BENCH: &str = include_str!("../scripts/peft_bench.py");
+
+/// [`train`] and `scripts/peft_bench.py` (PyTorch + transformers + PEFT)
+/// on the examples our trainer takes at steps 0..=steps (seed 0, batch 1,
+/// the first a warm-up), in its order, alternating `repetitions` times.
+pub fn compare_train(opts: &TrainOptions, python: Option<&Path>, repetitions: usize) -> Result<TrainCompareBench> {
+    let python = find_torch_python(python)?;
+    let split = tokenized_examples(&opts.model, &opts.dataset, opts.max_len, &opts.cache)?;
+    let mut order = pipeline_train::DataOrder::new(0, split.len());
+    let examples: Vec<serde_json::Value> = (0..=opts.steps as u64)
+        .map(|step| {
+            let (ids, mask) = split.example(order.get(step).1);
+            serde_json::json!({"input_ids": ids, "loss_mask": mask})
+        })
+        .collect();
+    let examples = serde_json::to_vec(&examples)?;
+    let threads = candle_core::utils::get_num_threads();
+    let pb = pipeline::report::bar(repetitions as u64 * 2, "bench train --compare-peft");
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..repetitions.max(1) {
+        pb.set_message("pipeline".into());
+        ours.push(train(opts)?);
+        pb.inc(1);
+        pb.set_message("PyTorch + PEFT".into());
+        theirs.push(run_peft_bench(&python, opts, threads, &examples)?);
+        pb.inc(1);
+    }
+    pb.finish();
+    let (first, reference) = (&ours[0], &theirs[0]);
+    anyhow::ensure!(
+        (first.mean_tokens - reference.mean_tokens).abs() < 0.5,
+        "PEFT trained {:.1} tokens per step where we trained {:.1}: not the same examples",
+        reference.mean_tokens,
+        first.mean_tokens
+    );
+    let pipeline = Runs::new(ours.iter().map(|r| r.tokens_per_s).collect());
+    let peft = Runs::new(theirs.iter().map(|r| r.tokens_per_s).collect());
+    Ok(TrainCompareBench {
+        model: opts.model.display().to_string(),
+        cpu: first.cpu.clone(),
+        kernels: first.kernels.clone(),
+        threads,
+        max_len: opts.max_len,
+        steps: opts.steps,
+        mean_tokens: first.mean_tokens,
+        precision: first.precision.clone(),
+        gradient_checkpointing: opts.gradient_checkpointing,
+        peft_versions: reference.versions.clone(),
+        tokens_per_s: PeftVersus { ratio: pipeline.mean / peft.mean, pipeline, peft },
+        peak_rss_bytes: Both {
+            pipeline: ours.iter().map(|r| r.peak_rss_bytes).max().unwrap_or(0),
+            peft: theirs.iter().map(|r| r.peak_rss_bytes).max().unwrap_or(0),
+        },
+    })
+}
+
+/// What `scripts/peft_bench.py` prints.
+#[derive(Debug, serde::Deserialize)]
+struct PeftRun {
+    tokens_per_s: f64,
+    peak_rss_bytes: u64,
+    mean_tokens: f64,
+    versions: String,
+}
+
+fn run_peft_bench(python: &Path, opts: &TrainOptions, threads: usize, examples: &[u8]) -> Result<PeftRun> {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg("-c").arg(PEFT_BENCH).arg("--model").arg(&opts.model).arg("--examples").arg("-");
+    cmd.args(["--threads", &threads.to_string(), "--precision", opts.precision.name()]);
+    if opts.gradient_checkpointing {
+        cmd.arg("--gradient-checkpointing");
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", python.display()))?;
+    child.stdin.take().expect("piped").write_all(examples)?;
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(
+        out.status.success(),
+        "the PEFT reference failed ({}):\n{}",
+        out.status,
+        stderr.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+    let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string();
+    serde_json::from_str(&line).with_context(|| format!("reading the PEFT reference's report: {line:?}"))
+}
+
+/// `--python`, else `$PIPELINE_TORCH_PYTHON`, else the environment
+/// `scripts/fetch-models.sh` recorded in `models/torch-python`.
+fn find_torch_python(given: Option<&Path>) -> Result<PathBuf> {
+    let recorded = || std::fs::read_to_string("models/torch-python").ok().map(|s| PathBuf::from(s.trim()));
+    let python = given
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("PIPELINE_TORCH_PYTHON").map(PathBuf::from))
+        .or_else(recorded)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no Python with PyTorch + PEFT: install one with scripts/install-torch.sh (it prints its python), \
+                 then pass --python PATH or set PIPELINE_TORCH_PYTHON=PATH"
+            )
+        })?;
+    anyhow::ensure!(python.is_file(), "{}: no such file (scripts/install-torch.sh installs one)", python.display());
+    Ok(python)
 }
 
 /// What `bench generate --json` prints.

@@ -88,8 +88,14 @@ fn dispatch(command: Command) -> Result<()> {
             json,
             gradient_checkpointing,
             precision,
+            compare_peft,
+            python,
+            repetitions,
             cache,
-        }) => bench_train(model, max_len, steps, device, dataset, json, gradient_checkpointing, precision, cache),
+        }) => {
+            let peft = compare_peft.then_some((python, repetitions as usize));
+            bench_train(model, max_len, steps, device, dataset, json, gradient_checkpointing, precision, peft, cache)
+        }
         Command::Bench(BenchCommand::Generate {
             model,
             prompt_tokens,
@@ -300,6 +306,7 @@ fn bench_train(
     json: bool,
     gradient_checkpointing: bool,
     precision: String,
+    peft: Option<(Option<PathBuf>, usize)>,
     cache: CacheArgs,
 ) -> Result<()> {
     let precision: pipeline::stages::lora_train::PrecisionChoice =
@@ -314,6 +321,26 @@ fn bench_train(
         cache: cache.location(),
         gradient_checkpointing,
     };
+    if let Some((python, repetitions)) = peft {
+        let r = crate::bench::compare_train(&opts, python.as_deref(), repetitions)?;
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+            return Ok(());
+        }
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let cell = |x: &crate::bench::Runs| format!("{:.1} ± {:.1} tok/s", x.mean, x.stddev);
+        println!(
+            "bench train --compare-peft: {} ({} weights, max_len {}, {} steps of {:.0} tokens on average), {} \
+             threads\n  cpu: {} ({})\n  reference: {}",
+            r.model, r.precision, r.max_len, r.steps, r.mean_tokens, r.threads, r.cpu, r.kernels, r.peft_versions
+        );
+        println!("{:<16} {:>22} {:>22} {:>7}", "", "pipeline", "PyTorch + PEFT", "ratio");
+        let t = &r.tokens_per_s;
+        println!("{:<16} {:>22} {:>22} {:>6.2}×", "training", cell(&t.pipeline), cell(&t.peft), t.ratio);
+        let m = &r.peak_rss_bytes;
+        println!("{:<16} {:>18.2} GiB {:>18.2} GiB", "peak RSS", gib(m.pipeline), gib(m.peft));
+        return Ok(());
+    }
     let r = crate::bench::train(&opts)?;
     if json {
         println!("{}", serde_json::to_string(&r)?);

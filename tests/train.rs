@@ -477,6 +477,30 @@ fn bench_train_prints_the_json_contract() {
     assert!(mean > 0.0 && mean <= 64.0, "{v}");
 }
 
+/// `bench train --compare-peft` trains the same examples with PyTorch +
+/// PEFT (the embedded `scripts/peft_bench.py`) and prints both speeds; the
+/// command itself fails if PEFT trained other examples than we did.
+#[test]
+fn bench_train_compare_peft_runs_the_same_examples_in_pytorch() {
+    let (Some(models), Some(python)) = (models_dir(), common::torch_python()) else { return };
+    let p = Project::new();
+    tiny_gemma3(&models, &p.path("tiny"), 4096);
+    let python = python.to_str().unwrap();
+    let args = ["--max-len", "64", "--steps", "2", "--compare-peft", "--repetitions", "1", "--json"];
+    let out = p.run(&[&["bench", "train", "--model", "tiny", "--python", python][..], &args].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for side in ["pipeline", "peft"] {
+        assert!(v["tokens_per_s"][side]["mean"].as_f64().unwrap() > 0.0, "{side}: {v}");
+        assert_eq!(v["tokens_per_s"][side]["runs"].as_array().unwrap().len(), 1, "{v}");
+        assert!(v["peak_rss_bytes"][side].as_u64().unwrap() > 0, "{side}: {v}");
+    }
+    assert!(v["tokens_per_s"]["ratio"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["peft_versions"].as_str().unwrap().contains("peft 0.21"), "{v}");
+    let mean = v["mean_tokens"].as_f64().unwrap();
+    assert!(mean > 0.0 && mean <= 64.0, "{v}");
+}
+
 #[test]
 fn bench_generate_prints_the_json_contract() {
     let Some(models) = models_dir() else { return };
