@@ -260,6 +260,10 @@ pub enum Command {
     Compare {
         #[command(flatten)]
         args: RecipeArgs,
+        /// The evaluate stage whose report scores the variants (default:
+        /// the recipe's first), e.g. one that decodes calls constrained.
+        #[arg(long, value_name = "STAGE")]
+        eval: Option<String>,
         /// The metric to rank by (default: call_success, else exact_match,
         /// rouge_l, loss); any key of the evaluation's report.json.
         #[arg(long, value_name = "METRIC")]

@@ -126,7 +126,7 @@ fn dispatch(command: Command) -> Result<()> {
             chat_repl(session, system, &params)
         }
         Command::Export { args, to, force, link } => export(args, to, force, link),
-        Command::Compare { args, by, out } => crate::sweep::compare(&args, by, out),
+        Command::Compare { args, eval, by, out } => crate::sweep::compare(&args, eval, by, out),
         Command::Show { args, stage } => show(args, stage),
     }
 }

@@ -154,7 +154,12 @@ pub fn run(exec: &Executor, variants: &[Variant], until: Option<&str>) -> Result
 
 /// `pipeline compare`: ranks the variants by their evaluation and writes
 /// compare.md, compare.json and loss.svg.
-pub fn compare(args: &RecipeArgs, by: Option<String>, out: Option<std::path::PathBuf>) -> Result<()> {
+pub fn compare(
+    args: &RecipeArgs,
+    eval: Option<String>,
+    by: Option<String>,
+    out: Option<std::path::PathBuf>,
+) -> Result<()> {
     let variants = match target(args)? {
         Target::Sweep(v) => v,
         Target::Recipe(_) => bail!(
@@ -163,7 +168,7 @@ pub fn compare(args: &RecipeArgs, by: Option<String>, out: Option<std::path::Pat
         ),
     };
     let exec = args.executor()?;
-    let mut results = sweep::results(&exec, &variants)?;
+    let mut results = sweep::results(&exec, &variants, eval.as_deref())?;
     let metric = match by {
         Some(m) => {
             if !results.iter().any(|r| r.metrics.contains_key(&m)) && results.iter().any(|r| !r.metrics.is_empty()) {
@@ -186,7 +191,8 @@ pub fn compare(args: &RecipeArgs, by: Option<String>, out: Option<std::path::Pat
     let dir = out.unwrap_or_else(|| std::path::PathBuf::from("sweeps").join(&name));
     std::fs::create_dir_all(&dir)?;
     let ranked = metric.as_deref().map(|m| format!(", best first by `{m}`")).unwrap_or_default();
-    let mut md = format!("# Sweep of `{name}`\n\n{} variants{ranked}.\n\n", variants.len());
+    let scored = eval.as_deref().map(|e| format!(", scored by `{e}`")).unwrap_or_default();
+    let mut md = format!("# Sweep of `{name}`\n\n{} variants{scored}{ranked}.\n\n", variants.len());
     md += &sweep::markdown(&rows);
     let missing: Vec<String> =
         results.iter().filter_map(|r| r.missing.as_ref().map(|m| format!("- variant {}: {m}", r.index))).collect();
@@ -195,7 +201,7 @@ pub fn compare(args: &RecipeArgs, by: Option<String>, out: Option<std::path::Pat
     }
     md += "\nLoss curves: `loss.svg`. Per-variant metrics, by group too: `compare.json`.\n";
     std::fs::write(dir.join("compare.md"), &md)?;
-    let json = serde_json::json!({"recipe": name, "ranked_by": metric, "variants": results});
+    let json = serde_json::json!({"recipe": name, "evaluate_stage": eval, "ranked_by": metric, "variants": results});
     std::fs::write(dir.join("compare.json"), serde_json::to_vec_pretty(&json)?)?;
     let curves: Vec<(String, Vec<_>)> =
         results.iter().map(|r| (format!("{}: {}", r.index, r.label), r.log.clone())).collect();

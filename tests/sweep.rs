@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 
 use common::Project;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// A tiny trained model with an evaluation, over 16 tool-call rows.
 fn base_recipe(p: &Project) -> Option<String> {
@@ -191,6 +191,12 @@ fn two_processes_sharing_a_cache_directory_run_each_variant_once() {
     assert!(svg.contains("1: learning_rate=0.001") && svg.contains("2: learning_rate=0.003"), "both curves: legend");
     let err = String::from_utf8_lossy(&p.run(&["compare", "sweep.toml", "--by", "nonsense"]).stderr).into_owned();
     assert!(err.contains("--by nonsense") && err.contains("decision_accuracy"), "{err}");
+    // The evaluate stage that scores them can be named.
+    p.ok(&["compare", "sweep.toml", "--eval", "eval", "--by", "loss", "-o", "cmp2"]);
+    let named: Value = serde_json::from_slice(&std::fs::read(p.path("cmp2/compare.json")).unwrap()).unwrap();
+    assert_eq!((&named["evaluate_stage"], &named["variants"]), (&json!("eval"), &json["variants"]));
+    let err = String::from_utf8_lossy(&p.run(&["compare", "sweep.toml", "--eval", "train"]).stderr).into_owned();
+    assert!(err.contains("--eval train") && err.contains("its evaluate stages: eval"), "{err}");
 
     // export takes one variant.
     p.ok(&["export", "sweep.toml", "--variant", "2", "--to", "out"]);

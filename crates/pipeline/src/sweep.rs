@@ -215,16 +215,31 @@ pub struct VariantResult {
     pub missing: Option<String>,
 }
 
-/// Reads the finished results of each variant: the first `evaluate` stage
-/// of the recipe (its adapter's column) and the `lora-train` stage it
-/// evaluates (else the first one).
-pub fn results(exec: &Executor, variants: &[Variant]) -> anyhow::Result<Vec<VariantResult>> {
+/// Reads the finished results of each variant: the `evaluate` stage named
+/// `eval_stage`, else the recipe's first (its adapter's column), and the
+/// `lora-train` stage it evaluates (else the first one).
+pub fn results(exec: &Executor, variants: &[Variant], eval_stage: Option<&str>) -> anyhow::Result<Vec<VariantResult>> {
     use crate::executor::Finished;
     use crate::stages::registry::StageSpec;
     let mut out = Vec::new();
     for v in variants {
         let recipe = &v.recipe;
-        let eval = recipe.stages.iter().find(|(n, s)| matches!(s, StageSpec::Evaluate(_)) && !Recipe::is_implied(n));
+        let is_eval = |n: &str, s: &StageSpec| matches!(s, StageSpec::Evaluate(_)) && !Recipe::is_implied(n);
+        let eval = match eval_stage {
+            Some(name) => {
+                let found = recipe.stages.iter().find(|(n, s)| n.as_str() == name && is_eval(n, s));
+                if found.is_none() {
+                    let evals: Vec<&str> =
+                        recipe.stages.iter().filter(|(n, s)| is_eval(n, s)).map(|(n, _)| n.as_str()).collect();
+                    anyhow::bail!(
+                        "--eval {name}: the recipe has no evaluate stage of that name (its evaluate stages: {})",
+                        if evals.is_empty() { "none".to_string() } else { evals.join(", ") }
+                    );
+                }
+                found
+            }
+            None => recipe.stages.iter().find(|(n, s)| is_eval(n, s)),
+        };
         let train = eval
             .and_then(|(_, s)| match s {
                 StageSpec::Evaluate(p) => p.adapter.clone(),
