@@ -25,6 +25,16 @@ impl Keep {
         Keep { bits, len, scale: 1.0 / (1.0 - p) }
     }
 
+    /// A mask from its words: bit `i % 64` of `bits[i / 64]` keeps element
+    /// `i` (bits past `len` are ignored).
+    pub fn from_bits(mut bits: Vec<u64>, len: usize, p: f32) -> Keep {
+        assert_eq!(bits.len(), len.div_ceil(64), "a mask of {len} elements has {} words", len.div_ceil(64));
+        if len % 64 != 0 {
+            *bits.last_mut().expect("len > 0") &= (1u64 << (len % 64)) - 1;
+        }
+        Keep { bits, len, scale: 1.0 / (1.0 - p) }
+    }
+
     /// The mask as `{0, 1/(1-p)}` values.
     pub fn to_tensor(&self, shape: &Shape, device: &candle_core::Device) -> Result<Tensor> {
         let data: Vec<f32> = (0..self.len).map(|i| self.value(i)).collect();

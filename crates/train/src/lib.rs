@@ -90,22 +90,39 @@ impl SeededDropout {
 }
 
 impl DropoutMask for SeededDropout {
+    /// Element `i` is kept when the 16-bit part `i % 4` of the generator's
+    /// draw `i / 4` (a u64) is at least `p·65536`. The draws are made in
+    /// parallel tasks, each seeking the generator to its first draw, so the
+    /// mask is the one a single pass makes (and training's results do not
+    /// depend on the thread count).
     fn mask(&self, n: usize, p: f32) -> Option<Keep> {
+        use rayon::prelude::*;
         if p <= 0.0 {
             return None;
         }
-        // Compare 16-bit draws with the threshold: 4 elements per u64.
+        // Mask words per task: 16 draws (32 generator words) fill one.
+        const WORDS: usize = 1024;
         let threshold = (p * 65536.0) as u64;
         let mut rng = self.rng.borrow_mut();
-        let (mut bits, mut left) = (0u64, 0);
-        Some(Keep::from_fn(n, p, || {
-            if left == 0 {
-                (bits, left) = (rng.random(), 4);
+        let start = rng.get_word_pos();
+        let draws = n.div_ceil(4);
+        let mut bits = vec![0u64; n.div_ceil(64)];
+        let at_start: &ChaCha8Rng = &*rng;
+        bits.par_chunks_mut(WORDS).enumerate().for_each(|(task, words)| {
+            let mut r = at_start.clone();
+            r.set_word_pos(start + (task * WORDS * 32) as u128);
+            for (w, word) in words.iter_mut().enumerate() {
+                let first = (task * WORDS + w) * 16;
+                for d in 0..16.min(draws - first) {
+                    let x: u64 = r.random();
+                    for k in 0..4 {
+                        *word |= u64::from((x >> (16 * k)) & 0xffff >= threshold) << (d * 4 + k);
+                    }
+                }
             }
-            let r = bits & 0xffff;
-            (bits, left) = (bits >> 16, left - 1);
-            r >= threshold
-        }))
+        });
+        rng.set_word_pos(start + 2 * draws as u128);
+        Some(Keep::from_bits(bits, n, p))
     }
 }
 
@@ -241,4 +258,34 @@ pub fn masked_loss(model: &dyn CausalLm, hidden: &Tensor, ids: &[u32], mask: &[u
     let picked = hidden.index_select(&Tensor::new(positions.as_slice(), model.device())?, 0)?;
     let loss = model.loss(&picked, &targets)?;
     Ok((loss, positions.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The parallel masks are those of one pass over the generator (each
+    /// element's own 16 bits, in order), and leave the generator where that
+    /// pass would: at every size, across task boundaries, mask after mask.
+    #[test]
+    fn dropout_masks_equal_a_single_pass_over_the_generator() {
+        let (p, threshold) = (0.3f32, (0.3f32 * 65536.0) as u64);
+        let dropout = SeededDropout::new(7, 3, 1);
+        let mut reference = rng_for(7, "dropout", 3, 1);
+        for n in [1, 3, 4, 63, 64, 65, 130, 16 * 1024 * 64 + 5, 100_000] {
+            let mask = dropout.mask(n, p).unwrap();
+            let mut x = vec![1f32; n];
+            mask.mul_into(&vec![1f32; n], &mut x);
+            let (mut bits, mut left) = (0u64, 0);
+            for (i, &v) in x.iter().enumerate() {
+                if left == 0 {
+                    (bits, left) = (reference.random::<u64>(), 4);
+                }
+                let kept = bits & 0xffff >= threshold;
+                (bits, left) = (bits >> 16, left - 1);
+                assert_eq!(v != 0.0, kept, "n = {n}, element {i}");
+            }
+            assert_eq!(dropout.position(), reference.get_word_pos(), "n = {n}: the generator's position");
+        }
+    }
 }
