@@ -36,6 +36,14 @@ parser.add_argument("--precision", choices=["f32", "bf16"], default="f32")
 parser.add_argument("--gradient-checkpointing", action="store_true")
 args = parser.parse_args()
 
+# The examples first: the caller writes them before it reads what this
+# script prints.
+if args.examples == "-":
+    examples = json.load(sys.stdin)
+else:
+    with open(args.examples) as f:
+        examples = json.load(f)
+
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
 if args.model.endswith(".gguf"):
@@ -52,11 +60,6 @@ model.train()
 trainable = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
 
-if args.examples == "-":
-    examples = json.load(sys.stdin)
-else:
-    with open(args.examples) as f:
-        examples = json.load(f)
 tokens, seconds = 0, 0.0
 for step, example in enumerate(examples):
     ids = torch.tensor([example["input_ids"]])

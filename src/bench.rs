@@ -210,8 +210,12 @@ fn run_peft_bench(python: &Path, opts: &TrainOptions, threads: usize, examples: 
         .stderr(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("running {}", python.display()))?;
-    child.stdin.take().expect("piped").write_all(examples)?;
+    // Written beside the reads below, so that neither side waits on a full pipe.
+    let mut stdin = child.stdin.take().expect("piped");
+    let examples = examples.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&examples));
     let out = child.wait_with_output()?;
+    let written = writer.join().expect("the writer thread does not panic");
     let stderr = String::from_utf8_lossy(&out.stderr);
     anyhow::ensure!(
         out.status.success(),
@@ -219,6 +223,7 @@ fn run_peft_bench(python: &Path, opts: &TrainOptions, threads: usize, examples: 
         out.status,
         stderr.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
     );
+    written.context("writing the examples to the PEFT reference")?;
     let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string();
     serde_json::from_str(&line).with_context(|| format!("reading the PEFT reference's report: {line:?}"))
 }
