@@ -416,7 +416,7 @@ impl<'p> Decoding<'p> {
                 } else {
                     match next_text.added(t)? {
                         Some(added) => continuations.allows(&added),
-                        None => grammar.allows(&next_text.with(t)?),
+                        None => grammar.allows(&next_text.whole(t)?),
                     }
                 };
                 if ok {
@@ -486,8 +486,14 @@ impl<'a> NextText<'a> {
     pub fn with(&mut self, token: u32) -> Result<String> {
         match self.added(token)? {
             Some(added) => Ok(format!("{}{added}", self.text)),
-            None => decode(self.tokenizer, &[self.tokens, &[token]].concat()),
+            None => self.whole(token),
         }
+    }
+
+    /// The answer's text with `token` after it, decoded whole (where
+    /// [`Self::added`] could not tell).
+    pub fn whole(&self, token: u32) -> Result<String> {
+        decode(self.tokenizer, &[self.tokens, &[token]].concat())
     }
 }
 
