@@ -10,6 +10,9 @@
 #
 #   scripts/build-llama-cpp.sh            # prints the bin directory on stdout
 #   PIPELINE_RUNTIMES=DIR scripts/build-llama-cpp.sh
+#   LLAMA_ISA=avx2 scripts/build-llama-cpp.sh   # AVX2/FMA/F16C only, as on an
+#       AVX2 machine: compare with `PIPELINE_MAX_CPU_ISA=avx2 pipeline bench
+#       compare --llama-bench DIR/llama-bench` on an AVX-512 one
 set -euo pipefail
 
 version=0.3.36 # llama-cpp-python; vendors llama.cpp 0c1e570
@@ -22,6 +25,17 @@ cpu=$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | sha256sum | c
 # product segfaults on these models' Q4_K/Q5_0 weights (llama.cpp issue
 # 20824, closed unfixed), which GGML_NATIVE would otherwise switch on.
 variant=noamx
+isa_flags=(-DGGML_NATIVE=ON)
+case "${LLAMA_ISA:-native}" in
+  native) ;;
+  avx2)
+    variant=avx2
+    isa_flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+      -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF
+      -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+    ;;
+  *) die "LLAMA_ISA=$LLAMA_ISA: expected native or avx2" ;;
+esac
 prefix="$root/llama.cpp-$version-$variant-$cpu"
 bins=(llama-tokenize llama-perplexity llama-quantize llama-server llama-completion llama-bench)
 # Complete when every program is there: a build made before a program was
@@ -56,7 +70,7 @@ build="$prefix/build"
 no_amx=""
 [ "$(uname -m)" = x86_64 ] && no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 say "building llama.cpp ($(nproc) jobs) in $build"
-cmake -S "$src/vendor/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+cmake -S "$src/vendor/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release "${isa_flags[@]}" \
   -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
   -DBUILD_SHARED_LIBS=OFF >"$prefix.log" 2>&1 || { tail -30 "$prefix.log" >&2; die "cmake configure failed"; }

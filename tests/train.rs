@@ -475,6 +475,22 @@ fn bench_train_prints_the_json_contract() {
     assert_eq!(v["max_len"], 64);
     let mean = v["mean_tokens"].as_f64().unwrap();
     assert!(mean > 0.0 && mean <= 64.0, "{v}");
+    let kernels = v["kernels"].as_str().unwrap();
+    assert!(kernels.starts_with("vmath "), "{v}");
+    if std::env::var_os("PIPELINE_MAX_CPU_ISA").is_none() {
+        assert!(!kernels.contains("PIPELINE_MAX_CPU_ISA"), "{v}");
+    }
+    // Capped to the portable paths, the same command trains and says so.
+    let args = ["bench", "train", "--model", "tiny", "--max-len", "64", "--steps", "1", "--json"];
+    let out = p.cmd(&args).env("PIPELINE_MAX_CPU_ISA", "portable").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kernels = v["kernels"].as_str().unwrap();
+    let vmath = if cfg!(target_arch = "aarch64") { "vmath neon," } else { "vmath portable," };
+    for part in [vmath, "quantized gemv portable", "quantized prefill portable", "bf16 gemm widen-f32"] {
+        assert!(kernels.contains(part), "{part}: {kernels}");
+    }
+    assert!(kernels.ends_with("(PIPELINE_MAX_CPU_ISA=portable)"), "{kernels}");
 }
 
 /// `bench train --compare-peft` trains the same examples with PyTorch +

@@ -17,6 +17,8 @@
 //!   k-pairs, and each micro-kernel call keeps an `MR×NR` tile of `C` in
 //!   registers while it walks `KC` (L1-resident `B` panel, L2-resident `A`
 //!   rows);
+//! - **NEON BF16** (aarch64 with BF16: Apple M2 and later, Graviton 3 and
+//!   later): the same loop nest over `bfdot` micro-kernels (module `neon`);
 //! - **widen** (every other CPU): `B` is widened to f32 `NC` columns at a
 //!   time and multiplied by the `gemm` crate, so the memory saving holds
 //!   everywhere; the speed is f32's.
@@ -35,7 +37,12 @@ pub enum Path {
     /// `tdpbf16ps` on AMX tiles (AMX-BF16), see [`amx`].
     Amx,
     /// `vdpbf16ps` micro-kernels (AVX512-BF16).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Avx512Bf16,
+    /// `bfdot` micro-kernels (aarch64 BF16: Apple M2 and later, Graviton 3
+    /// and later).
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    NeonBf16,
     /// bf16 widened to f32, then the `gemm` crate.
     Widen,
 }
@@ -45,6 +52,7 @@ impl Path {
         match self {
             Path::Amx => "amx-bf16",
             Path::Avx512Bf16 => "avx512bf16",
+            Path::NeonBf16 => "neon-bf16",
             Path::Widen => "widen-f32",
         }
     }
@@ -66,20 +74,27 @@ pub fn paths() -> Vec<Path> {
             paths.push(Path::Amx);
         }
         if native_available() {
-            paths.push(Path::Avx512Bf16);
+            paths.push(if cfg!(target_arch = "aarch64") { Path::NeonBf16 } else { Path::Avx512Bf16 });
         }
     }
     paths.push(Path::Widen);
     paths
 }
 
-/// Whether the CPU has native bf16 dot products (AVX512-BF16).
+/// Whether the CPU has native bf16 dot products (AVX512-BF16; on aarch64
+/// BF16's `bfdot`) and `PIPELINE_MAX_CPU_ISA` allows them.
 pub fn native_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16")
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+            && crate::IsaCap::allows(crate::IsaCap::Avx512)
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("bf16") && crate::IsaCap::allows(crate::IsaCap::Avx2)
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         false
     }
@@ -160,7 +175,11 @@ pub fn gemm_with(
         #[cfg(target_arch = "x86_64")]
         Path::Amx if amx::available() => amx::gemm(m, n, k, c, ldc, accumulate, a, b, alpha),
         #[cfg(target_arch = "x86_64")]
-        Path::Avx512Bf16 if native_available() => native::gemm(m, n, k, c, ldc, accumulate, a, b, alpha),
+        Path::Avx512Bf16 if native_available() => {
+            blis::gemm::<native::Avx512Bf16>(m, n, k, c, ldc, accumulate, a, b, alpha)
+        }
+        #[cfg(target_arch = "aarch64")]
+        Path::NeonBf16 if native_available() => blis::gemm::<neon::NeonBf16>(m, n, k, c, ldc, accumulate, a, b, alpha),
         _ => widen_gemm(m, n, k, c, ldc, accumulate, a, b, alpha),
     }
 }
@@ -260,24 +279,86 @@ fn widen_gemm(
 #[cfg(target_arch = "x86_64")]
 mod amx;
 
-#[cfg(target_arch = "x86_64")]
-mod native {
-    //! The AVX512-BF16 path: bf16 pairs packed as `u32` words (element `2p`
-    //! in the low half, `2p+1` in the high half, as `vdpbf16ps` pairs them).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+mod blis {
+    //! The loop nest of the native paths (AVX512-BF16, NEON BF16), after
+    //! BLIS: bf16 pairs packed as `u32` words (element `2p` in the low half,
+    //! `2p+1` in the high half, as `vdpbf16ps` and `bfdot` pair them); a
+    //! `KC×NC` block of `B` packed into `NR`-column panels of k-pairs, and
+    //! each micro-kernel call keeping an `MR×NR` tile of `C` in registers
+    //! while it walks `KC`. A [`Kernel`] is one instruction set's tile.
     use super::*;
-    use half::bf16;
-    use std::arch::x86_64::*;
 
-    /// Rows of `C` per micro-kernel tile.
-    const MR: usize = 8;
-    /// Columns of `C` per tile (two 16-lane registers).
-    pub(super) const NR: usize = 32;
     /// k-pairs per packed block of `B` (512 values of k).
-    const KCP: usize = 256;
+    pub(super) const KCP: usize = 256;
     /// Columns per packed block of `B`.
-    const NC: usize = 512;
+    pub(super) const NC: usize = 512;
     /// Rows of `C` per parallel task.
     const MC: usize = 64;
+
+    /// One micro-kernel call: `C = [C +] α·Σ_p A[.., p]·B[p, ..]` over
+    /// `kcp` k-pairs; `a` reads MR rows `lda` words apart, `b` is one packed
+    /// panel, and only the first `mr` rows and `nr` columns of the tile at
+    /// `c` (rows `ldc` apart) are written.
+    #[derive(Clone, Copy)]
+    pub(super) struct Tile {
+        pub kcp: usize,
+        pub a: *const u32,
+        pub lda: usize,
+        pub b: *const u32,
+        pub c: *mut f32,
+        pub ldc: usize,
+        pub mr: usize,
+        pub nr: usize,
+        pub load: bool,
+        pub alpha: f32,
+    }
+
+    /// One instruction set's micro-kernel and operand preparation.
+    pub(super) trait Kernel {
+        /// Rows of `C` per micro-kernel tile.
+        const MR: usize;
+        /// Columns of `C` per tile.
+        const NR: usize;
+
+        /// One `MR×NR` tile ([`Tile`]).
+        ///
+        /// # Safety
+        /// The CPU has the kernel's instructions; `a` holds `kcp` words per
+        /// row (MR rows), `b` `kcp·NR` words, and the `mr×nr` tile lies
+        /// inside `c`.
+        unsafe fn tile(t: Tile);
+
+        /// [`Kernel::tile`] with the result transposed: tile row `r` (a row
+        /// of `W`) is column `r` of `C`, tile column `t` (a row of `A`) is
+        /// row `t`; `a` may be unaligned.
+        ///
+        /// # Safety
+        /// As for [`Kernel::tile`], with `mr` columns and `nr` rows of `c`.
+        unsafe fn tile_t(t: Tile);
+
+        /// Row `i` of `A` (`k` values) as k-pairs rounded to bf16
+        /// (nearest-even), into the first `⌈k/2⌉` words of `row`.
+        fn rounded_row(a: Operand<f32>, i: usize, k: usize, row: &mut [u32]) {
+            let kp = k.div_ceil(2);
+            for (p, w) in row[..kp].iter_mut().enumerate() {
+                let hi = if 2 * p + 1 < k { a.at(i, 2 * p + 1) } else { 0.0 };
+                *w = pair(bf16::from_f32(a.at(i, 2 * p)), bf16::from_f32(hi));
+            }
+        }
+
+        /// `panel[p][lane] = pair(B[2(p0+p)][j0+lane], B[2(p0+p)+1][j0+lane])`
+        /// for `p < kcp`, a full panel of a `B` whose rows are contiguous and
+        /// hold rows 2·(p0+p) + 1 < k.
+        fn interleave_rows(b: Operand<bf16>, p0: usize, kcp: usize, j0: usize, panel: &mut [u32]) {
+            for p in 0..kcp {
+                let (r0, r1) = (2 * (p0 + p) * b.rs + j0, (2 * (p0 + p) + 1) * b.rs + j0);
+                for (lane, w) in panel[p * Self::NR..(p + 1) * Self::NR].iter_mut().enumerate() {
+                    *w = pair(b.data[r0 + lane], b.data[r1 + lane]);
+                }
+            }
+        }
+    }
 
     /// Two bf16 as one word, `lo` first.
     pub(super) fn pair(lo: bf16, hi: bf16) -> u32 {
@@ -285,7 +366,8 @@ mod native {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm(
+    /// [`super::gemm`] by the kernel `K`.
+    pub(super) fn gemm<K: Kernel>(
         m: usize,
         n: usize,
         k: usize,
@@ -297,25 +379,25 @@ mod native {
         alpha: f32,
     ) {
         if m <= SWAP_MAX_M && n >= 8 * m && b.rs == 1 && k % 2 == 0 && b.cs % 2 == 0 {
-            return swapped(m, n, k, c, ldc, accumulate, a, b, alpha);
+            return swapped::<K>(m, n, k, c, ldc, accumulate, a, b, alpha);
         }
         let kp = k.div_ceil(2);
-        let m_pad = m.next_multiple_of(MR);
+        let m_pad = m.next_multiple_of(K::MR);
         // `A` rounded to bf16 once, row-major in k-pairs, zero-padded to
         // whole tiles (the micro-kernel always reads MR rows).
         let mut a16 = vec![0u32; m_pad * kp];
-        a16.par_chunks_mut(kp).take(m).enumerate().for_each(|(i, row)| rounded_row(a, i, k, row));
+        a16.par_chunks_mut(kp).take(m).enumerate().for_each(|(i, row)| K::rounded_row(a, i, k, row));
         let c_addr = c.as_mut_ptr() as usize;
-        let mut packed = vec![0u32; KCP * NC.min(n).next_multiple_of(NR)];
+        let mut packed = vec![0u32; KCP * NC.min(n).next_multiple_of(K::NR)];
         for j0 in (0..n).step_by(NC) {
             let nc = NC.min(n - j0);
-            let panels = nc.div_ceil(NR);
+            let panels = nc.div_ceil(K::NR);
             for p0 in (0..kp).step_by(KCP) {
                 let kcp = KCP.min(kp - p0);
-                let bp = &mut packed[..panels * kcp * NR];
-                bp.par_chunks_mut(kcp * NR)
-                    .enumerate()
-                    .for_each(|(q, panel)| pack_b(b, k, p0, kcp, j0 + q * NR, (j0 + nc).min(j0 + q * NR + NR), panel));
+                let bp = &mut packed[..panels * kcp * K::NR];
+                bp.par_chunks_mut(kcp * K::NR).enumerate().for_each(|(q, panel)| {
+                    pack_b::<K>(b, k, p0, kcp, j0 + q * K::NR, (j0 + nc).min(j0 + q * K::NR + K::NR), panel)
+                });
                 let bp = &*bp;
                 let load = accumulate || p0 > 0;
                 let row_blocks = m.div_ceil(MC);
@@ -327,27 +409,27 @@ mod native {
                     let (rb, cg) = (task / col_groups, task % col_groups);
                     let rows = rb * MC..(rb * MC + MC).min(m);
                     for q in cg * per_group..(cg * per_group + per_group).min(panels) {
-                        let col = j0 + q * NR;
-                        let nr = NR.min(j0 + nc - col);
-                        let panel = &bp[q * kcp * NR..(q + 1) * kcp * NR];
-                        for i in rows.clone().step_by(MR) {
-                            let mr = MR.min(m - i);
+                        let col = j0 + q * K::NR;
+                        let nr = K::NR.min(j0 + nc - col);
+                        let panel = &bp[q * kcp * K::NR..(q + 1) * kcp * K::NR];
+                        for i in rows.clone().step_by(K::MR) {
+                            let mr = K::MR.min(m - i);
                             // SAFETY: tiles of different tasks are disjoint;
                             // `a16` has `m_pad` rows; the tile's `mr×nr`
                             // elements lie inside `c` (checked by the caller).
                             unsafe {
-                                tile(
+                                K::tile(Tile {
                                     kcp,
-                                    a16.as_ptr().add(i * kp + p0),
-                                    kp,
-                                    panel.as_ptr(),
-                                    (c_addr as *mut f32).add(i * ldc + col),
+                                    a: a16.as_ptr().add(i * kp + p0),
+                                    lda: kp,
+                                    b: panel.as_ptr(),
+                                    c: (c_addr as *mut f32).add(i * ldc + col),
                                     ldc,
                                     mr,
                                     nr,
                                     load,
                                     alpha,
-                                )
+                                })
                             }
                         }
                     }
@@ -359,31 +441,38 @@ mod native {
     /// Packs `B[2·p0.., j0..j1]` (`kcp` k-pairs) into one panel: word
     /// `[p][lane]` pairs `B[2p][j0+lane]` with `B[2p+1][j0+lane]`; lanes
     /// past `j1` and k past the end are zero.
-    pub(super) fn pack_b(b: Operand<bf16>, k: usize, p0: usize, kcp: usize, j0: usize, j1: usize, panel: &mut [u32]) {
+    pub(super) fn pack_b<K: Kernel>(
+        b: Operand<bf16>,
+        k: usize,
+        p0: usize,
+        kcp: usize,
+        j0: usize,
+        j1: usize,
+        panel: &mut [u32],
+    ) {
         let zero = bf16::ZERO;
         let mut from = 0;
-        if b.cs == 1 && j1 - j0 == NR {
+        if b.cs == 1 && j1 - j0 == K::NR {
             // Rows of `B` contiguous (the backward's `W`): interleave two rows
             // 32 columns at a time.
             from = kcp.min((k / 2).saturating_sub(p0));
-            // SAFETY: the caller checked the CPU; rows 2·(p0+p)+1 < k for p < from.
-            unsafe { interleave_rows(b, p0, from, j0, panel) };
+            K::interleave_rows(b, p0, from, j0, panel);
         } else if b.rs == 1 && b.cs % 2 == 0 {
             // Columns of `B` contiguous (the forward's `Wᵀ`): column j's
             // k-pairs are consecutive words of `W`'s row j, copied a row at
             // a time (sequential reads) into the panel's column.
             from = kcp.min((k / 2).saturating_sub(p0));
-            panel[..from * NR].fill(0);
+            panel[..from * K::NR].fill(0);
             for (lane, j) in (j0..j1).enumerate() {
                 let words = b.data[j * b.cs + 2 * p0..][..2 * from].chunks_exact(2);
                 for (p, w) in words.enumerate() {
-                    panel[p * NR + lane] = pair(w[0], w[1]);
+                    panel[p * K::NR + lane] = pair(w[0], w[1]);
                 }
             }
         }
         for p in from..kcp {
             let (k0, k1) = (2 * (p0 + p), 2 * (p0 + p) + 1);
-            let dst = &mut panel[p * NR..(p + 1) * NR];
+            let dst = &mut panel[p * K::NR..(p + 1) * K::NR];
             for (lane, w) in dst.iter_mut().enumerate() {
                 let j = j0 + lane;
                 *w = if j < j1 { pair(b.at(k0, j), if k1 < k { b.at(k1, j) } else { zero }) } else { 0 };
@@ -391,29 +480,8 @@ mod native {
         }
     }
 
-    /// `panel[p][lane] = pair(B[2(p0+p)][j0+lane], B[2(p0+p)+1][j0+lane])` for
-    /// `p < kcp`, a full panel of a `B` whose rows are contiguous.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn interleave_rows(b: Operand<bf16>, p0: usize, kcp: usize, j0: usize, panel: &mut [u32]) {
-        // Word l of the low half pairs element l of both rows; the high half, l + 16.
-        let lo: [u16; 32] = std::array::from_fn(|i| if i % 2 == 0 { i as u16 / 2 } else { 32 + i as u16 / 2 });
-        let hi: [u16; 32] = std::array::from_fn(|i| lo[i] + 16);
-        // SAFETY: the caller guarantees rows 2·(p0+p) and 2·(p0+p)+1 hold
-        // columns j0..j0+32 for p < kcp, and `panel` holds kcp·NR words.
-        unsafe {
-            let (lo, hi) = (_mm512_loadu_si512(lo.as_ptr() as *const _), _mm512_loadu_si512(hi.as_ptr() as *const _));
-            for p in 0..kcp {
-                let r0 = b.data.as_ptr().add(2 * (p0 + p) * b.rs + j0);
-                let (x, y) = (_mm512_loadu_si512(r0 as *const _), _mm512_loadu_si512(r0.add(b.rs) as *const _));
-                let dst = panel.as_mut_ptr().add(p * NR);
-                _mm512_storeu_si512(dst as *mut _, _mm512_permutex2var_epi16(x, lo, y));
-                _mm512_storeu_si512(dst.add(16) as *mut _, _mm512_permutex2var_epi16(x, hi, y));
-            }
-        }
-    }
-
     /// Largest `m` multiplied with the operands swapped (see [`swapped`]).
-    const SWAP_MAX_M: usize = 256;
+    pub(super) const SWAP_MAX_M: usize = 256;
 
     /// `C = [C +] α·A·Wᵀ` for few rows of `A` and a wide row-major `W`
     /// (`B = Wᵀ`: the LM head on a 64-row chunk) computed as
@@ -422,7 +490,7 @@ mod native {
     /// packed — packing all of `W` per call would cost as much as the
     /// product.
     #[allow(clippy::too_many_arguments)]
-    fn swapped(
+    fn swapped<K: Kernel>(
         m: usize,
         n: usize,
         k: usize,
@@ -438,16 +506,16 @@ mod native {
         let w = b.data.as_ptr() as usize;
         // The last rows of `W` in a whole zero-padded group (the
         // micro-kernel always reads MR rows).
-        let (full, tail) = w_tail(b, n, kp, MR);
-        let panels = m.div_ceil(NR);
-        let ap = a_panels(a, m, kp, NR);
+        let (full, tail) = w_tail(b, n, kp, K::MR);
+        let panels = m.div_ceil(K::NR);
+        let ap = a_panels(a, m, kp, K::NR);
         let c_addr = c.as_mut_ptr() as usize;
         const ROWS_PER_TASK: usize = 64;
         (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
             let rows = task * ROWS_PER_TASK..(task * ROWS_PER_TASK + ROWS_PER_TASK).min(n);
             for p0 in (0..kp).step_by(KCP) {
                 let kcp = KCP.min(kp - p0);
-                for j in rows.clone().step_by(MR) {
+                for j in rows.clone().step_by(K::MR) {
                     let (src, lda) = if j < full {
                         ((w as *const u32).wrapping_add(j * ldw + p0), ldw)
                     } else {
@@ -459,18 +527,18 @@ mod native {
                         // transposed tile lies inside `c`; tasks own disjoint
                         // columns of `C`.
                         unsafe {
-                            tile_t(
+                            K::tile_t(Tile {
                                 kcp,
-                                src,
+                                a: src,
                                 lda,
-                                ap.as_ptr().add(q * kp * NR + p0 * NR),
-                                (c_addr as *mut f32).add(q * NR * ldc + j),
+                                b: ap.as_ptr().add(q * kp * K::NR + p0 * K::NR),
+                                c: (c_addr as *mut f32).add(q * K::NR * ldc + j),
                                 ldc,
-                                MR.min(n - j),
-                                NR.min(m - q * NR),
-                                accumulate || p0 > 0,
+                                mr: K::MR.min(n - j),
+                                nr: K::NR.min(m - q * K::NR),
+                                load: accumulate || p0 > 0,
                                 alpha,
-                            )
+                            })
                         }
                     }
                 }
@@ -506,6 +574,168 @@ mod native {
         });
         ap
     }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    //! The aarch64 BF16 path's micro-kernel ([`super::blis`]): `bfdot`
+    //! multiplies a register of four columns' k-pairs by one row's k-pair
+    //! (broadcast) and adds each pair's two products to an f32 lane: 8
+    //! multiply-adds per instruction, twice an f32 FMA's 4.
+    use super::blis::{Kernel, Tile};
+    use std::arch::aarch64::*;
+
+    /// Rows of `C` per micro-kernel tile.
+    const MR: usize = 4;
+    /// Columns of `C` per tile (four 4-lane registers).
+    const NR: usize = 16;
+
+    /// The BF16 kernel (the CPU must have it: [`super::native_available`]).
+    pub(super) struct NeonBf16;
+
+    impl Kernel for NeonBf16 {
+        const MR: usize = MR;
+        const NR: usize = NR;
+
+        unsafe fn tile(t: Tile) {
+            let Tile { kcp, a, lda, b, c, ldc, mr, nr, load, alpha } = t;
+            // SAFETY: the trait's contract.
+            let out = unsafe { accumulate(kcp, a, lda, b) };
+            for (r, o) in out.iter().enumerate().take(mr) {
+                for (t, &v) in o.iter().enumerate().take(nr) {
+                    // SAFETY: (r, t) lies in the tile the caller gave.
+                    unsafe {
+                        let dst = c.add(r * ldc + t);
+                        *dst = if load { *dst + alpha * v } else { alpha * v };
+                    }
+                }
+            }
+        }
+
+        unsafe fn tile_t(t: Tile) {
+            let Tile { kcp, a, lda, b, c, ldc, mr, nr, load, alpha } = t;
+            // SAFETY: the trait's contract.
+            let out = unsafe { accumulate(kcp, a, lda, b) };
+            for t in 0..nr {
+                for (r, o) in out.iter().enumerate().take(mr) {
+                    // SAFETY: (t, r) lies in the transposed tile the caller gave.
+                    unsafe {
+                        let dst = c.add(t * ldc + r);
+                        *dst = if load { *dst + alpha * o[t] } else { alpha * o[t] };
+                    }
+                }
+            }
+        }
+    }
+
+    /// `acc + a₀b₀ + a₁b₁` per f32 lane, for the bf16 pairs of `a` and `b`.
+    #[inline]
+    #[target_feature(enable = "neon,bf16")]
+    unsafe fn bfdot(mut acc: float32x4_t, a: uint32x4_t, b: uint32x4_t) -> float32x4_t {
+        // SAFETY: registers only; the CPU has BF16.
+        unsafe {
+            std::arch::asm!(
+                "bfdot {acc:v}.4s, {a:v}.8h, {b:v}.8h",
+                acc = inout(vreg) acc,
+                a = in(vreg) a,
+                b = in(vreg) b,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+        }
+        acc
+    }
+
+    /// The `MR×NR` sums of one tile over `kcp` k-pairs (kept in registers
+    /// while `p` runs): `a` has MR rows `lda` words apart (read unaligned),
+    /// `b` is one packed panel.
+    #[target_feature(enable = "neon,bf16")]
+    unsafe fn accumulate(kcp: usize, a: *const u32, lda: usize, b: *const u32) -> [[f32; NR]; MR] {
+        let mut acc = [[vdupq_n_f32(0.0); NR / 4]; MR];
+        // SAFETY: the callers' (`tile`, `tile_t`) bounds.
+        unsafe {
+            for p in 0..kcp {
+                let bv: [uint32x4_t; NR / 4] = std::array::from_fn(|q| vld1q_u32(b.add(p * NR + 4 * q)));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av = vdupq_n_u32(a.add(r * lda + p).read_unaligned());
+                    for (q, acc) in acc.iter_mut().enumerate() {
+                        *acc = bfdot(*acc, bv[q], av);
+                    }
+                }
+            }
+        }
+        let mut out = [[0f32; NR]; MR];
+        for (o, acc) in out.iter_mut().zip(&acc) {
+            for (q, v) in acc.iter().enumerate() {
+                // SAFETY: four floats at 4q lie inside the row of NR.
+                unsafe { vst1q_f32(o.as_mut_ptr().add(4 * q), *v) };
+            }
+        }
+        out
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod native {
+    //! The AVX512-BF16 path's micro-kernel ([`super::blis`]): `vdpbf16ps`
+    //! on 16-lane registers, `A` rounded with `vcvtne2ps2bf16`.
+    use super::blis::{Kernel, Tile, pair};
+    use super::*;
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    /// Rows of `C` per micro-kernel tile.
+    const MR: usize = 8;
+    /// Columns of `C` per tile (two 16-lane registers).
+    pub(super) const NR: usize = 32;
+
+    /// The AVX512-BF16 kernel (the CPU must have it: [`native_available`]).
+    pub(super) struct Avx512Bf16;
+
+    impl Kernel for Avx512Bf16 {
+        const MR: usize = MR;
+        const NR: usize = NR;
+
+        unsafe fn tile(t: Tile) {
+            // SAFETY: the trait's contract.
+            unsafe { tile(t) }
+        }
+
+        unsafe fn tile_t(t: Tile) {
+            // SAFETY: the trait's contract.
+            unsafe { tile_t(t) }
+        }
+
+        fn rounded_row(a: Operand<f32>, i: usize, k: usize, row: &mut [u32]) {
+            rounded_row(a, i, k, row)
+        }
+
+        fn interleave_rows(b: Operand<bf16>, p0: usize, kcp: usize, j0: usize, panel: &mut [u32]) {
+            // SAFETY: this kernel runs only where the CPU has AVX-512
+            // (`native_available`); the caller guarantees the rows.
+            unsafe { interleave_rows_avx512(b, p0, kcp, j0, panel) }
+        }
+    }
+
+    /// `panel[p][lane] = pair(B[2(p0+p)][j0+lane], B[2(p0+p)+1][j0+lane])` for
+    /// `p < kcp`, a full panel of a `B` whose rows are contiguous.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn interleave_rows_avx512(b: Operand<bf16>, p0: usize, kcp: usize, j0: usize, panel: &mut [u32]) {
+        // Word l of the low half pairs element l of both rows; the high half, l + 16.
+        let lo: [u16; 32] = std::array::from_fn(|i| if i % 2 == 0 { i as u16 / 2 } else { 32 + i as u16 / 2 });
+        let hi: [u16; 32] = std::array::from_fn(|i| lo[i] + 16);
+        // SAFETY: the caller guarantees rows 2·(p0+p) and 2·(p0+p)+1 hold
+        // columns j0..j0+32 for p < kcp, and `panel` holds kcp·NR words.
+        unsafe {
+            let (lo, hi) = (_mm512_loadu_si512(lo.as_ptr() as *const _), _mm512_loadu_si512(hi.as_ptr() as *const _));
+            for p in 0..kcp {
+                let r0 = b.data.as_ptr().add(2 * (p0 + p) * b.rs + j0);
+                let (x, y) = (_mm512_loadu_si512(r0 as *const _), _mm512_loadu_si512(r0.add(b.rs) as *const _));
+                let dst = panel.as_mut_ptr().add(p * NR);
+                _mm512_storeu_si512(dst as *mut _, _mm512_permutex2var_epi16(x, lo, y));
+                _mm512_storeu_si512(dst.add(16) as *mut _, _mm512_permutex2var_epi16(x, hi, y));
+            }
+        }
+    }
 
     /// The `MR×NR` products of one tile over `kcp` k-pairs, in registers:
     /// `a` has MR rows `lda` words apart (read unaligned: `W`'s own rows on
@@ -530,23 +760,10 @@ mod native {
         acc
     }
 
-    /// [`tile`] with the result transposed: tile row `r` (a row of `W`) is
-    /// column `r` of `C`, tile column `t` (a row of `A`) is row `t`; `a`
-    /// may be unaligned.
-    #[allow(clippy::too_many_arguments)]
+    /// [`Kernel::tile_t`] on AVX512-BF16.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn tile_t(
-        kcp: usize,
-        a: *const u32,
-        lda: usize,
-        b: *const u32,
-        c: *mut f32,
-        ldc: usize,
-        mr: usize,
-        nr: usize,
-        load: bool,
-        alpha: f32,
-    ) {
+    unsafe fn tile_t(t: Tile) {
+        let Tile { kcp, a, lda, b, c, ldc, mr, nr, load, alpha } = t;
         let mut out = [[0f32; NR]; MR];
         // SAFETY: as for `tile`, with `mr` columns and `nr` rows of `c`.
         unsafe {
@@ -599,23 +816,11 @@ mod native {
         }
     }
 
-    /// One `MR×NR` tile: `C = [C +] α·Σ_p A[.., p]·B[p, ..]` over `kcp`
-    /// k-pairs; `a` reads rows `lda` words apart, `b` is one packed panel.
-    /// Only the first `mr` rows and `nr` columns are written.
-    #[allow(clippy::too_many_arguments)]
+    /// [`Kernel::tile`] on AVX512-BF16: the sums stored from registers,
+    /// masked to the tile's `nr` columns.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn tile(
-        kcp: usize,
-        a: *const u32,
-        lda: usize,
-        b: *const u32,
-        c: *mut f32,
-        ldc: usize,
-        mr: usize,
-        nr: usize,
-        load: bool,
-        alpha: f32,
-    ) {
+    unsafe fn tile(t: Tile) {
+        let Tile { kcp, a, lda, b, c, ldc, mr, nr, load, alpha } = t;
         // SAFETY (whole body): the caller guarantees `kcp` words per row of
         // `a` (MR rows), `kcp·NR` words of `b`, and the `mr×nr` tile of `c`.
         unsafe {
@@ -747,7 +952,9 @@ mod tests {
     #[test]
     fn every_path_matches_the_f64_reference() {
         let paths = paths();
-        for missing in [Path::Amx, Path::Avx512Bf16].into_iter().filter(|p| !paths.contains(p)) {
+        let native =
+            if cfg!(target_arch = "aarch64") { vec![Path::NeonBf16] } else { vec![Path::Amx, Path::Avx512Bf16] };
+        for missing in native.into_iter().filter(|p| !paths.contains(p)) {
             eprintln!("SKIPPED: the {} path (not on this CPU); tested: {paths:?}", missing.name());
         }
         for path in paths {

@@ -14,7 +14,9 @@
 //!   multiplied as the unsigned `q` (unsigned × signed is one instruction),
 //!   and `16·Σx` per block, computed once with the quantized input, is
 //!   subtracted afterwards; eight blocks' sums are scaled together, and
-//!   eight rows' results reduced into one vector store.
+//!   eight rows' results reduced into one vector store. On aarch64 with the
+//!   dot-product extension, `sdot` multiplies signed bytes (Q5_0 expanded
+//!   to `q − 16`) and four blocks' sums are scaled together.
 //! - **Q4_K and Q6_K** rows go through candle's block dot products.
 //! - Other types, and other devices, use candle's `QMatMul`.
 //!
@@ -64,6 +66,8 @@ impl QuantLinear {
             GgmlDType::Q8_0 | GgmlDType::Q5_0 if device.is_cpu() => Kind::Q32(Blocks32::new(&q.data()?, q.dtype())),
             GgmlDType::Q4K if device.is_cpu() => Kind::Q4K(blocks(&q.data()?)),
             GgmlDType::Q6K if device.is_cpu() => Kind::Q6K(blocks(&q.data()?)),
+            // Candle's aarch64 block products use `sdot` unconditionally.
+            _ if device.is_cpu() && !candle_simd_runs() => Kind::Candle(QMatMul::Tensor(q.dequantize(device)?)),
             _ => Kind::Candle(QMatMul::from_qtensor(q)?),
         };
         Ok(QuantLinear { out, inp, rows, kind, panels: None })
@@ -214,9 +218,37 @@ fn quantize_q8k(x: &[f32]) -> Vec<BlockQ8K> {
     q
 }
 
-/// `f` over an array of N items, giving N tensors or the first error.
+/// Whether candle's own quantized block products run on this CPU: on
+/// aarch64 they are compiled with the dot-product extension's `sdot`
+/// whatever the CPU (an ARMv8.0 core such as the Raspberry Pi 4's Cortex-A72
+/// stops on them with SIGILL), so there its plain-Rust products are used, or
+/// the weight is dequantized. Elsewhere they choose by compile-time features.
+fn candle_simd_runs() -> bool {
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("dotprod")
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        true
+    }
+}
+
 /// The instruction set the quantized products use on this CPU.
+/// (Detected once.)
 pub fn path() -> &'static str {
+    static PATH: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    PATH.get_or_init(detect_path)
+}
+
+fn detect_path() -> &'static str {
+    if !crate::IsaCap::allows(crate::IsaCap::Avx2) {
+        return "portable";
+    }
+    #[cfg(target_arch = "aarch64")]
+    if std::arch::is_aarch64_feature_detected!("dotprod") {
+        return "neon+dotprod";
+    }
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2")
@@ -229,6 +261,7 @@ pub fn path() -> &'static str {
     "portable"
 }
 
+/// `f` over an array of N items, giving N tensors or the first error.
 pub fn try_map<T, const N: usize>(items: [T; N], f: impl FnMut(T) -> Result<Tensor>) -> Result<[Tensor; N]> {
     try_map_iter(items.into_iter().map(f))
 }
@@ -302,13 +335,21 @@ impl Blocks32 {
     /// Rows `r0..r0 + n` of `W·xᵢ` for the inputs `x` (at most
     /// [`INPUTS_PER_PASS`]); `y` gets `[k][n]`.
     fn rows(&self, r0: usize, x: Inputs<'_>, y: &mut [f32]) {
+        #[cfg(target_arch = "aarch64")]
+        if path() == "neon+dotprod" {
+            // SAFETY: the CPU has the dot-product extension; the arrays
+            // hold every block of rows r0..r0 + n.
+            return unsafe {
+                match &self.values {
+                    Values::I8(v) => rows_i8_neon(v, &self.scales, r0, x, y),
+                    Values::Five { lo, hi } => rows_q5_neon(lo, hi, &self.scales, r0, x, y),
+                }
+            };
+        }
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-            {
-                // SAFETY: the CPU has the features just checked; the arrays
+            if path() == "avx2+fma+f16c" {
+                // SAFETY: the CPU has the features `path` checked; the arrays
                 // hold every block of rows r0..r0 + n.
                 return unsafe {
                     match &self.values {
@@ -318,6 +359,11 @@ impl Blocks32 {
                 };
             }
         }
+        self.rows_portable(r0, x, y)
+    }
+
+    /// [`Blocks32::rows`] in plain Rust.
+    fn rows_portable(&self, r0: usize, x: Inputs<'_>, y: &mut [f32]) {
         let nb = x.nb;
         let n = y.len() / x.count();
         for (i, yi) in y.chunks_mut(n).enumerate() {
@@ -376,6 +422,7 @@ const INPUTS_PER_PASS: usize = 4;
 /// the weights (software prefetch): the rows of a task are one stream, but
 /// the hardware prefetchers alone left the LM head at ~20 GB/s of the
 /// ~30 GB/s two cores read (measured with `examples/gemv_speed.rs`).
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_BLOCKS: usize = 64;
 
 /// The task of [`QuantLinear::forward_many`] from row `r0` on for a
@@ -385,8 +432,12 @@ fn rows_blocks<T: GgmlType<VecDotType = BlockQ8K>>(w: &[T], inp: usize, xq: &[Bl
     let n = xq.len() / nb;
     for (i, y) in out.chunks_mut(out.len() / n).enumerate() {
         for (j, yv) in y.iter_mut().enumerate() {
-            let r = r0 + j;
-            *yv = T::vec_dot(inp, &w[r * nb..(r + 1) * nb], &xq[i * nb..(i + 1) * nb]);
+            let (r, x) = (r0 + j, &xq[i * nb..(i + 1) * nb]);
+            *yv = if candle_simd_runs() {
+                T::vec_dot(inp, &w[r * nb..(r + 1) * nb], x)
+            } else {
+                T::vec_dot_unopt(inp, &w[r * nb..(r + 1) * nb], x)
+            };
         }
     }
 }
@@ -401,6 +452,9 @@ pub(crate) struct Quantized {
     /// `16·Σq` per block, then 8 zeros (the kernels read 8 at a time).
     pub(crate) sums: Vec<i32>,
     nb: usize,
+    /// `q + 128` as bytes, made once for all the products that take it
+    /// ([`Quantized::shifted`]).
+    shifted: std::sync::OnceLock<Vec<u8>>,
 }
 
 impl Quantized {
@@ -417,7 +471,15 @@ impl Quantized {
             .zip(sums.chunks_mut(per_task / 32))
             .collect();
         super::team::for_each(tasks, |(((x, q), d), sums)| quantize_blocks(x, q, d, sums));
-        Quantized { q, d, sums, nb: inp / 32 }
+        Quantized { q, d, sums, nb: inp / 32, shifted: std::sync::OnceLock::new() }
+    }
+
+    /// The values plus 128, as unsigned bytes (what AVX-512 VNNI's
+    /// unsigned × signed products take for signed weights), computed on
+    /// first use: the layers that share an input (q, k, v; gate, up) share
+    /// the copy.
+    pub(crate) fn shifted(&self) -> &[u8] {
+        self.shifted.get_or_init(|| self.q.iter().map(|&v| (v as u8) ^ 0x80).collect())
     }
 
     /// Inputs `i..i + k`.
@@ -436,6 +498,11 @@ impl Quantized {
 /// llama.cpp's AVX2 quantization rounds), their scales `d = max|x|/127` (as
 /// f16) into `d`, and `16·Σq` into `sums`, block by block.
 fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
+    #[cfg(target_arch = "aarch64")]
+    if path() == "neon+dotprod" {
+        // SAFETY: the CPU has NEON; the slices hold x.len() / 32 blocks.
+        return unsafe { quantize_blocks_neon(x, q, d, sums) };
+    }
     #[cfg(target_arch = "x86_64")]
     {
         if path() == "avx2+fma+f16c" {
@@ -502,6 +569,7 @@ struct Inputs<'a> {
     q: &'a [i8],
     d: &'a [f32],
     /// From the first input's first block to the end of the padded array.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     sums: &'a [i32],
     nb: usize,
 }
@@ -692,6 +760,170 @@ unsafe fn rows_k<const K: usize, const UNSIGNED: bool>(
     }
 }
 
+/// [`quantize_blocks`] on NEON: the same values, scales and sums
+/// (`vcvtnq` rounds to nearest, ties to even).
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn quantize_blocks_neon(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
+    use std::arch::aarch64::*;
+    for (((xb, qb), db), sb) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(d).zip(sums) {
+        // SAFETY: each block has 32 values and 32 bytes.
+        unsafe {
+            let v: [float32x4_t; 8] = std::array::from_fn(|i| vld1q_f32(xb.as_ptr().add(4 * i)));
+            let mut m = vabsq_f32(v[0]);
+            for vi in &v[1..] {
+                m = vmaxq_f32(m, vabsq_f32(*vi));
+            }
+            let scale = vmaxvq_f32(m) / 127.0;
+            *db = f16::from_f32(scale).to_f32();
+            let inv = vdupq_n_f32(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+            let i: [int32x4_t; 8] = std::array::from_fn(|j| vcvtnq_s32_f32(vmulq_f32(v[j], inv)));
+            let mut total = i[0];
+            for ij in &i[1..] {
+                total = vaddq_s32(total, *ij);
+            }
+            *sb = 16 * vaddvq_s32(total);
+            for h in 0..2 {
+                let w = |j: usize| vcombine_s16(vqmovn_s32(i[4 * h + 2 * j]), vqmovn_s32(i[4 * h + 2 * j + 1]));
+                vst1q_s8(qb.as_mut_ptr().add(16 * h), vcombine_s8(vqmovn_s16(w(0)), vqmovn_s16(w(1))));
+            }
+        }
+    }
+}
+
+/// `acc + Σ a·b` over groups of four signed bytes (`sdot`).
+#[cfg(target_arch = "aarch64")]
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn sdot(
+    mut acc: std::arch::aarch64::int32x4_t,
+    a: std::arch::aarch64::int8x16_t,
+    b: std::arch::aarch64::int8x16_t,
+) -> std::arch::aarch64::int32x4_t {
+    // SAFETY: registers only; the CPU has the dot-product extension.
+    unsafe {
+        std::arch::asm!(
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    acc
+}
+
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn rows_i8_neon(v: &[i8], s: &[f16], r0: usize, x: Inputs<'_>, y: &mut [f32]) {
+    use std::arch::aarch64::*;
+    // SAFETY: block i's 32 values lie inside `v` (the caller's rows).
+    let load = |i: usize| unsafe { [vld1q_s8(v.as_ptr().add(i * 32)), vld1q_s8(v.as_ptr().add(i * 32 + 16))] };
+    // SAFETY: `load` stays inside the array for the rows the caller gave.
+    unsafe { rows_neon(s, r0, x, y, load) }
+}
+
+/// Q5_0 blocks expanded to their signed values `q − 16`: the low nibbles
+/// (values 0..16) and high ones (16..32), each with its fifth bit from
+/// `hi` (bit j for value j).
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn rows_q5_neon(lo: &[u8], hi: &[u32], s: &[f16], r0: usize, x: Inputs<'_>, y: &mut [f32]) {
+    use std::arch::aarch64::*;
+    let low4 = vdupq_n_u8(0x0F);
+    let sixteen = vdupq_n_u8(0x10);
+    let bit = vreinterpretq_u8_u64(vdupq_n_u64(0x8040201008040201));
+    // Byte 0 of the word to lanes 0..8 and byte 1 to 8..16; bytes 2 and 3.
+    let spread = [
+        vreinterpretq_u8_u64(vcombine_u64(vdup_n_u64(0), vdup_n_u64(0x0101010101010101))),
+        vreinterpretq_u8_u64(vcombine_u64(vdup_n_u64(0x0202020202020202), vdup_n_u64(0x0303030303030303))),
+    ];
+    let load = |i: usize| {
+        // SAFETY: block i's 16 nibble bytes lie inside `lo`.
+        let nib = unsafe { vld1q_u8(lo.as_ptr().add(i * 16)) };
+        let word = vreinterpretq_u8_u32(vdupq_n_u32(hi[i]));
+        let halves = [vandq_u8(nib, low4), vshrq_n_u8::<4>(nib)];
+        std::array::from_fn(|h| {
+            let fifth = vandq_u8(vtstq_u8(vqtbl1q_u8(word, spread[h]), bit), sixteen);
+            vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(halves[h], fifth)), vdupq_n_s8(16))
+        })
+    };
+    // SAFETY: `load` stays inside the arrays for the rows the caller gave.
+    unsafe { rows_neon(s, r0, x, y, load) }
+}
+
+/// Rows `r0..r0 + n` of `W·xᵢ` for signed weight blocks produced by
+/// `load(j)` (block j = row·nb + b, two registers of 16 values) with f16
+/// scales `s`, and 1 to [`INPUTS_PER_PASS`] inputs `x`; `y` is `[k][n]`.
+/// Blocks go four at a time: each is loaded once for every input, and per
+/// input the four blocks' integer dot products are paired into one vector
+/// of four sums, scaled by the four blocks' combined scales in one
+/// multiply-add.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+unsafe fn rows_neon(
+    s: &[f16],
+    r0: usize,
+    x: Inputs<'_>,
+    y: &mut [f32],
+    load: impl Fn(usize) -> [std::arch::aarch64::int8x16_t; 2],
+) {
+    // SAFETY: as for `rows_neon_k`.
+    unsafe {
+        match x.count() {
+            1 => rows_neon_k::<1>(s, r0, x, y, load),
+            2 => rows_neon_k::<2>(s, r0, x, y, load),
+            3 => rows_neon_k::<3>(s, r0, x, y, load),
+            _ => rows_neon_k::<4>(s, r0, x, y, load),
+        }
+    }
+}
+
+/// [`rows_neon`] for exactly `K` inputs.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+unsafe fn rows_neon_k<const K: usize>(
+    s: &[f16],
+    r0: usize,
+    x: Inputs<'_>,
+    y: &mut [f32],
+    load: impl Fn(usize) -> [std::arch::aarch64::int8x16_t; 2],
+) {
+    use std::arch::aarch64::*;
+    // SAFETY: inlined into callers compiled for NEON and the dot-product
+    // extension; input k's 32 values of block b lie at (k·nb + b)·32 inside
+    // x.q, and only blocks that exist are read.
+    unsafe {
+        let (nb, xq, xd) = (x.nb, x.q, x.d);
+        let n = y.len() / K;
+        for r in 0..n {
+            let first = (r0 + r) * nb;
+            let mut acc = [vdupq_n_f32(0.0); K];
+            for b0 in (0..nb).step_by(4) {
+                let m = (nb - b0).min(4);
+                let mut d = [[vdupq_n_s32(0); 4]; K];
+                for j in 0..m {
+                    let wv = load(first + b0 + j);
+                    for (k, dk) in d.iter_mut().enumerate() {
+                        let at = xq.as_ptr().add((k * nb + b0 + j) * 32);
+                        dk[j] = sdot(sdot(dk[j], wv[0], vld1q_s8(at)), wv[1], vld1q_s8(at.add(16)));
+                    }
+                }
+                let ws: [f32; 4] = std::array::from_fn(|j| if j < m { s[first + b0 + j].to_f32() } else { 0.0 });
+                let ws = vld1q_f32(ws.as_ptr());
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let xs: [f32; 4] = std::array::from_fn(|j| if j < m { xd[k * nb + b0 + j] } else { 0.0 });
+                    let sums = vpaddq_s32(vpaddq_s32(d[k][0], d[k][1]), vpaddq_s32(d[k][2], d[k][3]));
+                    *a = vfmaq_f32(*a, vcvtq_f32_s32(sums), vmulq_f32(ws, vld1q_f32(xs.as_ptr())));
+                }
+            }
+            for (k, a) in acc.iter().enumerate() {
+                y[k * n + r] = vaddvq_f32(*a);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -714,20 +946,51 @@ mod tests {
         let blocks = x.len() / 32;
         let run = |simd: bool| {
             let (mut q, mut d, mut s) = (vec![0i8; x.len()], vec![0f32; blocks], vec![0i32; blocks]);
-            if simd && path() == "avx2+fma+f16c" {
-                // SAFETY: the CPU has AVX2; the arrays hold `blocks` blocks.
-                unsafe { quantize_blocks_avx2(&x, &mut q, &mut d, &mut s) }
+            if simd {
+                quantize_blocks(&x, &mut q, &mut d, &mut s)
             } else {
                 quantize_blocks_portable(&x, &mut q, &mut d, &mut s)
             }
             (q, d, s)
         };
-        if path() != "avx2+fma+f16c" {
-            println!("SKIPPED simd_quantization_equals_the_portable_one: this CPU has no AVX2 path");
+        if path() == "portable" {
+            println!("SKIPPED simd_quantization_equals_the_portable_one: this CPU has no SIMD path for it");
         }
         let (simd, portable) = (run(true), run(false));
         assert_eq!(simd, portable);
         assert_eq!(&portable.0[1..4], &[-60, -58, -58], "ties go to even");
+    }
+
+    /// The SIMD decoding kernel (AVX2 or NEON dot products) gives the
+    /// portable one's results up to the order of float additions: Q8_0 and
+    /// Q5_0, 1 to 4 inputs per pass, 11 blocks a row (a partial group of
+    /// blocks on every path) and 13 rows (a partial group of eight).
+    #[test]
+    fn simd_decoding_rows_equal_the_portable_ones() {
+        if path() == "portable" {
+            println!("SKIPPED simd_decoding_rows_equal_the_portable_ones: this CPU has no SIMD path for it");
+        }
+        let (out, inp) = (13, 11 * 32);
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0] {
+            let q = QTensor::quantize(&weights(out, inp), dtype).unwrap();
+            let blocks = Blocks32::new(&q.data().unwrap(), dtype);
+            for k in 1..=INPUTS_PER_PASS {
+                let x: Vec<f32> = (0..k * inp).map(|i| ((i * 31 % 97) as f32 / 97.0 - 0.5) * 2.0).collect();
+                let xq = Quantized::new(&x, inp);
+                for r0 in [0, 5] {
+                    let n = out - r0;
+                    let (mut simd, mut portable) = (vec![0f32; k * n], vec![0f32; k * n]);
+                    blocks.rows(r0, xq.inputs(0, k), &mut simd);
+                    blocks.rows_portable(r0, xq.inputs(0, k), &mut portable);
+                    for (i, (a, b)) in simd.iter().zip(&portable).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                            "{dtype:?}, {k} inputs, from row {r0}: [{i}] {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// A prompt's rows (more than [`MAX_DECODE_ROWS`]) multiplied on the

@@ -32,13 +32,18 @@ impl Tier {
 
     /// Every tier this CPU runs, worst first.
     pub fn available() -> Vec<Tier> {
+        #[allow(unused_mut)]
         let mut tiers = vec![Tier::Portable];
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") {
+            if has!("avx2") && has!("fma") && crate::IsaCap::allows(crate::IsaCap::Avx2) {
                 tiers.push(Tier::Avx2);
-                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
+                if has!("avx512f")
+                    && has!("avx512bw")
+                    && has!("avx512vl")
+                    && crate::IsaCap::allows(crate::IsaCap::Avx512)
+                {
                     tiers.push(Tier::Avx512);
                 }
             }
@@ -48,6 +53,8 @@ impl Tier {
 
     pub fn name(self) -> &'static str {
         match self {
+            // aarch64's baseline has NEON, which the portable loops compile to.
+            Tier::Portable if cfg!(target_arch = "aarch64") => "neon",
             Tier::Portable => "portable",
             Tier::Avx2 => "avx2+fma",
             Tier::Avx512 => "avx512",
@@ -292,7 +299,8 @@ mod tests {
     fn tiers() -> Vec<Tier> {
         let all = Tier::available();
         for t in [Tier::Avx2, Tier::Avx512] {
-            if !all.contains(&t) {
+            // (aarch64 builds have no x86 tiers: NEON is their portable one.)
+            if !all.contains(&t) && cfg!(target_arch = "x86_64") {
                 eprintln!("SKIPPED: vmath tier {} (this CPU lacks it)", t.name());
             }
         }

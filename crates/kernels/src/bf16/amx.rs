@@ -15,7 +15,8 @@
 //! The compiler never touches the tile registers, so their state only lives
 //! between the `asm!` blocks of one micro-kernel call on one thread.
 
-use super::native::{NR, a_panels, pack_b, rounded_row, w_tail};
+use super::blis::{a_panels, pack_b, w_tail};
+use super::native::{Avx512Bf16, NR, rounded_row};
 use super::{Operand, bf16};
 use rayon::prelude::*;
 use std::arch::asm;
@@ -168,7 +169,15 @@ pub(super) fn gemm(
             bp.par_chunks_mut(kcp * NR).enumerate().for_each(|(q, panel)| {
                 // Pairs past k (the padding to whole tiles) stay zero.
                 let real = k.div_ceil(2).saturating_sub(p0).min(kcp);
-                pack_b(b, k, p0, real, j0 + q * NR, (j0 + nc).min(j0 + q * NR + NR), &mut panel[..real * NR]);
+                pack_b::<Avx512Bf16>(
+                    b,
+                    k,
+                    p0,
+                    real,
+                    j0 + q * NR,
+                    (j0 + nc).min(j0 + q * NR + NR),
+                    &mut panel[..real * NR],
+                );
                 panel[real * NR..].fill(0);
             });
             let bp = &*bp;
