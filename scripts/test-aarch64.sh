@@ -104,7 +104,7 @@ if [ "$build_binary" = 1 ]; then
   gen=(generate --model "$model" --prompt "What is the capital of France? Answer in one sentence." --max-new-tokens 24 --json)
   text() { python3 -c 'import json, sys; print(json.loads(sys.stdin.read().strip().splitlines()[-1])["text"])'; }
   cargo build --locked --quiet --bin pipeline
-  want="$(target/debug/pipeline "${gen[@]}" 2>/dev/null | text)"
+  want="$(target/debug/pipeline "${gen[@]}" 2>/dev/null | text)" || die "pipeline generate failed on x86-64"
   for cpu in max cortex-a53; do
     got="$(qemu-aarch64 -L /usr/aarch64-linux-gnu -cpu "$cpu" "target/aarch64/$target/debug/pipeline" "${gen[@]}" 2>/dev/null | text)" \
       || die "pipeline generate failed on aarch64 (-cpu $cpu)"

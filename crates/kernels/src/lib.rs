@@ -102,8 +102,12 @@ pub fn cpu_paths() -> String {
 }
 
 /// What the `gemm` crate (f32 products) runs here: AVX-512 when it was built
-/// with its `x86-v4` kernels and the CPU has AVX-512F, else AVX2 + FMA.
+/// with its `x86-v4` kernels and the CPU has AVX-512F, else AVX2 + FMA; its
+/// NEON kernels on aarch64.
 fn f32_gemm_path() -> &'static str {
+    if cfg!(target_arch = "aarch64") {
+        return "neon";
+    }
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
