@@ -92,7 +92,7 @@ pub fn native_available() -> bool {
     }
     #[cfg(target_arch = "aarch64")]
     {
-        std::arch::is_aarch64_feature_detected!("bf16") && crate::IsaCap::allows(crate::IsaCap::Avx2)
+        std::arch::is_aarch64_feature_detected!("bf16") && crate::IsaCap::allows_simd()
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {

@@ -242,7 +242,7 @@ pub fn path() -> &'static str {
 }
 
 fn detect_path() -> &'static str {
-    if !crate::IsaCap::allows(crate::IsaCap::Avx2) {
+    if !crate::IsaCap::allows_simd() {
         return "portable";
     }
     #[cfg(target_arch = "aarch64")]
@@ -430,14 +430,11 @@ const PREFETCH_BLOCKS: usize = 64;
 fn rows_blocks<T: GgmlType<VecDotType = BlockQ8K>>(w: &[T], inp: usize, xq: &[BlockQ8K], r0: usize, out: &mut [f32]) {
     let nb = inp / T::BLCK_SIZE;
     let n = xq.len() / nb;
+    let dot = if candle_simd_runs() { T::vec_dot } else { T::vec_dot_unopt };
     for (i, y) in out.chunks_mut(out.len() / n).enumerate() {
         for (j, yv) in y.iter_mut().enumerate() {
-            let (r, x) = (r0 + j, &xq[i * nb..(i + 1) * nb]);
-            *yv = if candle_simd_runs() {
-                T::vec_dot(inp, &w[r * nb..(r + 1) * nb], x)
-            } else {
-                T::vec_dot_unopt(inp, &w[r * nb..(r + 1) * nb], x)
-            };
+            let r = r0 + j;
+            *yv = dot(inp, &w[r * nb..(r + 1) * nb], &xq[i * nb..(i + 1) * nb]);
         }
     }
 }

@@ -82,6 +82,21 @@ impl IsaCap {
     pub fn allows(isa: IsaCap) -> bool {
         IsaCap::get() >= isa
     }
+
+    /// Whether any path beyond the portable one may run (on aarch64, where
+    /// there are no x86 levels, the NEON dot-product ones).
+    pub fn allows_simd() -> bool {
+        IsaCap::get() > IsaCap::Portable
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            IsaCap::Portable => "portable",
+            IsaCap::Avx2 => "avx2",
+            IsaCap::Avx512 => "avx512",
+            IsaCap::Native => "native",
+        }
+    }
 }
 
 /// The instruction paths the kernels take on this CPU, as `bench` and the
@@ -89,7 +104,7 @@ impl IsaCap {
 pub fn cpu_paths() -> String {
     let cap = match IsaCap::get() {
         IsaCap::Native => String::new(),
-        cap => format!(" (PIPELINE_MAX_CPU_ISA={})", format!("{cap:?}").to_lowercase()),
+        cap => format!(" (PIPELINE_MAX_CPU_ISA={})", cap.name()),
     };
     format!(
         "vmath {}, quantized gemv {}, quantized prefill {}, bf16 gemm {}, f32 gemm {}{cap}",

@@ -174,7 +174,7 @@ impl Path {
         #[allow(unused_mut)]
         let mut paths = vec![Path::Portable];
         #[cfg(target_arch = "aarch64")]
-        if std::arch::is_aarch64_feature_detected!("dotprod") && crate::IsaCap::allows(crate::IsaCap::Avx2) {
+        if std::arch::is_aarch64_feature_detected!("dotprod") && crate::IsaCap::allows_simd() {
             paths.push(Path::NeonDot);
         }
         #[cfg(target_arch = "x86_64")]
@@ -313,43 +313,33 @@ impl Panels {
     /// `shifted` is `x.q` plus 128 as bytes where the path needs it.
     #[allow(clippy::too_many_arguments)]
     fn tile(&self, path: Path, p: usize, x: &Quantized, shifted: &[u8], i0: usize, k: usize, y: &mut [f32]) {
-        #[cfg(target_arch = "aarch64")]
-        if path == Path::NeonDot {
-            for half in 0..2 {
-                if self.out > p * PANEL + half * 8 {
-                    // SAFETY: the CPU has the dot-product extension
-                    // (`Path::available`); panel p and input rows i0..i0 + k
-                    // exist, and y holds k rows of `out`.
+        // The halves (8 rows each) of the panel that hold rows, for the
+        // paths that take half a panel per call.
+        let halves = (0..2).filter(|half| self.out > p * PANEL + half * 8);
+        // SAFETY (every arm): the CPU has the path's instructions
+        // (`Path::available`); panel p and input rows i0..i0 + k exist, y
+        // holds k rows of `out`, and `shifted` holds x.q shifted for the
+        // signed formats where the path takes it.
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => {
+                for half in halves {
+                    unsafe { self.tile_avx2_k(p, half, x, i0, k, y) }
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512Vnni => unsafe { self.tile_avx512_k(p, x, shifted, i0, k, y) },
+            #[cfg(target_arch = "aarch64")]
+            Path::NeonDot => {
+                for half in halves {
                     unsafe { self.tile_neon_k(p, half, x, i0, k, y) }
                 }
             }
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            match path {
-                Path::Avx2 => {
-                    for half in 0..2 {
-                        if self.out > p * PANEL + half * 8 {
-                            // SAFETY: the CPU has AVX2, FMA and F16C
-                            // (`Path::available`); panel p and input rows
-                            // i0..i0 + k exist, and y holds k rows of `out`.
-                            unsafe { self.tile_avx2_k(p, half, x, i0, k, y) }
-                        }
-                    }
-                    return;
-                }
-                Path::Avx512Vnni => {
-                    // SAFETY: the CPU has AVX-512 F/BW/VNNI; as above, and
-                    // `shifted` holds x.q shifted for the signed formats.
-                    unsafe { self.tile_avx512_k(p, x, shifted, i0, k, y) }
-                    return;
-                }
-                Path::Portable | Path::NeonDot => {}
+            _ => {
+                let _ = (halves, shifted);
+                self.tile_portable(p, x, i0, k, y)
             }
         }
-        let _ = (path, shifted);
-        self.tile_portable(p, x, i0, k, y)
     }
 
     /// [`Panels::tile`] in plain Rust: the same integer sums, scaled and
