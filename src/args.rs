@@ -10,10 +10,19 @@ use pipeline::executor::{CacheLocation, Executor};
 use pipeline::recipe::Override;
 use pipeline::sweep::Axis;
 
+/// `--version`: the version, and the instruction paths the kernels take on
+/// this CPU (the test suite tests those of the CPU it runs on and reports
+/// the others as ignored).
+fn long_version() -> &'static str {
+    let text = format!("{}\nkernels on this CPU: {}", env!("CARGO_PKG_VERSION"), pipeline_model::cpu_paths());
+    Box::leak(text.into_boxed_str())
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "pipeline",
     version,
+    long_version = long_version(),
     about = "Turn a TOML recipe into a fine-tuned, quantized, ready-to-serve small language model"
 )]
 pub struct Cli {
@@ -194,6 +203,11 @@ pub enum Command {
         /// Only list what would be removed.
         #[arg(long)]
         dry_run: bool,
+        /// Also remove the remote cache's abandoned uploads (of jobs killed
+        /// mid-upload; one idle for a day under an entry with no manifest
+        /// yet). Entries in the remote cache are never removed.
+        #[arg(long)]
+        remote: bool,
         #[command(flatten)]
         cache: CacheArgs,
     },
@@ -264,7 +278,7 @@ pub enum Command {
         /// the recipe's first), e.g. one that decodes calls constrained.
         #[arg(long, value_name = "STAGE")]
         eval: Option<String>,
-        /// The metric to rank by (default: call_success, else exact_match,
+        /// The metric to rank by (default: call_executes, else exact_match,
         /// rouge_l, loss); any key of the evaluation's report.json.
         #[arg(long, value_name = "METRIC")]
         by: Option<String>,

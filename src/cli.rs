@@ -75,7 +75,7 @@ fn dispatch(command: Command) -> Result<()> {
             print!("{}", pipeline::recipe::json_schema());
             Ok(())
         }
-        Command::Gc { recipes, all, dry_run, cache } => gc(&recipes, all, dry_run, &cache.location()),
+        Command::Gc { recipes, all, dry_run, remote, cache } => gc(&recipes, all, dry_run, remote, &cache.location()),
         Command::Dev(DevCommand::RandomModel { arch, tokenizer, vocab, seed, dtype, out }) => {
             random_model(arch, tokenizer, vocab, seed, &dtype, out)
         }
@@ -522,14 +522,40 @@ fn show(args: RecipeArgs, stage: String) -> Result<()> {
 }
 
 /// `pipeline gc`: removes the cache entries no named recipe uses.
-fn gc(recipes: &[PathBuf], all: bool, dry_run: bool, cache: &CacheLocation) -> Result<()> {
-    if recipes.is_empty() && !all {
+fn gc(recipes: &[PathBuf], all: bool, dry_run: bool, remote: bool, cache: &CacheLocation) -> Result<()> {
+    if recipes.is_empty() && !all && !remote {
         return Err(RecipeError::new("name the recipes whose cache entries to keep")
-            .help("pipeline gc recipes/*.toml (or --all to empty the cache)")
+            .help(
+                "pipeline gc recipes/*.toml (or --all to empty the cache, --remote for the remote's abandoned uploads)",
+            )
             .into());
     }
+    let executor = cache.open()?;
+    if remote {
+        let r = executor.remote().ok_or_else(|| {
+            RecipeError::new("--remote: the cache is not remote")
+                .help("name it with --cache-dir s3://… (or gs://, az://, http(s)://)")
+        })?;
+        let swept = r.sweep_uploads(None, pipeline_cache::remote::UPLOAD_IDLE, dry_run)?;
+        for u in &swept.uploads {
+            if dry_run {
+                println!("would remove {}/{u}", r.url());
+            }
+        }
+        eprintln!(
+            "gc: {} {} abandoned upload{} ({:.1} MB) in {}",
+            if dry_run { "would remove" } else { "removed" },
+            swept.uploads.len(),
+            if swept.uploads.len() == 1 { "" } else { "s" },
+            swept.bytes as f64 / 1e6,
+            r.url()
+        );
+        if recipes.is_empty() && !all {
+            return Ok(());
+        }
+    }
     let keep = recipes.iter().map(|p| Recipe::load(p, &[])).collect::<Result<Vec<_>, _>>()?;
-    let done = cache.open()?.gc(&keep, dry_run)?;
+    let done = executor.gc(&keep, dry_run)?;
     if dry_run {
         for dir in &done.removed {
             println!("would remove {}", dir.display());

@@ -367,6 +367,146 @@ fn a_missing_bucket_stops_the_run_before_any_work() {
     let out = s3.cmd(&p, "s3://no-such-bucket/x", &local, &["run", "r.toml"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("s3://no-such-bucket/x is not writable") && stderr.contains("NoSuchBucket"), "{stderr}");
+    assert!(
+        stderr.contains("s3://no-such-bucket/x cannot be read (the bucket does not exist")
+            && stderr.contains("NoSuchBucket"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("ran "), "nothing runs: {stderr}");
+}
+
+/// A loopback TCP proxy in front of a server that a test opens and closes.
+/// Closed after `n` more requests, it forwards those and then cuts every
+/// connection (the store "stops answering") until it is opened again.
+struct Gate {
+    port: u16,
+    /// Requests still let through; negative: open.
+    budget: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Gate {
+    fn new(target: u16) -> Gate {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let budget = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(-1));
+        let shared = budget.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if shared.load(Ordering::SeqCst) == 0 {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { continue };
+                let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut s_in, mut c_out) = (server, client);
+                let budget = shared.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n @ 1..) = c_in.read(&mut buf) {
+                        // Each request starts with one request line.
+                        let requests = buf[..n].windows(11).filter(|w| w == b" HTTP/1.1\r\n").count() as i64;
+                        let pass = requests == 0
+                            || budget
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                                    if b < 0 {
+                                        Some(b)
+                                    } else if b >= requests {
+                                        Some(b - requests)
+                                    } else {
+                                        None
+                                    }
+                                })
+                                .is_ok();
+                        if !pass || s_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    c_in.shutdown(std::net::Shutdown::Both).ok();
+                    s_out.shutdown(std::net::Shutdown::Both).ok();
+                });
+                std::thread::spawn(move || {
+                    std::io::copy(&mut s_in, &mut c_out).ok();
+                    c_out.shutdown(std::net::Shutdown::Both).ok();
+                });
+            }
+        });
+        Gate { port, budget }
+    }
+
+    /// Lets `n` more requests through, then none.
+    fn close_after(&self, n: i64) {
+        self.budget.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn open(&self) {
+        self.budget.store(-1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn an_outage_while_planning_never_restarts_a_training_that_has_a_remote_checkpoint() {
+    let Some(models) = models_dir() else { return };
+    let Some(s3) = Server::start() else { return };
+    s3.bucket("cache");
+    let gate = Gate::new(s3.port);
+    let url = "s3://cache/outage";
+    let p = setup(&models);
+    let through_gate = |local: &Path, args: &[&str]| {
+        let mut c = s3.cmd(&p, url, local, args);
+        c.env("AWS_ENDPOINT", format!("http://127.0.0.1:{}", gate.port)).env("PIPELINE_REMOTE_RETRIES", "1");
+        c
+    };
+    // Machine 1 is killed while uploading step 4: step 2 is on the remote.
+    let local1 = p.path("machine-1");
+    let out = through_gate(&local1, &["run", "r.toml"])
+        .env("PIPELINE_FAULT", "remote.mid-upload.step-000004")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the job should have been killed");
+    std::fs::remove_dir_all(&local1).unwrap();
+
+    // Machine 2 reaches the store (the probes before planning: a list, a
+    // write and a delete), then the store stops answering while it plans:
+    // it must stop, not plan the training as new.
+    gate.close_after(3);
+    let local2 = p.path("machine-2");
+    let out = through_gate(&local2, &["run", "r.toml"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot ask the remote cache whether it is finished"), "{stderr}");
+    assert!(!stderr.contains("ran "), "nothing runs while the remote is out of reach: {stderr}");
+    println!("outage while planning: {}", stderr.lines().find(|l| l.contains("cannot ask")).unwrap_or_default());
+
+    // The store answers again: the training resumes from step 2.
+    gate.open();
+    let stderr = ok(&mut through_gate(&local2, &["run", "r.toml"]));
+    assert!(stderr.contains("resuming train from step 2"), "{stderr}");
+    assert!(stderr.contains("ran     train"), "{stderr}");
+}
+
+#[test]
+fn no_server_at_the_endpoint_fails_at_once_and_says_so() {
+    let Some(models) = models_dir() else { return };
+    let p = setup(&models);
+    // A port nothing listens on.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let t0 = Instant::now();
+    let out = p
+        .cmd(&["run", "r.toml"])
+        .env("PIPELINE_CACHE_DIR", "s3://cache/x")
+        .env("PIPELINE_LOCAL_CACHE", p.path("local"))
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT", format!("http://127.0.0.1:{port}"))
+        .env("AWS_ALLOW_HTTP", "true")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("connection refused at 127.0.0.1:{port}")), "{stderr}");
+    assert!(!stderr.contains("not writable"), "the wrong advice: {stderr}");
+    println!("no server: failed after {:.2} s: {}", t0.elapsed().as_secs_f64(), stderr.trim());
 }

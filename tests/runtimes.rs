@@ -481,10 +481,11 @@ print(json.dumps(result))
     pipeline_model::adapter::load(&adapter, &candle_core::Device::Cpu).unwrap().attach(m.as_mut()).unwrap();
     let our_adapter: Vec<Scores> = sequences.iter().map(|ids| our_scores(m.as_ref(), ids)).collect();
 
-    // Both compute in f32, in other orders: log-probabilities agree to a
-    // few thousandths; an adapter ignored, or scaled other than α/r, moves
+    // Both compute in f32, in other orders: log-probabilities agree to about
+    // 1e-4 (7.5e-5 measured on AVX-512 and AMX CPUs; the README states what
+    // this run prints); an adapter ignored, or scaled other than α/r, moves
     // them by tenths.
-    const TOLERANCE: f64 = 5e-3;
+    const TOLERANCE: f64 = 2.5e-4;
     let positions: usize = sequences.iter().map(|s| s.len()).sum();
     for (what, ours, theirs) in [
         ("transformers (base GGUF) vs our base", &our_base, &their_base),
@@ -651,7 +652,8 @@ fn llama_server_renders_our_template_and_decodes_our_gguf_as_pipeline_generate_d
         assert_eq!(theirs["tokens"], json!(ids), "conversation {i}: /tokenize");
         let text = server.post("/detokenize", &json!({"tokens": ids}))["content"].as_str().unwrap().to_string();
         assert_eq!(text, ours, "conversation {i}: /detokenize does not round-trip");
-        // Greedy decoding from the same ids: the same first 16 tokens.
+        // Greedy decoding from the same ids: the same 24 tokens, up to the
+        // first near-tie of the two programs' roundings.
         let body = json!({"prompt": ids, "n_predict": 24, "temperature": 0.0, "top_k": 1, "cache_prompt": false,
                           "return_tokens": true, "samplers": ["top_k"]});
         let served: Vec<u32> = serde_json::from_value(server.post("/completion", &body)["tokens"].clone()).unwrap();
@@ -661,16 +663,17 @@ fn llama_server_renders_our_template_and_decodes_our_gguf_as_pipeline_generate_d
             "llama-server conversation {i}: template, /tokenize, /detokenize equal; {same}/24 greedy tokens equal ({:?})",
             tok.decode(&ours_tokens, false).unwrap()
         );
-        if same < 16 {
+        if same < 24 {
             // Both programs round (8-bit activations, llama.cpp's f16 KV
             // cache): where two tokens tie, either may win. Past a tie the
-            // texts may differ; before it, and at it, they must not.
+            // texts may differ; before it they must not, and the first
+            // difference must be a tie.
             let context: Vec<u32> = ids.iter().chain(&ours_tokens[..same]).copied().collect();
             let gap = logit_gap(&gguf, &context, ours_tokens[same], served[same]);
             eprintln!("  first difference at token {same}: llama.cpp's choice is {gap:.3} below ours");
             assert!(
-                same >= 8 && gap < TIE,
-                "conversation {i}: only {same} greedy tokens agree, and llama.cpp's next token is {gap} below ours:\n ours {ours_tokens:?}\n llama.cpp {served:?}"
+                gap < TIE,
+                "conversation {i}: {same} greedy tokens agree, then llama.cpp's next token is {gap} below ours (not a tie):\n ours {ours_tokens:?}\n llama.cpp {served:?}"
             );
         }
     }

@@ -27,42 +27,242 @@ fn entry(p: &Project, stage: &str) -> std::path::PathBuf {
     String::from_utf8_lossy(&out.stdout).trim().into()
 }
 
+/// `trainer_state.json` without its wall-clock fields, as text.
+fn trainer_state_without_clocks(dir: &Path) -> String {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(o) => {
+                o.retain(|k, _| {
+                    !(k.contains("runtime") || k.contains("per_second") || k == "time" || k == "timestamp")
+                });
+                o.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("trainer_state.json")).unwrap()).unwrap();
+    strip(&mut v);
+    serde_json::to_string_pretty(&v).unwrap()
+}
+
 #[test]
 fn a_killed_training_resumes_to_byte_identical_results() {
     let Some(models) = models_dir() else { return };
-    let reference = setup(&models);
+    // f32, gradient checkpointing, and bf16 frozen weights: each resumed run
+    // must end where the uninterrupted one does, on the same CPU.
+    for (variant, extra) in
+        [("f32", ""), ("gradient checkpointing", "gradient_checkpointing = true\n"), ("bf16", "precision = \"bf16\"\n")]
+    {
+        let setup = |models: &Path| {
+            let p = setup(models);
+            p.write("r.toml", &train_recipe(&p.path("tiny"), &format!("{TRAIN}{extra}")));
+            p
+        };
+        let reference = setup(&models);
+        reference.ok(&["run", "r.toml"]);
+        let want = entry(&reference, "train");
+        let want_adapter = std::fs::read(want.join("adapter_model.safetensors")).unwrap();
+        let want_log = std::fs::read_to_string(want.join("loss.csv")).unwrap();
+        let want_state = trainer_state_without_clocks(&want);
+        assert_eq!(want_log.lines().count(), 7, "{want_log}");
+
+        // Killed after step 3 (checkpoint at 2), and between checkpoint writes.
+        for (fault, resume_step) in [("lora-train.step-3", Some(2)), ("lora-train.mid-checkpoint", None)] {
+            let p = setup(&models);
+            let out = p.cmd(&["run", "r.toml"]).env("PIPELINE_FAULT", fault).output().unwrap();
+            assert!(!out.status.success(), "{variant}, {fault}: the run should have been killed");
+            let plan = p.run(&["plan", "r.toml", "--json"]);
+            let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+            let train = &plan["stages"][3];
+            match resume_step {
+                Some(step) => {
+                    assert_eq!(train["status"], "resume", "{variant}, {fault}: {train}");
+                    assert_eq!(train["step"], step);
+                }
+                None => assert_eq!(
+                    train["status"], "run",
+                    "{variant}, {fault}: a partial checkpoint is not resumed from: {train}"
+                ),
+            }
+            let stderr = p.ok(&["run", "r.toml"]);
+            assert!(stderr.contains("ran     train"), "{stderr}");
+            let got = entry(&p, "train");
+            assert!(
+                std::fs::read(got.join("adapter_model.safetensors")).unwrap() == want_adapter,
+                "{variant}, {fault}: adapter differs"
+            );
+            assert_eq!(
+                std::fs::read_to_string(got.join("loss.csv")).unwrap(),
+                want_log,
+                "{variant}, {fault}: loss log"
+            );
+            assert_eq!(
+                trainer_state_without_clocks(&got),
+                want_state,
+                "{variant}, {fault}: trainer_state.json (wall-clock fields aside)"
+            );
+            let m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(got.join("manifest.json")).unwrap()).unwrap();
+            assert_eq!(m["metrics"]["resumed_from_step"], serde_json::json!(resume_step), "{variant}, {fault}");
+        }
+        eprintln!("resume ({variant}): adapter, loss.csv and trainer_state.json equal the uninterrupted run's");
+    }
+}
+
+/// Resumed on another kind of CPU (here: the same machine with the kernels
+/// capped to their portable paths, `PIPELINE_MAX_CPU_ISA=portable`): in f32
+/// our kernels' paths compute the same bits, so the adapter is the same;
+/// with bf16 frozen weights, a CPU without native bf16 products continues
+/// on the widening path (f32 activations instead of bf16-rounded ones), so
+/// the steps after the checkpoint differ: close, not the same bytes.
+#[test]
+fn a_training_resumed_on_another_cpu_kind_continues_from_the_same_checkpoint() {
+    let Some(models) = models_dir() else { return };
+    for (variant, extra) in [("f32", ""), ("bf16", "precision = \"bf16\"\n")] {
+        resumed_on_portable_kernels(&models, variant, extra);
+    }
+}
+
+fn resumed_on_portable_kernels(models: &Path, variant: &str, extra: &str) {
+    let setup = |models: &Path| {
+        let p = setup(models);
+        p.write("r.toml", &train_recipe(&p.path("tiny"), &format!("{TRAIN}{extra}")));
+        p
+    };
+    let reference = setup(models);
     reference.ok(&["run", "r.toml"]);
     let want = entry(&reference, "train");
-    let want_adapter = std::fs::read(want.join("adapter_model.safetensors")).unwrap();
-    let want_log = std::fs::read_to_string(want.join("loss.csv")).unwrap();
-    assert_eq!(want_log.lines().count(), 7, "{want_log}");
-
-    // Killed after step 3 (checkpoint at 2), and between checkpoint writes.
-    for (fault, resume_step) in [("lora-train.step-3", Some(2)), ("lora-train.mid-checkpoint", None)] {
-        let p = setup(&models);
-        let out = p.cmd(&["run", "r.toml"]).env("PIPELINE_FAULT", fault).output().unwrap();
-        assert!(!out.status.success(), "{fault}: the run should have been killed");
-        let plan = p.run(&["plan", "r.toml", "--json"]);
-        let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
-        let train = &plan["stages"][3];
-        match resume_step {
-            Some(step) => {
-                assert_eq!(train["status"], "resume", "{fault}: {train}");
-                assert_eq!(train["step"], step);
-            }
-            None => assert_eq!(train["status"], "run", "{fault}: a partial checkpoint is not resumed from: {train}"),
-        }
-        let stderr = p.ok(&["run", "r.toml"]);
-        assert!(stderr.contains("ran     train"), "{stderr}");
-        let got = entry(&p, "train");
-        assert!(
-            std::fs::read(got.join("adapter_model.safetensors")).unwrap() == want_adapter,
-            "{fault}: adapter differs"
+    let p = setup(models);
+    let out = p.cmd(&["run", "r.toml"]).env("PIPELINE_FAULT", "lora-train.step-3").output().unwrap();
+    assert!(!out.status.success(), "the run should have been killed");
+    let out = p.cmd(&["run", "r.toml"]).env("PIPELINE_MAX_CPU_ISA", "portable").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = entry(&p, "train");
+    let (want_log, got_log) = (
+        std::fs::read_to_string(want.join("loss.csv")).unwrap(),
+        std::fs::read_to_string(got.join("loss.csv")).unwrap(),
+    );
+    let rows = |s: &str| s.lines().map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(rows(&got_log)[..3], rows(&want_log)[..3], "the header and the steps before the checkpoint");
+    let load = |d: &Path| candle_core::safetensors::load(d.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let (a, b) = (load(&want), load(&got));
+    let (mut worst, mut largest) = (0f32, 0f32);
+    for (name, t) in &a {
+        let (x, y) = (
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
         );
-        assert_eq!(std::fs::read_to_string(got.join("loss.csv")).unwrap(), want_log, "{fault}: loss log differs");
-        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(got.join("manifest.json")).unwrap()).unwrap();
-        assert_eq!(m["metrics"]["resumed_from_step"], serde_json::json!(resume_step), "{fault}");
+        for (u, v) in x.iter().zip(&y) {
+            worst = worst.max((u - v).abs());
+            largest = largest.max(u.abs());
+        }
     }
+    let same = std::fs::read(want.join("adapter_model.safetensors")).unwrap()
+        == std::fs::read(got.join("adapter_model.safetensors")).unwrap();
+    eprintln!(
+        "{variant}, resumed with the portable kernels: adapter {} the uninterrupted run's (largest difference {worst:.2e}, \
+         largest value {largest:.2e})",
+        if same { "equals" } else { "differs from" }
+    );
+    if variant == "f32" {
+        assert!(same, "f32: our kernels' paths should compute the same bits (largest difference {worst:.2e})");
+    }
+    assert!(
+        worst <= 0.1 * largest,
+        "{variant}: the resumed training drifted: {worst:.2e} (largest value {largest:.2e})"
+    );
+}
+
+/// Six AdamW steps with linear warm-up and decay, global-norm clipping and
+/// weight decay, against `torch.optim.AdamW`, `clip_grad_norm_` and
+/// transformers' `get_linear_schedule_with_warmup` on the same parameters
+/// and gradients: the parameters after every step agree to float rounding.
+#[test]
+fn adamw_clipping_and_schedule_match_pytorch() {
+    let Some(python) = common::torch_python() else { return };
+    use pipeline_train::optim::{AdamW, Schedule, clip_grad_norm, learning_rate};
+    let dev = Device::Cpu;
+    let shapes: [(&str, usize); 2] = [("a", 12), ("b", 7)];
+    let value = |seed: usize, i: usize| ((seed * 7919 + i * 104_729) % 2003) as f32 / 1001.5 - 1.0;
+    let init: Vec<Vec<f32>> =
+        shapes.iter().enumerate().map(|(s, (_, n))| (0..*n).map(|i| value(s, i)).collect()).collect();
+    let (steps, warmup, peak, wd, max_norm) = (6usize, 2usize, 0.05f64, 0.01f64, 1.0f64);
+    // Gradients large enough that clipping acts on some steps, not others.
+    let grads: Vec<Vec<Vec<f32>>> = (0..steps)
+        .map(|t| {
+            let scale = if t % 2 == 0 { 2.0 } else { 0.05 };
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(s, (_, n))| (0..*n).map(|i| scale * value(10 + t * 3 + s, i)).collect())
+                .collect()
+        })
+        .collect();
+
+    let vars: Vec<(String, Var)> = shapes
+        .iter()
+        .zip(&init)
+        .map(|((name, _), v)| (name.to_string(), Var::new(v.as_slice(), &dev).unwrap()))
+        .collect();
+    let mut opt = AdamW::new(0.9, 0.999, 1e-8, wd);
+    let mut ours: Vec<Vec<Vec<f32>>> = Vec::new();
+    let mut norms = Vec::new();
+    for (t, g) in grads.iter().enumerate() {
+        let mut map: HashMap<String, Tensor> = shapes
+            .iter()
+            .zip(g)
+            .map(|((name, _), v)| (name.to_string(), Tensor::new(v.as_slice(), &dev).unwrap()))
+            .collect();
+        norms.push(clip_grad_norm(&mut map, max_norm).unwrap());
+        opt.step(&vars, &map, learning_rate(Schedule::Linear, peak, t, steps, warmup)).unwrap();
+        ours.push(vars.iter().map(|(_, v)| v.as_tensor().to_vec1::<f32>().unwrap()).collect());
+    }
+
+    let script = r#"
+import json, sys, torch
+from transformers import get_linear_schedule_with_warmup
+d = json.loads(sys.argv[1])
+params = [torch.nn.Parameter(torch.tensor(p, dtype=torch.float32)) for p in d["init"]]
+opt = torch.optim.AdamW(params, lr=d["peak"], betas=(0.9, 0.999), eps=1e-8, weight_decay=d["wd"])
+sched = get_linear_schedule_with_warmup(opt, d["warmup"], d["steps"])
+out, norms = [], []
+for g in d["grads"]:
+    for p, gi in zip(params, g):
+        p.grad = torch.tensor(gi, dtype=torch.float32)
+    norms.append(float(torch.nn.utils.clip_grad_norm_(params, d["max_norm"])))
+    opt.step(); sched.step(); opt.zero_grad()
+    out.append([p.detach().tolist() for p in params])
+print(json.dumps({"params": out, "norms": norms, "torch": torch.__version__}))
+"#;
+    let input = serde_json::json!({"init": init, "grads": grads, "steps": steps, "warmup": warmup, "peak": peak,
+                                   "wd": wd, "max_norm": max_norm});
+    let out = std::process::Command::new(&python).arg("-c").arg(script).arg(input.to_string()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let theirs: serde_json::Value =
+        serde_json::from_slice(out.stdout.rsplit(|&b| b == b'\n').find(|l| !l.is_empty()).unwrap()).unwrap();
+    let mut worst = 0f64;
+    for (t, step) in ours.iter().enumerate() {
+        let norm: f64 = theirs["norms"][t].as_f64().unwrap();
+        assert!((norm - norms[t]).abs() <= 1e-5 * norm.max(1.0), "step {t}: grad norm {} vs torch {norm}", norms[t]);
+        for (p, values) in step.iter().enumerate() {
+            for (i, ours) in values.iter().enumerate() {
+                let want = theirs["params"][t][p][i].as_f64().unwrap();
+                worst = worst.max((*ours as f64 - want).abs());
+            }
+        }
+    }
+    // Moved by tenths over the six steps; f32 rounding is ~1e-7.
+    let moved: f64 = ours[steps - 1][0].iter().zip(&init[0]).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+    eprintln!(
+        "AdamW vs torch.optim.AdamW ({}): {steps} steps, warm-up {warmup}, clipping at {max_norm} (norms {:?}), weight decay {wd}: \
+         largest parameter difference {worst:.2e} (parameters moved up to {moved:.3})",
+        theirs["torch"],
+        norms.iter().map(|n| format!("{n:.3}")).collect::<Vec<_>>()
+    );
+    assert!(moved > 0.05, "the steps barely moved the parameters: the comparison would prove little");
+    assert!(worst < 1e-6, "parameters differ from PyTorch's by {worst:.2e}");
 }
 
 /// Prints, as JSON, a safetensors file's header metadata and each tensor's

@@ -89,9 +89,13 @@ impl Remote {
         if parsed.scheme() == "http" {
             options.push(("allow_http".into(), "true".into()));
         }
-        let (store, prefix) = object_store::parse_url_opts(&parsed, options).doing(|| {
+        let endpoint = endpoint_of(&parsed, &options);
+        let (store, prefix) = open_store(&parsed, options, retry_config()?).doing(|| {
             format!("--cache-dir {url}: cannot open the object store (schemes: s3, gs, az, http(s), file)")
         })?;
+        if let Some(endpoint) = endpoint {
+            probe(url, &endpoint)?;
+        }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -103,6 +107,15 @@ impl Remote {
         &self.url
     }
 
+    /// Lists the cache's prefix once, so that a missing bucket or refused
+    /// credentials stop a command before it plans anything, with what to do.
+    pub fn check_readable(&self) -> Result<()> {
+        self.runtime
+            .block_on(self.store.list_with_delimiter(Some(&self.prefix)))
+            .map(|_| ())
+            .map_err(|e| self.explain("cannot be read", &e.to_string()))
+    }
+
     /// Writes and deletes a small object, so that a missing bucket or bad
     /// credentials stop a run before any work, not at its first push.
     pub fn check_writable(&self) -> Result<()> {
@@ -112,13 +125,26 @@ impl Remote {
                 self.store.put(&path, PutPayload::from_static(b"probe")).await?;
                 self.store.delete(&path).await
             })
-            .doing(|| {
-                format!(
-                    "the remote cache {} is not writable (does the bucket exist? are the credentials in the \
-                     environment?)",
-                    self.url
-                )
-            })
+            .map_err(|e| self.explain("is not writable", &e.to_string()))
+    }
+
+    /// The store's answer `text` to a probe, with what it means and what to do.
+    fn explain(&self, failed: &str, text: &str) -> RemoteError {
+        let why = if text.contains("NoSuchBucket") || text.contains("404") {
+            "the bucket does not exist: create it (e.g. `aws s3 mb`) or fix the URL"
+        } else if ["403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "401"]
+            .iter()
+            .any(|c| text.contains(c))
+        {
+            "the store refused the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the GOOGLE_ / \
+             AZURE_ variables) and the bucket's permissions"
+        } else if ["certificate", "tls", "TLS", "ssl", "SSL"].iter().any(|c| text.contains(c)) {
+            "the TLS handshake failed: the endpoint's certificate is not trusted here, or the endpoint speaks \
+             plain http (then use an http:// endpoint and AWS_ALLOW_HTTP=true)"
+        } else {
+            "does the bucket exist? are the credentials in the environment?"
+        };
+        RemoteError::Unavailable(format!("the remote cache {} {failed} ({why}): {text}", self.url))
     }
 
     fn path(&self, rel: &str) -> ObjectPath {
@@ -298,6 +324,80 @@ impl Remote {
         }
     }
 
+    /// Removes the upload directories (`entries/<key>/upload-…/`) no manifest
+    /// will ever name: those of a job killed mid-upload, or of one that lost
+    /// a race and died before deleting its own. Under an entry whose
+    /// manifest names another upload, every other one is garbage (a job still
+    /// uploading there will find the manifest and give up); under an entry
+    /// with no manifest yet, only one that nothing was written to for
+    /// `min_idle` (an upload may still be under way). Only the entries of
+    /// `keys` when given, else every entry. With `dry_run` only counts.
+    pub fn sweep_uploads(
+        &self,
+        keys: Option<&[CacheKey]>,
+        min_idle: std::time::Duration,
+        dry_run: bool,
+    ) -> Result<SweptUploads> {
+        use std::collections::BTreeMap;
+        let prefixes: Vec<String> = match keys {
+            Some(keys) => keys.iter().map(|k| format!("entries/{}", k.as_str())).collect(),
+            None => vec!["entries".to_string()],
+        };
+        // (key, upload) -> (newest write, bytes, objects)
+        let mut uploads: BTreeMap<(String, String), (chrono::DateTime<chrono::Utc>, u64, Vec<ObjectPath>)> =
+            BTreeMap::new();
+        let entries = self.path("entries");
+        for prefix in prefixes {
+            let base = self.path(&prefix);
+            let metas: Vec<object_store::ObjectMeta> = self
+                .runtime
+                .block_on(self.store.list(Some(&base)).try_collect())
+                .doing(|| format!("cannot list {}/{prefix}", self.url))?;
+            for m in metas {
+                let Some(parts) = m.location.prefix_match(&entries) else { continue };
+                let parts: Vec<String> = parts.map(|p| p.as_ref().to_string()).collect();
+                if parts.len() < 3 || !parts[1].starts_with("upload-") {
+                    continue;
+                }
+                let e = uploads.entry((parts[0].clone(), parts[1].clone())).or_insert((m.last_modified, 0, Vec::new()));
+                e.0 = e.0.max(m.last_modified);
+                e.1 += m.size;
+                e.2.push(m.location);
+            }
+        }
+        let mut out = SweptUploads::default();
+        let mut published: BTreeMap<String, Option<String>> = BTreeMap::new();
+        let now = chrono::Utc::now();
+        for ((key, upload), (newest, bytes, objects)) in uploads {
+            let named = match published.get(&key) {
+                Some(n) => n.clone(),
+                None => {
+                    let n = self.manifest(&CacheKey(key.clone()))?.map(|m| m.upload);
+                    published.insert(key.clone(), n.clone());
+                    n
+                }
+            };
+            let abandoned = match &named {
+                Some(n) => *n != upload,
+                None => now.signed_duration_since(newest).to_std().is_ok_and(|idle| idle >= min_idle),
+            };
+            if !abandoned {
+                continue;
+            }
+            if !dry_run {
+                for o in &objects {
+                    match self.runtime.block_on(self.store.delete(o)) {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(e).doing(|| format!("cannot delete {}/{o}", self.url)),
+                    }
+                }
+            }
+            out.uploads.push(format!("entries/{key}/{upload}"));
+            out.bytes += bytes;
+        }
+        Ok(out)
+    }
+
     /// Uploads checkpoint directory `dir` (`…/checkpoints/step-N`) of the
     /// stage `key`, `state.json` last, then drops all but the newest two on
     /// the remote.
@@ -377,6 +477,19 @@ impl Remote {
     }
 }
 
+/// What [`Remote::sweep_uploads`] removed (or would remove).
+#[derive(Debug, Default)]
+pub struct SweptUploads {
+    /// `entries/<key>/upload-…` of each abandoned upload.
+    pub uploads: Vec<String>,
+    pub bytes: u64,
+}
+
+/// How long an upload under an entry that has no manifest yet must have
+/// been idle before it counts as abandoned: a day, as object stores'
+/// lifecycle rules for incomplete uploads commonly wait.
+pub const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// What can go wrong with the remote cache.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -404,6 +517,99 @@ trait Doing<T> {
 impl<T, E: std::fmt::Display> Doing<T> for std::result::Result<T, E> {
     fn doing(self, what: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| RemoteError::Unavailable(format!("{}: {e}", what())))
+    }
+}
+
+/// object_store's builder for `url`'s scheme with `options` applied (keys it
+/// does not know are left out, as `parse_url_opts` does) and `retry`.
+fn open_store(
+    url: &url::Url,
+    options: Vec<(String, String)>,
+    retry: object_store::RetryConfig,
+) -> object_store::Result<(Box<dyn ObjectStore>, ObjectPath)> {
+    use object_store::ObjectStoreScheme as Scheme;
+    let (scheme, path) = Scheme::parse(url)?;
+    let path = ObjectPath::parse(path)?;
+    macro_rules! build {
+        ($builder:ty, $url:expr) => {{
+            let b = options.iter().fold(<$builder>::new().with_url($url), |b, (k, v)| match k.parse() {
+                Ok(k) => b.with_config(k, v),
+                Err(_) => b,
+            });
+            Box::new(b.with_retry(retry).build()?) as Box<dyn ObjectStore>
+        }};
+    }
+    let store = match scheme {
+        Scheme::AmazonS3 => build!(object_store::aws::AmazonS3Builder, url.to_string()),
+        Scheme::GoogleCloudStorage => build!(object_store::gcp::GoogleCloudStorageBuilder, url.to_string()),
+        Scheme::MicrosoftAzure => build!(object_store::azure::MicrosoftAzureBuilder, url.to_string()),
+        Scheme::Http => build!(object_store::http::HttpBuilder, url[..url::Position::BeforePath].to_string()),
+        _ => return object_store::parse_url_opts(url, options),
+    };
+    Ok((store, path))
+}
+
+/// How often a failed request to the store is retried (with exponential
+/// backoff from 0.1 s, at most 15 s apart): `PIPELINE_REMOTE_RETRIES`, else
+/// 10 (about a minute in all).
+fn retry_config() -> Result<object_store::RetryConfig> {
+    let mut retry = object_store::RetryConfig::default();
+    if let Ok(v) = std::env::var("PIPELINE_REMOTE_RETRIES") {
+        retry.max_retries = v.trim().parse().map_err(|_| {
+            RemoteError::Unavailable(format!("PIPELINE_REMOTE_RETRIES={v}: not a number of retries (e.g. 3)"))
+        })?;
+    }
+    Ok(retry)
+}
+
+/// How long the connectivity probe waits for the store's endpoint.
+pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The host and port a store is reached at, where it is not a cloud's
+/// default endpoint: an `http(s)://` WebDAV URL, or an S3 URL with an
+/// endpoint set (`AWS_ENDPOINT`, `aws_endpoint_url`).
+fn endpoint_of(url: &url::Url, options: &[(String, String)]) -> Option<(String, u16)> {
+    let target = match url.scheme() {
+        "http" | "https" => url.clone(),
+        "s3" | "s3a" => {
+            let e =
+                options.iter().find(|(k, _)| matches!(k.as_str(), "aws_endpoint" | "aws_endpoint_url" | "endpoint"))?;
+            url::Url::parse(&e.1).ok()?
+        }
+        _ => return None,
+    };
+    Some((target.host_str()?.to_string(), target.port_or_known_default()?))
+}
+
+/// One TCP connection to the store's endpoint, bounded by
+/// [`PROBE_TIMEOUT`]: a store that is not there fails the run at once with
+/// what happened (name not found, connection refused, no answer), instead
+/// of after a minute of silent retries.
+fn probe(url: &str, (host, port): &(String, u16)) -> Result<()> {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let fail = |why: String| Err(RemoteError::Unavailable(format!("the remote cache {url} cannot be reached: {why}")));
+    let addrs: Vec<std::net::SocketAddr> = match (host.as_str(), *port).to_socket_addrs() {
+        Ok(a) => a.collect(),
+        Err(e) => return fail(format!("the name `{host}` does not resolve ({e}); check the endpoint's host name")),
+    };
+    let mut last = None;
+    for addr in &addrs {
+        match TcpStream::connect_timeout(addr, PROBE_TIMEOUT) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+    }
+    match last {
+        Some(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => fail(format!(
+            "connection refused at {host}:{port}: no server is listening there (is the store running? is the \
+             endpoint's port right?)"
+        )),
+        Some(e) if e.kind() == std::io::ErrorKind::TimedOut => fail(format!(
+            "no answer from {host}:{port} within {} s (a firewall, or the wrong address)",
+            PROBE_TIMEOUT.as_secs()
+        )),
+        Some(e) => fail(format!("cannot connect to {host}:{port}: {e}")),
+        None => fail(format!("`{host}` resolves to no address")),
     }
 }
 
@@ -599,6 +805,43 @@ mod tests {
         let got = r.pull_entry(&key, &out).unwrap().unwrap();
         assert_eq!(got.files, m.files);
         assert_eq!(std::fs::read_to_string(out.join("rows/train.jsonl")).unwrap(), "{}\n");
+    }
+
+    #[test]
+    fn abandoned_uploads_are_swept_and_a_live_one_is_kept() {
+        use std::time::Duration;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("remote");
+        let r = remote(&root);
+        // A published entry, and beside it the upload of a job killed after
+        // its first file (it lost the race): garbage at any age.
+        let key = CacheKey("a".repeat(64));
+        let src = tmp.path().join("src");
+        let m = entry(&src, &[("a.txt", "a"), ("b.txt", "b")]);
+        assert!(r.push_entry(&key, &src, &m).unwrap());
+        let loser = root.join(format!("entries/{}/upload-1-2-3/a.txt", key.as_str()));
+        std::fs::create_dir_all(loser.parent().unwrap()).unwrap();
+        std::fs::write(&loser, "aa").unwrap();
+        // An entry with no manifest yet: an upload that may still be going.
+        let pending = CacheKey("b".repeat(64));
+        let live = root.join(format!("entries/{}/upload-4-5-6/a.txt", pending.as_str()));
+        std::fs::create_dir_all(live.parent().unwrap()).unwrap();
+        std::fs::write(&live, "aaa").unwrap();
+
+        let dry = r.sweep_uploads(None, UPLOAD_IDLE, true).unwrap();
+        assert_eq!(dry.uploads, vec![format!("entries/{}/upload-1-2-3", key.as_str())]);
+        assert_eq!(dry.bytes, 2);
+        assert!(loser.exists(), "a dry run removes nothing");
+        let swept = r.sweep_uploads(None, UPLOAD_IDLE, false).unwrap();
+        assert_eq!(swept.uploads.len(), 1);
+        assert!(!loser.exists() && live.exists(), "the recent unpublished upload is kept");
+        // The published entry still pulls whole.
+        assert!(r.pull_entry(&key, &tmp.path().join("out")).unwrap().is_some());
+        // Idle long enough (here: at all), the unpublished one goes too; only
+        // for the keys asked about.
+        assert!(r.sweep_uploads(Some(&[key.clone()]), Duration::ZERO, false).unwrap().uploads.is_empty());
+        assert_eq!(r.sweep_uploads(Some(&[pending]), Duration::ZERO, false).unwrap().uploads.len(), 1);
+        assert!(!live.exists());
     }
 
     #[test]

@@ -8,11 +8,18 @@
 //!   what the shawhin/tool-use-finetuning evaluation calls "tool called when
 //!   needed";
 //! - **correct tool** (tool-needed rows): the called tools are the gold ones;
-//! - **call success** (tool-needed rows): a call was made and every call
-//!   could run against the dataset's tool [`Catalogue`] (known tool, required
-//!   arguments present, none unknown, values of the declared JSON types);
+//! - **call executes** (tool-needed rows): a call was made and every call
+//!   ran without error on the dataset's tool implementations (a
+//!   [`Toolbox`]) — what the published evaluation calls "success";
 //!
-//! and BFCL-style ones beside them: argument exact match and per-argument
+//! and beside them **schema-valid call** (tool-needed rows): a call was made
+//! and every call passes the dataset's tool [`Catalogue`] (known tool,
+//! required arguments present, none unknown, values of the declared JSON
+//! types). It is a weaker check than executing (`get_weather(city="ff")`
+//! passes it), and constrained decoding enforces it by construction, so it
+//! is never set against the published figure;
+//!
+//! and BFCL-style ones: argument exact match and per-argument
 //! precision/recall (values compared as JSON), JSON validity, full-call
 //! exact match. QA answers are scored with ROUGE-L F1. Every metric carries
 //! its denominator, so a rate over 3 rows is not read like one over 300.
@@ -23,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::catalogue::Catalogue;
+use crate::toolbox::Toolbox;
 use crate::toolcall::{ParsedCalls, ToolCall};
 
 /// What is measured.
@@ -69,13 +77,20 @@ pub struct ToolVerdict {
     pub json_valid: Option<bool>,
     /// The called tool names are the gold ones (only when `needs_call`).
     pub name_correct: Option<bool>,
-    /// A call was made and every call could run against the catalogue
-    /// (only when `needs_call` and there is a catalogue).
+    /// A call was made and every call passes the catalogue's schema (only
+    /// when `needs_call` and there is a catalogue).
     #[serde(default)]
-    pub call_success: Option<bool>,
-    /// Why a call could not run, when one could not.
+    pub schema_valid: Option<bool>,
+    /// Why a call fails the schema, when one does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub call_error: Option<String>,
+    pub schema_error: Option<String>,
+    /// A call was made and every call ran on the toolbox without error (only
+    /// when `needs_call` and there is a toolbox).
+    #[serde(default)]
+    pub executes: Option<bool>,
+    /// What each call returned (Python's `repr`), or why it did not run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub results: Vec<Result<String, String>>,
     /// Same names and exactly the same arguments (only when `needs_call`).
     pub args_exact: Option<bool>,
     /// Arguments equal to gold ones / predicted / gold, summed over calls.
@@ -88,14 +103,25 @@ pub struct ToolVerdict {
     pub final_answer: Option<bool>,
 }
 
-/// Scores `pred` (parsed from `pred_text`) against `gold`; call success is
-/// judged against `catalogue` (not at all when it is empty).
-pub fn score_tool_call(pred: &ParsedCalls, pred_text: &str, gold: &Gold, catalogue: &Catalogue) -> ToolVerdict {
+/// Scores `pred` (parsed from `pred_text`) against `gold`; the schema is
+/// checked against `catalogue` (not at all when it is empty), and the calls
+/// are run on `toolbox` when there is one.
+pub fn score_tool_call(
+    pred: &ParsedCalls,
+    pred_text: &str,
+    gold: &Gold,
+    catalogue: &Catalogue,
+    toolbox: Option<&Toolbox>,
+) -> ToolVerdict {
     let needs_call = gold.needs_call;
     let called = pred.attempted();
     let mut v = ToolVerdict { needs_call, called, json_valid: called.then(|| pred.all_valid()), ..Default::default() };
-    if let Some(err) = call_error(pred, catalogue) {
-        v.call_error = Some(err);
+    v.schema_error = schema_error(pred, catalogue);
+    if let Some(tb) = toolbox {
+        v.results = pred.calls.iter().map(|c| tb.execute(c).map(|r| crate::toolbox::py_display(&r))).collect();
+        v.results.extend(
+            pred.invalid.iter().map(|t| Err(format!("unreadable call: {}", t.chars().take(80).collect::<String>()))),
+        );
     }
     if needs_call {
         fn names(c: &[ToolCall]) -> Vec<&str> {
@@ -106,7 +132,10 @@ pub fn score_tool_call(pred: &ParsedCalls, pred_text: &str, gold: &Gold, catalog
         let name_ok = called && pred.all_valid() && names(&pred.calls) == names(&gold.calls.calls);
         v.name_correct = Some(name_ok);
         if !catalogue.is_empty() {
-            v.call_success = Some(called && v.call_error.is_none());
+            v.schema_valid = Some(called && v.schema_error.is_none());
+        }
+        if toolbox.is_some() {
+            v.executes = Some(called && v.results.iter().all(Result::is_ok));
         }
         // Match each gold call to an unused predicted call of the same name.
         let mut used = vec![false; pred.calls.len()];
@@ -142,9 +171,9 @@ pub fn score_tool_call(pred: &ParsedCalls, pred_text: &str, gold: &Gold, catalog
     v
 }
 
-/// Why the calls of `pred` could not run against `catalogue` (`None` when
-/// they could, when none was attempted, or when there is no catalogue).
-fn call_error(pred: &ParsedCalls, catalogue: &Catalogue) -> Option<String> {
+/// Why the calls of `pred` fail `catalogue`'s schema (`None` when they
+/// pass, when none was attempted, or when there is no catalogue).
+fn schema_error(pred: &ParsedCalls, catalogue: &Catalogue) -> Option<String> {
     if !pred.attempted() || catalogue.is_empty() {
         return None;
     }
@@ -227,7 +256,8 @@ impl Tally {
     pub fn tool(&mut self, v: &ToolVerdict) {
         self.rate("decision_accuracy", Some(v.called == v.needs_call));
         self.rate("correct_tool", v.name_correct);
-        self.rate("call_success", v.call_success);
+        self.rate("call_executes", v.executes);
+        self.rate("schema_valid_call", v.schema_valid);
         self.rate("called_when_needed", v.needs_call.then_some(v.called));
         self.rate("no_call_when_not_needed", (!v.needs_call).then_some(!v.called));
         self.rate("args_exact_match", v.args_exact);
@@ -286,7 +316,8 @@ impl Tally {
 pub const METRICS: &[(&str, &str, bool)] = &[
     ("decision_accuracy", "decision: call iff needed", true),
     ("correct_tool", "correct tool", true),
-    ("call_success", "call success", true),
+    ("call_executes", "call executes (published \"success\")", true),
+    ("schema_valid_call", "schema-valid call", true),
     ("called_when_needed", "call made when needed", true),
     ("no_call_when_not_needed", "no call when none needed", true),
     ("args_exact_match", "arguments exact match", true),
@@ -384,27 +415,27 @@ mod tests {
     fn scores_calls_field_by_field() {
         let gold = gold(r#"<tool_call>{"tool_name": "w", "args": {"city": "Paris", "unit": "c"}}</tool_call>"#);
         let exact = parse(r#"<tool_call>{"name": "w", "arguments": {"unit": "c", "city": "Paris"}}</tool_call>"#);
-        let v = score_tool_call(&exact, "", &gold, &none());
+        let v = score_tool_call(&exact, "", &gold, &none(), None);
         assert!(v.exact && v.args_exact == Some(true) && v.name_correct == Some(true));
-        assert_eq!(v.call_success, None, "no catalogue, no verdict on running");
+        assert_eq!((v.schema_valid, v.executes), (None, None), "no catalogue, no toolbox: no verdict on running");
         let half =
             parse(r#"<tool_call>{"name": "w", "arguments": {"city": "Paris", "unit": "f", "x": 1}}</tool_call>"#);
-        let v = score_tool_call(&half, "", &gold, &none());
+        let v = score_tool_call(&half, "", &gold, &none(), None);
         assert_eq!((v.args_matched, v.args_predicted, v.args_gold), (1, 3, 2));
         assert_eq!((v.name_correct, v.args_exact, v.exact), (Some(true), Some(false), false));
         let wrong = parse(r#"<tool_call>{"name": "v", "arguments": {"city": "Paris"}}</tool_call>"#);
-        let v = score_tool_call(&wrong, "", &gold, &none());
+        let v = score_tool_call(&wrong, "", &gold, &none(), None);
         assert_eq!((v.name_correct, v.args_matched), (Some(false), 0));
         let broken = parse("<tool_call>{\"name\": \"w\",</tool_call>");
-        let v = score_tool_call(&broken, "", &gold, &none());
+        let v = score_tool_call(&broken, "", &gold, &none(), None);
         assert_eq!((v.called, v.json_valid, v.name_correct), (true, Some(false), Some(false)));
         let no_call = parse("<final_answer>no</final_answer>");
-        let v = score_tool_call(&no_call, "<final_answer>no</final_answer>", &gold, &none());
+        let v = score_tool_call(&no_call, "<final_answer>no</final_answer>", &gold, &none(), None);
         assert_eq!((v.called, v.exact), (false, false));
 
         let mut t = Tally::default();
         for p in [&exact, &half] {
-            t.tool(&score_tool_call(p, "", &gold, &none()));
+            t.tool(&score_tool_call(p, "", &gold, &none(), None));
         }
         let m = t.metrics();
         assert_eq!(m["called_when_needed"], Metric { value: 1.0, n: 2 });
@@ -415,6 +446,7 @@ mod tests {
 
     #[test]
     fn published_metrics_on_hand_made_predictions() {
+        let toolbox = Toolbox::builtin("tool-use-finetuning").unwrap();
         // The dataset's catalogue: the union of its rows' <tools> blocks.
         let mut catalogue = Catalogue::default();
         catalogue.add_text(
@@ -436,7 +468,7 @@ mod tests {
             (r#"<tool_call>{"tool_name": "search", "args": {"q": "Paris weather"}}</tool_call>"#, &weather),
             // 3. right tool, required argument missing.
             (r#"<tool_call>{"tool_name": "convert_bases", "args": {"number": "ff"}}</tool_call>"#, &bases),
-            // 4. wrong tool, but one that runs: success without the correct tool.
+            // 4. wrong tool, schema-valid, but it does not run: no city "ff".
             (r#"<tool_call>{"tool_name": "get_weather", "args": {"city": "ff"}}</tool_call>"#, &bases),
             // 5. no call where one is needed.
             ("<final_answer>I cannot check.</final_answer>", &weather),
@@ -450,22 +482,36 @@ mod tests {
         let mut t = Tally::default();
         let mut verdicts = Vec::new();
         for (text, g) in &rows {
-            let v = score_tool_call(&parse(text), text, g, &catalogue);
+            let v = score_tool_call(&parse(text), text, g, &catalogue, Some(&toolbox));
             t.tool(&v);
             verdicts.push(v);
         }
-        assert_eq!(verdicts[1].call_error.as_deref(), Some("search: no tool `search` in the catalogue"));
-        assert_eq!(verdicts[2].call_error.as_deref(), Some("convert_bases: required argument `to_base` missing"));
-        assert_eq!((verdicts[3].name_correct, verdicts[3].call_success), (Some(false), Some(true)));
-        assert_eq!((verdicts[4].called, verdicts[4].call_success), (false, Some(false)));
+        assert_eq!(verdicts[1].schema_error.as_deref(), Some("search: no tool `search` in the catalogue"));
+        assert_eq!(verdicts[1].results, vec![Err("no tool `search`".to_string())]);
+        assert_eq!(verdicts[2].schema_error.as_deref(), Some("convert_bases: required argument `to_base` missing"));
+        assert_eq!(
+            (verdicts[3].name_correct, verdicts[3].schema_valid, verdicts[3].executes),
+            (Some(false), Some(true), Some(false)),
+            "schema-valid is not executing"
+        );
+        assert_eq!(
+            verdicts[0].results,
+            vec![Ok("{'temperature': 68, 'condition': 'Sunny', 'humidity': 70}".to_string())]
+        );
+        assert_eq!(
+            (verdicts[4].called, verdicts[4].schema_valid, verdicts[4].executes),
+            (false, Some(false), Some(false))
+        );
         assert!(verdicts[5].exact && verdicts[7].exact && !verdicts[6].exact);
         let m = t.metrics();
         // Decisions: rows 1-4 call (needed), 5 does not (needed), 6 and 8
         // do not (not needed), 7 calls (not needed): 6 of 8.
         assert_eq!(m["decision_accuracy"], Metric { value: 6.0 / 8.0, n: 8 });
-        // Tool-needed rows 1-5: correct tool in 1 and 3, success in 1 and 4.
+        // Tool-needed rows 1-5: correct tool in 1 and 3, schema-valid in 1 and 4.
         assert_eq!(m["correct_tool"], Metric { value: 2.0 / 5.0, n: 5 });
-        assert_eq!(m["call_success"], Metric { value: 2.0 / 5.0, n: 5 });
+        assert_eq!(m["schema_valid_call"], Metric { value: 2.0 / 5.0, n: 5 });
+        // Only row 1's call executes.
+        assert_eq!(m["call_executes"], Metric { value: 1.0 / 5.0, n: 5 });
         assert_eq!(m["called_when_needed"], Metric { value: 4.0 / 5.0, n: 5 });
         assert_eq!(m["no_call_when_not_needed"], Metric { value: 2.0 / 3.0, n: 3 });
     }
@@ -475,10 +521,10 @@ mod tests {
         let gold_text = "<final_answer>\nHello\n</final_answer>";
         let gold = gold(gold_text);
         let ok = "<final_answer>\nHi there\n</final_answer>";
-        let v = score_tool_call(&parse(ok), ok, &gold, &none());
+        let v = score_tool_call(&parse(ok), ok, &gold, &none(), None);
         assert!(v.exact && v.final_answer == Some(true) && !v.needs_call);
         let bad = "<tool_call>{\"name\": \"x\", \"arguments\": {}}</tool_call>";
-        let v = score_tool_call(&parse(bad), bad, &gold, &none());
+        let v = score_tool_call(&parse(bad), bad, &gold, &none(), None);
         assert!(!v.exact && v.called && v.final_answer == Some(false));
     }
 

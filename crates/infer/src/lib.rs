@@ -5,7 +5,9 @@
 //! - [`generate`]: prefill + decoding through the KV cache, sampling, stop
 //!   tokens and strings, streaming, batched decoding;
 //! - [`toolcall`]: tool calls parsed out of generated text;
-//! - [`catalogue`]: the tools a dataset knows, and whether a call could run;
+//! - [`catalogue`]: the tools a dataset knows, and whether a call passes
+//!   their schema;
+//! - [`toolbox`]: implementations of a dataset's tools, to execute calls;
 //! - [`constrain`]: constrained decoding of tool calls against a catalogue;
 //! - [`eval`]: scoring answers (tool-call verdicts, ROUGE-L) and tallies.
 
@@ -15,6 +17,7 @@ pub mod constrain;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod toolbox;
 pub mod toolcall;
 
 pub use error::{Error, Result};

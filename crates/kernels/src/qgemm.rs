@@ -779,10 +779,48 @@ mod tests {
     /// last panel of 3 rows (19 outputs) and one with a partial second half
     /// (27), and whole products of 21 input rows.
     #[test]
-    fn blocks_dequantize_as_candle_and_simd_tiles_equal_the_portable_ones() {
+    fn blocks_dequantize_as_candle_and_portable_panels_multiply() {
+        dequantize_and_compare(None);
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(cpu_avx2),
+        ignore = "no AVX2 on this CPU (or PIPELINE_MAX_CPU_ISA caps it): its prefill tiles are not tested here"
+    )]
+    fn avx2_tiles_equal_the_portable_ones() {
+        dequantize_and_compare(Some(Path::Avx2));
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(cpu_avx512vnni),
+        ignore = "no AVX-512 VNNI on this CPU (or PIPELINE_MAX_CPU_ISA caps it): its prefill tiles are not tested here"
+    )]
+    fn avx512_vnni_tiles_equal_the_portable_ones() {
+        dequantize_and_compare(Some(Path::Avx512Vnni));
+    }
+
+    /// Cross-built, the machine that runs the test is not known when it is
+    /// built: a CPU without `sdot` says so and returns.
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_dot_tiles_equal_the_portable_ones() {
+        if !Path::available().contains(&Path::NeonDot) {
+            eprintln!("SKIPPED: the NEON dot-product prefill path (this CPU has no sdot)");
+            return;
+        }
+        dequantize_and_compare(Some(Path::NeonDot));
+    }
+
+    /// Blocks dequantize as candle's; with `simd`, that path's tiles and
+    /// whole products equal the portable ones bit for bit.
+    fn dequantize_and_compare(simd: Option<Path>) {
         let inp = 512;
-        let paths = Path::available();
-        println!("prefill paths on this CPU: {paths:?}");
+        if let Some(path) = simd {
+            let paths = Path::available();
+            assert!(paths.contains(&path), "the CPU has the {path:?} path but the kernels do not offer it ({paths:?})");
+        }
         for out in [19, 27] {
             for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
                 let w = Tensor::from_vec(rows(out, inp, 1), (out, inp), &Device::Cpu).unwrap();
@@ -810,7 +848,7 @@ mod tests {
                 let x = Quantized::new(&rows(21, inp, 3), inp);
                 let mut want = vec![0f32; 21 * out];
                 panels.matmul_on(Path::Portable, &x, &mut want);
-                for &path in &paths[1..] {
+                if let Some(path) = simd {
                     let shifted: Vec<u8> = x.q.iter().map(|&v| (v as u8) ^ 0x80).collect();
                     for k in 1..=path.tile_rows() {
                         for i0 in [0, 21 - k] {

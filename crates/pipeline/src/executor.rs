@@ -147,6 +147,7 @@ impl Executor {
     /// finished entries are pulled from it and pushed to it, and training
     /// checkpoints are synced to it.
     pub fn with_remote(cache_dir: &Path, remote: Remote) -> Result<Executor> {
+        remote.check_readable()?;
         let mut e = Executor::new(cache_dir)?;
         e.remote = Some(remote);
         Ok(e)
@@ -215,15 +216,31 @@ impl Executor {
             let fingerprint =
                 Fingerprint { kind: spec.kind().to_string(), version: stage.version(), params, inputs, outside };
             let key = fingerprint.key();
+            // A remote that cannot be asked is an error, never "not there": a
+            // stage planned as new while its checkpoint is out of reach would
+            // start over and, once published, replace nothing but lose hours.
+            let unreachable = |what: &str| {
+                format!(
+                    "stage `{name}`: cannot ask the remote cache whether {what}; nothing was run (retry once the store answers)"
+                )
+            };
+            let in_remote = match &self.remote {
+                Some(r) if !self.store.is_finished(&key) => {
+                    r.has_entry(&key).with_context(|| unreachable("it is finished"))?
+                }
+                _ => false,
+            };
             let (status, reason, step) = if self.store.is_finished(&key) {
                 (Status::Cached, None, None)
-            } else if let Some(remote) = self.remote.as_ref().filter(|r| r.has_entry(&key).unwrap_or(false)) {
+            } else if let Some(remote) = self.remote.as_ref().filter(|_| in_remote) {
                 (Status::Cached, Some(format!("in the remote cache {}", remote.url())), None)
             } else {
                 let reason = self.why(&recipe.ref_name(), &name, &key, &fingerprint);
                 let local = stage.resume_point(&self.store.work_dir(&key));
                 let remote = match (&local, &self.remote) {
-                    (None, Some(r)) => r.latest_checkpoint(&key).unwrap_or(None),
+                    (None, Some(r)) if stage.resumable() => {
+                        r.latest_checkpoint(&key).with_context(|| unreachable("it has a checkpoint"))?
+                    }
                     _ => None,
                 };
                 match (local, remote) {
@@ -268,12 +285,12 @@ impl Executor {
     /// Runs the recipe (up to `until`): reuses cached stages, runs the rest
     /// in order, publishing each as it finishes.
     pub fn run(&self, recipe: &Recipe, until: Option<&str>) -> Result<Vec<StageOutcome>> {
-        let env = Env::new(recipe, &self.memo);
-        let plan = self.plan_with(&env, until)?;
-        self.memo.save().ok();
         if let Some(remote) = &self.remote {
             remote.check_writable()?;
         }
+        let env = Env::new(recipe, &self.memo);
+        let plan = self.plan_with(&env, until)?;
+        self.memo.save().ok();
         let mut dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
         let mut outcomes = Vec::new();
         // Finished only in the remote cache and read by no stage that runs
@@ -285,7 +302,12 @@ impl Executor {
         for sp in &plan.stages {
             let started = Instant::now();
             let local = self.store.is_finished(&sp.key);
-            let remote_finished = !local && self.remote.as_ref().is_some_and(|r| r.has_entry(&sp.key).unwrap_or(false));
+            let remote_finished = match &self.remote {
+                Some(r) if !local => r.has_entry(&sp.key).with_context(|| {
+                    format!("stage `{}`: cannot ask the remote cache whether it is finished", sp.name)
+                })?,
+                _ => false,
+            };
             let done = if remote_finished && read_by_others.contains(sp.name.as_str()) {
                 remote_only.insert(&sp.name, sp);
                 Done::Remote
@@ -320,6 +342,20 @@ impl Executor {
             dirs.insert(sp.name.clone(), self.store.entry_dir(&sp.key));
             outcomes.push(StageOutcome { name: sp.name.clone(), key: sp.key.clone(), done, seconds: elapsed });
         }
+        if let Some(remote) = &self.remote {
+            // What jobs killed mid-upload left under this recipe's entries.
+            let keys: Vec<CacheKey> = plan.stages.iter().map(|s| s.key.clone()).collect();
+            let swept = remote.sweep_uploads(Some(&keys), pipeline_cache::remote::UPLOAD_IDLE, false)?;
+            if !swept.uploads.is_empty() {
+                crate::report::println(&format!(
+                    "  removed {} abandoned upload{} ({:.1} MB) from {}",
+                    swept.uploads.len(),
+                    if swept.uploads.len() == 1 { "" } else { "s" },
+                    swept.bytes as f64 / 1e6,
+                    remote.url()
+                ));
+            }
+        }
         Ok(outcomes)
     }
 
@@ -343,9 +379,20 @@ impl Executor {
             if self.pull_into(sp, remote, &work, &lock)? {
                 return Ok(Done::Pulled);
             }
-            if sp.status == Status::Resume && env.recipe.stages[&sp.name].stage().resume_point(&work).is_none() {
+            // The decision to resume is taken again, from the remote, now:
+            // a checkpoint may have appeared (or been out of reach) since the
+            // plan was made.
+            let stage = env.recipe.stages[&sp.name].stage();
+            if stage.resumable() && stage.resume_point(&work).is_none() {
                 let step = remote.pull_latest_checkpoint(&sp.key, &pipeline_train::checkpoint::dir(&work))?;
-                tracing::info!(stage = %sp.name, ?step, "pulled the newest checkpoint from the remote cache");
+                if let Some(step) = step {
+                    tracing::info!(stage = %sp.name, step, "pulled the newest checkpoint from the remote cache");
+                    crate::report::println(&format!(
+                        "  resuming {} from step {step} (checkpoint in {})",
+                        sp.name,
+                        remote.url()
+                    ));
+                }
             }
         }
         match (&sp.status, &sp.reason) {

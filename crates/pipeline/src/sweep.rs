@@ -293,11 +293,11 @@ pub fn lower_is_better(metric: &str) -> bool {
 }
 
 /// The metric a comparison ranks by when none is named: the first of call
-/// success, full-call exact match, ROUGE-L, eval loss that every finished
+/// executes, full-call exact match, ROUGE-L, eval loss that every finished
 /// variant has.
 pub fn default_metric(results: &[VariantResult]) -> Option<&'static str> {
     let done: Vec<&VariantResult> = results.iter().filter(|r| !r.metrics.is_empty()).collect();
-    ["call_success", "exact_match", "rouge_l", "loss"]
+    ["call_executes", "exact_match", "rouge_l", "loss"]
         .into_iter()
         .find(|m| !done.is_empty() && done.iter().all(|r| r.metrics.contains_key(*m)))
 }
@@ -323,7 +323,8 @@ pub fn rank(results: &mut [VariantResult], metric: &str) {
 pub const COLUMNS: &[(&str, &str)] = &[
     ("decision_accuracy", "decision"),
     ("correct_tool", "correct tool"),
-    ("call_success", "call success"),
+    ("call_executes", "call executes"),
+    ("schema_valid_call", "schema-valid call"),
     ("no_call_when_not_needed", "no call when none needed"),
     ("exact_match", "exact match"),
     ("rouge_l", "ROUGE-L"),

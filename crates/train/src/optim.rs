@@ -95,6 +95,26 @@ impl AdamW {
     }
 }
 
+/// Scales `grads` so that their global L2 norm is at most `max_norm` (when
+/// positive), as `torch.nn.utils.clip_grad_norm_` does; returns the norm
+/// before clipping.
+pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.values() {
+        sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    let norm = sq.sqrt();
+    if max_norm > 0.0 {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            for g in grads.values_mut() {
+                *g = (&*g * coef)?;
+            }
+        }
+    }
+    Ok(norm)
+}
+
 /// How the learning rate changes over training (after warmup).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]

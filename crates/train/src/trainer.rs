@@ -379,20 +379,7 @@ impl Trainer {
                 grads.insert(name, sum);
             }
         }
-        // Clip the global norm as torch.nn.utils.clip_grad_norm_ does.
-        let mut sq = 0f64;
-        for g in grads.values() {
-            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        }
-        let grad_norm = sq.sqrt();
-        if self.cfg.max_grad_norm > 0.0 {
-            let coef = self.cfg.max_grad_norm / (grad_norm + 1e-6);
-            if coef < 1.0 {
-                for g in grads.values_mut() {
-                    *g = (&*g * coef)?;
-                }
-            }
-        }
+        let grad_norm = crate::optim::clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
         self.opt.step(&self.params, &grads, lr)?;
         self.state.step = step + 1;
         let row = LogRow {

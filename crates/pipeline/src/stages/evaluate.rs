@@ -31,6 +31,7 @@ use pipeline_infer::chat::{ChatTemplate, Message};
 use pipeline_infer::constrain::CallGrammar;
 use pipeline_infer::eval::{Gold, Metric, Tally, Task, markdown_table, rouge_l, score_tool_call};
 use pipeline_infer::generate::{Generation, GenerationParams, Generator};
+use pipeline_infer::toolbox::Toolbox;
 use pipeline_model::{self as model, CausalLm, KvCache};
 
 /// Parameters of an `evaluate` stage.
@@ -81,6 +82,13 @@ pub struct Params {
     /// `evaluate` stage to see what the constraint buys.
     #[serde(default)]
     pub constrained_calls: bool,
+    /// The tool implementations generated calls are executed on, for the
+    /// "call executes" metric (the one the published tool-use evaluations
+    /// call "success"): `auto` (the built-in toolbox that implements every
+    /// tool of the dataset's catalogue, if one does), `none`, or a built-in
+    /// toolbox by name (`tool-use-finetuning`).
+    #[serde(default = "auto")]
+    pub toolbox: String,
     /// Rows decoded together (one step runs a token of each): faster, and
     /// the same answers up to float rounding, so it is not part of the
     /// stage's cache key. Each row holds a KV cache of its whole prompt.
@@ -102,6 +110,10 @@ pub struct Params {
 
 fn yes() -> bool {
     true
+}
+
+fn auto() -> String {
+    "auto".into()
 }
 
 fn default_batch() -> usize {
@@ -181,6 +193,13 @@ impl StageKind for Params {
                 "constrain calls only where the task is tool calling".into(),
             ));
         }
+        if !["auto", "none"].contains(&self.toolbox.as_str()) && Toolbox::builtin(&self.toolbox).is_none() {
+            return Err((
+                "toolbox",
+                format!("no built-in toolbox `{}`", self.toolbox),
+                format!("use \"auto\", \"none\" or one of: {}", pipeline_infer::toolbox::BUILTIN.join(", ")),
+            ));
+        }
         if self.generation.max_new_tokens == 0 {
             return Err(("generation.max_new_tokens", "0".into(), "generate at least 1 token".into()));
         }
@@ -202,7 +221,9 @@ impl Stage for Params {
         // 2: decision accuracy, correct tool, call success against the catalogue.
         // 3: a GGUF base's prompts multiply on its quantized weights (8-bit
         //    activations, as llama.cpp), not on f32 copies.
-        3
+        // 4: calls executed on a toolbox ("call executes"); the schema check
+        //    renamed "schema-valid call".
+        4
     }
 
     fn params(&self, env: &Env) -> Value {
@@ -286,6 +307,8 @@ struct Evaluation<'a> {
     catalogue: Catalogue,
     /// With `constrained_calls`: the grammar decoding follows.
     grammar: Option<CallGrammar>,
+    /// The implementations calls are executed on, if any.
+    toolbox: Option<Toolbox>,
 }
 
 impl<'a> Evaluation<'a> {
@@ -389,6 +412,11 @@ impl<'a> Evaluation<'a> {
             group_by,
             needs_call_column,
             grammar: p.constrained_calls.then(|| CallGrammar::new(catalogue.clone())),
+            toolbox: match p.toolbox.as_str() {
+                "none" => None,
+                "auto" => Toolbox::covering(&catalogue),
+                name => Toolbox::builtin(name),
+            },
             catalogue,
         })
     }
@@ -428,6 +456,8 @@ impl<'a> Evaluation<'a> {
             "group_by": self.group_by,
             "needs_call_column": self.needs_call_column,
             "catalogue": self.catalogue.tools.keys().collect::<Vec<_>>(),
+            "toolbox": self.toolbox.as_ref().map(|t| t.name),
+            "gold_calls_execute": self.gold_calls_execute(),
             "max_prompt_tokens": self.max_prompt,
             "generation": self.p.generation,
             "constrained_calls": self.p.constrained_calls,
@@ -599,12 +629,27 @@ impl<'a> Evaluation<'a> {
                 record["rouge_l"] = json!(f1);
             }
             _ => {
-                let v = score_tool_call(&pred, &g.text, &row.gold, &self.catalogue);
+                let v = score_tool_call(&pred, &g.text, &row.gold, &self.catalogue, self.toolbox.as_ref());
                 tally.tool(&v);
                 record["verdict"] = serde_json::to_value(&v)?;
             }
         }
         Ok((s.row, tally, record))
+    }
+
+    /// Of the rows whose gold turn calls a tool, those whose calls all run
+    /// on the toolbox: how well the toolbox stands in for the dataset's own
+    /// tools (a figure near 100 % says a model's failures are its own).
+    fn gold_calls_execute(&self) -> Option<Metric> {
+        let toolbox = self.toolbox.as_ref()?;
+        let rows: Vec<bool> = self
+            .rows
+            .iter()
+            .filter(|r| r.gold.calls.attempted())
+            .map(|r| r.gold.calls.all_valid() && r.gold.calls.calls.iter().all(|c| toolbox.execute(c).is_ok()))
+            .collect();
+        let n = rows.len();
+        (n > 0).then(|| Metric { value: rows.iter().filter(|ok| **ok).count() as f64 / n as f64, n })
     }
 
     /// Decoding with the model as it is now (base or adapter attached),
@@ -663,10 +708,26 @@ impl<'a> Evaluation<'a> {
             };
             s += &format!(
                 "\nA row needs a call by {needed}. **Decision**: a call was made iff one is needed (all rows; \
-                 published as \"tool called when needed\"). **Correct tool** and **call success** are over the \
-                 tool-needed rows; a call succeeds when it could run against the dataset's {} tools (the union of \
-                 its rows' catalogues): a known tool, every required argument, no unknown one, values of the \
-                 declared JSON types.\n",
+                 published as \"tool called when needed\"). **Correct tool**, **call executes** and \
+                 **schema-valid call** are over the tool-needed rows. {} A call is **schema-valid** when it \
+                 passes the schema of the dataset's {} tools (the union of its rows' catalogues): a known tool, \
+                 every required argument, no unknown one, values of the declared JSON types; it need not run \
+                 (`get_weather(city=\"ff\")` passes), and constrained decoding enforces it by construction.\n",
+                match &self.toolbox {
+                    Some(t) => format!(
+                        "A call **executes** when it runs without error on the `{}` toolbox's implementations of \
+                         the tools (the published \"success\"){}.",
+                        t.name,
+                        self.gold_calls_execute()
+                            .map(|m| format!(
+                                "; the gold turns' own calls execute in {:.1} % of their rows (n={})",
+                                100.0 * m.value,
+                                m.n
+                            ))
+                            .unwrap_or_default()
+                    ),
+                    None => "No toolbox implements these tools, so no call was executed.".into(),
+                },
                 self.catalogue.len()
             );
         }

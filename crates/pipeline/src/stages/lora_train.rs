@@ -308,6 +308,10 @@ impl Stage for Params {
         env.base_model_inputs(false)
     }
 
+    fn resumable(&self) -> bool {
+        true
+    }
+
     fn resume_point(&self, work: &std::path::Path) -> Option<u64> {
         checkpoint::latest(work).map(|(step, _)| step)
     }

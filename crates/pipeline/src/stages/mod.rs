@@ -46,6 +46,12 @@ pub trait Stage {
     /// Does the work, writing into `ctx.out`; returns metrics for the manifest.
     fn run(&self, ctx: &RunContext) -> Result<serde_json::Value>;
 
+    /// Whether the stage writes checkpoints a run can resume from (then a
+    /// remote cache's newest one is pulled before it starts).
+    fn resumable(&self) -> bool {
+        false
+    }
+
     /// The step a run would continue from, if `work` holds a valid
     /// checkpoint (stages that checkpoint override this).
     fn resume_point(&self, _work: &Path) -> Option<u64> {
