@@ -175,6 +175,125 @@ fn resumed_on_portable_kernels(models: &Path, variant: &str, extra: &str) {
     );
 }
 
+/// A few LoRA training steps of the real Gemma 3 270M, dropout 0, against
+/// PEFT training the same adapter (our initial A and B, loaded with
+/// `PeftModel.from_pretrained(…, is_trainable=True)`) on the same example
+/// with `torch.optim.AdamW` and clipping: the losses of every step and the
+/// trained adapter agree to float rounding.
+#[test]
+fn lora_steps_match_peft() {
+    let (Some(models), Some(python)) = (models_dir(), common::torch_python()) else { return };
+    use pipeline_train::{TokenizedSplit, TrainConfig, Trainer};
+    let dir = models.join("gemma-3-270m");
+    let files = pipeline_model::ModelFiles::from_dir("google/gemma-3-270m", &dir).unwrap();
+    let model = pipeline_model::load(&files, &Device::Cpu, 256).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let prompt = tok
+        .encode("<bos><start_of_turn>user\nWhat is the weather in Paris?<end_of_turn>\n<start_of_turn>model\n", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let answer = tok
+        .encode(
+            "<tool_call>{\"tool_name\": \"get_weather\", \"args\": {\"city\": \"Paris\"}}</tool_call><end_of_turn>",
+            false,
+        )
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let ids = [prompt.clone(), answer.clone()].concat();
+    let mask = [vec![0u8; prompt.len()], vec![1u8; answer.len()]].concat();
+    let steps = 4;
+    let mut config = TrainConfig {
+        max_steps: Some(steps),
+        learning_rate: 1e-3,
+        weight_decay: 0.01,
+        schedule: pipeline_train::optim::Schedule::Constant,
+        max_grad_norm: 1.0,
+        ..TrainConfig::default()
+    };
+    config.lora.dropout = 0.0;
+    let examples = TokenizedSplit::from_examples([("0".to_string(), ids.clone(), mask.clone())]);
+    let mut trainer = Trainer::new(model, examples, None, config).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (init, ours_dir, theirs_dir) = (tmp.path().join("init"), tmp.path().join("ours"), tmp.path().join("theirs"));
+    trainer.save_adapter(&init, "google/gemma-3-270m").unwrap();
+    trainer.run(None, &mut ()).unwrap();
+    trainer.save_adapter(&ours_dir, "google/gemma-3-270m").unwrap();
+    let our_losses: Vec<f64> = trainer.state().log.iter().map(|r| r.loss).collect();
+    assert_eq!(our_losses.len(), steps);
+
+    let script = r#"
+import json, sys, torch, peft
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+gguf_dir, gguf, init, out, data = sys.argv[1:6]
+d = json.loads(data)
+torch.set_num_threads(2)
+base = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf, dtype=torch.float32)
+model = PeftModel.from_pretrained(base, init, is_trainable=True)
+model.train()
+params = [p for p in model.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(params, lr=d["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=d["wd"])
+ids = torch.tensor([d["ids"]])
+labels = ids.clone()
+labels[0, torch.tensor(d["mask"]) == 0] = -100
+losses = []
+for _ in range(d["steps"]):
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step(); opt.zero_grad(set_to_none=True)
+    losses.append(loss.item())
+model.save_pretrained(out)
+print(json.dumps({"losses": losses, "versions": f"torch {torch.__version__}, peft {peft.__version__}"}))
+"#;
+    let data = serde_json::json!({"ids": ids, "mask": mask, "steps": steps, "lr": 1e-3, "wd": 0.01});
+    let out = std::process::Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .arg(&dir)
+        .arg("gemma-3-270m-q4_k_m.gguf")
+        .arg(&init)
+        .arg(&theirs_dir)
+        .arg(data.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let theirs: serde_json::Value =
+        serde_json::from_slice(out.stdout.rsplit(|&b| b == b'\n').find(|l| !l.is_empty()).unwrap()).unwrap();
+    let their_losses: Vec<f64> = serde_json::from_value(theirs["losses"].clone()).unwrap();
+    let loss_diff = our_losses.iter().zip(&their_losses).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
+    let load = |d: &Path| candle_core::safetensors::load(d.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let (start, a, b) = (load(&init), load(&ours_dir), load(&theirs_dir));
+    assert_eq!(a.len(), b.len(), "the same tensors: {:?}", b.keys().collect::<Vec<_>>());
+    // Adam moves every element by about the learning rate whatever its
+    // gradient's size, so an element whose gradient is rounding noise (A's,
+    // while B is still near 0) may move either way: compare the training's
+    // whole update, not single elements.
+    let (mut diff, mut update) = (0f64, 0f64);
+    for (name, t) in &a {
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (x, y, x0) =
+            (flat(t), flat(b.get(name).unwrap_or_else(|| panic!("PEFT has no {name}"))), flat(&start[name]));
+        for ((u, v), w) in x.iter().zip(&y).zip(&x0) {
+            diff += ((u - v) as f64).powi(2);
+            update += ((v - w) as f64).powi(2);
+        }
+    }
+    let relative = (diff / update).sqrt();
+    eprintln!(
+        "LoRA vs PEFT ({}), {steps} steps of {} tokens, dropout 0: losses ours {our_losses:.5?} / PEFT {their_losses:.5?} \
+         (largest difference {loss_diff:.2e}); the adapters' updates differ by {:.2} % (L2, relative to PEFT's)",
+        theirs["versions"],
+        ids.len(),
+        100.0 * relative
+    );
+    assert!(update > 1e-6, "the steps barely moved the adapter: the comparison would prove little");
+    assert!(loss_diff < 2e-3 * their_losses[0], "losses differ from PEFT's by {loss_diff:.2e}");
+    assert!(relative < 0.05, "the adapter's update differs from PEFT's by {:.1} %", 100.0 * relative);
+}
+
 /// Six AdamW steps with linear warm-up and decay, global-norm clipping and
 /// weight decay, against `torch.optim.AdamW`, `clip_grad_norm_` and
 /// transformers' `get_linear_schedule_with_warmup` on the same parameters

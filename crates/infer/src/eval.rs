@@ -326,7 +326,7 @@ pub const METRICS: &[(&str, &str, bool)] = &[
     ("arg_f1", "argument F1", true),
     ("json_validity", "valid call JSON", true),
     ("final_answer_presence", "final answer present", true),
-    ("exact_match", "full-call exact match (success)", true),
+    ("exact_match", "full-call exact match", true),
     ("rouge_l", "ROUGE-L F1", false),
     ("loss", "eval loss (assistant tokens)", false),
     ("perplexity", "perplexity", false),
