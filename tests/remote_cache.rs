@@ -39,15 +39,21 @@ impl Server {
     /// Starts the server, or `None` when moto is not installed and skipping
     /// is allowed (`common::missing`).
     fn start() -> Option<Server> {
-        Self::launch(false)
+        Self::launch(false, &[])
+    }
+
+    /// moto checking every request's credentials against its (empty) IAM:
+    /// every access key is refused.
+    fn start_with_auth() -> Option<Server> {
+        Self::launch(false, &[("INITIAL_NO_AUTH_ACTION_COUNT", "0")])
     }
 
     /// A WebDAV server (wsgidav) instead.
     fn start_webdav() -> Option<Server> {
-        Self::launch(true)
+        Self::launch(true, &[])
     }
 
-    fn launch(webdav: bool) -> Option<Server> {
+    fn launch(webdav: bool, env: &[(&str, &str)]) -> Option<Server> {
         let (module, package) = if webdav {
             ("wsgidav.server.server_cli, cheroot", "wsgidav")
         } else {
@@ -71,7 +77,12 @@ impl Server {
                 .args(["--port", &port.to_string(), "--root", root.path().to_str().unwrap()]),
             None => cmd.args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()]),
         };
-        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start the server");
+        let child = cmd
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the server");
         let server = Server { child, port, webdav_root: root };
         let t0 = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -263,6 +274,20 @@ fn a_kill_mid_upload_publishes_no_entry() {
     assert_eq!(train["step"], 6, "{train}");
     let stderr = ok(&mut s3.cmd(&p, url, &local2, &["run", "r.toml"]));
     assert!(stderr.contains("ran     train"), "{stderr}");
+    // Machine 1's half upload lies beside the published entry: the run
+    // removed it, and only the published upload is left.
+    assert!(stderr.contains("removed 1 abandoned upload"), "{stderr}");
+    let key = train["key"].as_str().unwrap();
+    let uploads: std::collections::BTreeSet<String> = s3
+        .keys("cache", &format!("kill-mid-upload/entries/{key}/"))
+        .iter()
+        .filter_map(|k| k.split('/').nth(3).filter(|d| d.starts_with("upload-")).map(str::to_string))
+        .collect();
+    assert_eq!(uploads.len(), 1, "{uploads:?}");
+    // Nothing left for `gc --remote` to remove.
+    let out = s3.cmd(&p, url, &local2, &["gc", "--remote"]).output().unwrap();
+    let gc = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && gc.contains("removed 0 abandoned uploads"), "{gc}");
 
     // Now published: a third machine pulls it.
     let local3 = p.path("machine-3");
@@ -364,8 +389,10 @@ fn a_missing_bucket_stops_the_run_before_any_work() {
     let Some(s3) = Server::start() else { return };
     let p = setup(&models);
     let local = p.path("machine-1");
+    let t0 = Instant::now();
     let out = s3.cmd(&p, "s3://no-such-bucket/x", &local, &["run", "r.toml"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("missing bucket: failed after {:.2} s: {}", t0.elapsed().as_secs_f64(), stderr.trim());
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("s3://no-such-bucket/x cannot be read (the bucket does not exist")
@@ -509,4 +536,22 @@ fn no_server_at_the_endpoint_fails_at_once_and_says_so() {
     assert!(stderr.contains(&format!("connection refused at 127.0.0.1:{port}")), "{stderr}");
     assert!(!stderr.contains("not writable"), "the wrong advice: {stderr}");
     println!("no server: failed after {:.2} s: {}", t0.elapsed().as_secs_f64(), stderr.trim());
+}
+
+#[test]
+fn refused_credentials_are_named_before_any_work() {
+    let Some(models) = models_dir() else { return };
+    let Some(s3) = Server::start_with_auth() else { return };
+    let p = setup(&models);
+    let t0 = Instant::now();
+    let out = s3
+        .cmd(&p, "s3://cache/x", &p.path("local"), &["run", "r.toml"])
+        .env("PIPELINE_REMOTE_RETRIES", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the store refused the credentials"), "{stderr}");
+    assert!(!stderr.contains("ran "), "nothing runs: {stderr}");
+    println!("refused credentials: failed after {:.2} s: {}", t0.elapsed().as_secs_f64(), stderr.trim());
 }
