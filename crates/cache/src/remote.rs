@@ -813,6 +813,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("remote");
         let r = remote(&root);
+        r.check_readable().expect("an empty remote that does not exist yet can be read");
         // A published entry, and beside it the upload of a job killed after
         // its first file (it lost the race): garbage at any age.
         let key = CacheKey("a".repeat(64));

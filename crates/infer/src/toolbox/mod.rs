@@ -148,12 +148,13 @@ impl Args<'_> {
         self.get(name).and_then(Value::as_array).ok_or_else(|| self.wrong(name, "a list"))
     }
 
-    /// A list of numbers (ints stay ints).
-    pub fn numbers(&self, name: &str) -> Result<Vec<pyexpr::Py>, String> {
+    /// A list of numbers: each as a float (to order and add) and as given
+    /// (to return: ints stay ints).
+    pub fn numbers(&self, name: &str) -> Result<Vec<(f64, &Value)>, String> {
         self.list(name)?
             .iter()
-            .map(|v| match pyexpr::Py::from_json(v) {
-                Ok(p @ (pyexpr::Py::Int(_) | pyexpr::Py::Float(_))) => Ok(p),
+            .map(|v| match v.as_f64() {
+                Some(f) if v.is_number() => Ok((f, v)),
                 _ => Err(format!("argument '{name}' must hold numbers only, not {}", kind(v))),
             })
             .collect()

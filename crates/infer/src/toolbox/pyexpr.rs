@@ -417,7 +417,9 @@ fn binary(op: &str, a: &Py, b: &Py) -> Result<Py, String> {
     })
 }
 
-fn compare(op: &str, a: &Py, b: &Py) -> Result<bool, String> {
+/// Python's comparison `a OP b` (`<`, `<=`, `>`, `>=`, `==`, `!=`, `in`,
+/// `not in`), or the `TypeError` it raises.
+pub fn compare(op: &str, a: &Py, b: &Py) -> Result<bool, String> {
     use std::cmp::Ordering;
     if op == "in" || op == "not in" {
         let found = match b {

@@ -192,50 +192,25 @@ fn char_count(a: &Args) -> Result<Value, String> {
     Ok(json!(n))
 }
 
-fn numbers_f64(a: &Args) -> Result<Vec<f64>, String> {
-    Ok(a.numbers("numbers")?
-        .iter()
-        .map(|p| {
-            if let Py::Int(i) = p {
-                *i as f64
-            } else if let Py::Float(f) = p {
-                *f
-            } else {
-                0.0
-            }
-        })
-        .collect())
-}
-
 fn compute_median(a: &Args) -> Result<Value, String> {
     let mut v = a.numbers("numbers")?;
     if v.is_empty() {
         return Err("no median for empty data".into());
     }
-    let key = |p: &Py| match p {
-        Py::Int(i) => *i as f64,
-        Py::Float(f) => *f,
-        _ => 0.0,
-    };
-    v.sort_by(|x, y| key(x).total_cmp(&key(y)));
+    v.sort_by(|x, y| x.0.total_cmp(&y.0));
     let n = v.len();
-    Ok(if n % 2 == 1 { v[n / 2].to_json() } else { json!((key(&v[n / 2 - 1]) + key(&v[n / 2])) / 2.0) })
+    Ok(if n % 2 == 1 { v[n / 2].1.clone() } else { json!((v[n / 2 - 1].0 + v[n / 2].0) / 2.0) })
 }
 
 fn compute_min_max(a: &Args) -> Result<Value, String> {
     let v = a.numbers("numbers")?;
-    let as_f = |p: &Py| match p {
-        Py::Int(i) => *i as f64,
-        Py::Float(f) => *f,
-        _ => 0.0,
-    };
-    let min = v.iter().min_by(|x, y| as_f(x).total_cmp(&as_f(y))).ok_or("min() arg is an empty sequence")?;
-    let max = v.iter().max_by(|x, y| as_f(x).total_cmp(&as_f(y))).expect("not empty");
-    Ok(json!({"min": min.to_json(), "max": max.to_json()}))
+    let min = v.iter().min_by(|x, y| x.0.total_cmp(&y.0)).ok_or("min() arg is an empty sequence")?;
+    let max = v.iter().max_by(|x, y| x.0.total_cmp(&y.0)).expect("not empty");
+    Ok(json!({"min": min.1, "max": max.1}))
 }
 
 fn compute_std_dev(a: &Args) -> Result<Value, String> {
-    let v = numbers_f64(a)?;
+    let v: Vec<f64> = a.numbers("numbers")?.iter().map(|n| n.0).collect();
     if v.len() < 2 {
         return Err("variance requires at least two data points".into());
     }
@@ -522,16 +497,15 @@ fn slugify_text(a: &Args) -> Result<Value, String> {
 }
 
 fn sort_list(a: &Args) -> Result<Value, String> {
-    let items: Vec<Py> = a.list("items")?.iter().map(Py::from_json).collect::<Result<_, _>>()?;
+    let mut sorted: Vec<Py> = a.list("items")?.iter().map(Py::from_json).collect::<Result<_, _>>()?;
     let descending = a.bool_or("descending", false)?;
-    let mut sorted = items;
-    // Python's sort raises on values it cannot order; check every pair kind.
+    // Python's sort raises on values it cannot order.
     let mut err = None;
-    sorted.sort_by(|x, y| match pyexpr::eval("a < b", &[("a", x), ("b", y)]) {
-        Ok(Py::Bool(true)) => std::cmp::Ordering::Less,
-        Ok(_) if pyexpr::eval("a == b", &[("a", x), ("b", y)]) == Ok(Py::Bool(true)) => std::cmp::Ordering::Equal,
-        Ok(_) => std::cmp::Ordering::Greater,
-        Err(e) => {
+    sorted.sort_by(|x, y| match (pyexpr::compare("<", x, y), pyexpr::compare("<", y, x)) {
+        (Ok(true), _) => std::cmp::Ordering::Less,
+        (Ok(false), Ok(true)) => std::cmp::Ordering::Greater,
+        (Ok(false), Ok(false)) => std::cmp::Ordering::Equal,
+        (Err(e), _) | (_, Err(e)) => {
             err.get_or_insert(e);
             std::cmp::Ordering::Equal
         }
