@@ -224,15 +224,11 @@ impl Executor {
                     "stage `{name}`: cannot ask the remote cache whether {what}; nothing was run (retry once the store answers)"
                 )
             };
-            let in_remote = match &self.remote {
-                Some(r) if !self.store.is_finished(&key) => {
-                    r.has_entry(&key).with_context(|| unreachable("it is finished"))?
-                }
-                _ => false,
-            };
             let (status, reason, step) = if self.store.is_finished(&key) {
                 (Status::Cached, None, None)
-            } else if let Some(remote) = self.remote.as_ref().filter(|_| in_remote) {
+            } else if let Some(remote) = &self.remote
+                && remote.has_entry(&key).with_context(|| unreachable("it is finished"))?
+            {
                 (Status::Cached, Some(format!("in the remote cache {}", remote.url())), None)
             } else {
                 let reason = self.why(&recipe.ref_name(), &name, &key, &fingerprint);
