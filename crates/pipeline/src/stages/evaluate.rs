@@ -274,6 +274,18 @@ fn catalogue_of(splits: &[(String, std::path::PathBuf)]) -> Result<Catalogue> {
     Ok(catalogue)
 }
 
+/// The share of `rows` whose gold calls all run on `toolbox` (over the rows
+/// whose gold turn calls a tool; none when no row does).
+fn gold_calls_execute(rows: &[Row], toolbox: &Toolbox) -> Option<Metric> {
+    let runs: Vec<bool> = rows
+        .iter()
+        .filter(|r| r.gold.calls.attempted())
+        .map(|r| r.gold.calls.all_valid() && r.gold.calls.calls.iter().all(|c| toolbox.execute(c).is_ok()))
+        .collect();
+    let n = runs.len();
+    (n > 0).then(|| Metric { value: runs.iter().filter(|ok| **ok).count() as f64 / n as f64, n })
+}
+
 /// One row, ready to run.
 struct Row {
     conv: Conversation,
@@ -309,6 +321,10 @@ struct Evaluation<'a> {
     grammar: Option<CallGrammar>,
     /// The implementations calls are executed on, if any.
     toolbox: Option<Toolbox>,
+    /// Of the rows whose gold turn calls a tool, those whose calls all run
+    /// on the toolbox: how well it stands in for the dataset's own tools (a
+    /// figure near 100 % says a model's failures are its own).
+    gold_calls_execute: Option<Metric>,
 }
 
 impl<'a> Evaluation<'a> {
@@ -396,6 +412,12 @@ impl<'a> Evaluation<'a> {
             Some(_) => Some(pipeline_model::adapter::LoadedAdapter::read(ctx.input("adapter"), &device)?),
             None => None,
         };
+        let toolbox = match p.toolbox.as_str() {
+            "none" => None,
+            "auto" => Toolbox::covering(&catalogue),
+            name => Toolbox::builtin(name),
+        };
+        let gold_calls_execute = toolbox.as_ref().and_then(|t| gold_calls_execute(&rows, t));
         let limit = model.max_positions().min(model.max_position_embeddings());
         let max_prompt = p.max_prompt_tokens.unwrap_or(limit.saturating_sub(p.generation.max_new_tokens));
         Ok(Evaluation {
@@ -412,11 +434,8 @@ impl<'a> Evaluation<'a> {
             group_by,
             needs_call_column,
             grammar: p.constrained_calls.then(|| CallGrammar::new(catalogue.clone())),
-            toolbox: match p.toolbox.as_str() {
-                "none" => None,
-                "auto" => Toolbox::covering(&catalogue),
-                name => Toolbox::builtin(name),
-            },
+            gold_calls_execute,
+            toolbox,
             catalogue,
         })
     }
@@ -457,7 +476,7 @@ impl<'a> Evaluation<'a> {
             "needs_call_column": self.needs_call_column,
             "catalogue": self.catalogue.tools.keys().collect::<Vec<_>>(),
             "toolbox": self.toolbox.as_ref().map(|t| t.name),
-            "gold_calls_execute": self.gold_calls_execute(),
+            "gold_calls_execute": self.gold_calls_execute,
             "max_prompt_tokens": self.max_prompt,
             "generation": self.p.generation,
             "constrained_calls": self.p.constrained_calls,
@@ -637,21 +656,6 @@ impl<'a> Evaluation<'a> {
         Ok((s.row, tally, record))
     }
 
-    /// Of the rows whose gold turn calls a tool, those whose calls all run
-    /// on the toolbox: how well the toolbox stands in for the dataset's own
-    /// tools (a figure near 100 % says a model's failures are its own).
-    fn gold_calls_execute(&self) -> Option<Metric> {
-        let toolbox = self.toolbox.as_ref()?;
-        let rows: Vec<bool> = self
-            .rows
-            .iter()
-            .filter(|r| r.gold.calls.attempted())
-            .map(|r| r.gold.calls.all_valid() && r.gold.calls.calls.iter().all(|c| toolbox.execute(c).is_ok()))
-            .collect();
-        let n = rows.len();
-        (n > 0).then(|| Metric { value: rows.iter().filter(|ok| **ok).count() as f64 / n as f64, n })
-    }
-
     /// Decoding with the model as it is now (base or adapter attached),
     /// stopping at the trained template's end of turn.
     fn generator(&self) -> Generator<'_> {
@@ -718,7 +722,7 @@ impl<'a> Evaluation<'a> {
                         "A call **executes** when it runs without error on the `{}` toolbox's implementations of \
                          the tools (the published \"success\"){}.",
                         t.name,
-                        self.gold_calls_execute()
+                        self.gold_calls_execute
                             .map(|m| format!(
                                 "; the gold turns' own calls execute in {:.1} % of their rows (n={})",
                                 100.0 * m.value,
