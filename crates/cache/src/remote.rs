@@ -56,6 +56,9 @@ pub struct Remote {
     store: Arc<dyn ObjectStore>,
     prefix: ObjectPath,
     runtime: tokio::runtime::Runtime,
+    /// Whether the store has create-only writes (all but plain WebDAV): a
+    /// manifest, once written, is then never replaced by another job's.
+    create_only: bool,
 }
 
 impl std::fmt::Debug for Remote {
@@ -100,7 +103,8 @@ impl Remote {
             .enable_all()
             .build()
             .doing(|| "cannot start the I/O runtime for the remote cache".into())?;
-        Ok(Remote { url: url.to_string(), store: Arc::from(store), prefix, runtime })
+        let create_only = !matches!(parsed.scheme(), "http" | "https");
+        Ok(Remote { url: url.to_string(), store: Arc::from(store), prefix, runtime, create_only })
     }
 
     pub fn url(&self) -> &str {
@@ -327,10 +331,11 @@ impl Remote {
     /// Removes the upload directories (`entries/<key>/upload-…/`) no manifest
     /// will ever name: those of a job killed mid-upload, or of one that lost
     /// a race and died before deleting its own. Under an entry whose
-    /// manifest names another upload, every other one is garbage (a job still
-    /// uploading there will find the manifest and give up); under an entry
-    /// with no manifest yet, only one that nothing was written to for
-    /// `min_idle` (an upload may still be under way). Only the entries of
+    /// manifest names another upload, on a store with create-only writes,
+    /// every other one is garbage (a job still uploading there cannot
+    /// publish and gives up); otherwise (no manifest yet, or WebDAV, where a
+    /// racing job's manifest may still replace the one there) only one that
+    /// nothing was written to for `min_idle` (it may still be under way). Only the entries of
     /// `keys` when given, else every entry. With `dry_run` only counts.
     pub fn sweep_uploads(
         &self,
@@ -377,9 +382,10 @@ impl Remote {
                     n
                 }
             };
+            let idle = now.signed_duration_since(newest).to_std().is_ok_and(|idle| idle >= min_idle);
             let abandoned = match &named {
-                Some(n) => *n != upload,
-                None => now.signed_duration_since(newest).to_std().is_ok_and(|idle| idle >= min_idle),
+                Some(n) => *n != upload && (self.create_only || idle),
+                None => idle,
             };
             if !abandoned {
                 continue;

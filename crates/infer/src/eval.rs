@@ -119,9 +119,7 @@ pub fn score_tool_call(
     v.schema_error = schema_error(pred, catalogue);
     if let Some(tb) = toolbox {
         v.results = pred.calls.iter().map(|c| tb.execute(c).map(|r| crate::toolbox::py_display(&r))).collect();
-        v.results.extend(
-            pred.invalid.iter().map(|t| Err(format!("unreadable call: {}", t.chars().take(80).collect::<String>()))),
-        );
+        v.results.extend(pred.invalid.iter().map(|t| Err(unreadable(t))));
     }
     if needs_call {
         fn names(c: &[ToolCall]) -> Vec<&str> {
@@ -171,6 +169,11 @@ pub fn score_tool_call(
     v
 }
 
+/// What a verdict says of a call that could not be read: its start.
+fn unreadable(text: &str) -> String {
+    format!("unreadable call: {}", text.chars().take(80).collect::<String>())
+}
+
 /// Why the calls of `pred` fail `catalogue`'s schema (`None` when they
 /// pass, when none was attempted, or when there is no catalogue).
 fn schema_error(pred: &ParsedCalls, catalogue: &Catalogue) -> Option<String> {
@@ -178,7 +181,7 @@ fn schema_error(pred: &ParsedCalls, catalogue: &Catalogue) -> Option<String> {
         return None;
     }
     if let Some(bad) = pred.invalid.first() {
-        return Some(format!("unreadable call: {}", bad.chars().take(80).collect::<String>()));
+        return Some(unreadable(bad));
     }
     pred.calls.iter().find_map(|c| catalogue.check(c).err().map(|e| format!("{}: {e}", c.name)))
 }

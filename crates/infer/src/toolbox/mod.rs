@@ -44,20 +44,19 @@ pub struct Toolbox {
     tools: BTreeMap<&'static str, ToolImpl>,
 }
 
+/// The built-in toolboxes: name and tools.
+const BUILTIN: &[(&str, &[ToolImpl])] = &[("tool-use-finetuning", tool_use_finetuning::TOOLS)];
+
 /// The names of the built-in toolboxes.
-pub const BUILTIN: &[&str] = &["tool-use-finetuning"];
+pub fn builtin_names() -> impl Iterator<Item = &'static str> {
+    BUILTIN.iter().map(|(name, _)| *name)
+}
 
 impl Toolbox {
-    fn new(name: &'static str, tools: &[ToolImpl]) -> Toolbox {
-        Toolbox { name, tools: tools.iter().map(|t| (t.name, *t)).collect() }
-    }
-
     /// The built-in toolbox called `name`.
     pub fn builtin(name: &str) -> Option<Toolbox> {
-        match name {
-            "tool-use-finetuning" => Some(Toolbox::new("tool-use-finetuning", tool_use_finetuning::TOOLS)),
-            _ => None,
-        }
+        let (name, tools) = BUILTIN.iter().find(|(n, _)| *n == name)?;
+        Some(Toolbox { name, tools: tools.iter().map(|t| (t.name, *t)).collect() })
     }
 
     /// The built-in toolbox that implements every tool of `catalogue` (none
@@ -66,22 +65,9 @@ impl Toolbox {
         if catalogue.is_empty() {
             return None;
         }
-        BUILTIN
-            .iter()
-            .filter_map(|n| Toolbox::builtin(n))
+        builtin_names()
+            .filter_map(Toolbox::builtin)
             .find(|t| catalogue.tools.keys().all(|name| t.tools.contains_key(name.as_str())))
-    }
-
-    pub fn contains(&self, tool: &str) -> bool {
-        self.tools.contains_key(tool)
-    }
-
-    pub fn len(&self) -> usize {
-        self.tools.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tools.is_empty()
     }
 
     /// Runs `call`: its result, or why it did not execute.
@@ -135,6 +121,11 @@ impl Args<'_> {
 
     pub fn num(&self, name: &str) -> Result<f64, String> {
         self.get(name).and_then(Value::as_f64).ok_or_else(|| self.wrong(name, "a number"))
+    }
+
+    /// An integer, or `default` when it is left out.
+    pub fn int_or(&self, name: &str, default: i64) -> Result<i64, String> {
+        if self.get(name).is_none() { Ok(default) } else { self.int(name) }
     }
 
     pub fn bool_or(&self, name: &str, default: bool) -> Result<bool, String> {

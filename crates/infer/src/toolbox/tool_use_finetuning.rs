@@ -367,10 +367,7 @@ fn filter_list(a: &Args) -> Result<Value, String> {
 }
 
 fn generate_password(a: &Args) -> Result<Value, String> {
-    let length = match a.map.get("length").filter(|v| !v.is_null()) {
-        None => 12,
-        Some(_) => a.int("length")?,
-    };
+    let length = a.int_or("length", 12)?;
     if !(1..=1024).contains(&length) {
         return Err(format!("length must be between 1 and 1024, not {length}"));
     }

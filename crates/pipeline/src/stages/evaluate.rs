@@ -197,7 +197,10 @@ impl StageKind for Params {
             return Err((
                 "toolbox",
                 format!("no built-in toolbox `{}`", self.toolbox),
-                format!("use \"auto\", \"none\" or one of: {}", pipeline_infer::toolbox::BUILTIN.join(", ")),
+                format!(
+                    "use \"auto\", \"none\" or one of: {}",
+                    pipeline_infer::toolbox::builtin_names().collect::<Vec<_>>().join(", ")
+                ),
             ));
         }
         if self.generation.max_new_tokens == 0 {
