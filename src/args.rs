@@ -227,9 +227,15 @@ pub enum Command {
         /// A system prompt put before each conversation.
         #[arg(long)]
         system: Option<String>,
+        /// A JSON file of tools (OpenAI `tools`, or `{"tools": […]}`) offered
+        /// with every prompt that lists none, rendered by the chat template as
+        /// in training; answers that call them print their `tool_calls`.
+        #[arg(long)]
+        tools: Option<PathBuf>,
         #[command(flatten)]
         generation: GenerationArgs,
-        /// Print one JSON object per prompt (text, parsed tool calls, speed).
+        /// Print one JSON object per prompt (text, `content` and OpenAI
+        /// `tool_calls` as a server returns them, speed).
         #[arg(long)]
         json: bool,
         /// Decode tool calls under the grammar of the tools the prompts list
@@ -248,6 +254,10 @@ pub enum Command {
         model: ModelArgs,
         #[arg(long)]
         system: Option<String>,
+        /// A JSON file of tools (as for `generate`) offered in every turn; a
+        /// call is printed, and `/tool RESULT` answers it.
+        #[arg(long)]
+        tools: Option<PathBuf>,
         #[command(flatten)]
         generation: GenerationArgs,
     },
@@ -286,6 +296,32 @@ pub enum Command {
         /// sweeps/<recipe name>).
         #[arg(long, short = 'o', value_name = "DIR")]
         out: Option<PathBuf>,
+    },
+    /// Score a served model (llama-server, Ollama, vLLM: any OpenAI-style
+    /// `/v1/chat/completions`) on an evaluate stage's rows: each row's
+    /// conversation as `messages` and its tools as `tools`, the answer's
+    /// `tool_calls` scored as the stage scores generated calls.
+    EvalServer {
+        #[command(flatten)]
+        args: RecipeArgs,
+        /// The evaluate stage whose rows and metrics are used.
+        #[arg(long, default_value = "eval")]
+        stage: String,
+        /// The server's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The `model` of each request (Ollama: the model's name).
+        #[arg(long)]
+        model: Option<String>,
+        /// Only the first N rows.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Write each row's answer and verdict to this jsonl file.
+        #[arg(long)]
+        predictions: Option<PathBuf>,
+        /// Print the scores as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the artifact directory of a finished stage.
     Show {

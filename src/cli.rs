@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
 
 use pipeline::error::RecipeError;
@@ -117,17 +117,22 @@ fn dispatch(command: Command) -> Result<()> {
             json,
             cache,
         }) => bench_compare(model, llama_bench, prompt_tokens, new_tokens, repetitions, dataset, json, cache),
-        Command::Generate { model, prompt, prompts, system, generation, json, constrain_calls, batch } => {
-            generate(model, prompt, prompts, system, generation, json, constrain_calls, batch)
+        Command::Generate { model, prompt, prompts, system, tools, generation, json, constrain_calls, batch } => {
+            let tools = tools.as_deref().map(read_tools).transpose()?;
+            generate(model, prompt, prompts, system, tools, generation, json, constrain_calls, batch)
         }
-        Command::Chat { model, system, generation } => {
+        Command::Chat { model, system, tools, generation } => {
+            let tools = tools.as_deref().map(read_tools).transpose()?;
             let params = generation.params()?;
             let session = pipeline::session::Session::load(&model.choice())?;
-            chat_repl(session, system, &params)
+            chat_repl(session, system, tools, &params)
         }
         Command::Export { args, to, force, link } => export(args, to, force, link),
         Command::Compare { args, eval, by, out } => crate::sweep::compare(&args, eval, by, out),
         Command::Show { args, stage } => show(args, stage),
+        Command::EvalServer { args, stage, url, model, limit, predictions, json } => {
+            eval_server(args, stage, pipeline::server_eval::ServerOptions { url, model, limit }, predictions, json)
+        }
     }
 }
 
@@ -406,12 +411,31 @@ fn bench_generate(
     Ok(())
 }
 
+/// A `--tools FILE.json`, as OpenAI tools.
+fn read_tools(path: &std::path::Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("--tools: cannot read {}", path.display()))?;
+    pipeline_infer::tooluse::read_tools(&text).map_err(|e| {
+        RecipeError::new(format!("--tools {}: {e}", path.display()))
+            .help("give a JSON list of OpenAI tools: [{\"type\": \"function\", \"function\": {\"name\", \"description\", \"parameters\"}}]")
+            .into()
+    })
+}
+
+/// The line that reports an answer's tool calls (`→ name({…})`).
+fn print_calls(message: &pipeline_infer::chat::Message) {
+    for c in message.tool_calls.iter().flat_map(|t| t.as_array().cloned().unwrap_or_default()) {
+        eprintln!("→ tool call {}({})", c["function"]["name"].as_str().unwrap_or_default(), c["function"]["arguments"]);
+    }
+}
+
 /// `pipeline generate`: answers for prompts, streamed or as JSON lines.
+#[allow(clippy::too_many_arguments)]
 fn generate(
     model: ModelArgs,
     prompt: Option<String>,
     prompts: Option<PathBuf>,
     system: Option<String>,
+    tools: Option<serde_json::Value>,
     generation: GenerationArgs,
     json: bool,
     constrain_calls: bool,
@@ -423,6 +447,10 @@ fn generate(
         (None, Some(file)) => pipeline::session::read_prompts(&file)?,
         _ => return Err(RecipeError::new("give --prompt TEXT or --prompts FILE.jsonl").into()),
     };
+    let conversations: Vec<_> = conversations
+        .into_iter()
+        .map(|(id, messages, own)| (id, messages, own.or_else(|| tools.clone())))
+        .collect();
     let mut session = pipeline::session::Session::load(&model.choice())?;
     eprintln!("pipeline: {}", session.description);
     if constrain_calls {
@@ -457,10 +485,11 @@ fn generate(
             let prompts: Vec<Vec<u32>> = group.iter().map(|(_, p)| p.clone()).collect();
             for ((id, prompt), g) in group.iter().zip(session.generate_batch(&prompts, &params)?) {
                 let calls = pipeline_infer::toolcall::parse(&g.text);
+                let answer = pipeline_infer::tooluse::assistant_message(&g.text);
                 println!(
                     "{}",
                     serde_json::json!({
-                        "id": id, "text": g.text, "tool_calls": calls.calls,
+                        "id": id, "text": g.text, "content": answer.content, "tool_calls": answer.tool_calls,
                         "invalid_tool_calls": calls.invalid, "finish": g.finish,
                         "prompt_tokens": prompt.len(), "new_tokens": g.tokens.len(),
                         "prefill_tokens_per_s": g.prefill_tokens as f64 / g.prefill_s.max(1e-9),
@@ -473,12 +502,13 @@ fn generate(
     }
     for (_, prompt) in rendered {
         let mut out = std::io::stdout();
-        session.generate(&prompt, &params, &mut |t| {
+        let g = session.generate(&prompt, &params, &mut |t| {
             use std::io::Write;
             let _ = out.write_all(t.as_bytes());
             let _ = out.flush();
         })?;
         println!();
+        print_calls(&pipeline_infer::tooluse::assistant_message(&g.text));
     }
     Ok(())
 }
@@ -504,6 +534,39 @@ fn export(args: RecipeArgs, to: PathBuf, force: bool, link: bool) -> Result<()> 
             "nothing to export: no finished stage of kind {}",
             pipeline::stages::registry::exported_kinds().join(", ")
         );
+    }
+    Ok(())
+}
+
+/// `pipeline eval-server`: a served model scored on an evaluate stage's rows.
+fn eval_server(
+    args: RecipeArgs,
+    stage: String,
+    opts: pipeline::server_eval::ServerOptions,
+    predictions: Option<PathBuf>,
+    json: bool,
+) -> Result<()> {
+    let recipe = load(&args)?;
+    let exec = args.executor()?;
+    let s = pipeline::server_eval::evaluate_server(&exec, &recipe, &stage, &opts)?;
+    if let Some(path) = &predictions {
+        let lines: String = s.predictions.iter().map(|p| format!("{p}\n")).collect();
+        std::fs::write(path, lines).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"url": opts.url, "stage": stage, "split": s.split, "overall": s.overall,
+                "by_group": s.groups, "calls_left_in_content": s.calls_left_in_content, "seconds": s.seconds})
+        );
+        return Ok(());
+    }
+    println!("{} ({} split, {} rows) through {}:", stage, s.split, s.predictions.len(), opts.url);
+    let mut columns = vec![("overall", &s.overall)];
+    columns.extend(s.groups.iter().map(|(g, m)| (g.as_str(), m)));
+    print!("{}", pipeline_infer::eval::text_table(&columns));
+    if s.calls_left_in_content > 0 {
+        println!("{} answers hold a <tool_call> the server did not parse (not counted as calls)", s.calls_left_in_content);
     }
     Ok(())
 }
@@ -575,11 +638,13 @@ fn gc(recipes: &[PathBuf], all: bool, dry_run: bool, remote: bool, cache: &Cache
 fn chat_repl(
     mut session: pipeline::session::Session,
     mut system: Option<String>,
+    tools: Option<serde_json::Value>,
     params: &pipeline_infer::generate::GenerationParams,
 ) -> Result<()> {
     use pipeline_infer::chat::Message;
     use std::io::{BufRead, Write};
-    eprintln!("pipeline chat: {} (/reset, /system TEXT, /exit)", session.description);
+    let commands = if tools.is_some() { "/reset, /system TEXT, /tool RESULT, /exit" } else { "/reset, /system TEXT, /exit" };
+    eprintln!("pipeline chat: {} ({commands})", session.description);
     let mut history: Vec<Message> = Vec::new();
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
@@ -602,18 +667,33 @@ fn chat_repl(
                 history.clear();
                 continue;
             }
-            _ => {}
+            l if l.starts_with("/tool") => {
+                // The result of the last call, as a `tool` message.
+                let mut m = Message::new("tool", l["/tool".len()..].trim());
+                let last_call = history.last().and_then(|a| a.tool_calls.as_ref()?.get(0).cloned());
+                let Some(call) = last_call else {
+                    eprintln!("(no tool call to answer)");
+                    continue;
+                };
+                m.name = call["function"]["name"].as_str().map(str::to_string);
+                m.tool_call_id = call["id"].as_str().map(str::to_string);
+                history.push(m);
+            }
+            _ => history.push(Message::new("user", line)),
         }
-        history.push(Message::new("user", line));
         let mut messages: Vec<Message> = system.iter().map(|s| Message::new("system", s)).collect();
         messages.extend(history.iter().cloned());
-        let prompt = session.prompt(&messages, None)?;
+        let prompt = session.prompt(&messages, tools.as_ref())?;
         let g = session.generate(&prompt, params, &mut |t| {
             let _ = out.write_all(t.as_bytes());
             let _ = out.flush();
         })?;
         println!();
-        history.push(Message::new("assistant", &g.text));
+        // Kept as the server would return it: calls as `tool_calls`, which
+        // the template renders as in training.
+        let answer = pipeline_infer::tooluse::assistant_message(&g.text);
+        print_calls(&answer);
+        history.push(answer);
     }
     Ok(())
 }

@@ -96,3 +96,91 @@ fn the_modelfile_stops_at_the_trained_end_of_turn() {
     assert!(text.contains("TEMPLATE \"\"\"{{- range $i, $m := .Messages }}"), "{text}");
     assert!(text.contains("SYSTEM \"\"\"Be brief.\"\"\""), "{text}");
 }
+
+/// Renders requests with Go's own text/template as Ollama builds them
+/// (`tests/ollama/render.go`): per request, (prompt, tool-call tag, whether
+/// Ollama would accept `tools`).
+fn ollama_render(go: &std::path::Path, template: &str, requests: &[(serde_json::Value, serde_json::Value)]) -> Vec<(String, String, bool)> {
+    use std::io::Write;
+    let body: Vec<serde_json::Value> = requests
+        .iter()
+        .map(|(messages, tools)| serde_json::json!({"template": template, "messages": messages, "tools": tools}))
+        .collect();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/ollama");
+    let mut child = std::process::Command::new(go)
+        .args(["run", "render.go"])
+        .current_dir(dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(serde_json::to_string(&body).unwrap().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "go run render.go failed");
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    v.iter()
+        .map(|r| {
+            (r["prompt"].as_str().unwrap().to_string(), r["tag"].as_str().unwrap().to_string(), r["uses_tools"] == true)
+        })
+        .collect()
+}
+
+/// Ollama (no binary installs here) renders `gemma-tools` conversations with
+/// tools, calls and results as training did, accepts `tools` for it, and
+/// reads calls at the tag the model was trained to emit.
+#[test]
+fn ollama_renders_native_tool_conversations_as_training_did() {
+    let (Some(models), Some(go)) = (common::models_dir(), common::go()) else { return };
+    let builtin = |name: &str| BUILTIN.iter().find(|(n, _)| *n == name).unwrap().1;
+    let jinja = ChatTemplate::new(builtin("gemma-tools"), "<bos>", "<eos>").unwrap();
+    assert_eq!(Family::of(&jinja.source), Some(Family::GemmaTools));
+    let mut requests = common::native_tool_conversations(&models);
+    let with_calls = requests.iter().filter(|(m, _)| m.to_string().contains("\"tool_calls\"")).count();
+    let with_results = requests.iter().filter(|(m, _)| m.to_string().contains("\"role\":\"tool\"")).count();
+    // What the dataset lacks: a system prompt beside the tools, two calls in
+    // one turn, arguments Go's `json` would escape, an enum, non-ASCII.
+    requests.push((
+        serde_json::json!([
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "北京和上海的天气？ Also is 3 > 2 & 1 < 2?"},
+            {"role": "assistant", "content": "Checking both.", "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京", "unit": "c"}}},
+                {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "3 > 2 & 1 < 2", "digits": 2, "exact": true, "terms": [1, "a"]}}}]},
+            {"role": "tool", "content": "21 C"},
+            {"role": "tool", "content": "True"},
+            {"role": "assistant", "content": "21 C in Beijing, and yes."},
+            {"role": "user", "content": "Thanks"}
+        ]),
+        serde_json::json!([
+            {"type": "function", "function": {"name": "get_weather", "description": "Weather now.", "parameters": {
+                "type": "object", "properties": {"unit": {"type": "string", "description": "Unit.", "enum": ["c", "f"]},
+                "city": {"type": "string", "description": "City <name>."}}, "required": ["city"]}}},
+            {"type": "function", "function": {"name": "calculator", "description": "Evaluates & rounds.", "parameters": {
+                "type": "object", "properties": {"expression": {"type": "string", "description": "Expression."},
+                "digits": {"type": "integer", "description": "Digits."}, "exact": {"type": "boolean", "description": ""},
+                "terms": {"type": "array", "description": "Terms."}}, "required": ["expression"]}}}
+        ]),
+    ));
+    let go_template = Family::GemmaTools.go_template("<eos>");
+    let rendered = ollama_render(&go, &go_template, &requests);
+    for ((messages, tools), (prompt, tag, uses_tools)) in requests.iter().zip(&rendered) {
+        let messages: Vec<Message> = serde_json::from_value(messages.clone()).unwrap();
+        let tools = (!tools.is_null()).then_some(tools);
+        let want = jinja.render(&messages, tools, true).unwrap();
+        assert_eq!(format!("<bos>{prompt}"), want, "Go and Jinja differ on {messages:?}");
+        assert!(uses_tools, "Ollama would refuse `tools` for this template");
+        assert_eq!(tag, "<tool_call>");
+        // The calls training renders (and the model learns) open with that tag.
+        for m in messages.iter().filter(|m| m.tool_calls.is_some()) {
+            let turn = jinja.render(&[Message::new("user", "q"), m.clone()], None, false).unwrap();
+            assert!(turn.contains(&format!("<start_of_turn>model\n{}", if m.content.is_empty() { tag.clone() } else { format!("{}\n{tag}", m.content) })), "{turn}");
+        }
+    }
+    assert!(with_calls >= 40 && with_results >= 40, "{with_calls} conversations with calls, {with_results} with results");
+    eprintln!(
+        "Ollama's template (Go text/template) = training's Jinja on {} conversations ({with_calls} with calls, \
+         {with_results} with tool results); tag {:?}",
+        rendered.len(),
+        rendered[0].1
+    );
+}

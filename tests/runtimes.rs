@@ -300,12 +300,26 @@ rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prom
 print(json.dumps({"model_type": config.model_type, "config": config.to_dict(), "rendered": rendered,
                   "ids": tok(rendered, add_special_tokens=False)["input_ids"]}))
 "#;
+    // Native tool-use conversations (tools, calls, tool results) of the
+    // validation split, rendered with their tools by both.
+    let native = common::native_tool_conversations(&models);
+    let native_file = p.write("native.json", &serde_json::to_string(&native).unwrap());
+    let tools_script = r#"
+import json, sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+rows = json.load(open(sys.argv[2]))
+print(json.dumps([tok.apply_chat_template(m, tools=t, tokenize=False, add_generation_prompt=True) for m, t in rows]))
+"#;
     for (arch, base_dir) in bases {
         let base = pipeline::model_source::from_path(&base_dir).unwrap();
         let adapter = p.path(&format!("adapter-{}", &arch[..5]));
         random_adapter(&base, &adapter, 0.02);
         let merged = p.path(&format!("merged-{}", &arch[..5]));
-        let template = pipeline_infer::chat::ChatTemplate::for_model(&base, None, Path::new(".")).unwrap();
+        // Gemma 3's own template has no tools: the tool-use recipes train
+        // Gemma with the built-in `gemma-tools`; Qwen's own has a tool block.
+        let choice = arch.starts_with("gemma3").then_some("gemma-tools");
+        let template = pipeline_infer::chat::ChatTemplate::for_model(&base, choice, Path::new(".")).unwrap();
         let dtype = pipeline::stages::merge::WeightDtype::Bf16;
         pipeline::stages::merge::merge(&base, "", &adapter, Some(&template), dtype, &merged).unwrap();
         let Some(out) = python_check("transformers", script, &[merged.to_str().unwrap(), &messages.to_string()]) else {
@@ -330,10 +344,25 @@ print(json.dumps({"model_type": config.model_type, "config": config.to_dict(), "
             assert_eq!(config["rope_parameters"]["sliding_attention"]["rope_theta"], 10000.0, "{arch}");
             assert_eq!(config["bos_token_id"], 2, "{arch}");
         }
+        let Some(out) = python_check("transformers", tools_script, &[merged.to_str().unwrap(), native_file.to_str().unwrap()])
+        else {
+            return;
+        };
+        let theirs: Vec<String> = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        let mut with_calls = 0;
+        for ((messages, tools), theirs) in native.iter().zip(&theirs) {
+            let msgs: Vec<pipeline_infer::chat::Message> = serde_json::from_value(messages.clone()).unwrap();
+            with_calls += usize::from(msgs.iter().any(|m| m.tool_calls.is_some()));
+            let ours = template.render(&msgs, Some(tools), true).unwrap();
+            assert_eq!(theirs, &ours, "{arch}: apply_chat_template(tools=…) differs from ours on {msgs:?}");
+        }
+        assert!(with_calls >= 40, "{with_calls}");
         eprintln!(
-            "transformers {arch}: config {} loads; apply_chat_template equals ours ({} tokens)",
+            "transformers {arch}: config {} loads; apply_chat_template equals ours ({} tokens), and with tools on {} \
+             tool-use conversations ({with_calls} with calls and results)",
             got["model_type"],
-            ids.len()
+            ids.len(),
+            theirs.len()
         );
     }
 }

@@ -283,3 +283,45 @@ pub fn torch_python() -> Option<PathBuf> {
     }
     python
 }
+
+/// Go (`go`, or `PIPELINE_GO`), which runs Go's own text/template to render
+/// Ollama templates (`tests/ollama/render.go`); `scripts/fetch-models.sh`
+/// installs it. `None` when it is missing and skipping is allowed.
+pub fn go() -> Option<PathBuf> {
+    let go = std::env::var_os("PIPELINE_GO").map(PathBuf::from).or_else(|| {
+        let out = Command::new("sh").args(["-c", "command -v go"]).output().ok()?;
+        out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    });
+    if go.is_none() {
+        missing("Go is not installed", "run scripts/fetch-models.sh (it installs Debian's golang-go)");
+    }
+    go
+}
+
+/// The tool-use dataset's validation rows as native tool-use conversations
+/// (OpenAI tools, calls and `tool` results; every turn kept), formatted by
+/// `format-chat` with the `gemma-tools` template: (messages, tools) pairs.
+pub fn native_tool_conversations(models: &Path) -> Vec<(serde_json::Value, serde_json::Value)> {
+    let p = Project::new();
+    p.write(
+        "r.toml",
+        &format!(
+            "[recipe]\nname = \"native\"\n[model]\nbase = \"{}\"\nchat_template = \"gemma-tools\"\n\
+             [stages.data]\nkind = \"fetch-dataset\"\nsource = \"hf://datasets/shawhin/tool-use-finetuning\"\n\
+             splits = [\"validation\"]\n[stages.chat]\nkind = \"format-chat\"\ndataset = \"data\"\n\
+             messages_column = \"trace\"\ntool_format = \"native\"\n",
+            models.join("gemma-3-270m").display()
+        ),
+    );
+    p.ok(&["run", "r.toml"]);
+    let out = p.run(&["show", "r.toml", "chat"]);
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    std::fs::read_to_string(dir.join("conversations/validation.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let c: serde_json::Value = serde_json::from_str(l).unwrap();
+            (c["messages"].clone(), c["tools"].clone())
+        })
+        .collect()
+}

@@ -1,18 +1,64 @@
 //! Ollama Modelfiles: the trained chat template as Ollama's Go template,
 //! stop strings and sampling parameters.
+//!
+//! A family whose template takes tools renders `.Tools`, `.ToolCalls` and
+//! `tool` messages as its Jinja template does: Ollama accepts a request's
+//! `tools` only for a template that uses `.Tools`, and reads a call's
+//! opening tag from the first text inside `{{ if .ToolCalls }}`.
 
 /// The chat-template families there is a Go template for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     Gemma,
+    /// Gemma turns with tools (the built-in `gemma-tools` template).
+    GemmaTools,
     ChatMl,
     Alpaca,
 }
 
+/// `gemma-tools` as a Go template, written to render byte for byte what the
+/// Jinja template renders from the same request (BOS aside, which Ollama's
+/// tokenizer adds): tools and arguments in sorted order (Go ranges over maps
+/// in key order), strings quoted with `%q` (which equals JSON for printable
+/// text, where Go's `json` would escape `<`, `>` and `&`).
+const GEMMA_TOOLS: &str = concat!(
+    "{{- $tools := .Tools }}{{ $system := .System }}{{ $first := true }}\n",
+    "{{- range $i, $m := .Messages }}\n",
+    "{{- if eq .Role \"user\" }}<start_of_turn>user\n",
+    "{{ if $first }}{{ $first = false }}{{ if $system }}{{ $system }}\n\n",
+    "{{ end }}{{ if $tools }}You can call these tools:\n",
+    "{{ range $tools }}- {{ .Function.Name }}: {{ .Function.Description }}\n",
+    "{{ $req := .Function.Parameters.Required }}",
+    "{{- range $name, $p := .Function.Parameters.Properties }}  - {{ $name }} (",
+    "{{- if $p.Type }}{{ $p.Type }}{{ else }}any{{ end }}",
+    "{{- range $req }}{{ if eq . $name }}, required{{ end }}{{ end }}): {{ $p.Description }}",
+    "{{- if $p.Enum }} One of: {{ range $j, $e := $p.Enum }}{{ if $j }}, {{ end }}{{ $e }}{{ end }}{{ end }}\n",
+    "{{ end }}{{ end }}To call a tool, answer with <tool_call>\n",
+    "{\"name\":\"<tool>\",\"arguments\":{<arguments>}}\n",
+    "</tool_call>\n\n",
+    "{{ end }}{{ end }}{{ .Content }}<end_of_turn>\n",
+    "{{ else if eq .Role \"assistant\" }}<start_of_turn>model\n",
+    "{{ .Content }}{{ if and $m.Content $m.ToolCalls }}\n",
+    "{{ end }}{{ if .ToolCalls }}{{ range .ToolCalls }}<tool_call>\n",
+    "{\"name\":{{ printf \"%q\" .Function.Name }},\"arguments\":{{ \"{\" }}",
+    "{{- $sep := \"\" }}{{ range $k, $v := .Function.Arguments }}{{ $sep }}{{ printf \"%q\" $k }}:",
+    "{{- if eq (printf \"%T\" $v) \"string\" }}{{ printf \"%q\" $v }}{{ else }}{{ json $v }}{{ end }}",
+    "{{- $sep = \",\" }}{{ end }}}}\n",
+    "</tool_call>{{ end }}{{ end }}<end_of_turn>\n",
+    "{{ else if eq .Role \"tool\" }}<start_of_turn>user\n",
+    "<tool_response>\n",
+    "{{ .Content }}\n",
+    "</tool_response><end_of_turn>\n",
+    "{{ end }}\n",
+    "{{- end }}<start_of_turn>model\n"
+);
+
 impl Family {
     /// Recognizes the family of a Jinja chat template.
     pub fn of(jinja: &str) -> Option<Family> {
-        if jinja.contains("<start_of_turn>") {
+        if jinja.contains("<start_of_turn>") && jinja.contains("<tool_response>") {
+            Some(Family::GemmaTools)
+        } else if jinja.contains("<start_of_turn>") {
             Some(Family::Gemma)
         } else if jinja.contains("<|im_start|>") {
             Some(Family::ChatMl)
@@ -38,6 +84,7 @@ impl Family {
                 "{{- end }}<start_of_turn>model\n"
             )
             .to_string(),
+            Family::GemmaTools => GEMMA_TOOLS.to_string(),
             Family::ChatMl => concat!(
                 "{{- range .Messages }}<|im_start|>{{ .Role }}\n",
                 "{{ .Content }}<|im_end|>\n",

@@ -40,9 +40,11 @@ impl Message {
     }
 }
 
-/// Built-in templates. `gemma` and `chatml` follow the official ones.
+/// Built-in templates. `gemma` and `chatml` follow the official ones;
+/// `gemma-tools` is Gemma's turns with tools, tool calls and results.
 pub const BUILTIN: &[(&str, &str)] = &[
     ("gemma", include_str!("templates/gemma.jinja")),
+    ("gemma-tools", include_str!("templates/gemma-tools.jinja")),
     ("chatml", include_str!("templates/chatml.jinja")),
     ("alpaca", include_str!("templates/alpaca.jinja")),
 ];
@@ -249,13 +251,19 @@ fn model_template(model: &ModelFiles, config: &serde_json::Value) -> Result<Stri
 fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
     kwargs.assert_all_used()?;
     let mut json: serde_json::Value =
         serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     if sort_keys == Some(true) {
         json = sort_json(json);
     }
-    Ok(Value::from_safe_string(python_json(&json, indent)))
+    let seps = match separators.as_deref() {
+        None => None,
+        Some([item, key]) => Some((item.as_str(), key.as_str())),
+        Some(_) => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators is (item, key)")),
+    };
+    Ok(Value::from_safe_string(python_json_with(&json, indent, seps)))
 }
 
 fn sort_json(v: serde_json::Value) -> serde_json::Value {
@@ -272,12 +280,19 @@ fn sort_json(v: serde_json::Value) -> serde_json::Value {
 
 /// JSON text as Python's `json.dumps(ensure_ascii=False)` writes it.
 pub fn python_json(v: &serde_json::Value, indent: Option<usize>) -> String {
+    python_json_with(v, indent, None)
+}
+
+/// `json.dumps(ensure_ascii=False, indent=…, separators=(item, key))`.
+pub fn python_json_with(v: &serde_json::Value, indent: Option<usize>, separators: Option<(&str, &str)>) -> String {
+    let default_item = if indent.is_some() { "," } else { ", " };
+    let (item, key) = separators.unwrap_or((default_item, ": "));
     let mut out = String::new();
-    write_py(v, indent, 0, &mut out);
+    write_py(v, indent, (item, key), 0, &mut out);
     out
 }
 
-fn write_py(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+fn write_py(v: &serde_json::Value, indent: Option<usize>, seps: (&str, &str), depth: usize, out: &mut String) {
     use serde_json::Value as J;
     let newline = |out: &mut String, d: usize| {
         if let Some(n) = indent {
@@ -285,7 +300,7 @@ fn write_py(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mu
             out.push_str(&" ".repeat(n * d));
         }
     };
-    let sep = if indent.is_some() { "," } else { ", " };
+    let (sep, key_sep) = seps;
     match v {
         J::Object(m) if !m.is_empty() => {
             out.push('{');
@@ -295,8 +310,8 @@ fn write_py(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mu
                 }
                 newline(out, depth + 1);
                 out.push_str(&serde_json::to_string(k).expect("string"));
-                out.push_str(": ");
-                write_py(x, indent, depth + 1, out);
+                out.push_str(key_sep);
+                write_py(x, indent, seps, depth + 1, out);
             }
             newline(out, depth);
             out.push('}');
@@ -308,7 +323,7 @@ fn write_py(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mu
                     out.push_str(sep);
                 }
                 newline(out, depth + 1);
-                write_py(x, indent, depth + 1, out);
+                write_py(x, indent, seps, depth + 1, out);
             }
             newline(out, depth);
             out.push(']');

@@ -5,6 +5,8 @@
 //! - [`generate`]: prefill + decoding through the KV cache, sampling, stop
 //!   tokens and strings, streaming, batched decoding;
 //! - [`toolcall`]: tool calls parsed out of generated text;
+//! - [`tooluse`]: tool-use data in OpenAI's shape (`tools`, `tool_calls`,
+//!   `tool` messages), from the shapes datasets come in;
 //! - [`catalogue`]: the tools a dataset knows, and whether a call passes
 //!   their schema;
 //! - [`toolbox`]: implementations of a dataset's tools, to execute calls;
@@ -19,5 +21,6 @@ pub mod eval;
 pub mod generate;
 pub mod toolbox;
 pub mod toolcall;
+pub mod tooluse;
 
 pub use error::{Error, Result};

@@ -17,6 +17,8 @@
 //! - [`session`]: a model + tokenizer + template loaded for generation;
 //!   [`export`]: copying finished artifacts out of the cache, with a
 //!   [`model_card`] beside the adapter and the merged model.
+//! - [`server_eval`]: an evaluate stage's rows scored through a served
+//!   model's OpenAI API (`tools` in, `tool_calls` out).
 //! - [`report`]: where progress and result lines go (the library itself
 //!   never prints); [`threads`] and [`allocator`]: process-wide settings a
 //!   program using the library should apply first.
@@ -29,6 +31,7 @@ pub mod model_card;
 pub mod model_source;
 pub mod recipe;
 pub mod report;
+pub mod server_eval;
 pub mod session;
 pub mod stages;
 pub mod sweep;

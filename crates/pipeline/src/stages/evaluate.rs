@@ -262,7 +262,7 @@ pub fn trained_template(conversations_dir: &std::path::Path) -> Result<ChatTempl
 
 /// The tool catalogue of a dataset: the union of every split's `<tools>`
 /// blocks (in any message) and OpenAI `tools` lists.
-fn catalogue_of(splits: &[(String, std::path::PathBuf)]) -> Result<Catalogue> {
+pub(crate) fn catalogue_of(splits: &[(String, std::path::PathBuf)]) -> Result<Catalogue> {
     let mut catalogue = Catalogue::default();
     for (_, path) in splits {
         for conv in pipeline_data::read_jsonl_as::<Conversation>(path)? {

@@ -20,6 +20,7 @@ use super::fetch_dataset;
 use super::{Env, Input, Kind, Rule, RunContext, Stage, StageKind, select_splits, splits_in};
 use pipeline_data::{self as data, Row};
 use pipeline_infer::chat::{ChatTemplate, Message, TurnSpan};
+use pipeline_infer::tooluse::Converted;
 
 /// Parameters of a `format-chat` stage.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -69,6 +70,54 @@ pub struct Params {
     /// empty, so recipes without rewrites keep their keys.)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rewrite: Vec<Rewrite>,
+    /// How tool calls are written: `keep` renders messages as the dataset
+    /// has them; `native` converts them (after `rewrite`) into OpenAI
+    /// `tools`, `tool_calls` and `tool` messages, which the chat template
+    /// renders in the model's own tool format, the one servers parse. (Left
+    /// out of the key when `keep`.)
+    #[serde(default, skip_serializing_if = "ToolFormat::is_keep")]
+    pub tool_format: ToolFormat,
+    /// What to do with a row whose tool calls cannot be converted: `fail`
+    /// (the error names the row) or `drop` it (counted). (Left out of the
+    /// key when `fail`.)
+    #[serde(default, skip_serializing_if = "Unconvertible::is_fail")]
+    pub unconvertible: Unconvertible,
+}
+
+/// How tool calls are written in the rendered conversations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ToolFormat {
+    /// The dataset's own text, rendered as it is.
+    #[default]
+    Keep,
+    /// OpenAI `tools` / `tool_calls` / `tool` messages, rendered by the chat
+    /// template in the model's tool format (Qwen's `<tools>` and
+    /// `<tool_call>` blocks; `gemma-tools` for Gemma 3).
+    Native,
+}
+
+impl ToolFormat {
+    fn is_keep(&self) -> bool {
+        *self == ToolFormat::Keep
+    }
+}
+
+/// What happens to a row that cannot be converted to native tool calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unconvertible {
+    /// Stop with an error naming the row and what could not be read.
+    #[default]
+    Fail,
+    /// Leave the row out, counted in the stage's metrics.
+    Drop,
+}
+
+impl Unconvertible {
+    fn is_fail(&self) -> bool {
+        *self == Unconvertible::Fail
+    }
 }
 
 /// The roles a message may have.
@@ -217,10 +266,22 @@ impl Stage for Params {
 
     fn run(&self, ctx: &RunContext) -> Result<Value> {
         let template = template(ctx.env)?;
+        if self.tool_format == ToolFormat::Native && !renders_tools(&template) {
+            bail!(
+                "[stages.{}] tool_format = \"native\", but the chat template does not render `tools` (Gemma 3's own \
+                 has no tool format); set [model] chat_template = \"gemma-tools\" for Gemma, or a template with a \
+                 tool block",
+                ctx.name
+            );
+        }
         let splits = select_splits(splits_in(&ctx.input("dataset").join("rows"), "jsonl")?, &self.splits, ctx.name)?;
         let dir = ctx.out.join("conversations");
         std::fs::create_dir_all(&dir)?;
         let mut metrics = serde_json::Map::new();
+        let known = match self.tool_format {
+            ToolFormat::Native => self.known_tools(&splits)?,
+            ToolFormat::Keep => BTreeMap::new(),
+        };
         for (split, path) in splits {
             let rows: Vec<Row> = data::read_jsonl_as(&path)?;
             let shape = self.shape_for(rows.first(), &split)?;
@@ -228,12 +289,27 @@ impl Stage for Params {
             let pb = crate::report::bar(rows.len() as u64, &format!("format {split}"));
             let mut out = Vec::with_capacity(rows.len());
             let (mut turns, mut rewritten) = (0, 0);
+            let mut converted = Converted::default();
+            let mut dropped = Vec::new();
             for (i, row) in rows.iter().enumerate() {
-                let (conv, changed) = self
-                    .format_row(&template, &rewrites, row, shape, &split, i)
-                    .with_context(|| format!("split `{split}`, row {i}"))?;
+                let formatted = match self.format_row(&template, &rewrites, &known, row, shape, &split, i) {
+                    Ok(f) => f,
+                    Err(Unusable(why)) if self.unconvertible == Unconvertible::Drop => {
+                        tracing::debug!("split `{split}`, row {i} dropped: {why}");
+                        dropped.push(i);
+                        pb.inc(1);
+                        continue;
+                    }
+                    Err(Unusable(why)) => bail!(
+                        "split `{split}`, row {i}: {why} (set `unconvertible = \"drop\"` in [stages.{}] to leave \
+                         such rows out)",
+                        ctx.name
+                    ),
+                };
+                let (conv, changed, c) = formatted.map_err(|e| e.context(format!("split `{split}`, row {i}")))?;
                 turns += conv.spans.len();
                 rewritten += changed;
+                converted.add(&c);
                 out.push(conv);
                 pb.inc(1);
             }
@@ -242,6 +318,10 @@ impl Stage for Params {
             let mut m = serde_json::json!({"conversations": out.len(), "trained_turns": turns});
             if !rewrites.0.is_empty() {
                 m["rewritten_messages"] = rewritten.into();
+            }
+            if self.tool_format == ToolFormat::Native {
+                m["converted"] = serde_json::to_value(converted)?;
+                m["dropped_rows"] = dropped.len().into();
             }
             metrics.insert(split, m);
         }
@@ -257,6 +337,19 @@ impl Stage for Params {
         Ok(serde_json::json!({"splits": metrics, "end_of_turn": template.end_of_turn}))
     }
 }
+
+/// Whether a template writes a request's tools into the prompt: a probe
+/// tool's name appears in its rendering.
+fn renders_tools(template: &ChatTemplate) -> bool {
+    let probe = serde_json::json!([{"type": "function", "function": {"name": "pipeline_probe_tool",
+        "description": "", "parameters": {"type": "object", "properties": {}}}}]);
+    template
+        .render(&[Message::new("user", "hi")], Some(&probe), true)
+        .is_ok_and(|text| text.contains("pipeline_probe_tool"))
+}
+
+/// A row the recipe may drop: its tool calls could not be converted.
+struct Unusable(String);
 
 fn template(env: &Env) -> Result<ChatTemplate> {
     let model = env.model()?;
@@ -304,16 +397,67 @@ impl Params {
         }
     }
 
-    /// One row as a conversation, and how many of its messages were rewritten.
+    /// One row as a conversation, how many of its messages were rewritten
+    /// and what was converted to native tool calls. The outer error is a
+    /// row whose calls cannot be converted (which the recipe may drop).
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn format_row(
         &self,
         template: &ChatTemplate,
         rewrites: &Rewrites,
+        known: &BTreeMap<String, Value>,
         row: &Row,
         shape: InputShape,
         split: &str,
         i: usize,
-    ) -> Result<(Conversation, usize)> {
+    ) -> Result<Result<(Conversation, usize, Converted)>, Unusable> {
+        let (mut messages, used, tools, rewritten) = match self.row_messages(rewrites, row, shape) {
+            Ok(x) => x,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut tools = tools;
+        let mut converted = Converted::default();
+        if self.tool_format == ToolFormat::Native {
+            let seed = u64::from_le_bytes(blake3::hash(format!("{split}-{i}").as_bytes()).as_bytes()[..8].try_into().expect("8 bytes"));
+            let native = pipeline_infer::tooluse::to_native(messages, tools.as_ref(), known, seed).map_err(Unusable)?;
+            converted = native.converted;
+            messages = native.messages;
+            tools = native.tools;
+        }
+        Ok(self.finish_row(template, messages, tools, used, row, split, i).map(|c| (c, rewritten, converted)))
+    }
+
+    /// Every tool the dataset's rows list (all splits; the first definition
+    /// of a name wins): what a row that calls a tool it does not list gets.
+    fn known_tools(&self, splits: &[(String, std::path::PathBuf)]) -> Result<BTreeMap<String, Value>> {
+        let mut known = BTreeMap::new();
+        for (split, path) in splits {
+            let rows: Vec<Row> = data::read_jsonl_as(path)?;
+            let shape = self.shape_for(rows.first(), split)?;
+            let rewrites = self.rewrites(split)?;
+            for row in &rows {
+                let Ok((messages, _, tools, _)) = self.row_messages(&rewrites, row, shape) else { continue };
+                let Ok(native) = pipeline_infer::tooluse::to_native(messages, tools.as_ref(), &BTreeMap::new(), 0) else {
+                    continue;
+                };
+                for t in native.tools.iter().flat_map(|t| t.as_array().cloned().unwrap_or_default()) {
+                    if let Some(name) = t["function"]["name"].as_str() {
+                        known.entry(name.to_string()).or_insert(t.clone());
+                    }
+                }
+            }
+        }
+        Ok(known)
+    }
+
+    /// A row's messages (roles fixed, rewrites applied), the columns they
+    /// came from, its tools, and how many messages were rewritten.
+    fn row_messages(
+        &self,
+        rewrites: &Rewrites,
+        row: &Row,
+        shape: InputShape,
+    ) -> Result<(Vec<Message>, Vec<String>, Option<Value>, usize)> {
         let (mut messages, used): (Vec<Message>, Vec<String>) = match shape {
             InputShape::Messages | InputShape::Auto => {
                 let col = self.messages_column(row);
@@ -344,6 +488,35 @@ impl Params {
             messages[0].role = "system".into();
         }
         let rewritten = rewrites.apply(&mut messages);
+        // Native conversion reads a `tools` column (LLaMA-Factory's ShareGPT
+        // rows) without being told.
+        let native_default = (self.tool_format == ToolFormat::Native && row.contains_key("tools")).then_some("tools");
+        let tools = match self.tools_column.as_deref().or(native_default) {
+            Some(c) => match row.get(c) {
+                Some(Value::String(s)) if !s.trim().is_empty() => {
+                    Some(serde_json::from_str(s).with_context(|| format!("column `{c}` is not valid JSON"))?)
+                }
+                Some(Value::Null) | None => None,
+                Some(Value::String(_)) => None,
+                Some(v) => Some(v.clone()),
+            },
+            None => None,
+        };
+        Ok((messages, used, tools, rewritten))
+    }
+
+    /// Renders a conversation and finds its trained spans.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_row(
+        &self,
+        template: &ChatTemplate,
+        mut messages: Vec<Message>,
+        tools: Option<Value>,
+        used: Vec<String>,
+        row: &Row,
+        split: &str,
+        i: usize,
+    ) -> Result<Conversation> {
         if let Some(sys) = &self.system_prompt {
             if messages.first().is_none_or(|m| m.role != "system") {
                 messages.insert(0, Message::new("system", sys));
@@ -355,17 +528,6 @@ impl Params {
         if self.train_on == TrainOn::FirstAssistant {
             messages.truncate(first_answer + 1);
         }
-        let tools = match &self.tools_column {
-            Some(c) => match row.get(c) {
-                Some(Value::String(s)) if !s.trim().is_empty() => {
-                    Some(serde_json::from_str(s).with_context(|| format!("column `{c}` is not valid JSON"))?)
-                }
-                Some(Value::Null) | None => None,
-                Some(Value::String(_)) => None,
-                Some(v) => Some(v.clone()),
-            },
-            None => None,
-        };
         let (text, mut spans) = template.render_with_spans(&messages, tools.as_ref())?;
         if self.train_on == TrainOn::LastAssistant {
             spans = spans.split_off(spans.len() - 1);
@@ -377,7 +539,7 @@ impl Params {
             })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        Ok((Conversation { id: format!("{split}-{i}"), text, spans, messages, tools, meta }, rewritten))
+        Ok(Conversation { id: format!("{split}-{i}"), text, spans, messages, tools, meta })
     }
 }
 
@@ -392,7 +554,8 @@ fn text_column(row: &Row, col: &str) -> Result<String> {
 }
 
 /// Reads a list of messages: `{role, content}` (OpenAI, with `tool_calls`),
-/// or ShareGPT `{from, value}`. Content may be a string or a list of parts.
+/// or ShareGPT `{from, value}` (with `function_call` and `observation`
+/// turns). Content may be a string or a list of parts.
 pub fn parse_messages(v: &Value) -> Result<Vec<Message>> {
     let v = match v {
         Value::String(s) => serde_json::from_str(s).context("a string that is not a JSON list of messages")?,
@@ -409,6 +572,27 @@ pub fn parse_messages(v: &Value) -> Result<Vec<Message>> {
                 .or_else(|| obj.get("from"))
                 .and_then(Value::as_str)
                 .with_context(|| format!("message {j} has no `role`"))?;
+            // ShareGPT's `function_call` turn: the assistant calling tools,
+            // its value the calls' JSON.
+            if role == "function_call" {
+                let text = match obj.get("value").or_else(|| obj.get("content")) {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(other) => other.to_string(),
+                    None => String::new(),
+                };
+                let parsed = pipeline_infer::toolcall::parse(&text);
+                if !parsed.all_valid() || parsed.calls.is_empty() {
+                    bail!("message {j}: a function_call turn whose value is not a call: {text}");
+                }
+                let calls: Vec<Value> = parsed
+                    .calls
+                    .iter()
+                    .map(|c| serde_json::json!({"type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                    .collect();
+                let mut m = Message::new("assistant", "");
+                m.tool_calls = Some(Value::Array(calls));
+                return Ok(m);
+            }
             let role = match role {
                 "human" => "user",
                 "gpt" | "model" | "bot" => "assistant",
