@@ -161,6 +161,34 @@ fn ollama_renders_native_tool_conversations_as_training_did() {
                 "terms": {"type": "array", "description": "Terms."}}, "required": ["expression"]}}}
         ]),
     ));
+    // Qwen3's own template, as a Go template, on the same conversations.
+    let tc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(models.join("qwen3-tokenizer/tokenizer_config.json")).unwrap()).unwrap();
+    let qwen = ChatTemplate::new(tc["chat_template"].as_str().unwrap(), "", "<|im_end|>").unwrap();
+    assert_eq!(Family::of(&qwen.source), Some(Family::QwenTools));
+    // As a server gets them: ending before an answer (Qwen3 writes an empty
+    // <think> block into a final assistant turn, which Ollama never renders);
+    // without the synthetic conversation's enum, which Ollama cannot write
+    // as Qwen's `tojson` does.
+    let qwen_requests: Vec<(serde_json::Value, serde_json::Value)> = requests[..requests.len() - 1]
+        .iter()
+        .map(|(m, t)| {
+            let mut m = m.as_array().unwrap().clone();
+            if m.last().is_some_and(|x| x["role"] == "assistant") {
+                m.pop();
+            }
+            (serde_json::Value::Array(m), t.clone())
+        })
+        .collect();
+    let qwen_requests = &qwen_requests[..];
+    let qwen_rendered = ollama_render(&go, &Family::QwenTools.go_template("<|im_end|>"), qwen_requests);
+    for ((messages, tools), (prompt, tag, uses_tools)) in qwen_requests.iter().zip(&qwen_rendered) {
+        let messages: Vec<Message> = serde_json::from_value(messages.clone()).unwrap();
+        let tools = (!tools.is_null()).then_some(tools);
+        assert_eq!(prompt, &qwen.render(&messages, tools, true).unwrap(), "Qwen3: Go and Jinja differ on {messages:?}");
+        assert!(uses_tools);
+        assert_eq!(tag, "<tool_call>");
+    }
     let go_template = Family::GemmaTools.go_template("<eos>");
     let rendered = ollama_render(&go, &go_template, &requests);
     for ((messages, tools), (prompt, tag, uses_tools)) in requests.iter().zip(&rendered) {
@@ -178,9 +206,10 @@ fn ollama_renders_native_tool_conversations_as_training_did() {
     }
     assert!(with_calls >= 40 && with_results >= 40, "{with_calls} conversations with calls, {with_results} with results");
     eprintln!(
-        "Ollama's template (Go text/template) = training's Jinja on {} conversations ({with_calls} with calls, \
-         {with_results} with tool results); tag {:?}",
+        "Ollama's templates (Go text/template) = training's Jinja on {} conversations for gemma-tools and {} for \
+         Qwen3 ({with_calls} with calls, {with_results} with tool results); tag {:?}",
         rendered.len(),
+        qwen_rendered.len(),
         rendered[0].1
     );
 }

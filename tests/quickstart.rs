@@ -115,4 +115,147 @@ print("logs", len(loss), len(evals))
     }
     let card = std::fs::read_to_string(p.path("out/train/README.md")).unwrap();
     assert!(card.contains("PeftModel.from_pretrained") && card.contains("| metric | base | fine-tuned |"), "{card}");
+
+    // The fine-tune, served by llama-server as agents call it.
+    served_tool_calls_are_the_ones_we_parse(&show("chat"), &show("gguf").join("model-q8_0.gguf"));
+}
+
+/// llama-server (`--jinja`) on the quickstart's Q8_0 GGUF, sent validation
+/// rows as an agent sends them (`/v1/chat/completions` with the row's
+/// `tools`, no system prompt): where its greedy answer is ours it returns
+/// the `tool_calls` (names and JSON arguments) that `pipeline generate`
+/// parses from our answer, and plain `content` where we call nothing; where
+/// the answers part, a near-tie of the two programs' roundings or the
+/// server's call grammar (a call outside the row's tools' schemas) explains
+/// it. A second turn carrying the tool's result is rendered as training
+/// rendered it, and answered.
+fn served_tool_calls_are_the_ones_we_parse(chat: &std::path::Path, gguf: &std::path::Path) {
+    use pipeline_infer::chat::Message;
+    use serde_json::{Value, json};
+    let Some(bin) = common::llama_cpp("llama-server") else { return };
+    let template = pipeline::stages::evaluate::trained_template(chat).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(common::models_dir().unwrap().join("gemma-3-270m/tokenizer.json")).unwrap();
+    let model = pipeline_model::load_for_inference(&pipeline::model_source::from_path(gguf).unwrap(), &candle_core::Device::Cpu)
+        .unwrap();
+    let stops = pipeline_infer::generate::stop_tokens(&template.end_of_turn, &template.eos_token);
+    let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
+    let generator = pipeline_infer::generate::Generator::new(model.as_ref(), &tok, &stops);
+    const NEW: usize = 96;
+    let params = pipeline_infer::generate::GenerationParams { max_new_tokens: NEW, ..Default::default() };
+    let server = common::Server::start(&bin, &["-m", gguf.to_str().unwrap(), "--jinja"]);
+    let rows: Vec<Value> = std::fs::read_to_string(chat.join("conversations/validation.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let openai = |m: &Message| -> Value {
+        let mut v = json!({"role": m.role, "content": m.content});
+        if let Some(calls) = &m.tool_calls {
+            v["tool_calls"] = calls
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| json!({"id": c["id"], "type": "function", "function": {"name": c["function"]["name"],
+                    "arguments": c["function"]["arguments"].to_string()}}))
+                .collect();
+        }
+        if let Some(id) = &m.tool_call_id {
+            v["tool_call_id"] = id.clone().into();
+        }
+        v
+    };
+    // Calls as (name, arguments object), whichever shape they come in.
+    let calls = |v: Option<&Value>| -> Vec<(String, Value)> {
+        v.and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .map(|c| {
+                        let args = &c["function"]["arguments"];
+                        let args = args.as_str().map_or(args.clone(), |s| serde_json::from_str(s).unwrap_or(Value::Null));
+                        (c["function"]["name"].as_str().unwrap().to_string(), args)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (mut same_calls, mut same_content, mut ties, mut grammar, mut second_turns) = (0, 0, 0, 0, 0);
+    // The first 20 rows keep the test to a few minutes; every one is checked.
+    for row in rows.iter().take(20) {
+        let messages: Vec<Message> = serde_json::from_value(row["messages"].clone()).unwrap();
+        let tools = row.get("tools").filter(|t| !t.is_null());
+        let first = messages.iter().position(|m| m.role == "assistant").unwrap();
+        let prompt_text = template.render(&messages[..first], tools, true).unwrap();
+        let prompt = pipeline_infer::generate::encode(&tok, &prompt_text).unwrap();
+        let ours = generator.generate(&prompt, &params, 0, &mut |_| {}).unwrap();
+        let ours_msg = pipeline_infer::tooluse::assistant_message(&ours.text);
+        let mut request = json!({"messages": messages[..first].iter().map(openai).collect::<Vec<_>>(),
+            "temperature": 0.0, "max_tokens": NEW});
+        if let Some(t) = tools {
+            request["tools"] = t.clone();
+        }
+        let served = server.post("/v1/chat/completions", &request);
+        let theirs = &served["choices"][0]["message"];
+        let (our_calls, their_calls) = (calls(ours_msg.tool_calls.as_ref()), calls(theirs.get("tool_calls")));
+        let their_content = theirs["content"].as_str().unwrap_or_default().trim().to_string();
+        if our_calls == their_calls && our_calls.is_empty() && their_content == ours_msg.content.trim() {
+            same_content += 1;
+            continue;
+        }
+        if our_calls == their_calls && !our_calls.is_empty() {
+            same_calls += 1;
+            // The conversation goes on with the tool's result, rendered by the
+            // server as training rendered it, and answered.
+            let mut next = messages[..first].to_vec();
+            next.push(ours_msg.clone());
+            let mut result = Message::new("tool", "{'status': 'ok'}");
+            result.tool_call_id = ours_msg.tool_calls.as_ref().unwrap()[0]["id"].as_str().map(str::to_string);
+            next.push(result);
+            let mut body = json!({"messages": next.iter().map(openai).collect::<Vec<_>>()});
+            if let Some(t) = tools {
+                body["tools"] = t.clone();
+            }
+            let rendered = server.post("/apply-template", &body)["prompt"].as_str().unwrap().to_string();
+            let want = template.render(&next, tools, true).unwrap();
+            assert_eq!(Some(rendered.as_str()), want.strip_prefix("<bos>"), "second turn of {}", row["id"]);
+            body["max_tokens"] = 16.into();
+            body["temperature"] = 0.0.into();
+            let answer = server.post("/v1/chat/completions", &body);
+            assert!(answer["choices"][0]["message"].is_object(), "{answer}");
+            second_turns += 1;
+            continue;
+        }
+        // The answers part. Without the grammar, from the same prompt ids,
+        // llama.cpp's greedy tokens; where they leave ours, a near-tie.
+        let body = json!({"prompt": prompt, "n_predict": NEW, "temperature": 0.0, "top_k": 1, "cache_prompt": false,
+                          "return_tokens": true, "samplers": ["top_k"]});
+        let raw: Vec<u32> = serde_json::from_value(server.post("/completion", &body)["tokens"].clone()).unwrap();
+        let k = raw.iter().zip(&ours.tokens).take_while(|(a, b)| a == b).count();
+        if k < raw.len().min(ours.tokens.len()) {
+            let context: Vec<u32> = prompt.iter().chain(&ours.tokens[..k]).copied().collect();
+            let hidden = model.forward_cached(&context, &mut model.new_cache()).unwrap();
+            let last = hidden.narrow(0, context.len() - 1, 1).unwrap();
+            let logits: Vec<f32> = model.logits(&last).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let gap = logits[ours.tokens[k] as usize] - logits[raw[k] as usize];
+            assert!(gap < 0.1, "{}: the programs part at token {k} by {gap} (no tie): ours {:?}", row["id"], ours.text);
+            ties += 1;
+            continue;
+        }
+        // The same greedy text: the server's answer differs only by its
+        // grammar, which admits calls to the row's tools with their schemas.
+        let mut catalogue = pipeline_infer::catalogue::Catalogue::default();
+        if let Some(t) = tools {
+            catalogue.add_list(t);
+        }
+        let parsed = pipeline_infer::toolcall::parse(&ours.text);
+        let outside = !parsed.all_valid() || parsed.calls.iter().any(|c| catalogue.check(c).is_err());
+        assert!(outside, "{}: the same greedy text, other answers: ours {ours_msg:?}, served {theirs}", row["id"]);
+        grammar += 1;
+    }
+    eprintln!(
+        "llama-server with tools on the quickstart's GGUF, 20 validation rows: {same_calls} answered with the tool_calls \
+         we parse ({second_turns} second turns rendered as trained and answered), {same_content} with our content and \
+         no call; {ties} parted at a near-tie, {grammar} where the server's call grammar overrode a call outside the \
+         row's tools"
+    );
+    assert!(same_calls >= 3, "too few rows compare calls ({same_calls}): the check would prove little");
 }

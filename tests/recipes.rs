@@ -208,10 +208,15 @@ fn qwen3_function_calling_runs_end_to_end_and_reports_the_four_prompts() {
     ];
     let (stderr, dirs) = run(&p, &recipe("qwen3-0.6b-function-calling.toml"), &sets);
     assert!(stderr.contains("ran     ollama"), "{stderr}");
-    // The repository's dataset: Chinese and English, function-style calls.
+    // The repository's dataset: Chinese and English, its function-style calls
+    // rendered as Qwen3's native calls, its tools in Qwen3's <tools> block.
     let conv = std::fs::read_to_string(dir(&dirs, "chat").join("conversations/train.jsonl")).unwrap();
-    assert!(conv.contains("<|im_start|>system\\n你是一个可以调用工具的智能助手"), "{}", &conv[..400]);
-    assert!(conv.contains("<tool_call>\\nget_weather({\\\"location\\\""), "function-style calls");
+    let first: serde_json::Value = serde_json::from_str(conv.lines().next().unwrap()).unwrap();
+    let text = first["text"].as_str().unwrap();
+    assert!(text.starts_with("<|im_start|>system\n你是一个可以调用工具的智能助手"), "{text}");
+    assert!(text.contains("# Tools") && text.contains("<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\""), "{text}");
+    assert!(conv.contains("<tool_call>\\n{\\\"name\\\": \\\"get_weather\\\", \\\"arguments\\\": {\\\"location\\\""), "native calls");
+    assert!(!conv.contains("get_weather({"), "no function-style call is left");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir(&dirs, "eval").join("report.json")).unwrap()).unwrap();
     let prompts = report["prompts"].as_array().unwrap();

@@ -6,13 +6,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use common::{Project, models_dir, python_check};
+use common::{Project, Server, models_dir, python_check};
 use pipeline::stages::quantize::{QuantType, write_gguf};
 use serde_json::{Value, json};
 
@@ -535,70 +532,6 @@ print(json.dumps(result))
     assert!(moved > 0.1, "the adapter moves no log-probability by 0.1 ({moved:.2e}): the test would prove nothing");
 }
 
-/// A `llama-server` on a free loopback port, stopped when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Server {
-    fn start(bin: &Path, args: &[&str]) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(bin)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "-t", "2", "-c", "4096", "--log-disable"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = Server { child, port };
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(120) {
-            if server.get("/health").is_some_and(|(status, _)| status == 200) {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        panic!("llama-server {args:?} did not become healthy in 120 s");
-    }
-
-    fn request(&self, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(300))).ok()?;
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-             Connection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .ok()?;
-        let mut reader = BufReader::new(s);
-        let mut status = String::new();
-        reader.read_line(&mut status).ok()?;
-        let code = status.split_whitespace().nth(1)?.parse().ok()?;
-        let mut rest = String::new();
-        reader.read_to_string(&mut rest).ok()?;
-        let body = rest.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
-        Some((code, body))
-    }
-
-    fn get(&self, path: &str) -> Option<(u16, String)> {
-        self.request("GET", path, "")
-    }
-
-    fn post(&self, path: &str, body: &Value) -> Value {
-        let (code, text) = self.request("POST", path, &body.to_string()).expect("llama-server answers");
-        assert_eq!(code, 200, "POST {path}: {text}");
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {path}: {e}: {text}"))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A directory with `file` (a GGUF) and the base's tokenizer files, which
 /// `pipeline generate` reads beside a GGUF.

@@ -325,3 +325,69 @@ pub fn native_tool_conversations(models: &Path) -> Vec<(serde_json::Value, serde
         })
         .collect()
 }
+
+/// A `llama-server` on a free loopback port, stopped when dropped.
+pub struct Server {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Server {
+    pub fn start(bin: &Path, args: &[&str]) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = std::process::Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "-t", "2", "-c", "4096", "--log-disable"])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Server { child, port };
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < std::time::Duration::from_secs(120) {
+            if server.get("/health").is_some_and(|(status, _)| status == 200) {
+                return server;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        panic!("llama-server {args:?} did not become healthy in 120 s");
+    }
+
+    pub fn request(&self, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(300))).ok()?;
+        use std::io::{BufRead, Read, Write};
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .ok()?;
+        let mut reader = std::io::BufReader::new(s);
+        let mut status = String::new();
+        reader.read_line(&mut status).ok()?;
+        let code = status.split_whitespace().nth(1)?.parse().ok()?;
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).ok()?;
+        let body = rest.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
+        Some((code, body))
+    }
+
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        self.request("GET", path, "")
+    }
+
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> serde_json::Value {
+        let (code, text) = self.request("POST", path, &body.to_string()).expect("llama-server answers");
+        assert_eq!(code, 200, "POST {path}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {path}: {e}: {text}"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

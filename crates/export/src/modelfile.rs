@@ -13,6 +13,8 @@ pub enum Family {
     /// Gemma turns with tools (the built-in `gemma-tools` template).
     GemmaTools,
     ChatMl,
+    /// ChatML with Qwen's tool block (Qwen3's and Qwen2.5's own templates).
+    QwenTools,
     Alpaca,
 }
 
@@ -53,6 +55,56 @@ const GEMMA_TOOLS: &str = concat!(
     "{{- end }}<start_of_turn>model\n"
 );
 
+/// Qwen3's own template as a Go template, for requests Ollama serves: the
+/// tool list in the system turn (each tool written field by field in the
+/// key order of OpenAI tools, as `tojson` writes format-chat's tools:
+/// properties sorted, each with its type and description), calls with
+/// their arguments in sorted order, consecutive `tool` results in one user
+/// turn. What it cannot write as Qwen's `tojson` does: a property's other
+/// schema keys (`enum`, `items`), object arguments and lists within lists
+/// (which Go's `json` writes without spaces), and whole floats (`2.0`, which
+/// Go writes `2`).
+const QWEN_TOOLS: &str = concat!(
+    "{{- $tools := .Tools }}{{ $system := .System }}{{ $prev := \"\" }}\n",
+    "{{- if $tools }}<|im_start|>system\n",
+    "{{ if $system }}{{ $system }}\n\n",
+    "{{ end }}# Tools\n\nYou may call one or more functions to assist with the user query.\n\n",
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>",
+    "{{- range $tools }}\n",
+    "{\"type\": \"function\", \"function\": {\"name\": {{ printf \"%q\" .Function.Name }}, ",
+    "\"description\": {{ printf \"%q\" .Function.Description }}, \"parameters\": {\"type\": \"object\", ",
+    "\"properties\": {{ \"{\" }}",
+    "{{- $sep := \"\" }}{{ range $k, $p := .Function.Parameters.Properties }}{{ $sep }}{{ printf \"%q\" $k }}: ",
+    "{\"type\": {{ printf \"%q\" (print $p.Type) }}, \"description\": {{ printf \"%q\" $p.Description }}}",
+    "{{- $sep = \", \" }}{{ end }}}, \"required\": [",
+    "{{- range $j, $r := .Function.Parameters.Required }}{{ if $j }}, {{ end }}{{ printf \"%q\" $r }}{{ end }}]}}}",
+    "{{- end }}\n</tools>\n\n",
+    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n",
+    "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n",
+    "{{ else if $system }}<|im_start|>system\n{{ $system }}<|im_end|>\n",
+    "{{ end }}",
+    "{{- range $i, $m := .Messages }}\n",
+    "{{- if eq .Role \"user\" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n",
+    "{{ else if and (eq .Role \"system\") $i }}<|im_start|>system\n{{ .Content }}<|im_end|>\n",
+    "{{ else if eq .Role \"assistant\" }}<|im_start|>assistant\n",
+    "{{ .Content }}{{ if and $m.Content $m.ToolCalls }}\n",
+    "{{ end }}{{ if .ToolCalls }}{{ range $j, $c := .ToolCalls }}<tool_call>\n",
+    "{\"name\": \"{{ .Function.Name }}\", \"arguments\": {{ \"{\" }}",
+    "{{- $sep := \"\" }}{{ range $k, $v := .Function.Arguments }}{{ $sep }}{{ printf \"%q\" $k }}: ",
+    "{{- if eq (printf \"%T\" $v) \"string\" }} {{ printf \"%q\" $v }}",
+    "{{- else if eq (printf \"%T\" $v) \"[]interface {}\" }} [",
+    "{{- range $e, $x := $v }}{{ if $e }}, {{ end }}",
+    "{{- if eq (printf \"%T\" $x) \"string\" }}{{ printf \"%q\" $x }}{{ else }}{{ json $x }}{{ end }}{{ end }}]",
+    "{{- else }} {{ json $v }}{{ end }}",
+    "{{- $sep = \", \" }}{{ end }}}}\n</tool_call>",
+    "{{- if gt (len (slice $m.ToolCalls $j)) 1 }}\n{{ end }}{{ end }}{{ end }}<|im_end|>\n",
+    "{{ else if eq .Role \"tool\" }}{{ if ne $prev \"tool\" }}<|im_start|>user{{ end }}\n",
+    "<tool_response>\n{{ .Content }}\n</tool_response>",
+    "{{- if or (eq (len (slice $.Messages $i)) 1) (ne (index (slice $.Messages $i) 1).Role \"tool\") }}<|im_end|>\n{{ end }}",
+    "{{ end }}{{ $prev = .Role }}\n",
+    "{{- end }}<|im_start|>assistant\n"
+);
+
 impl Family {
     /// Recognizes the family of a Jinja chat template.
     pub fn of(jinja: &str) -> Option<Family> {
@@ -60,6 +112,8 @@ impl Family {
             Some(Family::GemmaTools)
         } else if jinja.contains("<start_of_turn>") {
             Some(Family::Gemma)
+        } else if jinja.contains("<|im_start|>") && jinja.contains("<tool_call>") {
+            Some(Family::QwenTools)
         } else if jinja.contains("<|im_start|>") {
             Some(Family::ChatMl)
         } else if jinja.contains("### Instruction") {
@@ -85,6 +139,7 @@ impl Family {
             )
             .to_string(),
             Family::GemmaTools => GEMMA_TOOLS.to_string(),
+            Family::QwenTools => QWEN_TOOLS.to_string(),
             Family::ChatMl => concat!(
                 "{{- range .Messages }}<|im_start|>{{ .Role }}\n",
                 "{{ .Content }}<|im_end|>\n",

@@ -270,7 +270,7 @@ fn calls_json(calls: &[toolcall::ToolCall], next_id: &mut usize, pending: &mut V
                 let id = format!("call_{next_id}");
                 *next_id += 1;
                 pending.push((id.clone(), c.name.clone()));
-                json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})
+                json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": sorted(&c.arguments)}})
             })
             .collect(),
     )
@@ -287,6 +287,21 @@ fn tool_message(content: &str, pending: &mut Vec<(String, String)>) -> Message {
     m
 }
 
+/// `v` with the keys of every object in sorted order: the order Go (and so
+/// Ollama) writes a map in, so that templates that dump arguments as given
+/// (Qwen's `tojson`) render what Ollama renders.
+fn sorted(v: &Value) -> Value {
+    match v {
+        Value::Object(o) => {
+            let mut keys: Vec<&String> = o.keys().collect();
+            keys.sort();
+            Value::Object(keys.into_iter().map(|k| (k.clone(), sorted(&o[k]))).collect())
+        }
+        Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
+        other => other.clone(),
+    }
+}
+
 /// Adds `tool` unless one of that name is listed already.
 fn add_tool(catalogue: &mut Vec<Value>, tool: Value) {
     let name = tool["function"]["name"].clone();
@@ -300,7 +315,7 @@ fn add_tool(catalogue: &mut Vec<Value>, tool: Value) {
 /// "required"}}}`. Reads OpenAI entries, bare `{name, description,
 /// parameters}` functions, and `{tool_name, description, input_args}` whose
 /// arguments are `"type - description"` strings (one that says "optional"
-/// is not required).
+/// is not required). Properties are listed in sorted order.
 pub fn openai_tool(entry: &Value) -> Result<Value, String> {
     let f = match entry.get("function") {
         Some(f @ Value::Object(_)) => f,
@@ -322,6 +337,14 @@ pub fn openai_tool(entry: &Value) -> Result<Value, String> {
         Some(Value::Object(args)) => schema_of_args(args)?,
         Some(other) => return Err(format!("parameters are {other}, expected an object")),
     };
+    // Properties in sorted order, as Ollama lists them (see `sorted`).
+    let mut parameters = parameters;
+    if let Some(props) = parameters.get_mut("properties").filter(|p| p.is_object()) {
+        let mut keys: Vec<String> = props.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        let o = props.as_object().unwrap();
+        *props = Value::Object(keys.into_iter().map(|k| (k.clone(), o[&k].clone())).collect());
+    }
     Ok(json!({"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}))
 }
 

@@ -82,6 +82,12 @@ pub struct Params {
     /// key when `fail`.)
     #[serde(default, skip_serializing_if = "Unconvertible::is_fail")]
     pub unconvertible: Unconvertible,
+    /// A JSON file of tools (OpenAI `tools`, or `{"tools": […]}`; relative
+    /// to the recipe) offered in every row that lists none: for datasets
+    /// whose rows call a fixed set of tools without listing them. Its
+    /// content is part of the cache key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools_file: Option<String>,
 }
 
 /// How tool calls are written in the rendered conversations.
@@ -261,7 +267,14 @@ impl Stage for Params {
             h.update(&(part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
         }
-        Ok(BTreeMap::from([("chat template".to_string(), h.finalize().to_hex().to_string())]))
+        let mut inputs = BTreeMap::from([("chat template".to_string(), h.finalize().to_hex().to_string())]);
+        if let Some(f) = &self.tools_file {
+            let path = env.recipe.base_dir().join(f);
+            let bytes = std::fs::read(&path)
+                .with_context(|| format!("tools_file = \"{f}\": cannot read {}", path.display()))?;
+            inputs.insert("tools file".into(), blake3::hash(&bytes).to_hex().to_string());
+        }
+        Ok(inputs)
     }
 
     fn run(&self, ctx: &RunContext) -> Result<Value> {
@@ -282,6 +295,17 @@ impl Stage for Params {
             ToolFormat::Native => self.known_tools(&splits)?,
             ToolFormat::Keep => BTreeMap::new(),
         };
+        let fixed_tools = match &self.tools_file {
+            Some(f) => {
+                let path = ctx.env.recipe.base_dir().join(f);
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("tools_file = \"{f}\": cannot read {}", path.display()))?;
+                Some(pipeline_infer::tooluse::read_tools(&text).map_err(|e| {
+                    anyhow::anyhow!("[stages.{}] tools_file = \"{f}\" ({}): {e}", ctx.name, path.display())
+                })?)
+            }
+            None => None,
+        };
         for (split, path) in splits {
             let rows: Vec<Row> = data::read_jsonl_as(&path)?;
             let shape = self.shape_for(rows.first(), &split)?;
@@ -292,7 +316,7 @@ impl Stage for Params {
             let mut converted = Converted::default();
             let mut dropped = Vec::new();
             for (i, row) in rows.iter().enumerate() {
-                let formatted = match self.format_row(&template, &rewrites, &known, row, shape, &split, i) {
+                let formatted = match self.format_row(&template, &rewrites, &known, fixed_tools.as_ref(), row, shape, &split, i) {
                     Ok(f) => f,
                     Err(Unusable(why)) if self.unconvertible == Unconvertible::Drop => {
                         tracing::debug!("split `{split}`, row {i} dropped: {why}");
@@ -406,6 +430,7 @@ impl Params {
         template: &ChatTemplate,
         rewrites: &Rewrites,
         known: &BTreeMap<String, Value>,
+        fixed_tools: Option<&Value>,
         row: &Row,
         shape: InputShape,
         split: &str,
@@ -415,7 +440,7 @@ impl Params {
             Ok(x) => x,
             Err(e) => return Ok(Err(e)),
         };
-        let mut tools = tools;
+        let mut tools = tools.or_else(|| fixed_tools.cloned());
         let mut converted = Converted::default();
         if self.tool_format == ToolFormat::Native {
             let seed = u64::from_le_bytes(blake3::hash(format!("{split}-{i}").as_bytes()).as_bytes()[..8].try_into().expect("8 bytes"));
