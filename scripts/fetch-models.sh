@@ -12,7 +12,8 @@
 # builds llama.cpp (scripts/build-llama-cpp.sh) and installs PyTorch +
 # transformers + PEFT in their own environment (scripts/install-torch.sh),
 # both outside the clone, recorded in models/llama-cpp-bin and
-# models/torch-python.
+# models/torch-python; and Go (Debian's golang-go), whose text/template the
+# Ollama template test renders with.
 #
 # Re-running is cheap: files whose sha256 already matches are kept.
 # Usage: scripts/fetch-models.sh [DEST]     (or PIPELINE_MODELS_DIR=DEST)
@@ -114,6 +115,20 @@ pip_install huggingface_hub huggingface_hub
 pip_install olah.server olah
 # TensorBoard's own EventAccumulator reads back the training event files.
 pip_install "tensorboard.backend.event_processing.event_accumulator" tensorboard
+
+# --- Go: its own text/template renders our Ollama templates (tests) --------
+# Ollama renders prompts with Go's text/template; tests/ollama/render.go
+# runs our Modelfile templates through it (Debian's golang-go, ~1 min).
+if command -v go >/dev/null 2>&1; then
+  say "present: go ($(go version | awk '{print $3}'))"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  say "installing (apt): golang-go"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q golang-go >/dev/null \
+    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q golang-go >/dev/null; } \
+    || say "warning: could not install golang-go; the Ollama template test will fail (install Go, or set PIPELINE_GO)"
+else
+  say "warning: Go is missing; install it (apt-get install golang-go) for the Ollama template test"
+fi
 
 # --- llama.cpp, the runtime the GGUF files are checked in -----------------
 # Built once per machine outside the clone (scripts/build-llama-cpp.sh);

@@ -447,10 +447,8 @@ fn generate(
         (None, Some(file)) => pipeline::session::read_prompts(&file)?,
         _ => return Err(RecipeError::new("give --prompt TEXT or --prompts FILE.jsonl").into()),
     };
-    let conversations: Vec<_> = conversations
-        .into_iter()
-        .map(|(id, messages, own)| (id, messages, own.or_else(|| tools.clone())))
-        .collect();
+    let conversations: Vec<_> =
+        conversations.into_iter().map(|(id, messages, own)| (id, messages, own.or_else(|| tools.clone()))).collect();
     let mut session = pipeline::session::Session::load(&model.choice())?;
     eprintln!("pipeline: {}", session.description);
     if constrain_calls {
@@ -566,7 +564,10 @@ fn eval_server(
     columns.extend(s.groups.iter().map(|(g, m)| (g.as_str(), m)));
     print!("{}", pipeline_infer::eval::text_table(&columns));
     if s.calls_left_in_content > 0 {
-        println!("{} answers hold a <tool_call> the server did not parse (not counted as calls)", s.calls_left_in_content);
+        println!(
+            "{} answers hold a <tool_call> the server did not parse (not counted as calls)",
+            s.calls_left_in_content
+        );
     }
     Ok(())
 }
@@ -643,7 +644,8 @@ fn chat_repl(
 ) -> Result<()> {
     use pipeline_infer::chat::Message;
     use std::io::{BufRead, Write};
-    let commands = if tools.is_some() { "/reset, /system TEXT, /tool RESULT, /exit" } else { "/reset, /system TEXT, /exit" };
+    let commands =
+        if tools.is_some() { "/reset, /system TEXT, /tool RESULT, /exit" } else { "/reset, /system TEXT, /exit" };
     eprintln!("pipeline chat: {} ({commands})", session.description);
     let mut history: Vec<Message> = Vec::new();
     let stdin = std::io::stdin();

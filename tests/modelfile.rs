@@ -100,7 +100,11 @@ fn the_modelfile_stops_at_the_trained_end_of_turn() {
 /// Renders requests with Go's own text/template as Ollama builds them
 /// (`tests/ollama/render.go`): per request, (prompt, tool-call tag, whether
 /// Ollama would accept `tools`).
-fn ollama_render(go: &std::path::Path, template: &str, requests: &[(serde_json::Value, serde_json::Value)]) -> Vec<(String, String, bool)> {
+fn ollama_render(
+    go: &std::path::Path,
+    template: &str,
+    requests: &[(serde_json::Value, serde_json::Value)],
+) -> Vec<(String, String, bool)> {
     use std::io::Write;
     let body: Vec<serde_json::Value> = requests
         .iter()
@@ -201,10 +205,19 @@ fn ollama_renders_native_tool_conversations_as_training_did() {
         // The calls training renders (and the model learns) open with that tag.
         for m in messages.iter().filter(|m| m.tool_calls.is_some()) {
             let turn = jinja.render(&[Message::new("user", "q"), m.clone()], None, false).unwrap();
-            assert!(turn.contains(&format!("<start_of_turn>model\n{}", if m.content.is_empty() { tag.clone() } else { format!("{}\n{tag}", m.content) })), "{turn}");
+            assert!(
+                turn.contains(&format!(
+                    "<start_of_turn>model\n{}",
+                    if m.content.is_empty() { tag.clone() } else { format!("{}\n{tag}", m.content) }
+                )),
+                "{turn}"
+            );
         }
     }
-    assert!(with_calls >= 40 && with_results >= 40, "{with_calls} conversations with calls, {with_results} with results");
+    assert!(
+        with_calls >= 40 && with_results >= 40,
+        "{with_calls} conversations with calls, {with_results} with results"
+    );
     eprintln!(
         "Ollama's templates (Go text/template) = training's Jinja on {} conversations for gemma-tools and {} for \
          Qwen3 ({with_calls} with calls, {with_results} with tool results); tag {:?}",

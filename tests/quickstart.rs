@@ -134,9 +134,13 @@ fn served_tool_calls_are_the_ones_we_parse(chat: &std::path::Path, gguf: &std::p
     use serde_json::{Value, json};
     let Some(bin) = common::llama_cpp("llama-server") else { return };
     let template = pipeline::stages::evaluate::trained_template(chat).unwrap();
-    let tok = tokenizers::Tokenizer::from_file(common::models_dir().unwrap().join("gemma-3-270m/tokenizer.json")).unwrap();
-    let model = pipeline_model::load_for_inference(&pipeline::model_source::from_path(gguf).unwrap(), &candle_core::Device::Cpu)
-        .unwrap();
+    let tok =
+        tokenizers::Tokenizer::from_file(common::models_dir().unwrap().join("gemma-3-270m/tokenizer.json")).unwrap();
+    let model = pipeline_model::load_for_inference(
+        &pipeline::model_source::from_path(gguf).unwrap(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     let stops = pipeline_infer::generate::stop_tokens(&template.end_of_turn, &template.eos_token);
     let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
     let generator = pipeline_infer::generate::Generator::new(model.as_ref(), &tok, &stops);
@@ -155,8 +159,10 @@ fn served_tool_calls_are_the_ones_we_parse(chat: &std::path::Path, gguf: &std::p
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|c| json!({"id": c["id"], "type": "function", "function": {"name": c["function"]["name"],
-                    "arguments": c["function"]["arguments"].to_string()}}))
+                .map(|c| {
+                    json!({"id": c["id"], "type": "function", "function": {"name": c["function"]["name"],
+                    "arguments": c["function"]["arguments"].to_string()}})
+                })
                 .collect();
         }
         if let Some(id) = &m.tool_call_id {
@@ -171,7 +177,8 @@ fn served_tool_calls_are_the_ones_we_parse(chat: &std::path::Path, gguf: &std::p
                 a.iter()
                     .map(|c| {
                         let args = &c["function"]["arguments"];
-                        let args = args.as_str().map_or(args.clone(), |s| serde_json::from_str(s).unwrap_or(Value::Null));
+                        let args =
+                            args.as_str().map_or(args.clone(), |s| serde_json::from_str(s).unwrap_or(Value::Null));
                         (c["function"]["name"].as_str().unwrap().to_string(), args)
                     })
                     .collect()

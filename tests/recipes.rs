@@ -214,8 +214,15 @@ fn qwen3_function_calling_runs_end_to_end_and_reports_the_four_prompts() {
     let first: serde_json::Value = serde_json::from_str(conv.lines().next().unwrap()).unwrap();
     let text = first["text"].as_str().unwrap();
     assert!(text.starts_with("<|im_start|>system\n你是一个可以调用工具的智能助手"), "{text}");
-    assert!(text.contains("# Tools") && text.contains("<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\""), "{text}");
-    assert!(conv.contains("<tool_call>\\n{\\\"name\\\": \\\"get_weather\\\", \\\"arguments\\\": {\\\"location\\\""), "native calls");
+    assert!(
+        text.contains("# Tools")
+            && text.contains("<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\""),
+        "{text}"
+    );
+    assert!(
+        conv.contains("<tool_call>\\n{\\\"name\\\": \\\"get_weather\\\", \\\"arguments\\\": {\\\"location\\\""),
+        "native calls"
+    );
     assert!(!conv.contains("get_weather({"), "no function-style call is left");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir(&dirs, "eval").join("report.json")).unwrap()).unwrap();

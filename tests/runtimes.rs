@@ -341,7 +341,8 @@ print(json.dumps([tok.apply_chat_template(m, tools=t, tokenize=False, add_genera
             assert_eq!(config["rope_parameters"]["sliding_attention"]["rope_theta"], 10000.0, "{arch}");
             assert_eq!(config["bos_token_id"], 2, "{arch}");
         }
-        let Some(out) = python_check("transformers", tools_script, &[merged.to_str().unwrap(), native_file.to_str().unwrap()])
+        let Some(out) =
+            python_check("transformers", tools_script, &[merged.to_str().unwrap(), native_file.to_str().unwrap()])
         else {
             return;
         };
@@ -531,7 +532,6 @@ print(json.dumps(result))
     let (moved, _) = disagreement(&our_base, &our_adapter, f64::INFINITY);
     assert!(moved > 0.1, "the adapter moves no log-probability by 0.1 ({moved:.2e}): the test would prove nothing");
 }
-
 
 /// A directory with `file` (a GGUF) and the base's tokenizer files, which
 /// `pipeline generate` reads beside a GGUF.

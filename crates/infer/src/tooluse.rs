@@ -100,7 +100,9 @@ pub fn to_native(
         if let Some((list, rest)) = take_block(&m.content, "<tools>", "</tools>") {
             let v: Value = serde_json::from_str(list.trim())
                 .map_err(|e| at(format!("the <tools> block is not a JSON list of tools ({e})")))?;
-            for (k, item) in v.as_array().ok_or_else(|| at("the <tools> block is not a list".into()))?.iter().enumerate() {
+            for (k, item) in
+                v.as_array().ok_or_else(|| at("the <tools> block is not a list".into()))?.iter().enumerate()
+            {
                 add_tool(&mut catalogue, openai_tool(item).map_err(|e| at(format!("tool {k}: {e}")))?);
             }
             out.converted.catalogues += 1;
@@ -124,7 +126,8 @@ pub fn to_native(
                     m.tool_calls = Some(calls_json(&parsed.calls, &mut next_id, &mut pending));
                 } else if m.content.contains("<tool_call>") {
                     // Tags quoted as code (`<tool_call>`) are still tags.
-                    m.content = m.content.replace("`<tool_call>`", "<tool_call>").replace("</tool_call>`", "</tool_call>");
+                    m.content =
+                        m.content.replace("`<tool_call>`", "<tool_call>").replace("</tool_call>`", "</tool_call>");
                     let mut parsed = toolcall::parse(&m.content);
                     if !parsed.invalid.is_empty() {
                         // A trailing comma (`{"a": 1,}`) is the one slip read anyway.
@@ -135,7 +138,10 @@ pub fn to_native(
                         }
                     }
                     if let Some(bad) = parsed.invalid.first() {
-                        return Err(at(format!("unreadable tool call `{}`", bad.chars().take(120).collect::<String>())));
+                        return Err(at(format!(
+                            "unreadable tool call `{}`",
+                            bad.chars().take(120).collect::<String>()
+                        )));
                     }
                     out.converted.calls += parsed.calls.len();
                     m.content = text_around_calls(&m.content);
@@ -178,7 +184,8 @@ pub fn to_native(
     for (k, name) in called.iter().enumerate() {
         let listed = catalogue.iter().any(|t| t["function"]["name"] == name.as_str());
         if let (false, Some(tool)) = (listed, known.get(name)) {
-            let at = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(k as u64) >> 32) as usize % (catalogue.len() + 1);
+            let at = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(k as u64) >> 32) as usize
+                % (catalogue.len() + 1);
             catalogue.insert(at, tool.clone());
             out.converted.tools_added += 1;
         }
@@ -231,7 +238,8 @@ fn without_trailing_commas(text: &str) -> String {
             escaped = c == '\\' && !escaped;
         } else if c == '"' {
             in_string = true;
-        } else if c == ',' && chars[i + 1..].iter().find(|c| !c.is_whitespace()).is_some_and(|n| matches!(n, '}' | ']')) {
+        } else if c == ',' && chars[i + 1..].iter().find(|c| !c.is_whitespace()).is_some_and(|n| matches!(n, '}' | ']'))
+        {
             continue;
         }
         out.push(c);
@@ -365,7 +373,9 @@ fn schema_of_args(args: &Map<String, Value>) -> Result<Value, String> {
                     "bool" | "boolean" => "boolean",
                     "list" | "array" => "array",
                     "dict" | "object" => "object",
-                    other => return Err(format!("argument `{name}` has type `{other}`, which JSON Schema does not name")),
+                    other => {
+                        return Err(format!("argument `{name}` has type `{other}`, which JSON Schema does not name"));
+                    }
                 };
                 (json!({"type": ty, "description": desc.trim()}), !optional)
             }
@@ -431,7 +441,9 @@ mod tests {
 
     #[test]
     fn a_generated_answer_becomes_content_and_tool_calls() {
-        let m = assistant_message("Let me check.\n<tool_call>\n{\"name\":\"w\",\"arguments\":{\"city\":\"Paris\"}}\n</tool_call>");
+        let m = assistant_message(
+            "Let me check.\n<tool_call>\n{\"name\":\"w\",\"arguments\":{\"city\":\"Paris\"}}\n</tool_call>",
+        );
         assert_eq!(m.content, "Let me check.");
         assert_eq!(
             m.tool_calls.unwrap(),
@@ -442,7 +454,8 @@ mod tests {
         let m = assistant_message("<tool_call>\n{\"name\": ");
         assert!(m.tool_calls.is_none() && m.content.starts_with("<tool_call>"));
         assert_eq!(
-            read_tools("[{\"tool_name\": \"w\", \"input_args\": {\"city\": \"string - City.\"}}]").unwrap()[0]["function"]["parameters"]["required"],
+            read_tools("[{\"tool_name\": \"w\", \"input_args\": {\"city\": \"string - City.\"}}]").unwrap()[0]["function"]
+                ["parameters"]["required"],
             json!(["city"])
         );
         assert_eq!(read_tools("{\"tools\": 3}").unwrap_err(), "an object without a `tools` list");
@@ -478,15 +491,23 @@ mod tests {
         a.tool_calls = Some(json!([{"type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]));
         let n = to_native(vec![Message::new("user", "q"), a], None, &Default::default(), 0).unwrap();
         assert_eq!(n.messages[1].tool_calls.as_ref().unwrap()[0]["function"]["arguments"], json!({"x": 1}));
-        let comma = vec![Message::new("user", "q"), Message::new("assistant", "<tool_call>{\"name\": \"f\", \"args\": {\"q\": \"a,}\",\n}}</tool_call>")];
+        let comma = vec![
+            Message::new("user", "q"),
+            Message::new("assistant", "<tool_call>{\"name\": \"f\", \"args\": {\"q\": \"a,}\",\n}}</tool_call>"),
+        ];
         let n = to_native(comma, None, &Default::default(), 0).unwrap();
         assert_eq!(n.converted.repaired, 1);
         assert_eq!(n.messages[1].tool_calls.as_ref().unwrap()[0]["function"]["arguments"], json!({"q": "a,}"}));
         let bad = vec![Message::new("user", "q"), Message::new("assistant", "<tool_call>{\"tool_name\": </tool_call>")];
         let e = to_native(bad, None, &Default::default(), 0).unwrap_err();
         assert!(e.starts_with("message 1 (assistant): unreadable tool call"), "{e}");
-        let e = to_native(vec![Message::new("user", "<tools>[{\"description\": \"x\"}]</tools>")], None, &Default::default(), 0)
-            .unwrap_err();
+        let e = to_native(
+            vec![Message::new("user", "<tools>[{\"description\": \"x\"}]</tools>")],
+            None,
+            &Default::default(),
+            0,
+        )
+        .unwrap_err();
         assert_eq!(e, "message 0 (user): tool 0: no `name` (or `tool_name`)");
     }
 }

@@ -101,13 +101,14 @@ pub fn evaluate_server(exec: &Executor, recipe: &Recipe, stage: &str, opts: &Ser
         if let Some(m) = &opts.model {
             request["model"] = m.clone().into();
         }
-        let answer: Value = match agent.post(&endpoint).set("Content-Type", "application/json").send_string(&request.to_string()) {
-            Ok(r) => serde_json::from_str(&r.into_string()?).with_context(|| format!("{endpoint}: not JSON"))?,
-            Err(ureq::Error::Status(code, r)) => {
-                bail!("{endpoint} answered {code} for row `{}`: {}", conv.id, r.into_string().unwrap_or_default())
-            }
-            Err(e) => bail!("cannot reach {endpoint}: {e}"),
-        };
+        let answer: Value =
+            match agent.post(&endpoint).set("Content-Type", "application/json").send_string(&request.to_string()) {
+                Ok(r) => serde_json::from_str(&r.into_string()?).with_context(|| format!("{endpoint}: not JSON"))?,
+                Err(ureq::Error::Status(code, r)) => {
+                    bail!("{endpoint} answered {code} for row `{}`: {}", conv.id, r.into_string().unwrap_or_default())
+                }
+                Err(e) => bail!("cannot reach {endpoint}: {e}"),
+            };
         let message = &answer["choices"][0]["message"];
         let content = message["content"].as_str().unwrap_or_default();
         let pred = match message.get("tool_calls").filter(|t| t.as_array().is_some_and(|a| !a.is_empty())) {

@@ -316,20 +316,21 @@ impl Stage for Params {
             let mut converted = Converted::default();
             let mut dropped = Vec::new();
             for (i, row) in rows.iter().enumerate() {
-                let formatted = match self.format_row(&template, &rewrites, &known, fixed_tools.as_ref(), row, shape, &split, i) {
-                    Ok(f) => f,
-                    Err(Unusable(why)) if self.unconvertible == Unconvertible::Drop => {
-                        tracing::debug!("split `{split}`, row {i} dropped: {why}");
-                        dropped.push(i);
-                        pb.inc(1);
-                        continue;
-                    }
-                    Err(Unusable(why)) => bail!(
-                        "split `{split}`, row {i}: {why} (set `unconvertible = \"drop\"` in [stages.{}] to leave \
+                let formatted =
+                    match self.format_row(&template, &rewrites, &known, fixed_tools.as_ref(), row, shape, &split, i) {
+                        Ok(f) => f,
+                        Err(Unusable(why)) if self.unconvertible == Unconvertible::Drop => {
+                            tracing::debug!("split `{split}`, row {i} dropped: {why}");
+                            dropped.push(i);
+                            pb.inc(1);
+                            continue;
+                        }
+                        Err(Unusable(why)) => bail!(
+                            "split `{split}`, row {i}: {why} (set `unconvertible = \"drop\"` in [stages.{}] to leave \
                          such rows out)",
-                        ctx.name
-                    ),
-                };
+                            ctx.name
+                        ),
+                    };
                 let (conv, changed, c) = formatted.map_err(|e| e.context(format!("split `{split}`, row {i}")))?;
                 turns += conv.spans.len();
                 rewritten += changed;
@@ -443,7 +444,9 @@ impl Params {
         let mut tools = tools.or_else(|| fixed_tools.cloned());
         let mut converted = Converted::default();
         if self.tool_format == ToolFormat::Native {
-            let seed = u64::from_le_bytes(blake3::hash(format!("{split}-{i}").as_bytes()).as_bytes()[..8].try_into().expect("8 bytes"));
+            let seed = u64::from_le_bytes(
+                blake3::hash(format!("{split}-{i}").as_bytes()).as_bytes()[..8].try_into().expect("8 bytes"),
+            );
             let native = pipeline_infer::tooluse::to_native(messages, tools.as_ref(), known, seed).map_err(Unusable)?;
             converted = native.converted;
             messages = native.messages;
@@ -462,7 +465,8 @@ impl Params {
             let rewrites = self.rewrites(split)?;
             for row in &rows {
                 let Ok((messages, _, tools, _)) = self.row_messages(&rewrites, row, shape) else { continue };
-                let Ok(native) = pipeline_infer::tooluse::to_native(messages, tools.as_ref(), &BTreeMap::new(), 0) else {
+                let Ok(native) = pipeline_infer::tooluse::to_native(messages, tools.as_ref(), &BTreeMap::new(), 0)
+                else {
                     continue;
                 };
                 for t in native.tools.iter().flat_map(|t| t.as_array().cloned().unwrap_or_default()) {
