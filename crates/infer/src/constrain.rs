@@ -32,8 +32,9 @@ impl CallGrammar {
     /// unconstrained. 4: no backslash in keys; only JSON's whitespace
     /// between tokens. 5: no dead ends (a key, or a comma, only while an
     /// unused key remains; no backslash in a tool name; numbers as JSON
-    /// writes them).
-    pub const VERSION: u32 = 5;
+    /// writes them). 6: a conversation that lists its tools (a request's
+    /// `tools`) is decoded under those tools alone, as servers do.
+    pub const VERSION: u32 = 6;
 
     pub fn new(catalogue: Catalogue) -> CallGrammar {
         CallGrammar { catalogue }

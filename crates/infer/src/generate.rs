@@ -207,7 +207,7 @@ impl<'a> Generator<'a> {
         let prefill_s = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
-        let mut decoding = Decoding::new(prompt, params, default_seed);
+        let mut decoding = Decoding::new(prompt, params, self.grammar, default_seed);
         while let Some(next) = decoding.step(self, &logits, cache.len(), on_text)? {
             logits = self.step_logits(next, cache)?;
         }
@@ -232,14 +232,28 @@ impl<'a> Generator<'a> {
         params: &GenerationParams,
         default_seed: u64,
     ) -> Result<Vec<Generation>> {
+        let grammars = vec![self.grammar; jobs.len()];
+        self.generate_batch_constrained(jobs, &grammars, params, default_seed)
+    }
+
+    /// [`Generator::generate_batch`] with a grammar per sequence (a
+    /// request's own tools), instead of the generator's.
+    pub fn generate_batch_constrained(
+        &self,
+        jobs: &mut [(&[u32], &mut KvCache)],
+        grammars: &[Option<&crate::constrain::CallGrammar>],
+        params: &GenerationParams,
+        default_seed: u64,
+    ) -> Result<Vec<Generation>> {
+        assert_eq!(grammars.len(), jobs.len(), "one grammar (or none) per sequence");
         let mut states = Vec::with_capacity(jobs.len());
         let mut logits = Vec::with_capacity(jobs.len());
-        for (prompt, cache) in jobs.iter_mut() {
+        for ((prompt, cache), grammar) in jobs.iter_mut().zip(grammars) {
             let t0 = Instant::now();
             let prefill_tokens = self.check(prompt, cache)?;
             logits.push(self.next_logits(prompt, cache)?);
             states.push(Some((
-                Decoding::new(prompt, params, default_seed),
+                Decoding::new(prompt, params, *grammar, default_seed),
                 prefill_tokens,
                 t0.elapsed().as_secs_f64(),
             )));
@@ -318,6 +332,8 @@ impl<'a> Generator<'a> {
 struct Decoding<'p> {
     prompt: &'p [u32],
     params: &'p GenerationParams,
+    /// The grammar this sequence's calls follow, if any.
+    grammar: Option<&'p crate::constrain::CallGrammar>,
     sampler: LogitsProcessor,
     tokens: Vec<u32>,
     stream: TextStream<'p>,
@@ -325,10 +341,16 @@ struct Decoding<'p> {
 }
 
 impl<'p> Decoding<'p> {
-    fn new(prompt: &'p [u32], params: &'p GenerationParams, default_seed: u64) -> Self {
+    fn new(
+        prompt: &'p [u32],
+        params: &'p GenerationParams,
+        grammar: Option<&'p crate::constrain::CallGrammar>,
+        default_seed: u64,
+    ) -> Self {
         Decoding {
             prompt,
             params,
+            grammar,
             sampler: LogitsProcessor::from_sampling(params.seed.unwrap_or(default_seed), params.sampling()),
             tokens: Vec::new(),
             stream: TextStream::new(&params.stop),
@@ -356,7 +378,7 @@ impl<'p> Decoding<'p> {
             let recent = &context[context.len().saturating_sub(params.repeat_last_n)..];
             logits = candle_transformers::utils::apply_repeat_penalty(&logits, params.repetition_penalty, recent)?;
         }
-        let next = match g.grammar {
+        let next = match self.grammar {
             None => self.sampler.sample(&logits)?,
             Some(grammar) => self.constrained(g, grammar, &logits)?,
         };

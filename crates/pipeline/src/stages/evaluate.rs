@@ -76,10 +76,12 @@ pub struct Params {
     #[serde(default)]
     pub generation: GenerationParams,
     /// Constrained decoding of tool calls: inside a `<tool_call>` block the
-    /// model may only write a JSON call naming a tool of the dataset's
-    /// catalogue, with that tool's arguments of their declared types (it
-    /// still decides freely whether to call). Compare with an unconstrained
-    /// `evaluate` stage to see what the constraint buys.
+    /// model may only write a JSON call naming a tool of the row's `tools`
+    /// (as a server's grammar allows a request's tools), or of the
+    /// dataset's catalogue for rows that list none, with that tool's
+    /// arguments of their declared types (it still decides freely whether
+    /// to call). Compare with an unconstrained `evaluate` stage to see what
+    /// the constraint buys.
     #[serde(default)]
     pub constrained_calls: bool,
     /// The tool implementations generated calls are executed on, for the
@@ -300,6 +302,9 @@ struct Row {
     mask: Vec<u8>,
     gold: Gold,
     group: Option<String>,
+    /// With `constrained_calls`, for a row that lists its tools: the grammar
+    /// of those tools alone (as a server builds it from a request's `tools`).
+    grammar: Option<CallGrammar>,
 }
 
 struct Evaluation<'a> {
@@ -395,7 +400,16 @@ impl<'a> Evaluation<'a> {
                 })?),
                 None => None,
             };
+            let grammar = match (&conv.tools, p.constrained_calls) {
+                (Some(tools), true) => {
+                    let mut own = Catalogue::default();
+                    own.add_list(tools);
+                    (!own.is_empty()).then(|| CallGrammar::new(own))
+                }
+                _ => None,
+            };
             rows.push(Row {
+                grammar,
                 gold: Gold::new(&gold_msg.content, gold_msg.tool_calls.as_ref(), needs_call),
                 prompt,
                 full,
@@ -535,13 +549,20 @@ impl<'a> Evaluation<'a> {
             }
             let decode: Vec<usize> =
                 (0..scored.len()).filter(|&k| self.rows[scored[k].row].prompt.len() <= self.max_prompt).collect();
+            let grammars: Vec<Option<&CallGrammar>> = scored
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| decode.contains(k))
+                .map(|(_, s)| self.rows[s.row].grammar.as_ref().or(self.grammar.as_ref()))
+                .collect();
             let mut jobs: Vec<(&[u32], &mut KvCache)> = scored
                 .iter_mut()
                 .enumerate()
                 .filter(|(k, _)| decode.contains(k))
                 .map(|(_, s)| (self.rows[s.row].prompt.as_slice(), &mut s.cache))
                 .collect();
-            let mut generations = generator.generate_batch(&mut jobs, &self.p.generation, seed)?.into_iter();
+            let mut generations =
+                generator.generate_batch_constrained(&mut jobs, &grammars, &self.p.generation, seed)?.into_iter();
             for (k, s) in scored.iter_mut().enumerate() {
                 let row = &self.rows[s.row];
                 let g = if decode.contains(&k) { generations.next() } else { None };

@@ -77,8 +77,10 @@ impl StageKind for Params {
 }
 
 impl Stage for Params {
+    /// 2: Qwen's own template (and `gemma-tools`) get a Go template with
+    /// `.Tools`, `.ToolCalls` and tool results.
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn params(&self, env: &Env) -> Value {
