@@ -8,7 +8,8 @@
 //! `lstrip_blocks`, Python string methods (`startswith`, `strip`, `split`…),
 //! `raise_exception`, `strftime_now`, and a `tojson` that writes
 //! `json.dumps(…, ensure_ascii=False)` (no HTML escaping). Built-in templates
-//! (`gemma`, `chatml`, `alpaca`) exist for models without one or by choice.
+//! (`gemma`, `gemma-tools`, `chatml`, `alpaca`) exist for models without one or
+//! by choice.
 
 use pipeline_fs::IoContext;
 
@@ -239,7 +240,7 @@ fn model_template(model: &ModelFiles, config: &serde_json::Value) -> Result<Stri
         _ => {
             return Err(crate::Error::Template(format!(
                 "the model `{}` has no chat template (tokenizer_config.json has no `chat_template`); set \
-             [model] chat_template to a built-in (gemma, chatml, alpaca) or a .jinja file",
+             [model] chat_template to a built-in (gemma, gemma-tools, chatml, alpaca) or a .jinja file",
                 model.source
             )));
         }
