@@ -151,6 +151,12 @@ fn served_tool_calls_are_the_ones_we_parse(chat: &std::path::Path, gguf: &std::p
     let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
     let generator = pipeline_infer::generate::Generator::new(model.as_ref(), &tok, &stops);
     const NEW: usize = 96;
+    // Logits closer than this are a tie between the programs' roundings
+    // (8-bit activations, llama.cpp's f16 KV cache): on the base GGUF they
+    // stay under 0.1 (`tests/runtimes.rs`); a fine-tune's merged and
+    // re-quantized weights widen them a little.
+    const TIE: f32 = 0.25;
+    let mut widest_tie = 0f32;
     let params = pipeline_infer::generate::GenerationParams { max_new_tokens: NEW, ..Default::default() };
     let server = common::Server::start(&bin, &["-m", gguf.to_str().unwrap(), "--jinja"]);
     let rows: Vec<Value> = std::fs::read_to_string(chat.join("conversations/validation.jsonl"))
@@ -200,7 +206,24 @@ fn served_tool_calls_are_the_ones_we_parse(chat: &std::path::Path, gguf: &std::p
         let prompt_text = template.render(&messages[..first], tools, true).unwrap();
         let prompt = pipeline_infer::generate::encode(&tok, &prompt_text).unwrap();
         let ours = generator.generate(&prompt, &params, 0, &mut |_| {}).unwrap();
-        let ours_msg = pipeline_infer::tooluse::assistant_message(&ours.text);
+        // What we parse from our answer: its complete `<tool_call>` blocks (a
+        // block cut by the token limit is no call, for either program) and
+        // the text before them.
+        let tagged = ours.text.contains("<tool_call>");
+        let parsed = pipeline_infer::toolcall::parse(&ours.text);
+        let our_calls: Vec<(String, Value)> =
+            parsed.calls.iter().filter(|_| tagged).map(|c| (c.name.clone(), c.arguments.clone())).collect();
+        let our_content = ours.text[..ours.text.find("<tool_call>").unwrap_or(ours.text.len())].trim();
+        let mut ours_msg = Message::new("assistant", our_content);
+        if !our_calls.is_empty() {
+            let list: Vec<Value> = our_calls
+                .iter()
+                .enumerate()
+                .map(|(i, (name, args))| json!({"id": format!("call_{i}"), "type": "function",
+                    "function": {"name": name, "arguments": args}}))
+                .collect();
+            ours_msg.tool_calls = Some(Value::Array(list));
+        }
         let mut request = json!({"messages": messages[..first].iter().map(openai).collect::<Vec<_>>(),
             "temperature": 0.0, "max_tokens": NEW});
         if let Some(t) = tools {
@@ -208,13 +231,13 @@ fn served_tool_calls_are_the_ones_we_parse(chat: &std::path::Path, gguf: &std::p
         }
         let served = server.post("/v1/chat/completions", &request);
         let theirs = &served["choices"][0]["message"];
-        let (our_calls, their_calls) = (calls(ours_msg.tool_calls.as_ref()), calls(theirs.get("tool_calls")));
+        let their_calls = calls(theirs.get("tool_calls"));
         let their_content = theirs["content"].as_str().unwrap_or_default().trim().to_string();
-        if our_calls == their_calls && our_calls.is_empty() && their_content == ours_msg.content.trim() {
+        if our_calls == their_calls && our_calls.is_empty() && their_content == our_content {
             same_content += 1;
             continue;
         }
-        if our_calls == their_calls && !our_calls.is_empty() {
+        if our_calls == their_calls && !our_calls.is_empty() && their_content == our_content {
             same_calls += 1;
             // The conversation goes on with the tool's result, rendered by the
             // server as training rendered it, and answered.
@@ -237,38 +260,42 @@ fn served_tool_calls_are_the_ones_we_parse(chat: &std::path::Path, gguf: &std::p
             second_turns += 1;
             continue;
         }
-        // The answers part. Without the grammar, from the same prompt ids,
-        // llama.cpp's greedy tokens; where they leave ours, a near-tie.
-        let body = json!({"prompt": prompt, "n_predict": NEW, "temperature": 0.0, "top_k": 1, "cache_prompt": false,
-                          "return_tokens": true, "samplers": ["top_k"]});
-        let raw: Vec<u32> = serde_json::from_value(server.post("/completion", &body)["tokens"].clone()).unwrap();
-        let k = raw.iter().zip(&ours.tokens).take_while(|(a, b)| a == b).count();
-        if k < raw.len().min(ours.tokens.len()) {
-            let context: Vec<u32> = prompt.iter().chain(&ours.tokens[..k]).copied().collect();
-            let hidden = model.forward_cached(&context, &mut model.new_cache()).unwrap();
-            let last = hidden.narrow(0, context.len() - 1, 1).unwrap();
-            let logits: Vec<f32> = model.logits(&last).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let gap = logits[ours.tokens[k] as usize] - logits[raw[k] as usize];
-            assert!(gap < 0.1, "{}: the programs part at token {k} by {gap} (no tie): ours {:?}", row["id"], ours.text);
-            ties += 1;
-            continue;
-        }
-        // The same greedy text: the server's answer differs only by its
-        // grammar, which admits calls to the row's tools with their schemas.
+        // The answers part. A call outside the row's tools' schemas is one
+        // the server's grammar (built from the request's tools) never lets
+        // through: that explains it.
         let mut catalogue = pipeline_infer::catalogue::Catalogue::default();
         if let Some(t) = tools {
             catalogue.add_list(t);
         }
-        let parsed = pipeline_infer::toolcall::parse(&ours.text);
-        let outside = !parsed.all_valid() || parsed.calls.iter().any(|c| catalogue.check(c).is_err());
-        assert!(outside, "{}: the same greedy text, other answers: ours {ours_msg:?}, served {theirs}", row["id"]);
-        grammar += 1;
+        if !parsed.all_valid() || parsed.calls.iter().any(|c| catalogue.check(c).is_err()) {
+            grammar += 1;
+            continue;
+        }
+        // Otherwise the two programs' greedy tokens (llama.cpp's without the
+        // grammar, from the same prompt ids) part at a near-tie.
+        let body = json!({"prompt": prompt, "n_predict": NEW, "temperature": 0.0, "top_k": 1, "cache_prompt": false,
+                          "return_tokens": true, "samplers": ["top_k"]});
+        let raw: Vec<u32> = serde_json::from_value(server.post("/completion", &body)["tokens"].clone()).unwrap();
+        let k = raw.iter().zip(&ours.tokens).take_while(|(a, b)| a == b).count();
+        assert!(
+            k < raw.len().min(ours.tokens.len()),
+            "{}: the same greedy text, other answers: ours {ours_msg:?}, served {theirs}",
+            row["id"]
+        );
+        let context: Vec<u32> = prompt.iter().chain(&ours.tokens[..k]).copied().collect();
+        let hidden = model.forward_cached(&context, &mut model.new_cache()).unwrap();
+        let last = hidden.narrow(0, context.len() - 1, 1).unwrap();
+        let logits: Vec<f32> = model.logits(&last).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let gap = logits[ours.tokens[k] as usize] - logits[raw[k] as usize];
+        assert!(gap < TIE, "{}: the programs part at token {k} by {gap} (no tie): ours {:?}", row["id"], ours.text);
+        widest_tie = widest_tie.max(gap);
+        ties += 1;
     }
     eprintln!(
         "llama-server with tools on the quickstart's GGUF, 16 validation rows: {same_calls} answered with the tool_calls \
          we parse ({second_turns} second turns rendered as trained and answered), {same_content} with our content and \
-         no call; {ties} parted at a near-tie, {grammar} where the server's call grammar overrode a call outside the \
-         row's tools"
+         no call; {ties} parted at a near-tie (widest {widest_tie:.3}), {grammar} where the server's call grammar \
+         overrode a call outside the row's tools"
     );
     assert!(same_calls >= 3, "too few rows compare calls ({same_calls}): the check would prove little");
 }

@@ -148,11 +148,23 @@ fn gemma3_270m_tool_use_runs_on_the_real_270m_with_and_without_constrained_calls
         serde_json::from_slice(&std::fs::read(dir(&dirs, "data").join("manifest.json")).unwrap()).unwrap();
     assert_eq!(data["metrics"]["splits"]["validation"]["rows"], 60);
     assert!(data["metrics"]["splits"]["train"]["rows"].as_u64().unwrap() < 477);
-    // The direct answers' openings are made one, in the training split only.
+    // The traces become native tool calls: every catalogue, call and result
+    // converted, the dataset's instruction block dropped, no row lost.
     let chat: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir(&dirs, "chat").join("manifest.json")).unwrap()).unwrap();
-    assert!(chat["metrics"]["splits"]["train"]["rewritten_messages"].as_u64().unwrap() > 0, "{chat}");
-    assert!(chat["metrics"]["splits"]["validation"].get("rewritten_messages").is_none(), "{chat}");
+    let train = &chat["metrics"]["splits"]["train"];
+    let rows = train["conversations"].as_u64().unwrap();
+    assert_eq!(train["converted"]["catalogues"], rows, "{chat}");
+    assert_eq!(train["converted"]["instructions"], rows, "{chat}");
+    assert!(train["converted"]["calls"].as_u64().unwrap() > rows / 3, "{chat}");
+    assert_eq!(chat["metrics"]["splits"]["validation"]["dropped_rows"], 0, "{chat}");
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(dir(&dirs, "chat").join("conversations/train.jsonl")).unwrap().lines().next().unwrap(),
+    )
+    .unwrap();
+    let text = first["text"].as_str().unwrap();
+    assert!(text.starts_with("<bos><start_of_turn>user\nYou can call these tools:\n- "), "{text}");
+    assert!(!text.contains("<instructions>") && !text.contains("tool_name"), "{text}");
     // The evaluated rows are fetched apart from the training mix: another mix
     // trains again but reuses the base model's evaluation.
     let mut other_mix = sets.to_vec();
