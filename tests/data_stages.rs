@@ -226,13 +226,19 @@ fn the_loss_mask_is_exactly_the_assistant_turns_on_the_real_gemma_tokenizer() {
     assert_eq!(split.len(), convs.len());
     for (i, conv) in convs.iter().enumerate() {
         let (ids, mask) = split.example(i);
-        let want: String = conv
-            .messages
-            .iter()
-            .filter(|m| m.role == "assistant")
-            .map(|m| format!("{}<end_of_turn>", m.content.trim()))
-            .collect();
+        // Each assistant turn as rendered (its text, its native calls) and its
+        // end-of-turn marker, nothing else.
+        let want: String = conv.spans.iter().map(|sp| &conv.text[sp.start..sp.end]).collect();
         assert_eq!(masked_text(&tok, ids, mask), want, "example {}", conv.id);
+        assert_eq!(conv.spans.len(), conv.messages.iter().filter(|m| m.role == "assistant").count());
+        for (sp, m) in conv.spans.iter().zip(conv.messages.iter().filter(|m| m.role == "assistant")) {
+            let turn = &conv.text[sp.start..sp.end];
+            assert!(turn.starts_with(m.content.trim()) && turn.ends_with("<end_of_turn>"), "{}: {turn}", conv.id);
+            for c in m.tool_calls.iter().flat_map(|t| t.as_array().unwrap()) {
+                let name = c["function"]["name"].as_str().unwrap();
+                assert!(turn.contains(&format!("<tool_call>\n{{\"name\":\"{name}\"")), "{}: {turn}", conv.id);
+            }
+        }
         assert_eq!(ids[0], 2, "starts with <bos>");
         assert_eq!(tok.decode(ids, false).unwrap(), conv.text, "ids decode to the rendered text");
     }

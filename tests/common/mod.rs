@@ -355,7 +355,7 @@ impl Server {
 
     pub fn request(&self, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(300))).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(900))).ok()?;
         use std::io::{BufRead, Read, Write};
         write!(
             s,
