@@ -364,7 +364,7 @@ mod tests {
 
     #[test]
     fn chatml_spans_cover_assistant_turns_and_end_marker() {
-        let t = ChatTemplate::new(BUILTIN[1].1, "", "<|im_end|>").unwrap();
+        let t = ChatTemplate::new(BUILTIN.iter().find(|(n, _)| *n == "chatml").unwrap().1, "", "<|im_end|>").unwrap();
         assert_eq!(t.end_of_turn, "<|im_end|>");
         let msgs = [
             Message::new("system", "Be brief."),
