@@ -721,7 +721,11 @@ impl<'a> Evaluation<'a> {
             serde_json::to_value(self.task).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
             self.p.generation.temperature == 0.0,
             self.p.generation.max_new_tokens,
-            if self.p.constrained_calls { ", tool calls decoded under the catalogue's grammar" } else { "" },
+            if self.p.constrained_calls {
+                ", tool calls decoded under the grammar of each row's tools (else the catalogue's)"
+            } else {
+                ""
+            },
         );
         if skipped > 0 {
             s += &format!(
