@@ -167,24 +167,8 @@ fn served_tool_calls_are_the_ones_we_parse(chat: &std::path::Path, gguf: &std::p
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let openai = |m: &Message| -> Value {
-        let mut v = json!({"role": m.role, "content": m.content});
-        if let Some(calls) = &m.tool_calls {
-            v["tool_calls"] = calls
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|c| {
-                    json!({"id": c["id"], "type": "function", "function": {"name": c["function"]["name"],
-                    "arguments": c["function"]["arguments"].to_string()}})
-                })
-                .collect();
-        }
-        if let Some(id) = &m.tool_call_id {
-            v["tool_call_id"] = id.clone().into();
-        }
-        v
-    };
+    // Messages as the OpenAI API takes them (what `pipeline eval-server` sends).
+    let openai = pipeline::server_eval::openai_message;
     // Calls as (name, arguments object), whichever shape they come in.
     let calls = |v: Option<&Value>| -> Vec<(String, Value)> {
         v.and_then(Value::as_array)

@@ -36,7 +36,7 @@ pub enum JsonType {
 impl JsonType {
     /// The type named `word` (`str`, `int`, `float`, `list`, `dict`, `bool`
     /// as Python signatures write them, too); `None` for others (`any`).
-    fn parse(word: &str) -> Option<JsonType> {
+    pub fn parse(word: &str) -> Option<JsonType> {
         Some(match word.trim().to_ascii_lowercase().as_str() {
             "string" | "str" => JsonType::String,
             "integer" | "int" => JsonType::Integer,
@@ -59,7 +59,7 @@ impl JsonType {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             JsonType::String => "string",
             JsonType::Integer => "integer",
@@ -180,6 +180,24 @@ impl Catalogue {
     }
 }
 
+/// An argument described as `"type - description"` (`"string - City."`;
+/// one whose type or description says "optional" is not required).
+pub struct DescribedArgument<'a> {
+    /// The type as written (`str`, `integer`…), "(optional)" removed.
+    pub type_word: &'a str,
+    pub description: &'a str,
+    pub required: bool,
+}
+
+impl<'a> DescribedArgument<'a> {
+    pub fn parse(s: &'a str) -> DescribedArgument<'a> {
+        let (ty, desc) = s.split_once(" - ").unwrap_or((s, ""));
+        let optional = ty.contains("optional") || desc.to_ascii_lowercase().contains("optional");
+        let type_word = ty.trim().trim_end_matches("(optional)").trim().trim_end_matches("optional").trim();
+        DescribedArgument { type_word, description: desc.trim(), required: !optional }
+    }
+}
+
 /// A tool's arguments from a JSON schema (`properties`, `required`) or a
 /// name → "type - description" map.
 fn tool_from_args(args: &Value) -> Tool {
@@ -199,9 +217,8 @@ fn tool_from_args(args: &Value) -> Tool {
     for (name, spec) in o {
         let (kind, required) = match spec {
             Value::String(s) => {
-                let (ty, desc) = s.split_once(" - ").unwrap_or((s.as_str(), ""));
-                let optional = ty.contains("optional") || desc.to_ascii_lowercase().contains("optional");
-                (JsonType::parse(ty.trim_end_matches("(optional)").trim()), !optional)
+                let d = DescribedArgument::parse(s);
+                (JsonType::parse(d.type_word), d.required)
             }
             Value::Object(schema) => (
                 schema.get("type").and_then(Value::as_str).and_then(JsonType::parse),

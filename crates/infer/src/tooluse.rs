@@ -26,6 +26,7 @@
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
+use crate::catalogue::{DescribedArgument, JsonType};
 use crate::chat::Message;
 use crate::toolcall;
 
@@ -363,21 +364,11 @@ fn schema_of_args(args: &Map<String, Value>) -> Result<Value, String> {
     for (name, spec) in args {
         let (schema, is_required) = match spec {
             Value::String(s) => {
-                let (ty, desc) = s.split_once(" - ").unwrap_or((s.as_str(), ""));
-                let optional = ty.contains("optional") || desc.to_ascii_lowercase().contains("optional");
-                let ty = ty.replace("(optional)", "").replace("optional", "").trim().to_ascii_lowercase();
-                let ty = match ty.as_str() {
-                    "str" | "string" => "string",
-                    "int" | "integer" => "integer",
-                    "float" | "number" | "double" => "number",
-                    "bool" | "boolean" => "boolean",
-                    "list" | "array" => "array",
-                    "dict" | "object" => "object",
-                    other => {
-                        return Err(format!("argument `{name}` has type `{other}`, which JSON Schema does not name"));
-                    }
-                };
-                (json!({"type": ty, "description": desc.trim()}), !optional)
+                let d = DescribedArgument::parse(s);
+                let ty = JsonType::parse(d.type_word).ok_or_else(|| {
+                    format!("argument `{name}` has type `{}`, which JSON Schema does not name", d.type_word)
+                })?;
+                (json!({"type": ty.name(), "description": d.description}), d.required)
             }
             Value::Object(schema) => {
                 let req = schema.get("required").and_then(Value::as_bool).unwrap_or(true);

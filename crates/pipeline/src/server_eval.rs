@@ -137,7 +137,7 @@ pub fn evaluate_server(exec: &Executor, recipe: &Recipe, stage: &str, opts: &Ser
 
 /// A message as the OpenAI API takes it: calls with their arguments as a
 /// JSON string, results with the id of the call they answer.
-fn openai_message(m: &pipeline_infer::chat::Message) -> Value {
+pub fn openai_message(m: &pipeline_infer::chat::Message) -> Value {
     let mut v = json!({"role": m.role, "content": m.content});
     if let Some(calls) = m.tool_calls.as_ref().and_then(Value::as_array) {
         let calls: Vec<Value> = calls
