@@ -16,7 +16,6 @@ use crate::executor::{Executor, Finished};
 use crate::recipe::{Recipe, StageSpec};
 use crate::stages::format_chat::Conversation;
 use pipeline_infer::eval::{Gold, Metric, Tally, score_tool_call};
-use pipeline_infer::toolbox::Toolbox;
 
 /// What to ask the server.
 #[derive(Debug, Clone)]
@@ -62,17 +61,13 @@ pub fn evaluate_server(exec: &Executor, recipe: &Recipe, stage: &str, opts: &Ser
     };
     let found = crate::stages::splits_in(&dir.join("conversations"), "jsonl")?;
     let catalogue = crate::stages::evaluate::catalogue_of(&found)?;
-    let split = p.split.clone().unwrap_or_else(|| "validation".into());
+    let split = p.split_of(&found, stage)?;
     let path = &crate::stages::select_splits(found, std::slice::from_ref(&split), stage)?[0].1;
     let mut rows: Vec<Conversation> = pipeline_data::read_jsonl_as(path)?;
     if let Some(n) = opts.limit.or(p.limit) {
         rows.truncate(n);
     }
-    let toolbox = match p.toolbox.as_str() {
-        "none" => None,
-        "auto" => Toolbox::covering(&catalogue),
-        name => Toolbox::builtin(name),
-    };
+    let toolbox = p.toolbox_for(&catalogue);
     let group_by = p.group_by.clone().unwrap_or_else(|| "query_type".into());
     let needs_call_column = p.needs_call_column.clone().unwrap_or_else(|| "tool_needed".into());
     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(600)).build();
@@ -101,14 +96,20 @@ pub fn evaluate_server(exec: &Executor, recipe: &Recipe, stage: &str, opts: &Ser
         if let Some(m) = &opts.model {
             request["model"] = m.clone().into();
         }
-        let answer: Value =
-            match agent.post(&endpoint).set("Content-Type", "application/json").send_string(&request.to_string()) {
-                Ok(r) => serde_json::from_str(&r.into_string()?).with_context(|| format!("{endpoint}: not JSON"))?,
-                Err(ureq::Error::Status(code, r)) => {
-                    bail!("{endpoint} answered {code} for row `{}`: {}", conv.id, r.into_string().unwrap_or_default())
-                }
-                Err(e) => bail!("cannot reach {endpoint}: {e}"),
-            };
+        let answer: Value = match agent
+            .post(&endpoint)
+            .set("Content-Type", "application/json")
+            .send_string(&request.to_string())
+        {
+            Ok(r) => serde_json::from_str(&r.into_string()?).with_context(|| format!("{endpoint}: not JSON"))?,
+            Err(ureq::Error::Status(code, r)) => {
+                bail!("{endpoint} answered {code} for row `{}`: {}", conv.id, r.into_string().unwrap_or_default())
+            }
+            Err(e) => bail!(
+                "cannot reach the server: {e} (is it running? e.g. `llama-server -m MODEL.gguf --jinja --port PORT`, \
+                 then --url http://127.0.0.1:PORT)"
+            ),
+        };
         let message = &answer["choices"][0]["message"];
         let content = message["content"].as_str().unwrap_or_default();
         let pred = match message.get("tool_calls").filter(|t| t.as_array().is_some_and(|a| !a.is_empty())) {

@@ -156,6 +156,31 @@ impl Params {
         Some(base)
     }
 
+    /// The split evaluated among those `found`: `split`, else `validation`,
+    /// else `test`.
+    pub(crate) fn split_of(&self, found: &[(String, std::path::PathBuf)], stage: &str) -> Result<String> {
+        if let Some(s) = &self.split {
+            return Ok(s.clone());
+        }
+        ["validation", "test"].iter().find(|s| found.iter().any(|(f, _)| f == *s)).map(|s| s.to_string()).with_context(
+            || {
+                format!(
+                    "stage `{stage}`: no `validation` or `test` split to evaluate (found: {}); set `split`",
+                    found.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>().join(", ")
+                )
+            },
+        )
+    }
+
+    /// The toolbox calls are executed on, for `catalogue` (see `toolbox`).
+    pub(crate) fn toolbox_for(&self, catalogue: &Catalogue) -> Option<Toolbox> {
+        match self.toolbox.as_str() {
+            "none" => None,
+            "auto" => Toolbox::covering(catalogue),
+            name => Toolbox::builtin(name),
+        }
+    }
+
     fn subjects(&self) -> Vec<Subject> {
         match (self.compare.is_empty(), &self.adapter) {
             (false, _) => self.compare.clone(),
@@ -339,20 +364,7 @@ impl<'a> Evaluation<'a> {
     fn new(p: &'a Params, ctx: &'a RunContext<'a>) -> Result<Self> {
         let conv_dir = ctx.input("conversations");
         let found = super::splits_in(&conv_dir.join("conversations"), "jsonl")?;
-        let split = match &p.split {
-            Some(s) => s.clone(),
-            None => ["validation", "test"]
-                .iter()
-                .find(|s| found.iter().any(|(f, _)| f == *s))
-                .map(|s| s.to_string())
-                .with_context(|| {
-                format!(
-                    "stage `{}`: no `validation` or `test` split to evaluate (found: {}); set `split`",
-                    ctx.name,
-                    found.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>().join(", ")
-                )
-            })?,
-        };
+        let split = p.split_of(&found, ctx.name)?;
         let catalogue = catalogue_of(&found)?;
         let path = &super::select_splits(found, std::slice::from_ref(&split), ctx.name)?[0].1;
         let mut convs: Vec<Conversation> = pipeline_data::read_jsonl_as(path)?;
@@ -429,11 +441,7 @@ impl<'a> Evaluation<'a> {
             Some(_) => Some(pipeline_model::adapter::LoadedAdapter::read(ctx.input("adapter"), &device)?),
             None => None,
         };
-        let toolbox = match p.toolbox.as_str() {
-            "none" => None,
-            "auto" => Toolbox::covering(&catalogue),
-            name => Toolbox::builtin(name),
-        };
+        let toolbox = p.toolbox_for(&catalogue);
         let gold_calls_execute = toolbox.as_ref().and_then(|t| gold_calls_execute(&rows, t));
         let limit = model.max_positions().min(model.max_position_embeddings());
         let max_prompt = p.max_prompt_tokens.unwrap_or(limit.saturating_sub(p.generation.max_new_tokens));
