@@ -4,9 +4,9 @@
 //!
 //! Bars are drawn on stderr when it is a terminal; `PIPELINE_PROGRESS=0`
 //! turns them off, `PIPELINE_PROGRESS=1` forces them on. Without bars,
-//! progress is printed as plain lines (about twenty per unit of work). Logs
-//! are warnings only unless `-v` (info) or `-vv` (debug); `RUST_LOG`
-//! overrides; colour codes only on a terminal.
+//! progress is printed as plain lines (at most twenty per unit of work, none
+//! for work done in seconds). Logs are warnings only unless `-v` (info) or
+//! `-vv` (debug); `RUST_LOG` overrides; colour codes only on a terminal.
 
 use std::io::Write;
 use std::sync::OnceLock;

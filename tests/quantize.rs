@@ -215,3 +215,35 @@ fn lora_adapter_as_gguf_has_llama_cpp_names_and_shapes() {
     let (base, _) = tensor_types(&dir.join("model-f16.gguf"));
     assert!(base.tensor_infos.contains_key("blk.1.attn_q.weight"));
 }
+
+/// The base written to be served beside an adapter (`base_types`): the real
+/// Q4_K_M Gemma 3 270M keeps every block as stored (our per-tensor types are
+/// llama-quantize's, which wrote it), so llama.cpp serves the weights the
+/// adapter was trained on, and the file carries the trained chat template.
+#[test]
+fn a_quantized_base_keeps_its_blocks_and_carries_the_trained_template() {
+    use pipeline::stages::quantize::{GgufOptions, QuantType, write_gguf_with};
+    let Some(models) = common::models_dir() else { return };
+    let base = pipeline::model_source::from_path(&models.join("gemma-3-270m")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("base-q4_k_m.gguf");
+    let options = GgufOptions { chat_template: Some("{{ 'trained' }}".into()), keep_stored_blocks: true };
+    let stats = write_gguf_with(&base, QuantType::Q4KM, "t", &out, &options).unwrap();
+    let (theirs, their_types) = tensor_types(&base.weights[0]);
+    let (ours, our_types) = tensor_types(&out);
+    assert_eq!(our_types, their_types, "llama-quantize's per-tensor types");
+    assert_eq!(stats["tensors_kept_as_stored"], stats["tensors"], "{stats}");
+    let (mut a, mut b) = (std::fs::File::open(&base.weights[0]).unwrap(), std::fs::File::open(&out).unwrap());
+    for name in our_types.keys() {
+        let x = theirs.tensor(&mut a, name, &Device::Cpu).unwrap();
+        let y = ours.tensor(&mut b, name, &Device::Cpu).unwrap();
+        assert!(x.data().unwrap() == y.data().unwrap(), "{name}: blocks differ from the base's");
+    }
+    assert_eq!(ours.metadata["tokenizer.chat_template"].to_string().unwrap(), "{{ 'trained' }}");
+
+    // Without the option, the same file is decoded and encoded again: the
+    // blocks llama-quantize would write from those weights.
+    let again = dir.path().join("again.gguf");
+    let stats = pipeline::stages::quantize::write_gguf(&base, QuantType::Q4KM, "t", &again).unwrap();
+    assert_eq!(stats["tensors_kept_as_stored"], 0, "{stats}");
+}

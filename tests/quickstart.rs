@@ -123,10 +123,36 @@ print("logs", len(loss), len(evals))
     assert!(card.contains("PeftModel.from_pretrained") && card.contains("| metric | base | fine-tuned |"), "{card}");
 
     // The fine-tune, served by llama-server as agents call it.
-    served_tool_calls_are_the_ones_we_parse(&show("chat"), &show("gguf").join("model-q8_0.gguf"));
+    // The Modelfile serves the base's own Q4_K_M blocks with the adapter on
+    // top (merging and quantizing to 4 bits again would round the
+    // fine-tune away).
+    let ollama = show("ollama");
+    let modelfile = std::fs::read_to_string(ollama.join("Modelfile")).unwrap();
+    assert!(modelfile.contains("FROM ./model.gguf\nADAPTER ./adapter.gguf\n"), "{modelfile}");
+    assert!(ollama.join("model.gguf").is_file() && ollama.join("adapter.gguf").is_file());
+
+    // The fine-tune, served by llama-server as agents call it: the base with
+    // the adapter, as the Modelfile serves it, and merged into one file.
+    let gguf = show("gguf");
+    let on_base = Served {
+        gguf: gguf.join("base-q4_k_m.gguf"),
+        adapter: Some((gguf.join("adapter.gguf"), show("train"))),
+        what: "the Q4_K_M base with adapter.gguf (--lora)",
+    };
+    served_tool_calls_are_the_ones_we_parse(&show("chat"), &on_base);
+    let merged = Served { gguf: gguf.join("model-q8_0.gguf"), adapter: None, what: "the merged Q8_0 file" };
+    served_tool_calls_are_the_ones_we_parse(&show("chat"), &merged);
 }
 
-/// llama-server (`--jinja`) on the quickstart's Q8_0 GGUF, sent validation
+/// A GGUF served by llama-server, with a LoRA adapter on it or not.
+struct Served {
+    gguf: std::path::PathBuf,
+    /// The adapter as GGUF (for the server) and as PEFT (for us).
+    adapter: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    what: &'static str,
+}
+
+/// llama-server (`--jinja`) on one of the quickstart's GGUF files, sent validation
 /// rows as an agent sends them (`/v1/chat/completions` with the row's
 /// `tools`, no system prompt). Where the two programs' greedy decoding
 /// agrees (llama.cpp's `/completion` from the same prompt ids), the server
@@ -138,18 +164,24 @@ print("logs", len(loss), len(evals))
 /// counted, not compared. A second turn carrying the tool's result is
 /// rendered as training rendered it, and answered. The tools are sent with
 /// open parameters (see below).
-fn served_tool_calls_are_the_ones_we_parse(chat: &std::path::Path, gguf: &std::path::Path) {
+fn served_tool_calls_are_the_ones_we_parse(chat: &std::path::Path, served: &Served) {
     use pipeline_infer::chat::Message;
     use serde_json::{Value, json};
     let Some(bin) = common::llama_cpp("llama-server") else { return };
     let template = pipeline::stages::evaluate::trained_template(chat).unwrap();
     let tok =
         tokenizers::Tokenizer::from_file(common::models_dir().unwrap().join("gemma-3-270m/tokenizer.json")).unwrap();
-    let model = pipeline_model::load_for_inference(
-        &pipeline::model_source::from_path(gguf).unwrap(),
+    let mut model = pipeline_model::load_for_inference(
+        &pipeline::model_source::from_path(&served.gguf).unwrap(),
         &candle_core::Device::Cpu,
     )
     .unwrap();
+    let mut server_args = vec!["-m", served.gguf.to_str().unwrap(), "--jinja"];
+    if let Some((gguf, peft)) = &served.adapter {
+        let adapter = pipeline_model::adapter::LoadedAdapter::read(peft, &candle_core::Device::Cpu).unwrap();
+        adapter.attach(model.as_mut()).unwrap();
+        server_args.extend(["--lora", gguf.to_str().unwrap()]);
+    }
     let stops = pipeline_infer::generate::stop_tokens(&template.end_of_turn, &template.eos_token);
     let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
     let generator = pipeline_infer::generate::Generator::new(model.as_ref(), &tok, &stops);
@@ -161,7 +193,7 @@ fn served_tool_calls_are_the_ones_we_parse(chat: &std::path::Path, gguf: &std::p
     let mut widest_gap = 0f32;
     let (mut agreed, mut parted) = (0, 0);
     let params = pipeline_infer::generate::GenerationParams { max_new_tokens: NEW, ..Default::default() };
-    let server = common::Server::start(&bin, &["-m", gguf.to_str().unwrap(), "--jinja"]);
+    let server = common::Server::start(&bin, &server_args);
     let rows: Vec<Value> = std::fs::read_to_string(chat.join("conversations/validation.jsonl"))
         .unwrap()
         .lines()
@@ -186,8 +218,9 @@ fn served_tool_calls_are_the_ones_we_parse(chat: &std::path::Path, gguf: &std::p
     };
     let (mut same_calls, mut same_content, mut grammar, mut second_turns) = (0, 0, 0, 0);
     let mut whole_lists = 0;
-    // The first 20 rows keep the test to a few minutes.
-    for row in rows.iter().take(20) {
+    // The first 14 rows keep each check to a couple of minutes.
+    const ROWS: usize = 14;
+    for row in rows.iter().take(ROWS) {
         let messages: Vec<Message> = serde_json::from_value(row["messages"].clone()).unwrap();
         // The row's tools with open parameters (any JSON object): a model
         // trained for a minute writes arguments the real schemas refuse, and
@@ -310,11 +343,12 @@ fn served_tool_calls_are_the_ones_we_parse(chat: &std::path::Path, gguf: &std::p
         panic!("{}: the same greedy text, other answers: ours {ours_msg:?}, served {theirs}", row["id"]);
     }
     eprintln!(
-        "llama-server with tools on the quickstart's GGUF, 20 validation rows: greedy decoding agrees on {agreed}: \
+        "llama-server with tools on {}, {ROWS} validation rows: greedy decoding agrees on {agreed}: \
          {same_calls} answered with the tool_calls we parse ({whole_lists} whole lists, the others their first call, \
          the model repeating calls until the limit; {second_turns} second turns rendered as trained and answered), \
          {same_content} with our content and no call, {grammar} where the server's call grammar overrode a call to \
-         an unlisted tool or a call that is not JSON; {parted} parted (our token's widest lead {widest_gap:.3})"
+         an unlisted tool or a call that is not JSON; {parted} parted (our token's widest lead {widest_gap:.3})",
+        served.what
     );
     assert!(
         agreed >= 3 && same_calls >= 1,

@@ -119,8 +119,32 @@ pub fn tensor_type(target: QuantType, name: &str, ne0: usize, rank: usize, layer
     if ne0 % t.block_size() != 0 { F16 } else { t }
 }
 
+/// How a GGUF file is written, beyond its type.
+#[derive(Debug, Clone, Default)]
+pub struct GgufOptions {
+    /// The chat template the file carries instead of the model's own (a
+    /// base model served with an adapter carries the trained template).
+    pub chat_template: Option<String>,
+    /// When the model is itself a GGUF file: a tensor whose stored type is
+    /// the type it gets in the written file is copied block for block
+    /// instead of being decoded and encoded again. Serving a quantized base
+    /// beside a LoRA adapter then serves the very weights training saw.
+    pub keep_stored_blocks: bool,
+}
+
 /// Writes `model` as a GGUF file of type `target`; returns per-file stats.
 pub fn write_gguf(model: &ModelFiles, target: QuantType, name: &str, path: &Path) -> Result<Json> {
+    write_gguf_with(model, target, name, path, &GgufOptions::default())
+}
+
+/// [`write_gguf`] with [`GgufOptions`].
+pub fn write_gguf_with(
+    model: &ModelFiles,
+    target: QuantType,
+    name: &str,
+    path: &Path,
+    options: &GgufOptions,
+) -> Result<Json> {
     let device = Device::Cpu;
     let (arch, weights) = pipeline_model::load_weights(model, &device, false)?;
     let (arch_name, layers) = match &arch {
@@ -131,8 +155,13 @@ pub fn write_gguf(model: &ModelFiles, target: QuantType, name: &str, path: &Path
     let mut map: Vec<(String, candle_core::Tensor)> = weights.into_map().into_iter().collect();
     map.sort_by(|a, b| a.0.cmp(&b.0));
     let tied = !map.iter().any(|(hf, _)| hf == "lm_head.weight");
+    let mut stored = match options.keep_stored_blocks && model.is_gguf() {
+        true => Some(StoredBlocks::open(&model.weights[0])?),
+        false => None,
+    };
     let mut tensors = Vec::new();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut kept = 0;
     let mut vocab_rows = 0;
     for (hf, t) in map {
         let Some(gname) = pipeline_model::gguf::gguf_name_for(arch_name, &hf) else {
@@ -148,21 +177,58 @@ pub fn write_gguf(model: &ModelFiles, target: QuantType, name: &str, path: &Path
         let t = if arch_name == "gemma3" && hf.ends_with("norm.weight") { (t + 1.0)? } else { t };
         let dims = t.dims().to_vec();
         let dtype = tensor_type(target, &gname, *dims.last().unwrap_or(&1), dims.len(), layers, tied);
-        let bytes = encode(&t, dtype)?;
+        let bytes = match stored.as_mut().map(|s| s.blocks(&gname, dtype, &dims)).transpose()?.flatten() {
+            Some(bytes) => {
+                kept += 1;
+                bytes
+            }
+            None => encode(&t, dtype)?,
+        };
         *counts.entry(format!("{dtype:?}")).or_default() += 1;
         tensors.push(TensorData { name: gname, dtype, dims, bytes });
     }
     // llama.cpp orders tensors as converters write them: embeddings first.
     tensors.sort_by_key(|t| (t.name != "token_embd.weight", layer_of(&t.name), t.name.clone()));
     let mut md = architecture_metadata(&arch, arch_name, name, target);
-    md.extend(tokenizer_metadata(model, arch_name, vocab_rows)?);
+    md.extend(tokenizer_metadata(model, arch_name, vocab_rows, options.chat_template.as_deref())?);
     crate::gguf_writer::write(path, &md, &tensors)?;
     Ok(json!({
         "type": target.name(),
         "tensors": tensors.len(),
+        "tensors_kept_as_stored": kept,
         "tensor_types": counts,
         "size_bytes": std::fs::metadata(path).on("read", path)?.len(),
     }))
+}
+
+/// The tensors of a GGUF file, read as stored.
+struct StoredBlocks {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    content: candle_core::quantized::gguf_file::Content,
+}
+
+impl StoredBlocks {
+    fn open(path: &Path) -> Result<StoredBlocks> {
+        let mut file = std::fs::File::open(path).on("open", path)?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+            .map_err(|e| bad_file(path, format!("not a GGUF file: {e}")))?;
+        Ok(StoredBlocks { path: path.to_path_buf(), file, content })
+    }
+
+    /// The stored blocks of tensor `name` when it is stored as `dtype` with
+    /// `dims` (outermost first).
+    fn blocks(&mut self, name: &str, dtype: GgmlDType, dims: &[usize]) -> Result<Option<Vec<u8>>> {
+        match self.content.tensor_infos.get(name) {
+            Some(info) if info.ggml_dtype == dtype && info.shape.dims() == dims => {}
+            _ => return Ok(None),
+        }
+        let t = self
+            .content
+            .tensor(&mut self.file, name, &Device::Cpu)
+            .map_err(|e| bad_file(&self.path, format!("cannot read tensor `{name}`: {e}")))?;
+        Ok(Some(t.data()?.to_vec()))
+    }
 }
 
 /// A tensor's data as `dtype` blocks: K-quants with llama.cpp's reference
@@ -309,7 +375,12 @@ fn looks_like_control(t: &str) -> bool {
 /// The tokenizer as llama.cpp reads it, from `tokenizer.json` and
 /// `tokenizer_config.json`: SentencePiece-style (`llama`) for Gemma, GPT-2
 /// BPE with merges for Qwen; `vocab_rows` entries (the embedding's rows).
-fn tokenizer_metadata(model: &ModelFiles, arch: &str, vocab_rows: usize) -> Result<Vec<(String, Value)>> {
+fn tokenizer_metadata(
+    model: &ModelFiles,
+    arch: &str,
+    vocab_rows: usize,
+    chat_template: Option<&str>,
+) -> Result<Vec<(String, Value)>> {
     let tok_path = model.tokenizer_json()?;
     let tj: Json = serde_json::from_slice(&std::fs::read(tok_path).on("read", tok_path)?)
         .map_err(|e| bad_file(tok_path, format!("not JSON: {e}")))?;
@@ -421,9 +492,9 @@ fn tokenizer_metadata(model: &ModelFiles, arch: &str, vocab_rows: usize) -> Resu
             md.push((format!("tokenizer.ggml.{key}"), Value::U32(id as u32)));
         }
     }
-    let template = match tc.get("chat_template") {
-        Some(Json::String(s)) => Some(s.clone()),
-        _ => model.chat_template_file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()),
+    let template = match chat_template {
+        Some(t) => Some(t.to_string()),
+        None => chat_template_of(model)?,
     };
     if let Some(t) = template {
         let probe = pipeline_infer::chat::ChatTemplate::new(&t, "", &token_name("eos_token").unwrap_or_default());
@@ -433,6 +504,16 @@ fn tokenizer_metadata(model: &ModelFiles, arch: &str, vocab_rows: usize) -> Resu
         md.push(("tokenizer.chat_template".into(), Value::Str(t)));
     }
     Ok(md)
+}
+
+/// The chat template a model directory carries (`tokenizer_config.json`'s
+/// `chat_template`, else a `chat_template.jinja` file).
+pub fn chat_template_of(model: &ModelFiles) -> Result<Option<String>> {
+    let tc = model.tokenizer_config()?;
+    Ok(match tc.get("chat_template") {
+        Some(Json::String(s)) => Some(s.clone()),
+        _ => model.chat_template_file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()),
+    })
 }
 
 #[cfg(test)]

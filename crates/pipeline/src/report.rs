@@ -76,9 +76,11 @@ impl Reporter for LogReporter {
     }
 }
 
-/// Progress as plain lines: one each time another twentieth of the work is
-/// done (and at the end), with the latest message and the time left, handed
-/// to `sink` (a log, or stderr).
+/// Progress as plain lines, handed to `sink` (a log, or stderr): one each
+/// time another twentieth of the work is done, at most one per
+/// [`LINE_GAP`], with the latest message and the time left, and a last
+/// one at the end when any was printed. Work done within the first
+/// [`LINE_GAP`] prints nothing: the stage's own status line says it ran.
 pub struct LogProgress {
     sink: fn(&str),
     what: String,
@@ -87,24 +89,36 @@ pub struct LogProgress {
     state: std::sync::Mutex<LogState>,
 }
 
+/// The shortest time between two plain progress lines (and before the first).
+pub const LINE_GAP: std::time::Duration = std::time::Duration::from_secs(5);
+
 struct LogState {
     pos: u64,
     first: u64,
     message: String,
     logged: u64,
+    /// When the last line was printed (the start until one is).
+    last_line: Instant,
+    printed: bool,
 }
 
 impl LogProgress {
     pub fn new(what: &str, len: u64, sink: fn(&str)) -> LogProgress {
-        let state = LogState { pos: 0, first: 0, message: String::new(), logged: 0 };
+        let started = Instant::now();
+        let state =
+            LogState { pos: 0, first: 0, message: String::new(), logged: 0, last_line: started, printed: false };
         let state = std::sync::Mutex::new(state);
-        LogProgress { sink, what: what.to_string(), len, started: Instant::now(), state }
+        LogProgress { sink, what: what.to_string(), len, started, state }
     }
 
     fn log_if_due(&self, s: &mut LogState) {
         let every = (self.len / 20).max(1);
-        if s.pos / every > s.logged / every || (s.pos == self.len && s.logged < self.len) {
+        let finished = s.pos == self.len && s.logged < self.len;
+        let another_twentieth = s.pos / every > s.logged / every && s.last_line.elapsed() >= LINE_GAP;
+        if another_twentieth || (finished && s.printed) {
             s.logged = s.pos;
+            s.last_line = Instant::now();
+            s.printed = true;
             let done = s.pos.saturating_sub(s.first);
             let eta = if done > 0 {
                 format!(
@@ -140,4 +154,20 @@ impl Progress for LogProgress {
         self.state.lock().expect("progress lock").message = message;
     }
     fn finish(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static LINES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+    #[test]
+    fn instant_work_prints_no_progress_lines() {
+        let p = LogProgress::new("format train", 213, |l| LINES.lock().unwrap().push(l.to_string()));
+        for _ in 0..213 {
+            p.inc(1);
+        }
+        assert!(LINES.lock().unwrap().is_empty(), "{:?}", LINES.lock().unwrap());
+    }
 }

@@ -30,6 +30,11 @@ pub struct Params {
     /// Which of its files (`q4_k_m`, `q8_0`, …; default: the first it wrote).
     #[serde(default)]
     pub file: Option<String>,
+    /// Serve the base at type `file` (`base-<file>.gguf`, from the quantize
+    /// stage's `base_types`) with the adapter on top (`ADAPTER
+    /// ./adapter.gguf`), instead of the merged model.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adapter: bool,
     /// The `format-chat` stage whose template and stop tokens are served.
     pub chat: String,
     /// The model name for `ollama create` (default: the recipe's name).
@@ -96,7 +101,9 @@ impl Stage for Params {
     fn run(&self, ctx: &RunContext) -> Result<Value> {
         let gguf_dir = ctx.input("gguf");
         let file = match &self.file {
+            Some(t) if self.adapter => format!("base-{t}.gguf"),
             Some(t) => format!("model-{t}.gguf"),
+            None if self.adapter => bail!("stage `{}`: `adapter = true` needs `file`, the base's type", ctx.name),
             None => {
                 let mut found: Vec<String> = std::fs::read_dir(gguf_dir)?
                     .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -108,7 +115,15 @@ impl Stage for Params {
         };
         let src = gguf_dir.join(&file);
         if !src.is_file() {
-            bail!("stage `{}`: the quantize stage wrote no `{file}`; set `file` to one of its types", ctx.name);
+            let fix = match self.adapter {
+                true => "list the type in the quantize stage's `base_types`",
+                false => "set `file` to one of its types",
+            };
+            bail!("stage `{}`: the quantize stage wrote no `{file}`; {fix}", ctx.name);
+        }
+        let adapter = gguf_dir.join("adapter.gguf");
+        if self.adapter && !adapter.is_file() {
+            bail!("stage `{}`: the quantize stage wrote no `adapter.gguf`; set its `lora_adapter`", ctx.name);
         }
         let template = super::evaluate::trained_template(ctx.input("chat"))?;
         let family = Family::of(&template.source).with_context(|| {
@@ -117,10 +132,15 @@ impl Stage for Params {
                 ctx.name
             )
         })?;
-        // The GGUF beside the Modelfile (a hard link: both are immutable).
-        let dest = ctx.out.join("model.gguf");
-        if std::fs::hard_link(&src, &dest).is_err() {
-            std::fs::copy(&src, &dest).with_context(|| format!("cannot copy {}", src.display()))?;
+        // The GGUF files beside the Modelfile (hard links: all are immutable).
+        let mut beside = vec![(src, ctx.out.join("model.gguf"))];
+        if self.adapter {
+            beside.push((adapter, ctx.out.join("adapter.gguf")));
+        }
+        for (src, dest) in beside {
+            if std::fs::hard_link(&src, &dest).is_err() {
+                std::fs::copy(&src, &dest).with_context(|| format!("cannot copy {}", src.display()))?;
+            }
         }
         let stops = pipeline_infer::generate::stop_tokens(&template.end_of_turn, &template.eos_token);
         let modelfile = self.modelfile(&ctx.env.recipe.recipe.name, family, &template.eos_token, &stops);
@@ -128,7 +148,7 @@ impl Stage for Params {
         let name = self.name.clone().unwrap_or_else(|| ctx.env.recipe.recipe.name.clone());
         let created = self.create && ollama_create(&name, &ctx.out, ctx.name)?;
         Ok(
-            json!({"gguf": file, "family": format!("{family:?}"), "stop": stops, "ollama_created": created, "name": name}),
+            json!({"gguf": file, "adapter": self.adapter, "family": format!("{family:?}"), "stop": stops, "ollama_created": created, "name": name}),
         )
     }
 }
@@ -139,6 +159,7 @@ impl Params {
         Modelfile {
             recipe: recipe.to_string(),
             family,
+            adapter: self.adapter,
             eos: eos.to_string(),
             stops: stops.to_vec(),
             temperature: self.temperature,

@@ -21,7 +21,10 @@ use serde_json::{Value as Json, json};
 use super::lora_train;
 use super::merge;
 use super::{Env, Input, Kind, Rule, RunContext, Stage, StageKind};
-pub use pipeline_export::quantize::{QuantType, gguf_arch_name, tensor_type, write_adapter_gguf, write_gguf};
+pub use pipeline_export::quantize::{
+    GgufOptions, QuantType, chat_template_of, gguf_arch_name, tensor_type, write_adapter_gguf, write_gguf,
+    write_gguf_with,
+};
 
 /// Parameters of a `quantize` stage.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -39,6 +42,16 @@ pub struct Params {
     /// `ADAPTER`).
     #[serde(default)]
     pub lora_adapter: Option<String>,
+    /// Types at which the base model is also written unmerged
+    /// (`base-<type>.gguf`), carrying the trained chat template, to be
+    /// served with `adapter.gguf` (llama-server `--lora`, Ollama's
+    /// `ADAPTER`). A base that is already quantized (a GGUF) keeps its
+    /// stored blocks, so the served weights are the ones training saw and
+    /// the adapter stays in f32: merging and quantizing to 4 bits again
+    /// rounds a fine-tune's small changes away. Needs `model` and
+    /// `lora_adapter`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub base_types: Vec<QuantType>,
 }
 
 fn default_types() -> Vec<QuantType> {
@@ -63,6 +76,13 @@ impl StageKind for Params {
         if self.types.is_empty() {
             return Err(("types", "no quantization types".into(), "e.g. [\"q8_0\", \"q4_k_m\"]".into()));
         }
+        if !self.base_types.is_empty() && (self.model.is_none() || self.lora_adapter.is_none()) {
+            return Err((
+                "base_types",
+                "the base is written to be served with the adapter, in the trained chat template".into(),
+                "set `model` (the merge stage) and `lora_adapter` (the lora-train stage) too".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -81,8 +101,13 @@ impl Stage for Params {
     }
 
     fn outside_inputs(&self, env: &Env) -> Result<BTreeMap<String, String>> {
-        // From a merge stage, everything read is in its (keyed) artifact.
-        if self.model.is_some() { Ok(BTreeMap::new()) } else { env.base_model_inputs(true) }
+        // From a merge stage, everything read is in its (keyed) artifact;
+        // the base is read when it is written alone or quantized itself.
+        if self.model.is_some() && self.base_types.is_empty() {
+            Ok(BTreeMap::new())
+        } else {
+            env.base_model_inputs(true)
+        }
     }
 
     fn run(&self, ctx: &RunContext) -> Result<Json> {
@@ -105,6 +130,19 @@ impl Stage for Params {
             let arch = gguf_arch_name(&model)?;
             let stats = write_adapter_gguf(ctx.input("lora_adapter"), &arch, &ctx.out.join("adapter.gguf"))?;
             files.insert("adapter.gguf".into(), stats);
+        }
+        if !self.base_types.is_empty() {
+            let options = GgufOptions { chat_template: chat_template_of(&model)?, keep_stored_blocks: true };
+            let base = ctx.env.model_weights()?;
+            for t in &self.base_types {
+                let file = format!("base-{}.gguf", t.name());
+                let stats = write_gguf_with(base, *t, &name, &ctx.out.join(&file), &options)?;
+                crate::report::println(&format!(
+                    "  quantize: {file} ({}, {} tensors as the base stores them)",
+                    stats["size_bytes"], stats["tensors_kept_as_stored"]
+                ));
+                files.insert(file, stats);
+            }
         }
         Ok(json!({ "files": files }))
     }
