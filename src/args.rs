@@ -369,7 +369,7 @@ pub enum BenchCommand {
         compare_peft: bool,
         /// The Python that has torch, transformers and peft (default:
         /// `$PIPELINE_TORCH_PYTHON`, then the environment
-        /// `scripts/fetch-models.sh` recorded in `models/torch-python`).
+        /// `scripts/fetch-test-tools.sh` recorded in `models/torch-python`).
         #[arg(long, value_name = "PATH", requires = "compare_peft")]
         python: Option<PathBuf>,
         /// With --compare-peft: runs of each, alternating.
@@ -414,7 +414,7 @@ pub enum BenchCommand {
         #[arg(long)]
         model: PathBuf,
         /// The `llama-bench` program (default: `$PIPELINE_LLAMA_CPP_BIN/llama-bench`,
-        /// then the build `scripts/fetch-models.sh` recorded in
+        /// then the build `scripts/fetch-test-tools.sh` recorded in
         /// `models/llama-cpp-bin`, then `llama-bench` on PATH).
         #[arg(long)]
         llama_bench: Option<PathBuf>,

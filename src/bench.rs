@@ -229,7 +229,7 @@ fn run_peft_bench(python: &Path, opts: &TrainOptions, threads: usize, examples: 
 }
 
 /// `--python`, else `$PIPELINE_TORCH_PYTHON`, else the environment
-/// `scripts/fetch-models.sh` recorded in `models/torch-python`.
+/// `scripts/fetch-test-tools.sh` recorded in `models/torch-python`.
 fn find_torch_python(given: Option<&Path>) -> Result<PathBuf> {
     let recorded = || std::fs::read_to_string("models/torch-python").ok().map(|s| PathBuf::from(s.trim()));
     let python = given
@@ -497,7 +497,7 @@ pub fn compare(opts: &CompareOptions) -> Result<CompareBench> {
 }
 
 /// `--llama-bench`, else `$PIPELINE_LLAMA_CPP_BIN/llama-bench`, else the
-/// build recorded by `scripts/fetch-models.sh`, else `llama-bench` on PATH.
+/// build recorded by `scripts/fetch-test-tools.sh`, else `llama-bench` on PATH.
 fn find_llama_bench(given: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = given {
         anyhow::ensure!(p.is_file(), "--llama-bench {}: no such file", p.display());

@@ -1,6 +1,6 @@
 //! `hf://` models and datasets online, against a real hub server on
 //! loopback: olah (a self-hosted Hugging Face mirror, pip-installed by
-//! scripts/fetch-models.sh) serving local git repositories as hub repos
+//! scripts/fetch-test-tools.sh) serving local git repositories as hub repos
 //! through `HF_ENDPOINT`. A tiny random Gemma 3 (real Qwen3 tokenizer files)
 //! with a `v1` tag and a later commit, and the real tool-use dataset's
 //! parquet files as a dataset repo.
@@ -47,7 +47,7 @@ impl Olah {
     fn start(dir: &Path) -> Option<Olah> {
         let have = Command::new("python3").args(["-c", "import olah.server"]).stderr(Stdio::null()).status();
         if !have.is_ok_and(|s| s.success()) {
-            common::missing("olah is not installed", "run scripts/fetch-models.sh (it pip-installs it)");
+            common::missing("olah is not installed", "run scripts/fetch-test-tools.sh (it pip-installs it)");
             return None;
         }
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -1,5 +1,5 @@
 //! The remote cache against real servers on loopback, installed by
-//! scripts/fetch-models.sh: an S3 API (moto's server mode) and WebDAV
+//! scripts/fetch-test-tools.sh: an S3 API (moto's server mode) and WebDAV
 //! (wsgidav). A killed cloud job restarted on a new machine (an empty local
 //! cache, the same remote) resumes from the last checkpoint it pushed and
 //! ends with the same adapter bytes as a run that was never interrupted; a
@@ -65,7 +65,7 @@ impl Server {
             .status()
             .is_ok_and(|s| s.success());
         if !have {
-            common::missing(&format!("{package} is not installed"), "run scripts/fetch-models.sh (it pip-installs it)");
+            common::missing(&format!("{package} is not installed"), "run scripts/fetch-test-tools.sh (it pip-installs it)");
             return None;
         }
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -242,7 +242,7 @@ pub fn python_check(module: &str, script: &str, args: &[&str]) -> Option<String>
     };
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() && stderr.contains(&format!("No module named '{module}'")) {
-        missing(&format!("the {module} Python package is not installed"), "run scripts/fetch-models.sh");
+        missing(&format!("the {module} Python package is not installed"), "run scripts/fetch-test-tools.sh");
         return None;
     }
     assert!(out.status.success(), "the Python {module} package rejects our file:\n{stderr}");
@@ -250,7 +250,7 @@ pub fn python_check(module: &str, script: &str, args: &[&str]) -> Option<String>
 }
 
 /// A llama.cpp program (`llama-tokenize`, `llama-server`, …) from the build
-/// `scripts/fetch-models.sh` makes (`scripts/build-llama-cpp.sh`, recorded
+/// `scripts/fetch-test-tools.sh` makes (`scripts/build-llama-cpp.sh`, recorded
 /// in `models/llama-cpp-bin`), or `PIPELINE_LLAMA_CPP_BIN`; `None` when it
 /// is missing and skipping is allowed ([`missing`]).
 pub fn llama_cpp(program: &str) -> Option<PathBuf> {
@@ -260,13 +260,13 @@ pub fn llama_cpp(program: &str) -> Option<PathBuf> {
     });
     let bin = dir.map(|d| d.join(program)).filter(|b| b.is_file());
     if bin.is_none() {
-        missing(&format!("llama.cpp's {program} is not built"), "run scripts/fetch-models.sh (it builds llama.cpp)");
+        missing(&format!("llama.cpp's {program} is not built"), "run scripts/fetch-test-tools.sh (it builds llama.cpp)");
     }
     bin
 }
 
 /// The Python of the PyTorch + transformers + PEFT environment that
-/// `scripts/fetch-models.sh` installs (`scripts/install-torch.sh`, recorded
+/// `scripts/fetch-test-tools.sh` installs (`scripts/install-torch.sh`, recorded
 /// in `models/torch-python`), or `PIPELINE_TORCH_PYTHON`; `None` when it is
 /// missing and skipping is allowed ([`missing`]).
 pub fn torch_python() -> Option<PathBuf> {
@@ -278,14 +278,14 @@ pub fn torch_python() -> Option<PathBuf> {
     if python.is_none() {
         missing(
             "PyTorch, transformers and PEFT are not installed",
-            "run scripts/fetch-models.sh (scripts/install-torch.sh)",
+            "run scripts/fetch-test-tools.sh (scripts/install-torch.sh)",
         );
     }
     python
 }
 
 /// Go (`go`, or `PIPELINE_GO`), which runs Go's own text/template to render
-/// Ollama templates (`tests/ollama/render.go`); `scripts/fetch-models.sh`
+/// Ollama templates (`tests/ollama/render.go`); `scripts/fetch-test-tools.sh`
 /// installs it. `None` when it is missing and skipping is allowed.
 pub fn go() -> Option<PathBuf> {
     let go = std::env::var_os("PIPELINE_GO").map(PathBuf::from).or_else(|| {
@@ -293,7 +293,7 @@ pub fn go() -> Option<PathBuf> {
         out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
     });
     if go.is_none() {
-        missing("Go is not installed", "run scripts/fetch-models.sh (it installs Debian's golang-go)");
+        missing("Go is not installed", "run scripts/fetch-test-tools.sh (it installs Debian's golang-go)");
     }
     go
 }
