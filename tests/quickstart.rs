@@ -47,7 +47,7 @@ fn quickstart_runs_every_stage_offline() {
     assert!(report["models"]["base"]["overall"]["loss"]["value"].is_number());
     assert!(report["models"]["adapter"]["overall"]["loss"]["value"].is_number());
     assert!(show("merged").join("model.safetensors").is_file());
-    for f in ["model-q8_0.gguf", "model-q4_k_m.gguf", "adapter.gguf"] {
+    for f in ["model-q8_0.gguf", "model-q4_k_m.gguf", "adapter.gguf", "base-q4_k_m.gguf"] {
         assert!(show("gguf").join(f).is_file(), "{f}");
     }
     let ollama = show("ollama");
@@ -55,7 +55,7 @@ fn quickstart_runs_every_stage_offline() {
     assert!(modelfile.contains("FROM ./model.gguf") && modelfile.contains("PARAMETER stop \"<end_of_turn>\""));
     assert_eq!(
         std::fs::metadata(ollama.join("model.gguf")).unwrap().len(),
-        std::fs::metadata(show("gguf").join("model-q4_k_m.gguf")).unwrap().len()
+        std::fs::metadata(show("gguf").join("base-q4_k_m.gguf")).unwrap().len()
     );
 
     // `export` writes model cards that huggingface_hub reads as the hub does.

@@ -111,6 +111,7 @@ fn gemma3_finance_runs_on_the_real_270m() {
     let modelfile = std::fs::read_to_string(dir(&dirs, "ollama").join("Modelfile")).unwrap();
     assert!(modelfile.contains("<end_of_turn>"), "{modelfile}");
     assert!(dir(&dirs, "gguf").join("model-q4_k_m.gguf").is_file());
+    assert!(modelfile.contains("ADAPTER ./adapter.gguf"), "{modelfile}");
     // The 1B recipe pointed at the same weights is the same recipe: every
     // stage is already cached.
     let plan = plan(&p, &recipe("gemma3-1b-finance.toml"), &sets);

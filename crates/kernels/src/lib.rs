@@ -59,8 +59,8 @@ impl IsaCap {
         *CAP.get_or_init(|| match std::env::var("PIPELINE_MAX_CPU_ISA") {
             Err(_) => IsaCap::Native,
             Ok(v) => IsaCap::parse(&v).unwrap_or_else(|| {
-                eprintln!(
-                    "warning: PIPELINE_MAX_CPU_ISA={v:?} is not one of portable, avx2, avx512, native; \
+                tracing::warn!(
+                    "PIPELINE_MAX_CPU_ISA={v:?} is not one of portable, avx2, avx512, native; \
                      the kernels use every instruction set the CPU has"
                 );
                 IsaCap::Native
