@@ -65,7 +65,10 @@ impl Server {
             .status()
             .is_ok_and(|s| s.success());
         if !have {
-            common::missing(&format!("{package} is not installed"), "run scripts/fetch-test-tools.sh (it pip-installs it)");
+            common::missing(
+                &format!("{package} is not installed"),
+                "run scripts/fetch-test-tools.sh (it pip-installs it)",
+            );
             return None;
         }
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

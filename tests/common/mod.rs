@@ -260,7 +260,10 @@ pub fn llama_cpp(program: &str) -> Option<PathBuf> {
     });
     let bin = dir.map(|d| d.join(program)).filter(|b| b.is_file());
     if bin.is_none() {
-        missing(&format!("llama.cpp's {program} is not built"), "run scripts/fetch-test-tools.sh (it builds llama.cpp)");
+        missing(
+            &format!("llama.cpp's {program} is not built"),
+            "run scripts/fetch-test-tools.sh (it builds llama.cpp)",
+        );
     }
     bin
 }
