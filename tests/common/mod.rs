@@ -6,37 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// `../shared` beside the checkout (or `PIPELINE_SHARED_DIR`).
-pub fn shared_dir() -> PathBuf {
-    std::env::var_os("PIPELINE_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
-}
-
-/// Reports that something a test needs is not provisioned: a failure, so
-/// that a run that could not check something never looks like a pass,
-/// unless `PIPELINE_ALLOW_SKIP=1` asks to skip such tests (each says
-/// SKIPPED on stderr; `cargo test -- --nocapture` shows it).
-pub fn missing(what: &str, fix: &str) {
-    if std::env::var("PIPELINE_ALLOW_SKIP").is_ok_and(|v| v == "1") {
-        eprintln!("SKIPPED: {what} ({fix})");
-        return;
-    }
-    panic!("{what}: {fix} (or set PIPELINE_ALLOW_SKIP=1 to skip the tests that need it)");
-}
-
-/// The provisioned models (`scripts/fetch-models.sh`), or `None` when they
-/// are missing and skipping is allowed ([`missing`]).
-pub fn models_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("PIPELINE_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
-    if dir.join("gemma-3-270m/tokenizer.json").is_file() && dir.join("qwen3-tokenizer/tokenizer.json").is_file() {
-        return Some(dir.canonicalize().unwrap());
-    }
-    missing(&format!("the real models are not provisioned in {}", dir.display()), "run scripts/fetch-models.sh");
-    None
-}
+/// `../shared`, what a test needs that is not provisioned, the provisioned
+/// `models/`: the same helpers as the library crates' tests.
+#[allow(unused_imports)]
+pub use pipeline_model::testing::{missing, models_dir, shared_dir};
 
 /// A scratch directory holding recipes, data and a cache.
 pub struct Project {
@@ -201,30 +174,13 @@ tokens = "tokens"
     )
 }
 
-/// Perplexity of `m` on `../shared/reference/ppl_text.txt` with llama.cpp's
-/// method: chunks of 256 tokens, BOS first, the second half of each scored.
-/// Returns the perplexity and the number of chunks.
-#[allow(dead_code)]
+/// Perplexity of `m` on `../shared/reference/ppl_text.txt` as
+/// `llama-perplexity -c 256` computes it (Gemma's BOS, id 2).
 pub fn llama_cpp_perplexity(m: &dyn pipeline_model::CausalLm, tok: &tokenizers::Tokenizer) -> (f64, usize) {
-    use candle_core::{D, Device, Tensor};
     let text = std::fs::read_to_string(shared_dir().join("reference/ppl_text.txt")).unwrap();
     let mut tokens = vec![2u32];
     tokens.extend(tok.encode(text.as_str(), false).unwrap().get_ids());
-    let n_ctx = 256;
-    let (mut nll, mut count) = (0f64, 0usize);
-    for chunk in 0..tokens.len() / n_ctx {
-        let mut ids = tokens[chunk * n_ctx..(chunk + 1) * n_ctx].to_vec();
-        ids[0] = 2;
-        let hidden = m.hidden(&ids, None).unwrap();
-        let first = n_ctx / 2;
-        let logits = m.logits(&hidden.narrow(0, first, n_ctx - 1 - first).unwrap()).unwrap();
-        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
-        let targets = Tensor::new(&ids[first + 1..], &Device::Cpu).unwrap().unsqueeze(1).unwrap();
-        let picked: Vec<f32> = log_probs.gather(&targets, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        nll -= picked.iter().map(|&x| x as f64).sum::<f64>();
-        count += picked.len();
-    }
-    ((nll / count as f64).exp(), tokens.len() / n_ctx)
+    pipeline_model::testing::chunked_perplexity(m, &tokens, 2, 256).unwrap()
 }
 
 /// Runs a Python `script` (with `args` as `sys.argv[1:]`) that checks one of

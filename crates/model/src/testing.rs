@@ -6,7 +6,7 @@
 //! tokenizer files), only with tiny dimensions and seeded random weights.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use pipeline_fs::IoContext;
 
@@ -264,4 +264,65 @@ fn torch_dtype(dtype: DType) -> Result<&'static str> {
         DType::F16 => "float16",
         other => return Err(crate::Error::Unsupported(format!("random weights cannot be stored as {other:?}"))),
     })
+}
+
+/// The repository this crate is built in (tests find `models/` and
+/// `../shared` from it).
+fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The shared read-only inputs beside the repository (`../shared`: the
+/// dataset cache, reference numbers), or `PIPELINE_SHARED_DIR`.
+pub fn shared_dir() -> PathBuf {
+    std::env::var_os("PIPELINE_SHARED_DIR").map(PathBuf::from).unwrap_or_else(|| repository().join("../shared"))
+}
+
+/// Reports that something a test needs is not provisioned: a failure, so
+/// that a run that could not check something never looks like a pass,
+/// unless `PIPELINE_ALLOW_SKIP=1` asks to skip such tests (each says
+/// SKIPPED, and why).
+pub fn missing(what: &str, fix: &str) {
+    if std::env::var("PIPELINE_ALLOW_SKIP").is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED: {what} ({fix})");
+        return;
+    }
+    panic!("{what}: {fix} (or set PIPELINE_ALLOW_SKIP=1 to skip the tests that need it)");
+}
+
+/// The provisioned models (`scripts/fetch-models.sh`; `PIPELINE_MODELS_DIR`
+/// elsewhere), or `None` when they are missing and skipping is allowed
+/// ([`missing`]).
+pub fn models_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("PIPELINE_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| repository().join("models"));
+    if dir.join("gemma-3-270m/tokenizer.json").is_file() && dir.join("qwen3-tokenizer/tokenizer.json").is_file() {
+        return Some(dir.canonicalize().expect("the models directory"));
+    }
+    missing(&format!("the real models are not provisioned in {}", dir.display()), "run scripts/fetch-models.sh");
+    None
+}
+
+/// Perplexity as `llama-perplexity` computes it: `tokens` in chunks of
+/// `n_ctx`, each starting with `bos`, scoring the second half of each
+/// chunk. Returns the perplexity and the number of chunks.
+pub fn chunked_perplexity(
+    m: &dyn crate::CausalLm,
+    tokens: &[u32],
+    bos: u32,
+    n_ctx: usize,
+) -> candle_core::Result<(f64, usize)> {
+    let (mut nll, mut count) = (0f64, 0usize);
+    let chunks = tokens.len() / n_ctx;
+    for chunk in 0..chunks {
+        let mut ids = tokens[chunk * n_ctx..(chunk + 1) * n_ctx].to_vec();
+        ids[0] = bos;
+        let hidden = m.hidden(&ids, None)?;
+        let first = n_ctx / 2;
+        let logits = m.logits(&hidden.narrow(0, first, n_ctx - 1 - first)?)?;
+        let targets = Tensor::new(&ids[first + 1..], m.device())?;
+        let mean = crate::ops::cross_entropy(&logits, &targets)?.to_scalar::<f32>()?;
+        nll += f64::from(mean) * (n_ctx - 1 - first) as f64;
+        count += n_ctx - 1 - first;
+    }
+    Ok(((nll / count as f64).exp(), chunks))
 }

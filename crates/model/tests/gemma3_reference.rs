@@ -2,13 +2,11 @@
 //! transformers and llama.cpp on the real Gemma 3 270M
 //! (`../shared/reference/numbers.md`): greedy text and perplexity.
 
-mod common;
-
 use candle_core::{D, Device};
 use pipeline_model::{self as model, CausalLm};
 
 fn load() -> Option<(Box<dyn CausalLm>, tokenizers::Tokenizer)> {
-    let models = common::models_dir()?;
+    let models = pipeline_model::testing::models_dir()?;
     let dir = models.join("gemma-3-270m");
     let resolved = pipeline_model::ModelFiles {
         source: "gemma-3-270m".into(),
@@ -48,7 +46,10 @@ fn greedy_text_and_perplexity_match_the_references() {
 
     // Perplexity, llama.cpp's method: chunks of 256 tokens, BOS first,
     // score the second half of each chunk.
-    let (ppl, chunks) = common::llama_cpp_perplexity(m.as_ref(), &tok);
+    let text = std::fs::read_to_string(model::testing::shared_dir().join("reference/ppl_text.txt")).unwrap();
+    let mut tokens = vec![2u32];
+    tokens.extend(tok.encode(text.as_str(), false).unwrap().get_ids());
+    let (ppl, chunks) = model::testing::chunked_perplexity(m.as_ref(), &tokens, 2, 256).unwrap();
     eprintln!("perplexity {ppl:.3}");
     assert_eq!(chunks, 4, "4 chunks of 256 tokens");
     assert!((ppl - 16.835).abs() < 0.05, "perplexity {ppl} is not 16.83 ± 0.05");

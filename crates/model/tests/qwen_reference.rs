@@ -8,8 +8,6 @@ use pipeline_model::load;
 use pipeline_model::qwen::Variant;
 use pipeline_model::testing::TinyQwen;
 
-mod common;
-
 fn resolved(dir: &std::path::Path) -> ModelFiles {
     ModelFiles {
         source: "tiny".into(),
@@ -30,7 +28,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn qwen2_and_qwen3_match_candle_transformers() {
-    let Some(models) = common::models_dir() else { return };
+    let Some(models) = pipeline_model::testing::models_dir() else { return };
     let ids: Vec<u32> = (0..23).map(|i| (i * 4099 + 7) % 151_000).collect();
     for variant in [Variant::Qwen3, Variant::Qwen2] {
         let dir = tempfile::tempdir().unwrap();
