@@ -10,6 +10,10 @@
 //! Gemma norms are stored as `w + 1` (llama.cpp multiplies by `w`). The
 //! metadata holds the hyper-parameters, the tokenizer (tokens, scores, token
 //! types, merges for BPE models, special ids) and the trained chat template.
+//!
+//! Beside them, optionally: the adapter alone as a GGUF LoRA adapter
+//! (`lora_adapter`), and the base unmerged (`base_types`), its blocks kept
+//! as stored when it is a GGUF, to serve under that adapter.
 
 use std::collections::BTreeMap;
 
