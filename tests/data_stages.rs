@@ -245,6 +245,53 @@ fn the_loss_mask_is_exactly_the_assistant_turns_on_the_real_gemma_tokenizer() {
 }
 
 #[test]
+fn direct_answers_are_supervised_on_their_first_tokens_and_calls_whole() {
+    let Some(models) = models_dir() else { return };
+    let p = Project::new();
+    let recipe = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/quickstart.toml"))
+        .unwrap()
+        .replace("../models", models.to_str().unwrap())
+        .replace("max_len = 1024", "max_len = 8192\ndirect_answer_tokens = 8");
+    assert!(recipe.contains("direct_answer_tokens = 8"), "the quickstart's tokenize stage moved");
+    p.write("q.toml", &recipe);
+    p.ok(&["run", "q.toml", "--until", "tokens"]);
+    let tok = tokenizers::Tokenizer::from_file(models.join("gemma-3-270m/tokenizer.json")).unwrap();
+    let convs: Vec<Conversation> =
+        std::fs::read_to_string(show(&p, "q.toml", "chat").join("conversations/validation.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let split = TokenizedSplit::load(&show(&p, "q.toml", "tokens").join("tokens/validation.safetensors")).unwrap();
+    assert_eq!(split.len(), convs.len());
+    let (mut calls, mut direct) = (0, 0);
+    for (i, conv) in convs.iter().enumerate() {
+        let (ids, mask) = split.example(i);
+        // Worked out here from the whole example: every token of a turn that
+        // calls a tool, the first 8 of one that answers directly, and nothing
+        // after the last of them.
+        let full = tok.encode(conv.text.as_str(), false).unwrap();
+        let mut want = vec![0u8; full.len()];
+        for sp in &conv.spans {
+            let is_call = conv.messages[sp.message].tool_calls.is_some();
+            if is_call {
+                calls += 1
+            } else {
+                direct += 1
+            }
+            let inside = full.get_offsets().iter().enumerate().filter(|(_, (s, _))| *s >= sp.start && *s < sp.end);
+            for (n, (t, _)) in inside.enumerate() {
+                want[t] = u8::from(is_call || n < 8);
+            }
+        }
+        let end = want.iter().rposition(|&m| m == 1).unwrap() + 1;
+        assert_eq!(ids, &full.get_ids()[..end], "{}: the example up to its last supervised token", conv.id);
+        assert_eq!(mask, &want[..end], "{}: calls whole, direct answers' first 8 tokens", conv.id);
+    }
+    assert!(calls > 0 && direct > 0, "{calls} calls, {direct} direct answers: both kinds are checked");
+}
+
+#[test]
 fn rewrites_clean_the_named_role_in_the_named_splits_only() {
     let Some(models) = models_dir() else { return };
     let p = Project::new();

@@ -110,6 +110,46 @@ fn llama_cpp_tokenizes_every_validation_conversation_as_gemma_training_did() {
     assert_same_tokens(&bin, &gguf, &rows, "gemma3 (tool-use validation)");
 }
 
+/// SmolLM2-135M-Instruct comes as a GGUF alone: the tokenizer built from
+/// its metadata gives llama.cpp's ids on every validation conversation
+/// (Gemma-rendered text, and the same text in SmolLM2's ChatML turns, whose
+/// special tokens are matched whole), on the original file and on the GGUF
+/// we write from it, which keeps its `smollm` pre-tokenizer.
+#[test]
+fn a_gguf_alone_brings_its_tokenizer_and_smollm2_tokenizes_as_llama_cpp_does() {
+    let (Some(models), Some(bin)) = (models_dir(), common::llama_cpp("llama-tokenize")) else { return };
+    let dir = models.join("smollm2-135m-instruct");
+    let original = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !original.is_file() {
+        return common::missing("SmolLM2-135M-Instruct is not provisioned", "run scripts/fetch-models.sh");
+    }
+    let p = Project::new();
+    let base = pipeline::model_source::from_path(&dir).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(base.tokenizer_json().unwrap()).unwrap();
+    let template = pipeline_infer::chat::ChatTemplate::for_model(&base, None, Path::new(".")).unwrap();
+    let texts: Vec<String> = trained_tokens(&p, &repo().join("recipes/quickstart.toml"), "validation", &[])
+        .into_iter()
+        .map(|(text, _)| text)
+        .collect();
+    let mut rows = Vec::new();
+    for text in texts {
+        let chat = template.render(&[pipeline_infer::chat::Message::new("user", &text)], None, true).unwrap();
+        assert!(chat.starts_with("<|im_start|>system\n"), "the GGUF's own ChatML template: {chat}");
+        for t in [text, chat] {
+            let ids = tok.encode(t.as_str(), false).unwrap().get_ids().to_vec();
+            rows.push((t, ids));
+        }
+    }
+    assert_same_tokens(&bin, &original, &rows, "smollm2 (its GGUF's tokenizer)");
+    let ours = p.path("smollm2.q8_0.gguf");
+    write_gguf(&base, QuantType::Q8_0, "t", &ours).unwrap();
+    let mut f = std::fs::File::open(&ours).unwrap();
+    let md = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap().metadata;
+    let s = |k: &str| md[k].to_string().unwrap().clone();
+    assert_eq!((s("general.architecture"), s("tokenizer.ggml.pre")), ("llama".into(), "smollm".into()));
+    assert_same_tokens(&bin, &ours, &rows, "smollm2 (our Q8_0)");
+}
+
 #[test]
 fn llama_cpp_tokenizes_the_qwen3_function_calling_data_as_training_did() {
     let (Some(models), Some(bin)) = (models_dir(), common::llama_cpp("llama-tokenize")) else { return };
@@ -656,7 +696,8 @@ fn llama_cpp_applies_our_adapter_gguf_as_our_merge_does() {
     // B·A to the rounded W, which parts greedy decoding on near-ties.
     write_gguf(&base, QuantType::F32, "base", &base_gguf).unwrap();
     write_gguf(&pipeline::model_source::from_path(&merged).unwrap(), QuantType::F32, "merged", &merged_gguf).unwrap();
-    pipeline::stages::quantize::write_adapter_gguf(&adapter, "gemma3", &adapter_gguf).unwrap();
+    let arch = pipeline::stages::quantize::model_arch(&base).unwrap();
+    pipeline::stages::quantize::write_adapter_gguf(&adapter, &arch, &adapter_gguf).unwrap();
     let tok = tokenizers::Tokenizer::from_file(models.join("gemma-3-270m/tokenizer.json")).unwrap();
     let template = pipeline_infer::chat::ChatTemplate::for_model(&base, None, Path::new(".")).unwrap();
     let prompts: Vec<Vec<u32>> = conversations()

@@ -13,17 +13,7 @@ use crate::error::Result;
 use candle_core::quantized::GgmlDType;
 
 /// A metadata value.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Value {
-    U32(u32),
-    I32(i32),
-    F32(f32),
-    Bool(bool),
-    Str(String),
-    Strs(Vec<String>),
-    F32s(Vec<f32>),
-    I32s(Vec<i32>),
-}
+pub use pipeline_model::gguf::MetaValue as Value;
 
 /// Alignment of tensor data (`general.alignment`'s default).
 pub const ALIGNMENT: usize = 32;

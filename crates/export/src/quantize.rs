@@ -17,8 +17,8 @@ use pipeline_fs::IoContext;
 use crate::error::{Error, Result, bad_file};
 use candle_core::Device;
 use candle_core::quantized::{GgmlDType, QTensor};
+use pipeline_model::Arch;
 use pipeline_model::ModelFiles;
-use pipeline_model::{Arch, qwen};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
@@ -147,11 +147,8 @@ pub fn write_gguf_with(
 ) -> Result<Json> {
     let device = Device::Cpu;
     let (arch, weights) = pipeline_model::load_weights(model, &device, false)?;
-    let (arch_name, layers) = match &arch {
-        Arch::Gemma3(c) => ("gemma3", c.num_hidden_layers),
-        Arch::Qwen(qwen::Variant::Qwen2, c) => ("qwen2", c.num_hidden_layers),
-        Arch::Qwen(qwen::Variant::Qwen3, c) => ("qwen3", c.num_hidden_layers),
-    };
+    let family = arch.family();
+    let (arch_name, layers) = (family.gguf_arch(), family.num_layers());
     let mut map: Vec<(String, candle_core::Tensor)> = weights.into_map().into_iter().collect();
     map.sort_by(|a, b| a.0.cmp(&b.0));
     let tied = !map.iter().any(|(hf, _)| hf == "lm_head.weight");
@@ -164,7 +161,7 @@ pub fn write_gguf_with(
     let mut kept = 0;
     let mut vocab_rows = 0;
     for (hf, t) in map {
-        let Some(gname) = pipeline_model::gguf::gguf_name_for(arch_name, &hf) else {
+        let Some(gname) = arch.gguf_tensor_name(&hf) else {
             return Err(Error::Unsupported(format!(
                 "{}: tensor `{hf}` has no GGUF name for {arch_name}",
                 model.source
@@ -173,8 +170,7 @@ pub fn write_gguf_with(
         if hf == "model.embed_tokens.weight" {
             vocab_rows = t.dim(0)?;
         }
-        // llama.cpp multiplies Gemma norms by `w`, HF by `1 + w`.
-        let t = if arch_name == "gemma3" && hf.ends_with("norm.weight") { (t + 1.0)? } else { t };
+        let t = family.tensor_to_gguf(&hf, t)?;
         let dims = t.dims().to_vec();
         let dtype = tensor_type(target, &gname, *dims.last().unwrap_or(&1), dims.len(), layers, tied);
         let bytes = match stored.as_mut().map(|s| s.blocks(&gname, dtype, &dims)).transpose()?.flatten() {
@@ -189,8 +185,8 @@ pub fn write_gguf_with(
     }
     // llama.cpp orders tensors as converters write them: embeddings first.
     tensors.sort_by_key(|t| (t.name != "token_embd.weight", layer_of(&t.name), t.name.clone()));
-    let mut md = architecture_metadata(&arch, arch_name, name, target);
-    md.extend(tokenizer_metadata(model, arch_name, vocab_rows, options.chat_template.as_deref())?);
+    let mut md = architecture_metadata(&arch, name, target);
+    md.extend(tokenizer_metadata(model, &arch, vocab_rows, options.chat_template.as_deref())?);
     crate::gguf_writer::write(path, &md, &tensors)?;
     Ok(json!({
         "type": target.name(),
@@ -252,29 +248,15 @@ fn encode(t: &candle_core::Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
     }
 }
 
-/// `gemma3`, `qwen2` or `qwen3`: the GGUF architecture of a model.
-pub fn gguf_arch_name(model: &ModelFiles) -> Result<String> {
-    let arch = if model.is_gguf() {
-        let path = &model.weights[0];
-        let mut f = std::fs::File::open(path).on("open", path)?;
-        let c = candle_core::quantized::gguf_file::Content::read(&mut f)
-            .map_err(|e| bad_file(path, format!("not a GGUF file: {e}")))?;
-        return Ok(c
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default());
+/// The architecture of a model, from its `config.json` or GGUF metadata
+/// (without reading its weights).
+pub fn model_arch(model: &ModelFiles) -> Result<Arch> {
+    Ok(if model.is_gguf() {
+        pipeline_model::gguf::read_arch(&model.weights[0])?
     } else {
         let config = model.config_json.as_ref().ok_or_else(|| bad_file(&model.dir, "no config.json"))?;
         pipeline_model::read_config(config)?
-    };
-    Ok(match arch {
-        Arch::Gemma3(_) => "gemma3",
-        Arch::Qwen(qwen::Variant::Qwen2, _) => "qwen2",
-        Arch::Qwen(qwen::Variant::Qwen3, _) => "qwen3",
-    }
-    .into())
+    })
 }
 
 /// Writes a PEFT adapter as a GGUF LoRA adapter: `general.type = adapter`,
@@ -282,19 +264,19 @@ pub fn gguf_arch_name(model: &ModelFiles) -> Result<String> {
 /// `<base tensor>.lora_a` (HF A `[r, in]` as is, ggml `[in, r]`) and
 /// `.lora_b` (HF B `[out, r]`, ggml `[r, out]`), in f32. rsLoRA's α/√r is
 /// expressed as the α that gives the same scale with llama.cpp's α/r.
-pub fn write_adapter_gguf(adapter_dir: &Path, arch: &str, path: &Path) -> Result<Json> {
+pub fn write_adapter_gguf(adapter_dir: &Path, arch: &Arch, path: &Path) -> Result<Json> {
     let pipeline_model::adapter::LoadedAdapter { config, tensors, .. } =
         pipeline_model::adapter::load(adapter_dir, &Device::Cpu)?;
     let alpha = config.scale() * config.r as f64;
     let md = vec![
-        ("general.architecture".to_string(), Value::Str(arch.into())),
+        ("general.architecture".to_string(), Value::Str(arch.family().gguf_arch().into())),
         ("general.type".into(), Value::Str("adapter".into())),
         ("adapter.type".into(), Value::Str("lora".into())),
         ("adapter.lora.alpha".into(), Value::F32(alpha as f32)),
     ];
     let mut out = Vec::new();
     for (module, (a, b)) in &tensors {
-        let base = pipeline_model::gguf::gguf_name_for(arch, &format!("{module}.weight")).ok_or_else(|| {
+        let base = arch.gguf_tensor_name(&format!("{module}.weight")).ok_or_else(|| {
             Error::Unsupported(format!("{}: module `{module}` has no GGUF name", adapter_dir.display()))
         })?;
         for (suffix, t) in [("lora_a", a), ("lora_b", b)] {
@@ -318,48 +300,16 @@ fn layer_of(name: &str) -> usize {
     name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|n| n.parse().ok()).unwrap_or(usize::MAX)
 }
 
-fn architecture_metadata(arch: &Arch, a: &str, name: &str, target: QuantType) -> Vec<(String, Value)> {
-    let k = |key: &str| format!("{a}.{key}");
+fn architecture_metadata(arch: &Arch, name: &str, target: QuantType) -> Vec<(String, Value)> {
+    let family = arch.family();
     let mut md = vec![
-        ("general.architecture".to_string(), Value::Str(a.into())),
+        ("general.architecture".to_string(), Value::Str(family.gguf_arch().into())),
         ("general.type".into(), Value::Str("model".into())),
         ("general.name".into(), Value::Str(name.into())),
         ("general.file_type".into(), Value::U32(target.file_type())),
         ("general.quantization_version".into(), Value::U32(2)),
     ];
-    match arch {
-        Arch::Gemma3(c) => {
-            md.extend([
-                (k("context_length"), Value::U32(c.max_position_embeddings as u32)),
-                (k("embedding_length"), Value::U32(c.hidden_size as u32)),
-                (k("block_count"), Value::U32(c.num_hidden_layers as u32)),
-                (k("feed_forward_length"), Value::U32(c.intermediate_size as u32)),
-                (k("attention.head_count"), Value::U32(c.num_attention_heads as u32)),
-                (k("attention.head_count_kv"), Value::U32(c.num_key_value_heads as u32)),
-                (k("attention.key_length"), Value::U32(c.head_dim as u32)),
-                (k("attention.value_length"), Value::U32(c.head_dim as u32)),
-                (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps as f32)),
-                (k("rope.freq_base"), Value::F32(c.rope_theta as f32)),
-                (k("rope.freq_base_swa"), Value::F32(c.rope_local_base_freq as f32)),
-                (k("attention.sliding_window"), Value::U32(c.sliding_window as u32)),
-            ]);
-            if let Some(cap) = c.final_logit_softcapping {
-                md.push((k("final_logit_softcapping"), Value::F32(cap as f32)));
-            }
-        }
-        Arch::Qwen(_, c) => md.extend([
-            (k("context_length"), Value::U32(c.max_position_embeddings as u32)),
-            (k("embedding_length"), Value::U32(c.hidden_size as u32)),
-            (k("block_count"), Value::U32(c.num_hidden_layers as u32)),
-            (k("feed_forward_length"), Value::U32(c.intermediate_size as u32)),
-            (k("attention.head_count"), Value::U32(c.num_attention_heads as u32)),
-            (k("attention.head_count_kv"), Value::U32(c.num_key_value_heads as u32)),
-            (k("attention.key_length"), Value::U32(c.head_dim() as u32)),
-            (k("attention.value_length"), Value::U32(c.head_dim() as u32)),
-            (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps as f32)),
-            (k("rope.freq_base"), Value::F32(c.rope_theta as f32)),
-        ]),
-    }
+    md.extend(family.gguf_hparams());
     md
 }
 
@@ -377,10 +327,15 @@ fn looks_like_control(t: &str) -> bool {
 /// BPE with merges for Qwen; `vocab_rows` entries (the embedding's rows).
 fn tokenizer_metadata(
     model: &ModelFiles,
-    arch: &str,
+    arch: &Arch,
     vocab_rows: usize,
     chat_template: Option<&str>,
 ) -> Result<Vec<(String, Value)>> {
+    let (family_pre, tokenizer_model) = arch.family().gguf_tokenizer();
+    let spm = tokenizer_model == "llama";
+    // A GGUF base states its pre-tokenizer (llama.cpp's converter tells
+    // them apart by hashing a test string's tokens); keep it.
+    let pre = gguf_string(model, "tokenizer.ggml.pre")?.unwrap_or_else(|| family_pre.to_string());
     let tok_path = model.tokenizer_json()?;
     let tj: Json = serde_json::from_slice(&std::fs::read(tok_path).on("read", tok_path)?)
         .map_err(|e| bad_file(tok_path, format!("not JSON: {e}")))?;
@@ -423,14 +378,14 @@ fn tokenizer_metadata(
             (_, None) => 5,
             (Some(true), _) => 3,
             (Some(false), _) => 4,
-            (None, Some(t)) if arch == "gemma3" && is_byte(t) => 6,
+            (None, Some(t)) if spm && is_byte(t) => 6,
             (None, _) => 1,
         })
         .collect();
     let pieces: Vec<String> =
         tokens.iter().enumerate().map(|(i, t)| t.clone().unwrap_or_else(|| format!("[PAD{i}]"))).collect();
     let mut md = Vec::new();
-    if arch == "gemma3" {
+    if spm {
         // SentencePiece BPE scores rank the pieces: -rank for normal pieces,
         // 0 for byte pieces, -1000 for control and user-defined ones, and
         // -10000 for rows the tokenizer does not fill. (tokenizer.json keeps
@@ -453,7 +408,7 @@ fn tokenizer_metadata(
             .collect();
         md.extend([
             ("tokenizer.ggml.model".to_string(), Value::Str("llama".into())),
-            ("tokenizer.ggml.pre".into(), Value::Str("default".into())),
+            ("tokenizer.ggml.pre".into(), Value::Str(pre)),
             ("tokenizer.ggml.tokens".into(), Value::Strs(pieces)),
             ("tokenizer.ggml.scores".into(), Value::F32s(scores)),
             ("tokenizer.ggml.token_type".into(), Value::I32s(types)),
@@ -475,11 +430,11 @@ fn tokenizer_metadata(
             .collect();
         md.extend([
             ("tokenizer.ggml.model".to_string(), Value::Str("gpt2".into())),
-            ("tokenizer.ggml.pre".into(), Value::Str("qwen2".into())),
+            ("tokenizer.ggml.pre".into(), Value::Str(pre)),
             ("tokenizer.ggml.tokens".into(), Value::Strs(pieces)),
             ("tokenizer.ggml.token_type".into(), Value::I32s(types)),
             ("tokenizer.ggml.merges".into(), Value::Strs(merges)),
-            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(adds_bos(&tj, &tc))),
         ]);
     }
     for (key, name) in [
@@ -504,6 +459,29 @@ fn tokenizer_metadata(
         md.push(("tokenizer.chat_template".into(), Value::Str(t)));
     }
     Ok(md)
+}
+
+/// Whether the tokenizer puts a BOS token before the text, as llama.cpp's
+/// converter decides: `add_bos_token` in tokenizer_config.json, else a
+/// post-processor template that starts with a special token (Llama 3's).
+fn adds_bos(tj: &Json, tc: &Json) -> bool {
+    if let Some(b) = tc.get("add_bos_token").and_then(Json::as_bool) {
+        return b;
+    }
+    let single = &tj["post_processor"]["single"];
+    single.as_array().and_then(|s| s.first()).is_some_and(|first| first.get("SpecialToken").is_some())
+}
+
+/// The string `key` of a GGUF base's metadata (`None` for other bases).
+fn gguf_string(model: &ModelFiles, key: &str) -> Result<Option<String>> {
+    if !model.is_gguf() {
+        return Ok(None);
+    }
+    let path = &model.weights[0];
+    let mut f = std::fs::File::open(path).on("open", path)?;
+    let c = candle_core::quantized::gguf_file::Content::read(&mut f)
+        .map_err(|e| bad_file(path, format!("not a GGUF file: {e}")))?;
+    Ok(c.metadata.get(key).and_then(|v| v.to_string().ok()).cloned())
 }
 
 /// The chat template a model directory carries (`tokenizer_config.json`'s

@@ -66,7 +66,13 @@ pub fn rope_tables(
     let half = head_dim / 2;
     let inv_freq: Vec<f32> =
         (0..half).map(|i| (1.0 / base.powf(2.0 * i as f64 / head_dim as f64) / scale) as f32).collect();
-    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    rope_tables_from(&inv_freq, positions, device)
+}
+
+/// [`rope_tables`] for given inverse frequencies (`head_dim / 2` of them).
+pub fn rope_tables_from(inv_freq: &[f32], positions: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let inv_freq = Tensor::from_vec(inv_freq.to_vec(), (1, half), device)?;
     let t =
         Tensor::arange(0u32, positions as u32, device)?.to_dtype(candle_core::DType::F32)?.reshape((positions, 1))?;
     let freqs = t.matmul(&inv_freq)?;

@@ -62,6 +62,23 @@ impl ModelFiles {
         })
     }
 
+    /// A GGUF model without `tokenizer.json` uses the tokenizer and chat
+    /// template its metadata carries ([`crate::gguf_tokenizer`]);
+    /// `tokenizer_config.json` too when there is none.
+    pub fn with_tokenizer_from_gguf(mut self) -> Result<ModelFiles> {
+        if self.tokenizer_json.is_some() || !self.is_gguf() {
+            return Ok(self);
+        }
+        if let Some(dir) = crate::gguf_tokenizer::materialize(&self.weights[0])? {
+            tracing::debug!(gguf = %self.weights[0].display(), dir = %dir.display(), "tokenizer from the GGUF");
+            self.tokenizer_json = Some(dir.join("tokenizer.json"));
+            if self.tokenizer_config.is_none() {
+                self.tokenizer_config = Some(dir.join("tokenizer_config.json"));
+            }
+        }
+        Ok(self)
+    }
+
     /// Whether the weights are a GGUF file.
     pub fn is_gguf(&self) -> bool {
         self.weights.first().is_some_and(|w| w.extension().is_some_and(|e| e == "gguf"))

@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use super::Weights;
 use super::decoder::Decoder;
+use super::family::Family;
+use super::gguf::{GgufMetadata, MetaValue};
 use super::kv::{Seq, is_step, per_sequence};
 use super::lora::{DropoutMask, LoraLinear};
 use super::ops::{Rope, cached_attention, gelu_tanh, rms_norm};
@@ -78,6 +80,159 @@ fn scalar() -> f64 {
 }
 fn max_pos() -> usize {
     32_768
+}
+
+/// llama.cpp's per-layer tensor names and transformers' (after
+/// `model.layers.N.`). Gemma 3 has four norms a layer: llama.cpp's
+/// `ffn_norm` is the norm before the MLP.
+const LAYER_NAMES: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("post_attention_norm", "post_attention_layernorm"),
+    ("ffn_norm", "pre_feedforward_layernorm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
+];
+
+impl Family for Config {
+    fn model_types() -> &'static [&'static str] {
+        &["gemma3_text", "gemma3"]
+    }
+
+    fn gguf_archs() -> &'static [&'static str] {
+        &["gemma3"]
+    }
+
+    fn from_hf_config(_model_type: &str, config: serde_json::Value) -> serde_json::Result<Config> {
+        serde_json::from_value(config)
+    }
+
+    fn from_gguf(md: &GgufMetadata) -> crate::Result<Config> {
+        let heads = md.u("attention.head_count")?;
+        Ok(Config {
+            vocab_size: md.vocab_size()?,
+            hidden_size: md.u("embedding_length")?,
+            intermediate_size: md.u("feed_forward_length")?,
+            num_hidden_layers: md.u("block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: md.u("attention.head_count_kv").unwrap_or(heads),
+            head_dim: md.u("attention.key_length")?,
+            rms_norm_eps: md.f("attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta: md.f("rope.freq_base", 1_000_000.0),
+            rope_local_base_freq: md.f("rope.freq_base_swa", 10_000.0),
+            sliding_window: md.u("attention.sliding_window").unwrap_or(512),
+            sliding_window_pattern: 6,
+            layer_types: None,
+            query_pre_attn_scalar: md.u("attention.key_length")? as f64,
+            max_position_embeddings: md.u("context_length")?,
+            final_logit_softcapping: md.f_opt("final_logit_softcapping"),
+            attn_logit_softcapping: None,
+            rope_scaling: None,
+        })
+    }
+
+    fn hf_config(&self) -> serde_json::Value {
+        let c = self;
+        let full = match c.rope_scaling.as_ref().and_then(|s| s.get("factor")) {
+            Some(f) => serde_json::json!({"rope_type": "linear", "factor": f, "rope_theta": c.rope_theta}),
+            None => serde_json::json!({"rope_type": "default", "rope_theta": c.rope_theta}),
+        };
+        serde_json::json!({
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "max_position_embeddings": c.max_position_embeddings,
+            "rms_norm_eps": c.rms_norm_eps,
+            // An int in Gemma3TextConfig (transformers 5 checks types).
+            "query_pre_attn_scalar": c.query_pre_attn_scalar.round() as u64,
+            "sliding_window": c.sliding_window,
+            "layer_types": (0..c.num_hidden_layers)
+                .map(|i| if c.is_sliding(i) { "sliding_attention" } else { "full_attention" })
+                .collect::<Vec<_>>(),
+            "final_logit_softcapping": c.final_logit_softcapping,
+            "attn_logit_softcapping": c.attn_logit_softcapping,
+            "rope_parameters": {
+                "full_attention": full,
+                "sliding_attention": {"rope_type": "default", "rope_theta": c.rope_local_base_freq},
+            },
+            "tie_word_embeddings": true,
+            "attention_bias": false,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_bidirectional_attention": false,
+            "use_cache": true,
+        })
+    }
+
+    fn gguf_arch(&self) -> &'static str {
+        "gemma3"
+    }
+
+    fn gguf_hparams(&self) -> Vec<(String, MetaValue)> {
+        let c = self;
+        let k = |key: &str| format!("gemma3.{key}");
+        let mut md = vec![
+            (k("context_length"), MetaValue::U32(c.max_position_embeddings as u32)),
+            (k("embedding_length"), MetaValue::U32(c.hidden_size as u32)),
+            (k("block_count"), MetaValue::U32(c.num_hidden_layers as u32)),
+            (k("feed_forward_length"), MetaValue::U32(c.intermediate_size as u32)),
+            (k("attention.head_count"), MetaValue::U32(c.num_attention_heads as u32)),
+            (k("attention.head_count_kv"), MetaValue::U32(c.num_key_value_heads as u32)),
+            (k("attention.key_length"), MetaValue::U32(c.head_dim as u32)),
+            (k("attention.value_length"), MetaValue::U32(c.head_dim as u32)),
+            (k("attention.layer_norm_rms_epsilon"), MetaValue::F32(c.rms_norm_eps as f32)),
+            (k("rope.freq_base"), MetaValue::F32(c.rope_theta as f32)),
+            (k("rope.freq_base_swa"), MetaValue::F32(c.rope_local_base_freq as f32)),
+            (k("attention.sliding_window"), MetaValue::U32(c.sliding_window as u32)),
+        ];
+        if let Some(cap) = c.final_logit_softcapping {
+            md.push((k("final_logit_softcapping"), MetaValue::F32(cap as f32)));
+        }
+        md
+    }
+
+    fn gguf_layer_names(&self) -> &'static [(&'static str, &'static str)] {
+        LAYER_NAMES
+    }
+
+    /// llama.cpp multiplies Gemma's norms by `w`, transformers by `1 + w`.
+    fn tensor_from_gguf(&self, hf: &str, t: Tensor) -> crate::Result<Tensor> {
+        Ok(if hf.ends_with("norm.weight") { (t - 1.0)? } else { t })
+    }
+
+    fn tensor_to_gguf(&self, hf: &str, t: Tensor) -> crate::Result<Tensor> {
+        Ok(if hf.ends_with("norm.weight") { (t + 1.0)? } else { t })
+    }
+
+    fn gguf_tokenizer(&self) -> (&'static str, &'static str) {
+        ("default", "llama")
+    }
+
+    fn num_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+
+    fn max_position_embeddings(&self) -> usize {
+        self.max_position_embeddings
+    }
+
+    fn build(&self, weights: &mut Weights, max_positions: usize) -> crate::Result<Box<dyn crate::CausalLm>> {
+        Ok(Box::new(Gemma3::new(self.clone(), weights, max_positions)?))
+    }
 }
 
 impl Config {

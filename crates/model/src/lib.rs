@@ -8,10 +8,13 @@
 pub mod adapter;
 pub mod decoder;
 pub mod error;
+pub mod family;
 pub mod files;
 pub mod gemma3;
 pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod kv;
+pub mod llama;
 pub mod lora;
 pub mod ops;
 pub mod qwen;
@@ -27,6 +30,7 @@ pub use error::{Error, Result};
 use pipeline_fs::IoContext;
 use pipeline_kernels::gemv::QuantLinear;
 
+pub use family::{Arch, Family};
 pub use files::ModelFiles;
 
 pub use gemma3::Gemma3;
@@ -247,114 +251,6 @@ pub fn device(name: &str) -> Result<Device> {
     }
 }
 
-/// The architecture of a model, from its config or GGUF metadata.
-#[derive(Debug, Clone)]
-pub enum Arch {
-    Gemma3(gemma3::Config),
-    Qwen(qwen::Variant, qwen::Config),
-}
-
-impl Arch {
-    /// The `config.json` transformers expects for this architecture (for
-    /// models whose weights came from a GGUF, which has none).
-    pub fn hf_config(&self) -> serde_json::Value {
-        use serde_json::json;
-        let mut v = match self {
-            Arch::Gemma3(c) => {
-                let full = match c.rope_scaling.as_ref().and_then(|s| s.get("factor")) {
-                    Some(f) => json!({"rope_type": "linear", "factor": f, "rope_theta": c.rope_theta}),
-                    None => json!({"rope_type": "default", "rope_theta": c.rope_theta}),
-                };
-                json!({
-                    "architectures": ["Gemma3ForCausalLM"],
-                    "model_type": "gemma3_text",
-                    "vocab_size": c.vocab_size,
-                    "hidden_size": c.hidden_size,
-                    "intermediate_size": c.intermediate_size,
-                    "num_hidden_layers": c.num_hidden_layers,
-                    "num_attention_heads": c.num_attention_heads,
-                    "num_key_value_heads": c.num_key_value_heads,
-                    "head_dim": c.head_dim,
-                    "hidden_activation": "gelu_pytorch_tanh",
-                    "max_position_embeddings": c.max_position_embeddings,
-                    "rms_norm_eps": c.rms_norm_eps,
-                    // An int in Gemma3TextConfig (transformers 5 checks types).
-                    "query_pre_attn_scalar": c.query_pre_attn_scalar.round() as u64,
-                    "sliding_window": c.sliding_window,
-                    "layer_types": (0..c.num_hidden_layers)
-                        .map(|i| if c.is_sliding(i) { "sliding_attention" } else { "full_attention" })
-                        .collect::<Vec<_>>(),
-                    "final_logit_softcapping": c.final_logit_softcapping,
-                    "attn_logit_softcapping": c.attn_logit_softcapping,
-                    "rope_parameters": {
-                        "full_attention": full,
-                        "sliding_attention": {"rope_type": "default", "rope_theta": c.rope_local_base_freq},
-                    },
-                    "tie_word_embeddings": true,
-                    "attention_bias": false,
-                    "attention_dropout": 0.0,
-                    "initializer_range": 0.02,
-                    "use_bidirectional_attention": false,
-                    "use_cache": true,
-                })
-            }
-            Arch::Qwen(variant, c) => {
-                let (ty, class) = match variant {
-                    qwen::Variant::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
-                    qwen::Variant::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
-                };
-                let mut v = json!({
-                    "architectures": [class],
-                    "model_type": ty,
-                    "vocab_size": c.vocab_size,
-                    "hidden_size": c.hidden_size,
-                    "intermediate_size": c.intermediate_size,
-                    "num_hidden_layers": c.num_hidden_layers,
-                    "num_attention_heads": c.num_attention_heads,
-                    "num_key_value_heads": c.num_key_value_heads,
-                    "hidden_act": c.hidden_act,
-                    "max_position_embeddings": c.max_position_embeddings,
-                    "max_window_layers": c.num_hidden_layers,
-                    "rms_norm_eps": c.rms_norm_eps,
-                    "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-                    "tie_word_embeddings": c.tie_word_embeddings,
-                    "use_sliding_window": c.use_sliding_window,
-                    "sliding_window": null,
-                    "layer_types": vec!["full_attention"; c.num_hidden_layers],
-                    "attention_dropout": 0.0,
-                    "initializer_range": 0.02,
-                    "use_cache": true,
-                });
-                if *variant == qwen::Variant::Qwen3 {
-                    v["head_dim"] = c.head_dim().into();
-                    v["attention_bias"] = c.attention_bias.into();
-                }
-                v
-            }
-        };
-        if let Some(o) = v.as_object_mut() {
-            o.retain(|_, x| !x.is_null());
-        }
-        v
-    }
-
-    /// The context length the configuration states.
-    pub fn max_position_embeddings(&self) -> usize {
-        match self {
-            Arch::Gemma3(c) => c.max_position_embeddings,
-            Arch::Qwen(_, c) => c.max_position_embeddings,
-        }
-    }
-
-    /// The architecture's model on `weights`.
-    pub fn build(self, weights: &mut Weights, max_positions: usize) -> Result<Box<dyn CausalLm>> {
-        Ok(match self {
-            Arch::Gemma3(cfg) => Box::new(Gemma3::new(cfg, weights, max_positions)?),
-            Arch::Qwen(variant, cfg) => Box::new(Qwen::new(variant, cfg, weights, max_positions)?),
-        })
-    }
-}
-
 /// Loads the base model of a recipe, ready for training or inference.
 /// `max_positions` bounds the rotary tables (the longest sequence used).
 pub fn load(model: &ModelFiles, device: &Device, max_positions: usize) -> Result<Box<dyn CausalLm>> {
@@ -483,18 +379,7 @@ pub fn read_config(path: &Path) -> Result<Arch> {
         v = text_cfg;
     }
     legacy_rope_keys(&mut v);
-    let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or_default();
-    let bad =
-        |what: &'static str| move |e: serde_json::Error| bad_file(path, format!("not a valid {what} config: {e}"));
-    match model_type {
-        "gemma3_text" | "gemma3" => Ok(Arch::Gemma3(serde_json::from_value(v).map_err(bad("Gemma 3"))?)),
-        "qwen3" => Ok(Arch::Qwen(qwen::Variant::Qwen3, serde_json::from_value(v).map_err(bad("Qwen3"))?)),
-        "qwen2" => Ok(Arch::Qwen(qwen::Variant::Qwen2, serde_json::from_value(v).map_err(bad("Qwen2"))?)),
-        other => Err(Error::Unsupported(format!(
-            "{}: model_type `{other}` is not supported (supported: gemma3_text, qwen3, qwen2)",
-            path.display()
-        ))),
-    }
+    Arch::from_hf_config(v, path)
 }
 
 /// transformers 5 states rotary parameters as `rope_parameters` (per layer

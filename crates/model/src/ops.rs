@@ -38,6 +38,12 @@ impl Rope {
         Ok(Rope { cos, sin })
     }
 
+    /// Tables for the given inverse frequencies (`head_dim / 2` of them).
+    pub fn from_inv_freq(inv_freq: &[f32], positions: usize, device: &Device) -> Result<Rope> {
+        let (cos, sin) = composed::rope_tables_from(inv_freq, positions, device)?;
+        Ok(Rope { cos, sin })
+    }
+
     /// Rotates `x: [heads, T, head_dim]` for positions `0..T` (offset `start`).
     pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;

@@ -1,9 +1,11 @@
-//! Qwen2 and Qwen3 (dense), differentiable, with LoRA-capable linear layers.
+//! Qwen2 and Qwen3 (dense), differentiable, with LoRA-capable linear layers;
+//! the Llama family ([`crate::llama`]) runs on the same decoder.
 //!
-//! The two generations share one decoder and differ in two switches:
-//! Qwen2 has biases on q/k/v and no q/k norm; Qwen3 has no biases
-//! (`attention_bias = false`) and an RMSNorm on each head of q and k, before
-//! the rotary embedding. Per layer (HF `Qwen3DecoderLayer`):
+//! The generations share one decoder and differ in two switches: Qwen2 has
+//! biases on q/k/v and no q/k norm; Qwen3 has no biases (`attention_bias =
+//! false`) and an RMSNorm on each head of q and k, before the rotary
+//! embedding; Llama has neither, and may scale its rotary frequencies
+//! (Llama 3). Per layer (HF `Qwen3DecoderLayer`):
 //!
 //! ```text
 //! h = x + o(attn(input_norm(x)))
@@ -22,15 +24,20 @@ use pipeline_kernels::gemv::QuantLinear;
 
 use super::Weights;
 use super::decoder::Decoder;
+use super::family::Family;
+use super::gguf::{GgufMetadata, MetaValue};
 use super::kv::{Seq, is_step, per_sequence};
 use super::lora::{DropoutMask, LoraLinear};
 use super::ops::{Rope, cached_attention, rms_norm};
 
 /// Which generation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Variant {
+    #[default]
     Qwen2,
     Qwen3,
+    /// The Llama family's decoder ([`crate::llama`]).
+    Llama,
 }
 
 /// The hyper-parameters of a Qwen2 / Qwen3 model (HF config.json).
@@ -60,6 +67,12 @@ pub struct Config {
     pub use_sliding_window: bool,
     #[serde(default = "silu")]
     pub hidden_act: String,
+    /// Which generation (from `model_type`, not a config.json field).
+    #[serde(skip)]
+    pub variant: Variant,
+    /// Rotary frequencies other than `rope_theta`'s (Llama 3's scaled ones).
+    #[serde(skip)]
+    pub rope_inv_freq: Option<Vec<f32>>,
 }
 
 fn eps() -> f64 {
@@ -78,6 +91,151 @@ fn silu() -> String {
 impl Config {
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// The `<arch>.*` GGUF hyper-parameters of this decoder (Qwen and Llama
+    /// write the same keys).
+    pub fn gguf_hparams_as(&self, arch: &str) -> Vec<(String, MetaValue)> {
+        let k = |key: &str| format!("{arch}.{key}");
+        vec![
+            (k("context_length"), MetaValue::U32(self.max_position_embeddings as u32)),
+            (k("embedding_length"), MetaValue::U32(self.hidden_size as u32)),
+            (k("block_count"), MetaValue::U32(self.num_hidden_layers as u32)),
+            (k("feed_forward_length"), MetaValue::U32(self.intermediate_size as u32)),
+            (k("attention.head_count"), MetaValue::U32(self.num_attention_heads as u32)),
+            (k("attention.head_count_kv"), MetaValue::U32(self.num_key_value_heads as u32)),
+            (k("attention.key_length"), MetaValue::U32(self.head_dim() as u32)),
+            (k("attention.value_length"), MetaValue::U32(self.head_dim() as u32)),
+            (k("attention.layer_norm_rms_epsilon"), MetaValue::F32(self.rms_norm_eps as f32)),
+            (k("rope.freq_base"), MetaValue::F32(self.rope_theta as f32)),
+        ]
+    }
+
+    /// The decoder's hyper-parameters in a GGUF file's metadata.
+    pub fn from_gguf_as(md: &GgufMetadata, variant: Variant) -> crate::Result<Config> {
+        let heads = md.u("attention.head_count")?;
+        let hidden = md.u("embedding_length")?;
+        Ok(Config {
+            vocab_size: md.vocab_size()?,
+            hidden_size: hidden,
+            intermediate_size: md.u("feed_forward_length")?,
+            num_hidden_layers: md.u("block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: md.u("attention.head_count_kv").unwrap_or(heads),
+            head_dim: Some(md.u("attention.key_length").unwrap_or(hidden / heads)),
+            rms_norm_eps: md.f("attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta: md.f("rope.freq_base", if variant == Variant::Llama { 10_000.0 } else { 1_000_000.0 }),
+            max_position_embeddings: md.u("context_length")?,
+            tie_word_embeddings: !md.has_tensor("output.weight"),
+            attention_bias: variant != Variant::Qwen2 && md.has_tensor("blk.0.attn_q.bias"),
+            use_sliding_window: false,
+            hidden_act: "silu".into(),
+            variant,
+            rope_inv_freq: None,
+        })
+    }
+}
+
+/// llama.cpp's per-layer tensor names and transformers' (after
+/// `model.layers.N.`), for this decoder: llama.cpp's `ffn_norm` is the norm
+/// before the MLP, which transformers calls `post_attention_layernorm`.
+pub const LAYER_NAMES: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+impl Family for Config {
+    fn model_types() -> &'static [&'static str] {
+        &["qwen3", "qwen2"]
+    }
+
+    fn gguf_archs() -> &'static [&'static str] {
+        &["qwen3", "qwen2"]
+    }
+
+    fn from_hf_config(model_type: &str, config: serde_json::Value) -> serde_json::Result<Config> {
+        let mut c: Config = serde_json::from_value(config)?;
+        c.variant = if model_type == "qwen3" { Variant::Qwen3 } else { Variant::Qwen2 };
+        Ok(c)
+    }
+
+    fn from_gguf(md: &GgufMetadata) -> crate::Result<Config> {
+        Config::from_gguf_as(md, if md.arch == "qwen3" { Variant::Qwen3 } else { Variant::Qwen2 })
+    }
+
+    fn hf_config(&self) -> serde_json::Value {
+        let c = self;
+        let (ty, class) = match c.variant {
+            Variant::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+            _ => ("qwen2", "Qwen2ForCausalLM"),
+        };
+        let mut v = serde_json::json!({
+            "architectures": [class],
+            "model_type": ty,
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "hidden_act": c.hidden_act,
+            "max_position_embeddings": c.max_position_embeddings,
+            "max_window_layers": c.num_hidden_layers,
+            "rms_norm_eps": c.rms_norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "use_sliding_window": c.use_sliding_window,
+            "sliding_window": null,
+            "layer_types": vec!["full_attention"; c.num_hidden_layers],
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_cache": true,
+        });
+        if c.variant == Variant::Qwen3 {
+            v["head_dim"] = c.head_dim().into();
+            v["attention_bias"] = c.attention_bias.into();
+        }
+        v
+    }
+
+    fn gguf_arch(&self) -> &'static str {
+        match self.variant {
+            Variant::Qwen3 => "qwen3",
+            _ => "qwen2",
+        }
+    }
+
+    fn gguf_hparams(&self) -> Vec<(String, MetaValue)> {
+        self.gguf_hparams_as(self.gguf_arch())
+    }
+
+    fn gguf_layer_names(&self) -> &'static [(&'static str, &'static str)] {
+        LAYER_NAMES
+    }
+
+    fn gguf_tokenizer(&self) -> (&'static str, &'static str) {
+        ("qwen2", "gpt2")
+    }
+
+    fn num_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+
+    fn max_position_embeddings(&self) -> usize {
+        self.max_position_embeddings
+    }
+
+    fn build(&self, weights: &mut Weights, max_positions: usize) -> crate::Result<Box<dyn crate::CausalLm>> {
+        Ok(Box::new(Qwen::new(self.variant, self.clone(), weights, max_positions)?))
     }
 }
 
@@ -111,7 +269,8 @@ pub struct Qwen {
 }
 
 impl Qwen {
-    pub fn new(variant: Variant, cfg: Config, w: &mut Weights, max_positions: usize) -> crate::Result<Qwen> {
+    pub fn new(variant: Variant, mut cfg: Config, w: &mut Weights, max_positions: usize) -> crate::Result<Qwen> {
+        cfg.variant = variant;
         if cfg.use_sliding_window {
             return Err(crate::Error::Unsupported(format!(
                 "{}: sliding-window Qwen models are not supported",
@@ -126,13 +285,14 @@ impl Qwen {
         }
         let device = w.device().clone();
         let qkv_bias = variant == Variant::Qwen2 || cfg.attention_bias;
+        let o_bias = variant != Variant::Qwen2 && cfg.attention_bias;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let q = w.linear(&format!("{p}.self_attn.q_proj"), qkv_bias)?;
             let k = w.linear(&format!("{p}.self_attn.k_proj"), qkv_bias)?;
             let v = w.linear(&format!("{p}.self_attn.v_proj"), qkv_bias)?;
-            let o = w.linear(&format!("{p}.self_attn.o_proj"), variant == Variant::Qwen3 && cfg.attention_bias)?;
+            let o = w.linear(&format!("{p}.self_attn.o_proj"), o_bias)?;
             let gate = w.linear(&format!("{p}.mlp.gate_proj"), false)?;
             let up = w.linear(&format!("{p}.mlp.up_proj"), false)?;
             let down = w.linear(&format!("{p}.mlp.down_proj"), false)?;
@@ -141,7 +301,7 @@ impl Qwen {
                     w.take(&format!("{p}.self_attn.q_norm.weight"))?,
                     w.take(&format!("{p}.self_attn.k_norm.weight"))?,
                 )),
-                Variant::Qwen2 => None,
+                Variant::Qwen2 | Variant::Llama => None,
             };
             layers.push(Layer {
                 input_norm: w.take(&format!("{p}.input_layernorm.weight"))?,
@@ -161,7 +321,10 @@ impl Qwen {
         let lm_head = if cfg.tie_word_embeddings { None } else { w.frozen("lm_head.weight").ok() };
         let lm_head_q = w.take_quantized("lm_head.weight");
         let norm = w.take("model.norm.weight")?;
-        let rope = Rope::new(cfg.rope_theta, cfg.head_dim(), max_positions, 1.0, &device)?;
+        let rope = match &cfg.rope_inv_freq {
+            Some(inv_freq) => Rope::from_inv_freq(inv_freq, max_positions, &device)?,
+            None => Rope::new(cfg.rope_theta, cfg.head_dim(), max_positions, 1.0, &device)?,
+        };
         Ok(Qwen { variant, cfg, embed, lm_head, embed_q, lm_head_q, layers, norm, rope, device })
     }
 

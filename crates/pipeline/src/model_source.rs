@@ -124,5 +124,5 @@ fn resolve_spec(spec: &ModelSpec, base_dir: &Path, origin: &Path) -> Result<Mode
         model.tokenizer_json = Some(json);
         model.tokenizer_config = cfg.is_file().then_some(cfg);
     }
-    Ok(model)
+    Ok(model.with_tokenizer_from_gguf()?)
 }

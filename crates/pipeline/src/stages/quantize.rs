@@ -26,8 +26,7 @@ use super::lora_train;
 use super::merge;
 use super::{Env, Input, Kind, Rule, RunContext, Stage, StageKind};
 pub use pipeline_export::quantize::{
-    GgufOptions, QuantType, chat_template_of, gguf_arch_name, tensor_type, write_adapter_gguf, write_gguf,
-    write_gguf_with,
+    GgufOptions, QuantType, chat_template_of, model_arch, tensor_type, write_adapter_gguf, write_gguf, write_gguf_with,
 };
 
 /// Parameters of a `quantize` stage.
@@ -131,7 +130,7 @@ impl Stage for Params {
             files.insert(file, stats);
         }
         if self.lora_adapter.is_some() {
-            let arch = gguf_arch_name(&model)?;
+            let arch = model_arch(&model)?;
             let stats = write_adapter_gguf(ctx.input("lora_adapter"), &arch, &ctx.out.join("adapter.gguf"))?;
             files.insert("adapter.gguf".into(), stats);
         }

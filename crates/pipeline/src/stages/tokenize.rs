@@ -40,6 +40,15 @@ pub struct Params {
     /// What to do with longer examples.
     #[serde(default)]
     pub truncation: Truncation,
+    /// Supervise only the first this-many tokens of an assistant turn that
+    /// calls no tool, and end the example after its last supervised token
+    /// (what follows would carry no loss). The decision to answer directly
+    /// is made in an answer's first tokens; whole answers, ten times longer
+    /// than a call, otherwise carry most of the loss and teach the model
+    /// to write answers rather than to choose and name tools. Unset: every
+    /// token of every trained turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_answer_tokens: Option<usize>,
 }
 
 fn default_max_len() -> usize {
@@ -67,6 +76,13 @@ impl StageKind for Params {
     fn check(&self) -> Result<(), Rule> {
         if self.max_len < 2 {
             return Err(("max_len", format!("max_len = {} is too small", self.max_len), "use at least 2".into()));
+        }
+        if self.direct_answer_tokens == Some(0) {
+            return Err((
+                "direct_answer_tokens",
+                "direct_answer_tokens = 0 would train no direct answer at all".into(),
+                "use at least 1 (the first token is the decision not to call), or leave it out".into(),
+            ));
         }
         Ok(())
     }
@@ -119,13 +135,21 @@ impl Params {
         let mut out = TokenizedSplit { ids: vec![], input_ids: vec![], loss_mask: vec![], offsets: vec![0] };
         let (mut truncated, mut cut_tokens, mut dropped, mut mismatches) = (0usize, 0usize, 0usize, 0usize);
         let mut lengths = Vec::with_capacity(convs.len());
-        let mut supervised = 0usize;
+        let (mut supervised, mut capped_turns, mut capped_tokens) = (0usize, 0usize, 0usize);
         let pb = crate::report::bar(convs.len() as u64, &format!("tokenize {split}"));
         for conv in convs {
-            let (ids, mask) = encode_with_mask(tokenizer, conv)?;
-            let ids = &ids[..];
+            let (ids, mut mask) = encode_with_mask(tokenizer, conv)?;
+            let mut ids = &ids[..];
             if !mask_decodes_to_spans(tokenizer, ids, &mask, conv)? {
                 mismatches += 1;
+            }
+            if let Some(n) = self.direct_answer_tokens {
+                let cap = cap_direct_answers(tokenizer, conv, &mut mask, n)?;
+                capped_turns += cap.turns;
+                capped_tokens += cap.tokens;
+                let end = mask.iter().rposition(|&m| m == 1).map_or(0, |i| i + 1);
+                ids = &ids[..end];
+                mask.truncate(end);
             }
             let (ids, mask) = if ids.len() > self.max_len {
                 truncated += 1;
@@ -175,6 +199,8 @@ impl Params {
             "examples": out.len(),
             "tokens": out.input_ids.len(),
             "supervised_tokens": supervised,
+            "direct_answers_capped": capped_turns,
+            "direct_answer_tokens_left_out": capped_tokens,
             "length": length_stats(&mut lengths),
             "truncated": truncated,
             "truncated_tokens": cut_tokens,
@@ -197,6 +223,46 @@ pub fn encode_with_mask(tokenizer: &tokenizers::Tokenizer, conv: &Conversation) 
         .map(|&(s, _)| u8::from(conv.spans.iter().any(|sp| s >= sp.start && s < sp.end)))
         .collect();
     Ok((enc.get_ids().to_vec(), mask))
+}
+
+/// What [`cap_direct_answers`] left out.
+struct Capped {
+    turns: usize,
+    tokens: usize,
+}
+
+/// Unmarks the tokens of each trained turn without tool calls past its first
+/// `n`.
+fn cap_direct_answers(
+    tokenizer: &tokenizers::Tokenizer,
+    conv: &Conversation,
+    mask: &mut [u8],
+    n: usize,
+) -> Result<Capped> {
+    let enc = tokenizer
+        .encode(conv.text.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("example {}: tokenizer failed: {e}", conv.id))?;
+    let mut capped = Capped { turns: 0, tokens: 0 };
+    for span in &conv.spans {
+        let calls = conv.messages.get(span.message).and_then(|m| m.tool_calls.as_ref());
+        if calls.is_some_and(|c| c.as_array().is_none_or(|a| !a.is_empty())) {
+            continue;
+        }
+        let mut seen = 0;
+        let mut cut = 0;
+        for (m, &(s, _)) in mask.iter_mut().zip(enc.get_offsets()) {
+            if *m == 1 && s >= span.start && s < span.end {
+                seen += 1;
+                if seen > n {
+                    *m = 0;
+                    cut += 1;
+                }
+            }
+        }
+        capped.turns += usize::from(cut > 0);
+        capped.tokens += cut;
+    }
+    Ok(capped)
 }
 
 /// Whether the masked tokens decode to exactly the spans' text.
