@@ -211,6 +211,48 @@ fn differing_tensors(a: &Path, b: &Path) -> Vec<String> {
     differ
 }
 
+/// SmolLM2 (Llama, a Q4_1 GGUF with q/k rows in llama.cpp's rotary
+/// order) read and written back: our f32 file holds exactly the tensors
+/// llama-quantize dequantizes the original to, our f16 scores within 0.1 %
+/// of it in llama.cpp, and our quantized files are llama-quantize's blocks.
+#[test]
+fn smollm2_written_back_is_the_original_and_quantizes_as_llama_quantize_does() {
+    let (Some(models), Some(ppl), Some(quantize)) =
+        (models_dir(), common::llama_cpp("llama-perplexity"), common::llama_cpp("llama-quantize"))
+    else {
+        return;
+    };
+    let original = models.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !original.is_file() {
+        return common::missing("SmolLM2-135M-Instruct is not provisioned", "run scripts/fetch-models.sh");
+    }
+    let base = pipeline::model_source::from_path(&original).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let llama_quantize = |from: &Path, to: &Path, ty: &str| {
+        let out = Command::new(&quantize).arg("--allow-requantize").args([from, to]).arg(ty).output().unwrap();
+        assert!(out.status.success(), "llama-quantize {ty} failed: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let (ours_f32, theirs_f32) = (dir.path().join("ours.f32.gguf"), dir.path().join("theirs.f32.gguf"));
+    write_gguf(&base, QuantType::F32, "t", &ours_f32).unwrap();
+    llama_quantize(&original, &theirs_f32, "F32");
+    let differ = differing_tensors(&ours_f32, &theirs_f32);
+    assert!(differ.is_empty(), "tensors that differ from the original dequantized by llama.cpp: {differ:?}");
+    let reference = llama_perplexity(&ppl, &theirs_f32);
+    let ours_f16 = dir.path().join("ours.f16.gguf");
+    write_gguf(&base, QuantType::F16, "t", &ours_f16).unwrap();
+    let f16 = llama_perplexity(&ppl, &ours_f16);
+    eprintln!("SmolLM2 perplexity (llama.cpp, -c 256): the original in f32 {reference:.4}, our f16 {f16:.4}");
+    assert!((f16 / reference - 1.0).abs() < 0.001, "our f16 scores {f16}, the original {reference}");
+    for (ty, name) in [(QuantType::Q8_0, "Q8_0"), (QuantType::Q4KM, "Q4_K_M")] {
+        let (ours, theirs) =
+            (dir.path().join(format!("ours.{name}.gguf")), dir.path().join(format!("theirs.{name}.gguf")));
+        write_gguf(&base, ty, "t", &ours).unwrap();
+        llama_quantize(&ours_f32, &theirs, name);
+        let differ = differing_tensors(&ours, &theirs);
+        assert!(differ.is_empty(), "{name}: tensors whose blocks differ from llama-quantize's: {differ:?}");
+    }
+}
+
 /// Every type we write: perplexity in llama.cpp within 0.5 % of the
 /// reference (f16/bf16: the f32 file; quantized types: llama-quantize's
 /// file made from our f32 file), and for quantized types the very blocks
