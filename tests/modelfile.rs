@@ -193,6 +193,21 @@ fn ollama_renders_native_tool_conversations_as_training_did() {
         assert!(uses_tools);
         assert_eq!(tag, "<tool_call>");
     }
+    // `chatml-tools` (for ChatML models without tools: SmolLM2) is Qwen's
+    // tool block without reasoning blocks: the same Go template renders
+    // whole conversations, final answers included.
+    let chatml = ChatTemplate::new(builtin("chatml-tools"), "", "<|im_end|>").unwrap();
+    assert_eq!(Family::of(&chatml.source), Some(Family::QwenTools));
+    let whole = &requests[..requests.len() - 1];
+    let chatml_rendered = ollama_render(&go, &Family::QwenTools.go_template("<|im_end|>"), whole);
+    for ((messages, tools), (prompt, tag, uses_tools)) in whole.iter().zip(&chatml_rendered) {
+        let messages: Vec<Message> = serde_json::from_value(messages.clone()).unwrap();
+        let tools = (!tools.is_null()).then_some(tools);
+        let want = chatml.render(&messages, tools, true).unwrap();
+        assert_eq!(prompt, &want, "chatml-tools: Go and Jinja differ on {messages:?}");
+        assert!(uses_tools);
+        assert_eq!(tag, "<tool_call>");
+    }
     let go_template = Family::GemmaTools.go_template("<eos>");
     let rendered = ollama_render(&go, &go_template, &requests);
     for ((messages, tools), (prompt, tag, uses_tools)) in requests.iter().zip(&rendered) {
@@ -219,10 +234,11 @@ fn ollama_renders_native_tool_conversations_as_training_did() {
         "{with_calls} conversations with calls, {with_results} with results"
     );
     eprintln!(
-        "Ollama's templates (Go text/template) = training's Jinja on {} conversations for gemma-tools and {} for \
-         Qwen3 ({with_calls} with calls, {with_results} with tool results); tag {:?}",
+        "Ollama's templates (Go text/template) = training's Jinja on {} conversations for gemma-tools, {} for \
+         Qwen3 and {} for chatml-tools ({with_calls} with calls, {with_results} with tool results); tag {:?}",
         rendered.len(),
         qwen_rendered.len(),
+        chatml_rendered.len(),
         rendered[0].1
     );
 }

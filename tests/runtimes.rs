@@ -243,7 +243,7 @@ fn smollm2_written_back_is_the_original_and_quantizes_as_llama_quantize_does() {
     let f16 = llama_perplexity(&ppl, &ours_f16);
     eprintln!("SmolLM2 perplexity (llama.cpp, -c 256): the original in f32 {reference:.4}, our f16 {f16:.4}");
     assert!((f16 / reference - 1.0).abs() < 0.001, "our f16 scores {f16}, the original {reference}");
-    for (ty, name) in [(QuantType::Q8_0, "Q8_0"), (QuantType::Q4KM, "Q4_K_M")] {
+    for (ty, name) in [(QuantType::Q8_0, "Q8_0"), (QuantType::Q4KM, "Q4_K_M"), (QuantType::Q4_1, "Q4_1")] {
         let (ours, theirs) =
             (dir.path().join(format!("ours.{name}.gguf")), dir.path().join(format!("theirs.{name}.gguf")));
         write_gguf(&base, ty, "t", &ours).unwrap();
@@ -362,6 +362,7 @@ fn transformers_loads_merged_models_and_renders_their_template_as_we_do() {
         ("gemma3 (from the GGUF)", models.join("gemma-3-270m")),
         ("qwen3", tiny(pipeline_model::qwen::Variant::Qwen3)),
         ("qwen2", tiny(pipeline_model::qwen::Variant::Qwen2)),
+        ("llama (SmolLM2, its GGUF's tokenizer and template)", models.join("smollm2-135m-instruct")),
     ];
     let messages = json!([
         {"role": "system", "content": "You call tools when needed.\n  Indented  text,\ttabs."},
@@ -515,9 +516,27 @@ fn disagreement(ours: &[Scores], theirs: &[Scores], tie: f64) -> (f64, Vec<Strin
 #[test]
 fn transformers_and_peft_score_our_adapter_and_merged_model_as_we_do() {
     let (Some(models), Some(python)) = (models_dir(), common::torch_python()) else { return };
+    pytorch_scores_as_we_do(&python, &models.join("gemma-3-270m"), "gemma-3-270m-q4_k_m.gguf", Some(2));
+}
+
+/// The same for the Llama family: SmolLM2-135M-Instruct, a GGUF alone (its
+/// tokenizer read from the file), q/k rows in llama.cpp's order.
+#[test]
+fn transformers_and_peft_score_our_smollm2_adapter_and_merged_model_as_we_do() {
+    let (Some(models), Some(python)) = (models_dir(), common::torch_python()) else { return };
+    let dir = models.join("smollm2-135m-instruct");
+    if !dir.join("SmolLM2-135M-Instruct.Q4_1.gguf").is_file() {
+        return common::missing("SmolLM2-135M-Instruct is not provisioned", "run scripts/fetch-models.sh");
+    }
+    pytorch_scores_as_we_do(&python, &dir, "SmolLM2-135M-Instruct.Q4_1.gguf", None);
+}
+
+/// Scores of the base in `base_dir` (its GGUF `gguf`), of a random adapter
+/// on it and of the merged model, by transformers and PEFT against ours.
+/// `bos` starts the long text.
+fn pytorch_scores_as_we_do(python: &Path, base_dir: &Path, gguf: &str, bos: Option<u32>) {
     let p = Project::new();
-    let base_dir = models.join("gemma-3-270m");
-    let base = pipeline::model_source::from_path(&base_dir).unwrap();
+    let base = pipeline::model_source::from_path(base_dir).unwrap();
     let adapter = p.path("adapter");
     let all_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
     random_adapter_on(&base, &adapter, 0.03, &all_linear);
@@ -525,7 +544,7 @@ fn transformers_and_peft_score_our_adapter_and_merged_model_as_we_do() {
     let f32 = pipeline::stages::merge::WeightDtype::F32;
     pipeline::stages::merge::merge(&base, "", &adapter, None, f32, &merged).unwrap();
 
-    let tok = tokenizers::Tokenizer::from_file(base_dir.join("tokenizer.json")).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(base.tokenizer_json().unwrap()).unwrap();
     let template = pipeline_infer::chat::ChatTemplate::for_model(&base, None, Path::new(".")).unwrap();
     let mut sequences: Vec<Vec<u32>> = conversations()
         .into_iter()
@@ -535,8 +554,8 @@ fn transformers_and_peft_score_our_adapter_and_merged_model_as_we_do() {
         })
         .collect();
     let text = std::fs::read_to_string(common::shared_dir().join("reference/ppl_text.txt")).unwrap();
-    let mut long = vec![2u32];
-    long.extend(tok.encode(text.as_str(), false).unwrap().get_ids().iter().take(699));
+    let mut long: Vec<u32> = bos.into_iter().collect();
+    long.extend(tok.encode(text.as_str(), false).unwrap().get_ids().iter().take(700 - long.len()));
     assert_eq!(long.len(), 700, "the text is long enough to pass the sliding window");
     sequences.push(long);
     let seq_file = p.write("sequences.json", &json!(sequences).to_string());
@@ -569,10 +588,10 @@ import peft, transformers
 result["versions"] = f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
 print(json.dumps(result))
 "#;
-    let out = Command::new(&python)
+    let out = Command::new(python)
         .arg("-c")
         .arg(script)
-        .args([&base_dir, &base_dir.join("gemma-3-270m-q4_k_m.gguf"), &adapter, &merged, &seq_file])
+        .args([base_dir, &base_dir.join(gguf), &adapter, &merged, &seq_file])
         .output()
         .unwrap();
     assert!(
@@ -603,8 +622,8 @@ print(json.dumps(result))
     ] {
         let (worst, parted) = disagreement(ours, theirs, 2.0 * TOLERANCE);
         eprintln!(
-            "{what}: largest log-probability difference {worst:.2e} over {positions} positions; likeliest tokens \
-             part at {} non-tied positions ({})",
+            "{gguf}: {what}: largest log-probability difference {worst:.2e} over {positions} positions; likeliest \
+             tokens part at {} non-tied positions ({})",
             parted.len(),
             report["versions"]
         );

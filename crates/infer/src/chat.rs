@@ -8,7 +8,7 @@
 //! `lstrip_blocks`, Python string methods (`startswith`, `strip`, `split`…),
 //! `raise_exception`, `strftime_now`, and a `tojson` that writes
 //! `json.dumps(…, ensure_ascii=False)` (no HTML escaping). Built-in templates
-//! (`gemma`, `gemma-tools`, `chatml`, `alpaca`) exist for models without one or
+//! (`gemma`, `gemma-tools`, `chatml`, `chatml-tools`, `alpaca`) exist for models without one or
 //! by choice.
 
 use pipeline_fs::IoContext;
@@ -42,11 +42,14 @@ impl Message {
 }
 
 /// Built-in templates. `gemma` and `chatml` follow the official ones;
-/// `gemma-tools` is Gemma's turns with tools, tool calls and results.
+/// `gemma-tools` is Gemma's turns with tools, tool calls and results;
+/// `chatml-tools` ChatML with Qwen's Hermes tool block (for ChatML models
+/// whose own template has no tools, SmolLM2's).
 pub const BUILTIN: &[(&str, &str)] = &[
     ("gemma", include_str!("templates/gemma.jinja")),
     ("gemma-tools", include_str!("templates/gemma-tools.jinja")),
     ("chatml", include_str!("templates/chatml.jinja")),
+    ("chatml-tools", include_str!("templates/chatml-tools.jinja")),
     ("alpaca", include_str!("templates/alpaca.jinja")),
 ];
 
@@ -240,7 +243,7 @@ fn model_template(model: &ModelFiles, config: &serde_json::Value) -> Result<Stri
         _ => {
             return Err(crate::Error::Template(format!(
                 "the model `{}` has no chat template (tokenizer_config.json has no `chat_template`); set \
-             [model] chat_template to a built-in (gemma, gemma-tools, chatml, alpaca) or a .jinja file",
+             [model] chat_template to a built-in (gemma, gemma-tools, chatml, chatml-tools, alpaca) or a .jinja file",
                 model.source
             )));
         }

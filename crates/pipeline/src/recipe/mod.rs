@@ -127,7 +127,7 @@ pub struct ModelSpec {
     pub tokenizer: Option<String>,
     /// The chat template used in training *and* written into the served
     /// model: `model` (default: the one in tokenizer_config.json), a built-in
-    /// (`gemma`, `gemma-tools`, `chatml`, `alpaca`), or the path of a Jinja file.
+    /// (`gemma`, `gemma-tools`, `chatml`, `chatml-tools`, `alpaca`), or the path of a Jinja file.
     #[serde(default)]
     pub chat_template: Option<String>,
     /// The base model's Hugging Face id, for the model cards `export`

@@ -282,7 +282,8 @@ impl Stage for Params {
         if self.tool_format == ToolFormat::Native && !renders_tools(&template) {
             bail!(
                 "[stages.{}] tool_format = \"native\", but the chat template does not render `tools` (Gemma 3's own \
-                 has no tool format); set [model] chat_template = \"gemma-tools\" for Gemma, or a template with a \
+                 has no tool format); set [model] chat_template = \"gemma-tools\" for Gemma, \"chatml-tools\" for a ChatML \
+                 model (SmolLM2), or a template with a \
                  tool block",
                 ctx.name
             );
