@@ -387,15 +387,7 @@ max_len = {max_len}
 
 /// Peak resident memory of this process (Linux: `VmHWM`), 0 if unknown.
 pub fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    pipeline::report::peak_rss_bytes().unwrap_or(0)
 }
 
 /// What `bench compare --json` prints: both engines' runs on one GGUF, one

@@ -250,6 +250,78 @@ fn qwen3_function_calling_runs_end_to_end_and_reports_the_four_prompts() {
     assert!(stderr.contains("prompt [adapter] \"现在几点了？\""), "{stderr}");
 }
 
+/// The SmolLM2 directory, or `None` (a failure unless skipping is allowed).
+fn smollm2(models: &Path) -> Option<PathBuf> {
+    let dir = models.join("smollm2-135m-instruct");
+    if dir.join("SmolLM2-135M-Instruct.Q4_1.gguf").is_file() {
+        return Some(dir);
+    }
+    common::missing("SmolLM2-135M-Instruct is not provisioned", "run scripts/fetch-models.sh");
+    None
+}
+
+/// SmolLM2 (a GGUF alone: tokenizer and template read from it) learns tool
+/// calls in ChatML with the Hermes tool block, and is served as its Q4_1
+/// base, block for block, with the adapter.
+#[test]
+fn smollm2_tool_use_runs_end_to_end_on_the_real_smollm2() {
+    let Some(models) = models_dir() else { return };
+    let Some(smol) = smollm2(&models) else { return };
+    let p = Project::new();
+    let sets = [
+        base(&smol),
+        set("stages.tokens.max_len", 1024),
+        set("stages.train.max_steps", 2),
+        set("stages.train.gradient_accumulation", 1),
+        set("stages.train.eval_examples", 2),
+        set("stages.eval.limit", 3),
+        set("stages.eval.generation.max_new_tokens", 24),
+        set("stages.eval-constrained.limit", 3),
+        set("stages.eval-constrained.generation.max_new_tokens", 24),
+    ];
+    let (stderr, dirs) = run(&p, &recipe("smollm2-135m-tool-use.toml"), &sets);
+    assert!(stderr.contains("ran     ollama"), "{stderr}");
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(dir(&dirs, "chat").join("conversations/train.jsonl")).unwrap().lines().next().unwrap(),
+    )
+    .unwrap();
+    let text = first["text"].as_str().unwrap();
+    assert!(text.starts_with("<|im_start|>system\n# Tools\n"), "{text}");
+    let gguf: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir(&dirs, "gguf").join("manifest.json")).unwrap()).unwrap();
+    let base_file = &gguf["metrics"]["files"]["base-q4_1.gguf"];
+    assert_eq!(base_file["tensors"], 272, "{gguf}");
+    assert_eq!(base_file["tensors_kept_as_stored"], 272, "every tensor as the original stores it: {gguf}");
+    let modelfile = std::fs::read_to_string(dir(&dirs, "ollama").join("Modelfile")).unwrap();
+    assert!(modelfile.contains("ADAPTER ./adapter.gguf") && modelfile.contains("<tools>"), "{modelfile}");
+}
+
+/// SmolLM2's own ChatML template (read from its GGUF), a system prompt
+/// trained and served.
+#[test]
+fn smollm2_fish_care_runs_end_to_end_in_smollm2s_own_template() {
+    let Some(models) = models_dir() else { return };
+    let Some(smol) = smollm2(&models) else { return };
+    let p = Project::new();
+    let sets = [
+        base(&smol),
+        set("stages.train.max_steps", 3),
+        set("stages.eval.limit", 2),
+        set("stages.eval.generation.max_new_tokens", 8),
+    ];
+    let (stderr, dirs) = run(&p, &recipe("smollm2-135m-fish-care.toml"), &sets);
+    assert!(stderr.contains("ran     ollama"), "{stderr}");
+    let conv = std::fs::read_to_string(dir(&dirs, "chat").join("conversations/train.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(conv.lines().next().unwrap()).unwrap();
+    let text = first["text"].as_str().unwrap();
+    assert!(text.starts_with("<|im_start|>system\n你是一位观赏鱼养护专家。<|im_end|>\n<|im_start|>user\n"), "{text}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir(&dirs, "merged").join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["model_type"].as_str(), config["num_hidden_layers"].as_u64()), (Some("llama"), Some(30)));
+    let modelfile = std::fs::read_to_string(dir(&dirs, "ollama").join("Modelfile")).unwrap();
+    assert!(modelfile.contains("<|im_start|>{{ .Role }}") && modelfile.contains("SYSTEM"), "{modelfile}");
+}
+
 #[test]
 fn fish_care_qa_runs_end_to_end_on_a_small_qwen2_with_alpaca_prompts() {
     let Some(models) = models_dir() else { return };

@@ -171,3 +171,11 @@ mod tests {
         assert!(LINES.lock().unwrap().is_empty(), "{:?}", LINES.lock().unwrap());
     }
 }
+
+/// Peak resident memory of this process (Linux: `VmHWM`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -375,7 +375,13 @@ impl Stage for Params {
             &state.log,
             state.initial_eval_loss,
         )?;
-        Ok(serde_json::to_value(summary)?)
+        let mut metrics = serde_json::to_value(summary)?;
+        // The process's peak so far: training's, as what ran before it in
+        // the same process (planning, small stages) peaks lower.
+        if let Some(peak) = crate::report::peak_rss_bytes() {
+            metrics["peak_rss_bytes"] = peak.into();
+        }
+        Ok(metrics)
     }
 }
 
