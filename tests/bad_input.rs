@@ -292,3 +292,30 @@ fn a_missing_recipe_file_is_a_usage_error() {
     let out = p.run(&["frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A GGUF alone whose vocabulary is SentencePiece (Gemma's), which is not
+/// read from the file yet: tokenizing says what to provide and why.
+#[test]
+fn a_sentencepiece_gguf_without_tokenizer_json_says_what_to_provide() {
+    let Some(models) = models_dir() else { return };
+    let p = Project::new();
+    std::fs::create_dir_all(p.path("alone")).unwrap();
+    let gguf = models.join("gemma-3-270m/gemma-3-270m-q4_k_m.gguf");
+    std::os::unix::fs::symlink(&gguf, p.path("alone/gemma.gguf")).unwrap();
+    p.write(
+        "r.toml",
+        &format!(
+            "[recipe]\nname = \"alone\"\n[model]\nbase = \"alone/gemma.gguf\"\nchat_template = \"gemma\"\n[stages.data]\nkind = \"fetch-dataset\"\n\
+             source = \"{}\"\n[stages.chat]\nkind = \"format-chat\"\ndataset = \"data\"\n[stages.tokens]\n\
+             kind = \"tokenize\"\nconversations = \"chat\"\n",
+            p.write("qa.jsonl", "{\"question\": \"q\", \"answer\": \"a\"}\n").display()
+        ),
+    );
+    let out = p.run(&["run", "r.toml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for want in ["has no tokenizer.json", "SentencePiece", "[model] tokenizer"] {
+        assert!(stderr.contains(want), "missing `{want}`: {stderr}");
+    }
+}

@@ -678,6 +678,7 @@ fn full_model_gradients_match_finite_differences() {
         weights: vec![p.path("tiny/model.safetensors")],
         revision: None,
         weight_ids: Default::default(),
+        gguf_tokenizer_unread: None,
     };
     let mut model = pipeline_model::load(&resolved, &Device::Cpu, 64).unwrap();
     // LoRA on every module of both layers (one sliding, one global), with a

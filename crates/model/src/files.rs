@@ -28,6 +28,9 @@ pub struct ModelFiles {
     /// a `hf://` source: stages are keyed on it, so the weights need not be
     /// on disk (nor hashed) to plan; they are fetched when a stage runs.
     pub weight_ids: std::collections::BTreeMap<String, String>,
+    /// Why the GGUF's own tokenizer could not stand in for a missing
+    /// `tokenizer.json`, for the message when one is needed.
+    pub gguf_tokenizer_unread: Option<String>,
 }
 
 impl ModelFiles {
@@ -59,6 +62,7 @@ impl ModelFiles {
             weights,
             revision: None,
             weight_ids: Default::default(),
+            gguf_tokenizer_unread: None,
         })
     }
 
@@ -69,12 +73,20 @@ impl ModelFiles {
         if self.tokenizer_json.is_some() || !self.is_gguf() {
             return Ok(self);
         }
-        if let Some(dir) = crate::gguf_tokenizer::materialize(&self.weights[0])? {
-            tracing::debug!(gguf = %self.weights[0].display(), dir = %dir.display(), "tokenizer from the GGUF");
-            self.tokenizer_json = Some(dir.join("tokenizer.json"));
-            if self.tokenizer_config.is_none() {
-                self.tokenizer_config = Some(dir.join("tokenizer_config.json"));
+        match crate::gguf_tokenizer::materialize(&self.weights[0]) {
+            Ok(Some(dir)) => {
+                tracing::debug!(gguf = %self.weights[0].display(), dir = %dir.display(), "tokenizer from the GGUF");
+                self.tokenizer_json = Some(dir.join("tokenizer.json"));
+                if self.tokenizer_config.is_none() {
+                    self.tokenizer_config = Some(dir.join("tokenizer_config.json"));
+                }
             }
+            Ok(None) => {}
+            // A vocabulary not read yet (SentencePiece): the model works
+            // where no tokenizer is needed, and `tokenizer_json` says what
+            // to provide where one is.
+            Err(Error::Unsupported(why)) => self.gguf_tokenizer_unread = Some(why),
+            Err(e) => return Err(e),
         }
         Ok(self)
     }
@@ -87,8 +99,9 @@ impl ModelFiles {
     /// `tokenizer.json`, or an error saying how to provide one.
     pub fn tokenizer_json(&self) -> Result<&Path> {
         self.tokenizer_json.as_deref().ok_or_else(|| {
+            let gguf = self.gguf_tokenizer_unread.as_ref().map(|w| format!(" ({w})")).unwrap_or_default();
             Error::Missing(format!(
-                "the model `{}` has no tokenizer.json (looked in {}); set [model] tokenizer = \"DIR\" \
+                "the model `{}` has no tokenizer.json (looked in {}){gguf}; set [model] tokenizer = \"DIR\" \
                  to a directory holding tokenizer.json and tokenizer_config.json",
                 self.source,
                 self.dir.display()

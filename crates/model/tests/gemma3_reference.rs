@@ -18,6 +18,7 @@ fn load() -> Option<(Box<dyn CausalLm>, tokenizers::Tokenizer)> {
         weights: vec![dir.join("gemma-3-270m-q4_k_m.gguf")],
         revision: None,
         weight_ids: Default::default(),
+        gguf_tokenizer_unread: None,
     };
     let m = model::load(&resolved, &Device::Cpu, 512).unwrap();
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();

@@ -19,6 +19,7 @@ fn resolved(dir: &std::path::Path) -> ModelFiles {
         weights: vec![dir.join("model.safetensors")],
         revision: None,
         weight_ids: Default::default(),
+        gguf_tokenizer_unread: None,
     }
 }
 
