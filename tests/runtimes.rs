@@ -824,3 +824,57 @@ fn llama_cpp_applies_our_adapter_gguf_as_our_merge_does() {
         "the adapter changes no greedy token: the test would prove nothing"
     );
 }
+
+/// llama-server serves SmolLM2 trained in `chatml-tools` (its GGUF carries
+/// that template): `/apply-template` renders every native tool-use
+/// conversation of the validation split (tools, calls, results; up to its
+/// final answer, as a server gets it) with the request's `tools` as
+/// training rendered it, and the server takes `tools` and answers.
+#[test]
+fn llama_server_renders_chatml_tools_conversations_as_training_did() {
+    let (Some(models), Some(bin)) = (models_dir(), common::llama_cpp("llama-server")) else { return };
+    let dir = models.join("smollm2-135m-instruct");
+    if !dir.join("SmolLM2-135M-Instruct.Q4_1.gguf").is_file() {
+        return common::missing("SmolLM2-135M-Instruct is not provisioned", "run scripts/fetch-models.sh");
+    }
+    let p = Project::new();
+    let base = pipeline::model_source::from_path(&dir).unwrap();
+    let template = pipeline_infer::chat::ChatTemplate::for_model(&base, Some("chatml-tools"), Path::new(".")).unwrap();
+    let gguf = p.path("smollm2.q8_0.gguf");
+    let options = pipeline::stages::quantize::GgufOptions {
+        chat_template: Some(template.source.clone()),
+        keep_stored_blocks: false,
+    };
+    pipeline::stages::quantize::write_gguf_with(&base, QuantType::Q8_0, "t", &gguf, &options).unwrap();
+    let server = Server::start(&bin, &["-m", gguf.to_str().unwrap(), "--jinja"]);
+    let openai = pipeline::server_eval::openai_message;
+    let native = common::native_tool_conversations(&models);
+    let mut with_calls = 0;
+    for (i, (messages, tools)) in native.iter().enumerate() {
+        let mut msgs: Vec<pipeline_infer::chat::Message> = serde_json::from_value(messages.clone()).unwrap();
+        // As a server gets them: before an answer (a final assistant turn is
+        // one llama-server continues, unclosed).
+        if msgs.last().is_some_and(|m| m.role == "assistant") {
+            msgs.pop();
+        }
+        with_calls += usize::from(msgs.iter().any(|m| m.tool_calls.is_some()));
+        let body = json!({"messages": msgs.iter().map(openai).collect::<Vec<_>>(), "tools": tools});
+        let rendered = server.post("/apply-template", &body)["prompt"].as_str().unwrap().to_string();
+        let ours = template.render(&msgs, Some(tools), true).unwrap();
+        assert_eq!(rendered, ours, "conversation {i}: /apply-template differs from format-chat");
+    }
+    assert!(with_calls >= 40, "{with_calls} conversations with calls");
+    let (messages, tools) = &native[0];
+    let first_user: Vec<Value> =
+        messages.as_array().unwrap().iter().take_while(|m| m["role"] != "assistant").cloned().collect();
+    let answer = server.post(
+        "/v1/chat/completions",
+        &json!({"messages": first_user, "tools": tools, "max_tokens": 16, "temperature": 0.0}),
+    );
+    assert!(answer["choices"][0]["message"].is_object(), "{answer}");
+    eprintln!(
+        "llama-server (chatml-tools on SmolLM2): /apply-template equals training's rendering on {} conversations \
+         ({with_calls} with calls and results)",
+        native.len()
+    );
+}
