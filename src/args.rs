@@ -443,7 +443,7 @@ pub enum DevCommand {
     /// Write a random-weight checkpoint in real HF layout (for tests, CI and
     /// speed measurements where the real weights are not available).
     RandomModel {
-        /// gemma3, gemma3-270m or gemma3-1b (the real 270M / 1B shapes), qwen3 or qwen2.
+        /// gemma3, gemma3-270m or gemma3-1b (the real 270M / 1B shapes), qwen3, qwen2 or llama.
         #[arg(long)]
         arch: String,
         /// A directory holding tokenizer.json and tokenizer_config.json to copy.

@@ -204,6 +204,73 @@ impl TinyQwen {
     }
 }
 
+/// Dimensions of a tiny Llama (SmolLM2-like: tied embeddings), with
+/// optional rotary scaling (`{"rope_type": "llama3", …}`).
+#[derive(Debug, Clone)]
+pub struct TinyLlama {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<serde_json::Value>,
+}
+
+impl TinyLlama {
+    pub fn new(vocab_size: usize) -> TinyLlama {
+        TinyLlama {
+            vocab_size,
+            hidden_size: 64,
+            intermediate_size: 128,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+        }
+    }
+
+    /// Writes `config.json` (as transformers' `LlamaConfig` states it) and
+    /// `model.safetensors`, and copies the tokenizer files.
+    pub fn write(&self, dir: &Path, tokenizer_dir: &Path, seed: u64) -> Result<()> {
+        let hd = self.hidden_size / self.heads;
+        let config = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": hd,
+            "hidden_act": "silu",
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": true,
+            "attention_bias": false,
+            "mlp_bias": false,
+            "torch_dtype": "float32",
+        });
+        let mut w = RandomWeights::new(seed);
+        let (h, i, nh, nkv) = (self.hidden_size, self.intermediate_size, self.heads, self.kv_heads);
+        w.add("model.embed_tokens.weight".into(), &[self.vocab_size, h], 50.0, 0.0)?;
+        w.add("model.norm.weight".into(), &[h], 5.0, 1.0)?;
+        for l in 0..self.layers {
+            let p = format!("model.layers.{l}");
+            w.projections(&p, h, i, nh * hd, nkv * hd)?;
+            for name in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
+                w.add(format!("{p}.{name}"), &[h], 5.0, 1.0)?;
+            }
+        }
+        w.save(dir, &config, tokenizer_dir, DType::F32)
+    }
+}
+
 /// Seeded random tensors collected under HF names, then saved beside a copy
 /// of the tokenizer files.
 struct RandomWeights {
