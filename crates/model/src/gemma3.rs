@@ -420,3 +420,23 @@ impl Decoder for Gemma3 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::LAYER_NAMES;
+    use crate::family::{gguf_name, hf_name};
+
+    #[test]
+    fn maps_llama_cpp_names_including_the_gemma_norm_traps() {
+        let hf = |g: &str| hf_name(LAYER_NAMES, g);
+        assert_eq!(hf("blk.3.ffn_norm.weight").unwrap(), "model.layers.3.pre_feedforward_layernorm.weight");
+        assert_eq!(hf("blk.3.post_attention_norm.weight").unwrap(), "model.layers.3.post_attention_layernorm.weight");
+        assert_eq!(hf("blk.17.attn_output.weight").unwrap(), "model.layers.17.self_attn.o_proj.weight");
+        assert_eq!(hf("token_embd.weight").unwrap(), "model.embed_tokens.weight");
+        assert!(hf("blk.1.nonsense.weight").is_none());
+        for (g, _) in LAYER_NAMES {
+            let name = format!("blk.5.{g}.weight");
+            assert_eq!(gguf_name(LAYER_NAMES, &hf(&name).unwrap()).unwrap(), name, "round trip");
+        }
+    }
+}

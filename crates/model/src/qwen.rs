@@ -431,3 +431,22 @@ impl Decoder for Qwen {
         super::lora::head_logits(hidden, w, q)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::LAYER_NAMES;
+    use crate::family::{gguf_name, hf_name};
+
+    #[test]
+    fn the_norm_before_the_mlp_is_llama_cpps_ffn_norm() {
+        assert_eq!(
+            hf_name(LAYER_NAMES, "blk.2.ffn_norm.weight").unwrap(),
+            "model.layers.2.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            gguf_name(LAYER_NAMES, "model.layers.2.post_attention_layernorm.weight").unwrap(),
+            "blk.2.ffn_norm.weight"
+        );
+        assert_eq!(gguf_name(LAYER_NAMES, "lm_head.weight").unwrap(), "output.weight");
+    }
+}
