@@ -190,7 +190,7 @@ pub fn write_gguf_with(
     }
     // llama.cpp orders tensors as converters write them: embeddings first.
     tensors.sort_by_key(|t| (t.name != "token_embd.weight", layer_of(&t.name), t.name.clone()));
-    let mut md = architecture_metadata(&arch, name, target);
+    let mut md = architecture_metadata(&arch, name, target)?;
     md.extend(tokenizer_metadata(model, &arch, vocab_rows, options.chat_template.as_deref())?);
     crate::gguf_writer::write(path, &md, &tensors)?;
     Ok(json!({
@@ -305,7 +305,7 @@ fn layer_of(name: &str) -> usize {
     name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|n| n.parse().ok()).unwrap_or(usize::MAX)
 }
 
-fn architecture_metadata(arch: &Arch, name: &str, target: QuantType) -> Vec<(String, Value)> {
+fn architecture_metadata(arch: &Arch, name: &str, target: QuantType) -> Result<Vec<(String, Value)>> {
     let family = arch.family();
     let mut md = vec![
         ("general.architecture".to_string(), Value::Str(family.gguf_arch().into())),
@@ -314,8 +314,8 @@ fn architecture_metadata(arch: &Arch, name: &str, target: QuantType) -> Vec<(Str
         ("general.file_type".into(), Value::U32(target.file_type())),
         ("general.quantization_version".into(), Value::U32(2)),
     ];
-    md.extend(family.gguf_hparams());
-    md
+    md.extend(family.gguf_hparams()?);
+    Ok(md)
 }
 
 /// Added tokens that llama.cpp's converter makes CONTROL even when the

@@ -46,8 +46,9 @@ pub trait Family: std::fmt::Debug + Send + Sync {
     /// llama.cpp's architecture name (`general.architecture`).
     fn gguf_arch(&self) -> &'static str;
 
-    /// The `<arch>.*` hyper-parameters llama.cpp's converter writes.
-    fn gguf_hparams(&self) -> Vec<(String, MetaValue)>;
+    /// The `<arch>.*` hyper-parameters llama.cpp's converter writes, or
+    /// why this configuration cannot be written as a GGUF.
+    fn gguf_hparams(&self) -> Result<Vec<(String, MetaValue)>>;
 
     /// Per-layer tensor names: llama.cpp's (`ffn_up`) and transformers'
     /// after `model.layers.N.` (`mlp.up_proj`).

@@ -182,7 +182,7 @@ impl Family for Config {
         "gemma3"
     }
 
-    fn gguf_hparams(&self) -> Vec<(String, MetaValue)> {
+    fn gguf_hparams(&self) -> crate::Result<Vec<(String, MetaValue)>> {
         let c = self;
         let k = |key: &str| format!("gemma3.{key}");
         let mut md = vec![
@@ -202,7 +202,7 @@ impl Family for Config {
         if let Some(cap) = c.final_logit_softcapping {
             md.push((k("final_logit_softcapping"), MetaValue::F32(cap as f32)));
         }
-        md
+        Ok(md)
     }
 
     fn gguf_layer_names(&self) -> &'static [(&'static str, &'static str)] {

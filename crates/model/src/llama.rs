@@ -260,13 +260,24 @@ impl Family for Config {
         "llama"
     }
 
-    fn gguf_hparams(&self) -> Vec<(String, MetaValue)> {
-        let mut md = self.decoder().map(|d| d.gguf_hparams_as("llama")).unwrap_or_default();
+    fn gguf_hparams(&self) -> crate::Result<Vec<(String, MetaValue)>> {
+        let decoder = self.decoder()?;
+        if decoder.rope_inv_freq.is_some() {
+            // llama.cpp reads Llama 3.1+'s scaled frequencies from a
+            // `rope_freqs.weight` tensor, which we do not write yet: without
+            // it the file would run unscaled, silently.
+            return Err(crate::Error::Unsupported(
+                "writing a GGUF of a Llama with scaled rotary frequencies (rope_scaling `llama3`) is not supported \
+                 yet; serve its merged Hugging Face directory instead"
+                    .into(),
+            ));
+        }
+        let mut md = decoder.gguf_hparams_as("llama");
         md.extend([
             ("llama.rope.dimension_count".into(), MetaValue::U32(self.head_dim() as u32)),
             ("llama.vocab_size".into(), MetaValue::U32(self.vocab_size as u32)),
         ]);
-        md
+        Ok(md)
     }
 
     fn gguf_layer_names(&self) -> &'static [(&'static str, &'static str)] {

@@ -214,8 +214,8 @@ impl Family for Config {
         }
     }
 
-    fn gguf_hparams(&self) -> Vec<(String, MetaValue)> {
-        self.gguf_hparams_as(self.gguf_arch())
+    fn gguf_hparams(&self) -> crate::Result<Vec<(String, MetaValue)>> {
+        Ok(self.gguf_hparams_as(self.gguf_arch()))
     }
 
     fn gguf_layer_names(&self) -> &'static [(&'static str, &'static str)] {

@@ -138,13 +138,14 @@ impl Params {
         let (mut supervised, mut capped_turns, mut capped_tokens) = (0usize, 0usize, 0usize);
         let pb = crate::report::bar(convs.len() as u64, &format!("tokenize {split}"));
         for conv in convs {
-            let (ids, mut mask) = encode_with_mask(tokenizer, conv)?;
-            let mut ids = &ids[..];
+            let enc = encode(tokenizer, conv)?;
+            let mut mask = mask_of(&enc, conv);
+            let mut ids = enc.get_ids();
             if !mask_decodes_to_spans(tokenizer, ids, &mask, conv)? {
                 mismatches += 1;
             }
             if let Some(n) = self.direct_answer_tokens {
-                let cap = cap_direct_answers(tokenizer, conv, &mut mask, n)?;
+                let cap = cap_direct_answers(enc.get_offsets(), conv, &mut mask, n);
                 capped_turns += cap.turns;
                 capped_tokens += cap.tokens;
                 let end = mask.iter().rposition(|&m| m == 1).map_or(0, |i| i + 1);
@@ -214,15 +215,20 @@ impl Params {
 /// Token ids of a conversation's text (which holds its own BOS) and the loss
 /// mask: 1 on tokens that start inside a trained span.
 pub fn encode_with_mask(tokenizer: &tokenizers::Tokenizer, conv: &Conversation) -> Result<(Vec<u32>, Vec<u8>)> {
-    let enc = tokenizer
+    let enc = encode(tokenizer, conv)?;
+    Ok((enc.get_ids().to_vec(), mask_of(&enc, conv)))
+}
+
+/// The conversation's text as tokens, with their byte offsets.
+fn encode(tokenizer: &tokenizers::Tokenizer, conv: &Conversation) -> Result<tokenizers::Encoding> {
+    tokenizer
         .encode(conv.text.as_str(), false)
-        .map_err(|e| anyhow::anyhow!("example {}: tokenizer failed: {e}", conv.id))?;
-    let mask = enc
-        .get_offsets()
-        .iter()
-        .map(|&(s, _)| u8::from(conv.spans.iter().any(|sp| s >= sp.start && s < sp.end)))
-        .collect();
-    Ok((enc.get_ids().to_vec(), mask))
+        .map_err(|e| anyhow::anyhow!("example {}: tokenizer failed: {e}", conv.id))
+}
+
+/// 1 on the tokens that start inside one of the conversation's trained spans.
+fn mask_of(enc: &tokenizers::Encoding, conv: &Conversation) -> Vec<u8> {
+    enc.get_offsets().iter().map(|&(s, _)| u8::from(conv.spans.iter().any(|sp| s >= sp.start && s < sp.end))).collect()
 }
 
 /// What [`cap_direct_answers`] left out.
@@ -232,25 +238,16 @@ struct Capped {
 }
 
 /// Unmarks the tokens of each trained turn without tool calls past its first
-/// `n`.
-fn cap_direct_answers(
-    tokenizer: &tokenizers::Tokenizer,
-    conv: &Conversation,
-    mask: &mut [u8],
-    n: usize,
-) -> Result<Capped> {
-    let enc = tokenizer
-        .encode(conv.text.as_str(), false)
-        .map_err(|e| anyhow::anyhow!("example {}: tokenizer failed: {e}", conv.id))?;
+/// `n` (`offsets`: each token's byte span in the text).
+fn cap_direct_answers(offsets: &[(usize, usize)], conv: &Conversation, mask: &mut [u8], n: usize) -> Capped {
     let mut capped = Capped { turns: 0, tokens: 0 };
     for span in &conv.spans {
         let calls = conv.messages.get(span.message).and_then(|m| m.tool_calls.as_ref());
         if calls.is_some_and(|c| c.as_array().is_none_or(|a| !a.is_empty())) {
             continue;
         }
-        let mut seen = 0;
-        let mut cut = 0;
-        for (m, &(s, _)) in mask.iter_mut().zip(enc.get_offsets()) {
+        let (mut seen, mut cut) = (0, 0);
+        for (m, &(s, _)) in mask.iter_mut().zip(offsets) {
             if *m == 1 && s >= span.start && s < span.end {
                 seen += 1;
                 if seen > n {
@@ -262,7 +259,7 @@ fn cap_direct_answers(
         capped.turns += usize::from(cut > 0);
         capped.tokens += cut;
     }
-    Ok(capped)
+    capped
 }
 
 /// Whether the masked tokens decode to exactly the spans' text.
