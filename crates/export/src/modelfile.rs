@@ -15,6 +15,9 @@ pub enum Family {
     ChatMl,
     /// ChatML with Qwen's tool block (Qwen3's and Qwen2.5's own templates).
     QwenTools,
+    /// Llama 3.x's own template (3.1–3.3): header-delimited turns, tools in
+    /// the first user turn, a call as a bare JSON object.
+    Llama3Tools,
     Alpaca,
 }
 
@@ -105,6 +108,70 @@ const QWEN_TOOLS: &str = concat!(
     "{{- end }}<|im_start|>assistant\n"
 );
 
+/// Llama 3.2's own template as a Go template (Ollama adds the BOS): the
+/// system turn with its knowledge and fixed dates
+/// ([`pipeline_infer::chat::DATE_STRING`]), the tools in the first user
+/// turn as `tojson(indent=4)` writes format-chat's tools (field by field:
+/// properties sorted, each with its type and description), a call as
+/// `{"name": …, "parameters": {…}}` (arguments in sorted order; an
+/// assistant turn with a call drops its text, as the Jinja does), a tool
+/// result as a JSON string in an `ipython` turn. What it cannot do as the
+/// Jinja does: trim the messages' whitespace, and write a property's other
+/// schema keys (`enum`, `items`).
+const LLAMA3_TOOLS: &str = concat!(
+    "{{- $tools := .Tools }}{{ $system := \"\" }}{{ $first := true }}\n",
+    "{{- if eq (index .Messages 0).Role \"system\" }}{{ $system = (index .Messages 0).Content }}{{ end -}}\n",
+    "<|start_header_id|>system<|end_header_id|>\n\n",
+    "{{ if $tools }}Environment: ipython\n{{ end }}Cutting Knowledge Date: December 2023\n",
+    "Today Date: 26 Jul 2024\n\n{{ $system }}<|eot_id|>\n",
+    "{{- range $i, $m := .Messages }}\n",
+    "{{- if and (eq $i 0) (eq .Role \"system\") }}\n",
+    "{{- else if and $tools $first }}{{ $first = false }}<|start_header_id|>user<|end_header_id|>\n\n",
+    "Given the following functions, please respond with a JSON for a function call with its proper arguments ",
+    "that best answers the given prompt.\n\n",
+    "Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name and its value}.",
+    "Do not use variables.\n\n",
+    "{{ range $tools }}{\n",
+    "    \"type\": \"function\",\n",
+    "    \"function\": {\n",
+    "        \"name\": {{ printf \"%q\" .Function.Name }},\n",
+    "        \"description\": {{ printf \"%q\" .Function.Description }},\n",
+    "        \"parameters\": {\n",
+    "            \"type\": \"object\",\n",
+    "            \"properties\": {{ if .Function.Parameters.Properties }}{",
+    "{{- $sep := \"\" }}{{ range $k, $p := .Function.Parameters.Properties }}{{ $sep }}\n",
+    "                {{ printf \"%q\" $k }}: {\n",
+    "                    \"type\": {{ printf \"%q\" (print $p.Type) }},\n",
+    "                    \"description\": {{ printf \"%q\" $p.Description }}\n",
+    "                }",
+    "{{- $sep = \",\" }}{{ end }}\n",
+    "            }{{ else }}{}{{ end }},\n",
+    "            \"required\": {{ if .Function.Parameters.Required }}[",
+    "{{- range $j, $r := .Function.Parameters.Required }}{{ if $j }},{{ end }}\n",
+    "                {{ printf \"%q\" $r }}{{ end }}\n",
+    "            ]{{ else }}[]{{ end }}\n",
+    "        }\n",
+    "    }\n",
+    "}\n\n",
+    "{{ end }}{{ .Content }}<|eot_id|>\n",
+    "{{- else if eq .Role \"assistant\" }}<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "{{ if .ToolCalls }}{{ range .ToolCalls }}{\"name\": \"{{ .Function.Name }}\", \"parameters\": {{ \"{\" }}",
+    "{{- $sep := \"\" }}{{ range $k, $v := .Function.Arguments }}{{ $sep }}{{ printf \"%q\" $k }}: ",
+    "{{- if eq (printf \"%T\" $v) \"string\" }} {{ printf \"%q\" $v }}",
+    "{{- else if eq (printf \"%T\" $v) \"[]interface {}\" }} [",
+    "{{- range $e, $x := $v }}{{ if $e }}, {{ end }}",
+    "{{- if eq (printf \"%T\" $x) \"string\" }}{{ printf \"%q\" $x }}{{ else }}{{ json $x }}{{ end }}{{ end }}]",
+    "{{- else }} {{ json $v }}{{ end }}",
+    "{{- $sep = \", \" }}{{ end }}}}",
+    "{{- end }}{{ else }}{{ .Content }}{{ end }}<|eot_id|>\n",
+    "{{- else if eq .Role \"tool\" }}<|start_header_id|>ipython<|end_header_id|>\n\n",
+    "{{ printf \"%q\" .Content }}<|eot_id|>\n",
+    "{{- else }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n",
+    "{{ .Content }}<|eot_id|>\n",
+    "{{- end }}\n",
+    "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+);
+
 impl Family {
     /// Recognizes the family of a Jinja chat template.
     pub fn of(jinja: &str) -> Option<Family> {
@@ -116,6 +183,8 @@ impl Family {
             Some(Family::QwenTools)
         } else if jinja.contains("<|im_start|>") {
             Some(Family::ChatMl)
+        } else if jinja.contains("<|start_header_id|>") && jinja.contains("tool_calls") {
+            Some(Family::Llama3Tools)
         } else if jinja.contains("### Instruction") {
             Some(Family::Alpaca)
         } else {
@@ -140,6 +209,7 @@ impl Family {
             .to_string(),
             Family::GemmaTools => GEMMA_TOOLS.to_string(),
             Family::QwenTools => QWEN_TOOLS.to_string(),
+            Family::Llama3Tools => LLAMA3_TOOLS.to_string(),
             Family::ChatMl => concat!(
                 "{{- range .Messages }}<|im_start|>{{ .Role }}\n",
                 "{{ .Content }}<|im_end|>\n",

@@ -188,8 +188,19 @@ pub fn write_gguf_with(
         *counts.entry(format!("{dtype:?}")).or_default() += 1;
         tensors.push(TensorData { name: gname, dtype, dims, bytes });
     }
-    // llama.cpp orders tensors as converters write them: embeddings first.
-    tensors.sort_by_key(|t| (t.name != "token_embd.weight", layer_of(&t.name), t.name.clone()));
+    // llama.cpp orders tensors as converters write them: embeddings first,
+    // then layer by layer, each layer's in the order of their transformers
+    // names (the input's; the sort is stable).
+    tensors.sort_by_key(|t| (t.name != "token_embd.weight", layer_of(&t.name)));
+    // Tensors that are not weights (Llama 3.1+'s rotary factors) come
+    // before them, in f32, as the converter writes them and llama-quantize
+    // keeps them.
+    let extra = family.gguf_extra_tensors()?;
+    for (i, (gname, t)) in extra.into_iter().enumerate() {
+        *counts.entry(format!("{:?}", GgmlDType::F32)).or_default() += 1;
+        let bytes = encode(&t, GgmlDType::F32)?;
+        tensors.insert(i, TensorData { name: gname, dtype: GgmlDType::F32, dims: t.dims().to_vec(), bytes });
+    }
     let mut md = architecture_metadata(&arch, name, target)?;
     md.extend(tokenizer_metadata(model, &arch, vocab_rows, options.chat_template.as_deref())?);
     crate::gguf_writer::write(path, &md, &tensors)?;
@@ -417,11 +428,13 @@ fn tokenizer_metadata(
             ("tokenizer.ggml.tokens".into(), Value::Strs(pieces)),
             ("tokenizer.ggml.scores".into(), Value::F32s(scores)),
             ("tokenizer.ggml.token_type".into(), Value::I32s(types)),
-            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
-            ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
-            ("tokenizer.ggml.add_sep_token".into(), Value::Bool(false)),
-            ("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false)),
         ]);
+        md.extend(
+            special_additions(&tj, &tc)
+                .into_iter()
+                .map(|(k, b)| (format!("tokenizer.ggml.add_{k}_token"), Value::Bool(b))),
+        );
+        md.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false)));
     } else {
         let merges: Vec<String> = tj["model"]["merges"]
             .as_array()
@@ -439,8 +452,12 @@ fn tokenizer_metadata(
             ("tokenizer.ggml.tokens".into(), Value::Strs(pieces)),
             ("tokenizer.ggml.token_type".into(), Value::I32s(types)),
             ("tokenizer.ggml.merges".into(), Value::Strs(merges)),
-            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(adds_bos(&tj, &tc))),
         ]);
+        md.extend(
+            special_additions(&tj, &tc)
+                .into_iter()
+                .map(|(k, b)| (format!("tokenizer.ggml.add_{k}_token"), Value::Bool(b))),
+        );
     }
     for (key, name) in [
         ("bos_token_id", token_name("bos_token")),
@@ -466,15 +483,86 @@ fn tokenizer_metadata(
     Ok(md)
 }
 
-/// Whether the tokenizer puts a BOS token before the text, as llama.cpp's
-/// converter decides: `add_bos_token` in tokenizer_config.json, else a
-/// post-processor template that starts with a special token (Llama 3's).
-fn adds_bos(tj: &Json, tc: &Json) -> bool {
-    if let Some(b) = tc.get("add_bos_token").and_then(Json::as_bool) {
-        return b;
+/// Which special tokens the tokenizer adds around a text
+/// (`tokenizer.ggml.add_{bos,eos,sep}_token`), decided as llama.cpp's
+/// converter decides them (gguf-py's `SpecialVocab`): from the
+/// post-processor (each of a `Sequence`: `ByteLevel` adds none,
+/// `RobertaProcessing` all three, a `TemplateProcessing` what its
+/// templates start, end and separate with), then `add_<kind>_token` in
+/// tokenizer_config.json for a kind the post-processor left open.
+fn special_additions(tj: &Json, tc: &Json) -> Vec<(&'static str, bool)> {
+    let mut add: Vec<(&'static str, bool)> = Vec::new();
+    fn set(add: &mut Vec<(&'static str, bool)>, kind: &'static str, value: bool, overwrite: bool) {
+        match add.iter_mut().find(|(k, _)| *k == kind) {
+            Some(entry) if overwrite => entry.1 = value,
+            Some(_) => {}
+            None => add.push((kind, value)),
+        }
     }
-    let single = &tj["post_processor"]["single"];
-    single.as_array().and_then(|s| s.first()).is_some_and(|first| first.get("SpecialToken").is_some())
+    let token = |k: &str| tc.get(k).and_then(Json::as_str);
+    let (bos, cls) = (token("bos_token").or(token("cls_token")), token("cls_token"));
+    let (eos, sep) = (token("eos_token").or(token("sep_token")), token("sep_token"));
+    fn special(x: Option<&Json>) -> Option<&str> {
+        x.and_then(|x| x["SpecialToken"]["id"].as_str())
+    }
+    let pp = &tj["post_processor"];
+    let processors = match pp["processors"].as_array() {
+        Some(list) => list.iter().collect(),
+        None if pp.is_object() => vec![pp],
+        None => Vec::new(),
+    };
+    for p in processors {
+        match p["type"].as_str() {
+            Some("ByteLevel") => {
+                set(&mut add, "bos", false, false);
+                set(&mut add, "eos", false, false);
+            }
+            Some("RobertaProcessing") => {
+                for kind in ["bos", "eos", "sep"] {
+                    set(&mut add, kind, true, true);
+                }
+            }
+            Some("TemplateProcessing") => {
+                let single = p["single"].as_array().cloned().unwrap_or_default();
+                let (mut first, mut last) = (None, None);
+                if single.len() > 1 {
+                    first = special(single.first());
+                    if let Some(f) = first {
+                        set(&mut add, "bos", Some(f) == bos || Some(f) == cls, true);
+                    }
+                    last = special(single.last());
+                    if let Some(l) = last {
+                        set(&mut add, "eos", Some(l) == eos, true);
+                    }
+                }
+                let pair = p["pair"].as_array().cloned().unwrap_or_default();
+                if !pair.is_empty() {
+                    let start = usize::from(first.is_some() && special(pair.first()) == first);
+                    let stop = pair.len() - usize::from(last.is_some() && special(pair.last()) == last);
+                    let pair = &pair[start.min(stop)..stop];
+                    fn seq(x: Option<&Json>) -> Option<&str> {
+                        x.and_then(|x| x["Sequence"]["id"].as_str())
+                    }
+                    if pair.len() > 2 && seq(pair.first()) == Some("A") && seq(pair.last()) == Some("B") {
+                        let middle = &pair[1..pair.len() - 1];
+                        let separates = |x: Option<&str>| x.is_some() && (x == sep || x == eos);
+                        let mut add_sep = separates(special(middle.first())) && last.is_none();
+                        if middle.len() == 2 && separates(special(middle.get(1))) {
+                            add_sep = true;
+                        }
+                        set(&mut add, "sep", add_sep, true);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for kind in ["bos", "eos", "sep"] {
+        if let Some(b) = tc.get(format!("add_{kind}_token")).and_then(Json::as_bool) {
+            set(&mut add, kind, b, false);
+        }
+    }
+    add
 }
 
 /// The string `key` of a GGUF base's metadata (`None` for other bases).

@@ -144,6 +144,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
+            date_string => DATE_STRING,
         };
         tmpl.render(ctx).map_err(|e| {
             let detail = match e.kind() {
@@ -249,6 +250,14 @@ fn model_template(model: &ModelFiles, config: &serde_json::Value) -> Result<Stri
         }
     }
 }
+
+/// The date templates that print one (Llama 3.x's system turn: "Today
+/// Date: …") are given: fixed, so a conversation renders the same on any
+/// day (its cache key stays true) and Ollama's template can write the
+/// same text; it is the date Llama 3.x's template falls back to. Serve with
+/// `llama-server --chat-template-kwargs '{"date_string": "26 Jul 2024"}'`
+/// to render it there too (llama.cpp otherwise writes today's date).
+pub const DATE_STRING: &str = "26 Jul 2024";
 
 /// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=False,
 /// indent=indent, sort_keys=sort_keys)`, with Python's separators.

@@ -50,6 +50,13 @@ pub trait Family: std::fmt::Debug + Send + Sync {
     /// why this configuration cannot be written as a GGUF.
     fn gguf_hparams(&self) -> Result<Vec<(String, MetaValue)>>;
 
+    /// Tensors llama.cpp reads besides the weights, by llama.cpp name
+    /// (Llama 3.1+'s rotary factors, `rope_freqs.weight`), as its converter
+    /// writes them from the configuration.
+    fn gguf_extra_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
+    }
+
     /// Per-layer tensor names: llama.cpp's (`ffn_up`) and transformers'
     /// after `model.layers.N.` (`mlp.up_proj`).
     fn gguf_layer_names(&self) -> &'static [(&'static str, &'static str)];

@@ -82,9 +82,9 @@ impl ModelFiles {
                 }
             }
             Ok(None) => {}
-            // A vocabulary not read yet (SentencePiece): the model works
-            // where no tokenizer is needed, and `tokenizer_json` says what
-            // to provide where one is.
+            // A vocabulary of a kind not read here (Unigram, RWKV…): the
+            // model works where no tokenizer is needed, and
+            // `tokenizer_json` says what to provide where one is.
             Err(Error::Unsupported(why)) => self.gguf_tokenizer_unread = Some(why),
             Err(e) => return Err(e),
         }

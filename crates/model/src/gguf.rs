@@ -77,6 +77,14 @@ impl GgufMetadata<'_> {
         self.content.tensor_infos.contains_key(name)
     }
 
+    /// The values of tensor `name` (llama.cpp's name; a small one such as
+    /// `rope_freqs.weight`), read from the file.
+    pub fn tensor_values(&self, name: &str) -> Result<Vec<f32>> {
+        let mut file = std::fs::File::open(&self.path).on("open", &self.path)?;
+        let t = self.content.tensor(&mut file, name, &Device::Cpu)?.dequantize(&Device::Cpu)?;
+        Ok(t.flatten_all()?.to_vec1()?)
+    }
+
     /// The vocabulary size: the embedding's rows.
     pub fn vocab_size(&self) -> Result<usize> {
         let info = self
@@ -102,9 +110,12 @@ pub fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<(Arch,
     let content = gguf_file::Content::read(&mut file).map_err(|e| bad_file(path, format!("not a GGUF file: {e}")))?;
     let arch = Arch::from_gguf(&GgufMetadata::new(&content, path)?)?;
     let family = arch.family();
+    // Tensors that are not weights (Llama 3.1+'s rotary factors), read into
+    // the configuration.
+    let extra: Vec<String> = family.gguf_extra_tensors()?.into_iter().map(|(name, _)| name).collect();
     let mut map = HashMap::new();
     let mut quantized = Vec::new();
-    for name in content.tensor_infos.keys() {
+    for name in content.tensor_infos.keys().filter(|n| !extra.contains(n)) {
         let Some(hf) = arch.hf_tensor_name(name) else {
             tracing::warn!(tensor = %name, "unknown GGUF tensor, ignored");
             continue;

@@ -8,7 +8,9 @@
 //! (`tokenizer.ggml.model = "gpt2"`: SmolLM, Llama 3, Qwen) become a
 //! Hugging Face BPE tokenizer with the pre-tokenizer regexes llama.cpp
 //! applies for that name (`llama-vocab.cpp`), so both split text the same
-//! way. The files are written once per distinct content under the system's
+//! way. SentencePiece vocabularies (`llama`: Gemma, Llama 2) become the
+//! BPE tokenizer transformers converts them to, with merges ranked by the
+//! pieces' scores. The files are written once per distinct content under the system's
 //! temporary directory (`pipeline-gguf-tokenizers/<hash>/`), named after
 //! what they hold: the same GGUF always gives the same files.
 
@@ -40,6 +42,36 @@ fn pre_tokenizer_regexes(pre: &str) -> Option<Vec<&'static str>> {
     })
 }
 
+/// llama.cpp's token types (`tokenizer.ggml.token_type`).
+mod token_type {
+    pub const UNKNOWN: i32 = 2;
+    pub const CONTROL: i32 = 3;
+    pub const USER_DEFINED: i32 = 4;
+    pub const BYTE: i32 = 6;
+}
+
+/// The vocabulary lists of a GGUF's metadata.
+struct Vocab {
+    tokens: Vec<String>,
+    types: Vec<i32>,
+}
+
+impl Vocab {
+    /// Control and user-defined tokens, matched whole before the text is
+    /// split, as llama.cpp does; `content` is the text each is matched on.
+    fn added_tokens(&self, content: impl Fn(usize) -> String) -> Vec<Json> {
+        self.types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t == token_type::CONTROL || **t == token_type::USER_DEFINED)
+            .map(|(i, t)| {
+                json!({"id": i, "content": content(i), "single_word": false, "lstrip": false, "rstrip": false,
+                       "normalized": false, "special": *t == token_type::CONTROL})
+            })
+            .collect()
+    }
+}
+
 /// `tokenizer.json` and `tokenizer_config.json` for the GGUF at `path`, or
 /// `None` when it carries no vocabulary.
 pub fn tokenizer_files(path: &Path) -> Result<Option<(Json, Json)>> {
@@ -47,71 +79,57 @@ pub fn tokenizer_files(path: &Path) -> Result<Option<(Json, Json)>> {
     let content = Content::read(&mut file).map_err(|e| bad_file(path, format!("not a GGUF file: {e}")))?;
     let md = &content.metadata;
     let s = |k: &str| md.get(k).and_then(|v| v.to_string().ok()).cloned();
+    let flag = |k: &str| md.get(k).and_then(|v| v.to_bool().ok());
     let Some(model) = s("tokenizer.ggml.model") else { return Ok(None) };
-    if model != "gpt2" {
-        return Err(Error::Unsupported(format!(
-            "{}: its tokenizer is `{model}` (SentencePiece); only byte-level BPE vocabularies (`gpt2`) are read \
-             from a GGUF so far: put the model's tokenizer.json and tokenizer_config.json beside it",
-            path.display()
-        )));
-    }
-    let strings = |k: &str| -> Result<Vec<String>> {
-        match md.get(k) {
-            Some(Value::Array(a)) => Ok(a.iter().filter_map(|v| v.to_string().ok().cloned()).collect()),
-            _ => Err(bad_file(path, format!("no `{k}` list"))),
-        }
+    let list = |k: &str| match md.get(k) {
+        Some(Value::Array(a)) => Ok(a),
+        _ => Err(bad_file(path, format!("no `{k}` list"))),
     };
-    let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges = strings("tokenizer.ggml.merges")?;
+    let tokens: Vec<String> =
+        list("tokenizer.ggml.tokens")?.iter().filter_map(|v| v.to_string().ok().cloned()).collect();
     let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
         Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
         _ => vec![1; tokens.len()],
     };
-    let pre = s("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
-    let Some(regexes) = pre_tokenizer_regexes(&pre) else {
-        return Err(Error::Unsupported(format!(
-            "{}: pre-tokenizer `{pre}` is not known here; put the model's tokenizer.json beside it",
-            path.display()
-        )));
+    let vocab = Vocab { tokens, types };
+    let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(false);
+    let bos = md.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok());
+    let tokenizer = match model.as_str() {
+        "gpt2" => {
+            let merges: Vec<String> =
+                list("tokenizer.ggml.merges")?.iter().filter_map(|v| v.to_string().ok().cloned()).collect();
+            let pre = s("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
+            let Some(regexes) = pre_tokenizer_regexes(&pre) else {
+                return Err(Error::Unsupported(format!(
+                    "{}: pre-tokenizer `{pre}` is not known here; put the model's tokenizer.json beside it",
+                    path.display()
+                )));
+            };
+            byte_level_bpe(&vocab, &merges, &regexes)
+        }
+        "llama" => {
+            let scores: Vec<f32> = list("tokenizer.ggml.scores")?.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect();
+            if scores.len() != vocab.tokens.len() {
+                return Err(bad_file(path, "`tokenizer.ggml.scores` and `tokenizer.ggml.tokens` differ in length"));
+            }
+            let prefix_space = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+            let bos = bos.filter(|_| add_bos).and_then(|i| vocab.tokens.get(i as usize).map(|t| (i, t.clone())));
+            sentencepiece_bpe(&vocab, &scores, prefix_space, bos)
+        }
+        other => {
+            return Err(Error::Unsupported(format!(
+                "{}: its tokenizer is `{other}`; byte-level BPE (`gpt2`) and SentencePiece BPE (`llama`) \
+                 vocabularies are read from a GGUF: put the model's tokenizer.json and tokenizer_config.json \
+                 beside it",
+                path.display()
+            )));
+        }
     };
 
-    let vocab: serde_json::Map<String, Json> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
-    // Control (3) and user-defined (4) tokens are matched whole before the
-    // split, as llama.cpp does.
-    let added: Vec<Json> = types
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| **t == 3 || **t == 4)
-        .map(|(i, t)| {
-            json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": false, "special": *t == 3})
-        })
-        .collect();
-    let mut splits: Vec<Json> = regexes
-        .iter()
-        .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
-        .collect();
-    splits.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
-    let tokenizer = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": splits},
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
-        "model": {
-            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-            "vocab": vocab, "merges": merges,
-        },
-    });
-
-    let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok()).and_then(|i| tokens.get(i as usize)).cloned();
+    let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok()).and_then(|i| vocab.tokens.get(i as usize)).cloned();
     let mut config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
+        "add_bos_token": add_bos,
         "add_eos_token": false,
         "clean_up_tokenization_spaces": false,
         "model_max_length": md
@@ -133,6 +151,125 @@ pub fn tokenizer_files(path: &Path) -> Result<Option<(Json, Json)>> {
         config["chat_template"] = json!(t);
     }
     Ok(Some((tokenizer, config)))
+}
+
+/// A byte-level BPE vocabulary (`gpt2`: SmolLM, Llama 3, Qwen): llama.cpp's
+/// regex split for the pre-tokenizer's name, then GPT-2's byte mapping and
+/// the GGUF's merges.
+fn byte_level_bpe(vocab: &Vocab, merges: &[String], regexes: &[&str]) -> Json {
+    let ids: serde_json::Map<String, Json> =
+        vocab.tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let mut splits: Vec<Json> = regexes
+        .iter()
+        .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
+        .collect();
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
+    splits.push(byte_level.clone());
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": vocab.added_tokens(|i| vocab.tokens[i].clone()),
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": splits},
+        "post_processor": byte_level,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": ids, "merges": merges,
+        },
+    })
+}
+
+/// A SentencePiece BPE vocabulary (`llama`: Gemma, Llama 2, TinyLlama) as
+/// transformers converts one: spaces become `▁`, unknown characters fall
+/// back to `<0xNN>` byte tokens, and the merges are those SentencePiece's
+/// scores imply. llama.cpp merges the adjacent pair whose joined piece
+/// scores highest; a BPE merge list ranked by that score (each piece's
+/// splits into two vocabulary pieces, longer left part first) does the
+/// same, as transformers' `SentencePieceExtractor` builds it. llama.cpp's
+/// converter writes user-defined pieces with spaces for `▁` and scores of
+/// -1000 for user-defined and control pieces, which SentencePiece scores 0;
+/// both are undone here, so the vocabulary and merges are the original's.
+fn sentencepiece_bpe(vocab: &Vocab, scores: &[f32], prefix_space: bool, bos: Option<(u32, String)>) -> Json {
+    let pieces: Vec<String> = vocab
+        .tokens
+        .iter()
+        .zip(&vocab.types)
+        .map(|(t, ty)| if *ty == token_type::USER_DEFINED { t.replace(' ', "▁") } else { t.clone() })
+        .collect();
+    let ids: std::collections::HashMap<&str, usize> = pieces.iter().enumerate().map(|(i, p)| (p.as_str(), i)).collect();
+    let score = |i: usize| match vocab.types[i] {
+        token_type::CONTROL | token_type::USER_DEFINED => 0.0,
+        _ => scores[i],
+    };
+    // (left, right, score of the joined piece), in vocabulary order, each
+    // piece's splits by the ids of their parts.
+    let chars: Vec<usize> = pieces.iter().map(|p| p.chars().count()).collect();
+    let mut merges: Vec<(usize, usize, f32)> = Vec::new();
+    for (i, piece) in pieces.iter().enumerate() {
+        if vocab.types[i] == token_type::BYTE {
+            continue;
+        }
+        let start = merges.len();
+        for (at, _) in piece.char_indices().skip(1) {
+            if let (Some(&l), Some(&r)) = (ids.get(&piece[..at]), ids.get(&piece[at..])) {
+                merges.push((l, r, score(i)));
+            }
+        }
+        merges[start..].sort_by_key(|&(l, r, _)| (l, r));
+    }
+    // Highest score first, then longer left part, then longer right part;
+    // a stable sort keeps the order above among equals (as Python's does:
+    // -0.0, the first normal piece's score, equals a special piece's 0).
+    merges.sort_by(|a, b| {
+        b.2.partial_cmp(&a.2)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(chars[b.0].cmp(&chars[a.0]))
+            .then(chars[b.1].cmp(&chars[a.1]))
+    });
+    let merges: Vec<[&str; 2]> = merges.iter().map(|&(l, r, _)| [pieces[l].as_str(), pieces[r].as_str()]).collect();
+    let unk = vocab.types.iter().position(|t| *t == token_type::UNKNOWN).map(|i| pieces[i].clone());
+
+    let replace = |from: &str, to: &str| json!({"type": "Replace", "pattern": {"String": from}, "content": to});
+    // With a space prefix (Llama 2), every run of text after a special
+    // token starts with one, as llama.cpp and transformers' legacy Llama
+    // tokenizer do.
+    let normalizer = if prefix_space {
+        json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}, replace(" ", "▁")]})
+    } else {
+        replace(" ", "▁")
+    };
+    let mut decoders = vec![replace("▁", " "), json!({"type": "ByteFallback"}), json!({"type": "Fuse"})];
+    if prefix_space {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let post_processor = bos.map(|(id, bos)| {
+        json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos.as_str(): {"id": bos, "ids": [id], "tokens": [bos]}},
+        })
+    });
+    let ids: serde_json::Map<String, Json> = pieces.iter().enumerate().map(|(i, p)| (p.clone(), json!(i))).collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": vocab.added_tokens(|i| pieces[i].clone()),
+        "normalizer": normalizer,
+        "pre_tokenizer": null,
+        "post_processor": post_processor,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": ids, "merges": merges,
+        },
+    })
 }
 
 /// Writes [`tokenizer_files`] of `gguf` under the temporary directory and

@@ -15,7 +15,9 @@
 //!
 //! llama.cpp's converter stores the rows of `q_proj` and `k_proj` in its
 //! rotary order (the two halves of each head interleaved): they are put
-//! back on reading a GGUF, and interleaved again on writing one.
+//! back on reading a GGUF, and interleaved again on writing one. A `llama3`
+//! rotary scaling is stored as llama.cpp's converter stores it, as
+//! per-frequency factors (`rope_freqs.weight`), and read back from them.
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -24,6 +26,9 @@ use crate::family::Family;
 use crate::gguf::{GgufMetadata, MetaValue};
 use crate::qwen::{self, Variant};
 use crate::{CausalLm, Weights};
+
+/// llama.cpp's tensor of rotary factors (Llama 3.1+).
+const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// The hyper-parameters of a Llama model (HF `LlamaConfig`), with
 /// transformers' defaults.
@@ -122,6 +127,46 @@ impl Config {
         Ok(Some(inv_freq.collect()))
     }
 
+    /// `(factor, low_freq_factor, high_freq_factor,
+    /// original_max_position_embeddings)` of a `llama3` rope scaling, with
+    /// the defaults llama.cpp's converter uses.
+    fn llama3_scaling(&self) -> Option<(f64, f64, f64, f64)> {
+        let s = self.rope_scaling.as_ref().filter(|s| !s.is_null())?;
+        let ty = s.get("rope_type").or_else(|| s.get("type")).and_then(|t| t.as_str())?;
+        let num = |k: &str, default: f64| s.get(k).and_then(|v| v.as_f64()).unwrap_or(default);
+        ty.eq_ignore_ascii_case("llama3").then(|| {
+            (
+                num("factor", 8.0),
+                num("low_freq_factor", 1.0),
+                num("high_freq_factor", 4.0),
+                num("original_max_position_embeddings", 8192.0),
+            )
+        })
+    }
+
+    /// llama.cpp's `rope_freqs.weight` for a `llama3` scaling: by how much
+    /// each rotary frequency is divided, computed in f32 as its converter
+    /// does (`conversion/llama.py`, `generate_extra_tensors`).
+    fn rope_factors(&self) -> Option<Vec<f32>> {
+        let (factor, low, high, old_context) = self.llama3_scaling()?;
+        let (factor, low, high, old_context) = (factor as f32, low as f32, high as f32, old_context as f32);
+        let d = self.head_dim();
+        let (low_wavelen, high_wavelen) = (old_context / low, old_context / high);
+        let factors = (0..d).step_by(2).map(|i| {
+            let freq = 1.0 / (self.rope_theta as f32).powf(i as f32 / d as f32);
+            let wavelen = 2.0 * std::f32::consts::PI / freq;
+            if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (old_context / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        });
+        Some(factors.collect())
+    }
+
     /// The shared decoder's configuration.
     fn decoder(&self) -> crate::Result<qwen::Config> {
         if self.mlp_bias || self.attention_bias {
@@ -194,15 +239,8 @@ impl Family for Config {
     }
 
     fn from_gguf(md: &GgufMetadata) -> crate::Result<Config> {
-        if md.has_tensor("rope_freqs.weight") {
-            return Err(crate::Error::Unsupported(format!(
-                "{}: a Llama 3.1+ GGUF (scaled rotary frequencies in `rope_freqs.weight`) is not supported yet; \
-                 use its Hugging Face checkpoint",
-                md.path.display()
-            )));
-        }
         let d = qwen::Config::from_gguf_as(md, Variant::Llama)?;
-        Ok(Config {
+        let mut config = Config {
             vocab_size: d.vocab_size,
             hidden_size: d.hidden_size,
             intermediate_size: d.intermediate_size,
@@ -220,7 +258,29 @@ impl Family for Config {
             hidden_act: "silu".into(),
             bos_token_id: None,
             eos_token_id: None,
-        })
+        };
+        if md.has_tensor(ROPE_FREQS) {
+            // Llama 3.1+: the factors are all the file keeps of the scaling.
+            // Every Llama 3.x states factor (the lowest frequency's), 1, 4
+            // and 8192; the scaling is taken when it gives these factors.
+            let stored = md.tensor_values(ROPE_FREQS)?;
+            let factor = stored.last().copied().unwrap_or(1.0);
+            config.rope_scaling = Some(serde_json::json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            }));
+            let same = config.rope_factors().is_some_and(|f| {
+                f.len() == stored.len() && f.iter().zip(&stored).all(|(a, b)| (a - b).abs() <= 1e-5 * b.abs())
+            });
+            if !same {
+                return Err(crate::Error::Unsupported(format!(
+                    "{}: its rotary factors (`{ROPE_FREQS}`) are not Llama 3's scaling (low_freq_factor 1, \
+                     high_freq_factor 4, original context 8192); use its Hugging Face checkpoint",
+                    md.path.display()
+                )));
+            }
+        }
+        Ok(config)
     }
 
     fn hf_config(&self) -> serde_json::Value {
@@ -262,22 +322,23 @@ impl Family for Config {
 
     fn gguf_hparams(&self) -> crate::Result<Vec<(String, MetaValue)>> {
         let decoder = self.decoder()?;
-        if decoder.rope_inv_freq.is_some() {
-            // llama.cpp reads Llama 3.1+'s scaled frequencies from a
-            // `rope_freqs.weight` tensor, which we do not write yet: without
-            // it the file would run unscaled, silently.
-            return Err(crate::Error::Unsupported(
-                "writing a GGUF of a Llama with scaled rotary frequencies (rope_scaling `llama3`) is not supported \
-                 yet; serve its merged Hugging Face directory instead"
-                    .into(),
-            ));
-        }
         let mut md = decoder.gguf_hparams_as("llama");
         md.extend([
             ("llama.rope.dimension_count".into(), MetaValue::U32(self.head_dim() as u32)),
             ("llama.vocab_size".into(), MetaValue::U32(self.vocab_size as u32)),
         ]);
         Ok(md)
+    }
+
+    /// Llama 3.1+'s scaled rotary frequencies, as factors.
+    fn gguf_extra_tensors(&self) -> crate::Result<Vec<(String, Tensor)>> {
+        Ok(match self.rope_factors() {
+            Some(f) => {
+                let n = f.len();
+                vec![(ROPE_FREQS.into(), Tensor::from_vec(f, n, &candle_core::Device::Cpu)?)]
+            }
+            None => Vec::new(),
+        })
     }
 
     fn gguf_layer_names(&self) -> &'static [(&'static str, &'static str)] {
