@@ -242,3 +242,67 @@ fn ollama_renders_native_tool_conversations_as_training_did() {
         rendered[0].1
     );
 }
+
+/// Llama 3.2's own template (from the provisioned Llama 3.2 tokenizer) as
+/// Ollama's Go template renders the tool-use conversations as training
+/// does, through the first user turn's tool list, calls, `ipython` results
+/// and answers; Ollama accepts `tools` for it and reads a call at `{`. A
+/// conversation with two calls in one turn is refused by the Jinja itself
+/// ("This model only supports single tool-calls at once!"), as format-chat
+/// drops it; the rest render byte for byte, the synthetic one's system
+/// prompt, non-ASCII text and mixed arguments included.
+#[test]
+fn ollama_renders_llama3_tool_conversations_as_training_did() {
+    let (Some(models), Some(go)) = (common::models_dir(), common::go()) else { return };
+    let tc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(models.join("llama3.2-tokenizer/tokenizer_config.json")).unwrap())
+            .unwrap();
+    let llama = ChatTemplate::new(tc["chat_template"].as_str().unwrap(), "<|begin_of_text|>", "<|eot_id|>").unwrap();
+    assert_eq!(Family::of(&llama.source), Some(Family::Llama3Tools));
+    let mut requests = common::native_tool_conversations(&models);
+    requests.push((
+        serde_json::json!([
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "北京的天气？ Also is 3 > 2 & 1 < 2?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "calculator", "arguments": {"digits": 2, "exact": true, "expression": "3 > 2 & 1 < 2", "terms": [1, "a"]}}}]},
+            {"role": "tool", "content": "True"},
+            {"role": "assistant", "content": "Yes."},
+            {"role": "user", "content": "Thanks"}
+        ]),
+        serde_json::json!([
+            {"type": "function", "function": {"name": "calculator", "description": "Evaluates & rounds.", "parameters": {
+                "type": "object", "properties": {"digits": {"type": "integer", "description": "Digits."},
+                "exact": {"type": "boolean", "description": ""}, "expression": {"type": "string", "description": "Expression."},
+                "terms": {"type": "array", "description": "Terms."}}, "required": ["expression", "digits"]}}},
+            {"type": "function", "function": {"name": "now", "description": "The time.", "parameters": {
+                "type": "object", "properties": {}, "required": []}}}
+        ]),
+    ));
+    let (mut rendered, mut refused) = (Vec::new(), 0);
+    for (messages, tools) in &requests {
+        let parsed: Vec<Message> = serde_json::from_value(messages.clone()).unwrap();
+        let tools_opt = (!tools.is_null()).then_some(tools);
+        match llama.render(&parsed, tools_opt, true) {
+            Ok(want) => rendered.push(((messages.clone(), tools.clone()), want)),
+            Err(e) => {
+                assert!(e.to_string().contains("single tool-calls"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    let go_requests: Vec<_> = rendered.iter().map(|(r, _)| r.clone()).collect();
+    let got = ollama_render(&go, &Family::Llama3Tools.go_template("<|eot_id|>"), &go_requests);
+    for (((messages, _), want), (prompt, tag, uses_tools)) in rendered.iter().zip(&got) {
+        assert_eq!(&format!("<|begin_of_text|>{prompt}"), want, "Llama 3.2: Go and Jinja differ on {messages}");
+        assert!(uses_tools, "Ollama would refuse `tools` for this template");
+        assert_eq!(tag, "{");
+    }
+    assert!(rendered.len() >= 50, "{} conversations rendered, {refused} refused", rendered.len());
+    eprintln!(
+        "Ollama's template (Go text/template) = Llama 3.2's Jinja on {} tool-use conversations ({refused} with two \
+         calls in a turn, refused by the Jinja); tag {:?}",
+        rendered.len(),
+        got[0].1
+    );
+}

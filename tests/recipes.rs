@@ -250,6 +250,47 @@ fn qwen3_function_calling_runs_end_to_end_and_reports_the_four_prompts() {
     assert!(stderr.contains("prompt [adapter] \"现在几点了？\""), "{stderr}");
 }
 
+/// Llama 3.2's tool format end to end, on a small random Llama with the
+/// real Llama 3.2 tokenizer and chat template: the tool list in the first
+/// user turn, calls as `{"name", "parameters"}`, results in `ipython`
+/// turns; the GGUF carries that template and the Modelfile is Ollama's
+/// rendering of it, with `tools`.
+#[test]
+fn llama3_tool_use_runs_end_to_end_in_llama3s_own_tool_format() {
+    let Some(models) = models_dir() else { return };
+    let p = Project::new();
+    let tiny = p.path("tiny-llama3");
+    pipeline_model::testing::TinyLlama::new(128_256).write(&tiny, &models.join("llama3.2-tokenizer"), 1).unwrap();
+    let sets = [
+        base(&tiny),
+        set("stages.tokens.max_len", 1024),
+        set("stages.train.max_steps", 2),
+        set("stages.train.gradient_accumulation", 1),
+        set("stages.train.eval_examples", 2),
+        set("stages.eval.limit", 2),
+        set("stages.eval.generation.max_new_tokens", 8),
+        set("stages.eval-constrained.limit", 2),
+        set("stages.eval-constrained.generation.max_new_tokens", 8),
+    ];
+    let (stderr, dirs) = run(&p, &recipe("llama3.2-1b-tool-use.toml"), &sets);
+    assert!(stderr.contains("ran     ollama"), "{stderr}");
+    let conv = std::fs::read_to_string(dir(&dirs, "chat").join("conversations/train.jsonl")).unwrap();
+    let calls = conv
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+        .find(|t| t.contains("\"parameters\": {\""))
+        .expect("a conversation with a call");
+    assert!(
+        calls.starts_with("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n"),
+        "{calls}"
+    );
+    assert!(calls.contains("Today Date: 26 Jul 2024\n"), "training's fixed date: {calls}");
+    assert!(calls.contains("<|start_header_id|>assistant<|end_header_id|>\n\n{\"name\": \""), "{calls}");
+    let modelfile = std::fs::read_to_string(dir(&dirs, "ollama").join("Modelfile")).unwrap();
+    assert!(modelfile.contains("{{ if .ToolCalls }}") && modelfile.contains("Environment: ipython"), "{modelfile}");
+    assert!(modelfile.contains("PARAMETER stop \"<|eot_id|>\""), "{modelfile}");
+}
+
 /// The SmolLM2 directory, or `None` (a failure unless skipping is allowed).
 fn smollm2(models: &Path) -> Option<PathBuf> {
     let dir = models.join("smollm2-135m-instruct");

@@ -1035,3 +1035,61 @@ fn llama_server_renders_chatml_tools_conversations_as_training_did() {
         native.len()
     );
 }
+
+/// llama-server serves a Llama 3.2 model (the real Llama 3.2 tokenizer and
+/// chat template on random weights; our GGUF carries the template) with
+/// Llama 3.x's native tool format: `/apply-template` renders every native
+/// tool-use conversation of the validation split with the request's
+/// `tools` as format-chat rendered it for training (tools in the first user
+/// turn, calls as JSON, `ipython` results), given training's fixed date
+/// (`--chat-template-kwargs`), and the server takes `tools` and answers.
+#[test]
+fn llama_server_renders_llama3_tool_conversations_as_training_did() {
+    let (Some(models), Some(bin)) = (models_dir(), common::llama_cpp("llama-server")) else { return };
+    let p = Project::new();
+    let dir = p.path("llama3");
+    pipeline_model::testing::TinyLlama::new(128_256).write(&dir, &models.join("llama3.2-tokenizer"), 3).unwrap();
+    let base = pipeline::model_source::from_path(&dir).unwrap();
+    let template = pipeline_infer::chat::ChatTemplate::for_model(&base, None, Path::new(".")).unwrap();
+    let gguf = p.path("llama3.q8_0.gguf");
+    write_gguf(&base, QuantType::Q8_0, "t", &gguf).unwrap();
+    let mut f = std::fs::File::open(&gguf).unwrap();
+    let md = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap().metadata;
+    assert!(md["tokenizer.ggml.add_bos_token"].to_bool().unwrap(), "Llama 3 adds <|begin_of_text|>");
+    let kwargs = json!({"date_string": pipeline_infer::chat::DATE_STRING}).to_string();
+    let server = Server::start(&bin, &["-m", gguf.to_str().unwrap(), "--jinja", "--chat-template-kwargs", &kwargs]);
+    let openai = pipeline::server_eval::openai_message;
+    let native = common::native_tool_conversations(&models);
+    let mut with_calls = 0;
+    for (i, (messages, tools)) in native.iter().enumerate() {
+        let mut msgs: Vec<pipeline_infer::chat::Message> = serde_json::from_value(messages.clone()).unwrap();
+        if msgs.last().is_some_and(|m| m.role == "assistant") {
+            msgs.pop();
+        }
+        with_calls += usize::from(msgs.iter().any(|m| m.tool_calls.is_some()));
+        let body = json!({"messages": msgs.iter().map(openai).collect::<Vec<_>>(), "tools": tools});
+        let rendered = server.post("/apply-template", &body)["prompt"].as_str().unwrap().to_string();
+        let ours = template.render(&msgs, Some(tools), true).unwrap();
+        // llama-server leaves the template's BOS text out: it adds the BOS
+        // token itself (`tokenizer.ggml.add_bos_token`).
+        assert_eq!(
+            format!("<|begin_of_text|>{rendered}"),
+            ours,
+            "conversation {i}: /apply-template differs from format-chat"
+        );
+    }
+    assert!(with_calls >= 40, "{with_calls} conversations with calls");
+    let (messages, tools) = &native[0];
+    let first_user: Vec<Value> =
+        messages.as_array().unwrap().iter().take_while(|m| m["role"] != "assistant").cloned().collect();
+    let answer = server.post(
+        "/v1/chat/completions",
+        &json!({"messages": first_user, "tools": tools, "max_tokens": 16, "temperature": 0.0}),
+    );
+    assert!(answer["choices"][0]["message"].is_object(), "{answer}");
+    eprintln!(
+        "llama-server (Llama 3.2's own template): /apply-template equals training's rendering on {} conversations \
+         ({with_calls} with calls and results)",
+        native.len()
+    );
+}

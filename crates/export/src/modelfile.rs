@@ -138,7 +138,7 @@ const LLAMA3_TOOLS: &str = concat!(
     "        \"description\": {{ printf \"%q\" .Function.Description }},\n",
     "        \"parameters\": {\n",
     "            \"type\": \"object\",\n",
-    "            \"properties\": {{ if .Function.Parameters.Properties }}{",
+    "            \"properties\": {{ if .Function.Parameters.Properties }}{{ \"{\" }}",
     "{{- $sep := \"\" }}{{ range $k, $p := .Function.Parameters.Properties }}{{ $sep }}\n",
     "                {{ printf \"%q\" $k }}: {\n",
     "                    \"type\": {{ printf \"%q\" (print $p.Type) }},\n",

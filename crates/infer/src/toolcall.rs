@@ -334,6 +334,16 @@ mod tests {
     }
 
     #[test]
+    fn reads_llama3_calls_a_bare_object_with_parameters() {
+        // Llama 3.x's own format: the call alone, `parameters` for arguments.
+        let p = parse(r##"{"name": "extract_hashtags", "parameters": {"text": "#a #b"}}"##);
+        assert_eq!(p.calls, [call("extract_hashtags", json!({"text": "#a #b"}))]);
+        assert!(p.all_valid());
+        // Other JSON outside tags is an answer, not a call.
+        assert!(!parse(r#"{"answer": 42}"#).attempted());
+    }
+
+    #[test]
     fn reads_function_style_inside_tags_and_in_free_text() {
         let p = parse(
             "我来查一下。\n<tool_call>\nget_weather({\"location\": \"北京\", \"date\": \"today\"})\n</tool_call>",
