@@ -443,8 +443,8 @@ pub enum DevCommand {
     /// Write a random-weight checkpoint in real HF layout (for tests, CI and
     /// speed measurements where the real weights are not available).
     RandomModel {
-        /// gemma3, gemma3-270m or gemma3-1b (the real 270M / 1B shapes), qwen3, qwen2 or llama.
-        #[arg(long)]
+        /// The architecture and shape (each model family names its own).
+        #[arg(long, value_parser = random_shapes())]
         arch: String,
         /// A directory holding tokenizer.json and tokenizer_config.json to copy.
         #[arg(long)]
@@ -454,13 +454,21 @@ pub enum DevCommand {
         vocab: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// How the weights are stored: f32, or bf16 as Google ships Gemma 3
-        /// (Gemma 3 architectures only).
+        /// How the weights are stored: f32, or bf16 (as Google ships Gemma 3).
         #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
         dtype: String,
         /// Output directory.
         out: PathBuf,
     },
+}
+
+/// Every shape of `pipeline dev random-model`, with what it is, from the
+/// model families.
+fn random_shapes() -> clap::builder::PossibleValuesParser {
+    let shapes = pipeline_model::Arch::random_shapes();
+    clap::builder::PossibleValuesParser::new(
+        shapes.into_iter().map(|(name, what)| clap::builder::PossibleValue::new(name).help(what)),
+    )
 }
 
 fn parse_axis(s: &str) -> Result<Axis, String> {

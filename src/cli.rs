@@ -238,23 +238,11 @@ fn validate(recipes: Vec<PathBuf>, set: Vec<Override>) -> Result<()> {
     Ok(())
 }
 
-/// `pipeline dev random-model`: a random-weight checkpoint of a real architecture (for tests).
-fn random_model(arch: String, tokenizer: PathBuf, vocab: usize, seed: u64, dtype: &str, out: PathBuf) -> Result<()> {
-    use pipeline_model::qwen::Variant;
-    use pipeline_model::testing::{TinyGemma3, TinyLlama, TinyQwen};
+/// `pipeline dev random-model`: a random-weight checkpoint of a real
+/// architecture, in a shape its family names.
+fn random_model(shape: String, tokenizer: PathBuf, vocab: usize, seed: u64, dtype: &str, out: PathBuf) -> Result<()> {
     let dtype = if dtype == "bf16" { candle_core::DType::BF16 } else { candle_core::DType::F32 };
-    if dtype != candle_core::DType::F32 && !arch.starts_with("gemma3") {
-        bail!("--dtype bf16 is for the Gemma 3 architectures; `{arch}` is written in f32");
-    }
-    match arch.as_str() {
-        "gemma3" => TinyGemma3::new(vocab).write_as(&out, &tokenizer, seed, dtype)?,
-        "gemma3-270m" => TinyGemma3::gemma3_270m(vocab).write_as(&out, &tokenizer, seed, dtype)?,
-        "gemma3-1b" => TinyGemma3::gemma3_1b(vocab).write_as(&out, &tokenizer, seed, dtype)?,
-        "qwen3" => TinyQwen::new(Variant::Qwen3, vocab).write(&out, &tokenizer, seed)?,
-        "qwen2" => TinyQwen::new(Variant::Qwen2, vocab).write(&out, &tokenizer, seed)?,
-        "llama" => TinyLlama::new(vocab).write(&out, &tokenizer, seed)?,
-        other => bail!("unknown --arch `{other}`: use gemma3, gemma3-270m, gemma3-1b, qwen3, qwen2 or llama"),
-    }
+    pipeline_model::Arch::write_random(&shape, vocab, &out, &tokenizer, seed, dtype)?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }

@@ -92,6 +92,28 @@ pub trait Family: std::fmt::Debug + Send + Sync {
     /// The family's model on `weights`, with rotary tables for
     /// `max_positions`.
     fn build(&self, weights: &mut Weights, max_positions: usize) -> Result<Box<dyn CausalLm>>;
+
+    /// The shapes `pipeline dev random-model --arch NAME` writes for this
+    /// family, each with what it is: a tiny one for tests, real models'
+    /// for speed and memory measurements without their weights.
+    fn random_shapes() -> &'static [(&'static str, &'static str)]
+    where
+        Self: Sized;
+
+    /// Writes a random-weight checkpoint of shape `name` (one of
+    /// [`Family::random_shapes`]) in the real HF layout into `dir`, its
+    /// weights stored as `dtype`, with the tokenizer files of `tokenizer`
+    /// ([`crate::testing`]).
+    fn write_random(
+        name: &str,
+        vocab_size: usize,
+        dir: &std::path::Path,
+        tokenizer: &std::path::Path,
+        seed: u64,
+        dtype: candle_core::DType,
+    ) -> Result<()>
+    where
+        Self: Sized;
 }
 
 /// The transformers name of a llama.cpp tensor name under `layer_names`.
@@ -159,6 +181,28 @@ macro_rules! families {
                     return Some(<$config as Family>::from_hf_config(model_type, v).map(Arch::$variant));
                 })+
                 None
+            }
+
+            /// Every family's random-checkpoint shapes (name, what it is).
+            pub fn random_shapes() -> Vec<(&'static str, &'static str)> {
+                [$(<$config as Family>::random_shapes()),+].concat()
+            }
+
+            /// Writes a random checkpoint of shape `name`
+            /// ([`Family::write_random`] of the family that has it).
+            pub fn write_random(
+                name: &str,
+                vocab_size: usize,
+                dir: &std::path::Path,
+                tokenizer: &std::path::Path,
+                seed: u64,
+                dtype: candle_core::DType,
+            ) -> Result<()> {
+                $(if <$config as Family>::random_shapes().iter().any(|(n, _)| *n == name) {
+                    return <$config as Family>::write_random(name, vocab_size, dir, tokenizer, seed, dtype);
+                })+
+                let known: Vec<&str> = Arch::random_shapes().iter().map(|(n, _)| *n).collect();
+                Err(Error::Unsupported(format!("no random shape `{name}` (known: {})", known.join(", "))))
             }
 
             /// The family whose `gguf_archs` holds the file's architecture.

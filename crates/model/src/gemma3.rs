@@ -233,6 +233,31 @@ impl Family for Config {
     fn build(&self, weights: &mut Weights, max_positions: usize) -> crate::Result<Box<dyn crate::CausalLm>> {
         Ok(Box::new(Gemma3::new(self.clone(), weights, max_positions)?))
     }
+
+    fn random_shapes() -> &'static [(&'static str, &'static str)] {
+        &[
+            ("gemma3", "Gemma 3, two layers (one sliding, one global), 64 wide"),
+            ("gemma3-270m", "Gemma 3 270M's shape: 18 layers, 640 wide"),
+            ("gemma3-1b", "Gemma 3 1B's shape: 26 layers, 1152 wide"),
+        ]
+    }
+
+    fn write_random(
+        name: &str,
+        vocab_size: usize,
+        dir: &std::path::Path,
+        tokenizer: &std::path::Path,
+        seed: u64,
+        dtype: candle_core::DType,
+    ) -> crate::Result<()> {
+        use crate::testing::TinyGemma3;
+        let shape = match name {
+            "gemma3-270m" => TinyGemma3::gemma3_270m(vocab_size),
+            "gemma3-1b" => TinyGemma3::gemma3_1b(vocab_size),
+            _ => TinyGemma3::new(vocab_size),
+        };
+        shape.write_as(dir, tokenizer, seed, dtype)
+    }
 }
 
 impl Config {

@@ -385,6 +385,31 @@ impl Family for Config {
     fn build(&self, weights: &mut Weights, max_positions: usize) -> crate::Result<Box<dyn CausalLm>> {
         Ok(Box::new(qwen::Qwen::new(Variant::Llama, self.decoder()?, weights, max_positions)?))
     }
+
+    fn random_shapes() -> &'static [(&'static str, &'static str)] {
+        &[
+            ("llama", "Llama, two layers, 64 wide"),
+            ("smollm2-135m", "SmolLM2-135M's shape: 30 layers, 576 wide"),
+            ("llama3.2-1b", "Llama 3.2 1B's shape: 16 layers, 2048 wide, llama3 rotary scaling"),
+        ]
+    }
+
+    fn write_random(
+        name: &str,
+        vocab_size: usize,
+        dir: &std::path::Path,
+        tokenizer: &std::path::Path,
+        seed: u64,
+        dtype: candle_core::DType,
+    ) -> crate::Result<()> {
+        use crate::testing::TinyLlama;
+        let shape = match name {
+            "smollm2-135m" => TinyLlama::smollm2_135m(vocab_size),
+            "llama3.2-1b" => TinyLlama::llama3_2_1b(vocab_size),
+            _ => TinyLlama::new(vocab_size),
+        };
+        shape.write_as(dir, tokenizer, seed, dtype)
+    }
 }
 
 #[cfg(test)]

@@ -237,6 +237,31 @@ impl Family for Config {
     fn build(&self, weights: &mut Weights, max_positions: usize) -> crate::Result<Box<dyn crate::CausalLm>> {
         Ok(Box::new(Qwen::new(self.variant, self.clone(), weights, max_positions)?))
     }
+
+    fn random_shapes() -> &'static [(&'static str, &'static str)] {
+        &[
+            ("qwen3", "Qwen3, two layers, 64 wide"),
+            ("qwen2", "Qwen2, two layers, 64 wide"),
+            ("qwen3-0.6b", "Qwen3 0.6B's shape: 28 layers, 1024 wide"),
+        ]
+    }
+
+    fn write_random(
+        name: &str,
+        vocab_size: usize,
+        dir: &std::path::Path,
+        tokenizer: &std::path::Path,
+        seed: u64,
+        dtype: candle_core::DType,
+    ) -> crate::Result<()> {
+        use crate::testing::TinyQwen;
+        let shape = match name {
+            "qwen3-0.6b" => TinyQwen::qwen3_0_6b(vocab_size),
+            "qwen2" => TinyQwen::new(Variant::Qwen2, vocab_size),
+            _ => TinyQwen::new(Variant::Qwen3, vocab_size),
+        };
+        shape.write_as(dir, tokenizer, seed, dtype)
+    }
 }
 
 struct Layer {

@@ -154,9 +154,28 @@ impl TinyQwen {
         }
     }
 
+    /// The shape of the real Qwen3 0.6B (28 layers, 1024 wide, 16 heads of
+    /// 128, 8 kv heads, MLP 3072).
+    pub fn qwen3_0_6b(vocab_size: usize) -> TinyQwen {
+        TinyQwen {
+            hidden_size: 1024,
+            intermediate_size: 3072,
+            layers: 28,
+            heads: 16,
+            kv_heads: 8,
+            head_dim: 128,
+            ..TinyQwen::new(super::qwen::Variant::Qwen3, vocab_size)
+        }
+    }
+
     /// Writes `config.json` (every field transformers and candle-transformers
-    /// read) and `model.safetensors`, and copies the tokenizer files.
+    /// read) and `model.safetensors` (f32), and copies the tokenizer files.
     pub fn write(&self, dir: &Path, tokenizer_dir: &Path, seed: u64) -> Result<()> {
+        self.write_as(dir, tokenizer_dir, seed, DType::F32)
+    }
+
+    /// [`TinyQwen::write`] with the weights stored as `dtype`.
+    pub fn write_as(&self, dir: &Path, tokenizer_dir: &Path, seed: u64, dtype: DType) -> Result<()> {
         use super::qwen::Variant;
         let qwen3 = self.variant == Variant::Qwen3;
         let config = serde_json::json!({
@@ -178,7 +197,7 @@ impl TinyQwen {
             "use_sliding_window": false,
             "tie_word_embeddings": true,
             "hidden_act": "silu",
-            "torch_dtype": "float32",
+            "torch_dtype": torch_dtype(dtype)?,
         });
         let mut w = RandomWeights::new(seed);
         let (h, i, nh, nkv, hd) = (self.hidden_size, self.intermediate_size, self.heads, self.kv_heads, self.head_dim);
@@ -200,7 +219,7 @@ impl TinyQwen {
                 }
             }
         }
-        w.save(dir, &config, tokenizer_dir, DType::F32)
+        w.save(dir, &config, tokenizer_dir, dtype)
     }
 }
 
@@ -232,9 +251,44 @@ impl TinyLlama {
         }
     }
 
+    /// The shape of the real SmolLM2-135M (30 layers, 576 wide, 9 heads of
+    /// 64, 3 kv heads, MLP 1536, rotary base 100 000).
+    pub fn smollm2_135m(vocab_size: usize) -> TinyLlama {
+        TinyLlama {
+            hidden_size: 576,
+            intermediate_size: 1536,
+            layers: 30,
+            heads: 9,
+            kv_heads: 3,
+            rope_theta: 100_000.0,
+            ..TinyLlama::new(vocab_size)
+        }
+    }
+
+    /// The shape of the real Llama 3.2 1B (16 layers, 2048 wide, 32 heads
+    /// of 64, 8 kv heads, MLP 8192, Llama 3's rotary scaling).
+    pub fn llama3_2_1b(vocab_size: usize) -> TinyLlama {
+        TinyLlama {
+            hidden_size: 2048,
+            intermediate_size: 8192,
+            layers: 16,
+            heads: 32,
+            kv_heads: 8,
+            rope_theta: 500_000.0,
+            rope_scaling: Some(serde_json::json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+            ..TinyLlama::new(vocab_size)
+        }
+    }
+
     /// Writes `config.json` (as transformers' `LlamaConfig` states it) and
-    /// `model.safetensors`, and copies the tokenizer files.
+    /// `model.safetensors` (f32), and copies the tokenizer files.
     pub fn write(&self, dir: &Path, tokenizer_dir: &Path, seed: u64) -> Result<()> {
+        self.write_as(dir, tokenizer_dir, seed, DType::F32)
+    }
+
+    /// [`TinyLlama::write`] with the weights stored as `dtype`.
+    pub fn write_as(&self, dir: &Path, tokenizer_dir: &Path, seed: u64, dtype: DType) -> Result<()> {
         let hd = self.hidden_size / self.heads;
         let config = serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
@@ -254,7 +308,7 @@ impl TinyLlama {
             "tie_word_embeddings": true,
             "attention_bias": false,
             "mlp_bias": false,
-            "torch_dtype": "float32",
+            "torch_dtype": torch_dtype(dtype)?,
         });
         let mut w = RandomWeights::new(seed);
         let (h, i, nh, nkv) = (self.hidden_size, self.intermediate_size, self.heads, self.kv_heads);
@@ -267,7 +321,7 @@ impl TinyLlama {
                 w.add(format!("{p}.{name}"), &[h], 5.0, 1.0)?;
             }
         }
-        w.save(dir, &config, tokenizer_dir, DType::F32)
+        w.save(dir, &config, tokenizer_dir, dtype)
     }
 }
 
