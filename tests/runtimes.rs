@@ -400,6 +400,27 @@ fn smollm2_written_back_is_the_original_and_quantizes_as_llama_quantize_does() {
     let f16 = llama_perplexity(&ppl, &ours_f16);
     eprintln!("SmolLM2 perplexity (llama.cpp, -c 256): the original in f32 {reference:.4}, our f16 {f16:.4}");
     assert!((f16 / reference - 1.0).abs() < 0.001, "our f16 scores {f16}, the original {reference}");
+    // Every file carries the same vocabulary, `smollm` pre-tokenizer and
+    // special-token settings (so each tokenizes as the Q8_0 file that
+    // `a_gguf_alone_brings_its_tokenizer…` runs through llama-tokenize).
+    let tokenizer_md = |path: &Path| {
+        let mut f = std::fs::File::open(path).unwrap();
+        let md = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap().metadata;
+        let mut v: Vec<(String, String)> = md
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .map(|(k, v)| (k.clone(), format!("{v:?}")))
+            .collect();
+        v.sort();
+        v
+    };
+    let vocabulary = tokenizer_md(&ours_f32);
+    assert!(
+        vocabulary.iter().any(|(k, v)| k == "tokenizer.ggml.pre" && v.contains("\"smollm\"")),
+        "{:?}",
+        &vocabulary[..3]
+    );
+    assert!(tokenizer_md(&ours_f16) == vocabulary, "f16: the tokenizer differs from the f32 file's");
     for (ty, name) in [(QuantType::Q8_0, "Q8_0"), (QuantType::Q4KM, "Q4_K_M"), (QuantType::Q4_1, "Q4_1")] {
         let (ours, theirs) =
             (dir.path().join(format!("ours.{name}.gguf")), dir.path().join(format!("theirs.{name}.gguf")));
@@ -407,6 +428,7 @@ fn smollm2_written_back_is_the_original_and_quantizes_as_llama_quantize_does() {
         llama_quantize(&ours_f32, &theirs, name);
         let differ = differing_tensors(&ours, &theirs);
         assert!(differ.is_empty(), "{name}: tensors whose blocks differ from llama-quantize's: {differ:?}");
+        assert!(tokenizer_md(&ours) == vocabulary, "{name}: the tokenizer differs from the f32 file's");
     }
 }
 
