@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
-use pipeline::stages::custom::{self, CustomStage};
+use pipeline::stages::custom::CustomStage;
 use pipeline::stages::{Env, RunContext, Stage};
 use pipeline::{Executor, Recipe};
 use serde::{Deserialize, Serialize};
@@ -70,7 +70,7 @@ impl CustomStage for ColumnStats {
 }
 
 fn main() -> Result<()> {
-    custom::register::<ColumnStats>("column-stats");
+    pipeline::stages::register::<ColumnStats>("column-stats");
 
     let dir = std::env::temp_dir().join(format!("pipeline-custom-stage-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;

@@ -204,7 +204,7 @@ fn fetch(args: RecipeArgs) -> Result<()> {
     let exec = args.executor()?;
     for recipe in &recipes {
         exec.plan(recipe, None)?;
-        let model = pipeline::model_source::resolve_with_weights(recipe)?;
+        let model = pipeline::model_source::resolve_with_weights(&recipe.settings())?;
         println!(
             "{}: {} ({} weights file(s) in {})",
             recipe.recipe.name,

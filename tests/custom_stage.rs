@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use pipeline::stages::custom::{self, CustomStage};
+use pipeline::stages::custom::CustomStage;
 use pipeline::stages::{Env, RunContext, Stage};
 use pipeline::{Executor, Recipe};
 use serde::{Deserialize, Serialize};
@@ -47,7 +47,7 @@ fn recipe_text(extra: &str) -> String {
 
 #[test]
 fn a_registered_kind_runs_caches_and_reports_mistakes() {
-    custom::register::<Echo>("echo");
+    pipeline::stages::register::<Echo>("echo");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("qa.jsonl"), "{\"question\": \"q\", \"answer\": \"a\"}\n").unwrap();
     let path = dir.path().join("r.toml");

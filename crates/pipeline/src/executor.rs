@@ -185,14 +185,13 @@ impl Executor {
     /// Computes every stage's key and status, up to `until` (and what it
     /// needs) when given.
     pub fn plan(&self, recipe: &Recipe, until: Option<&str>) -> Result<Plan> {
-        let env = Env::new(recipe, &self.memo);
-        let plan = self.plan_with(&env, until)?;
+        let env = Env::new(recipe.settings(), &self.memo);
+        let plan = self.plan_with(recipe, &env, until)?;
         self.memo.save().ok();
         Ok(plan)
     }
 
-    fn plan_with(&self, env: &Env, until: Option<&str>) -> Result<Plan> {
-        let recipe = env.recipe;
+    fn plan_with(&self, recipe: &Recipe, env: &Env, until: Option<&str>) -> Result<Plan> {
         let order = execution_order(recipe, until)?;
         let mut keys: BTreeMap<String, CacheKey> = BTreeMap::new();
         let mut stages = Vec::new();
@@ -284,8 +283,8 @@ impl Executor {
         if let Some(remote) = &self.remote {
             remote.check_writable()?;
         }
-        let env = Env::new(recipe, &self.memo);
-        let plan = self.plan_with(&env, until)?;
+        let env = Env::new(recipe.settings(), &self.memo);
+        let plan = self.plan_with(recipe, &env, until)?;
         self.memo.save().ok();
         let mut dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
         let mut outcomes = Vec::new();
@@ -324,7 +323,7 @@ impl Executor {
                         ));
                     }
                 }
-                self.run_stage(&env, sp, &dirs)?
+                self.run_stage(recipe, &env, sp, &dirs)?
             };
             let elapsed = started.elapsed().as_secs_f64();
             self.store.set_ref(&recipe.ref_name(), &sp.name, &sp.key)?;
@@ -357,7 +356,7 @@ impl Executor {
 
     /// Runs one stage unless it is (or, after waiting for a lock, has become)
     /// cached, locally or in the remote cache.
-    fn run_stage(&self, env: &Env, sp: &StagePlan, dirs: &BTreeMap<String, PathBuf>) -> Result<Done> {
+    fn run_stage(&self, recipe: &Recipe, env: &Env, sp: &StagePlan, dirs: &BTreeMap<String, PathBuf>) -> Result<Done> {
         if self.store.is_finished(&sp.key) {
             self.push(sp)?;
             return Ok(Done::Cached);
@@ -378,7 +377,7 @@ impl Executor {
             // The decision to resume is taken again, from the remote, now:
             // a checkpoint may have appeared (or been out of reach) since the
             // plan was made.
-            let stage = env.recipe.stages[&sp.name].stage();
+            let stage = recipe.stages[&sp.name].stage();
             if stage.resumable() && stage.resume_point(&work).is_none() {
                 let step = remote.pull_latest_checkpoint(&sp.key, &pipeline_train::checkpoint::dir(&work))?;
                 if let Some(step) = step {
@@ -396,7 +395,7 @@ impl Executor {
             (_, Some(reason)) => tracing::info!(stage = %sp.name, %reason, "running"),
             _ => {}
         }
-        let spec = &env.recipe.stages[&sp.name];
+        let spec = &recipe.stages[&sp.name];
         let ctx = RunContext {
             name: &sp.name,
             key: &sp.key,

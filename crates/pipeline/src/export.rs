@@ -96,7 +96,7 @@ fn write_new(path: &Path, text: &str, force: bool) -> Result<()> {
 /// base model's identity, the datasets, the training that made the adapter
 /// and the recipe's first finished evaluation of it.
 fn card_facts(exec: &Executor, recipe: &Recipe, plan: &crate::executor::Plan, stage: &str) -> Result<CardFacts> {
-    let provenance = crate::model_source::resolve(recipe).map(|m| m.provenance()).unwrap_or_default();
+    let provenance = crate::model_source::resolve(&recipe.settings()).map(|m| m.provenance()).unwrap_or_default();
     let mut facts = CardFacts {
         base_model: model_card::base_model_id(recipe, provenance.hub_id),
         license: provenance.license,

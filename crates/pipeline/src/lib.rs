@@ -33,6 +33,7 @@ pub mod recipe;
 pub mod report;
 pub mod server_eval;
 pub mod session;
+pub mod settings;
 pub mod stages;
 pub mod sweep;
 pub mod threads;

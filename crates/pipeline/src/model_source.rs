@@ -14,7 +14,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::recipe::{ModelSpec, Recipe, resolve_against};
+use crate::settings::{ModelSpec, Settings, resolve_against};
 use pipeline_data::hub::{self, HubRepo};
 pub use pipeline_model::ModelFiles;
 
@@ -32,13 +32,13 @@ const MODEL_FILES: &[&str] = &[
 
 /// Finds the model files for a recipe's `[model]` table; the weights of a
 /// `hf://` model may not be downloaded yet ([`fetch_weights`]).
-pub fn resolve(recipe: &Recipe) -> Result<ModelFiles> {
-    resolve_spec(&recipe.model, &recipe.base_dir(), &recipe.path)
+pub fn resolve(settings: &Settings) -> Result<ModelFiles> {
+    resolve_spec(&settings.model, &settings.base_dir, &settings.path)
 }
 
 /// [`resolve`], with the weights on disk.
-pub fn resolve_with_weights(recipe: &Recipe) -> Result<ModelFiles> {
-    let m = resolve(recipe)?;
+pub fn resolve_with_weights(settings: &Settings) -> Result<ModelFiles> {
+    let m = resolve(settings)?;
     fetch_weights(&m)?;
     Ok(m)
 }

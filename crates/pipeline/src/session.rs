@@ -49,7 +49,7 @@ impl Session {
         let (resolved, template_choice, base_dir, mut adapter, seed) = match (&choice.recipe, &choice.model) {
             (Some(path), None) => {
                 let recipe = Recipe::load(path, &[])?;
-                let resolved = crate::model_source::resolve_with_weights(&recipe)?;
+                let resolved = crate::model_source::resolve_with_weights(&recipe.settings())?;
                 let adapter = recipe_output(&recipe, choice)?;
                 (resolved, recipe.model.chat_template.clone(), recipe.base_dir(), adapter, recipe.recipe.seed)
             }

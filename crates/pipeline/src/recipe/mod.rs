@@ -32,6 +32,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Location, RecipeError, did_you_mean};
+pub use crate::settings::{ModelSpec, ReportTo, Settings, resolve_against};
 pub use crate::stages::registry::{Input, KINDS, StageSpec};
 
 pub use overrides::Override;
@@ -93,14 +94,6 @@ pub struct RecipeMeta {
     pub report_to: Vec<ReportTo>,
 }
 
-/// A logging integration for `report_to`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum ReportTo {
-    Tensorboard,
-    None,
-}
-
 fn default_report_to() -> Vec<ReportTo> {
     vec![ReportTo::Tensorboard]
 }
@@ -110,32 +103,6 @@ fn default_device() -> String {
 }
 fn default_seed() -> u64 {
     42
-}
-
-/// The `[model]` table.
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSpec {
-    /// The base model: `hf://OWNER/NAME[@REV]`, a local directory in Hugging
-    /// Face layout (config.json, tokenizer.json, tokenizer_config.json,
-    /// *.safetensors or a *.gguf), or a local `.gguf` file. Relative paths
-    /// resolve against the recipe's directory.
-    pub base: String,
-    /// Where to take `tokenizer.json` (and `tokenizer_config.json`) from, when
-    /// not beside the weights: a directory or a `tokenizer.json` path.
-    #[serde(default)]
-    pub tokenizer: Option<String>,
-    /// The chat template used in training *and* written into the served
-    /// model: `model` (default: the one in tokenizer_config.json), a built-in
-    /// (`gemma`, `gemma-tools`, `chatml`, `chatml-tools`, `alpaca`), or the path of a Jinja file.
-    #[serde(default)]
-    pub chat_template: Option<String>,
-    /// The base model's Hugging Face id, for the model cards `export`
-    /// writes, when `base` is a local path (e.g. `google/gemma-3-270m`;
-    /// default: the id of an `hf://` base, else what its files say). Not
-    /// part of any cache key.
-    #[serde(default)]
-    pub hub_id: Option<String>,
 }
 
 impl Recipe {
@@ -245,6 +212,19 @@ impl Recipe {
         }
     }
 
+    /// The settings its stages read ([`Settings`]).
+    pub fn settings(&self) -> Settings {
+        Settings {
+            name: self.recipe.name.clone(),
+            seed: self.recipe.seed,
+            device: self.recipe.device.clone(),
+            report_to: self.recipe.report_to.clone(),
+            model: self.model.clone(),
+            base_dir: self.base_dir(),
+            path: self.path.clone(),
+        }
+    }
+
     /// Resolves a path written in the recipe.
     pub fn resolve_path(&self, p: &str) -> PathBuf {
         resolve_against(&self.base_dir(), p)
@@ -337,12 +317,6 @@ fn custom_stage_names(stages: &toml::Table) -> Vec<String> {
         .filter(|(_, v)| v.get("kind").and_then(|k| k.as_str()).is_some_and(crate::stages::custom::is_registered))
         .map(|(k, _)| k.clone())
         .collect()
-}
-
-/// `p` if absolute, else `p` under `base`.
-pub fn resolve_against(base: &Path, p: &str) -> PathBuf {
-    let p = Path::new(p);
-    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
 }
 
 fn is_valid_device(d: &str) -> bool {

@@ -3,7 +3,7 @@
 //! A program registers a kind before parsing recipes:
 //!
 //! ```ignore
-//! pipeline::stages::custom::register::<WordCount>("word-count");
+//! pipeline::stages::register::<WordCount>("word-count");
 //! ```
 //!
 //! and recipes may then hold `[stages.x] kind = "word-count"`. The table's
@@ -32,11 +32,9 @@ type Build = fn(toml::Value) -> Result<Arc<dyn CustomStage>, toml::de::Error>;
 
 static REGISTRY: RwLock<BTreeMap<String, Build>> = RwLock::new(BTreeMap::new());
 
-/// Makes `kind` usable in recipes, with parameters of type `P`.
-///
-/// Panics if `kind` is a built-in kind.
-pub fn register<P: CustomStage + DeserializeOwned + 'static>(kind: &str) {
-    assert!(!crate::recipe::KINDS.contains(&kind), "`{kind}` is a built-in stage kind");
+/// Adds `kind` (see [`super::register`], which checks that it is not a
+/// built-in kind).
+pub(super) fn add<P: CustomStage + DeserializeOwned + 'static>(kind: &str) {
     fn build<P: CustomStage + DeserializeOwned + 'static>(
         v: toml::Value,
     ) -> Result<Arc<dyn CustomStage>, toml::de::Error> {

@@ -264,8 +264,8 @@ impl Stage for Params {
             // part of the key (of constrained evaluations only).
             v["call_grammar"] = CallGrammar::VERSION.into();
         }
-        v["seed"] = env.recipe.recipe.seed.into();
-        v["device"] = env.recipe.recipe.device.clone().into();
+        v["seed"] = env.settings.seed.into();
+        v["device"] = env.settings.device.clone().into();
         v
     }
 
@@ -435,7 +435,7 @@ impl<'a> Evaluation<'a> {
             Task::Auto => Task::Qa,
             t => t,
         };
-        let device = model::device(&ctx.env.recipe.recipe.device)?;
+        let device = model::device(&ctx.env.settings.device)?;
         let model = model::load_for_inference(resolved, &device)?;
         let adapter = match &p.adapter {
             Some(_) => Some(pipeline_model::adapter::LoadedAdapter::read(ctx.input("adapter"), &device)?),
@@ -544,7 +544,7 @@ impl<'a> Evaluation<'a> {
     fn evaluate(&self, subject: Subject) -> Result<ModelResult> {
         let t0 = std::time::Instant::now();
         let generator = self.generator();
-        let seed = self.ctx.env.recipe.recipe.seed;
+        let seed = self.ctx.env.settings.seed;
         let pb = crate::report::bar(self.rows.len() as u64, &format!("evaluate {}", subject.name()));
         let mut records: Vec<(usize, Tally, Value)> = Vec::with_capacity(self.rows.len());
         let mut last: Option<Scored> = None;
@@ -708,7 +708,7 @@ impl<'a> Evaluation<'a> {
             messages.push(Message::new("user", prompt));
             let text = self.template.render(&messages, first.tools.as_ref(), true)?;
             let ids = pipeline_infer::generate::encode(&self.tokenizer, &text)?;
-            let g = generator.generate(&ids, &self.p.generation, self.ctx.env.recipe.recipe.seed, &mut |_| {})?;
+            let g = generator.generate(&ids, &self.p.generation, self.ctx.env.settings.seed, &mut |_| {})?;
             let parsed = pipeline_infer::toolcall::parse(&g.text);
             out.push(SpotCheck { model: subject.name().into(), prompt: prompt.clone(), generated: g.text, parsed });
         }
@@ -723,7 +723,7 @@ impl<'a> Evaluation<'a> {
     ) -> String {
         let mut s = format!(
             "# Evaluation of `{}` on split `{}`\n\n{} rows, task `{}`, greedy = {}, max_new_tokens = {}{}.\n",
-            self.ctx.env.recipe.recipe.name,
+            self.ctx.env.settings.name,
             self.split,
             self.rows.len(),
             serde_json::to_value(self.task).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),

@@ -97,7 +97,7 @@ impl Params {
 
     /// The data files, each with its split and a stable label.
     fn resolve(&self, env: &Env) -> Result<Resolved> {
-        let recipe = env.recipe;
+        let settings = &env.settings;
         let mut files = Vec::new();
         let mut revision = None;
         if let Some(source) = &self.source {
@@ -125,16 +125,16 @@ impl Params {
                 }
                 revision = Some(snapshot.revision);
             } else {
-                let matched = expand_local(&recipe.resolve_path(source))
-                    .with_context(|| format!("{}: source = \"{source}\"", recipe.path.display()))?;
+                let matched = expand_local(&settings.resolve_path(source))
+                    .with_context(|| format!("{}: source = \"{source}\"", settings.path.display()))?;
                 for (label, path) in matched {
                     files.push(DataFile { split: data::split_of(&label), label, path });
                 }
             }
         } else {
             for (split, pattern) in &self.files {
-                let matched = expand_local(&recipe.resolve_path(pattern))
-                    .with_context(|| format!("{}: files.{split} = \"{pattern}\"", recipe.path.display()))?;
+                let matched = expand_local(&settings.resolve_path(pattern))
+                    .with_context(|| format!("{}: files.{split} = \"{pattern}\"", settings.path.display()))?;
                 for (label, path) in matched {
                     files.push(DataFile { split: split.clone(), label, path });
                 }
@@ -242,7 +242,7 @@ impl Stage for Params {
     fn params(&self, env: &Env) -> Value {
         let mut v = serde_json::to_value(self).expect("params serialize");
         if self.uses_seed() {
-            v["seed"] = env.recipe.recipe.seed.into();
+            v["seed"] = env.settings.seed.into();
         }
         v
     }
@@ -273,7 +273,7 @@ impl Stage for Params {
         pb.finish();
         let source_rows: BTreeMap<String, usize> = splits.iter().map(|(s, r)| (s.clone(), r.len())).collect();
 
-        let seed = ctx.env.recipe.recipe.seed;
+        let seed = ctx.env.settings.seed;
         for (split, rows) in splits.iter_mut() {
             *rows = self.apply_keep(std::mem::take(rows), seed, split)?;
         }

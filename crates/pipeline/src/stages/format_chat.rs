@@ -269,7 +269,7 @@ impl Stage for Params {
         }
         let mut inputs = BTreeMap::from([("chat template".to_string(), h.finalize().to_hex().to_string())]);
         if let Some(f) = &self.tools_file {
-            let path = env.recipe.base_dir().join(f);
+            let path = env.settings.base_dir.join(f);
             let bytes = std::fs::read(&path)
                 .with_context(|| format!("tools_file = \"{f}\": cannot read {}", path.display()))?;
             inputs.insert("tools file".into(), blake3::hash(&bytes).to_hex().to_string());
@@ -298,7 +298,7 @@ impl Stage for Params {
         };
         let fixed_tools = match &self.tools_file {
             Some(f) => {
-                let path = ctx.env.recipe.base_dir().join(f);
+                let path = ctx.env.settings.base_dir.join(f);
                 let text = std::fs::read_to_string(&path)
                     .with_context(|| format!("tools_file = \"{f}\": cannot read {}", path.display()))?;
                 Some(pipeline_infer::tooluse::read_tools(&text).map_err(|e| {
@@ -379,7 +379,7 @@ struct Unusable(String);
 
 fn template(env: &Env) -> Result<ChatTemplate> {
     let model = env.model()?;
-    Ok(ChatTemplate::for_model(model, env.recipe.model.chat_template.as_deref(), &env.recipe.base_dir())?)
+    Ok(ChatTemplate::for_model(model, env.settings.model.chat_template.as_deref(), &env.settings.base_dir)?)
 }
 
 impl Params {

@@ -291,13 +291,13 @@ impl Stage for Params {
 
     fn params(&self, env: &Env) -> Value {
         let mut v = serde_json::to_value(self).expect("params serialize");
-        v["seed"] = env.recipe.recipe.seed.into();
-        v["device"] = env.recipe.recipe.device.clone().into();
+        v["seed"] = env.settings.seed.into();
+        v["device"] = env.settings.device.clone().into();
         // The resolved precision, not the choice (`auto` differs between
         // machines); f32, the default, leaves the key as it was before the
         // option existed.
         v.as_object_mut().expect("params are a table").remove("precision");
-        let precision = self.precision.resolve(&env.recipe.recipe.device);
+        let precision = self.precision.resolve(&env.settings.device);
         if precision != Precision::F32 {
             v["precision"] = precision.name().into();
         }
@@ -334,12 +334,12 @@ impl Stage for Params {
         // Rotary tables for the longest example (the trainer checks it fits).
         let longest = train.longest().max(eval.as_ref().map_or(0, TokenizedSplit::longest)).max(1);
         let base = ctx.env.model_weights()?;
-        let device = pipeline_model::device(&ctx.env.recipe.recipe.device)?;
-        let precision = self.precision.resolve(&ctx.env.recipe.recipe.device);
+        let device = pipeline_model::device(&ctx.env.settings.device)?;
+        let precision = self.precision.resolve(&ctx.env.settings.device);
         tracing::info!("frozen base weights in {}; CPU kernels: {}", precision.name(), pipeline_model::cpu_paths());
         let model = pipeline_model::load_in(base, &device, longest, precision)?;
 
-        let mut trainer = Trainer::new(model, train, eval, self.config(ctx.env.recipe.recipe.seed))?;
+        let mut trainer = Trainer::new(model, train, eval, self.config(ctx.env.settings.seed))?;
         trainer.resume(&ctx.work)?;
         let shape = RunShape {
             steps_per_epoch: trainer.steps_per_epoch(),
@@ -349,7 +349,7 @@ impl Stage for Params {
             checkpoint_every: self.checkpoint_every,
             examples_per_step: self.gradient_accumulation,
         };
-        let live = if ctx.env.recipe.recipe.report_to.contains(&crate::recipe::ReportTo::Tensorboard) {
+        let live = if ctx.env.settings.report_to.contains(&crate::settings::ReportTo::Tensorboard) {
             let dir = ctx.work.join("runs");
             tracing::info!("training curves live: tensorboard --logdir {}", dir.display());
             Some(TensorBoard::create(&dir, shape)?)

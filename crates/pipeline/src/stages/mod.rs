@@ -23,10 +23,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use crate::recipe::Recipe;
+use crate::settings::Settings;
 use pipeline_cache::{CacheKey, HashMemo};
 use pipeline_model::ModelFiles;
-pub use registry::{Input, Kind, Rule, StageKind};
+pub use registry::{Input, Kind, Rule, StageKind, register};
 
 /// What every stage kind implements.
 pub trait Stage {
@@ -59,17 +59,17 @@ pub trait Stage {
     }
 }
 
-/// What stages may consult while planning and running: the recipe, the
-/// content-hash memo and the (lazily resolved) base model.
+/// What stages may consult while planning and running: the recipe's
+/// settings, the content-hash memo and the (lazily resolved) base model.
 pub struct Env<'a> {
-    pub recipe: &'a Recipe,
+    pub settings: Settings,
     pub memo: &'a HashMemo,
     model: OnceCell<std::result::Result<ModelFiles, String>>,
 }
 
 impl<'a> Env<'a> {
-    pub fn new(recipe: &'a Recipe, memo: &'a HashMemo) -> Self {
-        Env { recipe, memo, model: OnceCell::new() }
+    pub fn new(settings: Settings, memo: &'a HashMemo) -> Self {
+        Env { settings, memo, model: OnceCell::new() }
     }
 
     /// The base model's weights on disk: [`Env::model`], with the weights
@@ -84,7 +84,7 @@ impl<'a> Env<'a> {
     /// `hf://` model may not be on disk yet ([`Env::model_weights`]).
     pub fn model(&self) -> Result<&ModelFiles> {
         self.model
-            .get_or_init(|| crate::model_source::resolve(self.recipe).map_err(|e| format!("{e:#}")))
+            .get_or_init(|| crate::model_source::resolve(&self.settings).map_err(|e| format!("{e:#}")))
             .as_ref()
             .map_err(|e| anyhow::anyhow!("{e}"))
     }

@@ -90,7 +90,7 @@ impl Stage for Params {
 
     fn params(&self, env: &Env) -> Value {
         let mut v = serde_json::to_value(self).expect("params serialize");
-        v["recipe_name"] = env.recipe.recipe.name.clone().into();
+        v["recipe_name"] = env.settings.name.clone().into();
         v
     }
 
@@ -143,9 +143,9 @@ impl Stage for Params {
             }
         }
         let stops = pipeline_infer::generate::stop_tokens(&template.end_of_turn, &template.eos_token);
-        let modelfile = self.modelfile(&ctx.env.recipe.recipe.name, family, &template.eos_token, &stops);
+        let modelfile = self.modelfile(&ctx.env.settings.name, family, &template.eos_token, &stops);
         std::fs::write(ctx.out.join("Modelfile"), &modelfile)?;
-        let name = self.name.clone().unwrap_or_else(|| ctx.env.recipe.recipe.name.clone());
+        let name = self.name.clone().unwrap_or_else(|| ctx.env.settings.name.clone());
         let created = self.create && ollama_create(&name, &ctx.out, ctx.name)?;
         Ok(
             json!({"gguf": file, "adapter": self.adapter, "family": format!("{family:?}"), "stop": stops, "ollama_created": created, "name": name}),

@@ -121,7 +121,7 @@ impl Stage for Params {
             Some(_) => crate::model_source::from_path(ctx.input("model"))?,
             None => ctx.env.model_weights()?.clone(),
         };
-        let name = ctx.env.recipe.recipe.name.clone();
+        let name = ctx.env.settings.name.clone();
         let mut files = serde_json::Map::new();
         for t in &self.types {
             let file = format!("model-{}.gguf", t.name());

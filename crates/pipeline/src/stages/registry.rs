@@ -15,6 +15,13 @@ use super::{
     Stage, custom, evaluate, fetch_dataset, format_chat, lora_train, merge, ollama_modelfile, quantize, tokenize,
 };
 
+/// Makes custom kind `kind` usable in recipes, with parameters of type `P`
+/// (see [`custom`]). Panics if `kind` is a built-in kind.
+pub fn register<P: custom::CustomStage + serde::de::DeserializeOwned + 'static>(kind: &str) {
+    assert!(!KINDS.contains(&kind), "`{kind}` is a built-in stage kind");
+    custom::add::<P>(kind);
+}
+
 /// A kind's name as recipes write it (`kind = "lora-train"`); generated
 /// from the registry.
 pub trait Kind {
