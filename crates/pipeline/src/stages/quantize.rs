@@ -96,7 +96,10 @@ impl Stage for Params {
         // tokens pre-normalized, `does_token_look_special`), and the tied
         // embeddings of Q4_0 files typed as llama-quantize types them.
         // 3: K-quant blocks from llama.cpp's reference encoders (`kquants`).
-        3
+        // 4: as llama.cpp's converter writes a file: each layer's tensors in
+        // transformers' name order, `add_eos_token`/`add_sep_token` where it
+        // states them, Llama 3.1+'s `rope_freqs.weight`.
+        4
     }
 
     fn params(&self, _env: &Env) -> Json {
