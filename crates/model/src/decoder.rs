@@ -10,6 +10,17 @@ use crate::kv::{KvCache, Rows, Seq};
 use crate::lora::{DropoutMask, LoraLinear};
 use crate::{CausalLm, TARGETS};
 
+/// Which generation of the Qwen-style decoder ([`crate::qwen`]) a model
+/// runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Variant {
+    #[default]
+    Qwen2,
+    Qwen3,
+    /// The Llama family's decoder ([`crate::llama`]).
+    Llama,
+}
+
 /// The parts of a decoder-only transformer that differ between
 /// architectures.
 pub trait Decoder {

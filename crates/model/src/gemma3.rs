@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::Weights;
 use super::decoder::Decoder;
 use super::family::Family;
-use super::gguf::{GgufMetadata, MetaValue};
+use super::gguf_meta::{GgufMetadata, MetaValue};
 use super::kv::{Seq, is_step, per_sequence};
 use super::lora::{DropoutMask, LoraLinear};
 use super::ops::{Rope, cached_attention, gelu_tanh, rms_norm};

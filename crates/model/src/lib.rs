@@ -6,12 +6,14 @@
 //! models interoperate with transformers and PEFT.
 
 pub mod adapter;
+pub mod arch;
 pub mod decoder;
 pub mod error;
 pub mod family;
 pub mod files;
 pub mod gemma3;
 pub mod gguf;
+pub mod gguf_meta;
 pub mod gguf_tokenizer;
 pub mod kv;
 pub mod llama;
@@ -30,7 +32,8 @@ pub use error::{Error, Result};
 use pipeline_fs::IoContext;
 use pipeline_kernels::gemv::QuantLinear;
 
-pub use family::{Arch, Family};
+pub use arch::Arch;
+pub use family::Family;
 pub use files::ModelFiles;
 
 pub use gemma3::Gemma3;

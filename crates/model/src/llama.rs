@@ -23,7 +23,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::family::Family;
-use crate::gguf::{GgufMetadata, MetaValue};
+use crate::gguf_meta::{GgufMetadata, MetaValue};
 use crate::qwen::{self, Variant};
 use crate::{CausalLm, Weights};
 

@@ -25,20 +25,12 @@ use pipeline_kernels::gemv::QuantLinear;
 use super::Weights;
 use super::decoder::Decoder;
 use super::family::Family;
-use super::gguf::{GgufMetadata, MetaValue};
+use super::gguf_meta::{GgufMetadata, MetaValue};
 use super::kv::{Seq, is_step, per_sequence};
 use super::lora::{DropoutMask, LoraLinear};
 use super::ops::{Rope, cached_attention, rms_norm};
 
-/// Which generation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Variant {
-    #[default]
-    Qwen2,
-    Qwen3,
-    /// The Llama family's decoder ([`crate::llama`]).
-    Llama,
-}
+pub use crate::decoder::Variant;
 
 /// The hyper-parameters of a Qwen2 / Qwen3 model (HF config.json).
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -130,7 +130,7 @@ impl TinyGemma3 {
 /// Dimensions of a tiny Qwen2 or Qwen3.
 #[derive(Debug, Clone)]
 pub struct TinyQwen {
-    pub variant: super::qwen::Variant,
+    pub variant: crate::decoder::Variant,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -141,7 +141,7 @@ pub struct TinyQwen {
 }
 
 impl TinyQwen {
-    pub fn new(variant: super::qwen::Variant, vocab_size: usize) -> TinyQwen {
+    pub fn new(variant: crate::decoder::Variant, vocab_size: usize) -> TinyQwen {
         TinyQwen {
             variant,
             vocab_size,
@@ -164,7 +164,7 @@ impl TinyQwen {
             heads: 16,
             kv_heads: 8,
             head_dim: 128,
-            ..TinyQwen::new(super::qwen::Variant::Qwen3, vocab_size)
+            ..TinyQwen::new(crate::decoder::Variant::Qwen3, vocab_size)
         }
     }
 
@@ -176,7 +176,7 @@ impl TinyQwen {
 
     /// [`TinyQwen::write`] with the weights stored as `dtype`.
     pub fn write_as(&self, dir: &Path, tokenizer_dir: &Path, seed: u64, dtype: DType) -> Result<()> {
-        use super::qwen::Variant;
+        use crate::decoder::Variant;
         let qwen3 = self.variant == Variant::Qwen3;
         let config = serde_json::json!({
             "architectures": [if qwen3 { "Qwen3ForCausalLM" } else { "Qwen2ForCausalLM" }],
