@@ -168,7 +168,7 @@ fn served_tool_calls_are_the_ones_we_parse(chat: &std::path::Path, served: &Serv
     use pipeline_infer::chat::Message;
     use serde_json::{Value, json};
     let Some(bin) = common::llama_cpp("llama-server") else { return };
-    let template = pipeline::stages::evaluate::trained_template(chat).unwrap();
+    let template = pipeline::stages::format_chat::trained_template(chat).unwrap();
     let tok =
         tokenizers::Tokenizer::from_file(common::models_dir().unwrap().join("gemma-3-270m/tokenizer.json")).unwrap();
     let mut model = pipeline_model::load_for_inference(

@@ -14,7 +14,7 @@ use std::time::UNIX_EPOCH;
 
 use pipeline_fs::IoContext;
 
-use crate::store::Result;
+use pipeline_fs::Result;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

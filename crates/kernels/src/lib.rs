@@ -34,6 +34,7 @@ pub mod fused_lora;
 pub mod gemv;
 pub mod keep;
 pub(crate) mod qgemm;
+pub(crate) mod quantized_input;
 pub mod team;
 pub mod vmath;
 

@@ -33,7 +33,7 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use super::gemv::Quantized;
+use super::quantized_input::Quantized;
 
 /// Input rows multiplied per pass over a panel's weights.
 const TILE: usize = 4;

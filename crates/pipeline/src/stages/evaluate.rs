@@ -278,15 +278,6 @@ impl Stage for Params {
     }
 }
 
-/// The chat template `format-chat` trained with, from its artifact.
-pub fn trained_template(conversations_dir: &std::path::Path) -> Result<ChatTemplate> {
-    let source = std::fs::read_to_string(conversations_dir.join("chat_template.jinja"))
-        .with_context(|| format!("{}: no chat_template.jinja", conversations_dir.display()))?;
-    let t: Value = serde_json::from_slice(&std::fs::read(conversations_dir.join("template.json"))?)?;
-    let s = |k: &str| t.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
-    Ok(ChatTemplate::new(&source, &s("bos_token"), &s("eos_token"))?)
-}
-
 /// The tool catalogue of a dataset: the union of every split's `<tools>`
 /// blocks (in any message) and OpenAI `tools` lists.
 pub(crate) fn catalogue_of(splits: &[(String, std::path::PathBuf)]) -> Result<Catalogue> {
@@ -374,7 +365,7 @@ impl<'a> Evaluation<'a> {
         if convs.is_empty() {
             bail!("stage `{}`: split `{split}` has no rows to evaluate ({})", ctx.name, path.display());
         }
-        let template = trained_template(conv_dir)?;
+        let template = super::format_chat::trained_template(conv_dir)?;
         let resolved = ctx.env.model_weights()?;
         let tok_path = resolved.tokenizer_json()?;
         let tokenizer = tokenizers::Tokenizer::from_file(tok_path)

@@ -650,3 +650,14 @@ pub fn parse_messages(v: &Value) -> Result<Vec<Message>> {
         })
         .collect()
 }
+
+/// The chat template a `format-chat` stage rendered with, read back from
+/// its artifact (`chat_template.jinja`, `template.json`): what evaluation,
+/// merge and the Modelfile use, so the served model is the trained one.
+pub fn trained_template(conversations_dir: &std::path::Path) -> Result<ChatTemplate> {
+    let source = std::fs::read_to_string(conversations_dir.join("chat_template.jinja"))
+        .with_context(|| format!("{}: no chat_template.jinja", conversations_dir.display()))?;
+    let t: Value = serde_json::from_slice(&std::fs::read(conversations_dir.join("template.json"))?)?;
+    let s = |k: &str| t.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    Ok(ChatTemplate::new(&source, &s("bos_token"), &s("eos_token"))?)
+}

@@ -65,7 +65,7 @@ impl Stage for Params {
     fn run(&self, ctx: &RunContext) -> Result<Value> {
         let base = ctx.env.model_weights()?;
         let template = match &self.chat {
-            Some(_) => Some(crate::stages::evaluate::trained_template(ctx.input("chat"))?),
+            Some(_) => Some(crate::stages::format_chat::trained_template(ctx.input("chat"))?),
             None => None,
         };
         let weights = base.weights.first().with_context(|| format!("the model `{}` has no weights", base.source))?;

@@ -125,7 +125,7 @@ impl Stage for Params {
         if self.adapter && !adapter.is_file() {
             bail!("stage `{}`: the quantize stage wrote no `adapter.gguf`; set its `lora_adapter`", ctx.name);
         }
-        let template = super::evaluate::trained_template(ctx.input("chat"))?;
+        let template = super::format_chat::trained_template(ctx.input("chat"))?;
         let family = Family::of(&template.source).with_context(|| {
             format!(
                 "stage `{}`: no Ollama template is known for this chat template (supported: Gemma, ChatML, Alpaca)",
