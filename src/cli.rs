@@ -441,23 +441,7 @@ fn generate(
     let mut session = pipeline::session::Session::load(&model.choice())?;
     eprintln!("pipeline: {}", session.description);
     if constrain_calls {
-        let mut catalogue = pipeline_infer::catalogue::Catalogue::default();
-        for (_, messages, tools) in &conversations {
-            messages.iter().for_each(|m| catalogue.add_text(&m.content));
-            if let Some(t) = tools {
-                catalogue.add_list(t);
-            }
-        }
-        if let Some(sys) = &system {
-            catalogue.add_text(sys);
-        }
-        if catalogue.is_empty() {
-            return Err(RecipeError::new("--constrain-calls: the prompts list no tools")
-                .help("give the tools in a <tools>[…]</tools> block of a message, or as `tools` in --prompts lines")
-                .into());
-        }
-        eprintln!("pipeline: tool calls constrained to {} tools", catalogue.len());
-        session.grammar = Some(pipeline_infer::constrain::CallGrammar::new(catalogue));
+        constrain_to_listed_tools(&mut session, &conversations, system.as_deref())?;
     }
     let mut rendered = Vec::with_capacity(conversations.len());
     for (id, mut messages, tools) in conversations {
@@ -467,25 +451,7 @@ fn generate(
         rendered.push((id, session.prompt(&messages, tools.as_ref())?));
     }
     if json {
-        // Not streamed: decode `batch` prompts at a time.
-        for group in rendered.chunks(batch as usize) {
-            let prompts: Vec<Vec<u32>> = group.iter().map(|(_, p)| p.clone()).collect();
-            for ((id, prompt), g) in group.iter().zip(session.generate_batch(&prompts, &params)?) {
-                let calls = pipeline_infer::toolcall::parse(&g.text);
-                let answer = pipeline_infer::tooluse::assistant_message(&g.text);
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "id": id, "text": g.text, "content": answer.content, "tool_calls": answer.tool_calls,
-                        "invalid_tool_calls": calls.invalid, "finish": g.finish,
-                        "prompt_tokens": prompt.len(), "new_tokens": g.tokens.len(),
-                        "prefill_tokens_per_s": g.prefill_tokens as f64 / g.prefill_s.max(1e-9),
-                        "decode_tokens_per_s": g.tokens.len() as f64 / g.decode_s.max(1e-9),
-                    })
-                );
-            }
-        }
-        return Ok(());
+        return print_json_answers(&mut session, &rendered, &params, batch as usize);
     }
     for (_, prompt) in rendered {
         let mut out = std::io::stdout();
@@ -496,6 +462,61 @@ fn generate(
         })?;
         println!();
         print_calls(&pipeline_infer::tooluse::assistant_message(&g.text));
+    }
+    Ok(())
+}
+
+/// `generate --constrain-calls`: calls decoded under the grammar of the
+/// tools the prompts (and the system prompt) list.
+fn constrain_to_listed_tools(
+    session: &mut pipeline::session::Session,
+    conversations: &[(String, Vec<pipeline_infer::chat::Message>, Option<serde_json::Value>)],
+    system: Option<&str>,
+) -> Result<()> {
+    let mut catalogue = pipeline_infer::catalogue::Catalogue::default();
+    for (_, messages, tools) in conversations {
+        messages.iter().for_each(|m| catalogue.add_text(&m.content));
+        if let Some(t) = tools {
+            catalogue.add_list(t);
+        }
+    }
+    if let Some(sys) = system {
+        catalogue.add_text(sys);
+    }
+    if catalogue.is_empty() {
+        return Err(RecipeError::new("--constrain-calls: the prompts list no tools")
+            .help("give the tools in a <tools>[…]</tools> block of a message, or as `tools` in --prompts lines")
+            .into());
+    }
+    eprintln!("pipeline: tool calls constrained to {} tools", catalogue.len());
+    session.grammar = Some(pipeline_infer::constrain::CallGrammar::new(catalogue));
+    Ok(())
+}
+
+/// `generate --json`: one JSON line per prompt (not streamed), `batch`
+/// prompts decoded at a time.
+fn print_json_answers(
+    session: &mut pipeline::session::Session,
+    rendered: &[(String, Vec<u32>)],
+    params: &pipeline_infer::generate::GenerationParams,
+    batch: usize,
+) -> Result<()> {
+    for group in rendered.chunks(batch) {
+        let prompts: Vec<Vec<u32>> = group.iter().map(|(_, p)| p.clone()).collect();
+        for ((id, prompt), g) in group.iter().zip(session.generate_batch(&prompts, params)?) {
+            let calls = pipeline_infer::toolcall::parse(&g.text);
+            let answer = pipeline_infer::tooluse::assistant_message(&g.text);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "id": id, "text": g.text, "content": answer.content, "tool_calls": answer.tool_calls,
+                    "invalid_tool_calls": calls.invalid, "finish": g.finish,
+                    "prompt_tokens": prompt.len(), "new_tokens": g.tokens.len(),
+                    "prefill_tokens_per_s": g.prefill_tokens as f64 / g.prefill_s.max(1e-9),
+                    "decode_tokens_per_s": g.tokens.len() as f64 / g.decode_s.max(1e-9),
+                })
+            );
+        }
     }
     Ok(())
 }

@@ -118,12 +118,12 @@ fn card_facts(exec: &Executor, recipe: &Recipe, plan: &crate::executor::Plan, st
         matches!(s, StageSpec::Evaluate(p) if p.adapter.as_deref() == train.as_deref()) && !Recipe::is_implied(name)
     });
     if let Some(dir) = eval.and_then(|(name, _)| entry(name)) {
-        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("report.json"))?)?;
-        let overall = |m: &str| serde_json::from_value(report["models"][m]["overall"].clone()).ok();
+        let report = crate::stages::evaluate::EvalReport::read(&dir)?;
+        let overall = |m: &str| report.models.get(m).map(|r| r.overall.clone());
         if let Some(tuned) = overall("adapter") {
             facts.eval = Some(Evaluation {
-                split: report["split"].as_str().unwrap_or_default().to_string(),
-                task: report["task"].as_str().unwrap_or_default().to_string(),
+                split: report.split.clone(),
+                task: serde_json::to_value(report.task)?.as_str().unwrap_or_default().to_string(),
                 tuned,
                 base: overall("base"),
             });

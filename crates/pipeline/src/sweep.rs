@@ -273,11 +273,11 @@ pub fn results(exec: &Executor, variants: &[Variant], eval_stage: Option<&str>) 
             None => r.missing = Some("the recipe has no evaluate stage".into()),
             Some((name, _)) => match exec.finished(recipe, name)? {
                 Finished::Entry(dir) => {
-                    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("report.json"))?)?;
-                    let models = &report["models"];
-                    let m = if models.get("adapter").is_some() { &models["adapter"] } else { &models["base"] };
-                    r.metrics = serde_json::from_value(m["overall"].clone()).unwrap_or_default();
-                    r.groups = serde_json::from_value(m["by_group"].clone()).unwrap_or_default();
+                    let report = crate::stages::evaluate::EvalReport::read(&dir)?;
+                    if let Some(m) = report.tuned_or_base() {
+                        r.metrics = m.overall.clone();
+                        r.groups = m.by_group.clone();
+                    }
                 }
                 Finished::NotYet(why) => r.missing = Some(format!("`{name}` not finished ({why})")),
             },

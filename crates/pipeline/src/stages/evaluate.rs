@@ -457,7 +457,7 @@ impl<'a> Evaluation<'a> {
     }
 
     fn run(mut self) -> Result<Value> {
-        let mut per_model = serde_json::Map::new();
+        let mut per_model = indexmap::IndexMap::new();
         let mut predictions = Vec::new();
         let mut tables: Vec<(String, BTreeMap<String, Metric>, BTreeMap<String, BTreeMap<String, Metric>>)> =
             Vec::new();
@@ -477,28 +477,33 @@ impl<'a> Evaluation<'a> {
             skipped = r.skipped;
             per_model.insert(
                 subject.name().into(),
-                json!({"overall": r.overall, "by_group": r.groups, "skipped_overlong": r.skipped, "seconds": r.seconds}),
+                ModelReport {
+                    overall: r.overall.clone(),
+                    by_group: r.groups.clone(),
+                    skipped_overlong: r.skipped,
+                    seconds: r.seconds,
+                },
             );
             predictions.extend(r.predictions);
             tables.push((subject.name().to_string(), r.overall, r.groups));
             spot_checks.extend(r.spot_checks);
         }
         pipeline_data::write_jsonl(&self.ctx.out.join("predictions.jsonl"), &predictions)?;
-        let report = json!({
-            "split": self.split,
-            "rows": self.rows.len(),
-            "task": self.task,
-            "group_by": self.group_by,
-            "needs_call_column": self.needs_call_column,
-            "catalogue": self.catalogue.tools.keys().collect::<Vec<_>>(),
-            "toolbox": self.toolbox.as_ref().map(|t| t.name),
-            "gold_calls_execute": self.gold_calls_execute,
-            "max_prompt_tokens": self.max_prompt,
-            "generation": self.p.generation,
-            "constrained_calls": self.p.constrained_calls,
-            "models": per_model,
-            "prompts": spot_checks,
-        });
+        let report = EvalReport {
+            split: self.split.clone(),
+            rows: self.rows.len(),
+            task: self.task,
+            group_by: self.group_by.clone(),
+            needs_call_column: self.needs_call_column.clone(),
+            catalogue: self.catalogue.tools.keys().cloned().collect(),
+            toolbox: self.toolbox.as_ref().map(|t| t.name.to_string()),
+            gold_calls_execute: self.gold_calls_execute,
+            max_prompt_tokens: self.max_prompt,
+            generation: self.p.generation.clone(),
+            constrained_calls: self.p.constrained_calls,
+            models: per_model,
+            prompts: spot_checks.clone(),
+        };
         std::fs::write(self.ctx.out.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
         std::fs::write(self.ctx.out.join("report.md"), self.markdown(&tables, skipped, &spot_checks))?;
         let summary: serde_json::Map<String, Value> = tables
@@ -811,31 +816,79 @@ impl ModelResult {
     /// evaluated it (with the same rows and settings: the same key but for
     /// the adapter).
     fn read(dir: &std::path::Path, subject: Subject) -> Result<ModelResult> {
-        let path = dir.join("report.json");
-        let report: Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        let report = EvalReport::read(dir)?;
         let name = subject.name();
-        let m = report["models"].get(name).with_context(|| format!("{}: no results of `{name}`", path.display()))?;
+        let m = report.models.get(name).with_context(|| format!("{}: no results of `{name}`", dir.display()))?;
         let of = |v: &Value| v.as_str() == Some(name);
         let predictions: Vec<Value> = pipeline_data::read_jsonl_as(&dir.join("predictions.jsonl"))?;
-        let spot_checks: Vec<SpotCheck> = serde_json::from_value(report["prompts"].clone())?;
         Ok(ModelResult {
-            overall: serde_json::from_value(m["overall"].clone())?,
-            groups: serde_json::from_value(m["by_group"].clone())?,
+            overall: m.overall.clone(),
+            groups: m.by_group.clone(),
             predictions: predictions.into_iter().filter(|p| of(&p["model"])).collect(),
-            skipped: m["skipped_overlong"].as_u64().unwrap_or(0) as usize,
-            seconds: m["seconds"].as_f64().unwrap_or(0.0),
-            spot_checks: spot_checks.into_iter().filter(|c| c.model == name).collect(),
+            skipped: m.skipped_overlong,
+            seconds: m.seconds,
+            spot_checks: report.prompts.into_iter().filter(|c| c.model == name).collect(),
         })
+    }
+}
+
+/// `report.json`, what an `evaluate` stage writes: the settings it scored
+/// under and each model's metrics. Read back through this one type (a later
+/// evaluation reusing a model's results, `pipeline compare`, the model
+/// cards `pipeline export` writes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub split: String,
+    pub rows: usize,
+    pub task: Task,
+    pub group_by: Option<String>,
+    pub needs_call_column: Option<String>,
+    /// The tools a call must run against.
+    pub catalogue: Vec<String>,
+    /// The toolbox that executed the calls, if any.
+    pub toolbox: Option<String>,
+    /// How many of the dataset's own calls the toolbox executes.
+    pub gold_calls_execute: Option<Metric>,
+    pub max_prompt_tokens: usize,
+    pub generation: GenerationParams,
+    pub constrained_calls: bool,
+    /// By model (`base`, `adapter`), in the order evaluated.
+    pub models: indexmap::IndexMap<String, ModelReport>,
+    /// The spot-check prompts, each answered by each model.
+    pub prompts: Vec<SpotCheck>,
+}
+
+/// One model's results in an [`EvalReport`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelReport {
+    pub overall: BTreeMap<String, Metric>,
+    pub by_group: BTreeMap<String, BTreeMap<String, Metric>>,
+    /// Rows whose prompt was too long to decode.
+    pub skipped_overlong: usize,
+    pub seconds: f64,
+}
+
+impl EvalReport {
+    /// The report of the finished `evaluate` artifact `dir`.
+    pub fn read(dir: &std::path::Path) -> Result<EvalReport> {
+        let path = dir.join("report.json");
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{}: not an evaluation report", path.display()))
+    }
+
+    /// The fine-tuned model's results, else the base model's.
+    pub fn tuned_or_base(&self) -> Option<&ModelReport> {
+        self.models.get("adapter").or_else(|| self.models.get("base"))
     }
 }
 
 /// One prompt of `prompts`, answered by one model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct SpotCheck {
-    model: String,
-    prompt: String,
-    generated: String,
-    parsed: pipeline_infer::toolcall::ParsedCalls,
+pub struct SpotCheck {
+    pub model: String,
+    pub prompt: String,
+    pub generated: String,
+    pub parsed: pipeline_infer::toolcall::ParsedCalls,
 }
 
 impl SpotCheck {
