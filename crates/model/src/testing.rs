@@ -416,7 +416,8 @@ pub fn missing(what: &str, fix: &str) {
 /// ([`missing`]).
 pub fn models_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("PIPELINE_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| repository().join("models"));
-    if dir.join("gemma-3-270m/tokenizer.json").is_file() && dir.join("qwen3-tokenizer/tokenizer.json").is_file() {
+    let provisioned = ["gemma-3-270m", "qwen3-tokenizer", "llama3.2-tokenizer"];
+    if provisioned.iter().all(|m| dir.join(m).join("tokenizer.json").is_file()) {
         return Some(dir.canonicalize().expect("the models directory"));
     }
     missing(&format!("the real models are not provisioned in {}", dir.display()), "run scripts/fetch-models.sh");
