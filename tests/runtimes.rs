@@ -1026,13 +1026,27 @@ fn llama_server_renders_chatml_tools_conversations_as_training_did() {
     };
     pipeline::stages::quantize::write_gguf_with(&base, QuantType::Q8_0, "t", &gguf, &options).unwrap();
     let server = Server::start(&bin, &["-m", gguf.to_str().unwrap(), "--jinja"]);
+    served_as_trained(&server, &models, &template, "", "chatml-tools on SmolLM2");
+}
+
+/// Every native tool-use conversation of the validation split (up to its
+/// final answer, as a server gets it: a final assistant turn is one
+/// llama-server continues, unclosed), rendered by the server's
+/// `/apply-template` with the request's `tools`, is `bos` + what
+/// format-chat rendered for training; and the server takes `tools` and
+/// answers.
+fn served_as_trained(
+    server: &Server,
+    models: &Path,
+    template: &pipeline_infer::chat::ChatTemplate,
+    bos: &str,
+    what: &str,
+) {
     let openai = pipeline::server_eval::openai_message;
-    let native = common::native_tool_conversations(&models);
+    let native = common::native_tool_conversations(models);
     let mut with_calls = 0;
     for (i, (messages, tools)) in native.iter().enumerate() {
         let mut msgs: Vec<pipeline_infer::chat::Message> = serde_json::from_value(messages.clone()).unwrap();
-        // As a server gets them: before an answer (a final assistant turn is
-        // one llama-server continues, unclosed).
         if msgs.last().is_some_and(|m| m.role == "assistant") {
             msgs.pop();
         }
@@ -1040,7 +1054,7 @@ fn llama_server_renders_chatml_tools_conversations_as_training_did() {
         let body = json!({"messages": msgs.iter().map(openai).collect::<Vec<_>>(), "tools": tools});
         let rendered = server.post("/apply-template", &body)["prompt"].as_str().unwrap().to_string();
         let ours = template.render(&msgs, Some(tools), true).unwrap();
-        assert_eq!(rendered, ours, "conversation {i}: /apply-template differs from format-chat");
+        assert_eq!(format!("{bos}{rendered}"), ours, "conversation {i}: /apply-template differs from format-chat");
     }
     assert!(with_calls >= 40, "{with_calls} conversations with calls");
     let (messages, tools) = &native[0];
@@ -1052,7 +1066,7 @@ fn llama_server_renders_chatml_tools_conversations_as_training_did() {
     );
     assert!(answer["choices"][0]["message"].is_object(), "{answer}");
     eprintln!(
-        "llama-server (chatml-tools on SmolLM2): /apply-template equals training's rendering on {} conversations \
+        "llama-server ({what}): /apply-template equals training's rendering on {} conversations \
          ({with_calls} with calls and results)",
         native.len()
     );
@@ -1080,38 +1094,7 @@ fn llama_server_renders_llama3_tool_conversations_as_training_did() {
     assert!(md["tokenizer.ggml.add_bos_token"].to_bool().unwrap(), "Llama 3 adds <|begin_of_text|>");
     let kwargs = json!({"date_string": pipeline_infer::chat::DATE_STRING}).to_string();
     let server = Server::start(&bin, &["-m", gguf.to_str().unwrap(), "--jinja", "--chat-template-kwargs", &kwargs]);
-    let openai = pipeline::server_eval::openai_message;
-    let native = common::native_tool_conversations(&models);
-    let mut with_calls = 0;
-    for (i, (messages, tools)) in native.iter().enumerate() {
-        let mut msgs: Vec<pipeline_infer::chat::Message> = serde_json::from_value(messages.clone()).unwrap();
-        if msgs.last().is_some_and(|m| m.role == "assistant") {
-            msgs.pop();
-        }
-        with_calls += usize::from(msgs.iter().any(|m| m.tool_calls.is_some()));
-        let body = json!({"messages": msgs.iter().map(openai).collect::<Vec<_>>(), "tools": tools});
-        let rendered = server.post("/apply-template", &body)["prompt"].as_str().unwrap().to_string();
-        let ours = template.render(&msgs, Some(tools), true).unwrap();
-        // llama-server leaves the template's BOS text out: it adds the BOS
-        // token itself (`tokenizer.ggml.add_bos_token`).
-        assert_eq!(
-            format!("<|begin_of_text|>{rendered}"),
-            ours,
-            "conversation {i}: /apply-template differs from format-chat"
-        );
-    }
-    assert!(with_calls >= 40, "{with_calls} conversations with calls");
-    let (messages, tools) = &native[0];
-    let first_user: Vec<Value> =
-        messages.as_array().unwrap().iter().take_while(|m| m["role"] != "assistant").cloned().collect();
-    let answer = server.post(
-        "/v1/chat/completions",
-        &json!({"messages": first_user, "tools": tools, "max_tokens": 16, "temperature": 0.0}),
-    );
-    assert!(answer["choices"][0]["message"].is_object(), "{answer}");
-    eprintln!(
-        "llama-server (Llama 3.2's own template): /apply-template equals training's rendering on {} conversations \
-         ({with_calls} with calls and results)",
-        native.len()
-    );
+    // llama-server leaves the template's BOS text out: it adds the BOS token
+    // itself (`tokenizer.ggml.add_bos_token`).
+    served_as_trained(&server, &models, &template, "<|begin_of_text|>", "Llama 3.2's own template");
 }

@@ -21,6 +21,25 @@ pub enum Family {
     Alpaca,
 }
 
+/// A call's arguments (after the opening `{`) as Python's `json.dumps`
+/// writes them (`"key": value` joined by `, `), in sorted key order: strings
+/// with `%q` (JSON for printable text, where Go's `json` escapes `<`, `>`
+/// and `&`), lists element by element, other values as Go's JSON. Shared by
+/// the Go templates whose Jinja writes `arguments | tojson`.
+macro_rules! python_json_arguments {
+    () => {
+        concat!(
+            "{{- $sep := \"\" }}{{ range $k, $v := .Function.Arguments }}{{ $sep }}{{ printf \"%q\" $k }}: ",
+            "{{- if eq (printf \"%T\" $v) \"string\" }} {{ printf \"%q\" $v }}",
+            "{{- else if eq (printf \"%T\" $v) \"[]interface {}\" }} [",
+            "{{- range $e, $x := $v }}{{ if $e }}, {{ end }}",
+            "{{- if eq (printf \"%T\" $x) \"string\" }}{{ printf \"%q\" $x }}{{ else }}{{ json $x }}{{ end }}{{ end }}]",
+            "{{- else }} {{ json $v }}{{ end }}",
+            "{{- $sep = \", \" }}{{ end }}",
+        )
+    };
+}
+
 /// `gemma-tools` as a Go template, written to render byte for byte what the
 /// Jinja template renders from the same request (BOS aside, which Ollama's
 /// tokenizer adds): tools and arguments in sorted order (Go ranges over maps
@@ -93,13 +112,8 @@ const QWEN_TOOLS: &str = concat!(
     "{{ .Content }}{{ if and $m.Content $m.ToolCalls }}\n",
     "{{ end }}{{ if .ToolCalls }}{{ range $j, $c := .ToolCalls }}<tool_call>\n",
     "{\"name\": \"{{ .Function.Name }}\", \"arguments\": {{ \"{\" }}",
-    "{{- $sep := \"\" }}{{ range $k, $v := .Function.Arguments }}{{ $sep }}{{ printf \"%q\" $k }}: ",
-    "{{- if eq (printf \"%T\" $v) \"string\" }} {{ printf \"%q\" $v }}",
-    "{{- else if eq (printf \"%T\" $v) \"[]interface {}\" }} [",
-    "{{- range $e, $x := $v }}{{ if $e }}, {{ end }}",
-    "{{- if eq (printf \"%T\" $x) \"string\" }}{{ printf \"%q\" $x }}{{ else }}{{ json $x }}{{ end }}{{ end }}]",
-    "{{- else }} {{ json $v }}{{ end }}",
-    "{{- $sep = \", \" }}{{ end }}}}\n</tool_call>",
+    python_json_arguments!(),
+    "}}\n</tool_call>",
     "{{- if gt (len (slice $m.ToolCalls $j)) 1 }}\n{{ end }}{{ end }}{{ end }}<|im_end|>\n",
     "{{ else if eq .Role \"tool\" }}{{ if ne $prev \"tool\" }}<|im_start|>user{{ end }}\n",
     "<tool_response>\n{{ .Content }}\n</tool_response>",
@@ -156,13 +170,8 @@ const LLAMA3_TOOLS: &str = concat!(
     "{{ end }}{{ .Content }}<|eot_id|>\n",
     "{{- else if eq .Role \"assistant\" }}<|start_header_id|>assistant<|end_header_id|>\n\n",
     "{{ if .ToolCalls }}{{ range .ToolCalls }}{\"name\": \"{{ .Function.Name }}\", \"parameters\": {{ \"{\" }}",
-    "{{- $sep := \"\" }}{{ range $k, $v := .Function.Arguments }}{{ $sep }}{{ printf \"%q\" $k }}: ",
-    "{{- if eq (printf \"%T\" $v) \"string\" }} {{ printf \"%q\" $v }}",
-    "{{- else if eq (printf \"%T\" $v) \"[]interface {}\" }} [",
-    "{{- range $e, $x := $v }}{{ if $e }}, {{ end }}",
-    "{{- if eq (printf \"%T\" $x) \"string\" }}{{ printf \"%q\" $x }}{{ else }}{{ json $x }}{{ end }}{{ end }}]",
-    "{{- else }} {{ json $v }}{{ end }}",
-    "{{- $sep = \", \" }}{{ end }}}}",
+    python_json_arguments!(),
+    "}}",
     "{{- end }}{{ else }}{{ .Content }}{{ end }}<|eot_id|>\n",
     "{{- else if eq .Role \"tool\" }}<|start_header_id|>ipython<|end_header_id|>\n\n",
     "{{ printf \"%q\" .Content }}<|eot_id|>\n",

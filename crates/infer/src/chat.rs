@@ -203,10 +203,16 @@ impl ChatTemplate {
                 full[start..].find(&self.end_of_turn).map(|p| start + p + self.end_of_turn.len()).ok_or_else(|| {
                     crate::Error::Template(format!("message {i}: no `{}` after the assistant turn", self.end_of_turn))
                 })?;
-            // A turn that calls tools may lose its text to the template
-            // (Llama 3.x's renders the call alone).
+            // The turn holds its text; a turn that calls tools may lose its
+            // text to the template (Llama 3.x's renders the call alone), but
+            // then holds the name of every tool it calls.
+            let turn = &full[start..end];
             let content = m.content.trim();
-            if !content.is_empty() && m.tool_calls.is_none() && !full[start..end].contains(content) {
+            let calls_rendered = m.tool_calls.as_ref().is_some_and(|calls| {
+                let calls = crate::toolcall::from_openai(calls).calls;
+                !calls.is_empty() && calls.iter().all(|c| turn.contains(&c.name))
+            });
+            if !content.is_empty() && !turn.contains(content) && !calls_rendered {
                 return Err(crate::Error::Template(format!(
                     "message {i}: the assistant text is not where the template put the turn"
                 )));
