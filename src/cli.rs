@@ -79,44 +79,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Dev(DevCommand::RandomModel { arch, tokenizer, vocab, seed, dtype, out }) => {
             random_model(arch, tokenizer, vocab, seed, &dtype, out)
         }
-        Command::Bench(BenchCommand::Train {
-            model,
-            max_len,
-            steps,
-            device,
-            dataset,
-            json,
-            gradient_checkpointing,
-            precision,
-            compare_peft,
-            python,
-            repetitions,
-            cache,
-        }) => {
-            let peft = compare_peft.then_some((python, repetitions as usize));
-            bench_train(model, max_len, steps, device, dataset, json, gradient_checkpointing, precision, peft, cache)
-        }
-        Command::Bench(BenchCommand::Generate {
-            model,
-            prompt_tokens,
-            new_tokens,
-            f32,
-            batch,
-            device,
-            dataset,
-            json,
-            cache,
-        }) => bench_generate(model, prompt_tokens, new_tokens, f32, batch, device, dataset, json, cache),
-        Command::Bench(BenchCommand::Compare {
-            model,
-            llama_bench,
-            prompt_tokens,
-            new_tokens,
-            repetitions,
-            dataset,
-            json,
-            cache,
-        }) => bench_compare(model, llama_bench, prompt_tokens, new_tokens, repetitions, dataset, json, cache),
+        Command::Bench(command) => crate::bench::run(command),
         Command::Generate { model, prompt, prompts, system, tools, generation, json, constrain_calls, batch } => {
             let tools = tools.as_deref().map(read_tools).transpose()?;
             generate(model, prompt, prompts, system, tools, generation, json, constrain_calls, batch)
@@ -244,159 +207,6 @@ fn random_model(shape: String, tokenizer: PathBuf, vocab: usize, seed: u64, dtyp
     let dtype = if dtype == "bf16" { candle_core::DType::BF16 } else { candle_core::DType::F32 };
     pipeline_model::Arch::write_random(&shape, vocab, &out, &tokenizer, seed, dtype)?;
     eprintln!("wrote {}", out.display());
-    Ok(())
-}
-
-/// `pipeline bench compare`: our prefill and decode against llama.cpp's.
-#[allow(clippy::too_many_arguments)]
-fn bench_compare(
-    model: PathBuf,
-    llama_bench: Option<PathBuf>,
-    prompt_tokens: usize,
-    new_tokens: usize,
-    repetitions: u64,
-    dataset: String,
-    json: bool,
-    cache: CacheArgs,
-) -> Result<()> {
-    let generate = crate::bench::GenerateOptions {
-        model,
-        prompt_tokens: prompt_tokens.max(32),
-        new_tokens: new_tokens.max(2),
-        f32: false,
-        batch: 1,
-        device: "cpu".into(),
-        dataset,
-        cache: cache.location(),
-    };
-    let r = crate::bench::compare(&crate::bench::CompareOptions {
-        generate,
-        llama_bench,
-        repetitions: repetitions as usize,
-    })?;
-    if json {
-        println!("{}", serde_json::to_string(&r)?);
-        return Ok(());
-    }
-    println!("bench compare: {} ({}), {} threads; kernels: {}", r.model, r.cpu, r.threads, r.kernels);
-    println!("{:<24} {:>20} {:>22} {:>7}", "", "pipeline", format!("llama.cpp {}", r.llama_cpp_build), "ratio");
-    for (what, v) in [
-        (format!("prefill, {} tokens", r.prompt_tokens), &r.prefill),
-        (format!("decode, {} tokens", r.new_tokens), &r.decode),
-    ] {
-        let cell = |x: &crate::bench::Runs| format!("{:.1} ± {:.1} tok/s", x.mean, x.stddev);
-        println!("{what:<24} {:>20} {:>22} {:>6.2}×", cell(&v.pipeline), cell(&v.llama_cpp), v.ratio);
-    }
-    Ok(())
-}
-
-/// `pipeline bench train`: training tokens/s and peak memory.
-fn bench_train(
-    model: PathBuf,
-    max_len: usize,
-    steps: usize,
-    device: String,
-    dataset: String,
-    json: bool,
-    gradient_checkpointing: bool,
-    precision: String,
-    peft: Option<(Option<PathBuf>, usize)>,
-    cache: CacheArgs,
-) -> Result<()> {
-    let precision: pipeline::stages::lora_train::PrecisionChoice =
-        serde_json::from_value(serde_json::Value::String(precision))?;
-    let opts = crate::bench::TrainOptions {
-        precision: precision.resolve(&device),
-        model,
-        max_len,
-        steps: steps.max(1),
-        device,
-        dataset,
-        cache: cache.location(),
-        gradient_checkpointing,
-    };
-    if let Some((python, repetitions)) = peft {
-        let r = crate::bench::compare_train(&opts, python.as_deref(), repetitions)?;
-        if json {
-            println!("{}", serde_json::to_string(&r)?);
-            return Ok(());
-        }
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-        let cell = |x: &crate::bench::Runs| format!("{:.1} ± {:.1} tok/s", x.mean, x.stddev);
-        println!(
-            "bench train --compare-peft: {} ({} weights, max_len {}, {} steps of {:.0} tokens on average), {} \
-             threads\n  cpu: {} ({})\n  reference: {}",
-            r.model, r.precision, r.max_len, r.steps, r.mean_tokens, r.threads, r.cpu, r.kernels, r.peft_versions
-        );
-        println!("{:<16} {:>22} {:>22} {:>7}", "", "pipeline", "PyTorch + PEFT", "ratio");
-        let t = &r.tokens_per_s;
-        println!("{:<16} {:>22} {:>22} {:>6.2}×", "training", cell(&t.pipeline), cell(&t.peft), t.ratio);
-        let m = &r.peak_rss_bytes;
-        println!("{:<16} {:>18.2} GiB {:>18.2} GiB", "peak RSS", gib(m.pipeline), gib(m.peft));
-        return Ok(());
-    }
-    let r = crate::bench::train(&opts)?;
-    if json {
-        println!("{}", serde_json::to_string(&r)?);
-    } else {
-        println!(
-            "bench train ({}, {} weights, max_len {}): {:.1} tokens/s, {:.2} s/step, mean {:.0} tokens/step, peak \
-             RSS {:.2} GiB\n  cpu: {} ({})",
-            r.device,
-            r.precision,
-            r.max_len,
-            r.tokens_per_s,
-            r.seconds_per_step,
-            r.mean_tokens,
-            r.peak_rss_bytes as f64 / (1u64 << 30) as f64,
-            r.cpu,
-            r.kernels
-        );
-    }
-    Ok(())
-}
-
-/// `pipeline bench generate`: prefill and decode tokens/s.
-fn bench_generate(
-    model: PathBuf,
-    prompt_tokens: usize,
-    new_tokens: usize,
-    f32: bool,
-    batch: u64,
-    device: String,
-    dataset: String,
-    json: bool,
-    cache: CacheArgs,
-) -> Result<()> {
-    let opts = crate::bench::GenerateOptions {
-        model,
-        prompt_tokens: prompt_tokens.max(32),
-        new_tokens: new_tokens.max(2),
-        f32,
-        batch: batch as usize,
-        device,
-        dataset,
-        cache: cache.location(),
-    };
-    let r = crate::bench::generate(&opts)?;
-    if json {
-        println!("{}", serde_json::to_string(&r)?);
-    } else {
-        println!(
-            "bench generate ({}, {} weights): prefill {:.1} tokens/s ({} tokens), decode {:.1} tokens/s ({} \
-             tokens), peak RSS {:.2} GiB",
-            r.device,
-            r.weights,
-            r.prefill_tokens_per_s,
-            r.prompt_tokens,
-            r.decode_tokens_per_s,
-            r.new_tokens,
-            r.peak_rss_bytes as f64 / (1u64 << 30) as f64
-        );
-        if let (Some(n), Some(t)) = (r.batch, r.batch_decode_tokens_per_s) {
-            println!("  batched decoding: {n} sequences, {t:.1} tokens/s in all");
-        }
-    }
     Ok(())
 }
 
@@ -645,6 +455,51 @@ fn gc(recipes: &[PathBuf], all: bool, dry_run: bool, remote: bool, cache: &Cache
     Ok(())
 }
 
+/// What a line typed into `pipeline chat` asks for.
+enum ChatLine {
+    /// A user turn or a tool result was added: answer it.
+    Answer,
+    /// A command that needs no answer, or an empty line.
+    Nothing,
+    Exit,
+}
+
+/// Applies one typed line to the conversation: a command (`/reset`,
+/// `/system TEXT`, `/tool RESULT`, `/exit`) or a user turn.
+fn chat_line(line: &str, system: &mut Option<String>, history: &mut Vec<pipeline_infer::chat::Message>) -> ChatLine {
+    use pipeline_infer::chat::Message;
+    match line.trim() {
+        "" => ChatLine::Nothing,
+        "/exit" | "/quit" | "/bye" => ChatLine::Exit,
+        "/reset" => {
+            history.clear();
+            ChatLine::Nothing
+        }
+        l if l.starts_with("/system") => {
+            *system = Some(l["/system".len()..].trim().to_string()).filter(|s| !s.is_empty());
+            history.clear();
+            ChatLine::Nothing
+        }
+        l if l.starts_with("/tool") => {
+            // The result of the last call, as a `tool` message.
+            let last_call = history.last().and_then(|a| a.tool_calls.as_ref()?.get(0).cloned());
+            let Some(call) = last_call else {
+                eprintln!("(no tool call to answer)");
+                return ChatLine::Nothing;
+            };
+            let mut m = Message::new("tool", l["/tool".len()..].trim());
+            m.name = call["function"]["name"].as_str().map(str::to_string);
+            m.tool_call_id = call["id"].as_str().map(str::to_string);
+            history.push(m);
+            ChatLine::Answer
+        }
+        _ => {
+            history.push(Message::new("user", line));
+            ChatLine::Answer
+        }
+    }
+}
+
 /// The interactive loop of `pipeline chat`.
 fn chat_repl(
     mut session: pipeline::session::Session,
@@ -666,32 +521,10 @@ fn chat_repl(
         if stdin.lock().read_line(&mut line)? == 0 {
             break;
         }
-        let line = line.trim_end_matches(['\n', '\r']);
-        match line.trim() {
-            "" => continue,
-            "/exit" | "/quit" | "/bye" => break,
-            "/reset" => {
-                history.clear();
-                continue;
-            }
-            l if l.starts_with("/system") => {
-                system = Some(l["/system".len()..].trim().to_string()).filter(|s| !s.is_empty());
-                history.clear();
-                continue;
-            }
-            l if l.starts_with("/tool") => {
-                // The result of the last call, as a `tool` message.
-                let mut m = Message::new("tool", l["/tool".len()..].trim());
-                let last_call = history.last().and_then(|a| a.tool_calls.as_ref()?.get(0).cloned());
-                let Some(call) = last_call else {
-                    eprintln!("(no tool call to answer)");
-                    continue;
-                };
-                m.name = call["function"]["name"].as_str().map(str::to_string);
-                m.tool_call_id = call["id"].as_str().map(str::to_string);
-                history.push(m);
-            }
-            _ => history.push(Message::new("user", line)),
+        match chat_line(line.trim_end_matches(['\n', '\r']), &mut system, &mut history) {
+            ChatLine::Exit => break,
+            ChatLine::Nothing => continue,
+            ChatLine::Answer => {}
         }
         let mut messages: Vec<Message> = system.iter().map(|s| Message::new("system", s)).collect();
         messages.extend(history.iter().cloned());

@@ -4,7 +4,7 @@
 use anyhow::{Result, bail};
 use pipeline::Recipe;
 use pipeline::error::RecipeError;
-use pipeline::executor::{Claim, Executor, Status};
+use pipeline::executor::{Executor, Status};
 use pipeline::sweep::{self, Variant};
 
 use crate::args::RecipeArgs;
@@ -114,41 +114,10 @@ pub fn plan(exec: &Executor, variants: &[Variant], json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `pipeline run` of a sweep: each variant in turn, passing over those
-/// another process has claimed.
+/// `pipeline run` of a sweep: [`sweep::run`], then its summary.
 pub fn run(exec: &Executor, variants: &[Variant], until: Option<&str>) -> Result<()> {
-    let t0 = std::time::Instant::now();
-    let (mut ran, mut cached, mut elsewhere) = (Vec::new(), Vec::new(), Vec::new());
-    for v in variants {
-        let plan = exec.plan(&v.recipe, until)?;
-        if plan.stages.iter().all(|s| s.status == Status::Cached) {
-            eprintln!("pipeline: variant {} ({}) is cached", v.index, v.label);
-            cached.push(v.index);
-            continue;
-        }
-        let guard = match exec.claim(&sweep::claim_name(&plan))? {
-            Claim::Ours(g) => g,
-            Claim::Theirs(who) => {
-                eprintln!("pipeline: variant {} ({}) is being run by {who}; passing over it", v.index, v.label);
-                elsewhere.push(v.index);
-                continue;
-            }
-        };
-        eprintln!("pipeline: variant {}/{}: {}", v.index, variants.len(), v.label);
-        exec.run(&v.recipe, until)?;
-        drop(guard);
-        ran.push(v.index);
-    }
-    let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(", ");
-    let mut line = format!("pipeline: sweep done in {:.1}s: ran {}", t0.elapsed().as_secs_f64(), ran.len());
-    if !ran.is_empty() {
-        line += &format!(" ({})", list(&ran));
-    }
-    line += &format!(", {} cached", cached.len());
-    if !elsewhere.is_empty() {
-        line += &format!(", {} run elsewhere ({})", elsewhere.len(), list(&elsewhere));
-    }
-    eprintln!("{line}");
+    let done = sweep::run(exec, variants, until)?;
+    eprintln!("pipeline: {}", done.summary());
     Ok(())
 }
 
@@ -168,48 +137,14 @@ pub fn compare(
         ),
     };
     let exec = args.executor()?;
-    let mut results = sweep::results(&exec, &variants, eval.as_deref())?;
-    let metric = match by {
-        Some(m) => {
-            if !results.iter().any(|r| r.metrics.contains_key(&m)) && results.iter().any(|r| !r.metrics.is_empty()) {
-                let known: std::collections::BTreeSet<&String> =
-                    results.iter().flat_map(|r| r.metrics.keys()).collect();
-                bail!(
-                    RecipeError::new(format!("--by {m}: no variant has this metric"))
-                        .help(format!("one of: {}", known.into_iter().cloned().collect::<Vec<_>>().join(", ")))
-                );
-            }
-            Some(m)
-        }
-        None => sweep::default_metric(&results).map(str::to_string),
-    };
-    if let Some(m) = &metric {
-        sweep::rank(&mut results, m);
+    let c = sweep::compare(&exec, &variants, eval.as_deref(), by.as_deref())?;
+    let dir = out.unwrap_or_else(|| std::path::PathBuf::from("sweeps").join(&c.name));
+    c.write(&dir)?;
+    print!("{}", sweep::text(&sweep::table(&c.results)));
+    for m in c.missing() {
+        eprintln!("- {m}");
     }
-    let rows = sweep::table(&results);
-    let name = variants[0].recipe.recipe.name.clone();
-    let dir = out.unwrap_or_else(|| std::path::PathBuf::from("sweeps").join(&name));
-    std::fs::create_dir_all(&dir)?;
-    let ranked = metric.as_deref().map(|m| format!(", best first by `{m}`")).unwrap_or_default();
-    let scored = eval.as_deref().map(|e| format!(", scored by `{e}`")).unwrap_or_default();
-    let mut md = format!("# Sweep of `{name}`\n\n{} variants{scored}{ranked}.\n\n", variants.len());
-    md += &sweep::markdown(&rows);
-    let missing: Vec<String> =
-        results.iter().filter_map(|r| r.missing.as_ref().map(|m| format!("- variant {}: {m}", r.index))).collect();
-    if !missing.is_empty() {
-        md += &format!("\nNot finished:\n{}\n", missing.join("\n"));
-    }
-    md += "\nLoss curves: `loss.svg`. Per-variant metrics, by group too: `compare.json`.\n";
-    std::fs::write(dir.join("compare.md"), &md)?;
-    let json = serde_json::json!({"recipe": name, "evaluate_stage": eval, "ranked_by": metric, "variants": results});
-    std::fs::write(dir.join("compare.json"), serde_json::to_vec_pretty(&json)?)?;
-    let curves: Vec<(String, Vec<_>)> =
-        results.iter().map(|r| (format!("{}: {}", r.index, r.label), r.log.clone())).collect();
-    pipeline_train::plot::loss_curves(&dir.join("loss.svg"), &format!("{name}: training loss by variant"), &curves)?;
-    print!("{}", sweep::text(&rows));
-    for m in &missing {
-        eprintln!("{m}");
-    }
+    let ranked = c.metric.as_deref().map(|m| format!(", best first by `{m}`")).unwrap_or_default();
     eprintln!("compare: wrote {}/compare.md, compare.json, loss.svg{ranked}", dir.display());
     Ok(())
 }

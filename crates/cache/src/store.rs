@@ -72,6 +72,16 @@ pub struct Manifest {
     pub metrics: serde_json::Value,
 }
 
+impl Manifest {
+    /// The manifest of the finished entry in directory `entry`: the one
+    /// reader of `manifest.json`.
+    pub fn read(entry: &Path) -> Result<Manifest> {
+        let path = entry.join("manifest.json");
+        let bytes = fs::read(&path).on("read", &path)?;
+        serde_json::from_slice(&bytes).map_err(|source| Error::CorruptManifest { path, source })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FileEntry {
     pub path: String,

@@ -11,7 +11,9 @@
 //!   their schema;
 //! - [`toolbox`]: implementations of a dataset's tools, to execute calls;
 //! - [`constrain`]: constrained decoding of tool calls against a catalogue;
-//! - [`eval`]: scoring answers (tool-call verdicts, ROUGE-L) and tallies.
+//! - [`eval`]: scoring answers (tool-call verdicts, ROUGE-L) and tallies;
+//! - [`runner`]: a split's rows scored and answered by one model (the
+//!   evaluation loop: shared-prefix KV caches, batched decoding).
 
 pub mod catalogue;
 pub mod chat;
@@ -19,6 +21,7 @@ pub mod constrain;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod runner;
 pub mod toolbox;
 pub mod toolcall;
 pub mod tooluse;

@@ -97,6 +97,21 @@ pub trait CausalLm {
         ops::cross_entropy(&self.logits(hidden)?, &t)
     }
 
+    /// The mean loss over the tokens `mask` marks (`mask[p] == 1`: token
+    /// `ids[p]` is scored, predicted at position `p - 1`), from hidden states
+    /// already computed for (at least) the first `ids.len() - 1` positions;
+    /// with the number of scored tokens (the loss is 0 when there are none).
+    /// Training's loss and evaluation's eval loss are this.
+    fn masked_loss(&self, hidden: &Tensor, ids: &[u32], mask: &[u8]) -> candle_core::Result<(Tensor, usize)> {
+        let positions: Vec<u32> = (0..ids.len() - 1).filter(|&p| mask[p + 1] == 1).map(|p| p as u32).collect();
+        if positions.is_empty() {
+            return Ok((Tensor::new(0f32, self.device())?, 0));
+        }
+        let targets: Vec<u32> = positions.iter().map(|&p| ids[p as usize + 1]).collect();
+        let picked = hidden.index_select(&Tensor::new(positions.as_slice(), self.device())?, 0)?;
+        Ok((self.loss(&picked, &targets)?, positions.len()))
+    }
+
     /// Brings `cache`, which holds a prefix of `tokens` (possibly none),
     /// to hold all of `tokens`, and returns the final hidden states of the
     /// positions it ran: `[n, hidden]` for the last `n` tokens (at least

@@ -17,9 +17,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::executor::{Executor, Status};
-use crate::model_card::{self, Artifact, CardFacts, Evaluation};
+use crate::model_card::{self, CardFacts, Evaluation};
 use crate::recipe::Recipe;
-use crate::stages::registry::StageSpec;
 
 /// What was exported: (stage, directory, files).
 pub struct Exported {
@@ -64,12 +63,9 @@ pub fn export(exec: &Executor, recipe: &Recipe, dest: &Path, force: bool, link: 
             }
         }
         let mut n = files.len();
-        if let Some(artifact) = match &recipe.stages[&sp.name] {
-            StageSpec::LoraTrain(_) => Some(Artifact::Adapter),
-            StageSpec::Merge(_) => Some(Artifact::Merged),
-            _ => None,
-        } {
-            let facts = card_facts(exec, recipe, &plan, &sp.name)?;
+        if let Some((artifact, trained_by)) = recipe.stages[&sp.name].model_artifact() {
+            let train = trained_by.unwrap_or(&sp.name);
+            let facts = card_facts(exec, recipe, &plan, train)?;
             write_new(&dir.join("README.md"), &model_card::render(recipe, artifact, &facts), force)?;
             n += 1;
         }
@@ -92,10 +88,10 @@ fn write_new(path: &Path, text: &str, force: bool) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// What the model card of stage `stage` (a lora-train or merge) says: the
+/// What the model card of a model made by training stage `train` says: the
 /// base model's identity, the datasets, the training that made the adapter
 /// and the recipe's first finished evaluation of it.
-fn card_facts(exec: &Executor, recipe: &Recipe, plan: &crate::executor::Plan, stage: &str) -> Result<CardFacts> {
+fn card_facts(exec: &Executor, recipe: &Recipe, plan: &crate::executor::Plan, train: &str) -> Result<CardFacts> {
     let provenance = crate::model_source::resolve(&recipe.settings()).map(|m| m.provenance()).unwrap_or_default();
     let mut facts = CardFacts {
         base_model: model_card::base_model_id(recipe, provenance.hub_id),
@@ -106,17 +102,14 @@ fn card_facts(exec: &Executor, recipe: &Recipe, plan: &crate::executor::Plan, st
     };
     let entry =
         |name: &str| plan.stage(name).filter(|s| s.status == Status::Cached).map(|s| exec.store().entry_dir(&s.key));
-    let train = match &recipe.stages[stage] {
-        StageSpec::Merge(p) => Some(p.adapter.clone()),
-        _ => Some(stage.to_string()),
-    };
-    if let Some(dir) = train.as_deref().and_then(entry) {
-        let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;
-        facts.training = Some((manifest["fingerprint"]["params"].clone(), manifest["metrics"].clone()));
+    if let Some(dir) = entry(train) {
+        let manifest = pipeline_cache::Manifest::read(&dir)?;
+        facts.training = Some((manifest.fingerprint.params, manifest.metrics));
     }
-    let eval = recipe.stages.iter().find(|(name, s)| {
-        matches!(s, StageSpec::Evaluate(p) if p.adapter.as_deref() == train.as_deref()) && !Recipe::is_implied(name)
-    });
+    let eval = recipe
+        .stages
+        .iter()
+        .find(|(name, s)| s.evaluates().is_some_and(|e| e.adapter == Some(train)) && !Recipe::is_implied(name));
     if let Some(dir) = eval.and_then(|(name, _)| entry(name)) {
         let report = crate::stages::evaluate::EvalReport::read(&dir)?;
         let overall = |m: &str| report.models.get(m).map(|r| r.overall.clone());

@@ -19,11 +19,14 @@
 //!   [`model_card`] beside the adapter and the merged model.
 //! - [`server_eval`]: an evaluate stage's rows scored through a served
 //!   model's OpenAI API (`tools` in, `tool_calls` out).
+//! - [`bench`]: training and generation speed (tokens/s, peak memory), and
+//!   the same work in PyTorch + PEFT or llama.cpp in the same minutes.
 //! - [`report`]: where progress and result lines go (the library itself
 //!   never prints); [`threads`] and [`allocator`]: process-wide settings a
 //!   program using the library should apply first.
 
 pub mod allocator;
+pub mod bench;
 pub mod error;
 pub mod executor;
 pub mod export;

@@ -11,17 +11,9 @@
 use serde_json::{Value, json};
 
 use crate::recipe::Recipe;
-use crate::stages::registry::StageSpec;
 use pipeline_infer::eval::{METRICS, Metric, markdown_table};
 
-/// What a card describes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Artifact {
-    /// A PEFT LoRA adapter (`library_name: peft`).
-    Adapter,
-    /// The base model with the adapter merged in (`library_name: transformers`).
-    Merged,
-}
+pub use crate::stages::kind::Artifact;
 
 /// What the card says, gathered from the recipe and the finished stages.
 #[derive(Debug, Clone, Default)]
@@ -61,17 +53,7 @@ pub fn base_model_id(recipe: &Recipe, files_say: Option<String>) -> Option<Strin
 
 /// Hub ids of the recipe's `hf://datasets/…` sources.
 pub fn datasets(recipe: &Recipe) -> Vec<String> {
-    recipe
-        .stages
-        .values()
-        .filter_map(|s| match s {
-            StageSpec::FetchDataset(p) => p.source.as_deref()?.strip_prefix("hf://datasets/").map(|r| {
-                let id = r.split('@').next().unwrap_or(r);
-                id.split('/').take(2).collect::<Vec<_>>().join("/")
-            }),
-            _ => None,
-        })
-        .collect()
+    recipe.stages.values().flat_map(|s| s.hub_datasets()).collect()
 }
 
 /// The card's text.

@@ -194,6 +194,67 @@ pub fn plans(exec: &Executor, variants: &[Variant], until: Option<&str>) -> anyh
     variants.iter().map(|v| exec.plan(&v.recipe, until)).collect()
 }
 
+/// What [`run`] did with each variant (by index).
+#[derive(Debug, Clone, Default)]
+pub struct SweepRun {
+    /// Run (or finished) by this process.
+    pub ran: Vec<usize>,
+    /// Every stage was cached already.
+    pub cached: Vec<usize>,
+    /// Claimed by another live process, and left to it.
+    pub elsewhere: Vec<usize>,
+    pub seconds: f64,
+}
+
+impl SweepRun {
+    /// One line: `sweep done in 12.3s: ran 2 (1, 3), 1 cached, 1 run elsewhere (2)`.
+    pub fn summary(&self) -> String {
+        let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(", ");
+        let mut line = format!("sweep done in {:.1}s: ran {}", self.seconds, self.ran.len());
+        if !self.ran.is_empty() {
+            line += &format!(" ({})", list(&self.ran));
+        }
+        line += &format!(", {} cached", self.cached.len());
+        if !self.elsewhere.is_empty() {
+            line += &format!(", {} run elsewhere ({})", self.elsewhere.len(), list(&self.elsewhere));
+        }
+        line
+    }
+}
+
+/// Runs each variant in turn (up to stage `until`), claiming it first and
+/// passing over those another process has claimed, so that any number of
+/// processes sharing the cache finish the sweep between them. One line per
+/// variant goes to the [`report`](crate::report).
+pub fn run(exec: &Executor, variants: &[Variant], until: Option<&str>) -> anyhow::Result<SweepRun> {
+    use crate::executor::{Claim, Status};
+    use crate::report::println;
+    let t0 = std::time::Instant::now();
+    let mut out = SweepRun::default();
+    for v in variants {
+        let plan = exec.plan(&v.recipe, until)?;
+        if plan.stages.iter().all(|s| s.status == Status::Cached) {
+            println(&format!("pipeline: variant {} ({}) is cached", v.index, v.label));
+            out.cached.push(v.index);
+            continue;
+        }
+        let guard = match exec.claim(&claim_name(&plan))? {
+            Claim::Ours(g) => g,
+            Claim::Theirs(who) => {
+                println(&format!("pipeline: variant {} ({}) is being run by {who}; passing over it", v.index, v.label));
+                out.elsewhere.push(v.index);
+                continue;
+            }
+        };
+        println(&format!("pipeline: variant {}/{}: {}", v.index, variants.len(), v.label));
+        exec.run(&v.recipe, until)?;
+        drop(guard);
+        out.ran.push(v.index);
+    }
+    out.seconds = t0.elapsed().as_secs_f64();
+    Ok(out)
+}
+
 /// What one variant gave: its evaluation metrics and its training.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct VariantResult {
@@ -215,16 +276,18 @@ pub struct VariantResult {
     pub missing: Option<String>,
 }
 
-/// Reads the finished results of each variant: the `evaluate` stage named
+/// Reads the finished results of each variant: the evaluating stage named
 /// `eval_stage`, else the recipe's first (its adapter's column), and the
-/// `lora-train` stage it evaluates (else the first one).
+/// training it evaluates (else the recipe's first training), each through
+/// its kind's [`StageKind::sweep_metrics`](crate::stages::StageKind::sweep_metrics).
 pub fn results(exec: &Executor, variants: &[Variant], eval_stage: Option<&str>) -> anyhow::Result<Vec<VariantResult>> {
     use crate::executor::Finished;
+    use crate::stages::kind::Artifact;
     use crate::stages::registry::StageSpec;
     let mut out = Vec::new();
     for v in variants {
         let recipe = &v.recipe;
-        let is_eval = |n: &str, s: &StageSpec| matches!(s, StageSpec::Evaluate(_)) && !Recipe::is_implied(n);
+        let is_eval = |n: &str, s: &StageSpec| s.evaluates().is_some() && !Recipe::is_implied(n);
         let eval = match eval_stage {
             Some(name) => {
                 let found = recipe.stages.iter().find(|(n, s)| n.as_str() == name && is_eval(n, s));
@@ -240,14 +303,10 @@ pub fn results(exec: &Executor, variants: &[Variant], eval_stage: Option<&str>) 
             }
             None => recipe.stages.iter().find(|(n, s)| is_eval(n, s)),
         };
-        let train = eval
-            .and_then(|(_, s)| match s {
-                StageSpec::Evaluate(p) => p.adapter.clone(),
-                _ => None,
-            })
-            .or_else(|| {
-                recipe.stages.iter().find(|(_, s)| matches!(s, StageSpec::LoraTrain(_))).map(|(n, _)| n.clone())
-            });
+        let train = eval.and_then(|(_, s)| s.evaluates()?.adapter).or_else(|| {
+            let trains = |s: &StageSpec| s.model_artifact().is_some_and(|(a, _)| a == Artifact::Adapter);
+            recipe.stages.iter().find(|(_, s)| trains(s)).map(|(n, _)| n.as_str())
+        });
         let mut r = VariantResult {
             index: v.index,
             label: v.label.clone(),
@@ -259,25 +318,18 @@ pub fn results(exec: &Executor, variants: &[Variant], eval_stage: Option<&str>) 
             log: Vec::new(),
             missing: None,
         };
-        if let Some(t) = &train {
+        if let Some(t) = train {
             if let Finished::Entry(dir) = exec.finished(recipe, t)? {
-                let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;
-                r.train_seconds = manifest["duration_s"].as_f64();
-                r.eval_loss_after = manifest["metrics"]["eval_loss_after"].as_f64();
-                if let Ok(csv) = std::fs::read_to_string(dir.join("loss.csv")) {
-                    r.log = pipeline_train::plot::read_loss_csv(&csv);
-                }
+                let m = recipe.stages[t].sweep_metrics(&dir)?;
+                (r.train_seconds, r.eval_loss_after, r.log) = (m.train_seconds, m.eval_loss_after, m.log);
             }
         }
         match eval {
             None => r.missing = Some("the recipe has no evaluate stage".into()),
-            Some((name, _)) => match exec.finished(recipe, name)? {
+            Some((name, spec)) => match exec.finished(recipe, name)? {
                 Finished::Entry(dir) => {
-                    let report = crate::stages::evaluate::EvalReport::read(&dir)?;
-                    if let Some(m) = report.tuned_or_base() {
-                        r.metrics = m.overall.clone();
-                        r.groups = m.by_group.clone();
-                    }
+                    let m = spec.sweep_metrics(&dir)?;
+                    (r.metrics, r.groups) = (m.metrics, m.groups);
                 }
                 Finished::NotYet(why) => r.missing = Some(format!("`{name}` not finished ({why})")),
             },
@@ -285,6 +337,83 @@ pub fn results(exec: &Executor, variants: &[Variant], eval_stage: Option<&str>) 
         out.push(r);
     }
     Ok(out)
+}
+
+/// `pipeline compare`'s result: the variants' results, ranked.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    /// The recipe's name.
+    pub name: String,
+    /// The evaluate stage scored (`None`: the recipe's first).
+    pub eval: Option<String>,
+    /// The metric ranked by, best first (`None`: no variant has finished).
+    pub metric: Option<String>,
+    pub results: Vec<VariantResult>,
+}
+
+/// Reads every variant's results ([`results`]) and ranks them by `by`, else
+/// by [`default_metric`]; a `by` no finished variant has is an error
+/// listing those they have.
+pub fn compare(
+    exec: &Executor,
+    variants: &[Variant],
+    eval: Option<&str>,
+    by: Option<&str>,
+) -> anyhow::Result<Comparison> {
+    let mut results = results(exec, variants, eval)?;
+    let metric = match by {
+        Some(m) => {
+            if !results.iter().any(|r| r.metrics.contains_key(m)) && results.iter().any(|r| !r.metrics.is_empty()) {
+                let known: std::collections::BTreeSet<&String> =
+                    results.iter().flat_map(|r| r.metrics.keys()).collect();
+                return Err(RecipeError::new(format!("--by {m}: no variant has this metric"))
+                    .help(format!("one of: {}", known.into_iter().cloned().collect::<Vec<_>>().join(", ")))
+                    .into());
+            }
+            Some(m.to_string())
+        }
+        None => default_metric(&results).map(str::to_string),
+    };
+    if let Some(m) = &metric {
+        rank(&mut results, m);
+    }
+    let name = variants.first().map(|v| v.recipe.recipe.name.clone()).unwrap_or_default();
+    Ok(Comparison { name, eval: eval.map(str::to_string), metric, results })
+}
+
+impl Comparison {
+    /// The variants without metrics yet, and why: `variant 2: …`.
+    pub fn missing(&self) -> Vec<String> {
+        self.results.iter().filter_map(|r| r.missing.as_ref().map(|m| format!("variant {}: {m}", r.index))).collect()
+    }
+
+    /// Writes `compare.md`, `compare.json` and `loss.svg` (every variant's
+    /// training loss) into `dir`.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let ranked = self.metric.as_deref().map(|m| format!(", best first by `{m}`")).unwrap_or_default();
+        let scored = self.eval.as_deref().map(|e| format!(", scored by `{e}`")).unwrap_or_default();
+        let mut md = format!("# Sweep of `{}`\n\n{} variants{scored}{ranked}.\n\n", self.name, self.results.len());
+        md += &markdown(&table(&self.results));
+        let missing = self.missing();
+        if !missing.is_empty() {
+            md += &format!(
+                "\nNot finished:\n{}\n",
+                missing.iter().map(|m| format!("- {m}")).collect::<Vec<_>>().join("\n")
+            );
+        }
+        md += "\nLoss curves: `loss.svg`. Per-variant metrics, by group too: `compare.json`.\n";
+        std::fs::write(dir.join("compare.md"), &md)?;
+        let json = serde_json::json!({
+            "recipe": self.name, "evaluate_stage": self.eval, "ranked_by": self.metric, "variants": self.results,
+        });
+        std::fs::write(dir.join("compare.json"), serde_json::to_vec_pretty(&json)?)?;
+        let curves: Vec<(String, Vec<_>)> =
+            self.results.iter().map(|r| (format!("{}: {}", r.index, r.label), r.log.clone())).collect();
+        let title = format!("{}: training loss by variant", self.name);
+        pipeline_train::plot::loss_curves(&dir.join("loss.svg"), &title, &curves)?;
+        Ok(())
+    }
 }
 
 /// Metrics where lower is better.

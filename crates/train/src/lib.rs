@@ -168,7 +168,7 @@ pub fn example_loss(
 ) -> Result<(Tensor, usize)> {
     // Position p predicts token p+1; it is scored when token p+1 is supervised.
     let hidden = model.hidden(&ids[..ids.len() - 1], dropout)?;
-    masked_loss(model, &hidden, ids, mask)
+    Ok(model.masked_loss(&hidden, ids, mask)?)
 }
 
 /// The gradients of one example's loss times `scale`, by parameter name,
@@ -215,7 +215,7 @@ pub fn example_grads(
     // The head, from the last layer's output.
     let top = candle_core::Var::from_tensor(&x)?;
     let hidden = model.final_norm(top.as_tensor())?;
-    let (loss, n) = masked_loss(model, &hidden, ids, mask)?;
+    let (loss, n) = model.masked_loss(&hidden, ids, mask)?;
     let value = loss.to_scalar::<f32>()? as f64;
     let Some(mut upstream) = (loss * scale)?.backward()?.remove(top.as_tensor()) else {
         return Ok((value, n, grads)); // nothing scored
@@ -244,20 +244,6 @@ pub fn example_grads(
         }
     }
     Ok((value, n, grads))
-}
-
-/// The loss of [`example_loss`] from hidden states already computed for
-/// (at least) the first `ids.len() - 1` positions. Returns the loss and the
-/// number of scored tokens (the loss is 0 when there are none).
-pub fn masked_loss(model: &dyn CausalLm, hidden: &Tensor, ids: &[u32], mask: &[u8]) -> Result<(Tensor, usize)> {
-    let positions: Vec<u32> = (0..ids.len() - 1).filter(|&p| mask[p + 1] == 1).map(|p| p as u32).collect();
-    if positions.is_empty() {
-        return Ok((Tensor::new(0f32, model.device())?, 0));
-    }
-    let targets: Vec<u32> = positions.iter().map(|&p| ids[p as usize + 1]).collect();
-    let picked = hidden.index_select(&Tensor::new(positions.as_slice(), model.device())?, 0)?;
-    let loss = model.loss(&picked, &targets)?;
-    Ok((loss, positions.len()))
 }
 
 #[cfg(test)]

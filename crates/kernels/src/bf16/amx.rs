@@ -3,7 +3,7 @@
 //! f32 tile, 8,192 multiply-adds per instruction, as oneDNN does for
 //! PyTorch's bf16 autocast on these CPUs.
 //!
-//! The operands are the AVX512-BF16 path's ([`super::native`]): `A` rounded
+//! The operands are the AVX512-BF16 path's ([`super::avx512`]): `A` rounded
 //! to bf16 in rows of k-pairs, `B` packed in 32-column panels of k-pairs,
 //! both loadable as tiles as they are (a tile row is 64 bytes: 16 pairs of
 //! `A`, or 16 columns of a panel's 32). Each micro-kernel keeps a 32×32 block
@@ -15,8 +15,8 @@
 //! The compiler never touches the tile registers, so their state only lives
 //! between the `asm!` blocks of one micro-kernel call on one thread.
 
+use super::avx512::{Avx512Bf16, NR, rounded_row};
 use super::blis::{a_panels, pack_b, w_tail};
-use super::native::{Avx512Bf16, NR, rounded_row};
 use super::{Operand, bf16};
 use rayon::prelude::*;
 use std::arch::asm;

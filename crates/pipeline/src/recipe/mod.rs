@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Location, RecipeError, did_you_mean};
 pub use crate::settings::{ModelSpec, ReportTo, Settings, resolve_against};
-pub use crate::stages::registry::{Input, KINDS, StageSpec};
+pub use crate::stages::kind::Input;
+pub use crate::stages::registry::{KINDS, StageSpec};
 
 pub use overrides::Override;
 

@@ -29,10 +29,11 @@ use super::{Env, Input, Kind, Rule, RunContext, Stage, StageKind};
 use pipeline_infer::catalogue::Catalogue;
 use pipeline_infer::chat::{ChatTemplate, Message};
 use pipeline_infer::constrain::CallGrammar;
-use pipeline_infer::eval::{Gold, Metric, Tally, Task, markdown_table, rouge_l, score_tool_call};
-use pipeline_infer::generate::{Generation, GenerationParams, Generator};
+use pipeline_infer::eval::{Gold, Metric, Task, markdown_table};
+use pipeline_infer::generate::GenerationParams;
+use pipeline_infer::runner::{EvalRow, Runner};
 use pipeline_infer::toolbox::Toolbox;
-use pipeline_model::{self as model, CausalLm, KvCache};
+use pipeline_model::{self as model, CausalLm};
 
 /// Parameters of an `evaluate` stage.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -193,6 +194,21 @@ impl Params {
 impl StageKind for Params {
     const EXPORTED: bool = true;
 
+    fn evaluates(&self) -> Option<super::kind::Evaluates<'_>> {
+        Some(super::kind::Evaluates { adapter: self.adapter.as_deref() })
+    }
+
+    /// The adapter's metrics (else the base model's).
+    fn sweep_metrics(&self, entry: &std::path::Path) -> Result<super::kind::SweepMetrics> {
+        let report = EvalReport::read(entry)?;
+        let mut out = super::kind::SweepMetrics::default();
+        if let Some(m) = report.tuned_or_base() {
+            out.metrics = m.overall.clone();
+            out.groups = m.by_group.clone();
+        }
+        Ok(out)
+    }
+
     fn inputs(&self) -> Vec<Input<'_>> {
         let mut v =
             vec![Input { role: "conversations", stage: &self.conversations, kinds: &[format_chat::Params::KIND] }];
@@ -297,7 +313,7 @@ pub(crate) fn catalogue_of(splits: &[(String, std::path::PathBuf)]) -> Result<Ca
 
 /// The share of `rows` whose gold calls all run on `toolbox` (over the rows
 /// whose gold turn calls a tool; none when no row does).
-fn gold_calls_execute(rows: &[Row], toolbox: &Toolbox) -> Option<Metric> {
+fn gold_calls_execute(rows: &[EvalRow], toolbox: &Toolbox) -> Option<Metric> {
     let runs: Vec<bool> = rows
         .iter()
         .filter(|r| r.gold.calls.attempted())
@@ -307,27 +323,14 @@ fn gold_calls_execute(rows: &[Row], toolbox: &Toolbox) -> Option<Metric> {
     (n > 0).then(|| Metric { value: runs.iter().filter(|ok| **ok).count() as f64 / n as f64, n })
 }
 
-/// One row, ready to run.
-struct Row {
-    conv: Conversation,
-    /// Tokens of the prompt (conversation up to the first assistant turn,
-    /// with the generation prompt).
-    prompt: Vec<u32>,
-    /// Tokens of the whole conversation and its loss mask.
-    full: Vec<u32>,
-    mask: Vec<u8>,
-    gold: Gold,
-    group: Option<String>,
-    /// With `constrained_calls`, for a row that lists its tools: the grammar
-    /// of those tools alone (as a server builds it from a request's `tools`).
-    grammar: Option<CallGrammar>,
-}
-
 struct Evaluation<'a> {
     p: &'a Params,
     ctx: &'a RunContext<'a>,
     split: String,
-    rows: Vec<Row>,
+    rows: Vec<EvalRow>,
+    /// The first row's conversation: its system turns and tools frame the
+    /// spot-check prompts.
+    first: Conversation,
     task: Task,
     tokenizer: tokenizers::Tokenizer,
     template: ChatTemplate,
@@ -380,6 +383,7 @@ impl<'a> Evaluation<'a> {
                 .filter(|c| c.meta.get("tool_needed").is_some_and(Value::is_boolean))
                 .map(|_| "tool_needed".into())
         });
+        let first = convs[0].clone();
         let mut rows = Vec::with_capacity(convs.len());
         for conv in convs {
             let first = conv.messages.iter().position(|m| m.role == "assistant").with_context(|| {
@@ -411,14 +415,14 @@ impl<'a> Evaluation<'a> {
                 }
                 _ => None,
             };
-            rows.push(Row {
+            rows.push(EvalRow {
+                id: conv.id,
                 grammar,
                 gold: Gold::new(&gold_msg.content, gold_msg.tool_calls.as_ref(), needs_call),
                 prompt,
                 full,
                 mask,
                 group,
-                conv,
             });
         }
         let task = match p.task {
@@ -441,6 +445,7 @@ impl<'a> Evaluation<'a> {
             ctx,
             split,
             rows,
+            first,
             task,
             tokenizer,
             template,
@@ -533,161 +538,38 @@ impl<'a> Evaluation<'a> {
         Ok(json!({"split": self.split, "rows": self.rows.len(), "skipped_overlong": skipped, "models": summary}))
     }
 
-    /// Every row with the model as it is now: rows run in token order, so
-    /// that neighbours share their system prompt and tool list, which each
-    /// row copies from the previous row's cache instead of recomputing it;
-    /// they are scored one by one and decoded `batch` at a time.
+    /// Every row with the model as it is now (base, or the adapter
+    /// attached), through the runner of `pipeline-infer`, and the spot checks.
     fn evaluate(&self, subject: Subject) -> Result<ModelResult> {
-        let t0 = std::time::Instant::now();
-        let generator = self.generator();
-        let seed = self.ctx.env.settings.seed;
         let pb = crate::report::bar(self.rows.len() as u64, &format!("evaluate {}", subject.name()));
-        let mut records: Vec<(usize, Tally, Value)> = Vec::with_capacity(self.rows.len());
-        let mut last: Option<Scored> = None;
-        for group in self.order().chunks(self.p.batch.max(1)) {
-            let mut scored: Vec<Scored> = Vec::with_capacity(group.len());
-            for &i in group {
-                let prev = scored.last().or(last.as_ref());
-                scored.push(self.score(i, prev)?);
-                pb.inc(1);
-            }
-            let decode: Vec<usize> =
-                (0..scored.len()).filter(|&k| self.rows[scored[k].row].prompt.len() <= self.max_prompt).collect();
-            let grammars: Vec<Option<&CallGrammar>> = scored
-                .iter()
-                .enumerate()
-                .filter(|(k, _)| decode.contains(k))
-                .map(|(_, s)| self.rows[s.row].grammar.as_ref().or(self.grammar.as_ref()))
-                .collect();
-            let mut jobs: Vec<(&[u32], &mut KvCache)> = scored
-                .iter_mut()
-                .enumerate()
-                .filter(|(k, _)| decode.contains(k))
-                .map(|(_, s)| (self.rows[s.row].prompt.as_slice(), &mut s.cache))
-                .collect();
-            let mut generations =
-                generator.generate_batch_constrained(&mut jobs, &grammars, &self.p.generation, seed)?.into_iter();
-            for (k, s) in scored.iter_mut().enumerate() {
-                let row = &self.rows[s.row];
-                let g = if decode.contains(&k) { generations.next() } else { None };
-                records.push(self.record(subject, s, g.as_ref())?);
-                // The cache now holds the prompt and what was fed back of the answer.
-                let text: Vec<u32> = row.prompt.iter().chain(g.iter().flat_map(|g| &g.tokens)).copied().collect();
-                s.held = text[..s.cache.len().min(text.len())].to_vec();
-            }
-            last = scored.pop();
-        }
+        let run = self.runner().run(subject.name(), &|| pb.inc(1))?;
         pb.finish();
-        records.sort_by_key(|(i, _, _)| *i);
-        let (mut overall, mut groups) = (Tally::default(), BTreeMap::new());
-        let mut skipped = 0;
-        let mut preds = Vec::with_capacity(records.len());
-        for (i, tally, record) in records {
-            skipped += usize::from(record.get("skipped").is_some());
-            merge(&mut overall, &mut groups, self.rows[i].group.as_deref(), &tally);
-            preds.push(record);
-        }
         Ok(ModelResult {
-            overall: overall.metrics(),
-            groups: groups.into_iter().map(|(k, t)| (k, t.metrics())).collect(),
-            predictions: preds,
-            skipped,
-            seconds: t0.elapsed().as_secs_f64(),
+            overall: run.overall,
+            groups: run.groups,
+            predictions: run.predictions,
+            skipped: run.skipped,
+            seconds: run.seconds,
             spot_checks: self.spot_checks(subject)?,
         })
     }
 
-    /// Row indices sorted by the tokens each row runs through the model.
-    fn order(&self) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.rows.len()).collect();
-        order.sort_by(|&a, &b| self.scored_tokens(&self.rows[a]).cmp(self.scored_tokens(&self.rows[b])));
-        order
-    }
-
-    /// Whether row's loss is computed (then the whole conversation runs
-    /// through the model, else only its prompt).
-    fn scores_loss(&self, row: &Row) -> bool {
-        self.p.loss && row.full.len() <= self.model.max_positions() && row.mask.contains(&1)
-    }
-
-    fn scored_tokens<'r>(&self, row: &'r Row) -> &'r [u32] {
-        if self.scores_loss(row) { &row.full } else { &row.prompt }
-    }
-
-    /// Row `i`'s loss over its assistant tokens, from a cache that starts
-    /// with what `prev`'s cache shares with it; the cache is left holding
-    /// the row's prompt (or a prefix of it) for decoding.
-    fn score(&self, i: usize, prev: Option<&Scored>) -> Result<Scored> {
-        let t = std::time::Instant::now();
-        let row = &self.rows[i];
-        let tokens = self.scored_tokens(row);
-        let mut reuse = prev.map_or(0, |p| common_prefix(&p.held, tokens));
-        let scoring = self.scores_loss(row);
-        if scoring {
-            // The loss needs hidden states from the position before the first
-            // scored token on.
-            let first = row.mask.iter().position(|&m| m == 1).expect("a scored token");
-            reuse = reuse.min(first.saturating_sub(1));
+    fn runner(&self) -> Runner<'_> {
+        Runner {
+            model: self.model.as_ref(),
+            tokenizer: &self.tokenizer,
+            template: &self.template,
+            rows: &self.rows,
+            task: self.task,
+            generation: &self.p.generation,
+            seed: self.ctx.env.settings.seed,
+            batch: self.p.batch,
+            loss: self.p.loss,
+            max_prompt: self.max_prompt,
+            grammar: self.grammar.as_ref(),
+            catalogue: &self.catalogue,
+            toolbox: self.toolbox.as_ref(),
         }
-        let mut cache = match prev {
-            Some(p) if reuse > 0 => p.cache.prefix_copy(reuse)?,
-            _ => self.model.new_cache(),
-        };
-        let mut tally = Tally::default();
-        let mut loss = None;
-        if scoring {
-            let hidden = self.model.prefill(&row.full, &mut cache)?;
-            let s = row.full.len() - hidden.dim(0)?;
-            let (l, n) = pipeline_train::masked_loss(self.model.as_ref(), &hidden, &row.full[s..], &row.mask[s..])?;
-            let l = l.to_scalar::<f32>()? as f64;
-            tally.loss(l * n as f64, n);
-            loss = Some(l);
-            cache.truncate(common_prefix(&row.prompt, &row.full));
-        }
-        let held = tokens[..cache.len()].to_vec();
-        Ok(Scored { row: i, cache, held, tally, loss, loss_s: t.elapsed().as_secs_f64() })
-    }
-
-    /// The prediction record of a scored row, with its generation (none when
-    /// its prompt is too long), and the row's tally.
-    fn record(&self, subject: Subject, s: &mut Scored, g: Option<&Generation>) -> Result<(usize, Tally, Value)> {
-        let row = &self.rows[s.row];
-        let mut tally = std::mem::take(&mut s.tally);
-        let Some(g) = g else {
-            let record = json!({
-                "id": row.conv.id, "model": subject.name(), "group": row.group,
-                "prompt_tokens": row.prompt.len(), "skipped": "prompt longer than max_prompt_tokens",
-                "loss": s.loss,
-            });
-            return Ok((s.row, tally, record));
-        };
-        let pred = pipeline_infer::toolcall::parse(&g.text);
-        let mut record = json!({
-            "id": row.conv.id, "model": subject.name(), "group": row.group,
-            "prompt_tokens": row.prompt.len(), "generated": g.text, "finish": g.finish,
-            "parsed": pred, "gold": row.gold.calls, "loss": s.loss,
-            "seconds": {"loss": s.loss_s, "prefill": g.prefill_s, "decode": g.decode_s},
-            "new_tokens": g.tokens.len(),
-        });
-        match self.task {
-            Task::Qa => {
-                let f1 = rouge_l(&g.text, &row.gold.text);
-                tally.rouge(f1);
-                record["rouge_l"] = json!(f1);
-            }
-            _ => {
-                let v = score_tool_call(&pred, &g.text, &row.gold, &self.catalogue, self.toolbox.as_ref());
-                tally.tool(&v);
-                record["verdict"] = serde_json::to_value(&v)?;
-            }
-        }
-        Ok((s.row, tally, record))
-    }
-
-    /// Decoding with the model as it is now (base or adapter attached),
-    /// stopping at the trained template's end of turn.
-    fn generator(&self) -> Generator<'_> {
-        Generator::for_template(self.model.as_ref(), &self.tokenizer, &self.template).constrained(self.grammar.as_ref())
     }
 
     /// Generates for each of `prompts`, rendered like the split's rows.
@@ -695,9 +577,10 @@ impl<'a> Evaluation<'a> {
         if self.p.prompts.is_empty() {
             return Ok(Vec::new());
         }
-        let first = &self.rows[0].conv;
+        let first = &self.first;
         let system: Vec<Message> = first.messages.iter().take_while(|m| m.role == "system").cloned().collect();
-        let generator = self.generator();
+        let runner = self.runner();
+        let generator = runner.generator();
         let mut out = Vec::new();
         for prompt in &self.p.prompts {
             let mut messages = system.clone();
@@ -900,27 +783,5 @@ impl SpotCheck {
         let mut parts: Vec<String> = self.parsed.calls.iter().map(|c| format!("{}({})", c.name, c.arguments)).collect();
         parts.extend(self.parsed.invalid.iter().map(|t| format!("invalid: {t}")));
         parts.join("; ")
-    }
-}
-
-/// A row after its loss pass: its cache (holding `held`), tally and loss.
-struct Scored {
-    row: usize,
-    cache: KvCache,
-    held: Vec<u32>,
-    tally: Tally,
-    loss: Option<f64>,
-    loss_s: f64,
-}
-
-/// How many leading tokens `a` and `b` share.
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
-fn merge(overall: &mut Tally, groups: &mut BTreeMap<String, Tally>, group: Option<&str>, row: &Tally) {
-    overall.merge(row);
-    if let Some(g) = group {
-        groups.entry(g.to_string()).or_default().merge(row);
     }
 }

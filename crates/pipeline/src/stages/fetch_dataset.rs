@@ -193,6 +193,13 @@ fn file_label(p: &std::path::Path) -> String {
 }
 
 impl StageKind for Params {
+    fn hub_datasets(&self) -> Vec<String> {
+        let id = self.source.as_deref().and_then(|s| s.strip_prefix("hf://datasets/"));
+        id.map(|r| r.split('@').next().unwrap_or(r).split('/').take(2).collect::<Vec<_>>().join("/"))
+            .into_iter()
+            .collect()
+    }
+
     fn inputs(&self) -> Vec<Input<'_>> {
         vec![]
     }

@@ -216,16 +216,33 @@ impl Targets {
 }
 
 impl Params {
-    fn eval_split_name(&self, dir: &std::path::Path) -> Option<String> {
+    fn eval_split_name(&self, entry: &std::path::Path) -> Option<String> {
         match &self.eval_split {
             Some(s) => Some(s.clone()),
-            None => dir.join("validation.safetensors").is_file().then(|| "validation".to_string()),
+            None => super::tokenize::has_split(entry, "validation").then(|| "validation".to_string()),
         }
     }
 }
 
 impl StageKind for Params {
     const EXPORTED: bool = true;
+
+    fn model_artifact(&self) -> Option<(super::kind::Artifact, Option<&str>)> {
+        Some((super::kind::Artifact::Adapter, None))
+    }
+
+    /// Its run time, final eval loss and loss curve.
+    fn sweep_metrics(&self, entry: &std::path::Path) -> Result<super::kind::SweepMetrics> {
+        let manifest = pipeline_cache::Manifest::read(entry)?;
+        Ok(super::kind::SweepMetrics {
+            train_seconds: Some(manifest.duration_s),
+            eval_loss_after: manifest.metrics["eval_loss_after"].as_f64(),
+            log: std::fs::read_to_string(entry.join("loss.csv"))
+                .map(|csv| pipeline_train::plot::read_loss_csv(&csv))
+                .unwrap_or_default(),
+            ..Default::default()
+        })
+    }
 
     fn inputs(&self) -> Vec<Input<'_>> {
         vec![Input { role: "tokens", stage: &self.tokens, kinds: &[tokenize::Params::KIND] }]
@@ -317,12 +334,12 @@ impl Stage for Params {
     }
 
     fn run(&self, ctx: &RunContext) -> Result<Value> {
-        let dir = ctx.input("tokens").join("tokens");
-        let train = TokenizedSplit::load(&dir.join(format!("{}.safetensors", self.train_split)))
+        let tokens = ctx.input("tokens");
+        let train = super::tokenize::read_split(tokens, &self.train_split)
             .with_context(|| format!("stage `{}`: train_split `{}`", ctx.name, self.train_split))?;
-        let eval = match self.eval_split_name(&dir) {
+        let eval = match self.eval_split_name(tokens) {
             Some(s) => {
-                let mut split = TokenizedSplit::load(&dir.join(format!("{s}.safetensors")))
+                let mut split = super::tokenize::read_split(tokens, &s)
                     .with_context(|| format!("stage `{}`: eval_split `{s}`", ctx.name))?;
                 if let Some(n) = self.eval_examples {
                     split.truncate(n);

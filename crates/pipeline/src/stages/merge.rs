@@ -38,6 +38,10 @@ pub struct Params {
 impl StageKind for Params {
     const EXPORTED: bool = true;
 
+    fn model_artifact(&self) -> Option<(super::kind::Artifact, Option<&str>)> {
+        Some((super::kind::Artifact::Merged, Some(&self.adapter)))
+    }
+
     fn inputs(&self) -> Vec<Input<'_>> {
         let mut v = vec![Input { role: "adapter", stage: &self.adapter, kinds: &[lora_train::Params::KIND] }];
         if let Some(c) = &self.chat {

@@ -10,6 +10,7 @@ pub mod custom;
 pub mod evaluate;
 pub mod fetch_dataset;
 pub mod format_chat;
+pub mod kind;
 pub mod lora_train;
 pub mod merge;
 pub mod ollama_modelfile;
@@ -24,9 +25,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 
 use crate::settings::Settings;
+pub use kind::{Input, Kind, Rule, StageKind};
 use pipeline_cache::{CacheKey, HashMemo};
 use pipeline_model::ModelFiles;
-pub use registry::{Input, Kind, Rule, StageKind, register};
+pub use registry::register;
 
 /// What every stage kind implements.
 pub trait Stage {

@@ -8,9 +8,12 @@
 //! `stages/` whose `Params` implement `Stage` and `StageKind`, and one line
 //! here.
 
+use std::path::Path;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::kind::{Artifact, Evaluates, Input, Kind, Rule, StageKind, SweepMetrics};
 use super::{
     Stage, custom, evaluate, fetch_dataset, format_chat, lora_train, merge, ollama_modelfile, quantize, tokenize,
 };
@@ -20,41 +23,6 @@ use super::{
 pub fn register<P: custom::CustomStage + serde::de::DeserializeOwned + 'static>(kind: &str) {
     assert!(!KINDS.contains(&kind), "`{kind}` is a built-in stage kind");
     custom::add::<P>(kind);
-}
-
-/// A kind's name as recipes write it (`kind = "lora-train"`); generated
-/// from the registry.
-pub trait Kind {
-    const KIND: &'static str;
-}
-
-/// What the executor and the recipe checks need from a built-in kind,
-/// beside [`Stage`].
-pub trait StageKind: Stage + Kind {
-    /// The stages this one reads.
-    fn inputs(&self) -> Vec<Input<'_>>;
-
-    /// Rules serde cannot express: `Err((key, message, help))`.
-    fn check(&self) -> Result<(), Rule> {
-        Ok(())
-    }
-
-    /// Whether `pipeline export` copies this kind's finished output.
-    const EXPORTED: bool = false;
-}
-
-/// A broken parameter rule: (key, message, help; help may be empty).
-pub type Rule = (&'static str, String, String);
-
-/// A reference from one stage to another, by parameter ("role").
-#[derive(Debug, Clone, Copy)]
-pub struct Input<'a> {
-    /// The parameter that holds the reference, e.g. `dataset`.
-    pub role: &'static str,
-    /// The referenced stage's name.
-    pub stage: &'a str,
-    /// Which kinds that stage may be (empty: any).
-    pub kinds: &'static [&'static str],
 }
 
 macro_rules! stage_kinds {
@@ -108,6 +76,38 @@ macro_rules! stage_kinds {
                 match self {
                     $( StageSpec::$variant(p) => p.check(), )*
                     StageSpec::Custom(_) => Ok(()),
+                }
+            }
+
+            /// See [`StageKind::model_artifact`].
+            pub fn model_artifact(&self) -> Option<(Artifact, Option<&str>)> {
+                match self {
+                    $( StageSpec::$variant(p) => p.model_artifact(), )*
+                    StageSpec::Custom(_) => None,
+                }
+            }
+
+            /// See [`StageKind::evaluates`].
+            pub fn evaluates(&self) -> Option<Evaluates<'_>> {
+                match self {
+                    $( StageSpec::$variant(p) => p.evaluates(), )*
+                    StageSpec::Custom(_) => None,
+                }
+            }
+
+            /// See [`StageKind::sweep_metrics`].
+            pub fn sweep_metrics(&self, entry: &Path) -> anyhow::Result<SweepMetrics> {
+                match self {
+                    $( StageSpec::$variant(p) => p.sweep_metrics(entry), )*
+                    StageSpec::Custom(_) => Ok(SweepMetrics::default()),
+                }
+            }
+
+            /// See [`StageKind::hub_datasets`].
+            pub fn hub_datasets(&self) -> Vec<String> {
+                match self {
+                    $( StageSpec::$variant(p) => p.hub_datasets(), )*
+                    StageSpec::Custom(_) => Vec::new(),
                 }
             }
 

@@ -12,8 +12,9 @@
 //! Length statistics go in the manifest.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -118,11 +119,28 @@ impl Stage for Params {
             let convs: Vec<Conversation> = data::read_jsonl_as(&path)?;
             let (tokenized, stats) = self.tokenize_split(&tokenizer, &convs, &split)?;
             pipeline_fs::fault::point("tokenize.mid-write");
-            tokenized.save(&dir.join(format!("{split}.safetensors")))?;
+            tokenized.save(&split_path(&ctx.out, &split))?;
             metrics.insert(split, stats);
         }
         Ok(Value::Object(metrics))
     }
+}
+
+/// Where a tokenize entry (or its work directory) keeps split `split`.
+fn split_path(entry: &Path, split: &str) -> PathBuf {
+    entry.join("tokens").join(format!("{split}.safetensors"))
+}
+
+/// Whether the finished tokenize entry `entry` holds split `split`.
+pub fn has_split(entry: &Path, split: &str) -> bool {
+    split_path(entry, split).is_file()
+}
+
+/// Split `split` of the finished tokenize entry `entry`: the one reader of
+/// what this kind writes (training and `bench` read through it).
+pub fn read_split(entry: &Path, split: &str) -> Result<TokenizedSplit> {
+    let path = split_path(entry, split);
+    TokenizedSplit::load(&path).with_context(|| format!("split `{split}` ({})", path.display()))
 }
 
 impl Params {
