@@ -335,49 +335,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// LoRA training steps (r=16 on all linear layers, batch 1) on tool-use examples.
-    Train {
-        /// A model directory (HF layout) or a .gguf file.
-        #[arg(long)]
-        model: PathBuf,
-        /// Tokenize the examples at this maximum length.
-        #[arg(long, default_value_t = 512)]
-        max_len: usize,
-        /// Measured steps (after one warm-up step).
-        #[arg(long, default_value_t = 8)]
-        steps: usize,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// The dataset whose traces are trained on.
-        #[arg(long, default_value = "hf://datasets/shawhin/tool-use-finetuning")]
-        dataset: String,
-        /// Print {"tokens_per_s", "peak_rss_bytes", "max_len", "mean_tokens", …} as JSON.
-        #[arg(long)]
-        json: bool,
-        /// Recompute each layer's activations in the backward pass instead
-        /// of keeping them (lora-train's `gradient_checkpointing = true`).
-        #[arg(long)]
-        gradient_checkpointing: bool,
-        /// The frozen base weights' format (lora-train's `precision`):
-        /// f32, bf16 (mixed precision) or auto (bf16 where the CPU has
-        /// native bf16 dot products).
-        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "auto"])]
-        precision: String,
-        /// Also train the same examples, in the same order, with PyTorch +
-        /// transformers + PEFT (bf16: under torch.autocast), alternating
-        /// run by run, and print both speeds and the ratio.
-        #[arg(long)]
-        compare_peft: bool,
-        /// The Python that has torch, transformers and peft (default:
-        /// `$PIPELINE_TORCH_PYTHON`, then the environment
-        /// `scripts/fetch-test-tools.sh` recorded in `models/torch-python`).
-        #[arg(long, value_name = "PATH", requires = "compare_peft")]
-        python: Option<PathBuf>,
-        /// With --compare-peft: runs of each, alternating.
-        #[arg(long, default_value_t = 2, requires = "compare_peft")]
-        repetitions: u64,
-        #[command(flatten)]
-        cache: CacheArgs,
-    },
+    Train(BenchTrainArgs),
     /// Prefill and decode speed on a tool-use prompt.
     Generate {
         /// A model directory (HF layout) or a .gguf file.
@@ -436,6 +394,52 @@ pub enum BenchCommand {
         #[command(flatten)]
         cache: CacheArgs,
     },
+}
+
+/// `pipeline bench train`'s options.
+#[derive(Debug, clap::Args)]
+pub struct BenchTrainArgs {
+    /// A model directory (HF layout) or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Tokenize the examples at this maximum length.
+    #[arg(long, default_value_t = 512)]
+    pub max_len: usize,
+    /// Measured steps (after one warm-up step).
+    #[arg(long, default_value_t = 8)]
+    pub steps: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// The dataset whose traces are trained on.
+    #[arg(long, default_value = "hf://datasets/shawhin/tool-use-finetuning")]
+    pub dataset: String,
+    /// Print {"tokens_per_s", "peak_rss_bytes", "max_len", "mean_tokens", …} as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Recompute each layer's activations in the backward pass instead
+    /// of keeping them (lora-train's `gradient_checkpointing = true`).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// The frozen base weights' format (lora-train's `precision`):
+    /// f32, bf16 (mixed precision) or auto (bf16 where the CPU has
+    /// native bf16 dot products).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "auto"])]
+    pub precision: String,
+    /// Also train the same examples, in the same order, with PyTorch +
+    /// transformers + PEFT (bf16: under torch.autocast), alternating
+    /// run by run, and print both speeds and the ratio.
+    #[arg(long)]
+    pub compare_peft: bool,
+    /// The Python that has torch, transformers and peft (default:
+    /// `$PIPELINE_TORCH_PYTHON`, then the environment
+    /// `scripts/fetch-test-tools.sh` recorded in `models/torch-python`).
+    #[arg(long, value_name = "PATH", requires = "compare_peft")]
+    pub python: Option<PathBuf>,
+    /// With --compare-peft: runs of each, alternating.
+    #[arg(long, default_value_t = 2, requires = "compare_peft")]
+    pub repetitions: u64,
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,42 +4,11 @@
 use anyhow::Result;
 use pipeline::bench::{self, Runs};
 
-use crate::args::BenchCommand;
+use crate::args::{BenchCommand, BenchTrainArgs};
 
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Train {
-            model,
-            max_len,
-            steps,
-            device,
-            dataset,
-            json,
-            gradient_checkpointing,
-            precision,
-            compare_peft,
-            python,
-            repetitions,
-            cache,
-        } => {
-            let precision: pipeline::stages::lora_train::PrecisionChoice =
-                serde_json::from_value(serde_json::Value::String(precision))?;
-            let opts = bench::TrainOptions {
-                precision: precision.resolve(&device),
-                model,
-                max_len,
-                steps: steps.max(1),
-                device,
-                dataset,
-                cache: cache.location(),
-                gradient_checkpointing,
-            };
-            if compare_peft {
-                print_train_compare(&bench::compare_train(&opts, python.as_deref(), repetitions as usize)?, json)
-            } else {
-                print_train(&bench::train(&opts)?, json)
-            }
-        }
+        BenchCommand::Train(args) => train(args),
         BenchCommand::Generate { model, prompt_tokens, new_tokens, f32, batch, device, dataset, json, cache } => {
             let opts = bench::GenerateOptions {
                 model,
@@ -67,6 +36,27 @@ pub fn run(command: BenchCommand) -> Result<()> {
             let opts = bench::CompareOptions { generate, llama_bench, repetitions: repetitions as usize };
             print_compare(&bench::compare(&opts)?, json)
         }
+    }
+}
+
+/// `bench train`, or with `--compare-peft` against PyTorch + PEFT.
+fn train(a: BenchTrainArgs) -> Result<()> {
+    let precision: pipeline::stages::lora_train::PrecisionChoice =
+        serde_json::from_value(serde_json::Value::String(a.precision))?;
+    let opts = bench::TrainOptions {
+        precision: precision.resolve(&a.device),
+        model: a.model,
+        max_len: a.max_len,
+        steps: a.steps.max(1),
+        device: a.device,
+        dataset: a.dataset,
+        cache: a.cache.location(),
+        gradient_checkpointing: a.gradient_checkpointing,
+    };
+    if a.compare_peft {
+        print_train_compare(&bench::compare_train(&opts, a.python.as_deref(), a.repetitions as usize)?, a.json)
+    } else {
+        print_train(&bench::train(&opts)?, a.json)
     }
 }
 
