@@ -23,6 +23,8 @@
 # What it needs, installed when missing (Debian, as root):
 # gcc-mingw-w64-x86-64 (linker and C library for -sys crates), wine and
 # wine64; the Rust standard library's source (scripts/lib/rust-src.sh).
+# Wine 8 lacks bcryptprimitives.dll (std's ProcessPrng): a stand-in is
+# built into the prefix.
 # Wine's prefix lives under $PIPELINE_RUNTIMES (~/.cache/pipeline-runtimes).
 #
 # Usage: scripts/test-windows.sh [--no-quickstart]
@@ -61,6 +63,31 @@ if [ ! -f "$WINEPREFIX/system.reg" ]; then
   wineboot -i >/dev/null 2>&1 || true
   wineserver -w || true
   [ -f "$WINEPREFIX/system.reg" ] || die "Wine could not create its prefix in $WINEPREFIX"
+fi
+# Wine 8 (Debian 12's) lacks bcryptprimitives.dll, whose ProcessPrng Rust's
+# std calls for random numbers (Windows 10 and later have it): a stand-in
+# built from a few lines of C over advapi32's RtlGenRandom. Real Windows
+# needs nothing of this.
+shim="$WINEPREFIX/drive_c/windows/system32/bcryptprimitives.dll"
+if [ ! -f "$shim" ]; then
+  cat >"$WINEPREFIX/bcryptprimitives.c" <<'C'
+#include <windows.h>
+#define SystemFunction036 NTAPI SystemFunction036
+#include <ntsecapi.h>
+#undef SystemFunction036
+
+__declspec(dllexport) BOOL WINAPI ProcessPrng(PBYTE data, SIZE_T len) {
+    while (len > 0) {
+        ULONG n = len > 0x10000000 ? 0x10000000 : (ULONG)len;
+        if (!RtlGenRandom(data, n)) return FALSE;
+        data += n;
+        len -= n;
+    }
+    return TRUE;
+}
+C
+  x86_64-w64-mingw32-gcc -O2 -shared -o "$shim" "$WINEPREFIX/bcryptprimitives.c" -ladvapi32 \
+    || die "could not build the bcryptprimitives.dll stand-in"
 fi
 drive_d="$(pwd)/target/windows/drive-d"
 rm -rf "$drive_d" && mkdir -p "$drive_d"

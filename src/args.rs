@@ -50,8 +50,10 @@ pub struct RecipeArgs {
     #[arg(long = "sweep", value_name = "KEY=V1,V2,…", value_parser = parse_axis)]
     pub sweep: Vec<Axis>,
     /// Of a sweep, only this variant: its number or its label, as `plan`
-    /// lists them.
-    #[arg(long, value_name = "N|LABEL")]
+    /// lists them. `auto`: a task of an array job (Slurm, a Kubernetes
+    /// Indexed Job, SkyPilot, or `PIPELINE_VARIANT=N`) starts on the variant
+    /// of its task index, then runs every variant no other task has claimed.
+    #[arg(long, value_name = "N|LABEL|auto")]
     pub variant: Option<String>,
     #[command(flatten)]
     pub cache: CacheArgs,

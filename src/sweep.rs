@@ -28,9 +28,28 @@ pub fn target(args: &RecipeArgs) -> Result<Target> {
         }
         return Ok(Target::Recipe(recipe));
     }
-    let variants = sweep::variants(&args.recipe, &args.set, &axes)?;
+    let mut variants = sweep::variants(&args.recipe, &args.set, &axes)?;
     match &args.variant {
         None => Ok(Target::Sweep(variants)),
+        Some(auto) if auto == "auto" => {
+            let start = sweep::scheduler_start(|name| std::env::var(name).ok())?;
+            let Some((start, scheduler)) = start else {
+                let names: Vec<&str> = sweep::SCHEDULER_VARIABLES.iter().map(|(n, _)| *n).collect();
+                bail!(RecipeError::new("--variant auto: no scheduler set a task index").help(format!(
+                    "it reads {}; run it as a task of an array job, or give --variant N",
+                    names.join(", ")
+                )));
+            };
+            // This worker's own variant first, then on from there.
+            let first = start % variants.len();
+            variants.rotate_left(first);
+            eprintln!(
+                "pipeline: {scheduler} task {start}: variant {} of {} first, then every unclaimed one",
+                first + 1,
+                variants.len()
+            );
+            Ok(Target::Sweep(variants))
+        }
         Some(want) => {
             let found = variants.iter().find(|v| v.index.to_string() == *want || v.label == *want);
             match found {

@@ -336,7 +336,13 @@ fn served_tool_calls_are_the_ones_we_parse(chat: &std::path::Path, served: &Serv
             Some(c) if tagged => !catalogue.tools.contains_key(&c.name),
             _ => tagged && !parsed.invalid.is_empty(),
         };
-        if first_call_outside {
+        // Our answer ran out of tokens inside the opening tag (`…<tool_call`):
+        // the server's grammar, triggered by the tag, writes the call itself.
+        let tail = &ours.text[ours.text.rfind('<').unwrap_or(ours.text.len())..];
+        let cut_in_tag = ours.finish != pipeline_infer::generate::Finish::Stop
+            && !tail.is_empty()
+            && "<tool_call>".starts_with(tail.trim_end());
+        if first_call_outside || cut_in_tag {
             grammar += 1;
             continue;
         }

@@ -220,3 +220,39 @@ fn two_machines_sharing_a_remote_cache_run_each_variant_once() {
     let claims = std::fs::read_dir(p.path("remote/claims")).map_or(0, |d| d.count());
     assert_eq!(claims, 0, "claims are removed once their variant is done");
 }
+
+/// `--variant auto`: a task of an array job starts on the variant of its
+/// scheduler's index and goes on to every unclaimed one; a later task finds
+/// them finished. Without a scheduler's variable it says what it reads.
+#[test]
+fn array_job_tasks_start_on_their_own_variant() {
+    let p = Project::new();
+    let Some(base) = base_recipe(&p) else { return };
+    p.write("sweep.toml", &(base + "\n[sweep]\n\"stages.train.learning_rate\" = [1e-3, 3e-3]\n"));
+    // A command with no scheduler's variable but those given.
+    let auto = || {
+        let mut c = p.cmd(&["run", "sweep.toml", "--variant", "auto"]);
+        for v in ["PIPELINE_VARIANT", "SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX", "SKYPILOT_NODE_RANK"] {
+            c.env_remove(v);
+        }
+        c
+    };
+    let task = |var: &str, index: &str| {
+        let out = auto().env(var, index).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    let first = task("SLURM_ARRAY_TASK_ID", "1");
+    assert!(first.contains("Slurm array job task 1: variant 2 of 2 first"), "{first}");
+    assert_eq!(ran(&first), [2, 1], "its own variant first, then the rest:\n{first}");
+    // Index 2 of 2 variants wraps to the first; everything is finished.
+    let second = task("JOB_COMPLETION_INDEX", "2");
+    assert!(second.contains("Kubernetes Indexed Job task 2: variant 1 of 2 first"), "{second}");
+    assert_eq!(ran(&second), Vec::<usize>::new(), "{second}");
+    assert!(second.contains("variant 1 (learning_rate=0.001) is cached"), "{second}");
+    let out = auto().output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no scheduler set a task index") && err.contains("SLURM_ARRAY_TASK_ID"), "{err}");
+}

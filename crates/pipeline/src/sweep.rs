@@ -194,6 +194,45 @@ pub fn plans(exec: &Executor, variants: &[Variant], until: Option<&str>) -> anyh
     variants.iter().map(|v| exec.plan(&v.recipe, until)).collect()
 }
 
+/// The variables schedulers give each task of an array job its index in,
+/// in the order they are read: ours (a variant's number, 1-based, as
+/// `--variant N`), then Slurm's, Kubernetes Indexed Jobs' and SkyPilot's
+/// (0-based).
+pub const SCHEDULER_VARIABLES: &[(&str, &str)] = &[
+    ("PIPELINE_VARIANT", "pipeline"),
+    ("SLURM_ARRAY_TASK_ID", "Slurm array job"),
+    ("JOB_COMPLETION_INDEX", "Kubernetes Indexed Job"),
+    ("SKYPILOT_NODE_RANK", "SkyPilot"),
+];
+
+/// Where a worker of an array job starts in the sweep: the task index its
+/// scheduler set, from `var` (the environment's lookup; see
+/// [`SCHEDULER_VARIABLES`]), as the position of the first variant it runs
+/// (0-based, taken modulo the variant count, so any index is a start);
+/// `None` when no scheduler variable is set. From there it runs every
+/// variant in turn, passing over those claimed elsewhere ([`run`]): each of
+/// any number of workers starts on its own variant, and together they run
+/// each variant once.
+pub fn scheduler_start(var: impl Fn(&str) -> Option<String>) -> Result<Option<(usize, &'static str)>, RecipeError> {
+    for (name, scheduler) in SCHEDULER_VARIABLES {
+        let Some(value) = var(name) else { continue };
+        let index: usize = value.trim().parse().map_err(|_| {
+            RecipeError::new(format!("--variant auto: {name}={value:?} is not a task index"))
+                .help(format!("{name} must be a whole number ({scheduler} sets it for each task)"))
+        })?;
+        let start = if *name == "PIPELINE_VARIANT" {
+            index.checked_sub(1).ok_or_else(|| {
+                RecipeError::new("--variant auto: PIPELINE_VARIANT=0")
+                    .help("variants are numbered from 1, as `pipeline plan` lists them")
+            })?
+        } else {
+            index
+        };
+        return Ok(Some((start, scheduler)));
+    }
+    Ok(None)
+}
+
 /// What [`run`] did with each variant (by index).
 #[derive(Debug, Clone, Default)]
 pub struct SweepRun {
@@ -520,6 +559,26 @@ pub fn text(rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn array_tasks_start_where_their_scheduler_says() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| vars.iter().find(|(n, _)| *n == name).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(scheduler_start(env(&[])).unwrap(), None);
+        assert_eq!(scheduler_start(env(&[("SLURM_ARRAY_TASK_ID", "5")])).unwrap(), Some((5, "Slurm array job")));
+        assert_eq!(
+            scheduler_start(env(&[("JOB_COMPLETION_INDEX", "0")])).unwrap(),
+            Some((0, "Kubernetes Indexed Job"))
+        );
+        assert_eq!(scheduler_start(env(&[("SKYPILOT_NODE_RANK", "3")])).unwrap(), Some((3, "SkyPilot")));
+        // Ours is a variant number (1-based) and wins over a scheduler's.
+        let both = env(&[("SLURM_ARRAY_TASK_ID", "5"), ("PIPELINE_VARIANT", "2")]);
+        assert_eq!(scheduler_start(both).unwrap(), Some((1, "pipeline")));
+        let err = scheduler_start(env(&[("SLURM_ARRAY_TASK_ID", "x")])).unwrap_err().to_string();
+        assert!(err.contains("SLURM_ARRAY_TASK_ID") && err.contains("not a task index"), "{err}");
+        assert!(scheduler_start(env(&[("PIPELINE_VARIANT", "0")])).is_err());
+    }
 
     #[test]
     fn axes_from_the_command_line() {
