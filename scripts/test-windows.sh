@@ -9,7 +9,7 @@
 #    with the real Gemma 3 tokenizer, everything on drive D: and named by
 #    Windows paths: the model, HF_HOME (a copy of ../shared/hf's dataset,
 #    read offline) and the cache (`--cache-dir D:\cache`). The first run is
-#    killed while training writes a checkpoint (`PIPELINE_FAULT`), the
+#    killed after training step 3 (`PIPELINE_FAULT`; a checkpoint at 2), the
 #    second resumes it and finishes every stage, the third finds every
 #    stage cached.
 #
@@ -27,12 +27,13 @@
 # built into the prefix.
 # Wine's prefix lives under $PIPELINE_RUNTIMES (~/.cache/pipeline-runtimes).
 #
-# Usage: scripts/test-windows.sh [--no-quickstart]
+# Usage: scripts/test-windows.sh [--no-quickstart | --quickstart-only]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 die() { echo "test-windows: $*" >&2; exit 1; }
-quickstart=1
+quickstart=1 unit=1
 [ "${1:-}" = "--no-quickstart" ] && quickstart=0
+[ "${1:-}" = "--quickstart-only" ] && unit=0
 
 runtimes="${PIPELINE_RUNTIMES:-$HOME/.cache/pipeline-runtimes}"
 target=x86_64-pc-windows-gnu
@@ -104,6 +105,7 @@ xcargo() { RUSTC_BOOTSTRAP=1 cargo "$@"; }
 log=target/windows/test.log
 mkdir -p target/windows
 
+if [ "$unit" = 1 ]; then
 echo "== unit tests of the library crates, under Wine"
 crates=(-p pipeline-fs -p pipeline-cache -p pipeline-data -p pipeline-kernels -p pipeline-model -p pipeline-train
   -p pipeline-infer -p pipeline-export -p pipeline)
@@ -113,12 +115,14 @@ grep -E '^(test result|SKIPPED|error)|panicked|FAILED' "$log" || true
 [ "$status" = 0 ] || { grep -E '^error' -A12 "$log" | head -80; tail -40 "$log"; die "unit tests failed under Wine"; }
 passed="$(grep -Eo '^test result: ok\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')"
 echo "test-windows: $passed unit tests passed under Wine"
+fi
 
 [ "$quickstart" = 1 ] || { echo "test-windows: passed (without the quickstart)"; exit 0; }
 
 echo "== the quickstart on drive D:, Windows paths, under Wine"
 status=0
-xcargo build -p pipeline-cli --bin pipeline "${cross[@]}" >"$log" 2>&1 || status=$?
+# In the test profile: the dependencies the unit tests built serve it too.
+xcargo build -p pipeline-cli --bin pipeline --profile test "${cross[@]}" >"$log" 2>&1 || status=$?
 [ "$status" = 0 ] || { grep -E '^error' -A12 "$log" | head -80; die "pipeline.exe did not build"; }
 exe="$(pwd)/target/windows/$target/debug/pipeline.exe"
 [ -f models/gemma-3-270m/tokenizer.json ] || die "models/gemma-3-270m is missing: run scripts/fetch-models.sh"
@@ -142,20 +146,22 @@ set_args=(
   --cache-dir 'D:\cache'
 )
 run=(run 'D:\recipes\quickstart.toml' "${set_args[@]}")
-first="$(PIPELINE_FAULT=lora-train.mid-checkpoint pipeline "${run[@]}" 2>&1)" && die "the run with a fault did not stop:
+first="$(PIPELINE_FAULT=lora-train.step-3 pipeline "${run[@]}" 2>&1)" && die "the run with a fault did not stop:
 $first"
-grep -q 'injected fault at `lora-train.mid-checkpoint`' <<<"$first" || die "the first run stopped elsewhere:
+grep -q 'injected fault at `lora-train.step-3`' <<<"$first" || die "the first run stopped elsewhere:
 $first"
-echo "test-windows: run 1 killed while writing a checkpoint, as planned"
+echo "test-windows: run 1 killed after training step 3 (checkpoint at step 2), as planned"
+planned="$(pipeline plan 'D:\recipes\quickstart.toml' "${set_args[@]}" 2>&1)" || die "plan failed:
+$planned"
+grep -Eq 'train .*resume at step 2' <<<"$planned" || die "the plan does not resume the training at its checkpoint:
+$planned"
 second="$(pipeline "${run[@]}" 2>&1)" || die "the resumed run failed:
-$second"
-grep -Eq 'resum' <<<"$second" || die "the second run did not resume the training:
 $second"
 for stage in data chat tokens train eval merged gguf ollama; do
   grep -Eq "^ *(ran|resumed|cached) +$stage " <<<"$second" || die "stage $stage did not finish in run 2:
 $second"
 done
-echo "test-windows: run 2 resumed the training and finished every stage"
+echo "test-windows: run 2 resumed the training at step 2 and finished every stage"
 third="$(pipeline "${run[@]}" 2>&1)" || die "the third run failed:
 $third"
 ran="$(grep -Ec '^ *(ran|resumed) ' <<<"$third" || true)"

@@ -75,9 +75,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Flushes a file to disk; an error (EIO: the data may be lost) stops the
-/// publication that needed it.
+/// publication that needed it. (Windows flushes only a file opened for
+/// writing: `FlushFileBuffers` refuses a read-only handle.)
 pub fn sync_file(p: &Path) -> Result<()> {
-    File::open(p).and_then(|f| f.sync_all()).on("flush to disk", p)
+    let file = if cfg!(windows) { File::options().write(true).open(p) } else { File::open(p) };
+    file.and_then(|f| f.sync_all()).on("flush to disk", p)
 }
 
 /// Flushes a directory's entries (a rename) to disk. Filesystems that cannot
