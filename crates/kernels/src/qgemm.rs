@@ -371,18 +371,18 @@ impl Panels {
                     };
                     match self.format {
                         Format::Q6K => {
-                            *a = (dot(0, 16) as f32).mul_add(self.scales[at + lane] * xd[b], *a);
-                            *a = (dot(16, 32) as f32).mul_add(self.scales[at + PANEL + lane] * xd[b], *a);
+                            *a = fma(dot(0, 16) as f32, self.scales[at + lane] * xd[b], *a);
+                            *a = fma(dot(16, 32) as f32, self.scales[at + PANEL + lane] * xd[b], *a);
                         }
                         _ => {
                             let mut sum = dot(0, 32);
                             if self.format == Format::Q5_0 {
                                 sum -= x.sums[(i0 + r) * nb + b];
                             }
-                            *a = (sum as f32).mul_add(self.scales[at + lane] * xd[b], *a);
+                            *a = fma(sum as f32, self.scales[at + lane] * xd[b], *a);
                             if self.format == Format::Q4K {
                                 let sx = xd[b] * (x.sums[(i0 + r) * nb + b] / 16) as f32;
-                                *a = (-self.mins[(p * nb + b) * PANEL + lane]).mul_add(sx, *a);
+                                *a = fma(-self.mins[(p * nb + b) * PANEL + lane], sx, *a);
                             }
                         }
                     }
@@ -392,6 +392,14 @@ impl Panels {
             y[r * self.out + p * PANEL..][..valid].copy_from_slice(&acc[..valid]);
         }
     }
+}
+
+/// `a·b + c` rounded once, as the SIMD paths' FMA instructions compute it.
+/// Not `f32::mul_add`, which without the FMA target feature calls the C
+/// library's `fmaf`, and mingw-w64's (Windows) is not correctly rounded:
+/// the portable path then parted from the others by an ulp.
+fn fma(a: f32, b: f32, c: f32) -> f32 {
+    libm::fmaf(a, b, c)
 }
 
 /// `$rows!(F)` for the kernels' const parameter `F` of `format`.
