@@ -7,6 +7,7 @@
 #   olah (a hub mirror), TensorBoard.
 # - Go (Debian's golang-go), whose text/template the Ollama template test
 #   renders with.
+# - Slurm and munge (scripts/install-slurm.sh), for the array-job test.
 # - llama.cpp (scripts/build-llama-cpp.sh) and PyTorch + transformers + PEFT
 #   in their own environment (scripts/install-torch.sh), both built once per
 #   machine outside the clone (~/.cache), recorded in models/llama-cpp-bin
@@ -69,6 +70,9 @@ elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
 else
   say "warning: Go is missing; install it (apt-get install golang-go) for the Ollama template test"
 fi
+
+# --- Slurm: tests/schedulers.rs runs a sweep as an array job on a cluster of its own
+"$(dirname "$0")/install-slurm.sh" || say "warning: Slurm and munge are missing: tests/schedulers.rs will fail"
 
 # --- llama.cpp, the runtime the GGUF files are checked in -----------------
 # Built once per machine outside the clone (scripts/build-llama-cpp.sh);

@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::rc::Rc;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -13,6 +14,7 @@ use clap::Parser;
 use pipeline::error::RecipeError;
 use pipeline::executor::{CacheLocation, Done, Finished, Status, execution_order};
 use pipeline::recipe::{Override, Recipe};
+use pipeline_train::Collective;
 
 use crate::args::*;
 
@@ -101,16 +103,45 @@ fn dispatch(command: Command) -> Result<()> {
 
 /// `pipeline run`: runs the stages whose results are not cached.
 fn run(args: RecipeArgs, until: Option<String>) -> Result<()> {
+    let world = pipeline::distributed::world()?;
+    if world.size() == 1 {
+        return run_recipe(args, until, world);
+    }
+    // A data-parallel job: rank 0 reports; a failing rank ends them all.
+    if world.rank() != 0 {
+        pipeline::report::set_reporter(Box::new(pipeline::report::Silent));
+    }
+    match run_recipe(args, until, world.clone()) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            eprintln!("error (rank {} of {}): {}", world.rank(), world.size(), render_error(&e));
+            world.abort(1)
+        }
+    }
+}
+
+fn run_recipe(args: RecipeArgs, until: Option<String>, world: Rc<dyn Collective>) -> Result<()> {
     let recipe = match crate::sweep::target(&args)? {
         crate::sweep::Target::Recipe(r) => r,
+        crate::sweep::Target::Sweep(_) if world.size() > 1 => bail!(
+            RecipeError::new("a data-parallel job trains one variant of a sweep")
+                .help("pass --variant N (or --variant auto in an array job) to each job's ranks")
+        ),
         crate::sweep::Target::Sweep(variants) => {
             let exec = args.executor()?;
             eprintln!("pipeline: sweep of {} ({} variants)", variants[0].recipe.recipe.name, variants.len());
             return crate::sweep::run(&exec, &variants, until.as_deref());
         }
     };
-    let exec = args.executor()?;
+    let exec = args.executor()?.with_world(world.clone());
+    if world.rank() != 0 {
+        exec.run(&recipe, until.as_deref())?;
+        return Ok(());
+    }
     eprintln!("pipeline: {} ({})", recipe.recipe.name, args.recipe.display());
+    if world.size() > 1 {
+        eprintln!("pipeline: data-parallel over {} ranks ({})", world.size(), world.engine());
+    }
     if let Some(r) = exec.remote() {
         eprintln!("pipeline: remote cache {} (local copy {})", r.url(), args.cache.local_cache.display());
     }

@@ -3,6 +3,8 @@
 //! (`../shared`, the provisioned `models/`).
 #![allow(dead_code)]
 
+pub mod servers;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -99,7 +99,13 @@ impl Remote {
         if let Some(endpoint) = endpoint {
             probe(url, &endpoint)?;
         }
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        // One I/O thread of its own: the HTTP connections it opens are
+        // driven there, so a claim's refresher thread can use them while
+        // this thread computes (on a current-thread runtime they stalled
+        // until the next request from here, and a refresh timed out).
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("pipeline-remote-io")
             .enable_all()
             .build()
             .doing(|| "cannot start the I/O runtime for the remote cache".into())?;
@@ -668,6 +674,22 @@ impl ClaimHolder {
     }
 }
 
+impl ClaimHolder {
+    /// A holder on this machine whose process is gone (killed, crashed):
+    /// its claim is taken over at once instead of after 5 minutes. Known on
+    /// Linux (`/proc`); elsewhere a claim waits to go stale.
+    fn died_on_this_host(&self, me: &ClaimHolder) -> bool {
+        if !cfg!(target_os = "linux") || self.host != me.host || self.pid == me.pid {
+            return false;
+        }
+        // Gone, or a zombie its parent has not reaped yet (state `Z`).
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) {
+            Err(_) => true,
+            Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        }
+    }
+}
+
 impl std::fmt::Display for ClaimHolder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ago = unix_now().saturating_sub(self.since);
@@ -712,7 +734,8 @@ impl Remote {
             Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::NotImplemented { .. }) => {
                 if let Some(bytes) = self.get(&rel)? {
                     if let Ok(holder) = serde_json::from_slice::<ClaimHolder>(&bytes) {
-                        let alive = unix_now().saturating_sub(holder.refreshed) < CLAIM_STALE_S;
+                        let alive = unix_now().saturating_sub(holder.refreshed) < CLAIM_STALE_S
+                            && !holder.died_on_this_host(&me);
                         if alive && !(holder.pid == me.pid && holder.host == me.host) {
                             return Ok(Claimed::Theirs(holder));
                         }
@@ -725,8 +748,8 @@ impl Remote {
         // Refresh in the background until dropped, then delete.
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let store = self.store.clone();
+        let rt = self.runtime.handle().clone();
         let thread = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
             let mut holder = me;
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CLAIM_REFRESH) {
                 holder.refreshed = unix_now();

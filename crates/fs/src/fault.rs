@@ -2,7 +2,7 @@
 //!
 //! - `PIPELINE_FAULT=<point>` aborts the process (no unwinding, no
 //!   destructors: as abrupt as a kill) when it reaches the named point.
-//! - `PIPELINE_PAUSE=<point>` prints `paused at <point>` on stderr and sleeps,
+//! - `PIPELINE_PAUSE=<point>` prints `paused at <point> (pid N)` on stderr and sleeps,
 //!   so a test can kill the process (SIGKILL) at exactly that moment, or
 //!   run another process meanwhile (`PIPELINE_PAUSE_SECONDS`, default 120).
 //!
@@ -17,7 +17,7 @@ pub fn point(name: &str) {
         std::process::abort();
     }
     if std::env::var("PIPELINE_PAUSE").is_ok_and(|v| v == name) {
-        eprintln!("paused at {name}");
+        eprintln!("paused at {name} (pid {})", std::process::id());
         let seconds = std::env::var("PIPELINE_PAUSE_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
         std::thread::sleep(std::time::Duration::from_secs(seconds));
     }

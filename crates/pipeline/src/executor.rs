@@ -5,8 +5,9 @@
 //! its inputs (not their outputs), so the whole plan is known before anything
 //! runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
@@ -20,6 +21,7 @@ use crate::stages::{Env, RunContext};
 use pipeline_cache::store::KeyLock;
 use pipeline_cache::store::MANIFEST_FORMAT;
 use pipeline_cache::{CacheKey, Fingerprint, HashMemo, Manifest, Remote, Store};
+use pipeline_train::{Collective, Single};
 
 /// What will happen to a stage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -133,6 +135,8 @@ pub struct Executor {
     store: Store,
     memo: HashMemo,
     remote: Option<Remote>,
+    /// The ranks of a data-parallel job ([`Single`]: one process).
+    world: Rc<dyn Collective>,
 }
 
 impl Executor {
@@ -140,7 +144,15 @@ impl Executor {
     pub fn new(cache_dir: &Path) -> Result<Executor> {
         let store = Store::open(cache_dir)?;
         let memo = HashMemo::open(cache_dir.join("hashes.json"));
-        Ok(Executor { store, memo, remote: None })
+        Ok(Executor { store, memo, remote: None, world: Rc::new(Single) })
+    }
+
+    /// Runs as one rank of `world` (see [`crate::distributed`]): every rank
+    /// runs the data-parallel stages together and, first, the stages they
+    /// read; rank 0 alone publishes those and runs the rest.
+    pub fn with_world(mut self, world: Rc<dyn Collective>) -> Executor {
+        self.world = world;
+        self
     }
 
     /// An executor whose local cache at `cache_dir` is backed by `remote`:
@@ -284,18 +296,36 @@ impl Executor {
             remote.check_writable()?;
         }
         let env = Env::new(recipe.settings(), &self.memo);
-        let plan = self.plan_with(recipe, &env, until)?;
+        let mut plan = self.plan_with(recipe, &env, until)?;
         self.memo.save().ok();
+        if self.world.size() > 1 {
+            self.order_for_ranks(recipe, &mut plan);
+        }
         let mut dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
         let mut outcomes = Vec::new();
         // Finished only in the remote cache and read by no stage that runs
         // (yet): left there. Pulled when a stage that runs needs them, and
         // the stages nothing else reads (the recipe's results) always.
         let mut remote_only: BTreeMap<&str, &StagePlan> = BTreeMap::new();
-        let read_by_others: std::collections::BTreeSet<&str> =
+        let read_by_others: BTreeSet<&str> =
             plan.stages.iter().flat_map(|s| s.inputs.iter().map(|(_, stage)| stage.as_str())).collect();
         for sp in &plan.stages {
             let started = Instant::now();
+            if self.world.size() > 1 && recipe.stages[&sp.name].stage().data_parallel() {
+                self.pull_inputs(sp, &mut remote_only)?;
+                let done = match self.world.rank() {
+                    0 => self.run_stage(recipe, &env, sp, &dirs, true)?,
+                    _ => self.join_stage(recipe, &env, sp, &dirs)?,
+                };
+                let elapsed = started.elapsed().as_secs_f64();
+                if done != Done::Joined {
+                    self.store.set_ref(&recipe.ref_name(), &sp.name, &sp.key)?;
+                }
+                self.report(done, sp, elapsed);
+                dirs.insert(sp.name.clone(), self.store.entry_dir(&sp.key));
+                outcomes.push(StageOutcome { name: sp.name.clone(), key: sp.key.clone(), done, seconds: elapsed });
+                continue;
+            }
             let local = self.store.is_finished(&sp.key);
             let remote_finished = match &self.remote {
                 Some(r) if !local => r.has_entry(&sp.key).with_context(|| {
@@ -308,32 +338,14 @@ impl Executor {
                 Done::Remote
             } else {
                 // Only a stage that runs reads its inputs.
-                let inputs = if local || remote_finished { &[][..] } else { &sp.inputs[..] };
-                for (_, input) in inputs {
-                    if let Some(isp) = remote_only.remove(input.as_str()) {
-                        let t0 = Instant::now();
-                        self.pull_one(isp)?;
-                        crate::report::println(&format!(
-                            "  {:<7} {:<16} {:<16} {}  {:.2}s",
-                            Done::Pulled.verb(),
-                            isp.name,
-                            isp.kind,
-                            isp.key.short(),
-                            t0.elapsed().as_secs_f64()
-                        ));
-                    }
+                if !(local || remote_finished) {
+                    self.pull_inputs(sp, &mut remote_only)?;
                 }
-                self.run_stage(recipe, &env, sp, &dirs)?
+                self.run_stage(recipe, &env, sp, &dirs, false)?
             };
             let elapsed = started.elapsed().as_secs_f64();
             self.store.set_ref(&recipe.ref_name(), &sp.name, &sp.key)?;
-            crate::report::println(&format!(
-                "  {:<7} {:<16} {:<16} {}  {elapsed:.2}s",
-                done.verb(),
-                sp.name,
-                sp.kind,
-                sp.key.short()
-            ));
+            self.report(done, sp, elapsed);
             dirs.insert(sp.name.clone(), self.store.entry_dir(&sp.key));
             outcomes.push(StageOutcome { name: sp.name.clone(), key: sp.key.clone(), done, seconds: elapsed });
         }
@@ -354,10 +366,70 @@ impl Executor {
         Ok(outcomes)
     }
 
+    /// The status line of one stage.
+    fn report(&self, done: Done, sp: &StagePlan, seconds: f64) {
+        crate::report::println(&format!(
+            "  {:<7} {:<16} {:<16} {}  {seconds:.2}s",
+            done.verb(),
+            sp.name,
+            sp.kind,
+            sp.key.short()
+        ));
+    }
+
+    /// Copies from the remote cache the inputs of `sp` that are finished
+    /// only there (a stage about to run reads them).
+    fn pull_inputs<'p>(&self, sp: &StagePlan, remote_only: &mut BTreeMap<&'p str, &'p StagePlan>) -> Result<()> {
+        for (_, input) in &sp.inputs {
+            if let Some(isp) = remote_only.remove(input.as_str()) {
+                let t0 = Instant::now();
+                self.pull_one(isp)?;
+                self.report(Done::Pulled, isp, t0.elapsed().as_secs_f64());
+            }
+        }
+        Ok(())
+    }
+
+    /// With several ranks: the data-parallel stages and the stages they read
+    /// go first (the other ranks wait for rank 0 in the first collective
+    /// call, so nothing else should come before), in an order that is still
+    /// the plan's; the other ranks run only those.
+    fn order_for_ranks(&self, recipe: &Recipe, plan: &mut Plan) {
+        let mut shared: BTreeSet<String> = BTreeSet::new();
+        for sp in plan.stages.iter().rev() {
+            if shared.contains(&sp.name) || recipe.stages[&sp.name].stage().data_parallel() {
+                shared.insert(sp.name.clone());
+                shared.extend(sp.inputs.iter().map(|(_, stage)| stage.clone()));
+            }
+        }
+        let (first, rest): (Vec<StagePlan>, Vec<StagePlan>) =
+            std::mem::take(&mut plan.stages).into_iter().partition(|sp| shared.contains(&sp.name));
+        plan.stages = first;
+        if self.world.rank() == 0 {
+            plan.stages.extend(rest);
+        }
+    }
+
     /// Runs one stage unless it is (or, after waiting for a lock, has become)
-    /// cached, locally or in the remote cache.
-    fn run_stage(&self, recipe: &Recipe, env: &Env, sp: &StagePlan, dirs: &BTreeMap<String, PathBuf>) -> Result<Done> {
+    /// cached, locally or in the remote cache. With `shared` (a data-parallel
+    /// stage of a job of several ranks, on rank 0) the other ranks are told
+    /// whether it runs, and then run it with this one ([`Self::join_stage`]).
+    fn run_stage(
+        &self,
+        recipe: &Recipe,
+        env: &Env,
+        sp: &StagePlan,
+        dirs: &BTreeMap<String, PathBuf>,
+        shared: bool,
+    ) -> Result<Done> {
+        let announce = |runs: bool| -> Result<()> {
+            if shared {
+                self.world.broadcast_bytes(&mut vec![u8::from(runs)])?;
+            }
+            Ok(())
+        };
         if self.store.is_finished(&sp.key) {
+            announce(false)?;
             self.push(sp)?;
             return Ok(Done::Cached);
         }
@@ -365,6 +437,7 @@ impl Executor {
             crate::report::println(&format!("  waiting for another pipeline process working on `{}`", sp.name))
         })?;
         if self.store.is_finished(&sp.key) {
+            announce(false)?;
             self.push(sp)?;
             return Ok(Done::Cached);
         }
@@ -372,8 +445,23 @@ impl Executor {
         if let Some(remote) = &self.remote {
             // Another machine may have finished it since the plan was made.
             if self.pull_into(sp, remote, &work, &lock)? {
+                announce(false)?;
                 return Ok(Done::Pulled);
             }
+        }
+        // Held until the entry is published and pushed: a job on another
+        // machine needing the same stage waits for it instead of computing it.
+        let _claim = match &self.remote {
+            Some(remote) => match self.claim_stage(sp, remote, &work, &lock)? {
+                Some(claim) => Some(claim),
+                None => {
+                    announce(false)?;
+                    return Ok(Done::Pulled);
+                }
+            },
+            None => None,
+        };
+        if let Some(remote) = &self.remote {
             // The decision to resume is taken again, from the remote, now:
             // a checkpoint may have appeared (or been out of reach) since the
             // plan was made.
@@ -404,7 +492,9 @@ impl Executor {
             inputs: sp.inputs.iter().map(|(role, stage)| (role.clone(), dirs[stage].clone())).collect(),
             env,
             remote: self.remote.as_ref(),
+            world: self.world.clone(),
         };
+        announce(true)?;
         let started_at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let t0 = Instant::now();
         let metrics = spec.stage().run(&ctx).with_context(|| format!("stage `{}` ({}) failed", sp.name, sp.kind));
@@ -429,6 +519,72 @@ impl Executor {
             remote.drop_checkpoints(&sp.key)?;
         }
         Ok(Done::Ran)
+    }
+
+    /// Claims the stage in the remote cache (`claims/stage-<key>.json`), as
+    /// sweeps claim variants. While another live job holds it, waits for
+    /// that job's entry and pulls it: `None`. A holder that died lets its
+    /// claim go stale, and this job takes it over (and resumes from the
+    /// checkpoints it pushed).
+    fn claim_stage(
+        &self,
+        sp: &StagePlan,
+        remote: &Remote,
+        work: &Path,
+        lock: &KeyLock,
+    ) -> Result<Option<pipeline_cache::remote::RemoteClaim>> {
+        let mut said = false;
+        let mut pause = std::time::Duration::from_millis(500);
+        loop {
+            match remote.claim(&format!("stage-{}", sp.key.0))? {
+                pipeline_cache::remote::Claimed::Ours(claim) => return Ok(Some(claim)),
+                pipeline_cache::remote::Claimed::Theirs(holder) => {
+                    if !said {
+                        crate::report::println(&format!(
+                            "  waiting for {holder} working on `{}`, through {}",
+                            sp.name,
+                            remote.url()
+                        ));
+                        said = true;
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                    if self.pull_into(sp, remote, work, lock)? {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A data-parallel stage on a rank other than 0: runs it with rank 0 when
+    /// rank 0 says it runs, in a scratch directory (rank 0 publishes).
+    fn join_stage(&self, recipe: &Recipe, env: &Env, sp: &StagePlan, dirs: &BTreeMap<String, PathBuf>) -> Result<Done> {
+        let mut runs = vec![];
+        self.world.broadcast_bytes(&mut runs)?;
+        if runs != [1] {
+            return Ok(Done::Cached);
+        }
+        let scratch = self.store.root().join("tmp").join(format!("rank-{}-{}", self.world.rank(), sp.key.short()));
+        if scratch.exists() {
+            std::fs::remove_dir_all(&scratch).with_context(|| format!("cannot clear {}", scratch.display()))?;
+        }
+        std::fs::create_dir_all(scratch.join("out")).with_context(|| format!("cannot create {}", scratch.display()))?;
+        let ctx = RunContext {
+            name: &sp.name,
+            key: &sp.key,
+            out: scratch.join("out"),
+            work: scratch.clone(),
+            inputs: sp.inputs.iter().map(|(role, stage)| (role.clone(), dirs[stage].clone())).collect(),
+            env,
+            remote: None,
+            world: self.world.clone(),
+        };
+        let result = recipe.stages[&sp.name].stage().run(&ctx);
+        crate::allocator::release();
+        result.with_context(|| format!("stage `{}` ({}) failed on rank {}", sp.name, sp.kind, self.world.rank()))?;
+        std::fs::remove_dir_all(&scratch).ok();
+        Ok(Done::Joined)
     }
 
     /// Copies into the local cache the stages of `recipe` (only `stage`, when
@@ -559,6 +715,9 @@ pub enum Done {
     Pulled,
     /// Finished in the remote cache and not needed here.
     Remote,
+    /// A data-parallel stage this rank (not rank 0) trained its share of;
+    /// rank 0 published it.
+    Joined,
 }
 
 impl Done {
@@ -569,6 +728,7 @@ impl Done {
             Done::Cached => "cached",
             Done::Pulled => "pulled",
             Done::Remote => "remote",
+            Done::Joined => "joined",
         }
     }
 }

@@ -27,6 +27,7 @@
 
 pub mod allocator;
 pub mod bench;
+pub mod distributed;
 pub mod error;
 pub mod executor;
 pub mod export;

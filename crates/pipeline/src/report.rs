@@ -76,6 +76,24 @@ impl Reporter for LogReporter {
     }
 }
 
+/// Nothing at all: a data-parallel job's ranks other than 0, whose progress
+/// rank 0 reports.
+pub struct Silent;
+
+impl Reporter for Silent {
+    fn start(&self, _: &str, _: u64) -> Box<dyn Progress> {
+        Box::new(Silent)
+    }
+    fn line(&self, _: &str) {}
+}
+
+impl Progress for Silent {
+    fn set_position(&self, _: u64) {}
+    fn inc(&self, _: u64) {}
+    fn set_message(&self, _: String) {}
+    fn finish(&self) {}
+}
+
 /// Progress as plain lines, handed to `sink` (a log, or stderr): one each
 /// time another twentieth of the work is done, at most one per
 /// [`LINE_GAP`], with the latest message and the time left, and a last

@@ -104,3 +104,74 @@ pub fn load_state(dir: &Path) -> Result<State> {
     serde_json::from_slice(&std::fs::read(&p).on("read", &p)?)
         .map_err(|e| bad_file(&p, format!("corrupt checkpoint state: {e}")))
 }
+
+/// A checkpoint directory as one byte string (its name, then each file's
+/// name and bytes), for a data-parallel run's rank 0 to hand its checkpoint
+/// to the other ranks, whose machines may not share its disk.
+pub fn pack(dir: &Path) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut put = |name: &str, data: &[u8]| {
+        out.extend((name.len() as u32).to_le_bytes());
+        out.extend(name.as_bytes());
+        out.extend((data.len() as u64).to_le_bytes());
+        out.extend(data);
+    };
+    let name = dir.file_name().and_then(|n| n.to_str()).ok_or_else(|| bad_file(dir, "not a checkpoint directory"))?;
+    put("", name.as_bytes());
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(dir).on("list", dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    files.sort();
+    for f in files {
+        let n = f.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        put(&n, &std::fs::read(&f).on("read", &f)?);
+    }
+    Ok(out)
+}
+
+/// Writes what [`pack`] made into `work`'s checkpoints (as [`save`] does:
+/// `state.json` last, then renamed into place); returns the directory.
+pub fn unpack(work: &Path, packed: &[u8]) -> Result<PathBuf> {
+    let corrupt = || bad_file(work, "a packed checkpoint from rank 0 is cut short");
+    let mut entries = Vec::new();
+    let mut rest = packed;
+    while !rest.is_empty() {
+        let take = |rest: &mut &[u8], n: usize| -> Result<Vec<u8>> {
+            if rest.len() < n {
+                return Err(corrupt());
+            }
+            let (a, b) = rest.split_at(n);
+            *rest = b;
+            Ok(a.to_vec())
+        };
+        let n = u32::from_le_bytes(take(&mut rest, 4)?.try_into().expect("4 bytes")) as usize;
+        let name = String::from_utf8(take(&mut rest, n)?).map_err(|_| corrupt())?;
+        let len = u64::from_le_bytes(take(&mut rest, 8)?.try_into().expect("8 bytes")) as usize;
+        entries.push((name, take(&mut rest, len)?));
+    }
+    let Some((first, dir_name)) = entries.first() else { return Err(corrupt()) };
+    let dir_name = String::from_utf8(dir_name.clone()).map_err(|_| corrupt())?;
+    if !first.is_empty() || !dir_name.starts_with("step-") || dir_name.contains(['/', '\\']) {
+        return Err(corrupt());
+    }
+    let root = dir(work);
+    let tmp = root.join(format!("{dir_name}.tmp"));
+    std::fs::create_dir_all(&tmp).on("create", &tmp)?;
+    let mut state = None;
+    for (name, data) in &entries[1..] {
+        if name.contains(['/', '\\']) || name.is_empty() {
+            return Err(corrupt());
+        }
+        if name == "state.json" {
+            state = Some(data);
+            continue;
+        }
+        std::fs::write(tmp.join(name), data).on("write", &tmp.join(name))?;
+    }
+    pipeline_fs::write_atomic(&tmp.join("state.json"), state.ok_or_else(corrupt)?)?;
+    let dest = root.join(&dir_name);
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).on("replace", &dest)?;
+    }
+    std::fs::rename(&tmp, &dest).on("write checkpoint", &dest)?;
+    Ok(dest)
+}

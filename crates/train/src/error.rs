@@ -31,6 +31,9 @@ pub enum Error {
     Plot { file: PathBuf, message: String },
     #[error("cannot write the training logs in {}: {message}", dir.display())]
     Logs { dir: PathBuf, message: String },
+    /// The ranks of a data-parallel run could not be joined or disagree.
+    #[error("data-parallel training: {0}")]
+    Collective(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -11,6 +11,7 @@
 //! N computes exactly what an uninterrupted run computes from step N.
 
 pub mod checkpoint;
+pub mod collective;
 pub mod error;
 pub mod examples;
 pub mod logs;
@@ -26,6 +27,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+pub use collective::{Collective, Single};
 pub use error::{Error, Result};
 pub use examples::TokenizedSplit;
 pub use trainer::{LoraConfig, LossAveraging, Observer, Summary, TrainConfig, Trainer};

@@ -22,6 +22,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 
 use pipeline_fs::IoContext;
@@ -33,6 +34,7 @@ use pipeline_model::adapter::{self, AdapterConfig, LoraTensors};
 use serde::Serialize;
 
 use crate::checkpoint::{self, LogRow, State};
+use crate::collective::{Collective, Single, my_share};
 use crate::optim::{AdamW, Schedule, learning_rate};
 use crate::{DataOrder, SeededDropout, TokenizedSplit, attach_lora, example_grads, example_loss};
 
@@ -183,6 +185,8 @@ pub struct Summary {
     pub resumed_from_step: Option<u64>,
     pub seconds_this_run: f64,
     pub tokens_per_s_this_run: f64,
+    /// Data-parallel ranks the run was trained on (1: one process).
+    pub world_size: usize,
 }
 
 /// One LoRA training run: the model with its adapter, the optimizer, the
@@ -201,6 +205,8 @@ pub struct Trainer {
     total_steps: u64,
     warmup: u64,
     resumed_from: Option<u64>,
+    /// The ranks this run is split over ([`Single`]: one process).
+    world: Rc<dyn Collective>,
 }
 
 impl Trainer {
@@ -251,12 +257,57 @@ impl Trainer {
             total_steps,
             warmup,
             resumed_from: None,
+            world: Rc::new(Single),
         })
+    }
+
+    /// Splits each optimizer step's examples over `world`'s ranks
+    /// (data-parallel training): rank `r` computes micro-batches `m` with
+    /// `m % size == r`, and their gradients are summed over the ranks before
+    /// the optimizer step. Every rank computes the same step, so N ranks
+    /// give the adapter one process gives, up to the order of the gradient
+    /// sums (see `docs/distributed.md`). Only rank 0 should be given a
+    /// work dir and an observer.
+    pub fn with_world(mut self, world: Rc<dyn Collective>) -> Trainer {
+        if world.size() > 1 {
+            tracing::info!(
+                ranks = world.size(),
+                engine = world.engine(),
+                bytes_per_step = self.all_reduced_bytes_per_step(),
+                "data-parallel training"
+            );
+        }
+        self.world = world;
+        self
+    }
+
+    /// What one optimizer step all-reduces: every LoRA gradient (f32) and,
+    /// in f64, each micro-batch's loss, scored and read tokens, and which
+    /// parameters have a gradient.
+    pub fn all_reduced_bytes_per_step(&self) -> usize {
+        4 * self.trainable_parameters() + 8 * (3 * self.cfg.gradient_accumulation + self.params.len())
     }
 
     /// Continues from the newest checkpoint in `work`, if it has one;
     /// returns its step.
+    ///
+    /// With several ranks, rank 0's newest checkpoint is sent to the others
+    /// (their `work` is their own scratch directory), so that every rank
+    /// starts from the same step whether or not they share a disk.
     pub fn resume(&mut self, work: &Path) -> Result<Option<u64>> {
+        if self.world.size() > 1 {
+            let mut packed = match (self.world.rank(), checkpoint::latest(work)) {
+                (0, Some((_, dir))) => checkpoint::pack(&dir)?,
+                _ => vec![],
+            };
+            self.world.broadcast_bytes(&mut packed)?;
+            if packed.is_empty() {
+                return Ok(None);
+            }
+            if self.world.rank() != 0 {
+                checkpoint::unpack(work, &packed)?;
+            }
+        }
         let Some((step, dir)) = checkpoint::latest(work) else { return Ok(None) };
         let device = self.model.device().clone();
         let saved = candle_core::safetensors::load(dir.join("adapter.safetensors"), &device)?;
@@ -323,6 +374,7 @@ impl Trainer {
             resumed_from_step: self.resumed_from,
             seconds_this_run: seconds,
             tokens_per_s_this_run: tokens_seen as f64 / seconds.max(1e-9),
+            world_size: self.world.size(),
         })
     }
 
@@ -350,9 +402,14 @@ impl Trainer {
             }
         };
         let mut grads: HashMap<String, Tensor> = HashMap::new();
-        let (mut loss_sum, mut supervised, mut tokens, mut epoch) = (0f64, 0u64, 0u64, 0u64);
-        for (micro, (&(e, idx), &weight)) in examples.iter().zip(&weights).enumerate() {
-            epoch = e;
+        // Each micro-batch's loss, scored tokens and read tokens (zero where
+        // another rank computes it).
+        let mut per_micro = vec![0f64; 3 * examples.len()];
+        let (rank, size) = (self.world.rank(), self.world.size());
+        for (micro, (&(_, idx), &weight)) in examples.iter().zip(&weights).enumerate() {
+            if !my_share(micro, rank, size) {
+                continue;
+            }
             let (ids, mask) = self.train.example(idx);
             let dropout = SeededDropout::new(self.cfg.seed, step, micro as u64);
             let (value, n, micro_grads) = example_grads(
@@ -364,13 +421,14 @@ impl Trainer {
                 &self.params,
                 self.cfg.gradient_checkpointing,
             )?;
+            per_micro[3 * micro..3 * micro + 3].copy_from_slice(&[value, n as f64, ids.len() as f64]);
             if !value.is_finite() {
+                if size > 1 {
+                    continue; // reported by every rank after the sums below
+                }
                 let example = self.train.ids[idx].clone();
                 return Err(Error::Diverged { value, step: step + 1, example, kept: None });
             }
-            loss_sum += value * weight;
-            supervised += n as u64;
-            tokens += ids.len() as u64;
             for (name, g) in micro_grads {
                 let sum = match grads.remove(&name) {
                     Some(prev) => (prev + g)?,
@@ -379,6 +437,24 @@ impl Trainer {
                 grads.insert(name, sum);
             }
         }
+        if size > 1 {
+            self.world.all_reduce_sum_f64(&mut per_micro)?;
+            self.sum_over_ranks(&mut grads)?;
+        }
+        // Summed in micro-batch order, whichever rank computed each: the
+        // logged loss does not depend on the number of ranks.
+        let (mut loss_sum, mut supervised, mut tokens) = (0f64, 0u64, 0u64);
+        for (micro, &weight) in weights.iter().enumerate() {
+            let [value, n, read] = per_micro[3 * micro..3 * micro + 3] else { unreachable!() };
+            if !value.is_finite() {
+                let example = self.train.ids[examples[micro].1].clone();
+                return Err(Error::Diverged { value, step: step + 1, example, kept: None });
+            }
+            loss_sum += value * weight;
+            supervised += n as u64;
+            tokens += read as u64;
+        }
+        let epoch = examples.last().map_or(0, |&(e, _)| e);
         let grad_norm = crate::optim::clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
         self.opt.step(&self.params, &grads, lr)?;
         self.state.step = step + 1;
@@ -395,17 +471,57 @@ impl Trainer {
         Ok((row, tokens))
     }
 
-    /// Token-weighted mean loss over the validation examples (no dropout).
+    /// Token-weighted mean loss over the validation examples (no dropout),
+    /// the examples split over the ranks.
     pub fn eval_loss(&self) -> Result<Option<f64>> {
         let Some(eval) = &self.eval else { return Ok(None) };
-        let (mut total, mut count) = (0f64, 0usize);
-        for i in 0..eval.len() {
+        let (rank, size) = (self.world.rank(), self.world.size());
+        // (loss, scored tokens) of each example, zero where another rank
+        // computes it; summed in example order below.
+        let mut per_example = vec![0f64; 2 * eval.len()];
+        for i in (0..eval.len()).filter(|&i| my_share(i, rank, size)) {
             let (ids, mask) = eval.example(i);
             let (loss, n) = example_loss(self.model.as_ref(), ids, mask, None)?;
-            total += loss.to_scalar::<f32>()? as f64 * n as f64;
-            count += n;
+            per_example[2 * i] = loss.to_scalar::<f32>()? as f64;
+            per_example[2 * i + 1] = n as f64;
+        }
+        self.world.all_reduce_sum_f64(&mut per_example)?;
+        let (mut total, mut count) = (0f64, 0usize);
+        for pair in per_example.chunks(2) {
+            total += pair[0] * pair[1];
+            count += pair[1] as usize;
         }
         Ok(Some(total / count.max(1) as f64))
+    }
+
+    /// Replaces each rank's gradient sums by their sum over all ranks (one
+    /// flat f32 all-reduce, in parameter order); a parameter no rank has a
+    /// gradient for stays without one, as on one process.
+    fn sum_over_ranks(&self, grads: &mut HashMap<String, Tensor>) -> Result<()> {
+        let sizes: Vec<usize> = self.params.iter().map(|(_, v)| v.elem_count()).collect();
+        let mut flat = Vec::with_capacity(sizes.iter().sum());
+        let mut present = vec![0f64; self.params.len()];
+        for ((name, _), (&n, has)) in self.params.iter().zip(sizes.iter().zip(present.iter_mut())) {
+            match grads.get(name) {
+                Some(g) => {
+                    flat.extend(g.flatten_all()?.to_vec1::<f32>()?);
+                    *has = 1.0;
+                }
+                None => flat.resize(flat.len() + n, 0.0),
+            }
+        }
+        self.world.all_reduce_sum_f32(&mut flat)?;
+        self.world.all_reduce_sum_f64(&mut present)?;
+        grads.clear();
+        let mut at = 0;
+        for ((name, var), (&n, &has)) in self.params.iter().zip(sizes.iter().zip(present.iter())) {
+            if has > 0.0 {
+                let t = Tensor::from_slice(&flat[at..at + n], var.shape(), var.device())?;
+                grads.insert(name.clone(), t);
+            }
+            at += n;
+        }
+        Ok(())
     }
 
     /// Writes a checkpoint of the current step into `work`.
@@ -464,5 +580,150 @@ impl Trainer {
     }
     pub fn trainable_parameters(&self) -> usize {
         self.params.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::threads::Threads;
+
+    fn tiny_model(dir: &Path) -> Box<dyn CausalLm> {
+        let tok = dir.join("tokenizer");
+        if !dir.join("model").is_dir() {
+            std::fs::create_dir_all(&tok).unwrap();
+            for f in ["tokenizer.json", "tokenizer_config.json"] {
+                std::fs::write(tok.join(f), "{}").unwrap();
+            }
+            pipeline_model::testing::TinyGemma3::new(96).write(&dir.join("model"), &tok, 3).unwrap();
+        }
+        let files = pipeline_model::ModelFiles::from_dir("tiny", &dir.join("model")).unwrap();
+        pipeline_model::load(&files, &candle_core::Device::Cpu, 64).unwrap()
+    }
+
+    fn split(n: usize, seed: u64) -> TokenizedSplit {
+        use rand::Rng;
+        let mut rng = crate::rng_for(seed, "test-split", 0, 0);
+        TokenizedSplit::from_examples((0..n).map(|i| {
+            let len = rng.random_range(6..20);
+            let ids: Vec<u32> = (0..len).map(|_| rng.random_range(0..96)).collect();
+            let mask: Vec<u8> = (0..len).map(|p| u8::from(p >= len / 3)).collect();
+            (format!("ex-{i}"), ids, mask)
+        }))
+    }
+
+    fn config(accumulation: usize, steps: usize) -> TrainConfig {
+        let lora = LoraConfig { rank: 4, ..LoraConfig::default() };
+        TrainConfig {
+            lora,
+            learning_rate: 1e-2,
+            schedule: crate::optim::Schedule::Constant,
+            gradient_accumulation: accumulation,
+            max_steps: Some(steps),
+            eval_every: 2,
+            checkpoint_every: 2,
+            ..TrainConfig::default()
+        }
+    }
+
+    /// The log and the adapter's values (modules in order) of one run.
+    type Outcome = (Vec<LogRow>, Vec<f32>);
+
+    /// The log (without wall-clock times) and the adapter's values.
+    fn outcome(t: &Trainer) -> Outcome {
+        let values = t.params.iter().flat_map(|(_, v)| v.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
+        (t.state().log.iter().map(|r| LogRow { time: None, ..r.clone() }).collect(), values)
+    }
+
+    fn assert_same(a: &Outcome, b: &Outcome, what: &str) {
+        assert_eq!(a.0, b.0, "{what}: the logs");
+        assert!(a.1 == b.1, "{what}: the adapters differ");
+    }
+
+    /// `ranks` threads train together; rank 0 checkpoints into `work`.
+    fn data_parallel(dir: &Path, ranks: usize, cfg: &TrainConfig, work: &Path, resume: bool) -> Vec<Outcome> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = Threads::group(ranks)
+                .into_iter()
+                .map(|world| {
+                    let cfg = cfg.clone();
+                    s.spawn(move || {
+                        let rank = world.rank();
+                        let scratch = tempfile::tempdir().unwrap();
+                        let own = if rank == 0 { work.to_path_buf() } else { scratch.path().to_path_buf() };
+                        let mut t = Trainer::new(tiny_model(dir), split(10, 1), Some(split(3, 2)), cfg)
+                            .unwrap()
+                            .with_world(Rc::new(world));
+                        if resume {
+                            t.resume(&own).unwrap();
+                        }
+                        t.run((rank == 0).then_some(own.as_path()), &mut ()).unwrap();
+                        outcome(&t)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn assert_close(a: &Outcome, b: &Outcome, what: &str) {
+        assert_eq!(a.0.len(), b.0.len(), "{what}: steps");
+        for (x, y) in a.0.iter().zip(&b.0) {
+            assert_eq!((x.step, x.epoch, x.tokens), (y.step, y.epoch, y.tokens), "{what}");
+            assert!(
+                (x.loss - y.loss).abs() <= 1e-5 * x.loss.abs(),
+                "{what}: step {} loss {} vs {}",
+                x.step,
+                x.loss,
+                y.loss
+            );
+            if let (Some(p), Some(q)) = (x.eval_loss, y.eval_loss) {
+                assert!((p - q).abs() <= 1e-5 * p.abs(), "{what}: eval loss {p} vs {q}");
+            }
+        }
+        let scale = a.1.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = a.1.iter().zip(&b.1).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(worst <= 1e-5 * scale, "{what}: the adapters differ by {worst} (largest value {scale})");
+    }
+
+    /// Two and three ranks, each computing its share of every optimizer
+    /// step's examples, train the adapter one process trains; the first
+    /// step's loss is the same to the bit (it is summed in example order),
+    /// the rest differ only by the order the gradient sums were added in.
+    #[test]
+    fn ranks_sharing_each_step_train_what_one_process_trains() {
+        let dir = tempfile::tempdir().unwrap();
+        for accumulation in [4, 3] {
+            let cfg = config(accumulation, 4);
+            let mut one = Trainer::new(tiny_model(dir.path()), split(10, 1), Some(split(3, 2)), cfg.clone()).unwrap();
+            one.run(None, &mut ()).unwrap();
+            let one = outcome(&one);
+            for ranks in [2, 3] {
+                let work = tempfile::tempdir().unwrap();
+                let all = data_parallel(dir.path(), ranks, &cfg, work.path(), false);
+                for (rank, o) in all.iter().enumerate() {
+                    assert_close(&one, o, &format!("accumulation {accumulation}, rank {rank} of {ranks}"));
+                    assert_same(o, &all[0], "every rank ends with the same adapter");
+                }
+                assert_eq!(all[0].0[0].loss, one.0[0].loss, "the first step's loss, to the bit");
+                assert!(checkpoint::latest(work.path()).is_some(), "rank 0 wrote checkpoints");
+            }
+        }
+    }
+
+    /// Rank 0's checkpoint reaches the other ranks: stopped at step 2 and
+    /// resumed, two ranks end where an uninterrupted run ends.
+    #[test]
+    fn a_resumed_data_parallel_run_starts_every_rank_from_rank_0s_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let straight = data_parallel(dir.path(), 2, &config(4, 4), tempfile::tempdir().unwrap().path(), false);
+        data_parallel(dir.path(), 2, &config(4, 2), work.path(), false);
+        // The same run to step 4, from the checkpoint at 2 (a constant
+        // learning rate: a 2-step run's checkpoint is a 4-step run's).
+        let resumed = data_parallel(dir.path(), 2, &config(4, 4), work.path(), true);
+        assert_eq!(resumed[0].0.len(), 4, "the log continues the checkpoint's");
+        assert_same(&resumed[0], &resumed[1], "both ranks resumed from the same state");
+        assert_close(&straight[0], &resumed[0], "resumed");
     }
 }

@@ -333,6 +333,10 @@ impl Stage for Params {
         checkpoint::latest(work).map(|(step, _)| step)
     }
 
+    fn data_parallel(&self) -> bool {
+        true
+    }
+
     fn run(&self, ctx: &RunContext) -> Result<Value> {
         let tokens = ctx.input("tokens");
         let train = super::tokenize::read_split(tokens, &self.train_split)
@@ -356,8 +360,14 @@ impl Stage for Params {
         tracing::info!("frozen base weights in {}; CPU kernels: {}", precision.name(), pipeline_model::cpu_paths());
         let model = pipeline_model::load_in(base, &device, longest, precision)?;
 
-        let mut trainer = Trainer::new(model, train, eval, self.config(ctx.env.settings.seed))?;
+        let mut trainer =
+            Trainer::new(model, train, eval, self.config(ctx.env.settings.seed))?.with_world(ctx.world.clone());
         trainer.resume(&ctx.work)?;
+        if ctx.world.rank() != 0 {
+            // Its share of every step; rank 0 logs, checkpoints and writes.
+            trainer.run(None, &mut ())?;
+            return Ok(Value::Null);
+        }
         let shape = RunShape {
             steps_per_epoch: trainer.steps_per_epoch(),
             total_steps: trainer.total_steps(),

@@ -59,6 +59,12 @@ pub trait Stage {
     fn resume_point(&self, _work: &Path) -> Option<u64> {
         None
     }
+
+    /// Whether every rank of a data-parallel job runs this stage together
+    /// (`lora-train`); the others run on rank 0 alone.
+    fn data_parallel(&self) -> bool {
+        false
+    }
 }
 
 /// What stages may consult while planning and running: the recipe's
@@ -140,6 +146,9 @@ pub struct RunContext<'a> {
     pub env: &'a Env<'a>,
     /// The remote cache, when `--cache-dir` names one.
     pub remote: Option<&'a pipeline_cache::Remote>,
+    /// The ranks a [`Stage::data_parallel`] stage runs on (one process:
+    /// [`pipeline_train::Single`]). Only rank 0's outputs are published.
+    pub world: std::rc::Rc<dyn pipeline_train::Collective>,
 }
 
 impl RunContext<'_> {
