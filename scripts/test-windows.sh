@@ -111,7 +111,7 @@ echo "== unit tests of the library crates, under Wine"
 # The crates that meet the operating system (files, locks, renames, the
 # cache, datasets on disk, run-time CPU detection). The model, training,
 # inference and export crates run end to end in the quickstart below (their
-# unit tests under Wine doubled this script's build time).
+# test builds are the workspace's largest, and CI's time is short).
 crates=(-p pipeline-fs -p pipeline-cache -p pipeline-data -p pipeline-kernels)
 status=0
 xcargo test "${crates[@]}" --lib "${cross[@]}" >"$log" 2>&1 || status=$?
