@@ -1,11 +1,11 @@
 //! Data-parallel training over MPI, launched as people launch it:
 //! `mpirun -np 2 pipeline run recipes/quickstart.toml`, on a tiny random
 //! Gemma 3 with the real Gemma 3 tokenizer. Built and run with the `mpi`
-//! feature (`scripts/test-mpi.sh`, which CI runs): two ranks each computing
+//! feature only (`required-features` in Cargo.toml; `scripts/test-mpi.sh`,
+//! which CI runs): two ranks each computing
 //! half of every optimizer step's examples train the adapter one process
 //! trains; a rank killed with SIGKILL fails the job, and the rerun resumes
 //! from rank 0's last checkpoint.
-#![cfg(feature = "mpi")]
 
 mod common;
 
