@@ -26,14 +26,18 @@ const TORCHRUN: &str = "WORLD_SIZE";
 
 /// The number of ranks the launcher started, and which variable said so.
 pub fn launched_ranks() -> Option<(usize, &'static str, &'static str)> {
-    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse::<usize>().ok());
+    launched_ranks_in(|name| std::env::var(name).ok())
+}
+
+/// [`launched_ranks`] with the environment read through `env`.
+fn launched_ranks_in(env: impl Fn(&str) -> Option<String>) -> Option<(usize, &'static str, &'static str)> {
     for &(name, launcher) in LAUNCHER_VARIABLES {
         // srun sets SLURM_NTASKS in the whole allocation (an sbatch script
         // too): only a job step's processes are its ranks.
-        if name == "SLURM_NTASKS" && std::env::var_os("SLURM_STEP_ID").is_none() {
+        if name == "SLURM_NTASKS" && env("SLURM_STEP_ID").is_none() {
             continue;
         }
-        if let Some(n) = var(name) {
+        if let Some(n) = env(name).and_then(|v| v.trim().parse::<usize>().ok()) {
             return Some((n, name, launcher));
         }
     }
@@ -71,4 +75,26 @@ fn join_mpi(n: usize) -> Result<Rc<dyn Collective>> {
          build it with `cargo build --release --features mpi` (scripts/install-mpi.sh installs Open MPI), \
          or run it without the launcher"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ranks(vars: &[(&str, &str)]) -> Option<usize> {
+        let env = |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
+        launched_ranks_in(env).map(|(n, _, _)| n)
+    }
+
+    /// mpirun's and Hydra's variables are read; Slurm's count only inside a
+    /// job step (srun), not in the batch script of an array task.
+    #[test]
+    fn the_launchers_own_variables_say_how_many_ranks() {
+        assert_eq!(ranks(&[]), None);
+        assert_eq!(ranks(&[("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_RANK", "1")]), Some(4));
+        assert_eq!(ranks(&[("PMI_SIZE", "2")]), Some(2));
+        assert_eq!(ranks(&[("SLURM_NTASKS", "8")]), None, "an sbatch script is not a rank");
+        assert_eq!(ranks(&[("SLURM_NTASKS", "8"), ("SLURM_STEP_ID", "0")]), Some(8));
+        assert_eq!(ranks(&[("SLURM_NTASKS", "1"), ("SLURM_STEP_ID", "0"), ("SLURM_ARRAY_TASK_ID", "3")]), Some(1));
+    }
 }
