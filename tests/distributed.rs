@@ -27,13 +27,12 @@ const SET: &[&str] = &[
     "stages.train.eval_examples=4",
 ];
 
-fn args<'a>(p: &'a Project, extra: &[&'a str]) -> Vec<String> {
+fn args(p: &Project) -> Vec<String> {
     let mut a: Vec<String> = vec!["run".into(), "quickstart.toml".into(), "--until".into(), "train".into()];
     for s in SET {
         a.extend(["--set".into(), s.to_string()]);
     }
     a.extend(["--set".into(), format!("model.base='{}'", p.path("tiny").display())]);
-    a.extend(extra.iter().map(|s| s.to_string()));
     a
 }
 
@@ -67,7 +66,7 @@ fn mpirun(p: &Project, cache: &Path, ranks: &[&[(&str, &str)]]) -> Command {
         c.arg("env");
         c.args(env.iter().map(|(k, v)| format!("{k}={v}")));
         c.arg(env!("CARGO_BIN_EXE_pipeline"));
-        c.args(args(p, &[]));
+        c.args(args(p));
     }
     c
 }
@@ -83,7 +82,7 @@ fn mpirun_ok(p: &Project, cache: &Path, ranks: &[&[(&str, &str)]]) -> String {
 fn train_entry(p: &Project, cache: &Path) -> PathBuf {
     let out = p
         .cmd(&["show", "quickstart.toml", "train"])
-        .args(args(p, &[]).iter().skip(4))
+        .args(args(p).iter().skip(4))
         .env("PIPELINE_CACHE_DIR", cache)
         .output()
         .unwrap();
@@ -135,7 +134,7 @@ fn two_mpi_ranks_train_the_quickstarts_adapter_and_resume_after_a_rank_is_killed
 
     // One process, accumulating 4 examples per step.
     let one_cache = p.path("one");
-    let mut one = p.cmd(&args(&p, &[]).iter().map(String::as_str).collect::<Vec<_>>());
+    let mut one = p.cmd(&args(&p).iter().map(String::as_str).collect::<Vec<_>>());
     let out = one.env("PIPELINE_CACHE_DIR", &one_cache).env("RAYON_NUM_THREADS", "1").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let one = train_entry(&p, &one_cache);
@@ -195,7 +194,7 @@ fn two_mpi_ranks_train_the_quickstarts_adapter_and_resume_after_a_rank_is_killed
     assert!(!status.success(), "the job goes on without rank 1");
     let plan = p
         .cmd(&["plan", "quickstart.toml"])
-        .args(args(&p, &[]).iter().skip(4))
+        .args(args(&p).iter().skip(4))
         .env("PIPELINE_CACHE_DIR", &killed_cache)
         .output()
         .unwrap();

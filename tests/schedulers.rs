@@ -354,9 +354,9 @@ fn the_skypilot_example_runs_each_variant_once() {
         .map(|rank| {
             let home = p.path(&format!("node-{rank}"));
             std::fs::create_dir_all(&home).unwrap();
-            let mut c = s3.cmd(&p, "s3://cache/skypilot", &home, &[]);
+            let base = s3.cmd(&p, "s3://cache/skypilot", &home, &[]);
             let mut script = Command::new("bash");
-            for (k, v) in c.get_envs() {
+            for (k, v) in base.get_envs() {
                 match v {
                     Some(v) => script.env(k, v),
                     None => script.env_remove(k),
@@ -377,8 +377,7 @@ fn the_skypilot_example_runs_each_variant_once() {
                 .env("RAYON_NUM_THREADS", "1")
                 .current_dir(p.dir.path())
                 .args(["-c", task["run"].as_str().unwrap()]);
-            c = script;
-            c
+            script
         })
         .collect();
     assert_sweep_ran_once(&run_all(workers));

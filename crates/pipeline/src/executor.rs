@@ -311,40 +311,36 @@ impl Executor {
             plan.stages.iter().flat_map(|s| s.inputs.iter().map(|(_, stage)| stage.as_str())).collect();
         for sp in &plan.stages {
             let started = Instant::now();
-            if self.world.size() > 1 && recipe.stages[&sp.name].stage().data_parallel() {
+            let done = if self.world.size() > 1 && recipe.stages[&sp.name].stage().data_parallel() {
                 self.pull_inputs(sp, &mut remote_only)?;
-                let done = match self.world.rank() {
+                match self.world.rank() {
                     0 => self.run_stage(recipe, &env, sp, &dirs, true)?,
                     _ => self.join_stage(recipe, &env, sp, &dirs)?,
-                };
-                let elapsed = started.elapsed().as_secs_f64();
-                if done != Done::Joined {
-                    self.store.set_ref(&recipe.ref_name(), &sp.name, &sp.key)?;
                 }
-                self.report(done, sp, elapsed);
-                dirs.insert(sp.name.clone(), self.store.entry_dir(&sp.key));
-                outcomes.push(StageOutcome { name: sp.name.clone(), key: sp.key.clone(), done, seconds: elapsed });
-                continue;
-            }
-            let local = self.store.is_finished(&sp.key);
-            let remote_finished = match &self.remote {
-                Some(r) if !local => r.has_entry(&sp.key).with_context(|| {
-                    format!("stage `{}`: cannot ask the remote cache whether it is finished", sp.name)
-                })?,
-                _ => false,
-            };
-            let done = if remote_finished && read_by_others.contains(sp.name.as_str()) {
-                remote_only.insert(&sp.name, sp);
-                Done::Remote
             } else {
-                // Only a stage that runs reads its inputs.
-                if !(local || remote_finished) {
-                    self.pull_inputs(sp, &mut remote_only)?;
+                let local = self.store.is_finished(&sp.key);
+                let remote_finished = match &self.remote {
+                    Some(r) if !local => r.has_entry(&sp.key).with_context(|| {
+                        format!("stage `{}`: cannot ask the remote cache whether it is finished", sp.name)
+                    })?,
+                    _ => false,
+                };
+                if remote_finished && read_by_others.contains(sp.name.as_str()) {
+                    remote_only.insert(&sp.name, sp);
+                    Done::Remote
+                } else {
+                    // Only a stage that runs reads its inputs.
+                    if !(local || remote_finished) {
+                        self.pull_inputs(sp, &mut remote_only)?;
+                    }
+                    self.run_stage(recipe, &env, sp, &dirs, false)?
                 }
-                self.run_stage(recipe, &env, sp, &dirs, false)?
             };
             let elapsed = started.elapsed().as_secs_f64();
-            self.store.set_ref(&recipe.ref_name(), &sp.name, &sp.key)?;
+            // A rank other than 0 published nothing: no entry to point at.
+            if done != Done::Joined {
+                self.store.set_ref(&recipe.ref_name(), &sp.name, &sp.key)?;
+            }
             self.report(done, sp, elapsed);
             dirs.insert(sp.name.clone(), self.store.entry_dir(&sp.key));
             outcomes.push(StageOutcome { name: sp.name.clone(), key: sp.key.clone(), done, seconds: elapsed });

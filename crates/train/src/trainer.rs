@@ -423,11 +423,7 @@ impl Trainer {
             )?;
             per_micro[3 * micro..3 * micro + 3].copy_from_slice(&[value, n as f64, ids.len() as f64]);
             if !value.is_finite() {
-                if size > 1 {
-                    continue; // reported by every rank after the sums below
-                }
-                let example = self.train.ids[idx].clone();
-                return Err(Error::Diverged { value, step: step + 1, example, kept: None });
+                continue; // reported below, by every rank once the sums are made
             }
             for (name, g) in micro_grads {
                 let sum = match grads.remove(&name) {
@@ -588,15 +584,18 @@ mod tests {
     use super::*;
     use crate::collective::threads::Threads;
 
-    fn tiny_model(dir: &Path) -> Box<dyn CausalLm> {
+    /// A tiny random Gemma 3 in `dir` (the tokenizer files are stand-ins:
+    /// training reads token ids only).
+    fn write_tiny_model(dir: &Path) {
         let tok = dir.join("tokenizer");
-        if !dir.join("model").is_dir() {
-            std::fs::create_dir_all(&tok).unwrap();
-            for f in ["tokenizer.json", "tokenizer_config.json"] {
-                std::fs::write(tok.join(f), "{}").unwrap();
-            }
-            pipeline_model::testing::TinyGemma3::new(96).write(&dir.join("model"), &tok, 3).unwrap();
+        std::fs::create_dir_all(&tok).unwrap();
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::write(tok.join(f), "{}").unwrap();
         }
+        pipeline_model::testing::TinyGemma3::new(96).write(&dir.join("model"), &tok, 3).unwrap();
+    }
+
+    fn tiny_model(dir: &Path) -> Box<dyn CausalLm> {
         let files = pipeline_model::ModelFiles::from_dir("tiny", &dir.join("model")).unwrap();
         pipeline_model::load(&files, &candle_core::Device::Cpu, 64).unwrap()
     }
@@ -693,6 +692,7 @@ mod tests {
     #[test]
     fn ranks_sharing_each_step_train_what_one_process_trains() {
         let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path());
         for accumulation in [4, 3] {
             let cfg = config(accumulation, 4);
             let mut one = Trainer::new(tiny_model(dir.path()), split(10, 1), Some(split(3, 2)), cfg.clone()).unwrap();
@@ -711,11 +711,38 @@ mod tests {
         }
     }
 
+    /// A loss that stops being a number stops the run at the same step and
+    /// example on one process and on every rank of two.
+    #[test]
+    fn divergence_is_reported_alike_by_one_process_and_by_every_rank() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path());
+        let cfg = TrainConfig { learning_rate: 1e30, max_grad_norm: 0.0, ..config(4, 6) };
+        let diverged = |r: Result<Summary>| match r {
+            Err(Error::Diverged { step, example, .. }) => (step, example),
+            other => panic!("expected divergence, got {:?}", other.map(|s| s.steps)),
+        };
+        let mut one = Trainer::new(tiny_model(dir.path()), split(10, 1), None, cfg.clone()).unwrap();
+        let want = diverged(one.run(None, &mut ()));
+        std::thread::scope(|s| {
+            for world in Threads::group(2) {
+                let (cfg, want) = (cfg.clone(), want.clone());
+                let dir = dir.path();
+                s.spawn(move || {
+                    let mut t =
+                        Trainer::new(tiny_model(dir), split(10, 1), None, cfg).unwrap().with_world(Rc::new(world));
+                    assert_eq!(diverged(t.run(None, &mut ())), want);
+                });
+            }
+        });
+    }
+
     /// Rank 0's checkpoint reaches the other ranks: stopped at step 2 and
     /// resumed, two ranks end where an uninterrupted run ends.
     #[test]
     fn a_resumed_data_parallel_run_starts_every_rank_from_rank_0s_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path());
         let work = tempfile::tempdir().unwrap();
         let straight = data_parallel(dir.path(), 2, &config(4, 4), tempfile::tempdir().unwrap().path(), false);
         data_parallel(dir.path(), 2, &config(4, 2), work.path(), false);
